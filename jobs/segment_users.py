@@ -1,0 +1,372 @@
+"""The segmentation job: Kafka events -> decode -> per-user profile and segments -> transitions to
+Kafka (exactly-once) and Redis. The PyFlink classes here only translate between Flink's lifecycle
+and the engine-free core in `udfs/`.
+
+`build_pipeline` wires the logic on a stream of raw records and returns the output streams; only
+`attach_connectors` and `main` touch Kafka and Redis, so tests can feed `from_collection`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyflink.common import Configuration, Duration, Row, Types, WatermarkStrategy
+from pyflink.common.watermark_strategy import TimestampAssigner
+from pyflink.datastream import (
+    DataStream,
+    KeyedProcessFunction,
+    KeySelector,
+    MapFunction,
+    OutputTag,
+    ProcessFunction,
+    RuntimeContext,
+    StreamExecutionEnvironment,
+)
+from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.table import StreamTableEnvironment
+from pyflink.table.expressions import col
+
+from jobs.settings import JobSettings, load_settings
+from udfs.codec import DecodeError, SchemaCatalog
+from udfs.events import event_from_record
+from udfs.profile import UserProfile
+from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from udfs.state import ProfileStateCodec
+from udfs.transitions import SegmentEngine, Transition
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("segments.job")
+
+BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
+RAW_RECORD = Types.ROW_NAMED(
+    ["payload", "src_topic", "src_partition", "src_offset"],
+    [BYTES, Types.STRING(), Types.INT(), Types.LONG()],
+)
+# What crosses the network between decode and the keyed function: the validated Avro bytes are
+# decoded again there (~10 us) rather than shipping a 12-field Row through PyFlink's coders.
+VALID_EVENT = Types.ROW_NAMED(
+    ["user_id", "event_time", "payload", "src_topic", "src_partition", "src_offset"],
+    [Types.STRING(), Types.LONG(), BYTES, Types.STRING(), Types.INT(), Types.LONG()],
+)
+KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
+TRANSITION_RECORD = Types.ROW_NAMED(
+    ["user_id", "segment", "kind", "sequence", "event_time", "payload"],
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES],
+)
+DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)
+LATE_EVENTS = OutputTag("late-events", KEYED_RECORD)
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    uid: str
+
+
+# Stable uids: savepoints map state to operators by these; never change one without a migration.
+DECODE = Operator("Decode user events", "decode-user-events")
+EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
+SEGMENT = Operator("Segment users", "segment-users")
+REDIS = Operator("Write segments to Redis", "write-segments-to-redis")
+PROFILE_STATE = "user-profile"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _dead_letter(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes) -> Row:
+    if payload is not None and len(payload) > max_bytes:
+        message = f"{message}; payload truncated to its first {max_bytes} bytes"
+        payload = payload[:max_bytes]
+    record = {
+        "payload": bytes(payload or b""),
+        "source_topic": topic or "",
+        "source_partition": -1 if partition is None else partition,
+        "source_offset": -1 if offset is None else offset,
+        "reason": reason,
+        "message": message,
+        "detected_at": _now_ms(),
+    }
+    return Row(None, dlq_codec.encode(record))
+
+
+class DecodeUserEvent(ProcessFunction):
+    """Raw Kafka value -> validated event (keyed by user) or a dead letter with its reason."""
+
+    def __init__(self, max_event_bytes: int, max_future_ms: int):
+        self.max_event_bytes = max_event_bytes
+        self.max_future_ms = max_future_ms
+
+    def open(self, runtime_context: RuntimeContext):
+        catalog = SchemaCatalog()
+        self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
+        self.dead_letters = catalog.codec("DeadLetter")
+        metrics = runtime_context.get_metrics_group()
+        self.events_in = metrics.counter("events_in")
+        self.dead_letters_out = metrics.counter("dead_letters")
+
+    def process_element(self, value, ctx):
+        payload, topic, partition, offset = value[0], value[1], value[2], value[3]
+        self.events_in.inc()
+        try:
+            record = self.events.decode(payload)
+            event = event_from_record(record, _now_ms(), self.max_future_ms)
+        except DecodeError as err:
+            self.dead_letters_out.inc()
+            yield DEAD_LETTERS, _dead_letter(
+                self.dead_letters, payload, topic, partition, offset, err.reason, err.message,
+                self.max_event_bytes,
+            )
+            return
+        yield Row(event.user_id, event.timestamp, payload, topic, partition, offset)
+
+
+class EventTimeOf(TimestampAssigner):
+    def extract_timestamp(self, value, record_timestamp: int) -> int:
+        return value[1]
+
+
+class UserIdOf(KeySelector):
+    def get_key(self, value):
+        return value[0]
+
+
+class SegmentUsers(KeyedProcessFunction):
+    """Holds each user's profile and emits a transition whenever a membership changes, on an
+    event or when event time passes a point where a condition lapses (one timer per user)."""
+
+    def __init__(self, settings: JobSettings):
+        self.allowed_lateness_ms = settings.allowed_lateness_ms
+        self.max_event_bytes = settings.max_event_bytes
+        self.active_window_ms = settings.active_window_ms
+        self.abandon_after_ms = settings.abandon_after_ms
+
+    def open(self, runtime_context: RuntimeContext):
+        catalog = SchemaCatalog()
+        self.events = catalog.codec("UserEvent")
+        self.transitions = catalog.codec("SegmentTransition")
+        self.dead_letters = catalog.codec("DeadLetter")
+        self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
+        self.engine = SegmentEngine(
+            builtin_segments(self.active_window_ms, self.abandon_after_ms),
+            BUILTIN_DEFINITIONS_VERSION,
+        )
+        # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
+        # turns byte-array state into a tuple of ints and fails on an empty one.
+        self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
+        metrics = runtime_context.get_metrics_group()
+        self.late_events = metrics.counter("late_events")
+        self.transitions_out = metrics.counter("transitions_out")
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        user_id, event_time = value[0], value[1]
+        watermark = ctx.timer_service().current_watermark()
+        if event_time < watermark - self.allowed_lateness_ms:
+            self.late_events.inc()
+            yield LATE_EVENTS, _dead_letter(
+                self.dead_letters, value[2], value[3], value[4], value[5], "late",
+                f"event time {event_time} is more than {self.allowed_lateness_ms} ms behind "
+                f"the watermark {watermark}",
+                self.max_event_bytes,
+            )
+            return
+        event = event_from_record(self.events.decode(value[2]), sys.maxsize, 0)
+        profile = self._load_profile()
+        transitions = self.engine.on_event(user_id, profile, event)
+        yield from self._commit(ctx, profile, transitions)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        user_id = ctx.get_current_key()
+        profile = self._load_profile()
+        profile.timer_ms = None  # this one has fired
+        transitions = self.engine.advance_to(user_id, profile, timestamp)
+        yield from self._commit(ctx, profile, transitions)
+
+    def _load_profile(self) -> UserProfile:
+        stored = self.profile_state.value()
+        return self.state_codec.decode(None if stored is None else stored.encode("latin-1"))
+
+    def _commit(self, ctx, profile: UserProfile, transitions: list[Transition]):
+        # Coalesce to a single timer per user: the earliest instant any verdict can change.
+        due = self.engine.next_change_ms(profile)
+        if due != profile.timer_ms:
+            timers = ctx.timer_service()
+            if profile.timer_ms is not None:
+                timers.delete_event_time_timer(profile.timer_ms)
+            if due is not None:
+                timers.register_event_time_timer(due)
+            profile.timer_ms = due
+        self.profile_state.update(self.state_codec.encode(profile).decode("latin-1"))
+        emitted_at = _now_ms()
+        for t in transitions:
+            self.transitions_out.inc()
+            yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
+                      self.transitions.encode(t.to_record(emitted_at)))
+
+
+class WriteSegmentsToRedis(MapFunction):
+    """Applies each transition to the Redis view; ordered by sequence, so replays are harmless."""
+
+    def __init__(self, redis_url: str, key_prefix: str, ttl_s: int):
+        self.redis_url = redis_url
+        self.key_prefix = key_prefix
+        self.ttl_s = ttl_s
+
+    def open(self, runtime_context: RuntimeContext):
+        from jobs.redis_view import RedisSegmentView  # worker-side import: the client is per worker
+
+        self.view = RedisSegmentView(self.redis_url, self.key_prefix, self.ttl_s)
+
+    def map(self, value):
+        self.view.apply([(value[0], value[1], value[2], value[3], value[4])])
+        return value
+
+    def close(self):
+        self.view.close()
+
+
+@dataclass
+class PipelineOutputs:
+    transitions: DataStream  # TRANSITION_RECORD
+    dead_letters: DataStream  # KEYED_RECORD: undecodable, invalid and late events
+
+
+def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOutputs:
+    """`raw_records` must run at `settings.parallelism`, like every operator up to key_by: then
+    each connection is forward and a partition's order (which keeps a user's events in order,
+    producers key by user) survives to the keyed function. PyFlink expands the Python timestamp
+    assigner into operators at the default parallelism, so a mismatch there would reorder events.
+    """
+    decoded = (
+        raw_records.process(
+            DecodeUserEvent(settings.max_event_bytes, settings.max_future_ms), output_type=VALID_EVENT
+        )
+        .name(DECODE.name)
+        .uid(DECODE.uid)
+    )
+    watermarks = (
+        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
+        .with_idleness(Duration.of_millis(settings.idle_timeout_ms))
+        .with_timestamp_assigner(EventTimeOf())
+    )
+    timed = (
+        decoded.assign_timestamps_and_watermarks(watermarks)
+        .name(EVENT_TIME.name)
+        .uid(EVENT_TIME.uid)
+    )
+    transitions = (
+        timed.key_by(UserIdOf(), key_type=Types.STRING())
+        .process(SegmentUsers(settings), output_type=TRANSITION_RECORD)
+        .name(SEGMENT.name)
+        .uid(SEGMENT.uid)
+        .set_parallelism(settings.segment_parallelism or settings.parallelism)
+    )
+    dead_letters = decoded.get_side_output(DEAD_LETTERS).union(transitions.get_side_output(LATE_EVENTS))
+    return PipelineOutputs(transitions=transitions, dead_letters=dead_letters)
+
+
+def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) -> str:
+    common = (
+        f"'connector' = 'kafka', 'topic' = '{topic}', "
+        f"'properties.bootstrap.servers' = '{settings.bootstrap_servers}'"
+    )
+    if not sink:
+        return (
+            f"CREATE TEMPORARY TABLE `{name}` (payload BYTES, "
+            "src_topic STRING METADATA FROM 'topic' VIRTUAL, "
+            "src_partition INT METADATA FROM 'partition' VIRTUAL, "
+            "src_offset BIGINT METADATA FROM 'offset' VIRTUAL) WITH ("
+            f"{common}, 'properties.group.id' = '{settings.consumer_group}', "
+            f"'scan.startup.mode' = '{settings.startup_mode}', "
+            "'properties.isolation.level' = 'read_committed', 'format' = 'raw')"
+        )
+    return (
+        f"CREATE TEMPORARY TABLE `{name}` (`key` STRING, payload BYTES) WITH ({common}, "
+        "'key.format' = 'raw', 'key.fields' = 'key', 'value.format' = 'raw', "
+        "'value.fields-include' = 'EXCEPT_KEY', 'sink.delivery-guarantee' = 'exactly-once', "
+        f"'sink.transactional-id-prefix' = '{settings.transactional_id_prefix}-{name}', "
+        f"'properties.transaction.timeout.ms' = '{settings.transaction_timeout_ms}')"
+    )
+
+
+def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings) -> None:
+    """Kafka source -> pipeline -> Kafka sinks (exactly-once) and the Redis view."""
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(kafka_table_ddl("events_in", settings.events_topic, settings, sink=False))
+    t_env.execute_sql(kafka_table_ddl("transitions_out", settings.transitions_topic, settings, sink=True))
+    t_env.execute_sql(kafka_table_ddl("dead_letters_out", settings.dead_letter_topic, settings, sink=True))
+    raw = t_env.to_data_stream(t_env.from_path("events_in"))
+    outputs = build_pipeline(raw, settings)
+    transitions = outputs.transitions
+    if settings.redis_url:
+        transitions = (
+            transitions.map(
+                WriteSegmentsToRedis(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s),
+                output_type=TRANSITION_RECORD,
+            )
+            .name(REDIS.name)
+            .uid(REDIS.uid)
+        )
+    statements = t_env.create_statement_set()
+    statements.add_insert(
+        "transitions_out",
+        t_env.from_data_stream(transitions).select(col("user_id").alias("key"), col("payload")),
+    )
+    statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
+    statements.attach_as_datastream()
+
+
+def python_worker_path() -> str:
+    """What the embedded (thread-mode) interpreter needs on its path: the venv's packages (PEMJA
+    itself, see FINDINGS) and this project."""
+    import site
+
+    return os.pathsep.join([str(PROJECT_ROOT), *site.getsitepackages()])
+
+
+def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
+    os.environ["PYTHONPATH"] = python_worker_path()
+    conf = Configuration()
+    conf.set_string("python.execution-mode", settings.execution_mode)
+    conf.set_string("python.executable", sys.executable)
+    conf.set_string("python.client.executable", sys.executable)
+    jars = sorted(Path(settings.jars_dir).glob("*.jar"))
+    if jars:
+        conf.set_string("pipeline.jars", ";".join(p.as_uri() for p in jars))
+    conf.set_string("execution.checkpointing.interval", f"{settings.checkpoint_interval_ms} ms")
+    conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
+    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
+    conf.set_string("state.backend.type", settings.state_backend)
+    if settings.state_backend == "rocksdb":
+        conf.set_string("state.backend.incremental", "true")
+    if settings.checkpoint_dir:
+        conf.set_string("execution.checkpointing.dir", settings.checkpoint_dir)
+    conf.set_string("pipeline.name", settings.job_name)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_parallelism(settings.parallelism)
+    env.set_max_parallelism(settings.max_parallelism)
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the segmentation job")
+    parser.add_argument("--config", help="YAML settings file (SEGMENTS_* variables override it)")
+    args, _ = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config)
+    log.info("starting job with settings %s", settings.redacted())
+    env = create_environment(settings)
+    attach_connectors(env, settings)
+    env.execute(settings.job_name)
+
+
+if __name__ == "__main__":
+    main()

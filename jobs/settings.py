@@ -1,0 +1,131 @@
+"""The one settings object of the job: defaults, then a YAML file, then SEGMENTS_* environment
+variables; validated strictly (unknown keys are an error) and read once in main()."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "SEGMENTS_"
+# Variables with the prefix that configure the tooling, not the job.
+TOOLING_ENV = {"SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_DIR"}
+DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    job_name: str = "segment-users"
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "shopper-events"
+    transitions_topic: str = "segment-transitions"
+    dead_letter_topic: str = "segment-dead-letters"
+    consumer_group: str = "segments-job"
+    startup_mode: str = "earliest-offset"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # empty: no Redis view
+    redis_key_prefix: str = "seg"
+    redis_user_ttl_s: int = 30 * 24 * 3600
+    parallelism: int = 1
+    segment_parallelism: int = 0  # the keyed segmentation operator; 0: same as parallelism
+    max_parallelism: int = 128
+    execution_mode: str = "thread"
+    checkpoint_interval_ms: int = 5_000
+    checkpoint_dir: str = ""  # empty: <stack dir>/checkpoints
+    state_backend: str = "hashmap"
+    watermark_lag_ms: int = 5_000
+    idle_timeout_ms: int = 10_000
+    allowed_lateness_ms: int = 60_000
+    max_event_bytes: int = 64 * 1024
+    max_future_ms: int = 24 * 3600 * 1000
+    transactional_id_prefix: str = "segments-transitions"
+    transaction_timeout_ms: int = 300_000
+    active_window_ms: int = 10 * 60_000
+    abandon_after_ms: int = 30 * 60_000
+    jars_dir: str = str(DEFAULT_CACHE / "jars")
+
+    def __post_init__(self) -> None:
+        choices = {
+            "startup_mode": {"earliest-offset", "latest-offset", "group-offsets"},
+            "execution_mode": {"thread", "process"},
+            "state_backend": {"hashmap", "rocksdb"},
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and value < 0:
+                raise SettingsError(f"{f.name} must not be negative, got {value}")
+        if not 1 <= self.parallelism <= self.max_parallelism:
+            raise SettingsError("parallelism must be between 1 and max_parallelism")
+        if self.segment_parallelism > self.max_parallelism:
+            raise SettingsError("segment_parallelism must not exceed max_parallelism")
+        if self.checkpoint_interval_ms < 100:
+            raise SettingsError("checkpoint_interval_ms must be at least 100 (exactly-once needs checkpoints)")
+        if self.transaction_timeout_ms <= self.checkpoint_interval_ms:
+            raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):
+            raise SettingsError("transactional_id_prefix may hold only letters, digits, '.', '_' and '-'")
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs: credentials in URLs replaced."""
+        out = dataclasses.asdict(self)
+        out["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
+        return out
+
+    def replace(self, **changes: Any) -> JobSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, kind: str, raw: Any) -> Any:
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise SettingsError(f"{name} must be an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise SettingsError(f"{name} must be a string, got {raw!r}")
+    return raw
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> JobSettings:
+    environ = dict(os.environ if environ is None else environ)
+    kinds = {f.name: f.type for f in fields(JobSettings)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: expected a mapping of setting names to values")
+        for key, raw in loaded.items():
+            if key not in kinds:
+                raise SettingsError(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(key, kinds[key], raw)
+    if "REDIS_URL" in environ:
+        values["redis_url"] = environ["REDIS_URL"]
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in TOOLING_ENV:
+            continue
+        key = var[len(ENV_PREFIX):].lower()
+        if key not in kinds:
+            raise SettingsError(f"unknown setting in environment variable {var}")
+        values[key] = _coerce(key, kinds[key], raw)
+    for key, raw in overrides.items():
+        if key not in kinds:
+            raise SettingsError(f"unknown setting {key!r}")
+        values[key] = raw
+    return JobSettings(**values)

@@ -1,0 +1,1 @@
+"""Engine-free per-event core: decode, profile, segments, transitions. Never imports pyflink, redis or confluent_kafka."""

@@ -1,0 +1,132 @@
+"""Avro single-object encoding (Avro spec 1.x): 0xC3 0x01, the 8-byte little-endian CRC-64-AVRO
+fingerprint of the writer schema's Parsing Canonical Form, then the binary body.
+
+Readers find the writer schema by fingerprint among the schemas shipped in `schemas/` (current and
+`schemas/history/`), so no registry server is needed; fastavro does the hot-path work.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = 10
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+class DecodeError(ValueError):
+    """A payload that cannot be turned into a record; `reason` is a dead-letter reason code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def schema_fingerprint(schema: dict) -> bytes:
+    """CRC-64-AVRO of the Parsing Canonical Form, in the byte order the header carries."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+
+
+def _without_logical_types(schema: Any) -> Any:
+    # Reading timestamp-millis as a plain long keeps event time as int milliseconds (no datetime
+    # objects on the hot path); the canonical form, and so the fingerprint, is the same.
+    if isinstance(schema, dict):
+        return {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_without_logical_types(s) for s in schema]
+    return schema
+
+
+def load_schema_file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class _KnownSchema:
+    full_name: str
+    parsed: Any
+
+
+class SchemaCatalog:
+    """All schema versions we can read, by fingerprint; the current version of each record type."""
+
+    def __init__(self, schemas_dir: Path = SCHEMAS_DIR):
+        self.current: dict[str, dict] = {}
+        self.by_fingerprint: dict[bytes, _KnownSchema] = {}
+        for path in sorted(schemas_dir.glob("*.avsc")):
+            self._add(load_schema_file(path), current=True)
+        for path in sorted((schemas_dir / "history").glob("*.avsc")):
+            self._add(load_schema_file(path), current=False)
+
+    def _add(self, schema: dict, current: bool) -> None:
+        full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+        plain = _without_logical_types(copy.deepcopy(schema))
+        self.by_fingerprint[schema_fingerprint(schema)] = _KnownSchema(
+            full_name, parse_schema(plain, _write_hint=False)
+        )
+        if current:
+            self.current[schema["name"]] = schema
+
+    def codec(self, record_name: str, max_bytes: int | None = None) -> AvroCodec:
+        return AvroCodec(self, record_name, max_bytes)
+
+
+class AvroCodec:
+    """Encodes records of one type with the current schema; decodes any known version of it."""
+
+    def __init__(self, catalog: SchemaCatalog, record_name: str, max_bytes: int | None = None):
+        schema = catalog.current[record_name]
+        self.full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+        self.fingerprint = schema_fingerprint(schema)
+        self.header = MAGIC + self.fingerprint
+        self.max_bytes = max_bytes
+        self._writer = parse_schema(schema)
+        self._reader = parse_schema(_without_logical_types(copy.deepcopy(schema)), _write_hint=False)
+        self._catalog = catalog
+
+    def encode(self, record: dict) -> bytes:
+        out = io.BytesIO()
+        out.write(self.header)
+        fastavro.schemaless_writer(out, self._writer, record)
+        return out.getvalue()
+
+    def body(self, record: dict) -> bytes:
+        """The binary body alone (no header), as Apache avro's DatumWriter writes it."""
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, self._writer, record)
+        return out.getvalue()
+
+    def decode(self, payload: bytes) -> dict:
+        if payload is None:
+            raise DecodeError("undecodable", "record has no value")
+        if self.max_bytes is not None and len(payload) > self.max_bytes:
+            raise DecodeError("oversize", f"{len(payload)} bytes exceeds the limit of {self.max_bytes}")
+        if len(payload) < HEADER_SIZE or payload[:2] != MAGIC:
+            raise DecodeError("bad_magic", "not Avro single-object encoding (no C3 01 header)")
+        fp = bytes(payload[2:HEADER_SIZE])
+        known = self._catalog.by_fingerprint.get(fp)
+        if known is None:
+            raise DecodeError("unknown_schema", f"writer schema fingerprint {fp.hex()} is not known")
+        if known.full_name != self.full_name:
+            raise DecodeError("wrong_schema", f"payload is a {known.full_name}, expected {self.full_name}")
+        body = io.BytesIO(payload)
+        body.seek(HEADER_SIZE)
+        try:
+            if fp == self.fingerprint:
+                record = fastavro.schemaless_reader(body, self._reader, None)
+            else:
+                record = fastavro.schemaless_reader(body, known.parsed, self._reader)
+        except Exception as exc:  # fastavro raises many types on corrupt bodies; all mean the same
+            raise DecodeError("undecodable", f"body does not match its schema ({type(exc).__name__})") from None
+        if body.tell() != len(payload):
+            raise DecodeError("undecodable", f"{len(payload) - body.tell()} trailing bytes after the record")
+        return record

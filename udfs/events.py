@@ -1,0 +1,98 @@
+"""The UserEvent as the core sees it, and the checks that decide whether a decoded record is usable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from udfs.codec import DecodeError
+
+EVENT_TYPES = (
+    "page_view",
+    "product_view",
+    "add_to_cart",
+    "remove_from_cart",
+    "checkout_start",
+    "purchase",
+    "search",
+    "video_play",
+    "review_read",
+    "wishlist_add",
+)
+CART_EVENT_TYPES = frozenset({"add_to_cart", "remove_from_cart"})
+
+# 2000-01-01T00:00:00Z: anything earlier is a unit mistake (seconds for ms) or a default value.
+MIN_EVENT_TIME_MS = 946_684_800_000
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class UserEvent:
+    event_id: str
+    user_id: str
+    event_type: str
+    timestamp: int
+    session_id: str | None = None
+    product_id: str | None = None
+    category: str | None = None
+    price: float | None = None
+    quantity: int | None = None
+    device: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        return {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "event_type": self.event_type,
+            "timestamp": self.timestamp,
+            "session_id": self.session_id,
+            "product_id": self.product_id,
+            "category": self.category,
+            "price": self.price,
+            "quantity": self.quantity,
+            "device": self.device,
+            "properties": dict(self.properties),
+        }
+
+
+def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEvent:
+    """Checks a decoded record and builds the event; raises DecodeError with a dead-letter reason.
+
+    `now_ms` bounds timestamps from the future: an event more than `max_future_ms` ahead of the
+    processing clock would drag the watermark forward and make every honest event late.
+    """
+    user_id = record.get("user_id")
+    if not user_id or not user_id.strip():
+        raise DecodeError("missing_user_id", "user_id is empty")
+    if len(user_id) > MAX_ID_LENGTH:
+        raise DecodeError("invalid_field", f"user_id longer than {MAX_ID_LENGTH} characters")
+    event_id = record.get("event_id")
+    if not event_id or len(event_id) > MAX_ID_LENGTH:
+        raise DecodeError("invalid_field", "event_id is empty or too long")
+    ts = record["timestamp"]
+    if ts < MIN_EVENT_TIME_MS or ts > now_ms + max_future_ms:
+        raise DecodeError("absurd_timestamp", f"timestamp {ts} outside [{MIN_EVENT_TIME_MS}, now + {max_future_ms} ms]")
+    price = record.get("price")
+    if price is not None and (not math.isfinite(price) or price < 0):
+        raise DecodeError("invalid_field", "price is negative, NaN or infinite")
+    quantity = record.get("quantity")
+    event_type = record["event_type"]
+    if event_type in CART_EVENT_TYPES:
+        if not record.get("product_id"):
+            raise DecodeError("invalid_field", f"{event_type} without product_id")
+        if quantity is not None and quantity <= 0:
+            raise DecodeError("invalid_field", f"{event_type} with quantity {quantity}")
+    return UserEvent(
+        event_id=event_id,
+        user_id=user_id,
+        event_type=event_type,
+        timestamp=ts,
+        session_id=record.get("session_id"),
+        product_id=record.get("product_id"),
+        category=record.get("category"),
+        price=price,
+        quantity=quantity,
+        device=record.get("device"),
+        properties=record.get("properties") or {},
+    )
