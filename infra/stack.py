@@ -1,0 +1,301 @@
+"""The local stack: a tansu broker, Redis, topics, and a standalone Flink cluster (JobManager +
+TaskManager from PyFlink's own distribution, in a Flink home owned by the project).
+
+Every process started here is recorded in `<stack dir>/pids` and stopped by `down`; every log goes
+to `<stack dir>/logs`. Ports come from `StackPorts` (flags or SEGMENTS_STACK_* variables).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyflink
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
+TANSU = CACHE / "bin" / "tansu"
+PYFLINK_HOME = Path(pyflink.__file__).resolve().parent
+
+
+def stack_dir() -> Path:
+    return Path(os.environ.get("SEGMENTS_STACK_DIR", PROJECT_ROOT / ".stack"))
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    broker: int = 9092
+    redis: int = 6390
+    flink_rest: int = 8081
+    flink_rpc: int = 6123
+
+    @classmethod
+    def from_env(cls) -> StackPorts:
+        env = os.environ
+        return cls(
+            broker=int(env.get("SEGMENTS_STACK_BROKER_PORT", cls.broker)),
+            redis=int(env.get("SEGMENTS_STACK_REDIS_PORT", cls.redis)),
+            flink_rest=int(env.get("SEGMENTS_STACK_FLINK_REST_PORT", cls.flink_rest)),
+            flink_rpc=int(env.get("SEGMENTS_STACK_FLINK_RPC_PORT", cls.flink_rpc)),
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout_s:.0f} s")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+class ManagedProcess:
+    """A child process with its pid file and log, so a later `down` can stop it."""
+
+    def __init__(self, name: str, root: Path):
+        self.name = name
+        self.pid_file = root / "pids" / f"{name}.pid"
+        self.log_file = root / "logs" / f"{name}.log"
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.running():
+            return self.pid()
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        return proc.pid
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        pid = self.pid()
+        if pid is not None and self.running():
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.running():
+                os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+
+def start_broker(root: Path, port: int) -> ManagedProcess:
+    if not TANSU.exists():
+        raise FileNotFoundError(f"{TANSU} is missing: run infra/setup.sh")
+    broker = ManagedProcess("broker", root)
+    url = f"tcp://127.0.0.1:{port}"
+    broker.start([str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url])
+    wait_for_port(port, what="tansu broker")
+    return broker
+
+
+def start_redis(root: Path, port: int) -> ManagedProcess:
+    redis = ManagedProcess("redis", root)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed: run infra/setup.sh, or set REDIS_URL")
+    redis.start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(root)])
+    wait_for_port(port, what="redis-server")
+    return redis
+
+
+def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Creates the topics with explicit partition counts; existing ones are left as they are."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=10).topics
+    wanted = [NewTopic(t, n, 1) for t, n in partitions.items() if t not in existing]
+    for future in admin.create_topics(wanted).values() if wanted else []:
+        future.result(timeout=30)
+
+
+# --- standalone Flink cluster --------------------------------------------------------------------
+
+
+def flink_home(root: Path) -> Path:
+    return root / "flink"
+
+
+def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Path:
+    """A Flink home of our own: PyFlink's scripts and jars, our conf, logs and pid files.
+
+    flink-python goes into lib/ so PEMJA loads parent-first: thread mode on a standalone cluster
+    fails with NoSuchFieldException: loadedLibraryNames otherwise (see FINDINGS)."""
+    home = flink_home(root)
+    if home.exists():
+        shutil.rmtree(home)
+    shutil.copytree(PYFLINK_HOME / "bin", home / "bin")
+    (home / "lib").mkdir(parents=True)
+    for jar in [*(PYFLINK_HOME / "lib").glob("*.jar"), *(PYFLINK_HOME / "opt").glob("flink-python-*.jar")]:
+        (home / "lib" / jar.name).symlink_to(jar)
+    for sub in ("opt", "plugins"):
+        if (PYFLINK_HOME / sub).exists():
+            (home / sub).symlink_to(PYFLINK_HOME / sub)
+    (home / "conf").mkdir()
+    for name in ("log4j.properties", "log4j-cli.properties", "log4j-console.properties"):
+        shutil.copy(PYFLINK_HOME / "conf" / name, home / "conf" / name)
+    (home / "conf" / "config.yaml").write_text(
+        "\n".join(
+            [
+                "jobmanager.rpc.address: 127.0.0.1",
+                "jobmanager.bind-host: 127.0.0.1",
+                f"jobmanager.rpc.port: {ports.flink_rpc}",
+                "jobmanager.memory.process.size: 1024m",
+                "taskmanager.bind-host: 127.0.0.1",
+                "taskmanager.host: 127.0.0.1",
+                "taskmanager.memory.process.size: 2048m",
+                f"taskmanager.numberOfTaskSlots: {task_slots}",
+                "rest.address: 127.0.0.1",
+                "rest.bind-address: 127.0.0.1",
+                f"rest.port: {ports.flink_rest}",
+                "parallelism.default: 1",
+                f"python.executable: {sys.executable}",
+                f"python.client.executable: {sys.executable}",
+                f"execution.checkpointing.dir: file://{root / 'checkpoints'}",
+                f"execution.checkpointing.savepoint-dir: file://{root / 'savepoints'}",
+                "",
+            ]
+        )
+    )
+    (home / "conf" / "masters").write_text(f"127.0.0.1:{ports.flink_rest}\n")
+    (home / "conf" / "workers").write_text("127.0.0.1\n")
+    return home
+
+
+def flink_env(root: Path) -> dict[str, str]:
+    from jobs.segment_users import python_worker_path
+
+    env = dict(os.environ)
+    env.update(
+        FLINK_HOME=str(flink_home(root)),
+        FLINK_CONF_DIR=str(flink_home(root) / "conf"),
+        FLINK_LOG_DIR=str(root / "logs"),
+        FLINK_PID_DIR=str(root / "pids"),
+        # The embedded interpreter of thread mode needs the venv's packages and our code.
+        PYTHONPATH=python_worker_path(),
+    )
+    return env
+
+
+def start_flink_cluster(root: Path, ports: StackPorts) -> None:
+    home = prepare_flink_home(root, ports)
+    env = flink_env(root)
+    for script in ("jobmanager.sh", "taskmanager.sh"):
+        subprocess.run([str(home / "bin" / script), "start"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_taskmanager(ports.flink_rest)
+
+
+def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0) -> None:
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/taskmanagers", timeout=2) as r:
+                if json.load(r).get("taskmanagers"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no TaskManager registered with the JobManager on :{rest_port} in {timeout_s:.0f} s")
+
+
+def stop_flink_cluster(root: Path) -> None:
+    home = flink_home(root)
+    if not (home / "bin").exists():
+        return
+    env = flink_env(root)
+    for script in ("taskmanager.sh", "jobmanager.sh"):
+        subprocess.run([str(home / "bin" / script), "stop-all"], env=env, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# --- the whole stack -----------------------------------------------------------------------------
+
+
+def up(ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None) -> dict[str, str]:
+    root = stack_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    start_broker(root, ports.broker)
+    bootstrap = f"127.0.0.1:{ports.broker}"
+    if partitions:
+        create_topics(bootstrap, partitions)
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        start_redis(root, ports.redis)
+        redis_url = f"redis://127.0.0.1:{ports.redis}/0"
+    if with_flink:
+        start_flink_cluster(root, ports)
+    return {"bootstrap_servers": bootstrap, "redis_url": redis_url}
+
+
+def down() -> None:
+    root = stack_dir()
+    stop_flink_cluster(root)
+    for name in ("broker", "redis"):
+        ManagedProcess(name, root).stop()
+
+
+def status(ports: StackPorts) -> dict[str, str]:
+    root = stack_dir()
+    out = {}
+    for name, port in (("broker", ports.broker), ("redis", ports.redis)):
+        proc = ManagedProcess(name, root)
+        out[name] = f"running (pid {proc.pid()}, port {port})" if proc.running() else "stopped"
+    if os.environ.get("REDIS_URL"):
+        out["redis"] = "external (REDIS_URL)"
+    out["flink"] = f"running (REST :{ports.flink_rest})" if port_open(ports.flink_rest) else "stopped"
+    out["logs"] = str(root / "logs")
+    return out
+
+
+def redact_url(url: str) -> str:
+    import re
+
+    return re.sub(r"//[^@/]*@", "//***@", url)

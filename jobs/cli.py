@@ -1,0 +1,212 @@
+"""`segments`: run, submit, generate, tail, demo, and `stack up|down|status`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.settings import SettingsError, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MINUTE_MS = 60_000
+
+
+def _settings(args):
+    return load_settings(getattr(args, "config", None))
+
+
+def cmd_stack(args) -> int:
+    from infra import stack
+
+    ports = stack.StackPorts.from_env()
+    if args.action == "up":
+        settings = _settings(args)
+        info = stack.up(
+            ports,
+            with_flink=args.flink,
+            partitions={
+                settings.events_topic: args.partitions,
+                settings.transitions_topic: args.partitions,
+                settings.dead_letter_topic: 1,
+            },
+        )
+        print(f"stack up: broker {info['bootstrap_servers']}, redis {stack.redact_url(info['redis_url'])}"
+              + (f", flink http://127.0.0.1:{ports.flink_rest}" if args.flink else ""))
+        print(f"logs: {stack.stack_dir() / 'logs'}")
+    elif args.action == "down":
+        stack.down()
+        print("stack down")
+    else:
+        for name, state in stack.status(ports).items():
+            print(f"{name:8} {state}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from jobs.segment_users import main as run_job
+
+    run_job(["--config", args.config] if args.config else [])
+    return 0
+
+
+def ship_directory() -> Path:
+    """The code the workers need, copied without the venv: the job's modules and the schemas."""
+    from infra.stack import stack_dir
+
+    ship = stack_dir() / "ship" / "segments_code"
+    if ship.exists():
+        shutil.rmtree(ship)
+    for name in ("udfs", "jobs", "schemas", "models"):
+        src = PROJECT_ROOT / name
+        if src.exists():
+            shutil.copytree(src, ship / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return ship
+
+
+def cmd_submit(args) -> int:
+    from infra import stack
+
+    settings = _settings(args)  # validate before submitting anything
+    ports = stack.StackPorts.from_env()
+    root = stack.stack_dir()
+    flink = stack.flink_home(root) / "bin" / "flink"
+    if not flink.exists():
+        print("no standalone cluster: run `segments stack up --flink` first", file=sys.stderr)
+        return 2
+    argv = [
+        str(flink), "run", "-m", f"127.0.0.1:{ports.flink_rest}",
+        "-py", str(PROJECT_ROOT / "jobs" / "segment_users.py"),
+        "-pyfs", str(ship_directory()),
+        "-pyclientexec", sys.executable, "-pyexec", sys.executable,
+    ]
+    if args.detached:
+        argv.insert(2, "--detached")
+    if args.config:
+        argv += ["--config", str(Path(args.config).resolve())]
+    print(f"submitting {settings.job_name} to http://127.0.0.1:{ports.flink_rest}")
+    return subprocess.call(argv, env=stack.flink_env(root))
+
+
+def cmd_generate(args) -> int:
+    from jobs.traffic import produce_events
+    from udfs.shoppers import generate_events
+
+    settings = _settings(args)
+    start_ms = args.start_ms or int(time.time() * 1000) - int(args.hours * 60 * MINUTE_MS)
+    events = generate_events(args.users, args.seed, start_ms, int(args.hours * 60 * MINUTE_MS))
+    sent = produce_events(
+        events, settings.bootstrap_servers, settings.events_topic, rate_per_s=args.rate,
+        jsonl_copy=Path(args.jsonl) if args.jsonl else None, progress=not args.quiet,
+    )
+    print(f"sent {sent} events to {settings.events_topic}")
+    return 0
+
+
+def cmd_tail(args) -> int:
+    from jobs.transitions_reader import follow_transitions
+
+    settings = _settings(args)
+    try:
+        for t in follow_transitions(settings.bootstrap_servers, settings.transitions_topic,
+                                    from_beginning=args.from_beginning):
+            features = ", ".join(f"{k}={v:g}" for k, v in sorted(t["reason"]["features"].items()))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t["event_time"] / 1000))
+            cause = t["cause_event_id"] or "timer"
+            print(f"{when}Z  {t['kind']:5}  {t['segment']:15} {t['user_id']:10} #{t['sequence']:<3} "
+                  f"by {cause:18} {t['reason']['rule']}  [{features}]", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Stack up, the job on the embedded MiniCluster, generated traffic, live transitions."""
+    from infra import stack
+
+    ports = stack.StackPorts.from_env()
+    settings = _settings(args)
+    info = stack.up(ports, partitions={settings.events_topic: 2, settings.transitions_topic: 2,
+                                       settings.dead_letter_topic: 1})
+    env = dict(os.environ, SEGMENTS_BOOTSTRAP_SERVERS=info["bootstrap_servers"], REDIS_URL=info["redis_url"])
+    logs = stack.stack_dir() / "logs"
+    me = [sys.executable, "-m", "jobs.cli"]
+    children = []
+    with open(logs / "demo-job.log", "ab") as job_log, open(logs / "demo-traffic.log", "ab") as gen_log:
+        children.append(subprocess.Popen([*me, "run"], env=env, stdout=job_log, stderr=subprocess.STDOUT,
+                                         cwd=PROJECT_ROOT, start_new_session=True))
+        children.append(subprocess.Popen(
+            [*me, "generate", "--users", str(args.users), "--hours", "6", "--rate", str(args.rate), "--quiet"],
+            env=env, stdout=gen_log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True))
+    print(f"job and traffic started (logs in {logs}); transitions appear once the first checkpoint "
+          f"commits (~{settings.checkpoint_interval_ms // 1000} s after the job starts). Ctrl-C stops.",
+          flush=True)
+    try:
+        os.environ.update(env)
+        return cmd_tail(argparse.Namespace(config=args.config, from_beginning=True))
+    finally:
+        for child in children:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        print("job and traffic stopped; `segments stack down` stops the broker and Redis")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segments", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", help="YAML settings file; SEGMENTS_* variables override it")
+        return p
+
+    p = with_config(sub.add_parser("stack", help="local broker, Redis and Flink cluster"))
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--flink", action="store_true", help="also start a standalone Flink cluster")
+    p.add_argument("--partitions", type=int, default=2, help="partitions of the events and transitions topics")
+    p.set_defaults(func=cmd_stack)
+
+    with_config(sub.add_parser("run", help="run the job on the embedded MiniCluster")).set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("submit", help="submit the job to the standalone cluster"))
+    p.add_argument("--detached", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    p = with_config(sub.add_parser("generate", help="write generated shopper traffic to the events topic"))
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hours", type=float, default=24.0, help="event-time span of the traffic")
+    p.add_argument("--start-ms", type=int, default=0, help="first event time (default: now - hours)")
+    p.add_argument("--rate", type=float, default=1000.0, help="events per second; 0 = unthrottled")
+    p.add_argument("--jsonl", help="also write the events to this JSONL file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = with_config(sub.add_parser("tail", help="print committed transitions as they arrive"))
+    p.add_argument("--from-beginning", action="store_true")
+    p.set_defaults(func=cmd_tail)
+
+    p = with_config(sub.add_parser("demo", help="stack, job, traffic and live transitions in one go"))
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--rate", type=float, default=200.0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as err:
+        print(f"settings error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

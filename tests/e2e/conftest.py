@@ -1,0 +1,87 @@
+"""Real parts for end-to-end tests: a tansu broker and a redis-server on free ports, started and
+stopped by the tests themselves, and the job run as its own process (`segments run`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.stack import ManagedProcess, free_port, start_broker, start_redis
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def stack_root(tmp_path) -> Path:
+    root = tmp_path / "stack"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def broker(stack_root):
+    port = free_port()
+    proc = start_broker(stack_root, port)
+    yield f"127.0.0.1:{port}"
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(stack_root):
+    port = free_port()
+    proc = start_redis(stack_root, port)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.stop()
+
+
+class RunningJob:
+    def __init__(self, proc: ManagedProcess):
+        self.proc = proc
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.proc.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def assert_alive(self) -> None:
+        assert self.proc.running(), f"the job exited early:\n{self.log_tail()}"
+
+
+@pytest.fixture
+def run_job(stack_root):
+    """Starts `segments run` with the given settings as SEGMENTS_* variables; stops it after."""
+    started: list[ManagedProcess] = []
+
+    def start(name: str = "job", **settings) -> RunningJob:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_") and k != "REDIS_URL"}
+        env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
+        env["SEGMENTS_CHECKPOINT_DIR"] = (stack_root / f"checkpoints-{name}").as_uri()
+        proc = ManagedProcess(name, stack_root)
+        proc.start([sys.executable, "-m", "jobs.cli", "run"], env=env)
+        started.append(proc)
+        return RunningJob(proc)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 1.0, on_timeout=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s:.0f} s\n{on_timeout()}")
+        time.sleep(interval_s)
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)

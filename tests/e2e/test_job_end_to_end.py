@@ -1,0 +1,157 @@
+"""Avro events through a real broker, the real job, and back: transitions under read_committed,
+the Redis view, and the dead-letter topic."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import replace
+
+import avro.io
+import avro.schema
+import pytest
+from confluent_kafka import Producer
+
+from infra.stack import create_topics
+from jobs.redis_view import RedisSegmentView
+from jobs.transitions_reader import read_committed_values
+from tests.conftest import START_MS
+from tests.e2e.conftest import wait_until
+from udfs.codec import MAGIC, SCHEMAS_DIR
+from udfs.events import UserEvent
+from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from udfs.shoppers import generate_events
+from udfs.transitions import SegmentEngine, replay_events
+
+pytestmark = pytest.mark.e2e
+
+PARTITIONS = 2
+WATERMARK_LAG_MS = 2_000
+DAY_MS = 24 * 3600_000
+MAX_EVENT_BYTES = 4096
+
+
+def apache_reader(name: str) -> avro.io.DatumReader:
+    return avro.io.DatumReader(avro.schema.parse((SCHEMAS_DIR / name).read_text()))
+
+
+def apache_decode(reader: avro.io.DatumReader, payload: bytes) -> dict:
+    assert payload[:2] == MAGIC
+    return reader.read(avro.io.BinaryDecoder(io.BytesIO(payload[10:])))
+
+
+def millis(value) -> int:
+    # Apache avro returns timestamp-millis as an aware datetime
+    return round(value.timestamp() * 1000)
+
+
+def sentinels(last_ms: int) -> list[tuple[int, UserEvent]]:
+    """One event per partition a day after the traffic: moves every partition's watermark past all
+    the traffic's pending timers, so the expected output is exact."""
+    return [
+        (p, UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last_ms + DAY_MS))
+        for p in range(PARTITIONS)
+    ]
+
+
+def test_job_turns_kafka_events_into_committed_transitions_redis_memberships_and_dead_letters(
+    broker, redis_url, run_job, catalog
+):
+    topics = {"events": "shopper-events", "transitions": "segment-transitions", "dlq": "segment-dead-letters"}
+    create_topics(broker, {topics["events"]: PARTITIONS, topics["transitions"]: PARTITIONS, topics["dlq"]: 1})
+    traffic = list(generate_events(60, seed=5, start_ms=START_MS, duration_ms=10 * 3600_000))
+    codec = catalog.codec("UserEvent")
+    producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
+
+    # Bad records go to partition 0 in the middle of the traffic: the job must route each to the
+    # dead-letter topic and keep every valid event around them.
+    valid_example = codec.encode(traffic[0].to_record())
+    bad_records = {
+        "bad_magic": b"definitely not avro",
+        "unknown_schema": MAGIC + b"\x01\x02\x03\x04\x05\x06\x07\x08" + valid_example[10:],
+        "missing_user_id": codec.encode(replace(traffic[1], user_id="").to_record()),
+        "oversize": codec.encode(replace(traffic[2], properties={"blob": "x" * (MAX_EVENT_BYTES + 10)}).to_record()),
+        "invalid_field": codec.encode(replace(traffic[3], price=math.nan).to_record()),
+    }
+    half = len(traffic) // 2
+    for event in traffic[:half]:
+        producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()))
+    for payload in bad_records.values():
+        producer.produce(topics["events"], value=payload, partition=0)
+    for event in traffic[half:]:
+        producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()))
+    for partition, event in sentinels(traffic[-1].timestamp):
+        producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()),
+                         partition=partition)
+    assert producer.flush(30) == 0
+
+    job = run_job(
+        bootstrap_servers=broker, redis_url=redis_url, parallelism=PARTITIONS,
+        checkpoint_interval_ms=2000, watermark_lag_ms=WATERMARK_LAG_MS, max_event_bytes=MAX_EVENT_BYTES,
+        events_topic=topics["events"], transitions_topic=topics["transitions"],
+        dead_letter_topic=topics["dlq"], transactional_id_prefix="e2e",
+    )
+
+    # What the job must emit: the core over each partition's order (the producer keeps a user on
+    # one partition, so per-user order is the traffic's order), up to the final watermark.
+    all_events = traffic + [e for _, e in sentinels(traffic[-1].timestamp)]
+    final_watermark = traffic[-1].timestamp + DAY_MS - WATERMARK_LAG_MS - 1
+    engine = SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
+    expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
+    assert len(expected) > 150
+
+    reader = apache_reader("segment_transition.avsc")
+
+    def committed_transitions():
+        job.assert_alive()
+        records = read_committed_values(broker, topics["transitions"], idle_s=2)
+        return records if len(records) >= len(expected) else None
+
+    records = wait_until(committed_transitions, timeout_s=240, interval_s=3, on_timeout=job.log_tail)
+    decoded = [(key, apache_decode(reader, value)) for key, value, _, _ in records]
+    assert all(key.decode() == t["user_id"] for key, t in decoded), "records are keyed by user id"
+    got = sorted(
+        (t["user_id"], t["segment"], t["kind"], t["sequence"], millis(t["event_time"]), t["cause"],
+         t["cause_event_id"], t["transition_id"], t["reason"]["rule"])
+        for _, t in decoded
+    )
+    want = sorted(
+        (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id,
+         t.transition_id, t.rule)
+        for t in expected
+    )
+    assert got == want
+
+    # Redis holds exactly the memberships the transitions imply.
+    view = RedisSegmentView(redis_url, "seg", ttl_s=0)
+    for user_id, profile in profiles.items():
+        current = {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
+        assert view.segments_of(user_id) == current, user_id
+    for segment in (d.name for d in builtin_segments()):
+        members = {u for u, p in profiles.items() if p.memberships.get(segment) and p.memberships[segment].member}
+        assert view.members(segment) == members
+
+    # A too-late event, sent once the watermark is known to be a day ahead, is a dead letter too.
+    late = replace(traffic[5], event_id="late-1")
+    producer.produce(topics["events"], key=late.user_id.encode(), value=codec.encode(late.to_record()))
+    assert producer.flush(30) == 0
+    dlq_reader = apache_reader("dead_letter.avsc")
+
+    def dead_letters():
+        job.assert_alive()
+        letters = [apache_decode(dlq_reader, v) for _, v, _, _ in read_committed_values(broker, topics["dlq"], idle_s=2)]
+        return letters if len(letters) >= len(bad_records) + 1 else None
+
+    letters = wait_until(dead_letters, timeout_s=120, interval_s=3, on_timeout=job.log_tail)
+    by_reason = {d["reason"]: d for d in letters}
+    assert sorted(d["reason"] for d in letters) == sorted([*bad_records, "late"])
+    for reason, payload in bad_records.items():
+        letter = by_reason[reason]
+        assert letter["source_topic"] == topics["events"] and letter["source_partition"] == 0
+        if reason == "oversize":
+            assert letter["payload"] == payload[:MAX_EVENT_BYTES] and "truncated" in letter["message"]
+        else:
+            assert letter["payload"] == payload
+    assert by_reason["late"]["payload"] == codec.encode(late.to_record())
+    # The late event changed nothing: no transition beyond the expected ones was committed.
+    assert len(read_committed_values(broker, topics["transitions"], idle_s=2)) == len(expected)
