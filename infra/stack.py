@@ -172,15 +172,23 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
     (home / "lib").mkdir(parents=True)
     for jar in [*(PYFLINK_HOME / "lib").glob("*.jar"), *(PYFLINK_HOME / "opt").glob("flink-python-*.jar")]:
         (home / "lib" / jar.name).symlink_to(jar)
-    for sub in ("opt", "plugins"):
-        if (PYFLINK_HOME / sub).exists():
-            (home / sub).symlink_to(PYFLINK_HOME / sub)
+    # opt/ as a real folder: the CLI finds flink-python there and finds none behind a linked folder.
+    (home / "opt").mkdir()
+    for jar in (PYFLINK_HOME / "opt").glob("*.jar"):
+        (home / "opt" / jar.name).symlink_to(jar)
+    if (PYFLINK_HOME / "plugins").exists():
+        (home / "plugins").symlink_to(PYFLINK_HOME / "plugins")
     (home / "conf").mkdir()
     for name in ("log4j.properties", "log4j-cli.properties", "log4j-console.properties"):
         shutil.copy(PYFLINK_HOME / "conf" / name, home / "conf" / name)
+    import yaml
+
+    # Keep the distribution's JVM flags (Java 17 module opens Flink needs), set everything else.
+    java_opts = yaml.safe_load((PYFLINK_HOME / "conf" / "config.yaml").read_text())["env"]["java"]["opts"]["all"]
     (home / "conf" / "config.yaml").write_text(
         "\n".join(
             [
+                f"env.java.opts.all: {java_opts}",
                 "jobmanager.rpc.address: 127.0.0.1",
                 "jobmanager.bind-host: 127.0.0.1",
                 f"jobmanager.rpc.port: {ports.flink_rpc}",

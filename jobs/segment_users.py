@@ -369,4 +369,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `flink run -py` executes this file as __main__; cloudpickle would then ship these classes
+    # by value, module globals and all. Running the imported module's main ships them by name.
+    from jobs.segment_users import main as main_of_module
+
+    main_of_module()

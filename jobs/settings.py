@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "SEGMENTS_"
-# Variables with the prefix that configure the tooling, not the job.
-TOOLING_ENV = {"SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_DIR"}
+# Variables with the prefix that configure the tooling (setup, the local stack), not the job.
+TOOLING_ENV_PREFIXES = ("SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_")
 DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
 
 
@@ -118,7 +118,7 @@ def load_settings(
     if "REDIS_URL" in environ:
         values["redis_url"] = environ["REDIS_URL"]
     for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in TOOLING_ENV:
+        if not var.startswith(ENV_PREFIX) or var.startswith(TOOLING_ENV_PREFIXES):
             continue
         key = var[len(ENV_PREFIX):].lower()
         if key not in kinds:
