@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import ManagedProcess, free_port, start_broker, start_redis
+from infra.stack import (
+    ManagedProcess,
+    StackPorts,
+    free_port,
+    start_broker,
+    start_flink_cluster,
+    start_redis,
+    stop_flink_cluster,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,17 +67,71 @@ def run_job(stack_root):
     started: list[ManagedProcess] = []
 
     def start(name: str = "job", **settings) -> RunningJob:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_") and k != "REDIS_URL"}
-        env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
-        env["SEGMENTS_CHECKPOINT_DIR"] = (stack_root / f"checkpoints-{name}").as_uri()
         proc = ManagedProcess(name, stack_root)
-        proc.start([sys.executable, "-m", "jobs.cli", "run"], env=env)
+        proc.start([sys.executable, "-m", "jobs.cli", "run"], env=job_environment(stack_root, name, settings))
         started.append(proc)
         return RunningJob(proc)
 
     yield start
     for proc in started:
         proc.stop()
+
+
+def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_") and k != "REDIS_URL"}
+    env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
+    env["SEGMENTS_CHECKPOINT_DIR"] = (stack_root / f"checkpoints-{name}").as_uri()
+    env["SEGMENTS_STACK_DIR"] = str(stack_root)
+    return env
+
+
+@pytest.fixture
+def flink_cluster(stack_root):
+    """A standalone JobManager + TaskManager started the way `segments stack up --flink` does."""
+    ports = StackPorts(broker=0, redis=0, flink_rest=free_port(), flink_rpc=free_port())
+    os.environ["SEGMENTS_STACK_DIR"] = str(stack_root)
+    try:
+        start_flink_cluster(stack_root, ports)
+        yield ports
+    finally:
+        stop_flink_cluster(stack_root)
+        del os.environ["SEGMENTS_STACK_DIR"]
+
+
+class SubmittedJob(RunningJob):
+    """A job on the standalone cluster; alive while the cluster has it RUNNING or restarting."""
+
+    def __init__(self, stack_root: Path, rest_port: int):
+        self.stack_root = stack_root
+        self.rest_port = rest_port
+
+    def state(self) -> str:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_port}/jobs/overview", timeout=5) as r:
+            jobs = json.load(r)["jobs"]
+        return jobs[0]["state"] if jobs else "NONE"
+
+    def log_tail(self, lines: int = 60) -> str:
+        logs = sorted((self.stack_root / "logs").glob("flink-*taskexecutor*.log"))
+        return "\n".join(logs[-1].read_text(errors="replace").splitlines()[-lines:]) if logs else "(no log)"
+
+    def assert_alive(self) -> None:
+        assert self.state() in {"RUNNING", "CREATED", "INITIALIZING", "RESTARTING"}, self.log_tail()
+
+
+@pytest.fixture
+def submit_job(stack_root, flink_cluster):
+    def submit(name: str = "job", **settings) -> SubmittedJob:
+        env = job_environment(stack_root, name, settings)
+        env["SEGMENTS_STACK_FLINK_REST_PORT"] = str(flink_cluster.flink_rest)
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--detached"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return SubmittedJob(stack_root, flink_cluster.flink_rest)
+
+    return submit
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 1.0, on_timeout=lambda: ""):

@@ -57,6 +57,17 @@ def sentinels(last_ms: int) -> list[tuple[int, UserEvent]]:
 def test_job_turns_kafka_events_into_committed_transitions_redis_memberships_and_dead_letters(
     broker, redis_url, run_job, catalog
 ):
+    check_job_end_to_end(broker, redis_url, run_job, catalog)
+
+
+@pytest.mark.cluster
+def test_job_submitted_to_the_standalone_cluster_produces_the_same_transitions(
+    broker, redis_url, submit_job, catalog
+):
+    check_job_end_to_end(broker, redis_url, submit_job, catalog)
+
+
+def check_job_end_to_end(broker, redis_url, start_job, catalog):
     topics = {"events": "shopper-events", "transitions": "segment-transitions", "dlq": "segment-dead-letters"}
     create_topics(broker, {topics["events"]: PARTITIONS, topics["transitions"]: PARTITIONS, topics["dlq"]: 1})
     traffic = list(generate_events(60, seed=5, start_ms=START_MS, duration_ms=10 * 3600_000))
@@ -85,7 +96,7 @@ def test_job_turns_kafka_events_into_committed_transitions_redis_memberships_and
                          partition=partition)
     assert producer.flush(30) == 0
 
-    job = run_job(
+    job = start_job(
         bootstrap_servers=broker, redis_url=redis_url, parallelism=PARTITIONS,
         checkpoint_interval_ms=2000, watermark_lag_ms=WATERMARK_LAG_MS, max_event_bytes=MAX_EVENT_BYTES,
         events_topic=topics["events"], transitions_topic=topics["transitions"],
