@@ -146,6 +146,8 @@ def cmd_demo(args) -> int:
     print(f"job and traffic started (logs in {logs}); transitions appear once the first checkpoint "
           f"commits (~{settings.checkpoint_interval_ms // 1000} s after the job starts). Ctrl-C stops.",
           flush=True)
+    # SIGTERM (a supervisor, `timeout`) must stop the children too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         os.environ.update(env)
         return cmd_tail(argparse.Namespace(config=args.config, from_beginning=True))
