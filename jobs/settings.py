@@ -79,7 +79,10 @@ class JobSettings:
     def redacted(self) -> dict[str, Any]:
         """For logs: credentials in URLs replaced."""
         out = dataclasses.asdict(self)
-        out["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
+        # Greedy up to the host part's last '@' (redis-py reads passwords containing '@' that way),
+        # and the query-string form of the password too.
+        url = re.sub(r"//[^/?#]*@", "//***@", self.redis_url)
+        out["redis_url"] = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
         return out
 
     def replace(self, **changes: Any) -> JobSettings:

@@ -1,0 +1,44 @@
+"""The core (udfs) must import without the engine or any client library: it runs in tests, the
+backtest and the reference loop, none of which start Flink, Kafka or Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CORE_MODULES = (
+    "udfs.codec",
+    "udfs.events",
+    "udfs.profile",
+    "udfs.segments",
+    "udfs.transitions",
+    "udfs.state",
+    "udfs.shoppers",
+    "udfs.redis_layout",
+)
+FORBIDDEN = ("pyflink", "redis", "confluent_kafka")
+
+# After each import, record which forbidden top-level packages are loaded, so a failure names
+# the module that pulled one in.
+PROBE = f"""
+import importlib, json, sys
+seen = {{}}
+for name in {list(CORE_MODULES)!r}:
+    importlib.import_module(name)
+    seen[name] = sorted(m for m in {list(FORBIDDEN)!r} if m in sys.modules)
+print(json.dumps(seen))
+"""
+
+
+def test_every_core_module_imports_without_pyflink_redis_or_confluent_kafka():
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert list(seen) == list(CORE_MODULES)
+    assert seen == {name: [] for name in CORE_MODULES}
+

@@ -1,0 +1,378 @@
+"""The built-in segments and the engine that turns events and passing time into transitions."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import START_MS
+from udfs.events import UserEvent
+from udfs.profile import UserProfile
+from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from udfs.shoppers import generate_events
+from udfs.transitions import SegmentEngine, Transition, replay_events, transition_id
+
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+T0 = START_MS
+
+
+def engine() -> SegmentEngine:
+    return SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
+
+
+def ev(n: int, ts: int, kind: str = "page_view", user: str = "u1", **fields) -> UserEvent:
+    return UserEvent(f"{user}-{n}", user, kind, ts, **fields)
+
+
+def add(n: int, ts: int, product: str = "p1", quantity: int | None = 1, price: float = 10.0) -> UserEvent:
+    return ev(n, ts, "add_to_cart", product_id=product, quantity=quantity, price=price)
+
+
+def remove(n: int, ts: int, product: str = "p1", quantity: int | None = 1) -> UserEvent:
+    return ev(n, ts, "remove_from_cart", product_id=product, quantity=quantity)
+
+
+def summary(transitions: list[Transition]) -> list[tuple]:
+    return [(t.segment, t.kind, t.event_time, t.cause) for t in transitions]
+
+
+def of(transitions: list[Transition], segment: str) -> list[Transition]:
+    return [t for t in transitions if t.segment == segment]
+
+
+# --- active_browser -------------------------------------------------------------------------
+
+
+def test_the_first_event_enters_active_browser_caused_by_that_event_with_sequence_one():
+    e, p = engine(), UserProfile()
+    out = e.on_event("u1", p, ev(1, T0))
+    assert len(out) == 1
+    [enter] = out
+    assert enter.user_id == "u1"
+    assert enter.segment == "active_browser"
+    assert enter.kind == "ENTER"
+    assert enter.cause == "EVENT"
+    assert enter.cause_event_id == "u1-1"
+    assert enter.sequence == 1
+    assert enter.event_time == T0
+    assert enter.definitions_version == BUILTIN_DEFINITIONS_VERSION
+    assert enter.features == {"ms_since_last_event": 0.0}
+
+
+def test_active_browser_exits_from_time_alone_exactly_ten_minutes_after_the_last_event():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    e.on_event("u1", p, ev(2, T0 + 3 * MINUTE))
+    lapse = T0 + 13 * MINUTE
+    assert e.next_change_ms(p) == lapse
+    assert e.advance_to("u1", p, lapse - 1) == []
+    [exit_] = e.advance_to("u1", p, lapse)
+    assert (exit_.segment, exit_.kind, exit_.cause, exit_.cause_event_id) == ("active_browser", "EXIT", "TIMER", None)
+    assert (exit_.event_time, exit_.sequence) == (lapse, 2)
+    assert e.advance_to("u1", p, lapse + HOUR) == []
+
+
+def test_advancing_far_past_the_lapse_still_stamps_the_exit_at_the_lapse_instant():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    [exit_] = e.advance_to("u1", p, T0 + 5 * HOUR)
+    assert exit_.event_time == T0 + 10 * MINUTE
+    assert p.clock_ms == T0 + 5 * HOUR
+
+
+def test_the_active_window_is_configurable():
+    e, p = SegmentEngine(builtin_segments(active_window_ms=MINUTE), "custom"), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    assert e.advance_to("u1", p, T0 + MINUTE - 1) == []
+    assert summary(e.advance_to("u1", p, T0 + MINUTE)) == [("active_browser", "EXIT", T0 + MINUTE, "TIMER")]
+
+
+def test_an_event_after_a_lapse_emits_the_timer_exit_at_the_lapse_then_the_enter_at_the_event():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    out = e.on_event("u1", p, ev(2, T0 + 25 * MINUTE))
+    assert [(t.kind, t.event_time, t.cause, t.cause_event_id, t.sequence) for t in out] == [
+        ("EXIT", T0 + 10 * MINUTE, "TIMER", None, 2),
+        ("ENTER", T0 + 25 * MINUTE, "EVENT", "u1-2", 3),
+    ]
+
+
+def test_an_event_within_the_window_keeps_the_user_active_without_transitions():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    assert e.on_event("u1", p, ev(2, T0 + 10 * MINUTE - 1)) == []
+
+
+def test_a_late_event_does_not_move_the_recency_marks_backwards():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0 + 5 * MINUTE))
+    assert e.on_event("u1", p, ev(2, T0)) == []
+    assert p.last_event_ms == T0 + 5 * MINUTE
+    assert p.clock_ms == T0 + 5 * MINUTE
+    assert e.next_change_ms(p) == T0 + 15 * MINUTE
+
+
+# --- cart_holder and cart_abandoner ----------------------------------------------------------
+
+
+def test_cart_holder_enters_on_add_to_cart_and_exits_on_removing_the_last_unit():
+    e, p = engine(), UserProfile()
+    assert summary(of(e.on_event("u1", p, add(1, T0, quantity=2)), "cart_holder")) == [
+        ("cart_holder", "ENTER", T0, "EVENT")
+    ]
+    assert of(e.on_event("u1", p, remove(2, T0 + MINUTE, quantity=1)), "cart_holder") == []
+    assert p.cart_items == 1
+    [exit_] = of(e.on_event("u1", p, remove(3, T0 + 2 * MINUTE, quantity=1)), "cart_holder")
+    assert (exit_.kind, exit_.cause_event_id, exit_.sequence, exit_.event_time) == ("EXIT", "u1-3", 2, T0 + 2 * MINUTE)
+    assert p.cart == {}
+
+
+def test_a_remove_without_quantity_removes_the_whole_line():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0, quantity=3))
+    assert [t.kind for t in of(e.on_event("u1", p, remove(2, T0 + MINUTE, quantity=None)), "cart_holder")] == ["EXIT"]
+
+
+def test_removing_a_product_not_in_the_cart_changes_nothing():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0, product="p1"))
+    assert e.on_event("u1", p, remove(2, T0 + MINUTE, product="other")) == []
+    assert p.cart_items == 1
+
+
+def test_cart_abandoner_enters_from_time_alone_thirty_quiet_minutes_after_the_last_cart_activity():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    due = T0 + 30 * MINUTE
+    early = e.advance_to("u1", p, due - 1)
+    assert summary(early) == [("active_browser", "EXIT", T0 + 10 * MINUTE, "TIMER")]
+    [enter] = e.advance_to("u1", p, due)
+    assert (enter.segment, enter.kind, enter.cause, enter.cause_event_id) == ("cart_abandoner", "ENTER", "TIMER", None)
+    assert (enter.event_time, enter.sequence) == (due, 1)
+    assert enter.features == {"cart_items": 1.0, "cart_value": 10.0, "ms_since_cart_activity": float(30 * MINUTE)}
+
+
+def test_cart_abandoner_exits_when_a_purchase_empties_the_cart():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    e.advance_to("u1", p, T0 + 40 * MINUTE)
+    out = e.on_event("u1", p, ev(2, T0 + 45 * MINUTE, "purchase", price=10.0))
+    assert {(t.segment, t.kind, t.cause, t.cause_event_id) for t in out} == {
+        ("active_browser", "ENTER", "EVENT", "u1-2"),
+        ("cart_holder", "EXIT", "EVENT", "u1-2"),
+        ("cart_abandoner", "EXIT", "EVENT", "u1-2"),
+    }
+    [exit_] = of(out, "cart_abandoner")
+    assert (exit_.event_time, exit_.sequence) == (T0 + 45 * MINUTE, 2)
+    assert p.cart == {}
+    assert summary(e.advance_to("u1", p, T0 + 10 * HOUR)) == [
+        ("active_browser", "EXIT", T0 + 55 * MINUTE, "TIMER")
+    ]
+
+
+def test_checkout_start_restarts_the_thirty_minutes():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE, "checkout_start", price=10.0))
+    assert of(e.advance_to("u1", p, T0 + 50 * MINUTE - 1), "cart_abandoner") == []
+    [enter] = of(e.advance_to("u1", p, T0 + 50 * MINUTE), "cart_abandoner")
+    assert (enter.kind, enter.event_time) == ("ENTER", T0 + 50 * MINUTE)
+
+
+def test_a_page_view_does_not_restart_the_cart_clock():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE))
+    [enter] = of(e.advance_to("u1", p, T0 + 30 * MINUTE), "cart_abandoner")
+    assert enter.event_time == T0 + 30 * MINUTE
+
+
+def test_an_event_arriving_after_the_abandon_deadline_first_emits_the_timer_enter():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    out = e.on_event("u1", p, ev(2, T0 + HOUR))
+    assert summary(out) == [
+        ("active_browser", "EXIT", T0 + 10 * MINUTE, "TIMER"),
+        ("cart_abandoner", "ENTER", T0 + 30 * MINUTE, "TIMER"),
+        ("active_browser", "ENTER", T0 + HOUR, "EVENT"),
+    ]
+
+
+def test_an_empty_cart_never_abandons():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    e.on_event("u1", p, remove(2, T0 + MINUTE))
+    assert of(e.advance_to("u1", p, T0 + 10 * HOUR), "cart_abandoner") == []
+
+
+def test_next_change_is_none_for_an_empty_cart_and_a_last_event_older_than_the_window():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, ev(1, T0))
+    e.advance_to("u1", p, T0 + 11 * MINUTE)
+    assert e.next_change_ms(p) is None
+
+
+def test_next_change_is_none_for_a_profile_that_never_saw_an_event():
+    assert engine().next_change_ms(UserProfile()) is None
+
+
+def test_next_change_is_the_earliest_of_the_active_lapse_and_the_abandon_deadline():
+    e, p = engine(), UserProfile()
+    e.on_event("u1", p, add(1, T0))
+    assert e.next_change_ms(p) == T0 + 10 * MINUTE
+    e.advance_to("u1", p, T0 + 10 * MINUTE)
+    assert e.next_change_ms(p) == T0 + 30 * MINUTE
+    e.advance_to("u1", p, T0 + 30 * MINUTE)
+    assert e.next_change_ms(p) is None
+
+
+# --- transition ids and records --------------------------------------------------------------
+
+
+def test_transition_id_is_deterministic_and_differs_across_sequence_user_and_segment():
+    a = transition_id("u1", "active_browser", 1)
+    assert a == transition_id("u1", "active_browser", 1)
+    assert uuid.UUID(a).version == 5
+    assert len({a, transition_id("u1", "active_browser", 2), transition_id("u2", "active_browser", 1),
+                transition_id("u1", "cart_holder", 1)}) == 4
+
+
+def test_replaying_the_same_events_gives_the_same_transition_ids():
+    events = list(generate_events(5, 3, T0, 6 * HOUR))
+    first, _ = replay_events(engine(), events, T0 + 6 * HOUR)
+    second, _ = replay_events(engine(), events, T0 + 6 * HOUR)
+    assert first
+    assert [t.transition_id for t in first] == [t.transition_id for t in second]
+    assert len({t.transition_id for t in first}) == len(first)
+
+
+def test_a_transition_record_carries_its_id_reason_and_emitted_at():
+    [enter] = engine().on_event("u1", UserProfile(), ev(1, T0))
+    record = enter.to_record(emitted_at=T0 + 7)
+    assert record["transition_id"] == transition_id("u1", "active_browser", 1)
+    assert record["emitted_at"] == T0 + 7
+    assert record["event_time"] == T0
+    assert record["reason"] == {"rule": "ms_since_last_event < 600000", "features": {"ms_since_last_event": 0.0},
+                                "scores": {}}
+
+
+def test_transition_records_encode_with_the_segment_transition_schema(catalog):
+    events = list(generate_events(5, 11, T0, 6 * HOUR))
+    transitions, _ = replay_events(engine(), events, T0 + 6 * HOUR)
+    codec = catalog.codec("SegmentTransition")
+    for t in transitions:
+        record = t.to_record(emitted_at=T0)
+        assert codec.decode(codec.encode(record)) == record
+
+
+# --- properties over generated traffic -------------------------------------------------------
+
+seeds = st.integers(0, 2**32 - 1)
+user_counts = st.integers(1, 6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, users=user_counts)
+def test_per_user_and_segment_kinds_alternate_from_enter_and_sequences_rise_by_one(seed, users):
+    until = T0 + DAY
+    events = list(generate_events(users, seed, T0, DAY))
+    transitions, profiles = replay_events(engine(), events, until)
+    chains: dict[tuple[str, str], list[Transition]] = defaultdict(list)
+    for t in transitions:
+        chains[(t.user_id, t.segment)].append(t)
+    for (user, segment), chain in chains.items():
+        assert [t.sequence for t in chain] == list(range(1, len(chain) + 1)), (user, segment)
+        assert [t.kind for t in chain] == ["ENTER", "EXIT"] * (len(chain) // 2) + ["ENTER"] * (len(chain) % 2)
+        assert profiles[user].memberships[segment].sequence == len(chain)
+        assert profiles[user].memberships[segment].member == (chain[-1].kind == "ENTER")
+        for t in chain:
+            assert (t.cause == "TIMER") == (t.cause_event_id is None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, users=user_counts)
+def test_a_users_transitions_never_go_back_in_event_time(seed, users):
+    events = list(generate_events(users, seed, T0, DAY))
+    transitions, _ = replay_events(engine(), events, T0 + DAY)
+    last: dict[str, int] = {}
+    for t in transitions:
+        assert t.event_time >= last.get(t.user_id, t.event_time)
+        last[t.user_id] = t.event_time
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, users=user_counts)
+def test_memberships_after_replay_equal_a_fresh_evaluation_at_the_final_watermark(seed, users):
+    until = T0 + DAY
+    events = list(generate_events(users, seed, T0, DAY))
+    _, profiles = replay_events(engine(), events, until)
+    for profile in profiles.values():
+        assert profile.clock_ms == until
+        for definition in builtin_segments():
+            membership = profile.memberships.get(definition.name)
+            assert (membership is not None and membership.member) == definition.evaluate(profile, until).member
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, users=user_counts, data=st.data())
+def test_the_transitions_do_not_depend_on_when_time_is_advanced(seed, users, data):
+    duration = DAY
+    until = T0 + duration
+    events = list(generate_events(users, seed, T0, duration))
+    expected, expected_profiles = replay_events(engine(), events, until)
+
+    # Extra advance_to calls, as the job's timers fire: at any time not beyond the next event's
+    # timestamp (events are in global event-time order), for any subset of the users seen so far.
+    n = len(events)
+    ticks = data.draw(
+        st.lists(st.tuples(st.integers(0, max(n, 1)), st.floats(0, 1), st.integers(0, 2**users - 1)), max_size=40)
+    )
+    by_index = defaultdict(list)
+    for index, fraction, mask in ticks:
+        by_index[index].append((fraction, mask))
+    e = engine()
+    profiles: dict[str, UserProfile] = {}
+    actual: list[Transition] = []
+
+    def tick(index: int) -> None:
+        previous = events[index - 1].timestamp if index > 0 else T0
+        upper = events[index].timestamp if index < n else until
+        for fraction, mask in sorted(by_index.get(index, [])):
+            t = previous + int(fraction * (upper - previous))
+            for i, (user_id, profile) in enumerate(sorted(profiles.items())):
+                if mask >> i & 1:
+                    actual.extend(e.advance_to(user_id, profile, t))
+
+    for index, event in enumerate(events):
+        tick(index)
+        profile = profiles.setdefault(event.user_id, UserProfile())
+        actual.extend(e.on_event(event.user_id, profile, event))
+    tick(n)
+    for user_id, profile in profiles.items():
+        actual.extend(e.advance_to(user_id, profile, until))
+
+    def per_user(transitions: list[Transition]) -> dict[str, list[Transition]]:
+        out: dict[str, list[Transition]] = defaultdict(list)
+        for t in transitions:
+            out[t.user_id].append(t)
+        return dict(out)
+
+    assert per_user(actual) == per_user(expected)
+    assert profiles == expected_profiles
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_replay_without_a_final_watermark_leaves_time_driven_changes_pending(seed):
+    events = list(generate_events(3, seed, T0, DAY))
+    assert events
+    without, _ = replay_events(engine(), events)
+    with_watermark, _ = replay_events(engine(), events, T0 + 2 * DAY)
+    assert len(with_watermark) > len(without)
+    assert with_watermark[: len(without)] == without
+    assert all(t.cause == "TIMER" for t in with_watermark[len(without):])

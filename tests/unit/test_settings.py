@@ -1,0 +1,169 @@
+"""jobs.settings: defaults, then a YAML file, then SEGMENTS_* variables; strict validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.settings import JobSettings, SettingsError, load_settings
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_defaults_are_valid():
+    settings = load_settings(environ={})
+    assert settings == JobSettings()
+    assert settings.parallelism == 1
+    assert settings.execution_mode == "thread"
+    assert settings.transaction_timeout_ms > settings.checkpoint_interval_ms
+
+
+def test_a_yaml_file_overrides_the_defaults(tmp_path):
+    path = write_yaml(tmp_path, "parallelism: 3\nevents_topic: clicks\n")
+    settings = load_settings(path, environ={})
+    assert (settings.parallelism, settings.events_topic) == (3, "clicks")
+
+
+def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
+    assert load_settings(write_yaml(tmp_path, ""), environ={}) == JobSettings()
+
+
+def test_an_unknown_key_in_the_yaml_file_names_the_file_and_the_key(tmp_path):
+    path = write_yaml(tmp_path, "parallelism: 2\nparalelism: 3\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert str(path) in str(err.value)
+    assert "paralelism" in str(err.value)
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(write_yaml(tmp_path, "- parallelism\n"), environ={})
+
+
+@pytest.mark.parametrize("value", ["1.5", "true", "[1]", "'two'"])
+def test_a_non_integer_in_the_yaml_file_for_an_int_setting_is_rejected(tmp_path, value):
+    with pytest.raises(SettingsError, match="parallelism"):
+        load_settings(write_yaml(tmp_path, f"parallelism: {value}\n"), environ={})
+
+
+def test_an_unknown_segments_environment_variable_is_rejected():
+    with pytest.raises(SettingsError, match="SEGMENTS_FOO"):
+        load_settings(environ={"SEGMENTS_FOO": "1"})
+
+
+@pytest.mark.parametrize("var", ["SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_DIR"])
+def test_tooling_variables_are_ignored(var):
+    assert load_settings(environ={var: "/somewhere"}) == JobSettings()
+
+
+def test_unrelated_environment_variables_are_ignored():
+    assert load_settings(environ={"HOME": "/root", "PARALLELISM": "7", "SEGMENTSX": "1"}) == JobSettings()
+
+
+def test_a_segments_variable_overrides_the_file(tmp_path):
+    path = write_yaml(tmp_path, "parallelism: 3\n")
+    assert load_settings(path, environ={"SEGMENTS_PARALLELISM": "2"}).parallelism == 2
+
+
+def test_string_settings_come_from_the_environment_unchanged():
+    assert load_settings(environ={"SEGMENTS_EVENTS_TOPIC": "clicks"}).events_topic == "clicks"
+
+
+def test_redis_url_sets_the_redis_url():
+    assert load_settings(environ={"REDIS_URL": "redis://cache:6380/2"}).redis_url == "redis://cache:6380/2"
+
+
+def test_an_empty_redis_url_disables_the_view():
+    assert load_settings(environ={"REDIS_URL": ""}).redis_url == ""
+
+
+def test_keyword_overrides_win_over_the_environment():
+    assert load_settings(environ={"SEGMENTS_PARALLELISM": "2"}, parallelism=4).parallelism == 4
+
+
+def test_an_unknown_keyword_override_is_rejected():
+    with pytest.raises(SettingsError, match="nope"):
+        load_settings(environ={}, nope=1)
+
+
+@pytest.mark.parametrize("raw", ["two", "", "2.0", "0x10"])
+def test_a_bad_integer_in_the_environment_is_rejected(raw):
+    with pytest.raises(SettingsError, match="parallelism"):
+        load_settings(environ={"SEGMENTS_PARALLELISM": raw})
+
+
+def test_a_negative_integer_is_rejected():
+    with pytest.raises(SettingsError, match="watermark_lag_ms"):
+        load_settings(environ={"SEGMENTS_WATERMARK_LAG_MS": "-1"})
+
+
+@pytest.mark.parametrize("mode", ["fiber", "THREAD", ""])
+def test_an_unknown_execution_mode_is_rejected(mode):
+    with pytest.raises(SettingsError, match="execution_mode"):
+        load_settings(environ={"SEGMENTS_EXECUTION_MODE": mode})
+
+
+def test_process_execution_mode_is_accepted():
+    assert load_settings(environ={"SEGMENTS_EXECUTION_MODE": "process"}).execution_mode == "process"
+
+
+@pytest.mark.parametrize("timeout", [5_000, 4_999, 100])
+def test_a_transaction_timeout_not_above_the_checkpoint_interval_is_rejected(timeout):
+    with pytest.raises(SettingsError, match="transaction_timeout_ms"):
+        load_settings(environ={}, checkpoint_interval_ms=5_000, transaction_timeout_ms=timeout)
+
+
+def test_a_transaction_timeout_just_above_the_checkpoint_interval_is_accepted():
+    settings = load_settings(environ={}, checkpoint_interval_ms=5_000, transaction_timeout_ms=5_001)
+    assert settings.transaction_timeout_ms == 5_001
+
+
+def test_parallelism_must_be_between_one_and_max_parallelism():
+    with pytest.raises(SettingsError):
+        load_settings(environ={"SEGMENTS_PARALLELISM": "0"})
+    with pytest.raises(SettingsError):
+        load_settings(environ={"SEGMENTS_PARALLELISM": "129"})
+    assert load_settings(environ={"SEGMENTS_PARALLELISM": "128"}).parallelism == 128
+
+
+def test_a_transactional_id_prefix_with_a_space_is_rejected():
+    with pytest.raises(SettingsError, match="transactional_id_prefix"):
+        load_settings(environ={"SEGMENTS_TRANSACTIONAL_ID_PREFIX": "my prefix"})
+
+
+def test_redacted_hides_the_password_in_the_redis_url():
+    settings = load_settings(environ={"REDIS_URL": "redis://app:s3cret@cache:6379/0"})
+    redacted = settings.redacted()
+    assert redacted["redis_url"] == "redis://***@cache:6379/0"
+    assert "s3cret" not in repr(redacted)
+    assert settings.redis_url == "redis://app:s3cret@cache:6379/0"
+
+
+def test_redacted_leaves_a_url_without_credentials_alone():
+    assert load_settings(environ={}).redacted()["redis_url"] == "redis://127.0.0.1:6379/0"
+
+
+def test_replace_revalidates():
+    with pytest.raises(SettingsError):
+        JobSettings().replace(execution_mode="fiber")
+
+
+# redis-py takes the password up to the last '@' of the netloc, so it accepts an unencoded '@'
+# inside a password ("redis://app:p@ss@cache" -> password "p@ss"); redacted() stops at the first
+# '@' and logs the rest of the password.
+def test_redacted_hides_a_password_that_contains_an_at_sign():
+    settings = load_settings(environ={"REDIS_URL": "redis://app:p@ss@cache:6379/0"})
+    assert "ss@" not in settings.redacted()["redis_url"]
+    assert settings.redacted()["redis_url"] == "redis://***@cache:6379/0"
+
+
+# redis-py also reads the password from the query string (redis://host/0?password=...).
+def test_redacted_hides_a_password_given_as_a_query_parameter():
+    settings = load_settings(environ={"REDIS_URL": "redis://cache:6379/0?password=s3cret"})
+    assert "s3cret" not in settings.redacted()["redis_url"]

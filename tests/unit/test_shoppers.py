@@ -1,0 +1,75 @@
+"""The seeded shopper simulation: reproducible, time-ordered, and valid on the wire."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from tests.conftest import START_MS
+from udfs.events import EVENT_TYPES, event_from_record
+from udfs.shoppers import PERSONAS, generate_events, persona_of, user_id_of
+
+DAY = 24 * 3_600_000
+
+
+@pytest.fixture(scope="module")
+def a_day_of_300_users():
+    return list(generate_events(300, 42, START_MS, DAY))
+
+
+def test_the_same_seed_gives_identical_events():
+    assert list(generate_events(30, 7, START_MS, DAY)) == list(generate_events(30, 7, START_MS, DAY))
+
+
+def test_a_different_seed_gives_different_events():
+    first = list(generate_events(30, 7, START_MS, DAY))
+    second = list(generate_events(30, 8, START_MS, DAY))
+    assert first and second
+    assert first != second
+
+
+def test_the_stream_is_in_non_decreasing_timestamp_order_within_the_window(a_day_of_300_users):
+    timestamps = [e.timestamp for e in a_day_of_300_users]
+    assert timestamps == sorted(timestamps)
+    assert START_MS <= timestamps[0] and timestamps[-1] < START_MS + DAY
+
+
+def test_event_ids_are_unique_and_rise_per_user(a_day_of_300_users):
+    ids = [e.event_id for e in a_day_of_300_users]
+    assert len(set(ids)) == len(ids)
+    per_user = defaultdict(list)
+    for e in a_day_of_300_users:
+        assert e.event_id.startswith(e.user_id + "-")
+        per_user[e.user_id].append(e.event_id)
+    for user_ids in per_user.values():
+        assert user_ids == sorted(user_ids)
+
+
+def test_every_persona_appears_among_500_users():
+    seen = {persona_of(i, 1).name for i in range(500)}
+    assert seen == {p.name for p in PERSONAS}
+
+
+def test_all_event_types_appear_in_a_day_of_300_users(a_day_of_300_users):
+    assert {e.event_type for e in a_day_of_300_users} == set(EVENT_TYPES)
+
+
+def test_user_ids_are_the_zero_padded_user_index(a_day_of_300_users):
+    assert user_id_of(42) == "u0000042"
+    assert {e.user_id for e in a_day_of_300_users} <= {user_id_of(i) for i in range(300)}
+
+
+def test_a_shorter_window_is_a_prefix_of_a_longer_one():
+    whole = list(generate_events(40, 3, START_MS, DAY))
+    half = list(generate_events(40, 3, START_MS, DAY // 2))
+    assert half == [e for e in whole if e.timestamp < START_MS + DAY // 2]
+
+
+def test_every_generated_event_encodes_as_a_user_event_and_passes_validation(catalog, a_day_of_300_users):
+    codec = catalog.codec("UserEvent")
+    now = START_MS + DAY
+    for event in a_day_of_300_users:
+        record = codec.decode(codec.encode(event.to_record()))
+        assert record == event.to_record()
+        assert event_from_record(record, now_ms=now, max_future_ms=0) == event
