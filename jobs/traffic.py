@@ -55,7 +55,3 @@ def produce_events(
         raise RuntimeError(f"{remaining} events were not acknowledged by the broker")
     return sent
 
-
-def read_jsonl_events(path: Path) -> list[UserEvent]:
-    with open(path) as f:
-        return [UserEvent(**json.loads(line)) for line in f if line.strip()]
