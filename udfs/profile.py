@@ -1,10 +1,47 @@
-"""A user's profile: what the segments are evaluated on, updated one event at a time."""
+"""A user's profile: bounded, event-time state from which every feature is read (see
+`udfs/features.py`), updated one accepted event at a time, in any order within the lateness bound.
+
+Everything here is commutative in the events, except the cart, whose operations are kept in
+event-time order per line (a few per line) so an out-of-order purchase or removal lands where it
+happened. Sizes are bounded by `ProfileConfig`, not by the number of events.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+import hashlib
+from dataclasses import dataclass, field, fields
 
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS, ProfileConfig
+
+WEEK_MS = 7 * DAY_MS
+CART_ACTIVITY_TYPES = frozenset({"add_to_cart", "remove_from_cart", "checkout_start", "purchase"})
+
+# Cart operation kinds; SET is what the oldest operations of a long line are folded into.
+ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
+
+
+@dataclass(slots=True)
+class Bucket:
+    counts: dict[str, int] = field(default_factory=dict)  # event type -> events
+    spend: float = 0.0
+    category_views: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Session:
+    start_ms: int
+    end_ms: int
+    events: int
+
+
+@dataclass(slots=True)
+class CartOp:
+    time_ms: int
+    kind: str
+    quantity: int
+    unit_price: float | None
 
 
 @dataclass(slots=True)
@@ -23,51 +60,267 @@ class Membership:
 @dataclass(slots=True)
 class UserProfile:
     clock_ms: int = 0
-    last_event_ms: int | None = None
-    last_cart_activity_ms: int | None = None
-    cart: dict[str, CartLine] = field(default_factory=dict)
+    # Transition sequences of this lifetime start above this, so a user who comes back after the
+    # profile was dropped never reuses a (user, segment, sequence) and hence a transition id.
+    sequence_base: int = 0
+    last_by_type: dict[str, int] = field(default_factory=dict)
+    buckets: dict[int, dict[int, Bucket]] = field(default_factory=dict)  # width -> start -> bucket
+    lifetime_spend: float = 0.0
+    lifetime_orders: int = 0
+    products_viewed: dict[str, int] = field(default_factory=dict)  # latest view time
+    categories_viewed: dict[str, int] = field(default_factory=dict)
+    named_sessions: dict[str, Session] = field(default_factory=dict)
+    derived_sessions: list[Session] = field(default_factory=list)  # by start, > gap apart
+    cart_ops: dict[str, list[CartOp]] = field(default_factory=dict)  # by (time, arrival)
+    cart_cleared_ms: int | None = None  # latest purchase
+    decay_as_of_ms: int = 0
+    engagement: float = 0.0  # as of decay_as_of_ms
+    affinity: dict[str, float] = field(default_factory=dict)  # as of decay_as_of_ms
+    seen_event_ids: dict[int, int] = field(default_factory=dict)  # id hash -> event time, arrival order
     memberships: dict[str, Membership] = field(default_factory=dict)
     timer_ms: int | None = None
 
+    def reset(self) -> None:
+        """Back to an empty profile (the retention ran out), in place: callers hold this object."""
+        empty = UserProfile()
+        for f in fields(self):
+            setattr(self, f.name, getattr(empty, f.name))
+
+    @property
+    def last_event_ms(self) -> int | None:
+        return max(self.last_by_type.values()) if self.last_by_type else None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.last_by_type and not self.memberships
+
+    def last_of(self, types) -> int | None:
+        times = [t for k in types if (t := self.last_by_type.get(k)) is not None]
+        return max(times) if times else None
+
+    def cart(self) -> dict[str, CartLine]:
+        out = {}
+        for product, ops in self.cart_ops.items():
+            line = fold_cart_ops(ops)
+            if line is not None:
+                out[product] = line
+        return out
+
     @property
     def cart_value(self) -> float:
-        return sum(line.quantity * line.unit_price for line in self.cart.values())
+        return sum(line.quantity * line.unit_price for line in self.cart().values())
 
     @property
     def cart_items(self) -> int:
-        return sum(line.quantity for line in self.cart.values())
+        return sum(line.quantity for line in self.cart().values())
 
 
-def update_profile(profile: UserProfile, event: UserEvent) -> None:
-    """Applies one event. Out-of-order events never move the recency marks backwards."""
+def event_id_hash(event_id: str) -> int:
+    """64 bits of BLAKE2b, signed (Avro long): what the dedup memory keeps instead of the id."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> bool:
+    seen_at = profile.seen_event_ids.get(event_id_hash(event.event_id))
+    return seen_at is not None and seen_at > profile.clock_ms - config.dedup_window_ms
+
+
+def decay(value: float, elapsed_ms: int, half_life_ms: int) -> float:
+    return value * 2.0 ** (-elapsed_ms / half_life_ms) if elapsed_ms else value
+
+
+def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> None:
+    """Adds an accepted (not duplicate) event. The clock is the caller's: it is already at least
+    the event's time, or the event is out of order and the clock stays."""
+    ts, kind = event.timestamp, event.event_type
+    if not profile.last_by_type:
+        profile.sequence_base = max(profile.sequence_base, ts * 1000)
+    profile.seen_event_ids[event_id_hash(event.event_id)] = ts
+    if len(profile.seen_event_ids) > config.max_seen_event_ids:
+        del profile.seen_event_ids[next(iter(profile.seen_event_ids))]
+    if ts > profile.last_by_type.get(kind, -1):
+        profile.last_by_type[kind] = ts
+
+    for width in _bucket_widths(config):
+        ring = profile.buckets.setdefault(width, {})
+        start = ts - ts % width
+        bucket = ring.get(start)
+        if bucket is None:
+            bucket = ring[start] = Bucket()
+        bucket.counts[kind] = bucket.counts.get(kind, 0) + 1
+        if kind == "purchase":
+            bucket.spend += event.price or 0.0
+        elif kind == "product_view" and event.category is not None:
+            bucket.category_views[event.category] = bucket.category_views.get(event.category, 0) + 1
+
+    if kind == "purchase":
+        profile.lifetime_spend += event.price or 0.0
+        profile.lifetime_orders += 1
+    if kind == "product_view":
+        if event.product_id is not None:
+            _remember_latest(profile.products_viewed, event.product_id, ts, config.max_tracked_items)
+        if event.category is not None:
+            _remember_latest(profile.categories_viewed, event.category, ts, config.max_tracked_items)
+
+    _add_to_session(profile, event, config)
+    _apply_to_cart(profile, event, config)
+    _add_decayed_interest(profile, event, config)
+
+
+def prune(profile: UserProfile, config: ProfileConfig) -> None:
+    """Forgets what no feature can see any more at the profile's clock. Each test below is
+    monotone in time (once out, always out), so pruning never changes a feature's value."""
+    now = profile.clock_ms
+    horizons = config.horizons
+    for width, ring in profile.buckets.items():
+        using = [h for h in horizons if h.bucket_ms == width]
+        for start in [s for s in ring if not any(h.covers(s, now) for h in using)]:
+            del ring[start]
+    for tracked in (profile.products_viewed, profile.categories_viewed):
+        for item in [k for k, t in tracked.items() if not any(h.covers(t, now) for h in horizons)]:
+            del tracked[item]
+    live = lambda s: _session_visible(s, now, config)  # noqa: E731
+    for sid in [k for k, s in profile.named_sessions.items() if not live(s)]:
+        del profile.named_sessions[sid]
+    profile.derived_sessions = [s for s in profile.derived_sessions if live(s)]
+    horizon = now - config.dedup_window_ms
+    for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
+        del profile.seen_event_ids[key]
+
+
+def _session_visible(session: Session, now: int, config: ProfileConfig) -> bool:
+    end = session.end_ms
+    return (
+        now - end < config.session_gap_ms
+        or end > now - WEEK_MS
+        or any(h.covers(end, now) for h in config.horizons)
+    )
+
+
+def _bucket_widths(config: ProfileConfig) -> list[int]:
+    return sorted({h.bucket_ms for h in config.horizons})
+
+
+def _remember_latest(tracked: dict[str, int], key: str, ts: int, cap: int) -> None:
+    if ts > tracked.get(key, -1):
+        tracked[key] = ts
+    if len(tracked) > cap:
+        del tracked[min(tracked, key=lambda k: (tracked[k], k))]
+
+
+def _add_to_session(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> None:
     ts = event.timestamp
-    if profile.last_event_ms is None or ts > profile.last_event_ms:
-        profile.last_event_ms = ts
-    kind = event.event_type
-    if kind == "add_to_cart":
-        line = profile.cart.get(event.product_id)
-        qty = event.quantity or 1
-        if line is None:
-            profile.cart[event.product_id] = CartLine(qty, event.price or 0.0)
+    cap = config.max_tracked_items
+    if event.session_id is not None:
+        session = profile.named_sessions.get(event.session_id)
+        if session is None:
+            profile.named_sessions[event.session_id] = Session(ts, ts, 1)
+            if len(profile.named_sessions) > cap:
+                named = profile.named_sessions
+                del named[min(named, key=lambda k: (named[k].end_ms, k))]
         else:
-            line.quantity += qty
-            if event.price is not None:
-                line.unit_price = event.price
-        _touch_cart(profile, ts)
-    elif kind == "remove_from_cart":
-        line = profile.cart.get(event.product_id)
-        if line is not None:
-            line.quantity -= event.quantity or line.quantity
-            if line.quantity <= 0:
-                del profile.cart[event.product_id]
-        _touch_cart(profile, ts)
-    elif kind == "checkout_start":
-        _touch_cart(profile, ts)
-    elif kind == "purchase":
-        profile.cart.clear()
-        _touch_cart(profile, ts)
+            session.start_ms = min(session.start_ms, ts)
+            session.end_ms = max(session.end_ms, ts)
+            session.events += 1
+        return
+    # Derived sessions: the event joins every run it is within the gap of (at most one on each
+    # side, since runs are more than the gap apart), which may bridge two runs into one.
+    gap = config.session_gap_ms
+    joined = Session(ts, ts, 1)
+    kept = []
+    for s in profile.derived_sessions:
+        if s.start_ms - gap <= ts <= s.end_ms + gap:
+            joined = Session(min(joined.start_ms, s.start_ms), max(joined.end_ms, s.end_ms), joined.events + s.events)
+        else:
+            kept.append(s)
+    bisect.insort(kept, joined, key=lambda s: s.start_ms)
+    if len(kept) > cap:
+        kept.pop(0)
+    profile.derived_sessions = kept
 
 
-def _touch_cart(profile: UserProfile, ts: int) -> None:
-    if profile.last_cart_activity_ms is None or ts > profile.last_cart_activity_ms:
-        profile.last_cart_activity_ms = ts
+def _apply_to_cart(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> None:
+    ts, kind = event.timestamp, event.event_type
+    if kind == "purchase":
+        # Empties the cart as of its time: operations up to it (including those at the same
+        # instant, which arrived before it) are gone; later ones stay.
+        if profile.cart_cleared_ms is None or ts > profile.cart_cleared_ms:
+            profile.cart_cleared_ms = ts
+        for product in list(profile.cart_ops):
+            ops = [op for op in profile.cart_ops[product] if op.time_ms > ts]
+            if ops:
+                profile.cart_ops[product] = ops
+            else:
+                del profile.cart_ops[product]
+        return
+    if kind not in ("add_to_cart", "remove_from_cart"):
+        return
+    if profile.cart_cleared_ms is not None and ts < profile.cart_cleared_ms:
+        return  # happened before a purchase that emptied the cart
+    if kind == "add_to_cart":
+        op = CartOp(ts, ADD, event.quantity or 1, event.price)
+    elif event.quantity is None:
+        op = CartOp(ts, REMOVE_ALL, 0, None)
+    else:
+        op = CartOp(ts, REMOVE, event.quantity, None)
+    ops = profile.cart_ops.setdefault(event.product_id, [])
+    bisect.insort_right(ops, op, key=lambda o: o.time_ms)  # after same-time ops: arrival order
+    if len(ops) > config.max_cart_ops_per_line:
+        folded = ops[: len(ops) - config.max_cart_ops_per_line + 1]
+        line = fold_cart_ops(folded)
+        base = CartOp(folded[-1].time_ms, SET, line.quantity if line else 0, line.unit_price if line else None)
+        ops[: len(folded)] = [base]
+    if len(profile.cart_ops) > config.max_cart_lines:
+        _evict_cart_line(profile)
+
+
+def _evict_cart_line(profile: UserProfile) -> None:
+    """Over the line cap: forget an emptied line first, else the line touched longest ago."""
+    def age(product: str):
+        ops = profile.cart_ops[product]
+        return (fold_cart_ops(ops) is not None, ops[-1].time_ms, product)
+
+    del profile.cart_ops[min(profile.cart_ops, key=age)]
+
+
+def fold_cart_ops(ops: list[CartOp]) -> CartLine | None:
+    line: CartLine | None = None
+    for op in ops:
+        if op.kind == ADD:
+            if line is None:
+                line = CartLine(0, 0.0)
+            line.quantity += op.quantity
+            if op.unit_price is not None:
+                line.unit_price = op.unit_price
+        elif op.kind == REMOVE:
+            if line is not None:
+                line.quantity -= op.quantity
+                if line.quantity <= 0:
+                    line = None
+        elif op.kind == REMOVE_ALL:
+            line = None
+        else:  # SET
+            line = CartLine(op.quantity, op.unit_price or 0.0) if op.quantity > 0 else None
+    return line
+
+
+def _add_decayed_interest(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> None:
+    """Scores are kept as of `decay_as_of_ms` (the latest event time); an older event is added
+    already decayed to that instant, a newer one first moves the reference forward."""
+    ts = event.timestamp
+    if ts > profile.decay_as_of_ms:
+        elapsed = ts - profile.decay_as_of_ms
+        profile.engagement = decay(profile.engagement, elapsed, config.engagement_half_life_ms)
+        for category, value in profile.affinity.items():
+            profile.affinity[category] = decay(value, elapsed, config.affinity_half_life_ms)
+        profile.decay_as_of_ms = ts
+    age = profile.decay_as_of_ms - ts
+    weight = config.engagement_weights.get(event.event_type, 0.0)
+    if weight:
+        profile.engagement += decay(weight, age, config.engagement_half_life_ms)
+    weight = config.affinity_weights.get(event.event_type, 0.0)
+    if weight and event.category is not None:
+        affinity = profile.affinity
+        affinity[event.category] = affinity.get(event.category, 0.0) + decay(weight, age, config.affinity_half_life_ms)
+        if len(affinity) > config.max_tracked_items:
+            del affinity[min(affinity, key=lambda k: (affinity[k], k))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from udfs.features import CART_ACTIVITY_TYPES, FeatureCatalog, decays_below_ms
 from udfs.profile import UserProfile
 
 MINUTE_MS = 60_000
@@ -23,10 +24,10 @@ class Verdict:
 class SegmentDefinition:
     name: str
 
-    def evaluate(self, profile: UserProfile, now_ms: int) -> Verdict:
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
         raise NotImplementedError
 
-    def next_change_ms(self, profile: UserProfile, now_ms: int) -> int | None:
+    def next_change_ms(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> int | None:
         """The earliest event time after `now_ms` at which the verdict can change with no new
         event, or None. Timers are set here, so a time-driven exit happens exactly on time."""
         return None
@@ -39,7 +40,7 @@ class ActiveBrowser(SegmentDefinition):
     name: str = "active_browser"
     window_ms: int = 10 * MINUTE_MS
 
-    def evaluate(self, profile: UserProfile, now_ms: int) -> Verdict:
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
         last = profile.last_event_ms
         idle = now_ms - last if last is not None else float("inf")
         return Verdict(
@@ -48,7 +49,7 @@ class ActiveBrowser(SegmentDefinition):
             features={"ms_since_last_event": float(idle)},
         )
 
-    def next_change_ms(self, profile: UserProfile, now_ms: int) -> int | None:
+    def next_change_ms(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> int | None:
         if profile.last_event_ms is None:
             return None
         lapse = profile.last_event_ms + self.window_ms
@@ -61,7 +62,7 @@ class CartHolder(SegmentDefinition):
 
     name: str = "cart_holder"
 
-    def evaluate(self, profile: UserProfile, now_ms: int) -> Verdict:
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
         items = profile.cart_items
         return Verdict(
             member=items > 0,
@@ -77,9 +78,9 @@ class CartAbandoner(SegmentDefinition):
     name: str = "cart_abandoner"
     after_ms: int = 30 * MINUTE_MS
 
-    def evaluate(self, profile: UserProfile, now_ms: int) -> Verdict:
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
         items = profile.cart_items
-        last = profile.last_cart_activity_ms
+        last = profile.last_of(CART_ACTIVITY_TYPES)
         idle = now_ms - last if last is not None else float("inf")
         return Verdict(
             member=items > 0 and idle >= self.after_ms,
@@ -91,14 +92,57 @@ class CartAbandoner(SegmentDefinition):
             },
         )
 
-    def next_change_ms(self, profile: UserProfile, now_ms: int) -> int | None:
-        if not profile.cart or profile.last_cart_activity_ms is None:
+    def next_change_ms(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> int | None:
+        last = profile.last_of(CART_ACTIVITY_TYPES)
+        if last is None or not profile.cart_items:
             return None
-        due = profile.last_cart_activity_ms + self.after_ms
+        due = last + self.after_ms
         return due if due > now_ms else None
 
 
-BUILTIN_DEFINITIONS_VERSION = "builtin-1"
+@dataclass(frozen=True)
+class HighlyEngaged(SegmentDefinition):
+    """Engagement tier `high` (by default more than 5 sessions in the last 7 days)."""
+
+    name: str = "highly_engaged"
+
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
+        tier = catalog.read("engagement_tier", profile, now_ms)
+        return Verdict(
+            member=tier == "high",
+            rule="engagement_tier == high",
+            features={
+                "sessions_per_week": float(catalog.read("sessions_per_week", profile, now_ms)),
+                "engagement_score": round(catalog.read("engagement_score", profile, now_ms), 6),
+            },
+        )
+
+    def next_change_ms(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> int | None:
+        return catalog.next_change_ms("engagement_tier", profile, now_ms)
+
+
+@dataclass(frozen=True)
+class EngagementScoreAbove(SegmentDefinition):
+    """Decayed engagement score above a threshold (the articles' "score > 50": high engagement)."""
+
+    name: str = "engagement_score_above_50"
+    threshold: float = 50.0
+
+    def evaluate(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Verdict:
+        score = catalog.read("engagement_score", profile, now_ms)
+        return Verdict(
+            member=score > self.threshold,
+            rule=f"engagement_score > {self.threshold:g}",
+            features={"engagement_score": round(score, 6)},
+        )
+
+    def next_change_ms(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> int | None:
+        return decays_below_ms(
+            profile.engagement, profile.decay_as_of_ms, catalog.config.engagement_half_life_ms, self.threshold, now_ms
+        )
+
+
+BUILTIN_DEFINITIONS_VERSION = "builtin-2"
 
 
 def builtin_segments(
@@ -108,4 +152,6 @@ def builtin_segments(
         ActiveBrowser(window_ms=active_window_ms),
         CartHolder(),
         CartAbandoner(after_ms=abandon_after_ms),
+        HighlyEngaged(),
+        EngagementScoreAbove(),
     )

@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from udfs.events import UserEvent
-from udfs.profile import Membership, UserProfile, update_profile
+from udfs.features import FeatureCatalog
+from udfs.profile import Membership, UserProfile, apply_event, is_duplicate, prune
+from udfs.profile_config import ProfileConfig
 from udfs.segments import SegmentDefinition, Verdict
+
+RETENTION_RULE = "profile_retention_expired"
 
 TRANSITION_ID_NAMESPACE = uuid.UUID("6c1f3f0e-8a57-4f3b-9a34-5e4b8d0c2a11")
 
@@ -60,44 +64,79 @@ class Transition:
 
 
 class SegmentEngine:
-    """Evaluates a fixed set of segment definitions for one user at a time."""
+    """Keeps one user's profile and memberships up to date for a fixed set of definitions."""
 
     def __init__(
         self,
         definitions: Sequence[SegmentDefinition],
         definitions_version: str,
         model_version: str | None = None,
+        profile_config: ProfileConfig | None = None,
     ):
         self.definitions = tuple(definitions)
         self.definitions_version = definitions_version
         self.model_version = model_version
+        self.config = profile_config or ProfileConfig()
+        self.catalog = FeatureCatalog(self.config)
+
+    def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
+        return is_duplicate(profile, event, self.config)
 
     def on_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
+        """Applies an event (a duplicate changes nothing) and returns the transitions it causes,
+        after those that time alone caused before the event's timestamp."""
+        if self.is_duplicate(profile, event):
+            return []
         out = self.advance_to(user_id, profile, event.timestamp)
-        update_profile(profile, event)
-        if event.timestamp > profile.clock_ms:
-            profile.clock_ms = event.timestamp
+        apply_event(profile, event, self.config)
+        prune(profile, self.config)
         self._diff(user_id, profile, profile.clock_ms, "EVENT", event.event_id, out)
         return out
 
     def advance_to(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
         """Moves the user's clock to `time_ms`, emitting every time-driven change due on the way,
-        each at the exact instant its condition lapsed."""
+        each at the exact instant its condition lapsed. When the retention runs out, the user
+        exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
         out: list[Transition] = []
         while True:
             due = self.next_change_ms(profile)
             if due is None or due > time_ms:
                 break
             profile.clock_ms = due
-            self._diff(user_id, profile, due, "TIMER", None, out)
+            if due == self.retention_expiry_ms(profile):
+                self._expire(user_id, profile, due, out)
+            else:
+                prune(profile, self.config)
+                self._diff(user_id, profile, due, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
+            prune(profile, self.config)
         return out
 
+    def retention_expiry_ms(self, profile: UserProfile) -> int | None:
+        last = profile.last_event_ms
+        return None if last is None else last + self.config.retention_ms
+
     def next_change_ms(self, profile: UserProfile) -> int | None:
+        """The one instant the user's timer is set for: the earliest at which a verdict can
+        change, or the profile expires."""
         now = profile.clock_ms
-        times = [t for d in self.definitions if (t := d.next_change_ms(profile, now)) is not None]
+        times = [t for d in self.definitions if (t := d.next_change_ms(profile, now, self.catalog)) is not None]
+        expiry = self.retention_expiry_ms(profile)
+        if expiry is not None:
+            times.append(expiry)
         return min(times) if times else None
+
+    def features(self, profile: UserProfile, now_ms: int) -> dict:
+        return self.catalog.all(profile, now_ms)
+
+    def _expire(self, user_id: str, profile: UserProfile, now_ms: int, out: list[Transition]) -> None:
+        idle = {"ms_since_last_event": float(self.config.retention_ms)}
+        for name, membership in profile.memberships.items():
+            if membership.member:
+                out.append(self._transition(user_id, name, False, membership.sequence + 1, now_ms, "TIMER", None,
+                                            Verdict(False, RETENTION_RULE, idle)))
+        profile.reset()
 
     def _diff(
         self,
@@ -109,28 +148,30 @@ class SegmentEngine:
         out: list[Transition],
     ) -> None:
         for definition in self.definitions:
-            verdict: Verdict = definition.evaluate(profile, now_ms)
+            verdict: Verdict = definition.evaluate(profile, now_ms, self.catalog)
             current = profile.memberships.get(definition.name)
             was_member = current is not None and current.member
             if verdict.member == was_member:
                 continue
-            sequence = (current.sequence if current else 0) + 1
+            sequence = (current.sequence if current else profile.sequence_base) + 1
             profile.memberships[definition.name] = Membership(verdict.member, sequence, now_ms)
-            out.append(
-                Transition(
-                    user_id=user_id,
-                    segment=definition.name,
-                    kind="ENTER" if verdict.member else "EXIT",
-                    event_time=now_ms,
-                    cause=cause,
-                    cause_event_id=cause_event_id,
-                    sequence=sequence,
-                    definitions_version=self.definitions_version,
-                    model_version=self.model_version,
-                    rule=verdict.rule,
-                    features=verdict.features,
-                )
-            )
+            out.append(self._transition(user_id, definition.name, verdict.member, sequence, now_ms, cause,
+                                        cause_event_id, verdict))
+
+    def _transition(self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, verdict) -> Transition:
+        return Transition(
+            user_id=user_id,
+            segment=segment,
+            kind="ENTER" if member else "EXIT",
+            event_time=now_ms,
+            cause=cause,
+            cause_event_id=cause_event_id,
+            sequence=sequence,
+            definitions_version=self.definitions_version,
+            model_version=self.model_version,
+            rule=verdict.rule,
+            features=verdict.features,
+        )
 
 
 def replay_events(

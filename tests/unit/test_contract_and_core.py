@@ -110,12 +110,12 @@ def engine() -> SegmentEngine:
 def test_active_browser_exits_by_timer_exactly_ten_minutes_after_the_last_event():
     e, p = engine(), UserProfile()
     [enter] = e.on_event("u1", p, event(1, START_MS))
-    assert (enter.kind, enter.cause, enter.cause_event_id, enter.sequence) == ("ENTER", "EVENT", "u1-1", 1)
+    assert (enter.kind, enter.cause, enter.cause_event_id, enter.sequence) == ("ENTER", "EVENT", "u1-1", START_MS * 1000 + 1)
     assert e.next_change_ms(p) == START_MS + 10 * MINUTE
     assert e.advance_to("u1", p, START_MS + 10 * MINUTE - 1) == []
     [exit_] = e.advance_to("u1", p, START_MS + 10 * MINUTE)
     assert (exit_.kind, exit_.cause, exit_.cause_event_id, exit_.event_time, exit_.sequence) == (
-        "EXIT", "TIMER", None, START_MS + 10 * MINUTE, 2)
+        "EXIT", "TIMER", None, START_MS + 10 * MINUTE, START_MS * 1000 + 2)
 
 
 def test_cart_abandoner_enters_from_time_alone_and_exits_on_purchase():
@@ -135,4 +135,4 @@ def test_an_event_after_a_lapse_first_emits_the_exit_at_the_lapse_instant():
     e.on_event("u1", p, event(1, START_MS))
     out = e.on_event("u1", p, event(2, START_MS + 25 * MINUTE))
     assert [(t.kind, t.event_time, t.sequence) for t in out] == [
-        ("EXIT", START_MS + 10 * MINUTE, 2), ("ENTER", START_MS + 25 * MINUTE, 3)]
+        ("EXIT", START_MS + 10 * MINUTE, START_MS * 1000 + 2), ("ENTER", START_MS + 25 * MINUTE, START_MS * 1000 + 3)]

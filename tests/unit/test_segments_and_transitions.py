@@ -20,6 +20,8 @@ MINUTE = 60_000
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 T0 = START_MS
+SEQ0 = T0 * 1000  # transition sequences of a profile lifetime that starts at T0 start above this
+RETENTION = 90 * DAY
 
 
 def engine() -> SegmentEngine:
@@ -59,7 +61,7 @@ def test_the_first_event_enters_active_browser_caused_by_that_event_with_sequenc
     assert enter.kind == "ENTER"
     assert enter.cause == "EVENT"
     assert enter.cause_event_id == "u1-1"
-    assert enter.sequence == 1
+    assert enter.sequence == SEQ0 + 1  # the lifetime's base: 1000 x its first event time
     assert enter.event_time == T0
     assert enter.definitions_version == BUILTIN_DEFINITIONS_VERSION
     assert enter.features == {"ms_since_last_event": 0.0}
@@ -74,7 +76,7 @@ def test_active_browser_exits_from_time_alone_exactly_ten_minutes_after_the_last
     assert e.advance_to("u1", p, lapse - 1) == []
     [exit_] = e.advance_to("u1", p, lapse)
     assert (exit_.segment, exit_.kind, exit_.cause, exit_.cause_event_id) == ("active_browser", "EXIT", "TIMER", None)
-    assert (exit_.event_time, exit_.sequence) == (lapse, 2)
+    assert (exit_.event_time, exit_.sequence) == (lapse, SEQ0 + 2)
     assert e.advance_to("u1", p, lapse + HOUR) == []
 
 
@@ -98,8 +100,8 @@ def test_an_event_after_a_lapse_emits_the_timer_exit_at_the_lapse_then_the_enter
     e.on_event("u1", p, ev(1, T0))
     out = e.on_event("u1", p, ev(2, T0 + 25 * MINUTE))
     assert [(t.kind, t.event_time, t.cause, t.cause_event_id, t.sequence) for t in out] == [
-        ("EXIT", T0 + 10 * MINUTE, "TIMER", None, 2),
-        ("ENTER", T0 + 25 * MINUTE, "EVENT", "u1-2", 3),
+        ("EXIT", T0 + 10 * MINUTE, "TIMER", None, SEQ0 + 2),
+        ("ENTER", T0 + 25 * MINUTE, "EVENT", "u1-2", SEQ0 + 3),
     ]
 
 
@@ -129,8 +131,8 @@ def test_cart_holder_enters_on_add_to_cart_and_exits_on_removing_the_last_unit()
     assert of(e.on_event("u1", p, remove(2, T0 + MINUTE, quantity=1)), "cart_holder") == []
     assert p.cart_items == 1
     [exit_] = of(e.on_event("u1", p, remove(3, T0 + 2 * MINUTE, quantity=1)), "cart_holder")
-    assert (exit_.kind, exit_.cause_event_id, exit_.sequence, exit_.event_time) == ("EXIT", "u1-3", 2, T0 + 2 * MINUTE)
-    assert p.cart == {}
+    assert (exit_.kind, exit_.cause_event_id, exit_.sequence, exit_.event_time) == ("EXIT", "u1-3", SEQ0 + 2, T0 + 2 * MINUTE)
+    assert p.cart() == {}
 
 
 def test_a_remove_without_quantity_removes_the_whole_line():
@@ -154,7 +156,7 @@ def test_cart_abandoner_enters_from_time_alone_thirty_quiet_minutes_after_the_la
     assert summary(early) == [("active_browser", "EXIT", T0 + 10 * MINUTE, "TIMER")]
     [enter] = e.advance_to("u1", p, due)
     assert (enter.segment, enter.kind, enter.cause, enter.cause_event_id) == ("cart_abandoner", "ENTER", "TIMER", None)
-    assert (enter.event_time, enter.sequence) == (due, 1)
+    assert (enter.event_time, enter.sequence) == (due, SEQ0 + 1)
     assert enter.features == {"cart_items": 1.0, "cart_value": 10.0, "ms_since_cart_activity": float(30 * MINUTE)}
 
 
@@ -169,8 +171,8 @@ def test_cart_abandoner_exits_when_a_purchase_empties_the_cart():
         ("cart_abandoner", "EXIT", "EVENT", "u1-2"),
     }
     [exit_] = of(out, "cart_abandoner")
-    assert (exit_.event_time, exit_.sequence) == (T0 + 45 * MINUTE, 2)
-    assert p.cart == {}
+    assert (exit_.event_time, exit_.sequence) == (T0 + 45 * MINUTE, SEQ0 + 2)
+    assert p.cart() == {}
     assert summary(e.advance_to("u1", p, T0 + 10 * HOUR)) == [
         ("active_browser", "EXIT", T0 + 55 * MINUTE, "TIMER")
     ]
@@ -215,7 +217,7 @@ def test_next_change_is_none_for_an_empty_cart_and_a_last_event_older_than_the_w
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
     e.advance_to("u1", p, T0 + 11 * MINUTE)
-    assert e.next_change_ms(p) is None
+    assert e.next_change_ms(p) == T0 + RETENTION  # only the profile's cleanup is left
 
 
 def test_next_change_is_none_for_a_profile_that_never_saw_an_event():
@@ -229,7 +231,7 @@ def test_next_change_is_the_earliest_of_the_active_lapse_and_the_abandon_deadlin
     e.advance_to("u1", p, T0 + 10 * MINUTE)
     assert e.next_change_ms(p) == T0 + 30 * MINUTE
     e.advance_to("u1", p, T0 + 30 * MINUTE)
-    assert e.next_change_ms(p) is None
+    assert e.next_change_ms(p) == T0 + RETENTION
 
 
 # --- transition ids and records --------------------------------------------------------------
@@ -255,7 +257,7 @@ def test_replaying_the_same_events_gives_the_same_transition_ids():
 def test_a_transition_record_carries_its_id_reason_and_emitted_at():
     [enter] = engine().on_event("u1", UserProfile(), ev(1, T0))
     record = enter.to_record(emitted_at=T0 + 7)
-    assert record["transition_id"] == transition_id("u1", "active_browser", 1)
+    assert record["transition_id"] == transition_id("u1", "active_browser", SEQ0 + 1)
     assert record["emitted_at"] == T0 + 7
     assert record["event_time"] == T0
     assert record["reason"] == {"rule": "ms_since_last_event < 600000", "features": {"ms_since_last_event": 0.0},
@@ -287,9 +289,11 @@ def test_per_user_and_segment_kinds_alternate_from_enter_and_sequences_rise_by_o
     for t in transitions:
         chains[(t.user_id, t.segment)].append(t)
     for (user, segment), chain in chains.items():
-        assert [t.sequence for t in chain] == list(range(1, len(chain) + 1)), (user, segment)
+        base = chain[0].sequence - 1
+        assert base % 1000 == 0 and base >= T0 * 1000
+        assert [t.sequence for t in chain] == list(range(base + 1, base + len(chain) + 1)), (user, segment)
         assert [t.kind for t in chain] == ["ENTER", "EXIT"] * (len(chain) // 2) + ["ENTER"] * (len(chain) % 2)
-        assert profiles[user].memberships[segment].sequence == len(chain)
+        assert profiles[user].memberships[segment].sequence == base + len(chain)
         assert profiles[user].memberships[segment].member == (chain[-1].kind == "ENTER")
         for t in chain:
             assert (t.cause == "TIMER") == (t.cause_event_id is None)
@@ -311,12 +315,14 @@ def test_a_users_transitions_never_go_back_in_event_time(seed, users):
 def test_memberships_after_replay_equal_a_fresh_evaluation_at_the_final_watermark(seed, users):
     until = T0 + DAY
     events = list(generate_events(users, seed, T0, DAY))
-    _, profiles = replay_events(engine(), events, until)
+    e = engine()
+    _, profiles = replay_events(e, events, until)
     for profile in profiles.values():
         assert profile.clock_ms == until
         for definition in builtin_segments():
             membership = profile.memberships.get(definition.name)
-            assert (membership is not None and membership.member) == definition.evaluate(profile, until).member
+            fresh = definition.evaluate(profile, until, e.catalog)
+            assert (membership is not None and membership.member) == fresh.member
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,245 @@
+"""The profile's features by name: one reader per feature, resolved once from the configuration,
+and for features that step as time passes (windowed counts, sessions), when they next change
+with no new event, which is where the engine sets its timer. README "Profile features" is the
+specification; `tests/unit/profile_oracle.py` recomputes it from raw event logs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from udfs.events import EVENT_TYPES
+from udfs.profile import WEEK_MS, Session, UserProfile, decay
+from udfs.profile_config import Horizon, ProfileConfig
+
+Reader = Callable[[UserProfile, int], Any]
+Lapse = Callable[[UserProfile, int], "int | None"]
+
+CART_CHANGE_TYPES = ("add_to_cart", "remove_from_cart")
+CART_ACTIVITY_TYPES = ("add_to_cart", "remove_from_cart", "checkout_start", "purchase")
+TIERS = ("low", "medium", "high")
+
+
+def _since(p: UserProfile, now: int, types: Iterable[str]) -> int | None:
+    last = p.last_of(types)
+    return None if last is None else now - last
+
+
+def _earliest(times: Iterable[int]) -> int | None:
+    return min(times, default=None)
+
+
+def _sessions(p: UserProfile) -> list[tuple[Session, str | None]]:
+    return [(s, sid) for sid, s in p.named_sessions.items()] + [(s, None) for s in p.derived_sessions]
+
+
+def current_session(p: UserProfile, now: int, gap_ms: int) -> Session | None:
+    """The session with the latest last event, if that event is less than the gap ago; on a tie
+    a named session beats a derived one, then the greatest session id."""
+    sessions = _sessions(p)
+    if not sessions:
+        return None
+    session, _ = max(sessions, key=lambda e: (e[0].end_ms, e[1] is not None, e[1] or ""))
+    return session if now - session.end_ms < gap_ms else None
+
+
+class FeatureCatalog:
+    """Every feature of the README table, for one configuration."""
+
+    def __init__(self, config: ProfileConfig):
+        self.config = config
+        self.readers: dict[str, Reader] = {}
+        self.lapses: dict[str, Lapse] = {}
+        self._recency()
+        for h in config.horizons:
+            self._windowed(h)
+        self._lifetime_and_cart()
+        self._sessions()
+        self._interest()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.readers)
+
+    def read(self, name: str, profile: UserProfile, now_ms: int) -> Any:
+        return self.readers[name](profile, now_ms)
+
+    def next_change_ms(self, name: str, profile: UserProfile, now_ms: int) -> int | None:
+        """When a step feature next changes with no new event (None: never, or it is continuous,
+        like recency and decayed scores, whose threshold crossings the condition works out)."""
+        lapse = self.lapses.get(name)
+        return lapse(profile, now_ms) if lapse else None
+
+    def all(self, profile: UserProfile, now_ms: int) -> dict[str, Any]:
+        return {name: read(profile, now_ms) for name, read in self.readers.items()}
+
+    # -- families -----------------------------------------------------------------------------
+
+    def _recency(self) -> None:
+        r = self.readers
+        r["ms_since_last_event"] = lambda p, t: _since(p, t, p.last_by_type)
+        for kind in EVENT_TYPES:
+            r[f"ms_since_last_{kind}"] = lambda p, t, k=(kind,): _since(p, t, k)
+        r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
+        r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_CHANGE_TYPES)
+
+    def _windowed(self, h: Horizon) -> None:
+        r, lapses, n = self.readers, self.lapses, h.name
+
+        def covered(p: UserProfile, now: int):
+            return [(s, b) for s, b in p.buckets.get(h.bucket_ms, {}).items() if h.covers(s, now)]
+
+        def bucket_lapse(p: UserProfile, now: int) -> int | None:
+            return _earliest(h.lapses_at(s) for s, _ in covered(p, now))
+
+        def count(kinds):
+            return lambda p, t: sum(b.counts.get(k, 0) for _, b in covered(p, t) for k in kinds)
+
+        def spend(p, t):
+            return sum(b.spend for _, b in covered(p, t))
+
+        def aov(p, t):
+            orders = count(("purchase",))(p, t)
+            return spend(p, t) / orders if orders else None
+
+        def category_views(p, t):
+            out: dict[str, int] = {}
+            for _, b in covered(p, t):
+                for category, views in b.category_views.items():
+                    out[category] = out.get(category, 0) + views
+            return out
+
+        def latest_covered(tracked_of):
+            return lambda p, t: [v for v in tracked_of(p).values() if h.covers(v, t)]
+
+        def distinct(tracked_of):
+            return lambda p, t: len(latest_covered(tracked_of)(p, t))
+
+        def distinct_lapse(tracked_of):
+            return lambda p, t: _earliest(h.lapses_at(v) for v in latest_covered(tracked_of)(p, t))
+
+        def sessions_covered(p, t):
+            return [s for s, _ in _sessions(p) if h.covers(s.end_ms, t)]
+
+        before = set(r)
+        r[f"events_{n}"] = count(EVENT_TYPES)
+        for kind in EVENT_TYPES:
+            r[f"count_{kind}_{n}"] = count((kind,))
+        r[f"sessions_{n}"] = lambda p, t: len(sessions_covered(p, t))
+        lapses[f"sessions_{n}"] = lambda p, t: _earliest(h.lapses_at(s.end_ms) for s in sessions_covered(p, t))
+        products, categories = (lambda p: p.products_viewed), (lambda p: p.categories_viewed)
+        r[f"distinct_products_viewed_{n}"] = distinct(products)
+        lapses[f"distinct_products_viewed_{n}"] = distinct_lapse(products)
+        r[f"distinct_categories_viewed_{n}"] = distinct(categories)
+        lapses[f"distinct_categories_viewed_{n}"] = distinct_lapse(categories)
+        r[f"category_views_{n}"] = category_views
+        r[f"spend_{n}"] = spend
+        r[f"orders_{n}"] = count(("purchase",))
+        r[f"aov_{n}"] = aov
+        for name in set(r) - before - set(lapses):
+            lapses[name] = bucket_lapse
+
+    def _lifetime_and_cart(self) -> None:
+        r = self.readers
+        r["lifetime_spend"] = lambda p, t: p.lifetime_spend
+        r["lifetime_orders"] = lambda p, t: p.lifetime_orders
+        r["lifetime_aov"] = lambda p, t: p.lifetime_spend / p.lifetime_orders if p.lifetime_orders else None
+        r["cart"] = lambda p, t: {k: (line.quantity, line.unit_price) for k, line in p.cart().items()}
+        r["cart_lines"] = lambda p, t: len(p.cart())
+        r["cart_items"] = lambda p, t: p.cart_items
+        r["cart_value"] = lambda p, t: p.cart_value
+
+        def checkout_pending(p, t):
+            checkout, purchase = p.last_by_type.get("checkout_start"), p.last_by_type.get("purchase")
+            return 1 if checkout is not None and (purchase is None or checkout > purchase) else 0
+
+        r["checkout_pending"] = checkout_pending
+
+    def _sessions(self) -> None:
+        r, lapses, gap = self.readers, self.lapses, self.config.session_gap_ms
+
+        def this_week(p, t):
+            return [s for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS]
+
+        def current(attribute):
+            def read(p, t):
+                s = current_session(p, t, gap)
+                return None if s is None else attribute(s)
+            return read
+
+        def session_lapse(p, t):
+            s = current_session(p, t, gap)
+            return None if s is None else s.end_ms + gap
+
+        r["sessions_per_week"] = lambda p, t: len(this_week(p, t))
+        lapses["sessions_per_week"] = lambda p, t: _earliest(s.end_ms + WEEK_MS for s in this_week(p, t))
+        r["in_session"] = lambda p, t: 0 if current_session(p, t, gap) is None else 1
+        r["current_session_start_ms"] = current(lambda s: s.start_ms)
+        r["current_session_events"] = current(lambda s: s.events)
+        r["current_session_duration_ms"] = current(lambda s: s.end_ms - s.start_ms)
+        for name in ("in_session", "current_session_start_ms", "current_session_events", "current_session_duration_ms"):
+            lapses[name] = session_lapse
+
+    def _interest(self) -> None:
+        r, lapses, config = self.readers, self.lapses, self.config
+
+        def engagement(p, t):
+            return decay(p.engagement, t - p.decay_as_of_ms, config.engagement_half_life_ms)
+
+        def affinity(p, t):
+            elapsed = t - p.decay_as_of_ms
+            return {c: decay(v, elapsed, config.affinity_half_life_ms) for c, v in p.affinity.items()}
+
+        def top_categories(p, t):
+            ranked = sorted(p.affinity.items(), key=lambda e: (-e[1], e[0]))  # decay keeps the order
+            return [c for c, _ in ranked[: config.affinity_top_k]]
+
+        basis = r["sessions_per_week"] if config.tier_basis == "sessions_per_week" else engagement
+
+        def tier_of(value: float) -> str:
+            if value > config.tier_high_above:
+                return "high"
+            return "medium" if value > config.tier_medium_above else "low"
+
+        def tier(p, t):
+            return tier_of(basis(p, t))
+
+        def tier_lapse(p, t):
+            if config.tier_basis == "sessions_per_week":
+                # The count drops by one at each session's 7-day mark; the tier changes at the
+                # first drop that takes it across a threshold.
+                now = tier(p, t)
+                ends = sorted(s.end_ms + WEEK_MS for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS)
+                for dropped, due in enumerate(ends, start=1):
+                    if tier_of(len(ends) - dropped) != now:
+                        return due
+                return None
+            return _earliest(
+                x for x in (decays_below_ms(p.engagement, p.decay_as_of_ms, config.engagement_half_life_ms, th, t)
+                            for th in (config.tier_high_above, config.tier_medium_above)) if x is not None
+            )
+
+        def viewed_products(p, t):
+            return {k: t - v for k, v in p.products_viewed.items() if any(h.covers(v, t) for h in config.horizons)}
+
+        r["engagement_score"] = engagement
+        r["engagement_tier"] = tier
+        lapses["engagement_tier"] = tier_lapse
+        r["category_affinity"] = affinity
+        r["top_categories"] = top_categories
+        r["ms_since_viewed_product"] = viewed_products
+
+
+def decays_below_ms(value: float, as_of_ms: int, half_life_ms: int, threshold: float, now_ms: int) -> int | None:
+    """The first whole millisecond after `now_ms` at which a score decaying from `value` (at
+    `as_of_ms`) is no longer above `threshold`, or None if it is not above it now."""
+    if threshold <= 0:
+        return None
+    if decay(value, now_ms - as_of_ms, half_life_ms) <= threshold:
+        return None
+    due = as_of_ms + math.ceil(half_life_ms * math.log2(value / threshold))
+    while decay(value, due - as_of_ms, half_life_ms) > threshold:  # float rounding at the edge
+        due += 1
+    return max(due, now_ms + 1)
