@@ -60,6 +60,9 @@ TRANSITION_RECORD = Types.ROW_NAMED(
 )
 DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)
 LATE_EVENTS = OutputTag("late-events", KEYED_RECORD)
+# A user's state after every event (with its id) and timer (id None), when the settings enable it.
+PROFILE_SNAPSHOT = Types.ROW_NAMED(["user_id", "cause_event_id", "payload"], [Types.STRING(), Types.STRING(), BYTES])
+PROFILE_SNAPSHOTS = OutputTag("profile-snapshots", PROFILE_SNAPSHOT)
 
 
 @dataclass(frozen=True)
@@ -139,13 +142,16 @@ class UserIdOf(KeySelector):
 
 class SegmentUsers(KeyedProcessFunction):
     """Holds each user's profile and emits a transition whenever a membership changes, on an
-    event or when event time passes a point where a condition lapses (one timer per user)."""
+    event or when event time passes a point where a condition lapses (one timer per user, which
+    is also the cleanup timer: when the retention runs out the user exits and the state goes)."""
 
     def __init__(self, settings: JobSettings):
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
         self.active_window_ms = settings.active_window_ms
         self.abandon_after_ms = settings.abandon_after_ms
+        self.profile_config = settings.profile
+        self.emit_profile_snapshots = settings.emit_profile_snapshots
 
     def open(self, runtime_context: RuntimeContext):
         catalog = SchemaCatalog()
@@ -156,12 +162,15 @@ class SegmentUsers(KeyedProcessFunction):
         self.engine = SegmentEngine(
             builtin_segments(self.active_window_ms, self.abandon_after_ms),
             BUILTIN_DEFINITIONS_VERSION,
+            profile_config=self.profile_config,
         )
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
         metrics = runtime_context.get_metrics_group()
         self.late_events = metrics.counter("late_events")
+        self.duplicate_events = metrics.counter("duplicate_events")
+        self.profiles_expired = metrics.counter("profiles_expired")
         self.transitions_out = metrics.counter("transitions_out")
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
@@ -178,22 +187,28 @@ class SegmentUsers(KeyedProcessFunction):
             return
         event = event_from_record(self.events.decode(value[2]), sys.maxsize, 0)
         profile = self._load_profile()
+        if self.engine.is_duplicate(profile, event):
+            self.duplicate_events.inc()
+            return
+        had_events = bool(profile.last_by_type)
         transitions = self.engine.on_event(user_id, profile, event)
-        yield from self._commit(ctx, profile, transitions)
+        yield from self._commit(ctx, profile, transitions, had_events, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
         profile = self._load_profile()
         profile.timer_ms = None  # this one has fired
+        had_events = bool(profile.last_by_type)
         transitions = self.engine.advance_to(user_id, profile, timestamp)
-        yield from self._commit(ctx, profile, transitions)
+        yield from self._commit(ctx, profile, transitions, had_events, None)
 
     def _load_profile(self) -> UserProfile:
         stored = self.profile_state.value()
         return self.state_codec.decode(None if stored is None else stored.encode("latin-1"))
 
-    def _commit(self, ctx, profile: UserProfile, transitions: list[Transition]):
-        # Coalesce to a single timer per user: the earliest instant any verdict can change.
+    def _commit(self, ctx, profile, transitions: list[Transition], had_events: bool, cause_event_id: str | None):
+        # Coalesce to a single timer per user: the earliest instant any verdict can change, or
+        # the profile's retention runs out.
         due = self.engine.next_change_ms(profile)
         if due != profile.timer_ms:
             timers = ctx.timer_service()
@@ -202,7 +217,15 @@ class SegmentUsers(KeyedProcessFunction):
             if due is not None:
                 timers.register_event_time_timer(due)
             profile.timer_ms = due
-        self.profile_state.update(self.state_codec.encode(profile).decode("latin-1"))
+        if profile.is_empty:  # the retention ran out: nothing of the user is kept
+            if had_events:
+                self.profiles_expired.inc()
+            self.profile_state.clear()
+        else:
+            encoded = self.state_codec.encode(profile)
+            self.profile_state.update(encoded.decode("latin-1"))
+            if self.emit_profile_snapshots:
+                yield PROFILE_SNAPSHOTS, Row(ctx.get_current_key(), cause_event_id, encoded)
         emitted_at = _now_ms()
         for t in transitions:
             self.transitions_out.inc()
@@ -235,6 +258,7 @@ class WriteSegmentsToRedis(MapFunction):
 class PipelineOutputs:
     transitions: DataStream  # TRANSITION_RECORD
     dead_letters: DataStream  # KEYED_RECORD: undecodable, invalid and late events
+    profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
 
 
 def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOutputs:
@@ -268,7 +292,11 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOu
         .set_parallelism(settings.segment_parallelism or settings.parallelism)
     )
     dead_letters = decoded.get_side_output(DEAD_LETTERS).union(transitions.get_side_output(LATE_EVENTS))
-    return PipelineOutputs(transitions=transitions, dead_letters=dead_letters)
+    return PipelineOutputs(
+        transitions=transitions,
+        dead_letters=dead_letters,
+        profile_snapshots=transitions.get_side_output(PROFILE_SNAPSHOTS),
+    )
 
 
 def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from udfs.profile_config import ProfileConfig, ProfileConfigError
 
 ENV_PREFIX = "SEGMENTS_"
 # Variables with the prefix that configure the tooling (setup, the local stack), not the job.
@@ -51,6 +53,9 @@ class JobSettings:
     active_window_ms: int = 10 * 60_000
     abandon_after_ms: int = 30 * 60_000
     jars_dir: str = str(DEFAULT_CACHE / "jars")
+    # Emit each user's state after every event and timer on a side output (tests, debugging).
+    emit_profile_snapshots: bool = False
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # YAML `profile:` section only
 
     def __post_init__(self) -> None:
         choices = {
@@ -90,6 +95,12 @@ class JobSettings:
 
 
 def _coerce(name: str, kind: str, raw: Any) -> Any:
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
     if kind == "int":
         if isinstance(raw, bool) or not isinstance(raw, int | str):
             raise SettingsError(f"{name} must be an integer, got {raw!r}")
@@ -117,6 +128,12 @@ def load_settings(
         for key, raw in loaded.items():
             if key not in kinds:
                 raise SettingsError(f"{path}: unknown setting {key!r}")
+            if key == "profile":
+                try:
+                    values[key] = ProfileConfig.from_mapping(raw)
+                except ProfileConfigError as err:
+                    raise SettingsError(f"{path}: {err}") from None
+                continue
             values[key] = _coerce(key, kinds[key], raw)
     if "REDIS_URL" in environ:
         values["redis_url"] = environ["REDIS_URL"]
@@ -124,7 +141,7 @@ def load_settings(
         if not var.startswith(ENV_PREFIX) or var.startswith(TOOLING_ENV_PREFIXES):
             continue
         key = var[len(ENV_PREFIX):].lower()
-        if key not in kinds:
+        if key not in kinds or key == "profile":
             raise SettingsError(f"unknown setting in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
     for key, raw in overrides.items():
