@@ -1,4 +1,4 @@
-"""`segments`: run, submit, generate, tail, demo, and `stack up|down|status`."""
+"""`segments`: run, submit, generate, tail, demo, profile-stats, and `stack up|down|status`."""
 
 from __future__ import annotations
 
@@ -125,6 +125,15 @@ def cmd_tail(args) -> int:
     return 0
 
 
+def cmd_profile_stats(args) -> int:
+    from jobs.profile_stats import measure
+
+    print(f"replaying {args.users} users x {args.days} days of generated traffic (seed {args.seed}) ...")
+    for line in measure(_settings(args), args.users, args.days, args.seed).lines():
+        print(line)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Stack up, the job on the embedded MiniCluster, generated traffic, live transitions."""
     from infra import stack
@@ -193,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("tail", help="print committed transitions as they arrive"))
     p.add_argument("--from-beginning", action="store_true")
     p.set_defaults(func=cmd_tail)
+
+    p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--days", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_profile_stats)
 
     p = with_config(sub.add_parser("demo", help="stack, job, traffic and live transitions in one go"))
     p.add_argument("--users", type=int, default=300)

@@ -23,7 +23,9 @@ class RedisSegmentView:
         pipe = self.client.pipeline(transaction=False)
         n = 0
         for user_id, segment, kind, sequence, event_time in transitions:
-            keys = [user_key(self.prefix, user_id), sequence_key(self.prefix, user_id), members_key(self.prefix, segment)]
+            keys = [
+                user_key(self.prefix, user_id), sequence_key(self.prefix, user_id), members_key(self.prefix, segment)
+            ]
             self._apply(keys=keys, args=[segment, kind, sequence, event_time, user_id, self.ttl_s], client=pipe)
             n += 1
         return sum(pipe.execute()) if n else 0

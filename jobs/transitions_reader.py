@@ -23,7 +23,9 @@ def committed_consumer(bootstrap_servers: str, topic: str, from_beginning: bool 
     return consumer
 
 
-def read_committed_values(bootstrap_servers: str, topic: str, idle_s: float = 3.0) -> list[tuple[bytes | None, bytes, int, int]]:
+def read_committed_values(
+    bootstrap_servers: str, topic: str, idle_s: float = 3.0
+) -> list[tuple[bytes | None, bytes, int, int]]:
     """(key, value, partition, offset) of every committed record, once none has come for idle_s."""
     consumer = committed_consumer(bootstrap_servers, topic)
     out = []

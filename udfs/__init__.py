@@ -1,1 +1,3 @@
-"""Engine-free per-event core: decode, profile, segments, transitions. Never imports pyflink, redis or confluent_kafka."""
+"""Engine-free per-event core: decode, profile, features, segments, transitions.
+
+Never imports pyflink, redis or confluent_kafka."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from udfs.events import EVENT_TYPES
-from udfs.profile import WEEK_MS, Session, UserProfile, decay
+from udfs.profile import EVENT_INDEX, WEEK_MS, Session, UserProfile, decay
 from udfs.profile_config import Horizon, ProfileConfig
 
 Reader = Callable[[UserProfile, int], Any]
@@ -95,7 +95,10 @@ class FeatureCatalog:
             return _earliest(h.lapses_at(s) for s, _ in covered(p, now))
 
         def count(kinds):
-            return lambda p, t: sum(b.counts.get(k, 0) for _, b in covered(p, t) for k in kinds)
+            if len(kinds) == len(EVENT_TYPES):
+                return lambda p, t: sum(sum(b.counts) for _, b in covered(p, t))
+            index = EVENT_INDEX[kinds[0]]
+            return lambda p, t: sum(b.counts[index] for _, b in covered(p, t))
 
         def spend(p, t):
             return sum(b.spend for _, b in covered(p, t))

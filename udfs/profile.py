@@ -12,11 +12,13 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field, fields
 
-from udfs.events import UserEvent
+from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile_config import DAY_MS, ProfileConfig
 
 WEEK_MS = 7 * DAY_MS
 CART_ACTIVITY_TYPES = frozenset({"add_to_cart", "remove_from_cart", "checkout_start", "purchase"})
+# Bucket counts are a list in this order (UserEvent's EventType symbols; new types are appended).
+EVENT_INDEX = {kind: i for i, kind in enumerate(EVENT_TYPES)}
 
 # Cart operation kinds; SET is what the oldest operations of a long line are folded into.
 ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
@@ -24,7 +26,7 @@ ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
 
 @dataclass(slots=True)
 class Bucket:
-    counts: dict[str, int] = field(default_factory=dict)  # event type -> events
+    counts: list[int] = field(default_factory=lambda: [0] * len(EVENT_TYPES))  # by EVENT_INDEX
     spend: float = 0.0
     category_views: dict[str, int] = field(default_factory=dict)
 
@@ -147,7 +149,7 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
         bucket = ring.get(start)
         if bucket is None:
             bucket = ring[start] = Bucket()
-        bucket.counts[kind] = bucket.counts.get(kind, 0) + 1
+        bucket.counts[EVENT_INDEX[kind]] += 1
         if kind == "purchase":
             bucket.spend += event.price or 0.0
         elif kind == "product_view" and event.category is not None:
@@ -172,12 +174,14 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     monotone in time (once out, always out), so pruning never changes a feature's value."""
     now = profile.clock_ms
     horizons = config.horizons
+    # A time is covered by some horizon iff it is at or after the earliest first-covered instant.
     for width, ring in profile.buckets.items():
-        using = [h for h in horizons if h.bucket_ms == width]
-        for start in [s for s in ring if not any(h.covers(s, now) for h in using)]:
+        cutoff = min(h.first_covered_ms(now) for h in horizons if h.bucket_ms == width)
+        for start in [s for s in ring if s < cutoff]:
             del ring[start]
+    cutoff = min(h.first_covered_ms(now) for h in horizons)
     for tracked in (profile.products_viewed, profile.categories_viewed):
-        for item in [k for k, t in tracked.items() if not any(h.covers(t, now) for h in horizons)]:
+        for item in [k for k, t in tracked.items() if t < cutoff]:
             del tracked[item]
     live = lambda s: _session_visible(s, now, config)  # noqa: E731
     for sid in [k for k, s in profile.named_sessions.items() if not live(s)]:

@@ -58,8 +58,12 @@ class Horizon:
         return time_ms - time_ms % self.bucket_ms
 
     def covers(self, event_ms: int, now_ms: int) -> bool:
-        """Whether an event at `event_ms` counts in this horizon at `now_ms` (>= event_ms)."""
-        return self.bucket_start(event_ms) > self.bucket_start(now_ms) - self.length_ms
+        """Whether an event at `event_ms` counts in this horizon at `now_ms` (>= event_ms):
+        bucket_start(event) > bucket_start(now) - length, i.e. event >= first_covered_ms(now)."""
+        return event_ms >= self.first_covered_ms(now_ms)
+
+    def first_covered_ms(self, now_ms: int) -> int:
+        return now_ms - now_ms % self.bucket_ms - self.length_ms + self.bucket_ms
 
     def lapses_at(self, event_ms: int) -> int:
         """The instant an event at `event_ms` stops counting."""
@@ -114,7 +118,9 @@ class ProfileConfig:
     affinity_half_life_ms: int = 7 * DAY_MS
     affinity_top_k: int = 3
     # Duplicates: an event whose event_id was accepted within this much event time is not counted.
-    dedup_window_ms: int = DAY_MS
+    # Resends come within seconds to minutes; anything older than the allowed lateness is
+    # dead-lettered as late before it gets here.
+    dedup_window_ms: int = HOUR_MS
     # A user with no event for this long is dropped (their segments exited first).
     retention_ms: int = 90 * DAY_MS
     # Bounds on what one user can hold, whatever they send; the oldest entries go first.
@@ -136,11 +142,13 @@ class ProfileConfig:
                 raise ProfileConfigError(f"horizons.{h.name}: length must be a whole number of buckets")
             if h.length_ms // h.bucket_ms > 1000:
                 raise ProfileConfigError(f"horizons.{h.name}: more than 1000 buckets per horizon")
-        for name, weights in (("engagement_weights", self.engagement_weights), ("affinity_weights", self.affinity_weights)):
+        weight_maps = (("engagement_weights", self.engagement_weights), ("affinity_weights", self.affinity_weights))
+        for name, weights in weight_maps:
             for kind, weight in weights.items():
                 if kind not in EVENT_TYPES:
                     raise ProfileConfigError(f"{name}: unknown event type {kind!r} (known: {', '.join(EVENT_TYPES)})")
-                if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+                number = isinstance(weight, int | float) and not isinstance(weight, bool)
+                if not number or not math.isfinite(weight) or weight < 0:
                     raise ProfileConfigError(f"{name}.{kind}: must be a finite number >= 0, got {weight!r}")
         if self.tier_basis not in TIER_BASES:
             raise ProfileConfigError(f"tier_basis must be one of {TIER_BASES}, got {self.tier_basis!r}")
@@ -206,4 +214,5 @@ class ProfileConfig:
 def _horizon(name: str, spec: Any, path: str) -> Horizon:
     if not isinstance(spec, Mapping) or set(spec) != {"length", "bucket"}:
         raise ProfileConfigError(f"{path}: expected {{length: <duration>, bucket: <duration>}}")
-    return Horizon(name, parse_duration_ms(spec["length"], f"{path}.length"), parse_duration_ms(spec["bucket"], f"{path}.bucket"))
+    length = parse_duration_ms(spec["length"], f"{path}.length")
+    return Horizon(name, length, parse_duration_ms(spec["bucket"], f"{path}.bucket"))

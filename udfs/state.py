@@ -4,7 +4,13 @@ fingerprint, so state written by one release is read by the next through schema 
 from __future__ import annotations
 
 from udfs.codec import AvroCodec
+from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
+
+
+def _counts(stored: list[int]) -> list[int]:
+    # State written before an event type was added holds a shorter list.
+    return stored + [0] * (len(EVENT_TYPES) - len(stored))
 
 
 def _session(s: Session) -> dict:
@@ -25,7 +31,8 @@ class ProfileStateCodec:
                     {
                         "width_ms": width,
                         "buckets": [
-                            {"start_ms": start, "counts": b.counts, "spend": b.spend, "category_views": b.category_views}
+                            {"start_ms": start, "counts": b.counts, "spend": b.spend or None,
+                             "category_views": b.category_views}
                             for start, b in ring.items()
                         ],
                     }
@@ -67,7 +74,8 @@ class ProfileStateCodec:
             last_by_type=r["last_by_type"],
             buckets={
                 ring["width_ms"]: {
-                    b["start_ms"]: Bucket(b["counts"], b["spend"], b["category_views"]) for b in ring["buckets"]
+                    b["start_ms"]: Bucket(_counts(b["counts"]), b["spend"] or 0.0, b["category_views"])
+                    for b in ring["buckets"]
                 }
                 for ring in r["rings"]
             },

@@ -150,7 +150,8 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
 
     def dead_letters():
         job.assert_alive()
-        letters = [apache_decode(dlq_reader, v) for _, v, _, _ in read_committed_values(broker, topics["dlq"], idle_s=2)]
+        committed = read_committed_values(broker, topics["dlq"], idle_s=2)
+        letters = [apache_decode(dlq_reader, v) for _, v, _, _ in committed]
         return letters if len(letters) >= len(bad_records) + 1 else None
 
     letters = wait_until(dead_letters, timeout_s=120, interval_s=3, on_timeout=job.log_tail)

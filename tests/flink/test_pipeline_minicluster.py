@@ -14,6 +14,7 @@ from pyflink.datastream import FlatMapFunction
 from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
+from udfs.events import UserEvent
 from udfs.profile import UserProfile
 from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
 from udfs.shoppers import generate_events
@@ -49,7 +50,8 @@ class AppendToFile(FlatMapFunction):
 def run_and_collect(env, stream, directory: Path) -> list[list]:
     stream.flat_map(AppendToFile(str(directory)), output_type=COLLECTED).print()
     env.execute("minicluster-test")
-    return [json.loads(line) for part in sorted(directory.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    parts = sorted(directory.glob("part-*.jsonl"))
+    return [json.loads(line) for part in parts for line in part.read_text().splitlines()]
 
 
 def arrival_order(events):
@@ -120,3 +122,39 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
             got_features[(c[1], c[2])] = engine.features(profile, profile.clock_ms)
     assert len(want_features) < len(events)  # the resent copies were not counted
     assert got_features == want_features
+
+
+def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the_profile(catalog, tmp_path):
+    """One add_to_cart from "solo" and nothing more from them; another user's page views move
+    event time on. The expected instants are worked out from the settings, not from the core."""
+    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2)
+    minute = 60_000
+    t0 = START_MS
+    solo = UserEvent("solo-1", "solo", "add_to_cart", t0, product_id="p1", price=20.0, quantity=1)
+    clock = [UserEvent(f"clock-{i}", "clock", "page_view", t0 + i * 5 * minute) for i in range(1, 25)]
+    event_codec = catalog.codec("UserEvent")
+    rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate([solo, *clock])]
+    env = create_environment(settings)
+    outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
+    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()),
+                                     output_type=COLLECTED)
+    collected = run_and_collect(env, tagged, tmp_path)
+
+    codec = catalog.codec("SegmentTransition")
+    records = sorted((codec.decode(bytes.fromhex(c[6])) for c in collected if c[1] == "solo"),
+                     key=lambda r: (r["event_time"], r["segment"]))
+    got = [(r["segment"], r["kind"], r["cause"], r["event_time"], r["reason"]["rule"]) for r in records]
+    retention = 90 * DAY
+    assert got == [
+        ("active_browser", "ENTER", "EVENT", t0, f"ms_since_last_event < {settings.active_window_ms}"),
+        ("cart_holder", "ENTER", "EVENT", t0, "cart_items > 0"),
+        ("active_browser", "EXIT", "TIMER", t0 + settings.active_window_ms,
+         f"ms_since_last_event < {settings.active_window_ms}"),
+        ("cart_abandoner", "ENTER", "TIMER", t0 + settings.abandon_after_ms,
+         f"cart_items > 0 and ms_since_cart_activity >= {settings.abandon_after_ms}"),
+        # The final watermark of the bounded input lets the retention run out: the user exits
+        # what they were still in, and their state is dropped.
+        ("cart_abandoner", "EXIT", "TIMER", t0 + retention, "profile_retention_expired"),
+        ("cart_holder", "EXIT", "TIMER", t0 + retention, "profile_retention_expired"),
+    ]
+    assert [r["sequence"] - t0 * 1000 for r in records if r["segment"] == "cart_holder"] == [1, 2]

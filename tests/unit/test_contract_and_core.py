@@ -6,7 +6,7 @@ import io
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import avro.io
 import avro.schema
@@ -55,7 +55,7 @@ def test_our_bytes_read_by_apache_avro_and_apache_bytes_read_by_us_are_identical
     assert round(read.pop("timestamp").timestamp() * 1000) == original["timestamp"]
     assert read == {k: v for k, v in original.items() if k != "timestamp"}
     buffer = io.BytesIO()
-    as_datetime = datetime.fromtimestamp(original["timestamp"] / 1000, tz=timezone.utc)
+    as_datetime = datetime.fromtimestamp(original["timestamp"] / 1000, tz=UTC)
     avro.io.DatumWriter(schema).write({**original, "timestamp": as_datetime}, avro.io.BinaryEncoder(buffer))
     theirs = codec.header + buffer.getvalue()
     assert theirs == ours
@@ -110,7 +110,8 @@ def engine() -> SegmentEngine:
 def test_active_browser_exits_by_timer_exactly_ten_minutes_after_the_last_event():
     e, p = engine(), UserProfile()
     [enter] = e.on_event("u1", p, event(1, START_MS))
-    assert (enter.kind, enter.cause, enter.cause_event_id, enter.sequence) == ("ENTER", "EVENT", "u1-1", START_MS * 1000 + 1)
+    first = START_MS * 1000 + 1  # a lifetime's sequences start above 1000 x its first event time
+    assert (enter.kind, enter.cause, enter.cause_event_id, enter.sequence) == ("ENTER", "EVENT", "u1-1", first)
     assert e.next_change_ms(p) == START_MS + 10 * MINUTE
     assert e.advance_to("u1", p, START_MS + 10 * MINUTE - 1) == []
     [exit_] = e.advance_to("u1", p, START_MS + 10 * MINUTE)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import START_MS
 from udfs.codec import HEADER_SIZE, SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
+from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
 from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
 from udfs.shoppers import generate_events
@@ -21,8 +22,9 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 names = st.text(max_size=30)  # hypothesis text() never yields lone surrogates
 finite = st.floats(allow_nan=False)
 sessions = st.builds(Session, INT64, INT64, INT32)
-counts = st.dictionaries(names, INT32, max_size=4)
-buckets = st.builds(Bucket, counts, finite, counts)
+counts = st.lists(INT32, min_size=len(EVENT_TYPES), max_size=len(EVENT_TYPES))
+spends = st.floats(allow_nan=False).filter(lambda x: x != 0.0) | st.just(0.0)
+buckets = st.builds(Bucket, counts, spends, st.dictionaries(names, INT32, max_size=3))
 cart_ops = st.builds(CartOp, INT64, st.sampled_from(["ADD", "REMOVE", "REMOVE_ALL", "SET"]), INT32, st.none() | finite)
 
 profiles = st.builds(
