@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.abandon_after_ms = settings.abandon_after_ms
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
+        self.profile_cache_users = settings.profile_cache_users
 
     def open(self, runtime_context: RuntimeContext):
         catalog = SchemaCatalog()
@@ -167,6 +169,10 @@ class SegmentUsers(KeyedProcessFunction):
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
+        # Decoded profiles of recently seen users, written through to the state on every change.
+        # This instance is the only writer of its keys' state, and a restore or rescale builds a
+        # new instance, so an entry can never be stale; it only saves the decode.
+        self.profile_cache: OrderedDict[str, UserProfile] = OrderedDict()
         metrics = runtime_context.get_metrics_group()
         self.late_events = metrics.counter("late_events")
         self.duplicate_events = metrics.counter("duplicate_events")
@@ -186,7 +192,7 @@ class SegmentUsers(KeyedProcessFunction):
             )
             return
         event = event_from_record(self.events.decode(value[2]), sys.maxsize, 0)
-        profile = self._load_profile()
+        profile = self._load_profile(user_id)
         if self.engine.is_duplicate(profile, event):
             self.duplicate_events.inc()
             return
@@ -196,15 +202,25 @@ class SegmentUsers(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
-        profile = self._load_profile()
+        profile = self._load_profile(user_id)
         profile.timer_ms = None  # this one has fired
         had_events = bool(profile.last_by_type)
         transitions = self.engine.advance_to(user_id, profile, timestamp)
         yield from self._commit(ctx, profile, transitions, had_events, None)
 
-    def _load_profile(self) -> UserProfile:
+    def _load_profile(self, user_id: str) -> UserProfile:
+        cache = self.profile_cache
+        profile = cache.get(user_id)
+        if profile is not None:
+            cache.move_to_end(user_id)
+            return profile
         stored = self.profile_state.value()
-        return self.state_codec.decode(None if stored is None else stored.encode("latin-1"))
+        profile = self.state_codec.decode(None if stored is None else stored.encode("latin-1"))
+        if self.profile_cache_users:
+            cache[user_id] = profile
+            if len(cache) > self.profile_cache_users:
+                cache.popitem(last=False)
+        return profile
 
     def _commit(self, ctx, profile, transitions: list[Transition], had_events: bool, cause_event_id: str | None):
         # Coalesce to a single timer per user: the earliest instant any verdict can change, or
@@ -221,6 +237,7 @@ class SegmentUsers(KeyedProcessFunction):
             if had_events:
                 self.profiles_expired.inc()
             self.profile_state.clear()
+            self.profile_cache.pop(ctx.get_current_key(), None)
         else:
             encoded = self.state_codec.encode(profile)
             self.profile_state.update(encoded.decode("latin-1"))

@@ -8,9 +8,30 @@ from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
 
 
-def _counts(stored: list[int]) -> list[int]:
-    # State written before an event type was added holds a shorter list.
-    return stored + [0] * (len(EVENT_TYPES) - len(stored))
+def _ring(width: int, ring: dict[int, Bucket]) -> dict:
+    counts: list[int] = []
+    spend: dict[str, float] = {}
+    category_views: dict[str, list[int]] = {}
+    for i, bucket in enumerate(ring.values()):
+        counts += bucket.counts
+        if bucket.spend:
+            spend[str(i)] = bucket.spend
+        for category, views in bucket.category_views.items():
+            category_views.setdefault(category, []).extend((i, views))
+    return {"width_ms": width, "starts": list(ring), "type_count": len(EVENT_TYPES), "counts": counts,
+            "spend": spend, "category_views": category_views}
+
+
+def _buckets(ring: dict) -> dict[int, Bucket]:
+    stride, counts, known = ring["type_count"], ring["counts"], len(EVENT_TYPES)
+    padding = [0] * (known - stride)  # state written before an event type was added
+    buckets = [Bucket(counts[i * stride:(i + 1) * stride] + padding) for i in range(len(ring["starts"]))]
+    for i, amount in ring["spend"].items():
+        buckets[int(i)].spend = amount
+    for category, pairs in ring["category_views"].items():
+        for i in range(0, len(pairs), 2):
+            buckets[pairs[i]].category_views[category] = pairs[i + 1]
+    return dict(zip(ring["starts"], buckets, strict=True))
 
 
 def _session(s: Session) -> dict:
@@ -27,17 +48,7 @@ class ProfileStateCodec:
                 "clock_ms": profile.clock_ms,
                 "sequence_base": profile.sequence_base,
                 "last_by_type": profile.last_by_type,
-                "rings": [
-                    {
-                        "width_ms": width,
-                        "buckets": [
-                            {"start_ms": start, "counts": b.counts, "spend": b.spend or None,
-                             "category_views": b.category_views}
-                            for start, b in ring.items()
-                        ],
-                    }
-                    for width, ring in profile.buckets.items()
-                ],
+                "rings": [_ring(width, ring) for width, ring in profile.buckets.items()],
                 "lifetime_spend": profile.lifetime_spend,
                 "lifetime_orders": profile.lifetime_orders,
                 "products_viewed": profile.products_viewed,
@@ -55,7 +66,8 @@ class ProfileStateCodec:
                 "decay_as_of_ms": profile.decay_as_of_ms,
                 "engagement": profile.engagement,
                 "affinity": profile.affinity,
-                "seen_event_ids": [{"id_hash": h, "event_time": t} for h, t in profile.seen_event_ids.items()],
+                "seen_id_hashes": list(profile.seen_event_ids),
+                "seen_times": list(profile.seen_event_ids.values()),
                 "memberships": {
                     name: {"member": m.member, "sequence": m.sequence, "since_ms": m.since_ms}
                     for name, m in profile.memberships.items()
@@ -72,13 +84,7 @@ class ProfileStateCodec:
             clock_ms=r["clock_ms"],
             sequence_base=r["sequence_base"],
             last_by_type=r["last_by_type"],
-            buckets={
-                ring["width_ms"]: {
-                    b["start_ms"]: Bucket(_counts(b["counts"]), b["spend"] or 0.0, b["category_views"])
-                    for b in ring["buckets"]
-                }
-                for ring in r["rings"]
-            },
+            buckets={ring["width_ms"]: _buckets(ring) for ring in r["rings"]},
             lifetime_spend=r["lifetime_spend"],
             lifetime_orders=r["lifetime_orders"],
             products_viewed=r["products_viewed"],
@@ -90,7 +96,7 @@ class ProfileStateCodec:
             decay_as_of_ms=r["decay_as_of_ms"],
             engagement=r["engagement"],
             affinity=r["affinity"],
-            seen_event_ids={s["id_hash"]: s["event_time"] for s in r["seen_event_ids"]},
+            seen_event_ids=dict(zip(r["seen_id_hashes"], r["seen_times"], strict=True)),
             memberships={n: Membership(m["member"], m["sequence"], m["since_ms"]) for n, m in r["memberships"].items()},
             timer_ms=r["timer_ms"],
         )

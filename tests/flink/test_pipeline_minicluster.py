@@ -65,8 +65,9 @@ def arrival_order(events):
     return arrived
 
 
-@pytest.mark.parametrize("parallelism", [1, 2])
-def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, catalog, tmp_path):
+# Keyed parallelism 1 reading every profile from state (no cache), 2 with the profile cache.
+@pytest.mark.parametrize("parallelism, cache_users", [(1, 0), (2, 5_000)])
+def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, cache_users, catalog, tmp_path):
     events = arrival_order(generate_events(40, seed=11, start_ms=START_MS, duration_ms=3 * DAY))
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
@@ -76,7 +77,7 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     # function at `parallelism`, which is where keying and state serialization can go wrong.
     settings = load_settings(
         environ={}, redis_url="", parallelism=1, segment_parallelism=parallelism,
-        allowed_lateness_ms=3600_000, emit_profile_snapshots=True,
+        allowed_lateness_ms=3600_000, emit_profile_snapshots=True, profile_cache_users=cache_users,
     )
     env = create_environment(settings)
     outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
