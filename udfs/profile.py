@@ -171,7 +171,8 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
 
 def prune(profile: UserProfile, config: ProfileConfig) -> None:
     """Forgets what no feature can see any more at the profile's clock. Each test below is
-    monotone in time (once out, always out), so pruning never changes a feature's value."""
+    monotone in time (once out, always out), so pruning never changes a feature's value; the one
+    visible effect is the spec's: an event for a forgotten session starts a new one."""
     now = profile.clock_ms
     horizons = config.horizons
     # A time is covered by some horizon iff it is at or after the earliest first-covered instant.

@@ -21,7 +21,9 @@ Readings taken where the spec is not explicit (also listed in the test module's 
   * sessions_per_week / in_session / current session use T - last < bound (strict), as written.
   * Derived (session_id-less) runs are cut where consecutive times differ by strictly more than
     session_gap; a gap of exactly session_gap stays in one session.
-  * Sessions with the same session_id are one session however far apart their events are.
+  * Events with the same session_id are one session, unless that session had been forgotten
+    when the event arrived (spec: no horizon covers its last event, which is at least 7 days and
+    at least session_gap before the clock): then the event starts a new session with that id.
   * lifetime_spend / spend_<h> are 0.0 with no purchases; aov None.
 """
 
@@ -51,6 +53,7 @@ Step = UserEvent | Advance
 class Accepted:
     arrival: int  # index of the step in the arrival order
     event: UserEvent
+    clock_ms: int  # the user's clock once this event arrived: max(clock before, event time)
 
     @property
     def t(self) -> int:
@@ -96,7 +99,7 @@ def replay(steps: list[Step], config: ProfileConfig) -> Replay:
         if life and new_clock >= last_event() + config.retention_ms:
             life = []
             resets += 1
-        life.append(Accepted(i, e))
+        life.append(Accepted(i, e, new_clock))
         clock = new_clock
         expire_if_due()  # only possible for a very late event into a fresh lifetime
     return Replay(clock, life, duplicates, resets)
@@ -118,17 +121,32 @@ class OSession:
     session_id: str | None
 
 
-def sessions_of(events: list[UserEvent], gap_ms: int) -> list[OSession]:
+def forgotten(last: int, clock: int, config: ProfileConfig) -> bool:
+    """A session no feature can see any more at `clock`: the spec's rule, written out."""
+    return (
+        clock - last >= config.session_gap_ms
+        and last <= clock - WEEK_MS
+        and not any(covered(last, clock, h.length_ms, h.bucket_ms) for h in config.horizons)
+    )
+
+
+def sessions_of(accepted: list[Accepted], config: ProfileConfig) -> list[OSession]:
+    gap_ms = config.session_gap_ms
     out: list[OSession] = []
-    by_id: dict[str, list[int]] = {}
+    incarnations: dict[str, list[list[int]]] = {}  # session id -> times of each incarnation
     loose: list[int] = []
-    for e in events:
+    for a in accepted:  # arrival order: whether a session was forgotten depends on when
+        e = a.event
         if e.session_id is not None:
-            by_id.setdefault(e.session_id, []).append(e.timestamp)
+            runs = incarnations.setdefault(e.session_id, [])
+            if not runs or forgotten(max(runs[-1]), a.clock_ms, config):
+                runs.append([])
+            runs[-1].append(e.timestamp)
         else:
             loose.append(e.timestamp)
-    for sid, times in by_id.items():
-        out.append(OSession(min(times), max(times), len(times), sid))
+    for sid, runs in incarnations.items():
+        for times in runs:
+            out.append(OSession(min(times), max(times), len(times), sid))
     loose.sort()
     run: list[int] = []
     for t in loose:
@@ -180,7 +198,7 @@ def features_of(accepted: list[Accepted], config: ProfileConfig, now_ms: int) ->
     f["ms_since_cart_activity"] = since(lambda e: e.event_type in CART_ACTIVITY)
     f["ms_since_cart_change"] = since(lambda e: e.event_type in CART_CHANGE)
 
-    sessions = sessions_of(E, config.session_gap_ms)
+    sessions = sessions_of(acc, config)
 
     for h in config.horizons:
         def cov(t: int, h=h) -> bool:

@@ -102,8 +102,17 @@ def _draw_delta(draw, scale: Scale, allow_back: bool) -> int:
     return -draw(st.integers(1, scale.back_ms))
 
 
+def _anchored_time(draw, sent: list[UserEvent], config: ProfileConfig) -> int:
+    """An instant on (or 1 ms either side of) a boundary set by an earlier event: where it lapses
+    from a horizon, leaves the dedup window, the session gap, the week, retention."""
+    anchor = draw(st.sampled_from(sent)).timestamp
+    offsets = [config.dedup_window_ms, config.session_gap_ms, 7 * DAY_MS, config.retention_ms]
+    offsets += [h.lapses_at(anchor) - anchor for h in config.horizons]
+    return anchor + draw(st.sampled_from(offsets)) + draw(st.sampled_from((-1, 0, 0, 1)))
+
+
 @st.composite
-def event_logs(draw, scale: Scale):
+def event_logs(draw, scale: Scale, config: ProfileConfig):
     """Arrival-ordered steps: new events, resends of earlier ones, and clock advances (timers)."""
     n = draw(st.integers(1, scale.max_steps))
     # The generator's clock bounds the real clock from above (duplicates do not move the real one),
@@ -112,12 +121,25 @@ def event_logs(draw, scale: Scale):
     sent: list[UserEvent] = []
     steps: list = []
     for i in range(n):
-        kind = "new" if i == 0 else draw(st.sampled_from(["new"] * 6 + ["resend"] * 2 + ["advance"] * 2))
+        kinds = ["new"] * 6 + ["resend"] * 2 + ["advance"] * 2 + ["anchored_advance", "anchored_new", "window_probe"]
+        kind = "new" if i == 0 else draw(st.sampled_from(kinds))
         if kind == "advance":
             gen_clock += max(0, _draw_delta(draw, scale, allow_back=False))
             steps.append(Advance(gen_clock))
             continue
-        if kind == "resend" and sent:
+        if kind == "anchored_advance":
+            gen_clock = max(gen_clock, _anchored_time(draw, sent, config))
+            steps.append(Advance(gen_clock))
+            continue
+        if kind == "window_probe":
+            # The clock right at an earlier event's dedup-window edge, then that event resent.
+            original = draw(st.sampled_from(sent))
+            edge = original.timestamp + config.dedup_window_ms + draw(st.sampled_from((-1, 0, 1)))
+            gen_clock = max(gen_clock, edge)
+            steps.append(Advance(gen_clock))
+            t = draw(st.sampled_from((original.timestamp, gen_clock)))
+            event = dataclasses.replace(original, timestamp=max(t, gen_clock - scale.back_ms))
+        elif kind == "resend":
             original = draw(st.sampled_from(sent))
             if draw(st.booleans()):
                 t = original.timestamp
@@ -128,7 +150,10 @@ def event_logs(draw, scale: Scale):
             t = max(t, gen_clock - scale.back_ms)
             event = dataclasses.replace(original, timestamp=t)
         else:
-            t = gen_clock + _draw_delta(draw, scale, allow_back=True)
+            if kind == "anchored_new":
+                t = max(_anchored_time(draw, sent, config), gen_clock - scale.back_ms)
+            else:
+                t = gen_clock + _draw_delta(draw, scale, allow_back=True)
             event_type = draw(st.sampled_from(EVENT_TYPES))
             if event_type in ("add_to_cart", "remove_from_cart"):
                 product = draw(st.sampled_from(PRODUCTS))
@@ -184,7 +209,8 @@ def _top_categories_problems(got: list, want: list, affinity: dict[str, float], 
                 problems.append(f"top_categories: {y} ({affinity[y]!r}) listed after {x} ({affinity[x]!r})")
     for c in set(affinity) - set(got):
         if got and strictly_before(c, got[-1]):
-            problems.append(f"top_categories: {c} ({affinity[c]!r}) left out but beats {got[-1]} ({affinity[got[-1]]!r})")
+            last = got[-1]
+            problems.append(f"top_categories: {c} ({affinity[c]!r}) left out but beats {last} ({affinity[last]!r})")
     if problems:
         problems.append(f"top_categories: got {got!r}, oracle {want!r}, affinity {affinity!r}")
     return problems
@@ -260,13 +286,13 @@ PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_ch
 
 
 @PROPERTY_SETTINGS
-@given(event_logs(SMALL_SCALE))
+@given(event_logs(SMALL_SCALE, SMALL))
 def test_profile_matches_oracle_small_config(steps):
     run_and_compare(steps, SMALL)
 
 
 @PROPERTY_SETTINGS
-@given(event_logs(DEFAULT_SCALE))
+@given(event_logs(DEFAULT_SCALE, DEFAULT_40D))
 def test_profile_matches_oracle_default_horizons_40d_retention(steps):
     run_and_compare(steps, DEFAULT_40D)
 
@@ -300,7 +326,7 @@ class Both:
         self.steps.append(Advance(t))
         return self
 
-    def check(self, clock: int | None = None, **expected) -> None:
+    def check(self, clock: int | None = None, **expected) -> Both:
         r = replay(self.steps, self.config)
         if clock is not None:
             assert r.clock_ms == clock, "oracle clock"
@@ -319,6 +345,7 @@ class Both:
                     }, f"{who}: cart"
                 else:
                     assert got == value, f"{who}: {key} = {got!r}, expected {value!r}"
+        return self
 
 
 def test_bucket_coverage_at_the_boundary():
@@ -343,7 +370,7 @@ def test_bucket_coverage_at_the_boundary():
 
 
 def test_dedup_window():
-    p = Both().send(ev("e1", "page_view", B)).check(clock=B, count_page_view_30d=1)
+    p = Both(ProfileConfig(dedup_window_ms=DAY_MS)).send(ev("e1", "page_view", B)).check(clock=B, count_page_view_30d=1)
     # A resend while the accepted copy (t=B) is within 24h of the clock: dropped, clock unmoved.
     p.send(ev("e1", "page_view", B + HOUR_MS)).check(clock=B, count_page_view_30d=1, ms_since_last_event=0)
     # Clock B+24h-1: B > B-1 -> still a duplicate.
@@ -433,6 +460,24 @@ def test_engagement_and_affinity_decay_by_half_at_one_half_life():
     p.send(ev("e", "product_view", B + 14 * DAY_MS, category="c0", product_id="p2"))
     p.send(ev("f", "product_view", B + 14 * DAY_MS, category="c9", product_id="p2"))
     p.check(top_categories=["c2", "c0", "c9"])
+
+
+def test_a_session_id_reused_after_its_session_was_forgotten_starts_a_new_session():
+    # Spec: a session whose last event no horizon covers, at least 7 days and session_gap old, is
+    # forgotten; an event for it afterwards starts a new session. 31 days apart with the default
+    # horizons (the 30d one, day buckets, no longer covers B): a new session.
+    p = Both(DEFAULT_40D).send(ev("a", "page_view", B, session_id="s"))
+    p.send(ev("b", "page_view", B + 31 * DAY_MS, session_id="s"))
+    p.check(clock=B + 31 * DAY_MS, in_session=1, sessions_per_week=1, sessions_30d=1, events_30d=1,
+            current_session_start_ms=B + 31 * DAY_MS, current_session_events=1, current_session_duration_ms=0)
+
+
+def test_a_session_id_reused_while_its_session_is_still_visible_continues_it():
+    # 6 days apart: the first event is still within 7 days (and the 7d and 30d horizons): one session.
+    p = Both(DEFAULT_40D).send(ev("a", "page_view", B, session_id="s"))
+    p.send(ev("b", "page_view", B + 6 * DAY_MS, session_id="s"))
+    p.check(clock=B + 6 * DAY_MS, in_session=1, sessions_per_week=1, sessions_30d=1, events_30d=2,
+            current_session_start_ms=B, current_session_events=2, current_session_duration_ms=6 * DAY_MS)
 
 
 def test_tier_thresholds_on_sessions_per_week():
