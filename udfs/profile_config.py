@@ -140,6 +140,8 @@ class ProfileConfig:
                 raise ProfileConfigError(f"horizons: name {h.name!r} must be 1-8 lowercase letters or digits")
             if h.length_ms % h.bucket_ms:
                 raise ProfileConfigError(f"horizons.{h.name}: length must be a whole number of buckets")
+            if h.bucket_ms < SECOND_MS:
+                raise ProfileConfigError(f"horizons.{h.name}: buckets must be at least 1s")
             if h.length_ms // h.bucket_ms > 1000:
                 raise ProfileConfigError(f"horizons.{h.name}: more than 1000 buckets per horizon")
         weight_maps = (("engagement_weights", self.engagement_weights), ("affinity_weights", self.affinity_weights))

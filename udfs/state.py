@@ -3,9 +3,30 @@ fingerprint, so state written by one release is read by the next through schema 
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 from udfs.codec import AvroCodec
 from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
+
+_UNSIGNED = {1: "B", 2: "H", 4: "I"}  # array typecodes by item size
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _pack(values, typecode: str) -> bytes:
+    packed = array(typecode, values)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack(data: bytes, typecode: str) -> array:
+    unpacked = array(typecode)
+    unpacked.frombytes(data)
+    if _BIG_ENDIAN:
+        unpacked.byteswap()
+    return unpacked
 
 
 def _ring(width: int, ring: dict[int, Bucket]) -> dict:
@@ -18,20 +39,31 @@ def _ring(width: int, ring: dict[int, Bucket]) -> dict:
             spend[str(i)] = bucket.spend
         for category, views in bucket.category_views.items():
             category_views.setdefault(category, []).extend((i, views))
-    return {"width_ms": width, "starts": list(ring), "type_count": len(EVENT_TYPES), "counts": counts,
-            "spend": spend, "category_views": category_views}
+    largest = max(counts, default=0)
+    count_bytes = 1 if largest < 1 << 8 else 2 if largest < 1 << 16 else 4
+    return {
+        "width_ms": width,
+        "starts": _pack([start // width for start in ring], "I"),
+        "type_count": len(EVENT_TYPES),
+        "count_bytes": count_bytes,
+        "counts": _pack(counts, _UNSIGNED[count_bytes]),
+        "spend": spend,
+        "category_views": category_views,
+    }
 
 
 def _buckets(ring: dict) -> dict[int, Bucket]:
-    stride, counts, known = ring["type_count"], ring["counts"], len(EVENT_TYPES)
+    width, stride, known = ring["width_ms"], ring["type_count"], len(EVENT_TYPES)
+    starts = [index * width for index in _unpack(ring["starts"], "I")]
+    counts = _unpack(ring["counts"], _UNSIGNED[ring["count_bytes"]]).tolist()
     padding = [0] * (known - stride)  # state written before an event type was added
-    buckets = [Bucket(counts[i * stride:(i + 1) * stride] + padding) for i in range(len(ring["starts"]))]
+    buckets = [Bucket(counts[i * stride:(i + 1) * stride] + padding) for i in range(len(starts))]
     for i, amount in ring["spend"].items():
         buckets[int(i)].spend = amount
     for category, pairs in ring["category_views"].items():
         for i in range(0, len(pairs), 2):
             buckets[pairs[i]].category_views[category] = pairs[i + 1]
-    return dict(zip(ring["starts"], buckets, strict=True))
+    return dict(zip(starts, buckets, strict=True))
 
 
 def _session(s: Session) -> dict:

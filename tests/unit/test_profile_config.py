@@ -79,6 +79,7 @@ def test_a_full_profile_section_is_read():
         ({"horizons": {"One Hour": {"length": "1h", "bucket": "1m"}}}, "lowercase letters or digits"),
         ({"horizons": {"1h": {"length": "10d", "bucket": "1m"}}}, "more than 1000 buckets"),
         ({"horizons": {}}, "at least one"),
+        ({"horizons": {"1m": {"length": "1m", "bucket": "500ms"}}}, "at least 1s"),
         ({"engagement_weights": {"video_watch": 10}}, "unknown event type 'video_watch'"),
         ({"engagement_weights": {"video_play": -1}}, "finite number >= 0"),
         ({"engagement_weights": {"video_play": "10"}}, "finite number >= 0"),

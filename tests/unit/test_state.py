@@ -22,7 +22,10 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 names = st.text(max_size=30)  # hypothesis text() never yields lone surrogates
 finite = st.floats(allow_nan=False)
 sessions = st.builds(Session, INT64, INT64, INT32)
-counts = st.lists(INT32, min_size=len(EVENT_TYPES), max_size=len(EVENT_TYPES))
+# What the profile can hold: counts are never negative, bucket starts are multiples of a width of
+# at least a second, in the uint32 range of start / width that the packed layout stores.
+UINT32 = st.integers(0, 2**32 - 1)
+counts = st.lists(UINT32, min_size=len(EVENT_TYPES), max_size=len(EVENT_TYPES))
 spends = st.floats(allow_nan=False).filter(lambda x: x != 0.0) | st.just(0.0)
 buckets = st.builds(Bucket, counts, spends, st.dictionaries(names, INT32, max_size=3))
 cart_ops = st.builds(CartOp, INT64, st.sampled_from(["ADD", "REMOVE", "REMOVE_ALL", "SET"]), INT32, st.none() | finite)
@@ -32,7 +35,11 @@ profiles = st.builds(
     clock_ms=INT64,
     sequence_base=INT64,
     last_by_type=st.dictionaries(names, INT64, max_size=4),
-    buckets=st.dictionaries(INT64, st.dictionaries(INT64, buckets, max_size=3), max_size=3),
+    buckets=st.integers(1_000, 10**10).flatmap(
+        lambda width: st.dictionaries(
+            st.just(width), st.dictionaries(UINT32.map(lambda k: k * width), buckets, max_size=3), max_size=1
+        )
+    ),
     lifetime_spend=finite,
     lifetime_orders=INT64,
     products_viewed=st.dictionaries(names, INT64, max_size=4),
