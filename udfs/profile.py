@@ -81,6 +81,8 @@ class UserProfile:
     seen_event_ids: dict[int, int] = field(default_factory=dict)  # id hash -> event time, arrival order
     memberships: dict[str, Membership] = field(default_factory=dict)
     timer_ms: int | None = None
+    # Not state: when `prune` last ran on this object (a restored profile is pruned on first use).
+    pruned_at_ms: int = field(default=-(2**62), compare=False, repr=False)
 
     def reset(self) -> None:
         """Back to an empty profile (the retention ran out), in place: callers hold this object."""
@@ -169,11 +171,17 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
     _add_decayed_interest(profile, event, config)
 
 
+PRUNE_EVERY_MS = 60_000
+
+
 def prune(profile: UserProfile, config: ProfileConfig) -> None:
-    """Forgets what no feature can see any more at the profile's clock. Each test below is
-    monotone in time (once out, always out), so pruning never changes a feature's value; the one
-    visible effect is the spec's: an event for a forgotten session starts a new one."""
+    """Forgets what no feature can see any more at the profile's clock, at most once a minute of
+    event time (it scans the whole profile). Features check coverage when read and session
+    lookups check visibility, so when pruning runs never changes a result; it bounds the size."""
     now = profile.clock_ms
+    if now - profile.pruned_at_ms < PRUNE_EVERY_MS:
+        return
+    profile.pruned_at_ms = now
     horizons = config.horizons
     # A time is covered by some horizon iff it is at or after the earliest first-covered instant.
     for width, ring in profile.buckets.items():
@@ -218,7 +226,7 @@ def _add_to_session(profile: UserProfile, event: UserEvent, config: ProfileConfi
     cap = config.max_tracked_items
     if event.session_id is not None:
         session = profile.named_sessions.get(event.session_id)
-        if session is None:
+        if session is None or not _session_visible(session, profile.clock_ms, config):  # forgotten: a new one
             profile.named_sessions[event.session_id] = Session(ts, ts, 1)
             if len(profile.named_sessions) > cap:
                 named = profile.named_sessions
@@ -234,7 +242,7 @@ def _add_to_session(profile: UserProfile, event: UserEvent, config: ProfileConfi
     joined = Session(ts, ts, 1)
     kept = []
     for s in profile.derived_sessions:
-        if s.start_ms - gap <= ts <= s.end_ms + gap:
+        if s.start_ms - gap <= ts <= s.end_ms + gap and _session_visible(s, profile.clock_ms, config):
             joined = Session(min(joined.start_ms, s.start_ms), max(joined.end_ms, s.end_ms), joined.events + s.events)
         else:
             kept.append(s)

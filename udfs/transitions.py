@@ -87,7 +87,7 @@ class SegmentEngine:
         after those that time alone caused before the event's timestamp."""
         if self.is_duplicate(profile, event):
             return []
-        out = self.advance_to(user_id, profile, event.timestamp)
+        out = self._advance(user_id, profile, event.timestamp)
         apply_event(profile, event, self.config)
         prune(profile, self.config)
         self._diff(user_id, profile, profile.clock_ms, "EVENT", event.event_id, out)
@@ -97,6 +97,11 @@ class SegmentEngine:
         """Moves the user's clock to `time_ms`, emitting every time-driven change due on the way,
         each at the exact instant its condition lapsed. When the retention runs out, the user
         exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
+        out = self._advance(user_id, profile, time_ms)
+        prune(profile, self.config)
+        return out
+
+    def _advance(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
         out: list[Transition] = []
         while True:
             due = self.next_change_ms(profile)
@@ -106,11 +111,9 @@ class SegmentEngine:
             if due == self.retention_expiry_ms(profile):
                 self._expire(user_id, profile, due, out)
             else:
-                prune(profile, self.config)
                 self._diff(user_id, profile, due, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
-            prune(profile, self.config)
         return out
 
     def retention_expiry_ms(self, profile: UserProfile) -> int | None:
