@@ -10,16 +10,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from udfs.events import EVENT_TYPES
+from udfs.events import CART_EVENT_TYPES, EVENT_TYPES
 from udfs.profile import EVENT_INDEX, WEEK_MS, Session, UserProfile, decay
 from udfs.profile_config import Horizon, ProfileConfig
 
 Reader = Callable[[UserProfile, int], Any]
 Lapse = Callable[[UserProfile, int], "int | None"]
 
-CART_CHANGE_TYPES = ("add_to_cart", "remove_from_cart")
-CART_ACTIVITY_TYPES = ("add_to_cart", "remove_from_cart", "checkout_start", "purchase")
-TIERS = ("low", "medium", "high")
+CART_ACTIVITY_TYPES = (*sorted(CART_EVENT_TYPES), "checkout_start", "purchase")
 
 
 def _since(p: UserProfile, now: int, types: Iterable[str]) -> int | None:
@@ -83,7 +81,7 @@ class FeatureCatalog:
         for kind in EVENT_TYPES:
             r[f"ms_since_last_{kind}"] = lambda p, t, k=(kind,): _since(p, t, k)
         r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
-        r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_CHANGE_TYPES)
+        r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_EVENT_TYPES)
 
     def _windowed(self, h: Horizon) -> None:
         r, lapses, n = self.readers, self.lapses, h.name

@@ -16,7 +16,6 @@ from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile_config import DAY_MS, ProfileConfig
 
 WEEK_MS = 7 * DAY_MS
-CART_ACTIVITY_TYPES = frozenset({"add_to_cart", "remove_from_cart", "checkout_start", "purchase"})
 # Bucket counts are a list in this order (UserEvent's EventType symbols; new types are appended).
 EVENT_INDEX = {kind: i for i, kind in enumerate(EVENT_TYPES)}
 
