@@ -217,7 +217,10 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
 def flink_env(root: Path) -> dict[str, str]:
     from jobs.segment_users import python_worker_path
 
-    env = dict(os.environ)
+    # pyflink sets FLINK_LIB_DIR, FLINK_OPT_DIR and FLINK_PLUGINS_DIR in its process's environment
+    # when it starts a MiniCluster; inherited, they would point the scripts at the wheel's lib/
+    # (no flink-python there) instead of this home's.
+    env = {k: v for k, v in os.environ.items() if k not in ("FLINK_LIB_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR")}
     env.update(
         FLINK_HOME=str(flink_home(root)),
         FLINK_CONF_DIR=str(flink_home(root) / "conf"),

@@ -124,8 +124,11 @@ def event_id_hash(event_id: str) -> int:
 
 
 def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> bool:
+    """The window is measured back from the latest accepted event, not from the clock: timers
+    move the clock as the watermark allows, and a resend must not count or not depending on
+    when the watermark happened to fire them."""
     seen_at = profile.seen_event_ids.get(event_id_hash(event.event_id))
-    return seen_at is not None and seen_at > profile.clock_ms - config.dedup_window_ms
+    return seen_at is not None and seen_at > profile.last_event_ms - config.dedup_window_ms
 
 
 def decay(value: float, elapsed_ms: int, half_life_ms: int) -> float:
@@ -195,9 +198,10 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     for sid in [k for k, s in profile.named_sessions.items() if not live(s)]:
         del profile.named_sessions[sid]
     profile.derived_sessions = [s for s in profile.derived_sessions if live(s)]
-    horizon = now - config.dedup_window_ms
-    for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
-        del profile.seen_event_ids[key]
+    if profile.last_by_type:
+        horizon = profile.last_event_ms - config.dedup_window_ms
+        for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
+            del profile.seen_event_ids[key]
 
 
 def _session_visible(session: Session, now: int, config: ProfileConfig) -> bool:

@@ -70,7 +70,10 @@ def test_job_submitted_to_the_standalone_cluster_produces_the_same_transitions(
 def check_job_end_to_end(broker, redis_url, start_job, catalog):
     topics = {"events": "shopper-events", "transitions": "segment-transitions", "dlq": "segment-dead-letters"}
     create_topics(broker, {topics["events"]: PARTITIONS, topics["transitions"]: PARTITIONS, topics["dlq"]: 1})
-    traffic = list(generate_events(60, seed=5, start_ms=START_MS, duration_ms=10 * 3600_000))
+    generated = list(generate_events(60, seed=5, start_ms=START_MS, duration_ms=10 * 3600_000))
+    # A producer's resends: every add_to_cart and purchase sent twice (same event id, same key, so
+    # the copy follows the original on its partition). The job must count each once.
+    traffic = [copy for e in generated for copy in ([e, e] if e.event_type in ("add_to_cart", "purchase") else [e])]
     codec = catalog.codec("UserEvent")
     producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
 
@@ -110,6 +113,13 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     engine = SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
     expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
     assert len(expected) > 150
+    # Had the resends counted (their ids made unique), the transitions would differ.
+    seen: set[str] = set()
+    counted_twice = [replace(e, event_id=e.event_id + "-resent") if e.event_id in seen or seen.add(e.event_id)
+                     else e for e in all_events]
+    naive, _ = replay_events(SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION), counted_twice,
+                             until_ms=final_watermark)
+    assert sorted(map(str, naive)) != sorted(map(str, expected))
 
     reader = apache_reader("segment_transition.avsc")
 

@@ -89,8 +89,8 @@ def replay(steps: list[Step], config: ProfileConfig) -> Replay:
             expire_if_due()
             continue
         e = step
-        if clock is not None and any(
-            a.event.event_id == e.event_id and a.t > clock - config.dedup_window_ms for a in life
+        if life and any(
+            a.event.event_id == e.event_id and a.t > last_event() - config.dedup_window_ms for a in life
         ):
             duplicates += 1
             continue  # changes nothing, not even the clock

@@ -370,17 +370,26 @@ def test_bucket_coverage_at_the_boundary():
 
 
 def test_dedup_window():
+    # Spec: a duplicate when the accepted copy's time t_j > latest accepted event time - window.
     p = Both(ProfileConfig(dedup_window_ms=DAY_MS)).send(ev("e1", "page_view", B)).check(clock=B, count_page_view_30d=1)
-    # A resend while the accepted copy (t=B) is within 24h of the clock: dropped, clock unmoved.
+    # A resend while the copy (t=B) is within 24h of the latest event (B): dropped, clock unmoved.
     p.send(ev("e1", "page_view", B + HOUR_MS)).check(clock=B, count_page_view_30d=1, ms_since_last_event=0)
-    # Clock B+24h-1: B > B-1 -> still a duplicate.
-    p.advance(B + DAY_MS - 1).send(ev("e1", "page_view", B + DAY_MS - 1)).check(
-        clock=B + DAY_MS - 1, count_page_view_30d=1)
-    # Clock B+24h: B > B is false -> accepted as a second event.
-    p.advance(B + DAY_MS).send(ev("e1", "page_view", B + DAY_MS)).check(
-        clock=B + DAY_MS, count_page_view_30d=2, count_page_view_24h=1, ms_since_last_page_view=0)
-    # Now the copy at B+24h is within the window: a further resend is a duplicate again.
-    p.send(ev("e1", "page_view", B + DAY_MS + 5)).check(clock=B + DAY_MS, count_page_view_30d=2)
+    # Another event makes B+24h-1 the latest: B > B-1, the resend is still a duplicate.
+    p.send(ev("e2", "page_view", B + DAY_MS - 1)).send(ev("e1", "page_view", B + DAY_MS - 1)).check(
+        count_page_view_30d=2)
+    # The latest at B+24h: B > B is false, the resend is accepted as a new event.
+    p.send(ev("e3", "page_view", B + DAY_MS)).send(ev("e1", "page_view", B + DAY_MS)).check(
+        count_page_view_30d=4, count_page_view_24h=3)
+    # Now its copy at B+24h is within the window: a further resend is a duplicate again.
+    p.send(ev("e1", "page_view", B + DAY_MS + 5)).check(count_page_view_30d=4)
+
+
+def test_timers_do_not_expire_the_dedup_memory():
+    # Timers move the clock as the watermark allows; the window counts back from the latest event,
+    # so a resend is a duplicate however far the timers went.
+    p = Both(ProfileConfig(dedup_window_ms=HOUR_MS)).send(ev("e1", "purchase", B, price=5.0))
+    p.advance(B + 10 * DAY_MS).send(ev("e1", "purchase", B, price=5.0)).check(
+        clock=B + 10 * DAY_MS, lifetime_orders=1, lifetime_spend=5.0)
 
 
 def test_derived_sessions_joined_by_a_late_event():
