@@ -197,7 +197,7 @@ class SegmentUsers(KeyedProcessFunction):
             self.duplicate_events.inc()
             return
         had_events = bool(profile.last_by_type)
-        transitions = self.engine.on_event(user_id, profile, event)
+        transitions = self.engine.on_accepted_event(user_id, profile, event)
         yield from self._commit(ctx, profile, transitions, had_events, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):

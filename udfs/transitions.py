@@ -87,6 +87,10 @@ class SegmentEngine:
         after those that time alone caused before the event's timestamp."""
         if self.is_duplicate(profile, event):
             return []
+        return self.on_accepted_event(user_id, profile, event)
+
+    def on_accepted_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
+        """`on_event` for a caller that has already checked `is_duplicate` (the job counts them)."""
         out = self._advance(user_id, profile, event.timestamp)
         apply_event(profile, event, self.config)
         prune(profile, self.config)
