@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from jobs.settings import JobSettings
 from udfs.codec import SchemaCatalog
+from udfs.definitions import load_definitions
 from udfs.profile import UserProfile
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
 from udfs.transitions import SegmentEngine
@@ -44,11 +44,7 @@ def measure(settings: JobSettings, users: int, days: float, seed: int) -> Profil
     """Replays the traffic as the job does (decode state, apply, encode state, per event), then
     measures every user's state at the end of the traffic, when it is at its largest."""
     events = list(generate_events(users, seed, START_MS, int(days * DAY_MS)))
-    engine = SegmentEngine(
-        builtin_segments(settings.active_window_ms, settings.abandon_after_ms),
-        BUILTIN_DEFINITIONS_VERSION,
-        profile_config=settings.profile,
-    )
+    engine = SegmentEngine(load_definitions(settings.definitions_file(), settings.profile))
     codec = ProfileStateCodec(SchemaCatalog().codec("UserProfileState"))
     stored: dict[str, bytes] = {}
     started = time.perf_counter()
@@ -58,7 +54,7 @@ def measure(settings: JobSettings, users: int, days: float, seed: int) -> Profil
         stored[event.user_id] = codec.encode(profile)
     elapsed = time.perf_counter() - started
     # The job's write-through profile cache on a full hit rate: no decode, still one encode.
-    fresh = SegmentEngine(engine.definitions, engine.definitions_version, profile_config=settings.profile)
+    fresh = SegmentEngine(engine.definitions)
     profiles: dict[str, UserProfile] = {}
     started = time.perf_counter()
     for event in events:

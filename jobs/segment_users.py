@@ -34,9 +34,9 @@ from pyflink.table.expressions import col
 
 from jobs.settings import JobSettings, load_settings
 from udfs.codec import DecodeError, SchemaCatalog
+from udfs.definitions import DefinitionSet, load_definitions, parse_definitions
 from udfs.events import event_from_record
 from udfs.profile import UserProfile
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
 from udfs.state import ProfileStateCodec
 from udfs.transitions import SegmentEngine, Transition
 
@@ -146,11 +146,13 @@ class SegmentUsers(KeyedProcessFunction):
     event or when event time passes a point where a condition lapses (one timer per user, which
     is also the cleanup timer: when the retention runs out the user exits and the state goes)."""
 
-    def __init__(self, settings: JobSettings):
+    def __init__(self, settings: JobSettings, definitions: DefinitionSet):
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
-        self.active_window_ms = settings.active_window_ms
-        self.abandon_after_ms = settings.abandon_after_ms
+        # The definitions travel as the file's text (checked on the client before submission)
+        # and are compiled again in open(): compiled closures are not shipped.
+        self.definitions_text = definitions.text
+        self.definitions_source = definitions.source
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
@@ -161,11 +163,8 @@ class SegmentUsers(KeyedProcessFunction):
         self.transitions = catalog.codec("SegmentTransition")
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
-        self.engine = SegmentEngine(
-            builtin_segments(self.active_window_ms, self.abandon_after_ms),
-            BUILTIN_DEFINITIONS_VERSION,
-            profile_config=self.profile_config,
-        )
+        self.engine = SegmentEngine(parse_definitions(self.definitions_text, self.definitions_source,
+                                                      self.profile_config))
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
@@ -301,9 +300,12 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOu
         .name(EVENT_TIME.name)
         .uid(EVENT_TIME.uid)
     )
+    definitions = load_definitions(settings.definitions_file(), settings.profile)  # fails before submitting
+    log.info("segment definitions %s version %s (sha256 %s): %d segments", definitions.source,
+             definitions.version, definitions.sha256[:12], len(definitions.segments))
     transitions = (
         timed.key_by(UserIdOf(), key_type=Types.STRING())
-        .process(SegmentUsers(settings), output_type=TRANSITION_RECORD)
+        .process(SegmentUsers(settings, definitions), output_type=TRANSITION_RECORD)
         .name(SEGMENT.name)
         .uid(SEGMENT.uid)
         .set_parallelism(settings.segment_parallelism or settings.parallelism)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
 ENV_PREFIX = "SEGMENTS_"
@@ -50,8 +51,8 @@ class JobSettings:
     max_future_ms: int = 24 * 3600 * 1000
     transactional_id_prefix: str = "segments-transitions"
     transaction_timeout_ms: int = 300_000
-    active_window_ms: int = 10 * 60_000
-    abandon_after_ms: int = 30 * 60_000
+    # The segment definitions file (README "Segment definitions"); empty: the shipped one.
+    definitions_path: str = ""
     jars_dir: str = str(DEFAULT_CACHE / "jars")
     # Emit each user's state after every event and timer on a side output (tests, debugging).
     emit_profile_snapshots: bool = False
@@ -83,6 +84,9 @@ class JobSettings:
             raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):
             raise SettingsError("transactional_id_prefix may hold only letters, digits, '.', '_' and '-'")
+
+    def definitions_file(self) -> Path:
+        return Path(self.definitions_path) if self.definitions_path else DEFAULT_DEFINITIONS
 
     def redacted(self) -> dict[str, Any]:
         """For logs: credentials in URLs replaced."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from udfs.events import CART_EVENT_TYPES, EVENT_TYPES
@@ -18,6 +19,23 @@ Reader = Callable[[UserProfile, int], Any]
 Lapse = Callable[[UserProfile, int], "int | None"]
 
 CART_ACTIVITY_TYPES = (*sorted(CART_EVENT_TYPES), "checkout_start", "purchase")
+
+# What a feature's value is, for the definitions compiler's type checks.
+NUMBER, DURATION, TEXT, TEXT_LIST, MAP = "number", "duration", "text", "text list", "map"
+# How a value moves while no event arrives: not at all but at its lapses (STEP), up by one per
+# millisecond (RECENCY: "ms since"), or halving every half-life (DECAY).
+STEP, RECENCY, DECAY = "step", "recency", "decay"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    kind: str  # NUMBER | DURATION | TEXT | TEXT_LIST | MAP
+    motion: str = STEP
+    nullable: bool = False  # None when there is nothing to measure (e.g. no such event yet)
+    choices: tuple[str, ...] = ()  # TEXT: every value it can take
+    value_kind: str = NUMBER  # MAP: the kind of its values
+    missing_key: float | None = 0.0  # MAP: the value of a key it does not hold
+    half_life_ms: int = 0  # DECAY
 
 
 def _since(p: UserProfile, now: int, types: Iterable[str]) -> int | None:
@@ -50,12 +68,15 @@ class FeatureCatalog:
         self.config = config
         self.readers: dict[str, Reader] = {}
         self.lapses: dict[str, Lapse] = {}
+        self.specs: dict[str, FeatureSpec] = {}
         self._recency()
         for h in config.horizons:
             self._windowed(h)
         self._lifetime_and_cart()
         self._sessions()
         self._interest()
+        if set(self.specs) != set(self.readers):
+            raise AssertionError(f"features without a spec: {sorted(set(self.readers) ^ set(self.specs))}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,6 +103,8 @@ class FeatureCatalog:
             r[f"ms_since_last_{kind}"] = lambda p, t, k=(kind,): _since(p, t, k)
         r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
         r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_EVENT_TYPES)
+        for name in r:
+            self.specs[name] = FeatureSpec(DURATION, RECENCY, nullable=True)
 
     def _windowed(self, h: Horizon) -> None:
         r, lapses, n = self.readers, self.lapses, h.name
@@ -141,6 +164,10 @@ class FeatureCatalog:
         r[f"aov_{n}"] = aov
         for name in set(r) - before - set(lapses):
             lapses[name] = bucket_lapse
+        for name in set(r) - before:
+            self.specs[name] = FeatureSpec(NUMBER)
+        self.specs[f"aov_{n}"] = FeatureSpec(NUMBER, nullable=True)
+        self.specs[f"category_views_{n}"] = FeatureSpec(MAP)
 
     def _lifetime_and_cart(self) -> None:
         r = self.readers
@@ -157,6 +184,12 @@ class FeatureCatalog:
             return 1 if checkout is not None and (purchase is None or checkout > purchase) else 0
 
         r["checkout_pending"] = checkout_pending
+        r["cart_quantity"] = lambda p, t: {k: line.quantity for k, line in p.cart().items()}
+        for name in ("lifetime_spend", "lifetime_orders", "cart_lines", "cart_items", "cart_value", "checkout_pending"):
+            self.specs[name] = FeatureSpec(NUMBER)
+        self.specs["lifetime_aov"] = FeatureSpec(NUMBER, nullable=True)
+        self.specs["cart_quantity"] = FeatureSpec(MAP)
+        self.specs["cart"] = FeatureSpec(MAP, value_kind="quantity and unit price")  # not for conditions
 
     def _sessions(self) -> None:
         r, lapses, gap = self.readers, self.lapses, self.config.session_gap_ms
@@ -182,6 +215,10 @@ class FeatureCatalog:
         r["current_session_duration_ms"] = current(lambda s: s.end_ms - s.start_ms)
         for name in ("in_session", "current_session_start_ms", "current_session_events", "current_session_duration_ms"):
             lapses[name] = session_lapse
+        self.specs["sessions_per_week"] = self.specs["in_session"] = FeatureSpec(NUMBER)
+        self.specs["current_session_start_ms"] = FeatureSpec(NUMBER, nullable=True)  # epoch ms
+        self.specs["current_session_events"] = FeatureSpec(NUMBER, nullable=True)
+        self.specs["current_session_duration_ms"] = FeatureSpec(DURATION, nullable=True)
 
     def _interest(self) -> None:
         r, lapses, config = self.readers, self.lapses, self.config
@@ -231,6 +268,21 @@ class FeatureCatalog:
         r["category_affinity"] = affinity
         r["top_categories"] = top_categories
         r["ms_since_viewed_product"] = viewed_products
+
+        def viewed_product_lapse(p, t):
+            # A product is listed while some horizon covers its latest view.
+            return _earliest(
+                until for v in p.products_viewed.values()
+                if (until := max(h.lapses_at(v) for h in config.horizons)) > t
+            )
+
+        lapses["ms_since_viewed_product"] = viewed_product_lapse
+        spec = self.specs
+        spec["engagement_score"] = FeatureSpec(NUMBER, DECAY, half_life_ms=config.engagement_half_life_ms)
+        spec["engagement_tier"] = FeatureSpec(TEXT, choices=("high", "medium", "low"))
+        spec["category_affinity"] = FeatureSpec(MAP, DECAY, half_life_ms=config.affinity_half_life_ms)
+        spec["top_categories"] = FeatureSpec(TEXT_LIST)
+        spec["ms_since_viewed_product"] = FeatureSpec(MAP, RECENCY, value_kind=DURATION, missing_key=None)
 
 
 def decays_below_ms(value: float, as_of_ms: int, half_life_ms: int, threshold: float, now_ms: int) -> int | None:

@@ -18,7 +18,7 @@ SECOND_MS = 1_000
 MINUTE_MS = 60 * SECOND_MS
 HOUR_MS = 60 * MINUTE_MS
 DAY_MS = 24 * HOUR_MS
-_UNITS = {"ms": 1, "s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
+DURATION_UNITS = {"ms": 1, "s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")
 _HORIZON_NAME = re.compile(r"[a-z0-9]{1,8}")
 
@@ -34,7 +34,7 @@ def parse_duration_ms(raw: Any, what: str) -> int:
     if isinstance(raw, int):
         value = raw
     elif isinstance(raw, str) and (match := _DURATION.fullmatch(raw.strip())):
-        value = int(match.group(1)) * _UNITS[match.group(2)]
+        value = int(match.group(1)) * DURATION_UNITS[match.group(2)]
     else:
         raise ProfileConfigError(f"{what}: expected a duration such as 10m, 1h or 7d, got {raw!r}")
     if value <= 0:

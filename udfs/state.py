@@ -105,6 +105,7 @@ class ProfileStateCodec:
                     for name, m in profile.memberships.items()
                 },
                 "timer_ms": profile.timer_ms,
+                "scores": profile.scores,
             }
         )
 
@@ -131,4 +132,5 @@ class ProfileStateCodec:
             seen_event_ids=dict(zip(r["seen_id_hashes"], r["seen_times"], strict=True)),
             memberships={n: Membership(m["member"], m["sequence"], m["since_ms"]) for n, m in r["memberships"].items()},
             timer_ms=r["timer_ms"],
+            scores=r["scores"],
         )

@@ -8,15 +8,16 @@ backtest and the reference loop all produce the same transitions from the same e
 
 from __future__ import annotations
 
+import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from udfs.conditions import Evaluation
+from udfs.definitions import REMOVED_RULE, DefinitionSet, Verdict, condition_features
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile import Membership, UserProfile, apply_event, is_duplicate, prune
-from udfs.profile_config import ProfileConfig
-from udfs.segments import SegmentDefinition, Verdict
 
 RETENTION_RULE = "profile_retention_expired"
 
@@ -41,6 +42,8 @@ class Transition:
     rule: str
     features: dict[str, float]
     scores: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
 
     @property
     def transition_id(self) -> str:
@@ -59,25 +62,31 @@ class Transition:
             "sequence": self.sequence,
             "definitions_version": self.definitions_version,
             "model_version": self.model_version,
-            "reason": {"rule": self.rule, "features": self.features, "scores": self.scores},
+            "reason": {
+                "rule": self.rule,
+                "features": self.features,
+                "scores": self.scores,
+                "labels": self.labels,
+                "missing": list(self.missing),
+            },
         }
 
 
-class SegmentEngine:
-    """Keeps one user's profile and memberships up to date for a fixed set of definitions."""
+# Model scores of a profile at an instant (the models issue plugs the ONNX sessions in here).
+Scorer = Callable[[UserProfile, int, FeatureCatalog], Mapping[str, float]]
 
-    def __init__(
-        self,
-        definitions: Sequence[SegmentDefinition],
-        definitions_version: str,
-        model_version: str | None = None,
-        profile_config: ProfileConfig | None = None,
-    ):
-        self.definitions = tuple(definitions)
-        self.definitions_version = definitions_version
+
+class SegmentEngine:
+    """Keeps one user's profile and memberships up to date for one compiled definitions file.
+    The profile configuration is the one the definitions were compiled against."""
+
+    def __init__(self, definitions: DefinitionSet, model_version: str | None = None, scorer: Scorer | None = None):
+        self.definitions = definitions
+        self.definitions_version = definitions.version
         self.model_version = model_version
-        self.config = profile_config or ProfileConfig()
-        self.catalog = FeatureCatalog(self.config)
+        self.scorer = scorer
+        self.catalog = definitions.catalog
+        self.config = self.catalog.config
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
         return is_duplicate(profile, event, self.config)
@@ -94,6 +103,9 @@ class SegmentEngine:
         out = self._advance(user_id, profile, event.timestamp)
         apply_event(profile, event, self.config)
         prune(profile, self.config)
+        if self.scorer is not None:
+            # Scored once per event; timers see the scores of the latest event.
+            profile.scores = dict(self.scorer(profile, profile.clock_ms, self.catalog))
         self._diff(user_id, profile, profile.clock_ms, "EVENT", event.event_id, out)
         return out
 
@@ -127,12 +139,12 @@ class SegmentEngine:
     def next_change_ms(self, profile: UserProfile) -> int | None:
         """The one instant the user's timer is set for: the earliest at which a verdict can
         change, or the profile expires."""
-        now = profile.clock_ms
-        times = [t for d in self.definitions if (t := d.next_change_ms(profile, now, self.catalog)) is not None]
+        if profile.last_event_ms is None:
+            return None
+        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
+        due = self.definitions.next_change_ms(ev, profile.memberships)
         expiry = self.retention_expiry_ms(profile)
-        if expiry is not None:
-            times.append(expiry)
-        return min(times) if times else None
+        return expiry if due is None or expiry < due else due
 
     def features(self, profile: UserProfile, now_ms: int) -> dict:
         return self.catalog.all(profile, now_ms)
@@ -142,7 +154,7 @@ class SegmentEngine:
         for name, membership in profile.memberships.items():
             if membership.member:
                 out.append(self._transition(user_id, name, False, membership.sequence + 1, now_ms, "TIMER", None,
-                                            Verdict(False, RETENTION_RULE, idle)))
+                                            RETENTION_RULE, idle, profile))
         profile.reset()
 
     def _diff(
@@ -154,18 +166,48 @@ class SegmentEngine:
         cause_event_id: str | None,
         out: list[Transition],
     ) -> None:
-        for definition in self.definitions:
-            verdict: Verdict = definition.evaluate(profile, now_ms, self.catalog)
-            current = profile.memberships.get(definition.name)
-            was_member = current is not None and current.member
-            if verdict.member == was_member:
-                continue
+        ev = Evaluation(profile, now_ms, self.catalog, profile.scores)
+        verdicts = self.definitions.decide(ev, profile.memberships)
+        changed: list[tuple[str, Verdict | None]] = [
+            (name, None) for name, m in profile.memberships.items() if m.member and name not in verdicts
+        ]
+        for name, verdict in verdicts.items():
+            current = profile.memberships.get(name)
+            if verdict.member != (current is not None and current.member):
+                changed.append((name, verdict))
+        # Exits first: a user moving between the tiers of a group leaves one before entering the next.
+        changed.sort(key=lambda e: e[1] is not None and e[1].member)
+        for name, verdict in changed:
+            current = profile.memberships.get(name)
+            member = verdict is not None and verdict.member
             sequence = (current.sequence if current else profile.sequence_base) + 1
-            profile.memberships[definition.name] = Membership(verdict.member, sequence, now_ms)
-            out.append(self._transition(user_id, definition.name, verdict.member, sequence, now_ms, cause,
-                                        cause_event_id, verdict))
+            profile.memberships[name] = Membership(member, sequence, now_ms)
+            if verdict is None:
+                rule, values = REMOVED_RULE, {}
+            else:
+                rule, values = verdict.rule, condition_features(verdict.condition, ev)
+            out.append(self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule,
+                                        values, profile))
 
-    def _transition(self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, verdict) -> Transition:
+    def _transition(self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values,
+                    profile) -> Transition:
+        features: dict[str, float] = {}
+        labels: dict[str, str] = {}
+        missing: list[str] = []
+        for label, value in values.items():
+            if value is None:
+                missing.append(label)
+            elif isinstance(value, bool):
+                features[label] = 1.0 if value else 0.0
+            elif isinstance(value, int | float):
+                if math.isfinite(value):
+                    features[label] = float(value)
+                else:
+                    missing.append(label)
+            elif isinstance(value, str):
+                labels[label] = value
+            else:
+                labels[label] = ",".join(map(str, value))
         return Transition(
             user_id=user_id,
             segment=segment,
@@ -176,8 +218,11 @@ class SegmentEngine:
             sequence=sequence,
             definitions_version=self.definitions_version,
             model_version=self.model_version,
-            rule=verdict.rule,
-            features=verdict.features,
+            rule=rule,
+            features=features,
+            scores=dict(profile.scores),
+            labels=labels,
+            missing=tuple(missing),
         )
 
 

@@ -19,7 +19,7 @@ from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
 from udfs.events import UserEvent
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from udfs.definitions import load_definitions
 from udfs.shoppers import generate_events
 from udfs.transitions import SegmentEngine, replay_events
 
@@ -110,14 +110,14 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     # one partition, so per-user order is the traffic's order), up to the final watermark.
     all_events = traffic + [e for _, e in sentinels(traffic[-1].timestamp)]
     final_watermark = traffic[-1].timestamp + DAY_MS - WATERMARK_LAG_MS - 1
-    engine = SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
+    engine = SegmentEngine(load_definitions())
     expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
     assert len(expected) > 150
     # Had the resends counted (their ids made unique), the transitions would differ.
     seen: set[str] = set()
     counted_twice = [replace(e, event_id=e.event_id + "-resent") if e.event_id in seen or seen.add(e.event_id)
                      else e for e in all_events]
-    naive, _ = replay_events(SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION), counted_twice,
+    naive, _ = replay_events(SegmentEngine(load_definitions()), counted_twice,
                              until_ms=final_watermark)
     assert sorted(map(str, naive)) != sorted(map(str, expected))
 
@@ -148,7 +148,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     for user_id, profile in profiles.items():
         current = {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
         assert view.segments_of(user_id) == current, user_id
-    for segment in (d.name for d in builtin_segments()):
+    for segment in engine.definitions.names:
         members = {u for u, p in profiles.items() if p.memberships.get(segment) and p.memberships[segment].member}
         assert view.members(segment) == members
 

@@ -15,11 +15,12 @@ from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from udfs.events import UserEvent
+from tests.unit.basic_definitions import basic_yaml
+from udfs.definitions import load_definitions
 from udfs.profile import UserProfile
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
-from udfs.transitions import SegmentEngine, replay_events
+from udfs.transitions import RETENTION_RULE, SegmentEngine, replay_events
 
 pytestmark = pytest.mark.flink
 
@@ -103,11 +104,13 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
 
     # A bounded input ends with the final watermark, so every pending timer fires, the profiles'
     # retention included.
-    engine = SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION, profile_config=settings.profile)
+    engine = SegmentEngine(load_definitions(profile_config=settings.profile))
     expected, _ = replay_events(engine, events, until_ms=2**62)
     got = sorted((c[1], c[2], c[3], c[4], c[5]) for c in collected if c[0] == "T")
     want = sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
-    assert len({t.segment for t in expected if t.cause == "TIMER"}) == 5  # every segment lapses by time
+    # Every shipped segment but cart_holder (which only events change) moves by time alone here.
+    by_time = {t.segment for t in expected if t.cause == "TIMER" and t.rule != RETENTION_RULE}
+    assert by_time == set(engine.definitions.names) - {"cart_holder"}
     assert got == want
     # Every payload decodes to the record the core produced, apart from the wall-clock emit time.
     transitions = catalog.codec("SegmentTransition")
@@ -139,9 +142,16 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
 
 def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the_profile(catalog, tmp_path):
     """One add_to_cart from "solo" and nothing more from them; another user's page views move
-    event time on. The expected instants are worked out from the settings, not from the core."""
-    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2)
+    event time on. The expected instants are worked out from the definitions file written here,
+    which the job reads through the `definitions_path` setting, not from the core."""
     minute = 60_000
+    active_window, abandon_after = 7 * minute, 23 * minute
+    definitions = tmp_path / "definitions.yaml"
+    definitions.write_text(basic_yaml(active_window="7m", abandon_after="23m"))
+    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2,
+                             definitions_path=str(definitions))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
     t0 = START_MS
     solo = UserEvent("solo-1", "solo", "add_to_cart", t0, product_id="p1", price=20.0, quantity=1)
     clock = [UserEvent(f"clock-{i}", "clock", "page_view", t0 + i * 5 * minute) for i in range(1, 25)]
@@ -151,7 +161,7 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
     tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()),
                                      output_type=COLLECTED)
-    collected = run_and_collect(env, tagged, tmp_path)
+    collected = run_and_collect(env, tagged, out_dir)
 
     codec = catalog.codec("SegmentTransition")
     records = sorted((codec.decode(bytes.fromhex(c[6])) for c in collected if c[1] == "solo"),
@@ -159,12 +169,10 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     got = [(r["segment"], r["kind"], r["cause"], r["event_time"], r["reason"]["rule"]) for r in records]
     retention = 90 * DAY
     assert got == [
-        ("active_browser", "ENTER", "EVENT", t0, f"ms_since_last_event < {settings.active_window_ms}"),
+        ("active_browser", "ENTER", "EVENT", t0, "ms_since_last_event < 7m"),
         ("cart_holder", "ENTER", "EVENT", t0, "cart_items > 0"),
-        ("active_browser", "EXIT", "TIMER", t0 + settings.active_window_ms,
-         f"ms_since_last_event < {settings.active_window_ms}"),
-        ("cart_abandoner", "ENTER", "TIMER", t0 + settings.abandon_after_ms,
-         f"cart_items > 0 and ms_since_cart_activity >= {settings.abandon_after_ms}"),
+        ("active_browser", "EXIT", "TIMER", t0 + active_window, "not (ms_since_last_event < 7m)"),
+        ("cart_abandoner", "ENTER", "TIMER", t0 + abandon_after, "cart_items > 0 and ms_since_cart_activity >= 23m"),
         # The final watermark of the bounded input lets the retention run out: the user exits
         # what they were still in, and their state is dropped.
         ("cart_abandoner", "EXIT", "TIMER", t0 + retention, "profile_retention_expired"),

@@ -230,6 +230,7 @@ def features_of(accepted: list[Accepted], config: ProfileConfig, now_ms: int) ->
 
     cart = fold_cart([a for a in acc if a.event.event_type in ("add_to_cart", "remove_from_cart", "purchase")])
     f["cart"] = cart
+    f["cart_quantity"] = {product: quantity for product, (quantity, _) in cart.items()}
     f["cart_lines"] = len(cart)
     f["cart_items"] = sum(q for q, _ in cart.values())
     f["cart_value"] = sum(q * p for q, p in cart.values())

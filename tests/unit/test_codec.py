@@ -124,6 +124,8 @@ segment_transition_records = st.fixed_dictionaries(
                 "rule": texts,
                 "features": st.dictionaries(texts, finite_doubles, max_size=4),
                 "scores": st.dictionaries(texts, finite_doubles, max_size=4),
+                "labels": st.dictionaries(texts, texts, max_size=3),
+                "missing": st.lists(texts, max_size=3),
             }
         ),
     }
@@ -178,7 +180,8 @@ def a_transition(**changes) -> dict:
         "sequence": 1,
         "definitions_version": "builtin-1",
         "model_version": None,
-        "reason": {"rule": "ms_since_last_event < 600000", "features": {"ms_since_last_event": 0.0}, "scores": {}},
+        "reason": {"rule": "ms_since_last_event < 600000", "features": {"ms_since_last_event": 0.0}, "scores": {},
+                   "labels": {}, "missing": []},
     }
     return {**record, **changes}
 

@@ -17,11 +17,11 @@ from tests.conftest import START_MS
 from udfs.codec import MAGIC, SCHEMAS_DIR, DecodeError
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.transitions import SegmentEngine
 
 MINUTE = 60_000
-CORE_MODULES = ["udfs.codec", "udfs.events", "udfs.profile", "udfs.segments", "udfs.transitions",
+CORE_MODULES = ["udfs.codec", "udfs.events", "udfs.profile", "udfs.conditions", "udfs.definitions", "udfs.transitions",
                 "udfs.state", "udfs.shoppers", "udfs.redis_layout"]
 
 
@@ -104,7 +104,7 @@ def test_invalid_events_are_rejected_with_their_reason(change, reason):
 
 
 def engine() -> SegmentEngine:
-    return SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
+    return SegmentEngine(basic_definitions())
 
 
 def test_active_browser_exits_by_timer_exactly_ten_minutes_after_the_last_event():

@@ -10,7 +10,7 @@ from udfs.codec import SchemaCatalog
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, ProfileConfig
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.state import ProfileStateCodec
 from udfs.transitions import RETENTION_RULE, SegmentEngine
 
@@ -18,7 +18,7 @@ T0 = START_MS
 
 
 def engine(**config) -> SegmentEngine:
-    return SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION, profile_config=ProfileConfig(**config))
+    return SegmentEngine(basic_definitions(profile_config=ProfileConfig(**config)))
 
 
 def flood(n: int, seed: int = 7):

@@ -21,6 +21,7 @@ from tests.unit.profile_oracle import Advance, features_of, float_keys, oracle_f
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, Horizon, ProfileConfig
+from udfs.definitions import parse_definitions
 from udfs.transitions import SegmentEngine
 
 SECOND_MS = 1_000
@@ -53,6 +54,11 @@ DEFAULT = ProfileConfig(**LARGE_CAPS)
 PRODUCTS = ("p1", "p2", "p3", "p4")
 CATEGORIES = ("c1", "c2", "c3")
 SESSIONS = ("s1", "s2", "s3")
+
+
+def no_segments(config: ProfileConfig):
+    """The profile under test alone: a definitions file whose one segment never holds."""
+    return parse_definitions("version: t\nsegments:\n  - name: never\n    when: false\n", profile_config=config)
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ def _describe(steps) -> str:
 
 
 def run_and_compare(steps, config: ProfileConfig) -> None:
-    engine = SegmentEngine((), "test", profile_config=config)
+    engine = SegmentEngine(no_segments(config))
     profile = UserProfile()
     for i, step in enumerate(steps):
         if isinstance(step, Advance):
@@ -311,7 +317,7 @@ class Both:
 
     def __init__(self, config: ProfileConfig = DEFAULT):
         self.config = config
-        self.engine = SegmentEngine((), "test", profile_config=config)
+        self.engine = SegmentEngine(no_segments(config))
         self.profile = UserProfile()
         self.steps: list = []
 
@@ -514,7 +520,7 @@ def test_tier_thresholds_on_engagement_score():
 EMPTY = dict(
     ms_since_last_event=None, ms_since_last_purchase=None, ms_since_cart_activity=None, events_30d=0,
     count_purchase_30d=0, sessions_30d=0, category_views_30d={}, spend_30d=0.0, orders_30d=0, aov_30d=None,
-    lifetime_spend=0.0, lifetime_orders=0, lifetime_aov=None, cart={}, cart_lines=0, cart_items=0,
+    lifetime_spend=0.0, lifetime_orders=0, lifetime_aov=None, cart={}, cart_quantity={}, cart_lines=0, cart_items=0,
     cart_value=0.0, checkout_pending=0, sessions_per_week=0, in_session=0, current_session_start_ms=None,
     current_session_events=None, current_session_duration_ms=None, engagement_score=0.0,
     engagement_tier="low", category_affinity={}, top_categories=[], ms_since_viewed_product={},
@@ -522,7 +528,7 @@ EMPTY = dict(
 
 
 def test_empty_profile_features():
-    engine = SegmentEngine((), "test", profile_config=DEFAULT)
+    engine = SegmentEngine(no_segments(DEFAULT))
     got = engine.features(UserProfile(), B)
     want = features_of([], DEFAULT, B)
     assert feature_problems(got, want, DEFAULT) == []

@@ -12,7 +12,7 @@ from tests.conftest import START_MS
 from udfs.codec import HEADER_SIZE, SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
-from udfs.segments import BUILTIN_DEFINITIONS_VERSION, builtin_segments
+from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
 from udfs.transitions import SegmentEngine, replay_events
@@ -121,7 +121,7 @@ def test_state_written_for_another_record_type_is_rejected(catalog, state_codec)
 
 def test_profiles_built_by_replaying_generated_traffic_round_trip(state_codec):
     day = 24 * 3_600_000
-    engine = SegmentEngine(builtin_segments(), BUILTIN_DEFINITIONS_VERSION)
+    engine = SegmentEngine(basic_definitions())
     _, replayed = replay_events(engine, list(generate_events(20, 5, START_MS, day)), START_MS + day)
     assert any(p.cart() for p in replayed.values())
     for profile in replayed.values():

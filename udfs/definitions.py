@@ -1,0 +1,475 @@
+"""Segment definitions as data: a versioned YAML file of segments and mutually exclusive groups,
+checked against the feature catalog and the installed models, and compiled once per worker.
+
+    version: shop-2026-11-23          # recorded in every transition
+    segments:
+      - name: cart_abandoner
+        description: Cart not empty and untouched for 30 minutes
+        when: cart_items > 0 and ms_since_cart_activity >= 30m
+      - name: engaged_by_score
+        enter: engagement_score > 50   # hysteresis: enter above 50 ...
+        exit: engagement_score < 40    # ... leave only below 40
+        min_dwell: 1h                  # and stay at least an hour
+    exclusive_groups:
+      - name: engagement_tier          # a user is in at most one; the first that holds wins
+        segments: [tier_high, tier_medium, tier_low]
+
+The YAML is composed into nodes (never constructed into objects), tags, anchors and aliases are
+refused, and every error names the file, line and segment. See README "Segment definitions".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from udfs.conditions import (
+    Compare,
+    Compiler,
+    Condition,
+    ConditionError,
+    Evaluation,
+    FeatureRef,
+    Literal,
+    ModelOutput,
+    ScoreRef,
+)
+from udfs.features import FeatureCatalog
+from udfs.profile import Membership
+from udfs.profile_config import DURATION_UNITS, ProfileConfig
+
+MAX_FILE_BYTES = 1_000_000
+MAX_SEGMENTS = 1_000
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+DEFAULT_DEFINITIONS = Path(__file__).resolve().parent.parent / "jobs" / "definitions" / "shop.yaml"
+REMOVED_RULE = "segment_removed_from_definitions"
+
+_SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class DefinitionError(ValueError):
+    def __init__(self, message: str, source: str, line: int | None = None, column: int | None = None,
+                 segment: str | None = None):
+        where = source + (f":{line}" if line else "") + (f":{column}" if line and column else "")
+        super().__init__(f"{where}: " + (f"segment {segment!r}: " if segment else "") + message)
+        self.source, self.line, self.column, self.segment, self.message = source, line, column, segment, message
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The membership decided for one segment at one instant, and what decided it."""
+
+    member: bool
+    rule: str
+    condition: Condition | None  # whose references the reason records
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    description: str
+    enter: Condition
+    exit: Condition | None  # None: leave when `enter` stops holding
+    min_dwell_ms: int
+    line: int
+
+    def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
+        if self.exit is not None:
+            return self.exit.holds(ev), self.exit.text, self.exit
+        return not self.enter.holds(ev), f"not ({self.enter.text})", self.enter
+
+    def exit_change(self, ev: Evaluation) -> int | None:
+        return (self.exit or self.enter).next_change(ev)
+
+
+@dataclass(frozen=True)
+class ExclusiveGroup:
+    name: str
+    segments: tuple[Segment, ...]  # in priority order
+
+
+@dataclass
+class DefinitionSet:
+    version: str
+    segments: dict[str, Segment]
+    groups: dict[str, ExclusiveGroup]
+    units: tuple[Segment | ExclusiveGroup, ...]  # evaluation order: referenced segments first
+    catalog: FeatureCatalog  # the features the conditions were compiled against
+    source: str = "<definitions>"
+    text: bytes = b""  # the file as read, to ship to the workers
+    sha256: str = ""
+    models: tuple[str, ...] = field(default=())  # the model scores the conditions read
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.segments)
+
+    def decide(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict[str, Verdict]:
+        """Every segment's membership at `ev.now`, given the memberships before it."""
+        verdicts: dict[str, Verdict] = {}
+        for unit in self.units:
+            if isinstance(unit, Segment):
+                verdicts[unit.name] = self._decide_one(unit, ev, memberships.get(unit.name))
+            else:
+                verdicts.update(self._decide_group(unit, ev, memberships))
+            for name in _names(unit):
+                ev.members[name] = verdicts[name].member
+        return verdicts
+
+    def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
+        """The earliest instant after `ev.now` at which a verdict may change with no event."""
+        times = []
+        for unit in self.units:
+            for segment in _ordered(unit):
+                m = memberships.get(segment.name)
+                if m is not None and m.member:
+                    dwell_end = m.since_ms + segment.min_dwell_ms
+                    times.append(dwell_end if dwell_end > ev.now else segment.exit_change(ev))
+                    if isinstance(unit, ExclusiveGroup) and dwell_end > ev.now:
+                        break  # the group holds still until then
+                else:
+                    times.append(segment.enter.next_change(ev))
+        present = [t for t in times if t is not None]
+        return min(present) if present else None
+
+    @staticmethod
+    def _decide_one(segment: Segment, ev: Evaluation, current: Membership | None) -> Verdict:
+        if current is not None and current.member:
+            if ev.now < current.since_ms + segment.min_dwell_ms:
+                return Verdict(True, f"min_dwell {segment.min_dwell_ms} ms", None)
+            leaves, rule, condition = segment.leaves(ev)
+            return Verdict(not leaves, rule, condition)
+        return Verdict(segment.enter.holds(ev), segment.enter.text, segment.enter)
+
+    @staticmethod
+    def _decide_group(group: ExclusiveGroup, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict:
+        current = next((s for s in group.segments if (m := memberships.get(s.name)) and m.member), None)
+        out: dict[str, Verdict] = {}
+        if current is not None and ev.now < memberships[current.name].since_ms + current.min_dwell_ms:
+            for s in group.segments:
+                out[s.name] = Verdict(s is current, f"min_dwell {current.min_dwell_ms} ms", None)
+            return out
+        own_exit = None
+        if current is not None:
+            leaves, rule, condition = current.leaves(ev)
+            own_exit = Verdict(False, rule, condition) if leaves else None
+        winner = next((s for s in group.segments
+                       if (own_exit is None if s is current else s.enter.holds(ev))), None)
+        for s in group.segments:
+            if s is winner:
+                out[s.name] = Verdict(True, s.enter.text, s.enter)
+            elif s is current:
+                out[s.name] = own_exit or Verdict(
+                    False, f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
+                    winner.enter,
+                )
+            else:
+                out[s.name] = Verdict(False, s.enter.text, s.enter)
+        return out
+
+
+def _ordered(unit) -> tuple[Segment, ...]:
+    return unit.segments if isinstance(unit, ExclusiveGroup) else (unit,)
+
+
+def _names(unit) -> tuple[str, ...]:
+    return tuple(s.name for s in _ordered(unit))
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load_definitions(
+    path: str | Path = DEFAULT_DEFINITIONS,
+    profile_config: ProfileConfig | None = None,
+    models: Mapping[str, ModelOutput] | None = None,
+) -> DefinitionSet:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DefinitionError(f"cannot read: {err.strerror}", str(path)) from None
+    return parse_definitions(raw, str(path), profile_config, models)
+
+
+def parse_definitions(
+    raw: bytes | str,
+    source: str = "<definitions>",
+    profile_config: ProfileConfig | None = None,
+    models: Mapping[str, ModelOutput] | None = None,
+) -> DefinitionSet:
+    data = raw.encode() if isinstance(raw, str) else raw
+    if len(data) > MAX_FILE_BYTES:
+        raise DefinitionError(f"larger than {MAX_FILE_BYTES} bytes", source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DefinitionError(f"not UTF-8 (byte {err.start})", source) from None
+    root = _compose(text, source)
+    return _Builder(source, FeatureCatalog(profile_config or ProfileConfig()), models or {}).build(root, data)
+
+
+def _compose(text: str, source: str) -> yaml.Node:
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise DefinitionError("YAML anchors and aliases are not allowed", source,
+                                      event.start_mark.line + 1)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        raise DefinitionError(f"invalid YAML: {err.problem or err.context}", source,
+                              mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as err:
+        raise DefinitionError(f"invalid YAML: {type(err).__name__}", source) from None
+    if root is None:
+        raise DefinitionError("empty file: expected `version:` and `segments:`", source)
+    return root
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _Builder:
+    def __init__(self, source: str, catalog: FeatureCatalog, models: Mapping[str, ModelOutput]):
+        self.source = source
+        self.catalog = catalog
+        self.models = models
+
+    def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None):
+        raise DefinitionError(message, self.source, _line(node) if node is not None else None, column, segment)
+
+    # -- YAML nodes to plain values, refusing anything but the core schema --
+
+    def mapping(self, node, what: str, allowed: set[str], required: set[str] = frozenset(),
+                segment: str | None = None) -> dict[str, yaml.Node]:
+        self.check_tag(node, segment)
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(f"{what} must be a mapping", node, segment)
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self.text(key_node, f"a key of {what}", segment)
+            if key not in allowed:
+                self.fail(f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})", key_node, segment)
+            if key in out:
+                self.fail(f"{key!r} given twice in {what}", key_node, segment)
+            out[key] = value_node
+        missing = sorted(required - set(out))
+        if missing:
+            self.fail(f"{what} needs {', '.join(missing)}", node, segment)
+        return out
+
+    def sequence(self, node, what: str, segment: str | None = None) -> list[yaml.Node]:
+        self.check_tag(node, segment)
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(f"{what} must be a list", node, segment)
+        return node.value
+
+    def text(self, node, what: str, segment: str | None = None) -> str:
+        self.check_tag(node, segment)
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
+            self.fail(f"{what} must be text", node, segment)
+        return node.value
+
+    def check_tag(self, node, segment: str | None) -> None:
+        if node.tag not in _SAFE_TAGS:
+            self.fail(f"YAML tag {node.tag!r} is not allowed", node, segment)
+
+    # -- the file --
+
+    def build(self, root, data: bytes) -> DefinitionSet:
+        top = self.mapping(root, "the definitions file", {"version", "description", "segments", "exclusive_groups"},
+                           {"version", "segments"})
+        version_node = top["version"]
+        self.check_tag(version_node, None)
+        version = version_node.value if isinstance(version_node, yaml.ScalarNode) else None
+        if version is None or not VERSION.fullmatch(version):
+            self.fail("version must be 1-64 letters, digits or . _ : + - (e.g. 2026-11-23.1)", version_node)
+        if "description" in top:
+            self.text(top["description"], "description")
+        entries = self.sequence(top["segments"], "segments")
+        if not entries:
+            self.fail("segments must not be empty", top["segments"])
+        if len(entries) > MAX_SEGMENTS:
+            self.fail(f"more than {MAX_SEGMENTS} segments", top["segments"])
+        raw_segments: dict[str, tuple[dict[str, yaml.Node], yaml.Node]] = {}
+        for entry in entries:
+            fields = self.mapping(entry, "a segment", {"name", "description", "when", "enter", "exit", "min_dwell"},
+                                  {"name"})
+            name = self.text(fields["name"], "name")
+            if not NAME.fullmatch(name):
+                self.fail("a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
+                          fields["name"], name)
+            if name in raw_segments:
+                self.fail(f"defined twice (first on line {_line(raw_segments[name][1])})", entry, name)
+            raw_segments[name] = (fields, entry)
+        compiler = Compiler(self.catalog, self.models, set(raw_segments))
+        segments = {name: self.segment(name, fields, entry, compiler) for name, (fields, entry) in raw_segments.items()}
+        groups = self.groups(top.get("exclusive_groups"), segments)
+        units = self.order(segments, groups, raw_segments)
+        models = sorted({m for s in segments.values() for c in (s.enter, s.exit) if c for m in c.references.scores})
+        return DefinitionSet(version, segments, groups, units, self.catalog, self.source, data,
+                             hashlib.sha256(data).hexdigest(), tuple(models))
+
+    def segment(self, name: str, fields: dict, entry, compiler: Compiler) -> Segment:
+        if ("when" in fields) == ("enter" in fields):
+            self.fail("give either `when` or `enter` (with an optional `exit`)", entry, name)
+        if "exit" in fields and "enter" not in fields:
+            self.fail("`exit` goes with `enter`, not with `when`", fields["exit"], name)
+        enter = self.condition(fields.get("when") or fields["enter"], name, compiler)
+        exit_ = self.condition(fields["exit"], name, compiler) if "exit" in fields else None
+        if exit_ is not None:
+            self.check_hysteresis(enter, exit_, fields["exit"], name)
+        dwell = 0
+        if "min_dwell" in fields:
+            dwell = self.duration(fields["min_dwell"], "min_dwell", name)
+        description = self.text(fields["description"], "description", name) if "description" in fields else ""
+        return Segment(name, description, enter, exit_, dwell, _line(entry))
+
+    def condition(self, node, segment: str, compiler: Compiler) -> Condition:
+        self.check_tag(node, segment)
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            return compiler.constant(node.value.lower() in ("true", "yes", "on"))
+        text = self.text(node, "a condition", segment)
+        try:
+            return compiler.compile(text)
+        except ConditionError as err:
+            line, column = _line(node), None
+            if err.column is not None:
+                before = text[: err.column - 1]
+                if node.style is None and "\n" not in text:  # a plain one-line scalar: exact column
+                    column = node.start_mark.column + err.column
+                elif node.style in ("|", ">"):  # block scalars start on the next line
+                    line += 1 + before.count("\n")
+            raise DefinitionError(err.message, self.source, line, column, segment) from None
+
+    def duration(self, node, what: str, segment: str) -> int:
+        self.check_tag(node, segment)
+        raw = node.value if isinstance(node, yaml.ScalarNode) else None
+        match = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", raw or "")
+        if match is None:
+            self.fail(f"{what} must be a duration such as 30s, 10m, 1h or 7d", node, segment)
+        value = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+        if value <= 0:
+            self.fail(f"{what} must be positive", node, segment)
+        return value
+
+    def check_hysteresis(self, enter: Condition, exit_: Condition, node, segment: str) -> None:
+        """For the usual form, one threshold each on the same value: refuse thresholds under which
+        both hold at once, since the segment would then flap at every evaluation."""
+        a, b = _threshold_interval(enter.compare), _threshold_interval(exit_.compare)
+        if a is None or b is None or a[0] != b[0]:
+            return
+        low = max(a[1], b[1], key=lambda e: (e[0], not e[1]))
+        high = min(a[2], b[2], key=lambda e: (e[0], e[1]))
+        if low[0] < high[0] or (low[0] == high[0] and low[1] and high[1]):
+            self.fail(f"enter ({enter.text}) and exit ({exit_.text}) both hold for some values of {a[0]}: "
+                      "the exit threshold must lie on the other side of the enter threshold", node, segment)
+
+    def groups(self, node, segments: dict[str, Segment]) -> dict[str, ExclusiveGroup]:
+        if node is None:
+            return {}
+        groups: dict[str, ExclusiveGroup] = {}
+        owner: dict[str, str] = {}
+        for entry in self.sequence(node, "exclusive_groups"):
+            fields = self.mapping(entry, "an exclusive group", {"name", "description", "segments"},
+                                  {"name", "segments"})
+            name = self.text(fields["name"], "a group name")
+            if not NAME.fullmatch(name) or name in groups:
+                self.fail(f"group name {name!r} must be unique, lowercase letters, digits and _", fields["name"])
+            members = []
+            for member_node in self.sequence(fields["segments"], f"group {name}'s segments"):
+                member = self.text(member_node, "a segment name")
+                if member not in segments:
+                    self.fail(f"group {name!r} lists unknown segment {member!r}", member_node)
+                if member in owner:
+                    self.fail(f"segment {member!r} is in two exclusive groups ({owner[member]}, {name})", member_node)
+                owner[member] = name
+                members.append(segments[member])
+            if len(members) < 2:
+                self.fail(f"group {name!r} needs at least two segments", fields["segments"])
+            groups[name] = ExclusiveGroup(name, tuple(members))
+        return groups
+
+    def order(self, segments: dict[str, Segment], groups: dict[str, ExclusiveGroup], raw: dict) -> tuple:
+        """Units (a segment, or a group evaluated as one) so that every referenced segment is
+        decided before the segments that read it; a cycle is an error that shows it."""
+        unit_of: dict[str, Segment | ExclusiveGroup] = {name: s for name, s in segments.items()}
+        for g in groups.values():
+            for s in g.segments:
+                unit_of[s.name] = g
+
+        def depends(unit) -> list[str]:
+            refs = []
+            for s in _ordered(unit):
+                for c in (s.enter, s.exit):
+                    if c is not None:
+                        refs += sorted(c.references.segments)
+            return refs
+
+        ordered: list = []
+        state: dict[int, str] = {}  # id(unit) -> visiting | done
+
+        def visit(unit, path: list[str]) -> None:
+            key = id(unit)
+            if state.get(key) == "done":
+                return
+            label = unit.name if isinstance(unit, Segment) else f"group {unit.name}"
+            if state.get(key) == "visiting":
+                cycle = path[path.index(label):] + [label]
+                first = _ordered(unit)[0].name
+                self.fail(f"segment references form a cycle: {' -> '.join(cycle)}", raw[first][1], first)
+            state[key] = "visiting"
+            for ref in depends(unit):
+                target = unit_of[ref]
+                if target is unit and isinstance(unit, ExclusiveGroup):
+                    reader = next(s.name for s in unit.segments for c in (s.enter, s.exit)
+                                  if c is not None and ref in c.references.segments)
+                    self.fail(f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}",
+                              raw[reader][1], reader)
+                visit(target, [*path, label])
+            state[key] = "done"
+            ordered.append(unit)
+
+        for name in segments:
+            visit(unit_of[name], [])
+        return tuple(ordered)
+
+
+def _threshold_interval(node: Compare | None):
+    """`feature op number` as (feature label, low bound, high bound), bounds as (value, inclusive)."""
+    if node is None or node.op in ("==", "!="):
+        return None
+    left, right, op = node.left, node.right, node.op
+    if isinstance(left, Literal):
+        left, right, op = right, left, {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[op]
+    if isinstance(left, Literal) or not isinstance(right, Literal) or not isinstance(right.value, float):
+        return None
+    if isinstance(left, FeatureRef):
+        label = f"{left.name}[{left.key}]" if left.key is not None else left.name
+    elif isinstance(left, ScoreRef):
+        label = f"score.{left.model}"
+    else:
+        return None
+    inf = (float("inf"), False)
+    if op in (">", ">="):
+        return label, (right.value, op == ">="), inf
+    return label, (-float("inf"), False), (right.value, op == "<=")
+
+
+def condition_features(condition: Condition | None, ev: Evaluation) -> dict[str, object]:
+    """The values a condition read at `ev`, for the transition's reason."""
+    if condition is None:
+        return {}
+    values: dict[str, object] = {label: read(ev) for label, read in condition.references.features.items()}
+    for segment in condition.references.segments:
+        values[f"segment.{segment}"] = ev.members.get(segment, False)
+    return values
+
