@@ -18,8 +18,8 @@ from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
-from udfs.events import UserEvent
 from udfs.definitions import load_definitions
+from udfs.events import UserEvent
 from udfs.shoppers import generate_events
 from udfs.transitions import SegmentEngine, replay_events
 

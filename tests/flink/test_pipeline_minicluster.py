@@ -14,9 +14,9 @@ from pyflink.datastream import FlatMapFunction
 from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
-from udfs.events import UserEvent
 from tests.unit.basic_definitions import basic_yaml
 from udfs.definitions import load_definitions
+from udfs.events import UserEvent
 from udfs.profile import UserProfile
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec

@@ -14,10 +14,10 @@ import pytest
 from fastavro.schema import to_parsing_canonical_form
 
 from tests.conftest import START_MS
+from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import MAGIC, SCHEMAS_DIR, DecodeError
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
-from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.transitions import SegmentEngine
 
 MINUTE = 60_000

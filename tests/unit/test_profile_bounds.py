@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 
 from tests.conftest import START_MS
+from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SchemaCatalog
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, ProfileConfig
-from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.state import ProfileStateCodec
 from udfs.transitions import RETENTION_RULE, SegmentEngine
 

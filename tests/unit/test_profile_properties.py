@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.profile_oracle import Advance, features_of, float_keys, oracle_features, replay
+from udfs.definitions import parse_definitions
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, Horizon, ProfileConfig
-from udfs.definitions import parse_definitions
 from udfs.transitions import SegmentEngine
 
 SECOND_MS = 1_000

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import START_MS
+from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
+from udfs.conditions import Evaluation
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
-from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.shoppers import generate_events
-from udfs.conditions import Evaluation
 from udfs.transitions import SegmentEngine, Transition, replay_events, transition_id
 
 MINUTE = 60_000

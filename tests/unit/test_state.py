@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import START_MS
+from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import HEADER_SIZE, SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
-from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
 from udfs.transitions import SegmentEngine, replay_events
