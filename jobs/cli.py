@@ -1,8 +1,10 @@
-"""`segments`: run, submit, generate, tail, demo, profile-stats, and `stack up|down|status`."""
+"""`segments`: run, submit, generate, tail, demo, validate, backtest, profile-stats, and
+`stack up|down|status`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -125,6 +127,66 @@ def cmd_tail(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from udfs.definitions import DefinitionError, load_definitions
+
+    settings = _settings(args)
+    failed = 0
+    for path in args.files:
+        try:
+            d = load_definitions(path, settings.profile)
+        except DefinitionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        groups = ", ".join(f"{g.name} [{' > '.join(s.name for s in g.segments)}]" for g in d.groups.values())
+        print(f"{path}: ok, version {d.version}, {len(d.segments)} segments, sha256 {d.sha256[:12]}"
+              + (f", exclusive groups: {groups}" if groups else "")
+              + (f", model scores: {', '.join(d.models)}" if d.models else ""))
+        if args.verbose:
+            for s in d.segments.values():
+                rule = f"when {s.enter.text}" if s.exit is None else f"enter {s.enter.text} / exit {s.exit.text}"
+                dwell = f" (min dwell {s.min_dwell_ms} ms)" if s.min_dwell_ms else ""
+                print(f"  {s.name}: {rule}{dwell}")
+    return 1 if failed else 0
+
+
+def cmd_backtest(args) -> int:
+    from jobs import backtest
+    from udfs.definitions import DefinitionError, load_definitions
+
+    settings = _settings(args)
+    try:
+        base = load_definitions(args.definitions, settings.profile)
+        other = load_definitions(args.compare_with, settings.profile) if args.compare_with else None
+    except DefinitionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        log = backtest.read_events(args.events, args.start, args.end)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read events: {err}", file=sys.stderr)
+        return 1
+    until = backtest.FLUSH if args.until == "flush" else (None if args.until == "watermark" else int(args.until))
+    options = dict(until_ms=until, watermark_lag_ms=settings.watermark_lag_ms,
+                   allowed_lateness_ms=settings.allowed_lateness_ms, progress=not args.quiet)
+    result = backtest.run_backtest(base, log, **options)
+    lines = backtest.summary_lines(result)
+    compared, diffs = None, None
+    if other is not None:
+        compared = backtest.run_backtest(other, log, **options)
+        diffs = backtest.compare(result, compared)
+        lines += ["", *backtest.summary_lines(compared), "", *backtest.diff_lines(result, compared, diffs)]
+    print("\n".join(lines))
+    if args.html:
+        Path(args.html).write_text(backtest.html_report(result, compared, diffs), encoding="utf-8")
+        print(f"chart and tables: {args.html}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(backtest.as_json(result, diffs), indent=1))
+        print(f"figures: {args.json}")
+    return 0
+
+
 def cmd_profile_stats(args) -> int:
     from jobs.profile_stats import measure
 
@@ -202,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("tail", help="print committed transitions as they arrive"))
     p.add_argument("--from-beginning", action="store_true")
     p.set_defaults(func=cmd_tail)
+
+    p = with_config(sub.add_parser("validate", help="check segment definitions files; non-zero exit on errors"))
+    p.add_argument("files", nargs="+")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every segment's rule")
+    p.set_defaults(func=cmd_validate)
+
+    p = with_config(sub.add_parser("backtest", help="replay an event log through definitions, no cluster"))
+    p.add_argument("definitions", help="segment definitions file")
+    p.add_argument("--events", required=True,
+                   help="JSONL file, Avro container file, or kafka://HOST:PORT/TOPIC")
+    p.add_argument("--start", help="Kafka: first offset, or t=EPOCH_MS (default: the beginning)")
+    p.add_argument("--end", help="Kafka: end offset (exclusive), or t=EPOCH_MS (default: the end now)")
+    p.add_argument("--until", default="watermark",
+                   help="let time pass to: `watermark` (what the job reaches: last event time - "
+                        "watermark_lag_ms - 1), `flush` (every pending timer), or epoch ms")
+    p.add_argument("--compare-with", help="another definitions file: report both and the diff")
+    p.add_argument("--html", help="write the chart and tables to this HTML file")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_backtest)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
     p.add_argument("--users", type=int, default=2000)

@@ -1,0 +1,459 @@
+"""`segments backtest`: replays a recorded event log through the same engine-free core the job
+runs, with no cluster, and reports what a definitions file would have done per segment.
+
+Logs: JSONL (one UserEvent record per line, as `segments generate --jsonl` writes), an Avro
+object container file of UserEvent records, or a Kafka topic range
+(`kafka://HOST:PORT/TOPIC`, with optional start/end offsets or times). Events are validated as
+the job validates them; the ones it would dead-letter are counted by reason and left out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import html
+import json
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from udfs.codec import DecodeError, SchemaCatalog
+from udfs.definitions import DefinitionSet
+from udfs.events import UserEvent, event_from_record
+from udfs.profile import UserProfile
+from udfs.transitions import SegmentEngine, Transition
+
+FLAP_WINDOW_MS = 10 * 60_000
+SIZE_SAMPLES = 120
+FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires
+
+
+@dataclass
+class EventLog:
+    """Valid events in log order (per user, the order the job sees them) and what was left out."""
+
+    source: str
+    events: list[UserEvent]
+    rejected: Counter = field(default_factory=Counter)  # dead-letter reason -> count
+
+    @property
+    def max_event_ms(self) -> int | None:
+        return max((e.timestamp for e in self.events), default=None)
+
+
+def _accept(records: Iterable[dict | DecodeError], source: str) -> EventLog:
+    log = EventLog(source, [])
+    for record in records:
+        if isinstance(record, DecodeError):
+            log.rejected[record.reason] += 1
+            continue
+        try:
+            log.events.append(event_from_record(record, sys.maxsize // 2, 0))
+        except DecodeError as err:
+            log.rejected[err.reason] += 1
+        except (KeyError, TypeError, ValueError):
+            log.rejected["invalid_field"] += 1
+    return log
+
+
+def read_jsonl(path: Path) -> EventLog:
+    def records() -> Iterator[dict | DecodeError]:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    yield DecodeError("undecodable", "not JSON")
+                    continue
+                yield record if isinstance(record, dict) else DecodeError("undecodable", "not a JSON object")
+    return _accept(records(), str(path))
+
+
+def read_avro_file(path: Path) -> EventLog:
+    import fastavro
+
+    def records() -> Iterator[dict | DecodeError]:
+        with open(path, "rb") as f:
+            reader = fastavro.reader(f)
+            if reader.writer_schema.get("name") not in ("UserEvent", "segments.v1.UserEvent"):
+                raise ValueError(f"{path}: holds {reader.writer_schema.get('name')!r} records, not UserEvent")
+            yield from reader
+    return _accept(records(), str(path))
+
+
+def read_kafka_range(url: str, start: str | None = None, end: str | None = None) -> EventLog:
+    """`kafka://HOST:PORT/TOPIC`, from `start` to `end` (exclusive) on every partition: each a
+    plain offset (`1200`) or an event time (`t=1700000000000`, resolved with offsets_for_times);
+    by default from the beginning to the end offsets at the time of reading."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    parsed = urlparse(url)
+    topic = parsed.path.lstrip("/")
+    if parsed.scheme != "kafka" or not parsed.netloc or not topic:
+        raise ValueError(f"expected kafka://HOST:PORT/TOPIC, got {url!r}")
+    consumer = Consumer({"bootstrap.servers": parsed.netloc, "group.id": "segments-backtest",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    codec = SchemaCatalog().codec("UserEvent")
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise ValueError(f"topic {topic!r} not found on {parsed.netloc}")
+        partitions = sorted(metadata.partitions)
+
+        def resolve(bound: str | None, default: int) -> list[int]:
+            if bound is None:
+                return [default] * len(partitions)
+            if bound.startswith("t="):
+                wanted = [TopicPartition(topic, p, int(bound[2:])) for p in partitions]
+                return [tp.offset for tp in consumer.offsets_for_times(wanted, timeout=10)]
+            return [int(bound)] * len(partitions)
+
+        starts = resolve(start, OFFSET_BEGINNING)
+        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
+        if end is not None:
+            ends = [min(e, b) if b >= 0 else e for e, b in zip(ends, resolve(end, -1), strict=True)]
+        per_partition: list[list[dict | DecodeError]] = []
+        for p, first, stop in zip(partitions, starts, ends, strict=True):
+            records: list[dict | DecodeError] = []
+            per_partition.append(records)
+            if first >= 0 and first >= stop:
+                continue
+            consumer.assign([TopicPartition(topic, p, first)])
+            while True:
+                msg = consumer.poll(5.0)
+                if msg is None:
+                    break  # nothing more within the range (e.g. aborted transactions at its end)
+                if msg.error():
+                    raise KafkaException(msg.error())
+                if msg.offset() >= stop:
+                    break
+                try:
+                    records.append(codec.decode(msg.value()))
+                except DecodeError as err:
+                    records.append(err)
+                if msg.offset() + 1 >= stop:
+                    break
+    finally:
+        consumer.close()
+    # The job reads the partitions side by side; a user's events are all on one partition, so
+    # any interleaving gives the same transitions. Merge by time, as the job roughly sees them.
+    merged = heapq.merge(*per_partition, key=lambda r: 0 if isinstance(r, DecodeError) else r["timestamp"])
+    return _accept(merged, url)
+
+
+def read_events(source: str, start: str | None = None, end: str | None = None) -> EventLog:
+    if source.startswith("kafka://"):
+        return read_kafka_range(source, start, end)
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return read_avro_file(path) if magic == b"Obj\x01" else read_jsonl(path)
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentReport:
+    name: str
+    entries: int = 0
+    exits: int = 0
+    final_size: int = 0
+    peak_size: int = 0
+    median_dwell_ms: float | None = None
+    flaps: int = 0  # re-entries within FLAP_WINDOW_MS of an exit
+
+    @property
+    def flap_rate(self) -> float:
+        return self.flaps / self.entries if self.entries else 0.0
+
+
+@dataclass
+class BacktestResult:
+    definitions: DefinitionSet
+    log_source: str
+    until_ms: int
+    events_applied: int
+    duplicates: int
+    late: int
+    rejected: Counter
+    users: int
+    transitions: list[Transition]
+    segments: dict[str, SegmentReport]
+    sizes: dict[str, list[tuple[int, int]]]  # segment -> (time, members) samples
+    final_members: dict[str, set[str]]
+    overlap: dict[tuple[str, str], int]  # users in both at the end
+
+
+def run_backtest(
+    definitions: DefinitionSet,
+    log: EventLog,
+    until_ms: int | None = None,
+    watermark_lag_ms: int = 5_000,
+    allowed_lateness_ms: int = 60_000,
+    progress: bool = False,
+    scorer=None,
+) -> BacktestResult:
+    """Replays `log` as the job would: per user in log order, duplicates ignored, events the
+    job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
+    behind the latest event time, as when the job's watermark keeps up) left out; then time
+    passes up to `until_ms` (default: the watermark the job would reach at the end of the log)."""
+    from tqdm import tqdm
+
+    engine = SegmentEngine(definitions, scorer=scorer)
+    profiles: dict[str, UserProfile] = {}
+    transitions: list[Transition] = []
+    duplicates = late = applied = 0
+    latest = None
+    bar = tqdm(log.events, desc=f"backtest {definitions.version}", unit="ev", disable=not progress,
+               file=sys.stderr, smoothing=0.1, mininterval=0.2)
+    for event in bar:
+        latest = event.timestamp if latest is None else max(latest, event.timestamp)
+        if event.timestamp < latest - watermark_lag_ms - 1 - allowed_lateness_ms:
+            late += 1
+            continue
+        profile = profiles.setdefault(event.user_id, UserProfile())
+        if engine.is_duplicate(profile, event):
+            duplicates += 1
+            continue
+        applied += 1
+        transitions.extend(engine.on_accepted_event(event.user_id, profile, event))
+    if until_ms is None:
+        until_ms = (latest or 0) - watermark_lag_ms - 1
+    for user_id, profile in profiles.items():
+        transitions.extend(engine.advance_to(user_id, profile, until_ms))
+    return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
+
+
+def _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions) -> BacktestResult:
+    names = list(definitions.names)
+    extra = sorted({t.segment for t in transitions} - set(names))  # removed segments still exiting
+    reports = {name: SegmentReport(name) for name in [*names, *extra]}
+    ordered = sorted(transitions, key=lambda t: (t.event_time, t.kind == "ENTER"))
+    entered_at: dict[tuple[str, str], int] = {}
+    exited_at: dict[tuple[str, str], int] = {}
+    dwell: dict[str, list[int]] = {name: [] for name in reports}
+    size = Counter()
+    start = min((t.event_time for t in ordered), default=until_ms)
+    end = max(until_ms if until_ms < FLUSH else 0, max((t.event_time for t in ordered), default=start))
+    step = max(1, (end - start) // SIZE_SAMPLES)
+    samples = [start + i * step for i in range(SIZE_SAMPLES + 1)]
+    sizes: dict[str, list[tuple[int, int]]] = {name: [] for name in reports}
+    i = 0
+    for sample in samples:
+        while i < len(ordered) and ordered[i].event_time <= sample:
+            _count(ordered[i], reports, size, entered_at, exited_at, dwell)
+            i += 1
+        for name in reports:
+            sizes[name].append((sample, size[name]))
+    while i < len(ordered):
+        _count(ordered[i], reports, size, entered_at, exited_at, dwell)
+        i += 1
+    final_members = {name: set() for name in reports}
+    for user_id, profile in profiles.items():
+        for name, m in profile.memberships.items():
+            if m.member and name in final_members:
+                final_members[name].add(user_id)
+    for name, report in reports.items():
+        report.final_size = len(final_members[name])
+        report.median_dwell_ms = statistics.median(dwell[name]) if dwell[name] else None
+    overlap = {}
+    for a in reports:
+        for b in reports:
+            if a < b and final_members[a] and final_members[b]:
+                both = len(final_members[a] & final_members[b])
+                if both:
+                    overlap[(a, b)] = both
+    return BacktestResult(definitions, log.source, until_ms, applied, duplicates, late, log.rejected,
+                          len(profiles), transitions, reports, sizes, final_members, overlap)
+
+
+def _count(t: Transition, reports, size, entered_at, exited_at, dwell) -> None:
+    report, key = reports[t.segment], (t.user_id, t.segment)
+    if t.kind == "ENTER":
+        report.entries += 1
+        size[t.segment] += 1
+        report.peak_size = max(report.peak_size, size[t.segment])
+        left = exited_at.get(key)
+        if left is not None and t.event_time - left < FLAP_WINDOW_MS:
+            report.flaps += 1
+        entered_at[key] = t.event_time
+    else:
+        report.exits += 1
+        size[t.segment] -= 1
+        exited_at[key] = t.event_time
+        if key in entered_at:
+            dwell[t.segment].append(t.event_time - entered_at.pop(key))
+
+
+# -- comparing two versions ----------------------------------------------------------------------
+
+
+@dataclass
+class SegmentDiff:
+    name: str
+    entries: tuple[int | None, int | None]
+    final_size: tuple[int | None, int | None]
+    only_in_base: int  # members at the end under the base version only
+    only_in_other: int
+    transitions_differing: int
+
+
+def compare(base: BacktestResult, other: BacktestResult) -> list[SegmentDiff]:
+    def keyed(result: BacktestResult, name: str) -> set:
+        return {(t.user_id, t.kind, t.event_time) for t in result.transitions if t.segment == name}
+
+    out = []
+    for name in sorted(set(base.segments) | set(other.segments)):
+        a, b = base.segments.get(name), other.segments.get(name)
+        ma, mb = base.final_members.get(name, set()), other.final_members.get(name, set())
+        out.append(SegmentDiff(
+            name,
+            (a.entries if a else None, b.entries if b else None),
+            (a.final_size if a else None, b.final_size if b else None),
+            len(ma - mb), len(mb - ma), len(keyed(base, name) ^ keyed(other, name)),
+        ))
+    return out
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f}{unit}"
+    return f"{ms:.0f}ms"
+
+
+def summary_lines(result: BacktestResult) -> list[str]:
+    d = result.definitions
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
+    lines = [
+        f"definitions {d.source} version {d.version} (sha256 {d.sha256[:12]})",
+        f"events {result.log_source}: {result.events_applied} applied, {result.duplicates} duplicates, "
+        f"{result.late} too late, rejected: {rejected}; {result.users} users; until {result.until_ms}",
+        f"{'segment':28} {'entries':>8} {'exits':>8} {'final':>7} {'peak':>7} {'med dwell':>10} {'flap rate':>9}",
+    ]
+    for r in result.segments.values():
+        lines.append(f"{r.name:28} {r.entries:8d} {r.exits:8d} {r.final_size:7d} {r.peak_size:7d} "
+                     f"{_duration(r.median_dwell_ms):>10} {r.flap_rate:9.3f}")
+    if result.overlap:
+        lines.append("overlap at the end (users in both):")
+        for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])[:15]:
+            lines.append(f"  {a} & {b}: {n}")
+    return lines
+
+
+def diff_lines(base: BacktestResult, other: BacktestResult, diffs: list[SegmentDiff]) -> list[str]:
+    lines = [f"diff: {base.definitions.version} -> {other.definitions.version}",
+             f"{'segment':28} {'entries':>15} {'final size':>15} {'only old':>9} {'only new':>9} {'changed':>8}"]
+    for d in diffs:
+        lines.append(f"{d.name:28} {_pair(d.entries):>15} {_pair(d.final_size):>15} {d.only_in_base:9d} "
+                     f"{d.only_in_other:9d} {d.transitions_differing:8d}")
+    return lines
+
+
+def _pair(values) -> str:
+    return " -> ".join("-" if v is None else str(v) for v in values)
+
+
+def as_json(result: BacktestResult, diffs: list[SegmentDiff] | None = None) -> dict:
+    return {
+        "definitions": {"source": result.definitions.source, "version": result.definitions.version,
+                        "sha256": result.definitions.sha256},
+        "events": {"source": result.log_source, "applied": result.events_applied,
+                   "duplicates": result.duplicates, "late": result.late, "rejected": dict(result.rejected),
+                   "users": result.users},
+        "until_ms": result.until_ms,
+        "segments": {name: {"entries": r.entries, "exits": r.exits, "final_size": r.final_size,
+                            "peak_size": r.peak_size, "median_dwell_ms": r.median_dwell_ms,
+                            "flap_rate": r.flap_rate, "sizes": result.sizes[name]}
+                     for name, r in result.segments.items()},
+        "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
+        "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
+    }
+
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
+
+
+def _svg_chart(result: BacktestResult, width: int = 900, height: int = 320) -> str:
+    series = {n: s for n, s in result.sizes.items() if any(v for _, v in s)}
+    if not series:
+        return "<p>No segment had members.</p>"
+    t0 = min(t for s in series.values() for t, _ in s)
+    t1 = max(t for s in series.values() for t, _ in s)
+    top = max(v for s in series.values() for _, v in s) or 1
+    pad = 40
+
+    def x(t):
+        return pad + (t - t0) / max(1, t1 - t0) * (width - 2 * pad)
+
+    def y(v):
+        return height - pad - v / top * (height - 2 * pad)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20 * len(series)}" '
+             'font-family="sans-serif" font-size="12">',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>',
+             f'<text x="{pad}" y="{pad - 8}">members (max {top})</text>',
+             f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">event time, '
+             f'{_duration(t1 - t0)} span</text>']
+    for i, (name, samples) in enumerate(series.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        points = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in samples)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>')
+        parts.append(f'<text x="{pad}" y="{height + 14 + 20 * i}" fill="{colour}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(result: BacktestResult, other: BacktestResult | None = None,
+                diffs: list[SegmentDiff] | None = None) -> str:
+    esc = html.escape
+    d = result.definitions
+    rows = "".join(
+        f"<tr><td>{esc(r.name)}</td><td>{r.entries}</td><td>{r.exits}</td><td>{r.final_size}</td>"
+        f"<td>{r.peak_size}</td><td>{_duration(r.median_dwell_ms)}</td><td>{r.flap_rate:.3f}</td></tr>"
+        for r in result.segments.values()
+    )
+    overlap = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{n}</td></tr>"
+                      for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1]))
+    body = [
+        f"<h1>Backtest of {esc(d.version)}</h1>",
+        f"<p>{esc(d.source)} (sha256 {d.sha256[:12]}) over {esc(result.log_source)}: "
+        f"{result.events_applied} events applied, {result.duplicates} duplicates, {result.late} too late, "
+        f"{sum(result.rejected.values())} rejected; {result.users} users.</p>",
+        "<h2>Segment size over event time</h2>", _svg_chart(result),
+        "<h2>Per segment</h2><table><tr><th>segment</th><th>entries</th><th>exits</th><th>final</th>"
+        f"<th>peak</th><th>median dwell</th><th>flap rate</th></tr>{rows}</table>",
+        "<h2>Overlap at the end</h2><table><tr><th>a</th><th>b</th><th>users in both</th></tr>"
+        f"{overlap}</table>",
+    ]
+    if other is not None and diffs is not None:
+        diff_rows = "".join(
+            f"<tr><td>{esc(x.name)}</td><td>{_pair(x.entries)}</td><td>{_pair(x.final_size)}</td>"
+            f"<td>{x.only_in_base}</td><td>{x.only_in_other}</td><td>{x.transitions_differing}</td></tr>"
+            for x in diffs
+        )
+        body += [
+            f"<h2>Diff: {esc(d.version)} → {esc(other.definitions.version)}</h2>",
+            "<table><tr><th>segment</th><th>entries</th><th>final size</th><th>only old</th><th>only new</th>"
+            f"<th>transitions changed</th></tr>{diff_rows}</table>",
+            f"<h3>{esc(other.definitions.version)}: segment size over event time</h3>", _svg_chart(other),
+        ]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Backtest {esc(d.version)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
