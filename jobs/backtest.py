@@ -86,19 +86,21 @@ def read_avro_file(path: Path) -> EventLog:
     return _accept(records(), str(path))
 
 
-def read_kafka_range(url: str, start: str | None = None, end: str | None = None) -> EventLog:
+def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
+                     max_event_bytes: int | None = None) -> EventLog:
     """`kafka://HOST:PORT/TOPIC`, from `start` to `end` (exclusive) on every partition: each a
     plain offset (`1200`) or an event time (`t=1700000000000`, resolved with offsets_for_times);
     by default from the beginning to the end offsets at the time of reading."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
     parsed = urlparse(url)
     topic = parsed.path.lstrip("/")
     if parsed.scheme != "kafka" or not parsed.netloc or not topic:
         raise ValueError(f"expected kafka://HOST:PORT/TOPIC, got {url!r}")
     consumer = Consumer({"bootstrap.servers": parsed.netloc, "group.id": "segments-backtest",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
-    codec = SchemaCatalog().codec("UserEvent")
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "enable.partition.eof": True})
+    codec = SchemaCatalog().codec("UserEvent", max_event_bytes)
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
@@ -114,41 +116,49 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None)
             return [int(bound)] * len(partitions)
 
         starts = resolve(start, OFFSET_BEGINNING)
-        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
-        if end is not None:
-            ends = [min(e, b) if b >= 0 else e for e, b in zip(ends, resolve(end, -1), strict=True)]
-        per_partition: list[list[dict | DecodeError]] = []
-        for p, first, stop in zip(partitions, starts, ends, strict=True):
-            records: list[dict | DecodeError] = []
-            per_partition.append(records)
-            if first >= 0 and first >= stop:
+        ends = resolve(end, -1)  # -1: up to the end of the partition at the time of reading
+        per_partition: dict[int, list[dict | DecodeError]] = {p: [] for p in partitions}
+        # The end of a partition comes from the fetch responses (partition EOF): tansu 0.6's
+        # ListOffsets answers 1 for the latest offset, so get_watermark_offsets cannot be used.
+        open_partitions = {p for p, first, stop in zip(partitions, starts, ends, strict=True)
+                           if not (stop >= 0 and 0 <= stop <= first)}
+        consumer.assign([TopicPartition(topic, p, first) for p, first in zip(partitions, starts, strict=True)
+                         if p in open_partitions])
+        stop_at = dict(zip(partitions, ends, strict=True))
+        while open_partitions:
+            msg = consumer.poll(30.0)
+            if msg is None:
+                raise TimeoutError(f"no records nor end of partition from {topic} for 30 s")
+            p = msg.partition()
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    open_partitions.discard(p)
+                    continue
+                raise KafkaException(msg.error())
+            if p not in open_partitions:
                 continue
-            consumer.assign([TopicPartition(topic, p, first)])
-            while True:
-                msg = consumer.poll(5.0)
-                if msg is None:
-                    break  # nothing more within the range (e.g. aborted transactions at its end)
-                if msg.error():
-                    raise KafkaException(msg.error())
-                if msg.offset() >= stop:
-                    break
-                try:
-                    records.append(codec.decode(msg.value()))
-                except DecodeError as err:
-                    records.append(err)
-                if msg.offset() + 1 >= stop:
-                    break
+            if 0 <= stop_at[p] <= msg.offset():
+                open_partitions.discard(p)
+                continue
+            try:
+                per_partition[p].append(codec.decode(msg.value()))
+            except DecodeError as err:
+                per_partition[p].append(err)
+            if 0 <= stop_at[p] <= msg.offset() + 1:
+                open_partitions.discard(p)
     finally:
         consumer.close()
     # The job reads the partitions side by side; a user's events are all on one partition, so
     # any interleaving gives the same transitions. Merge by time, as the job roughly sees them.
-    merged = heapq.merge(*per_partition, key=lambda r: 0 if isinstance(r, DecodeError) else r["timestamp"])
+    merged = heapq.merge(*per_partition.values(), key=lambda r: 0 if isinstance(r, DecodeError) else r["timestamp"])
     return _accept(merged, url)
 
 
-def read_events(source: str, start: str | None = None, end: str | None = None) -> EventLog:
+def read_events(source: str, start: str | None = None, end: str | None = None,
+                max_event_bytes: int | None = None) -> EventLog:
+    """`max_event_bytes` applies to Kafka records, which carry the job's Avro encoding."""
     if source.startswith("kafka://"):
-        return read_kafka_range(source, start, end)
+        return read_kafka_range(source, start, end, max_event_bytes)
     path = Path(source)
     if not path.exists():
         raise ValueError(f"{source}: no such file")

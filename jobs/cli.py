@@ -163,7 +163,7 @@ def cmd_backtest(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        log = backtest.read_events(args.events, args.start, args.end)
+        log = backtest.read_events(args.events, args.start, args.end, settings.max_event_bytes)
     except (OSError, ValueError) as err:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
