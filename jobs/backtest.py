@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,6 +29,7 @@ from udfs.transitions import SegmentEngine, Transition
 
 FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires
 
 
@@ -82,7 +84,11 @@ def read_avro_file(path: Path) -> EventLog:
             reader = fastavro.reader(f)
             if reader.writer_schema.get("name") not in ("UserEvent", "segments.v1.UserEvent"):
                 raise ValueError(f"{path}: holds {reader.writer_schema.get('name')!r} records, not UserEvent")
-            yield from reader
+            for record in reader:
+                # fastavro turns timestamp-millis into datetimes; the core counts epoch milliseconds.
+                if isinstance(record.get("timestamp"), datetime):
+                    record["timestamp"] = (record["timestamp"] - EPOCH) // timedelta(milliseconds=1)
+                yield record
     return _accept(records(), str(path))
 
 
