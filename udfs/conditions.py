@@ -357,7 +357,7 @@ class Evaluation:
     """One evaluation instant of one user: feature reads are cached for its duration, and the
     memberships decided so far are visible to segment references."""
 
-    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache")
+    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache", "lapses")
 
     def __init__(self, profile: UserProfile, now: int, catalog: FeatureCatalog, scores: Mapping[str, float]):
         self.profile = profile
@@ -365,7 +365,8 @@ class Evaluation:
         self.catalog = catalog
         self.scores = scores
         self.members: dict[str, bool] = {}
-        self.cache: dict[str, Any] = {}
+        self.cache: dict[Any, Any] = {}
+        self.lapses: dict[Any, int | None] = {}
 
     def feature(self, name: str) -> Any:
         cache = self.cache
@@ -373,6 +374,21 @@ class Evaluation:
             return cache[name]
         value = cache[name] = self.catalog.readers[name](self.profile, self.now)
         return value
+
+    def keyed(self, name: str, key: str, read) -> Any:
+        cache, slot = self.cache, (name, key)
+        if slot in cache:
+            return cache[slot]
+        value = cache[slot] = read(self.profile, self.now, key)
+        return value
+
+    def lapse(self, slot, lapse) -> int | None:
+        """A feature's next lapse, computed once per evaluation however many conditions ask."""
+        lapses = self.lapses
+        if slot in lapses:
+            return lapses[slot]
+        due = lapses[slot] = lapse(self.profile, self.now)
+        return due
 
 
 @dataclass(frozen=True)
@@ -534,7 +550,8 @@ class Compiler:
         if spec is None:
             raise ConditionError(f"unknown feature {name!r}{_suggest(name, catalog.specs)}", node.column)
         lapse = catalog.lapses.get(name)
-        change: Change = (lambda ev: lapse(ev.profile, ev.now)) if lapse else _never
+        # Keyed by the lapse function: the features of one horizon share it, and so its result.
+        change: Change = (lambda ev: ev.lapse(lapse, lapse)) if lapse else _never
         read = catalog.readers[name]
         if spec.kind == MAP:
             if node.key is None:
@@ -542,12 +559,21 @@ class Compiler:
             if spec.value_kind not in (NUMBER, DURATION):
                 raise ConditionError(f"{name} cannot be used in conditions", node.column)
             key, default = node.key, spec.missing_key
+            read_key = catalog.key_readers.get(name)
+            if read_key is None:
+                def read_key(p, t, k):
+                    return read(p, t).get(k, default)
+            key_lapse = catalog.key_lapses.get(name)
+            if key_lapse is not None:
+                def lapse_of_key(p, t):
+                    return key_lapse(p, t, key)
+                change = lambda ev: ev.lapse((name, key), lapse_of_key)  # noqa: E731
 
             def value(ev):
-                return ev.feature(name).get(key, default)
+                return ev.keyed(name, key, read_key)
 
             def at(p, t):
-                return read(p, t).get(key, default)
+                return read_key(p, t, key)
 
             label = f"{name}[{key}]"
             kind = spec.value_kind

@@ -106,6 +106,12 @@ class DefinitionSet:
     sha256: str = ""
     models: tuple[str, ...] = field(default=())  # the model scores the conditions read
 
+    def __post_init__(self) -> None:
+        # Precomputed walk order: (group or None, segments of the unit) per unit.
+        self._plan = tuple(
+            (unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units
+        )
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.segments)
@@ -113,30 +119,37 @@ class DefinitionSet:
     def decide(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict[str, Verdict]:
         """Every segment's membership at `ev.now`, given the memberships before it."""
         verdicts: dict[str, Verdict] = {}
-        for unit in self.units:
-            if isinstance(unit, Segment):
-                verdicts[unit.name] = self._decide_one(unit, ev, memberships.get(unit.name))
+        members = ev.members
+        for group, segments in self._plan:
+            if group is None:
+                segment = segments[0]
+                verdict = verdicts[segment.name] = self._decide_one(segment, ev, memberships.get(segment.name))
+                members[segment.name] = verdict.member
             else:
-                verdicts.update(self._decide_group(unit, ev, memberships))
-            for name in _names(unit):
-                ev.members[name] = verdicts[name].member
+                for name, verdict in self._decide_group(group, ev, memberships).items():
+                    verdicts[name] = verdict
+                    members[name] = verdict.member
         return verdicts
 
     def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
-        times = []
-        for unit in self.units:
-            for segment in _ordered(unit):
+        earliest = None
+        now = ev.now
+        for group, segments in self._plan:
+            for segment in segments:
                 m = memberships.get(segment.name)
                 if m is not None and m.member:
-                    dwell_end = m.since_ms + segment.min_dwell_ms
-                    times.append(dwell_end if dwell_end > ev.now else segment.exit_change(ev))
-                    if isinstance(unit, ExclusiveGroup) and dwell_end > ev.now:
+                    due = m.since_ms + segment.min_dwell_ms
+                    if due <= now:
+                        due = segment.exit_change(ev)
+                    elif group is not None:
+                        earliest = due if earliest is None or due < earliest else earliest
                         break  # the group holds still until then
                 else:
-                    times.append(segment.enter.next_change(ev))
-        present = [t for t in times if t is not None]
-        return min(present) if present else None
+                    due = segment.enter.next_change(ev)
+                if due is not None and (earliest is None or due < earliest):
+                    earliest = due
+        return earliest
 
     @staticmethod
     def _decide_one(segment: Segment, ev: Evaluation, current: Membership | None) -> Verdict:
@@ -176,10 +189,6 @@ class DefinitionSet:
 
 def _ordered(unit) -> tuple[Segment, ...]:
     return unit.segments if isinstance(unit, ExclusiveGroup) else (unit,)
-
-
-def _names(unit) -> tuple[str, ...]:
-    return tuple(s.name for s in _ordered(unit))
 
 
 # -- loading ---------------------------------------------------------------------------------------

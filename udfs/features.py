@@ -69,6 +69,9 @@ class FeatureCatalog:
         self.readers: dict[str, Reader] = {}
         self.lapses: dict[str, Lapse] = {}
         self.specs: dict[str, FeatureSpec] = {}
+        # Map features read for one key, without building the whole map (conditions name keys).
+        self.key_readers: dict[str, Callable[[UserProfile, int, str], Any]] = {}
+        self.key_lapses: dict[str, Callable[[UserProfile, int, str], int | None]] = {}
         self._recency()
         for h in config.horizons:
             self._windowed(h)
@@ -159,6 +162,9 @@ class FeatureCatalog:
         r[f"distinct_categories_viewed_{n}"] = distinct(categories)
         lapses[f"distinct_categories_viewed_{n}"] = distinct_lapse(categories)
         r[f"category_views_{n}"] = category_views
+        self.key_readers[f"category_views_{n}"] = lambda p, t, key: sum(
+            b.category_views.get(key, 0) for _, b in covered(p, t)
+        )
         r[f"spend_{n}"] = spend
         r[f"orders_{n}"] = count(("purchase",))
         r[f"aov_{n}"] = aov
@@ -185,6 +191,7 @@ class FeatureCatalog:
 
         r["checkout_pending"] = checkout_pending
         r["cart_quantity"] = lambda p, t: {k: line.quantity for k, line in p.cart().items()}
+        self.key_readers["cart_quantity"] = lambda p, t, key: line.quantity if (line := p.cart().get(key)) else 0
         for name in ("lifetime_spend", "lifetime_orders", "cart_lines", "cart_items", "cart_value", "checkout_pending"):
             self.specs[name] = FeatureSpec(NUMBER)
         self.specs["lifetime_aov"] = FeatureSpec(NUMBER, nullable=True)
@@ -277,6 +284,21 @@ class FeatureCatalog:
             )
 
         lapses["ms_since_viewed_product"] = viewed_product_lapse
+
+        def viewed_product(p, t, key):
+            v = p.products_viewed.get(key)
+            return None if v is None or not any(h.covers(v, t) for h in config.horizons) else t - v
+
+        def viewed_product_key_lapse(p, t, key):
+            v = p.products_viewed.get(key)
+            until = None if v is None else max(h.lapses_at(v) for h in config.horizons)
+            return until if until is not None and until > t else None
+
+        self.key_readers["ms_since_viewed_product"] = viewed_product
+        self.key_lapses["ms_since_viewed_product"] = viewed_product_key_lapse
+        self.key_readers["category_affinity"] = lambda p, t, key: (
+            decay(p.affinity[key], t - p.decay_as_of_ms, config.affinity_half_life_ms) if key in p.affinity else 0.0
+        )
         spec = self.specs
         spec["engagement_score"] = FeatureSpec(NUMBER, DECAY, half_life_ms=config.engagement_half_life_ms)
         spec["engagement_tier"] = FeatureSpec(TEXT, choices=("high", "medium", "low"))

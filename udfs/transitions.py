@@ -87,6 +87,9 @@ class SegmentEngine:
         self.scorer = scorer
         self.catalog = definitions.catalog
         self.config = self.catalog.config
+        # The evaluation of the latest diff, reused by next_change_ms at the same instant (the
+        # feature reads and lapses are the expensive part of both).
+        self._latest: Evaluation | None = None
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
         return is_duplicate(profile, event, self.config)
@@ -101,6 +104,7 @@ class SegmentEngine:
     def on_accepted_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
         """`on_event` for a caller that has already checked `is_duplicate` (the job counts them)."""
         out = self._advance(user_id, profile, event.timestamp)
+        self._latest = None
         apply_event(profile, event, self.config)
         prune(profile, self.config)
         if self.scorer is not None:
@@ -141,7 +145,9 @@ class SegmentEngine:
         change, or the profile expires."""
         if profile.last_event_ms is None:
             return None
-        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
+        ev = self._latest
+        if ev is None or ev.profile is not profile or ev.now != profile.clock_ms or ev.scores is not profile.scores:
+            ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
         due = self.definitions.next_change_ms(ev, profile.memberships)
         expiry = self.retention_expiry_ms(profile)
         return expiry if due is None or expiry < due else due
@@ -166,7 +172,7 @@ class SegmentEngine:
         cause_event_id: str | None,
         out: list[Transition],
     ) -> None:
-        ev = Evaluation(profile, now_ms, self.catalog, profile.scores)
+        ev = self._latest = Evaluation(profile, now_ms, self.catalog, profile.scores)
         verdicts = self.definitions.decide(ev, profile.memberships)
         changed: list[tuple[str, Verdict | None]] = [
             (name, None) for name, m in profile.memberships.items() if m.member and name not in verdicts
