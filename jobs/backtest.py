@@ -25,7 +25,8 @@ from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
-from udfs.transitions import SegmentEngine, Transition
+from udfs.segmentation import Segmentation
+from udfs.transitions import Transition
 
 FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
@@ -209,13 +210,12 @@ class BacktestResult:
 
 
 def run_backtest(
-    definitions: DefinitionSet,
+    segmentation: Segmentation | DefinitionSet,
     log: EventLog,
     until_ms: int | None = None,
     watermark_lag_ms: int = 5_000,
     allowed_lateness_ms: int = 60_000,
     progress: bool = False,
-    scorer=None,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
@@ -223,7 +223,10 @@ def run_backtest(
     passes up to `until_ms` (default: the watermark the job would reach at the end of the log)."""
     from tqdm import tqdm
 
-    engine = SegmentEngine(definitions, scorer=scorer)
+    if isinstance(segmentation, DefinitionSet):
+        segmentation = Segmentation(segmentation, None)
+    definitions = segmentation.definitions
+    engine = segmentation.engine()
     profiles: dict[str, UserProfile] = {}
     transitions: list[Transition] = []
     duplicates = late = applied = 0

@@ -1,4 +1,4 @@
-"""`segments`: run, submit, generate, tail, demo, validate, backtest, profile-stats, and
+"""`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, and
 `stack up|down|status`."""
 
 from __future__ import annotations
@@ -128,14 +128,16 @@ def cmd_tail(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from udfs.definitions import DefinitionError, load_definitions
+    from udfs.definitions import DefinitionError
+    from udfs.scoring import ModelVerificationError
+    from udfs.segmentation import Segmentation
 
     settings = _settings(args)
     failed = 0
     for path in args.files:
         try:
-            d = load_definitions(path, settings.profile)
-        except DefinitionError as err:
+            d = Segmentation.load(path, settings.profile, args.models or settings.models_dir).definitions
+        except (DefinitionError, ModelVerificationError) as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
@@ -153,13 +155,16 @@ def cmd_validate(args) -> int:
 
 def cmd_backtest(args) -> int:
     from jobs import backtest
-    from udfs.definitions import DefinitionError, load_definitions
+    from udfs.definitions import DefinitionError
+    from udfs.scoring import ModelVerificationError
+    from udfs.segmentation import Segmentation
 
     settings = _settings(args)
     try:
-        base = load_definitions(args.definitions, settings.profile)
-        other = load_definitions(args.compare_with, settings.profile) if args.compare_with else None
-    except DefinitionError as err:
+        base = Segmentation.load(args.definitions, settings.profile, settings.models_dir)
+        other = (Segmentation.load(args.compare_with, settings.profile, settings.models_dir)
+                 if args.compare_with else None)
+    except (DefinitionError, ModelVerificationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
@@ -184,6 +189,19 @@ def cmd_backtest(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(backtest.as_json(result, diffs), indent=1))
         print(f"figures: {args.json}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from models.train import train
+
+    settings = _settings(args)
+    out = Path(args.out)
+    report = train(out, users=args.users, days=args.days, seed=args.seed, version=args.version,
+                   config=settings.profile, progress=lambda line: print(f"[train] {line}", flush=True))
+    for line in report.lines():
+        print(line)
+    print(f"models and manifests written to {out}/")
     return 0
 
 
@@ -268,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("validate", help="check segment definitions files; non-zero exit on errors"))
     p.add_argument("files", nargs="+")
     p.add_argument("-v", "--verbose", action="store_true", help="list every segment's rule")
+    p.add_argument("--models", help="models directory (default: the models_dir setting, else models/)")
     p.set_defaults(func=cmd_validate)
 
     p = with_config(sub.add_parser("backtest", help="replay an event log through definitions, no cluster"))
@@ -284,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backtest)
+
+    p = with_config(sub.add_parser("train", help="train and export the models from generated history"))
+    p.add_argument("--users", type=int, default=1200)
+    p.add_argument("--days", type=int, default=36, help="history length (the churn label needs 14 days ahead)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--version", default="1", help="recorded in the manifests and in transitions")
+    p.add_argument("--out", default=str(PROJECT_ROOT / "models"))
+    p.set_defaults(func=cmd_train)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
     p.add_argument("--users", type=int, default=2000)

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 from jobs.settings import JobSettings
 from udfs.codec import SchemaCatalog
-from udfs.definitions import load_definitions
 from udfs.profile import UserProfile
+from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
-from udfs.transitions import SegmentEngine
 
 DAY_MS = 24 * 3_600_000
 START_MS = 1_700_000_000_000
@@ -44,7 +43,8 @@ def measure(settings: JobSettings, users: int, days: float, seed: int) -> Profil
     """Replays the traffic as the job does (decode state, apply, encode state, per event), then
     measures every user's state at the end of the traffic, when it is at its largest."""
     events = list(generate_events(users, seed, START_MS, int(days * DAY_MS)))
-    engine = SegmentEngine(load_definitions(settings.definitions_file(), settings.profile))
+    segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
+    engine = segmentation.engine()
     codec = ProfileStateCodec(SchemaCatalog().codec("UserProfileState"))
     stored: dict[str, bytes] = {}
     started = time.perf_counter()
@@ -54,7 +54,7 @@ def measure(settings: JobSettings, users: int, days: float, seed: int) -> Profil
         stored[event.user_id] = codec.encode(profile)
     elapsed = time.perf_counter() - started
     # The job's write-through profile cache on a full hit rate: no decode, still one encode.
-    fresh = SegmentEngine(engine.definitions)
+    fresh = segmentation.engine()
     profiles: dict[str, UserProfile] = {}
     started = time.perf_counter()
     for event in events:

@@ -34,11 +34,11 @@ from pyflink.table.expressions import col
 
 from jobs.settings import JobSettings, load_settings
 from udfs.codec import DecodeError, SchemaCatalog
-from udfs.definitions import DefinitionSet, load_definitions, parse_definitions
 from udfs.events import event_from_record
 from udfs.profile import UserProfile
+from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
-from udfs.transitions import SegmentEngine, Transition
+from udfs.transitions import Transition
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("segments.job")
@@ -146,13 +146,14 @@ class SegmentUsers(KeyedProcessFunction):
     event or when event time passes a point where a condition lapses (one timer per user, which
     is also the cleanup timer: when the retention runs out the user exits and the state goes)."""
 
-    def __init__(self, settings: JobSettings, definitions: DefinitionSet):
+    def __init__(self, settings: JobSettings, segmentation: Segmentation):
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
         # The definitions travel as the file's text (checked on the client before submission)
         # and are compiled again in open(): compiled closures are not shipped.
-        self.definitions_text = definitions.text
-        self.definitions_source = definitions.source
+        self.definitions_text = segmentation.definitions.text
+        self.definitions_source = segmentation.definitions.source
+        self.models_dir = settings.models_dir
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
@@ -163,8 +164,10 @@ class SegmentUsers(KeyedProcessFunction):
         self.transitions = catalog.codec("SegmentTransition")
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
-        self.engine = SegmentEngine(parse_definitions(self.definitions_text, self.definitions_source,
-                                                      self.profile_config))
+        # Models verified again where they run (file hashes, this worker's feature code, golden
+        # sets): a worker whose code or files differ from the client's stops here.
+        self.engine = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
+                                             self.models_dir).engine()
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
@@ -177,6 +180,15 @@ class SegmentUsers(KeyedProcessFunction):
         self.duplicate_events = metrics.counter("duplicate_events")
         self.profiles_expired = metrics.counter("profiles_expired")
         self.transitions_out = metrics.counter("transitions_out")
+        self.scoring_skipped = metrics.counter("scoring_skipped")
+        self.scores_out_of_range = metrics.counter("scores_out_of_range")
+        scorer = self.engine.scorer
+        self.scoring_seen = (0, 0)
+        if scorer is not None:
+            latency = scorer.stats.latency
+            metrics.gauge("inference_latency_p50_us", lambda: int(latency.percentile(0.5)))
+            metrics.gauge("inference_latency_p99_us", lambda: int(latency.percentile(0.99)))
+            metrics.gauge("inference_latency_max_us", lambda: int(latency.max_us))
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, event_time = value[0], value[1]
@@ -197,6 +209,8 @@ class SegmentUsers(KeyedProcessFunction):
             return
         had_events = bool(profile.last_by_type)
         transitions = self.engine.on_accepted_event(user_id, profile, event)
+        if self.engine.scorer is not None:
+            self._count_scoring(self.engine.scorer.stats)
         yield from self._commit(ctx, profile, transitions, had_events, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
@@ -206,6 +220,14 @@ class SegmentUsers(KeyedProcessFunction):
         had_events = bool(profile.last_by_type)
         transitions = self.engine.advance_to(user_id, profile, timestamp)
         yield from self._commit(ctx, profile, transitions, had_events, None)
+
+    def _count_scoring(self, stats) -> None:
+        skipped, out_of_range = self.scoring_seen
+        if stats.skipped != skipped:
+            self.scoring_skipped.inc(stats.skipped - skipped)
+        if stats.out_of_range != out_of_range:
+            self.scores_out_of_range.inc(stats.out_of_range - out_of_range)
+        self.scoring_seen = (stats.skipped, stats.out_of_range)
 
     def _load_profile(self, user_id: str) -> UserProfile:
         cache = self.profile_cache
@@ -300,12 +322,15 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOu
         .name(EVENT_TIME.name)
         .uid(EVENT_TIME.uid)
     )
-    definitions = load_definitions(settings.definitions_file(), settings.profile)  # fails before submitting
-    log.info("segment definitions %s version %s (sha256 %s): %d segments", definitions.source,
-             definitions.version, definitions.sha256[:12], len(definitions.segments))
+    # Definitions and models checked here, before anything is submitted or consumed.
+    segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
+    definitions = segmentation.definitions
+    log.info("segment definitions %s version %s (sha256 %s): %d segments; models: %s", definitions.source,
+             definitions.version, definitions.sha256[:12], len(definitions.segments),
+             segmentation.registry.version if segmentation.registry else "none")
     transitions = (
         timed.key_by(UserIdOf(), key_type=Types.STRING())
-        .process(SegmentUsers(settings, definitions), output_type=TRANSITION_RECORD)
+        .process(SegmentUsers(settings, segmentation), output_type=TRANSITION_RECORD)
         .name(SEGMENT.name)
         .uid(SEGMENT.uid)
         .set_parallelism(settings.segment_parallelism or settings.parallelism)

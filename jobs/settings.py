@@ -53,6 +53,8 @@ class JobSettings:
     transaction_timeout_ms: int = 300_000
     # The segment definitions file (README "Segment definitions"); empty: the shipped one.
     definitions_path: str = ""
+    # Where the models the definitions read live (`<dir>/<name>/manifest.json`); empty: models/.
+    models_dir: str = ""
     jars_dir: str = str(DEFAULT_CACHE / "jars")
     # Emit each user's state after every event and timer on a side output (tests, debugging).
     emit_profile_snapshots: bool = False

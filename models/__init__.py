@@ -1,0 +1,1 @@
+"""Training code and the exported models with their manifests (see README "Models")."""

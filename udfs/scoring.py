@@ -1,0 +1,385 @@
+"""Model scores per event: each model's manifest names an ordered feature vector read from the
+profile, and an ONNX session scores it. Loading verifies every model before anything is scored.
+
+A manifest (`models/<name>/manifest.json`, written by `segments train` or by hand for a model you
+bring) declares the vector (feature, transform, what to do when it has no value), the feature
+hash, the ONNX file's sha256, the input and output to use, the score's range, thresholds,
+training metrics and a golden set. `ModelRegistry.load` refuses a model whose file hash, feature
+hash (the running feature code, fingerprinted by its behaviour) or golden outputs do not match,
+with an error that says which and why. README "Models" is the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from udfs.conditions import ModelOutput
+from udfs.features import DURATION, NUMBER, FeatureCatalog
+from udfs.profile import UserProfile, apply_event, prune
+
+MANIFEST = "manifest.json"
+TRANSFORMS = ("identity", "log1p", "hours")
+HOUR_MS = 3_600_000
+GOLDEN_TOLERANCE = 1e-4  # probabilities; cluster ids must match exactly
+# The behavioural fingerprint of the feature code: a fixed generated history, read at fixed
+# instants. Any change to what a vector feature computes changes the values, hence the hash;
+# edits that change nothing (comments, refactors) keep it.
+FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_DAYS = 24, 97, 9
+FINGERPRINT_START_MS = 1_600_000_000_000
+
+
+class ModelVerificationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class VectorFeature:
+    name: str
+    transform: str = "identity"
+    impute: float | None = None  # the value used when the feature has none; None: skip scoring
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "transform": self.transform, "impute": self.impute}
+
+
+class FeatureVector:
+    """An ordered list of scalar numeric features, transformed, with the missing-value policy."""
+
+    def __init__(self, features: Iterable[VectorFeature], catalog: FeatureCatalog):
+        self.features = tuple(features)
+        self.catalog = catalog
+        for f in self.features:
+            spec = catalog.specs.get(f.name)
+            if spec is None or spec.kind not in (NUMBER, DURATION):
+                raise ModelVerificationError(f"vector feature {f.name!r} is not a numeric feature of the catalog")
+            if f.transform not in TRANSFORMS:
+                raise ModelVerificationError(f"vector feature {f.name!r}: transform {f.transform!r} not one of "
+                                             f"{', '.join(TRANSFORMS)}")
+            if f.impute is not None and not math.isfinite(f.impute):
+                raise ModelVerificationError(f"vector feature {f.name!r}: impute must be a finite number")
+        self._readers = tuple((catalog.readers[f.name], _TRANSFORM[f.transform], f.impute) for f in self.features)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    def spec(self) -> list[dict]:
+        return [f.as_dict() for f in self.features]
+
+    def values(self, profile: UserProfile, now_ms: int) -> list[float] | None:
+        """The vector at `now_ms`, or None when a feature without an impute value has no value
+        (missing, NaN or infinite): such a vector is never passed to a model."""
+        out = []
+        for read, transform, impute in self._readers:
+            raw = read(profile, now_ms)
+            if raw is None or not math.isfinite(raw):
+                if impute is None:
+                    return None
+                out.append(float(impute))
+            else:
+                out.append(transform(float(raw)))
+        return out
+
+
+_TRANSFORM = {
+    "identity": lambda v: v,
+    "log1p": lambda v: math.log1p(max(v, 0.0)),
+    "hours": lambda v: v / HOUR_MS,
+}
+
+
+def feature_hash(vector: FeatureVector) -> str:
+    """sha256 of the vector's spec and its values over the fingerprint history."""
+    from udfs.shoppers import generate_events
+
+    day = 24 * HOUR_MS
+    events = sorted(generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * day),
+                    key=lambda e: e.timestamp)
+    instants = [FINGERPRINT_START_MS + day * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
+    config = vector.catalog.config
+    profiles: dict[str, UserProfile] = {}
+    rows: list = []
+    i = 0
+    for instant in instants:
+        while i < len(events) and events[i].timestamp <= instant:
+            e = events[i]
+            profile = profiles.setdefault(e.user_id, UserProfile())
+            apply_event(profile, e, config)
+            prune(profile, config)
+            i += 1
+        for user_id in sorted(profiles):
+            values = vector.values(profiles[user_id], instant)
+            rows.append(None if values is None else [float(f"{v:.9g}") for v in values])
+    payload = json.dumps({"vector": vector.spec(), "values": rows}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class ModelManifest:
+    name: str
+    version: str
+    kind: str  # probability | cluster
+    onnx_file: str
+    onnx_sha256: str
+    vector: list[VectorFeature]
+    feature_hash: str
+    input_name: str
+    input_shape: list
+    output_name: str
+    output_index: int | None  # column of a 2-D output (the positive class), None for 1-D
+    clusters: int | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    golden: list[dict] = field(default_factory=list)  # {"input": [...], "output": x}
+    summaries: list[dict] = field(default_factory=list)  # cluster descriptions
+    description: str = ""
+
+    @classmethod
+    def read(cls, path: Path) -> ModelManifest:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelVerificationError(f"{path}: cannot read the manifest: {err}") from None
+        try:
+            vector = [VectorFeature(f["name"], f.get("transform", "identity"), f.get("impute")) for f in raw["vector"]]
+            manifest = cls(
+                name=raw["name"], version=str(raw["version"]), kind=raw["kind"], onnx_file=raw["onnx_file"],
+                onnx_sha256=raw["onnx_sha256"], vector=vector, feature_hash=raw["feature_hash"],
+                input_name=raw["input"]["name"], input_shape=raw["input"]["shape"],
+                output_name=raw["output"]["name"], output_index=raw["output"].get("index"),
+                clusters=raw.get("clusters"), thresholds=raw.get("thresholds", {}), metrics=raw.get("metrics", {}),
+                golden=raw.get("golden", []), summaries=raw.get("summaries", []),
+                description=raw.get("description", ""),
+            )
+        except (KeyError, TypeError) as err:
+            raise ModelVerificationError(f"{path}: manifest field missing or malformed: {err}") from None
+        if manifest.kind not in ("probability", "cluster"):
+            raise ModelVerificationError(f"{path}: kind must be probability or cluster, got {manifest.kind!r}")
+        if manifest.kind == "cluster" and not (isinstance(manifest.clusters, int) and manifest.clusters >= 2):
+            raise ModelVerificationError(f"{path}: a cluster model declares clusters >= 2")
+        if Path(manifest.onnx_file).name != manifest.onnx_file:
+            raise ModelVerificationError(f"{path}: onnx_file must be a file name in the model's directory")
+        return manifest
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "version": self.version, "kind": self.kind, "description": self.description,
+            "onnx_file": self.onnx_file, "onnx_sha256": self.onnx_sha256,
+            "vector": [f.as_dict() for f in self.vector], "feature_hash": self.feature_hash,
+            "input": {"name": self.input_name, "shape": self.input_shape},
+            "output": {"name": self.output_name, "index": self.output_index},
+            "clusters": self.clusters, "thresholds": self.thresholds, "metrics": self.metrics,
+            "golden": self.golden, "summaries": self.summaries,
+        }
+
+    def output(self) -> ModelOutput:
+        return ModelOutput(self.name, clusters=self.clusters) if self.kind == "cluster" else ModelOutput(self.name)
+
+
+class LoadedModel:
+    """One verified ONNX session (one intra-op thread) with its preallocated input row."""
+
+    def __init__(self, manifest: ModelManifest, directory: Path, vector: FeatureVector):
+        import numpy as np
+        import onnxruntime
+
+        self.manifest = manifest
+        self.vector = vector
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(directory / manifest.onnx_file), options,
+                                                    providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if manifest.input_name not in inputs:
+            raise ModelVerificationError(f"model {manifest.name}: the ONNX graph has no input {manifest.input_name!r} "
+                                         f"(it has {', '.join(inputs)})")
+        width = inputs[manifest.input_name].shape[-1]
+        if isinstance(width, int) and width != len(vector.features):
+            raise ModelVerificationError(f"model {manifest.name}: the graph takes {width} features, the manifest's "
+                                         f"vector has {len(vector.features)}")
+        if manifest.output_name not in outputs:
+            raise ModelVerificationError(f"model {manifest.name}: the ONNX graph has no output "
+                                         f"{manifest.output_name!r} (it has {', '.join(sorted(outputs))})")
+        self._row = np.zeros((1, len(vector.features)), dtype=np.float32)
+        self._feeds = {manifest.input_name: self._row}
+        self._outputs = [manifest.output_name]
+
+    def score_vector(self, values: list[float]) -> float:
+        self._row[0, :] = values
+        result = self.session.run(self._outputs, self._feeds)[0]
+        index = self.manifest.output_index
+        value = result[0] if index is None else result[0][index]
+        return float(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelRegistry:
+    """The verified models of one models directory, for one feature catalog."""
+
+    def __init__(self, models: dict[str, LoadedModel], catalog: FeatureCatalog):
+        self.models = models
+        self.catalog = catalog
+
+    @classmethod
+    def discover(cls, models_dir: Path) -> dict[str, Path]:
+        """Model name -> directory, for every `<dir>/<name>/manifest.json`."""
+        if not models_dir.is_dir():
+            return {}
+        return {p.parent.name: p.parent for p in sorted(models_dir.glob(f"*/{MANIFEST}"))}
+
+    @classmethod
+    def outputs_of(cls, models_dir: Path) -> dict[str, ModelOutput]:
+        """What the definitions may reference, from the manifests alone (no verification)."""
+        out = {}
+        for directory in cls.discover(models_dir).values():
+            manifest = ModelManifest.read(directory / MANIFEST)
+            out[manifest.name] = manifest.output()
+        return out
+
+    @classmethod
+    def load(cls, models_dir: Path, catalog: FeatureCatalog, names: Iterable[str] | None = None) -> ModelRegistry:
+        """Loads and verifies `names` (default: every model in the directory)."""
+        available = cls.discover(models_dir)
+        wanted = list(available) if names is None else list(names)
+        models: dict[str, LoadedModel] = {}
+        hashes: dict[str, str] = {}  # one fingerprint per distinct vector
+        for name in wanted:
+            if name not in available:
+                raise ModelVerificationError(f"model {name!r} not found in {models_dir} "
+                                             f"(found: {', '.join(available) or 'none'})")
+            directory = available[name]
+            manifest = ModelManifest.read(directory / MANIFEST)
+            if manifest.name != name:
+                raise ModelVerificationError(f"{directory / MANIFEST}: names model {manifest.name!r}, "
+                                             f"but its directory is {name!r}")
+            onnx_path = directory / manifest.onnx_file
+            if not onnx_path.is_file():
+                raise ModelVerificationError(f"model {name}: {onnx_path} is missing")
+            actual = _sha256(onnx_path)
+            if actual != manifest.onnx_sha256:
+                raise ModelVerificationError(f"model {name}: {onnx_path.name} has sha256 {actual[:16]}..., the "
+                                             f"manifest says {manifest.onnx_sha256[:16]}...: the file is not the "
+                                             "one that was validated")
+            vector = FeatureVector(manifest.vector, catalog)
+            key = json.dumps(vector.spec(), sort_keys=True)
+            running = hashes.get(key) or hashes.setdefault(key, feature_hash(vector))
+            if running != manifest.feature_hash:
+                raise ModelVerificationError(
+                    f"model {name}: feature hash mismatch (manifest {manifest.feature_hash[:16]}..., running code "
+                    f"{running[:16]}...): the vector's features, their order, transforms or the code or profile "
+                    "settings computing them differ from training; retrain or restore the feature code"
+                )
+            model = LoadedModel(manifest, directory, vector)
+            _check_golden(model)
+            models[name] = model
+        return cls(models, catalog)
+
+    def outputs(self) -> dict[str, ModelOutput]:
+        return {name: m.manifest.output() for name, m in self.models.items()}
+
+    @property
+    def version(self) -> str | None:
+        """For transitions' model_version: every model's name and version."""
+        return ",".join(f"{n}:{m.manifest.version}" for n, m in sorted(self.models.items())) or None
+
+
+def _check_golden(model: LoadedModel) -> None:
+    m = model.manifest
+    if not m.golden:
+        raise ModelVerificationError(f"model {m.name}: the manifest has no golden set to verify the model with")
+    for i, case in enumerate(m.golden):
+        values = case["input"]
+        if len(values) != len(model.vector.features):
+            raise ModelVerificationError(f"model {m.name}: golden input {i} has {len(values)} values, the vector "
+                                         f"{len(model.vector.features)}")
+        got, want = model.score_vector(values), float(case["output"])
+        ok = got == want if m.kind == "cluster" else abs(got - want) <= GOLDEN_TOLERANCE
+        if not ok:
+            raise ModelVerificationError(f"model {m.name}: golden case {i} scores {got!r}, the manifest expects "
+                                         f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})")
+
+
+class LatencyHistogram:
+    """Log-spaced buckets of microseconds (1.25x apart): percentiles within 12%, O(1) per record."""
+
+    FACTOR = 1.25
+
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+        self.total = 0
+        self.max_us = 0.0
+
+    def record(self, micros: float) -> None:
+        bucket = int(math.log(max(micros, 1.0), self.FACTOR))
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        self.total += 1
+        self.max_us = max(self.max_us, micros)
+
+    def percentile(self, q: float) -> float:
+        if not self.total:
+            return 0.0
+        rank, seen = q * self.total, 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return self.FACTOR ** (bucket + 1)
+        return self.max_us
+
+
+@dataclass
+class ScoringStats:
+    scored: int = 0
+    skipped: int = 0  # a vector feature had no value and no impute policy
+    out_of_range: int = 0  # NaN, infinite, or outside the model's range: dropped
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+class Scorer:
+    """`SegmentEngine`'s scorer: every model once per accepted event."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        # Models reading the same vector share one read of it per event.
+        self.plan = tuple((json.dumps(m.vector.spec(), sort_keys=True), m) for m in registry.models.values())
+        self.stats = ScoringStats()
+
+    def __call__(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Mapping[str, float]:
+        scores: dict[str, float] = {}
+        vectors: dict[str, list[float] | None] = {}
+        stats = self.stats
+        for key, model in self.plan:
+            if key not in vectors:
+                vectors[key] = model.vector.values(profile, now_ms)
+            values = vectors[key]
+            if values is None:
+                stats.skipped += 1
+                continue
+            started = time.perf_counter_ns()
+            score = model.score_vector(values)
+            stats.latency.record((time.perf_counter_ns() - started) / 1000)
+            m = model.manifest
+            valid = math.isfinite(score) and (
+                score in range(m.clusters) if m.kind == "cluster" else 0.0 <= score <= 1.0
+            )
+            if not valid:
+                stats.out_of_range += 1
+                continue
+            stats.scored += 1
+            scores[m.name] = score
+        return scores
