@@ -39,6 +39,7 @@ from udfs.profile_config import DURATION_UNITS
 
 MAX_CONDITION_CHARS = 4_000
 MAX_DEPTH = 40  # nesting of parentheses and `not`; keeps the recursive parser far from Python's limit
+MAX_DURATION_MS = 100 * 365 * 86_400_000
 MAX_STEPS = 10_000  # when searching the exact millisecond a decaying value crosses a threshold
 BOOL = "boolean"
 KEYWORDS = {"and", "or", "not", "in", "true", "false", "missing", "absent", "score", "segment"}
@@ -316,7 +317,8 @@ class _Parser:
                                      f"found {self._shown(kind)}", kind.column)
             self.expect(",")
             window = self.take()
-            if window.kind != "duration" or window.value <= 0 or window.value != int(window.value):
+            if (window.kind != "duration" or not math.isfinite(window.value) or window.value <= 0
+                    or window.value != int(window.value)):
                 raise ConditionError(f"absent(...) takes a positive duration second, such as 7d; "
                                      f"found {self._shown(window)}", window.column)
             self.expect(")")
@@ -617,6 +619,8 @@ class Compiler:
         if right.literal:
             threshold = right.value(None)
             self._check_threshold(left, op, threshold, node.column)
+            if left.motion == DECAY and op in ("==", "!="):
+                raise ConditionError(f"{left.label} changes continuously with time: use <, <=, >, >=", node.column)
             return holds, self._crossing(left, op, threshold)
         for side in (left, right):
             if side.motion != STEP:
@@ -652,6 +656,8 @@ class Compiler:
     def _check_threshold(left: Operand, op: str, threshold: float, column: int) -> None:
         if not math.isfinite(threshold):
             raise ConditionError(f"threshold {threshold} is not a finite number", column)
+        if left.kind == DURATION and abs(threshold) > MAX_DURATION_MS:
+            raise ConditionError(f"duration threshold {threshold:g} ms is beyond 100 years", column)
         low, high = left.low, left.high
         if (low is not None and threshold < low) or (high is not None and threshold > high):
             bounds = f"[{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
@@ -683,7 +689,7 @@ class Compiler:
                         return _earliest(due, base + offset)
                 return due
             return change
-        if left.motion == DECAY and op not in ("==", "!="):
+        if left.motion == DECAY:
             test, value, at, half_life = _OPS[op], left.value, left.at, left.half_life_ms
 
             def change(ev):
@@ -708,7 +714,11 @@ class Compiler:
                                          f"{', '.join(item.choices)}", option.column)
             options = frozenset(o.value for o in node.options)
             value = item.value
-            return (lambda ev: (value(ev) in options) != negated), item.change
+
+            def holds_in(ev):
+                v = value(ev)
+                return v is not None and (v in options) != negated  # missing: false, as comparisons
+            return holds_in, item.change
         collection = self._operand(node.options, refs)
         if collection.kind != TEXT_LIST:
             raise ConditionError(f"{collection.label} is not a list", node.column)
@@ -732,7 +742,10 @@ def _decay_crossing(ev: Evaluation, v, at, half_life_ms: int, test, threshold: f
     if v == threshold:
         return now + 1  # it falls below at once: <= / >= flip
     holds_now = test(v, threshold)
-    due = max(now + 1, now + math.ceil(half_life_ms * math.log2(v / threshold)))
+    wait = half_life_ms * math.log2(v / threshold)
+    if not math.isfinite(wait) or wait > 2**62 - now:
+        return None  # not within any time the engine can reach
+    due = max(now + 1, now + math.ceil(wait))
     # The estimate is from the value now; the reader decays from the stored base, so settle the
     # exact millisecond by reading it.
     for _ in range(MAX_STEPS):

@@ -45,6 +45,8 @@ from udfs.profile_config import DURATION_UNITS, ProfileConfig
 
 MAX_FILE_BYTES = 1_000_000
 MAX_SEGMENTS = 1_000
+MAX_YAML_DEPTH = 32
+MAX_TIME_MS = 2**62  # beyond any event time; Flink timers are signed 64-bit
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 DEFAULT_DEFINITIONS = Path(__file__).resolve().parent.parent / "jobs" / "definitions" / "shop.yaml"
@@ -105,6 +107,7 @@ class DefinitionSet:
     text: bytes = b""  # the file as read, to ship to the workers
     sha256: str = ""
     models: tuple[str, ...] = field(default=())  # the model scores the conditions read
+    rescore_every_ms: int = 0  # also rescore this long after the latest scoring (0: per event only)
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
@@ -149,7 +152,7 @@ class DefinitionSet:
                     due = segment.enter.next_change(ev)
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
-        return earliest
+        return earliest if earliest is None or earliest < MAX_TIME_MS else None
 
     @staticmethod
     def _decide_one(segment: Segment, ev: Evaluation, current: Membership | None) -> Verdict:
@@ -219,17 +222,31 @@ def parse_definitions(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DefinitionError(f"not UTF-8 (byte {err.start})", source) from None
-    root = _compose(text, source)
-    return _Builder(source, FeatureCatalog(profile_config or ProfileConfig()), models or {}).build(root, data)
+        raise DefinitionError(f"not UTF-8 (byte {err.start})", source, data[: err.start].count(b"\n") + 1) from None
+    root, anchor_line = _compose(text, source)
+    builder = _Builder(source, FeatureCatalog(profile_config or ProfileConfig()), models or {}, text)
+    if anchor_line is not None:
+        builder.fail("YAML anchors and aliases are not allowed", None, _segment_at(root, anchor_line),
+                     line=anchor_line)
+    return builder.build(root, data)
 
 
-def _compose(text: str, source: str) -> yaml.Node:
+def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
+    """The node tree, and the line of the first anchor or alias (refused once the segment it
+    sits in is known). The event pass bounds the nesting first: composing is recursive."""
+    anchor_line = None
     try:
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise DefinitionError("YAML anchors and aliases are not allowed", source,
-                                      event.start_mark.line + 1)
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise DefinitionError(f"nested more than {MAX_YAML_DEPTH} levels deep", source,
+                                          event.start_mark.line + 1)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if anchor_line is None and (isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None)):
+                anchor_line = event.start_mark.line + 1
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -239,21 +256,44 @@ def _compose(text: str, source: str) -> yaml.Node:
         raise DefinitionError(f"invalid YAML: {type(err).__name__}", source) from None
     if root is None:
         raise DefinitionError("empty file: expected `version:` and `segments:`", source)
-    return root
+    return root, anchor_line
 
 
 def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+def _segment_at(root: yaml.Node, line: int) -> str | None:
+    """The name of the segment whose entry spans `line`, if any (for error messages)."""
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    for key, value in root.value:
+        if getattr(key, "value", None) == "segments" and isinstance(value, yaml.SequenceNode):
+            for entry in value.value:
+                if entry.start_mark.line + 1 <= line <= entry.end_mark.line + 1:
+                    return _name_of(entry)
+    return None
+
+
+def _name_of(entry: yaml.Node) -> str | None:
+    if isinstance(entry, yaml.MappingNode):
+        for key, value in entry.value:
+            if getattr(key, "value", None) == "name" and isinstance(value, yaml.ScalarNode):
+                return value.value
+    return None
+
+
 class _Builder:
-    def __init__(self, source: str, catalog: FeatureCatalog, models: Mapping[str, ModelOutput]):
+    def __init__(self, source: str, catalog: FeatureCatalog, models: Mapping[str, ModelOutput], text: str = ""):
         self.source = source
+        self.source_text = text
         self.catalog = catalog
         self.models = models
 
-    def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None):
-        raise DefinitionError(message, self.source, _line(node) if node is not None else None, column, segment)
+    def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None,
+             line: int | None = None):
+        line = line if line is not None else (_line(node) if node is not None else None)
+        raise DefinitionError(message, self.source, line, column, segment)
 
     # -- YAML nodes to plain values, refusing anything but the core schema --
 
@@ -294,11 +334,16 @@ class _Builder:
     # -- the file --
 
     def build(self, root, data: bytes) -> DefinitionSet:
-        top = self.mapping(root, "the definitions file", {"version", "description", "segments", "exclusive_groups"},
+        top = self.mapping(root, "the definitions file",
+                           {"version", "description", "segments", "exclusive_groups", "rescore_every"},
                            {"version", "segments"})
         version_node = top["version"]
-        self.check_tag(version_node, None)
-        version = version_node.value if isinstance(version_node, yaml.ScalarNode) else None
+        if version_node.tag != "tag:yaml.org,2002:timestamp":
+            self.check_tag(version_node, None)
+        # Written as text, a number or a date (`2026-11-23` is a YAML timestamp): the text as written.
+        version = version_node.value if isinstance(version_node, yaml.ScalarNode) and version_node.tag in (
+            "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+            "tag:yaml.org,2002:timestamp") else None
         if version is None or not VERSION.fullmatch(version):
             self.fail("version must be 1-64 letters, digits or . _ : + - (e.g. 2026-11-23.1)", version_node)
         if "description" in top:
@@ -311,7 +356,7 @@ class _Builder:
         raw_segments: dict[str, tuple[dict[str, yaml.Node], yaml.Node]] = {}
         for entry in entries:
             fields = self.mapping(entry, "a segment", {"name", "description", "when", "enter", "exit", "min_dwell"},
-                                  {"name"})
+                                  {"name"}, segment=_name_of(entry))
             name = self.text(fields["name"], "name")
             if not NAME.fullmatch(name):
                 self.fail("a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
@@ -324,8 +369,11 @@ class _Builder:
         groups = self.groups(top.get("exclusive_groups"), segments)
         units = self.order(segments, groups, raw_segments)
         models = sorted({m for s in segments.values() for c in (s.enter, s.exit) if c for m in c.references.scores})
+        rescore = self.duration(top["rescore_every"], "rescore_every", None) if "rescore_every" in top else 0
+        if rescore and not models:
+            self.fail("rescore_every is set but no condition reads a model score", top["rescore_every"])
         return DefinitionSet(version, segments, groups, units, self.catalog, self.source, data,
-                             hashlib.sha256(data).hexdigest(), tuple(models))
+                             hashlib.sha256(data).hexdigest(), tuple(models), rescore)
 
     def segment(self, name: str, fields: dict, entry, compiler: Compiler) -> Segment:
         if ("when" in fields) == ("enter" in fields):
@@ -352,12 +400,30 @@ class _Builder:
         except ConditionError as err:
             line, column = _line(node), None
             if err.column is not None:
-                before = text[: err.column - 1]
-                if node.style is None and "\n" not in text:  # a plain one-line scalar: exact column
-                    column = node.start_mark.column + err.column
-                elif node.style in ("|", ">"):  # block scalars start on the next line
-                    line += 1 + before.count("\n")
+                line, column = self.locate(node, text, err.column)
             raise DefinitionError(err.message, self.source, line, column, segment) from None
+
+    def locate(self, node: yaml.ScalarNode, value: str, column: int) -> tuple[int, int]:
+        """The file line and column of `value[column - 1]`. YAML folds and re-indents multi-line
+        scalars but keeps every non-blank character in order, so count those in the source."""
+        wanted = sum(1 for c in value[: column - 1] if not c.isspace())
+        raw = self.source_text[node.start_mark.index: node.end_mark.index]
+        start = 0
+        if node.style in ("|", ">"):
+            start = raw.find("\n") + 1  # after the block header line
+        elif node.style in ("'", '"'):
+            start = 1
+        position, seen = len(raw), 0
+        for i in range(start, len(raw)):
+            if not raw[i].isspace():
+                if seen == wanted:
+                    position = i
+                    break
+                seen += 1
+        newlines = raw.count("\n", 0, position)
+        if newlines == 0:
+            return _line(node), node.start_mark.column + position + 1
+        return _line(node) + newlines, position - raw.rfind("\n", 0, position)
 
     def duration(self, node, what: str, segment: str) -> int:
         self.check_tag(node, segment)

@@ -80,7 +80,8 @@ class UserProfile:
     seen_event_ids: dict[int, int] = field(default_factory=dict)  # id hash -> event time, arrival order
     memberships: dict[str, Membership] = field(default_factory=dict)
     timer_ms: int | None = None
-    scores: dict[str, float] = field(default_factory=dict)  # model scores as of the latest accepted event
+    scores: dict[str, float] = field(default_factory=dict)  # model scores as of scored_at_ms
+    scored_at_ms: int | None = None  # the latest accepted event, or the latest rescoring timer
     # Not state: when `prune` last ran on this object (a restored profile is pruned on first use).
     pruned_at_ms: int = field(default=-(2**62), compare=False, repr=False)
 

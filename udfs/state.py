@@ -106,6 +106,7 @@ class ProfileStateCodec:
                 },
                 "timer_ms": profile.timer_ms,
                 "scores": profile.scores,
+                "scored_at_ms": profile.scored_at_ms,
             }
         )
 
@@ -133,4 +134,5 @@ class ProfileStateCodec:
             memberships={n: Membership(m["member"], m["sequence"], m["since_ms"]) for n, m in r["memberships"].items()},
             timer_ms=r["timer_ms"],
             scores=r["scores"],
+            scored_at_ms=r["scored_at_ms"],
         )

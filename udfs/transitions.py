@@ -108,8 +108,7 @@ class SegmentEngine:
         apply_event(profile, event, self.config)
         prune(profile, self.config)
         if self.scorer is not None:
-            # Scored once per event; timers see the scores of the latest event.
-            profile.scores = dict(self.scorer(profile, profile.clock_ms, self.catalog))
+            self._score(profile, profile.clock_ms)
         self._diff(user_id, profile, profile.clock_ms, "EVENT", event.event_id, out)
         return out
 
@@ -131,10 +130,26 @@ class SegmentEngine:
             if due == self.retention_expiry_ms(profile):
                 self._expire(user_id, profile, due, out)
             else:
+                if due == self.rescore_due_ms(profile):
+                    self._latest = None
+                    self._score(profile, due)
                 self._diff(user_id, profile, due, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
         return out
+
+    def _score(self, profile: UserProfile, now_ms: int) -> None:
+        profile.scores = dict(self.scorer(profile, now_ms, self.catalog))
+        profile.scored_at_ms = now_ms
+
+    def rescore_due_ms(self, profile: UserProfile) -> int | None:
+        """Scores are computed at every accepted event, and with `rescore_every` in the
+        definitions also that long after the latest scoring while no event comes: features
+        such as recency keep moving, and a churn score should rise as a user goes quiet."""
+        every = self.definitions.rescore_every_ms
+        if self.scorer is None or not every or profile.scored_at_ms is None:
+            return None
+        return profile.scored_at_ms + every
 
     def retention_expiry_ms(self, profile: UserProfile) -> int | None:
         last = profile.last_event_ms
@@ -149,8 +164,10 @@ class SegmentEngine:
         if ev is None or ev.profile is not profile or ev.now != profile.clock_ms or ev.scores is not profile.scores:
             ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
         due = self.definitions.next_change_ms(ev, profile.memberships)
-        expiry = self.retention_expiry_ms(profile)
-        return expiry if due is None or expiry < due else due
+        for other in (self.retention_expiry_ms(profile), self.rescore_due_ms(profile)):
+            if other is not None and (due is None or other < due):
+                due = other
+        return due
 
     def features(self, profile: UserProfile, now_ms: int) -> dict:
         return self.catalog.all(profile, now_ms)

@@ -19,10 +19,11 @@ from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
-from udfs.definitions import load_definitions
+from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
-from udfs.transitions import SegmentEngine, replay_events
+from udfs.transitions import replay_events
 
 pytestmark = pytest.mark.e2e
 
@@ -111,14 +112,15 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     # one partition, so per-user order is the traffic's order), up to the final watermark.
     all_events = traffic + [e for _, e in sentinels(traffic[-1].timestamp)]
     final_watermark = traffic[-1].timestamp + DAY_MS - WATERMARK_LAG_MS - 1
-    engine = SegmentEngine(load_definitions())
+    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    engine = segmentation.engine()
     expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
     assert len(expected) > 150
     # Had the resends counted (their ids made unique), the transitions would differ.
     seen: set[str] = set()
     counted_twice = [replace(e, event_id=e.event_id + "-resent") if e.event_id in seen or seen.add(e.event_id)
                      else e for e in all_events]
-    naive, _ = replay_events(SegmentEngine(load_definitions()), counted_twice,
+    naive, _ = replay_events(segmentation.engine(), counted_twice,
                              until_ms=final_watermark)
     assert sorted(map(str, naive)) != sorted(map(str, expected))
 
@@ -147,7 +149,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     # `segments backtest` over the events topic (a Kafka range), with no cluster, agrees with the
     # committed transitions, and sets apart the same bad records the job dead-lettered.
     log = read_events(f"kafka://{broker}/{topics['events']}", max_event_bytes=MAX_EVENT_BYTES)
-    result = run_backtest(load_definitions(), log, watermark_lag_ms=WATERMARK_LAG_MS)
+    result = run_backtest(segmentation, log, watermark_lag_ms=WATERMARK_LAG_MS)
     assert result.until_ms == final_watermark
     assert dict(result.rejected) == {reason: 1 for reason in bad_records}
     backtested = sorted(

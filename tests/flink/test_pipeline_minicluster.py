@@ -7,6 +7,8 @@ import json
 import uuid
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 from pyflink.common import Row, Types
 from pyflink.datastream import FlatMapFunction
@@ -16,12 +18,13 @@ from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
-from udfs.definitions import load_definitions
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
+from udfs.scoring import ModelRegistry
+from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
-from udfs.transitions import RETENTION_RULE, SegmentEngine, replay_events
+from udfs.transitions import RETENTION_RULE, replay_events
 
 pytestmark = pytest.mark.flink
 
@@ -54,6 +57,10 @@ def run_and_collect(env, stream, directory: Path) -> list[list]:
     env.execute("minicluster-test")
     parts = sorted(directory.glob("part-*.jsonl"))
     return [json.loads(line) for part in parts for line in part.read_text().splitlines()]
+
+
+def settings_models_dir(settings) -> Path:
+    return Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
 
 
 def largest_delay_ms(arrived) -> int:
@@ -105,7 +112,8 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
 
     # A bounded input ends with the final watermark, so every pending timer fires, the profiles'
     # retention included.
-    engine = SegmentEngine(load_definitions(profile_config=settings.profile))
+    segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
+    engine = segmentation.engine()
     expected, _ = replay_events(engine, events, until_ms=2**62)
     got = sorted((c[1], c[2], c[3], c[4], c[5]) for c in collected if c[0] == "T")
     want = sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
@@ -139,6 +147,34 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
             got_features[(c[1], c[2])] = engine.features(profile, profile.clock_ms)
     assert len(want_features) < len(events)  # the resent copies were not counted
     assert got_features == want_features
+
+    # Every transition an event caused records the scores of the profile's vector right after
+    # that event, as a fresh onnxruntime session scores it.
+    registry = ModelRegistry.load(settings_models_dir(settings), engine.catalog, segmentation.definitions.models)
+    fresh = {name: onnxruntime.InferenceSession(str(settings_models_dir(settings) / name / "model.onnx"),
+                                                providers=["CPUExecutionProvider"])
+             for name in registry.models}
+    after_event = {(c[1], c[2]): state_codec.decode(bytes.fromhex(c[6])) for c in collected if c[0] == "S" and c[2]}
+    scored = 0
+    for c in collected:
+        if c[0] != "T":
+            continue
+        record = transitions.decode(bytes.fromhex(c[6]))
+        if record["cause"] != "EVENT":
+            continue
+        profile = after_event[(record["user_id"], record["cause_event_id"])]
+        expected_scores = {}
+        for name, model in registry.models.items():
+            values = model.vector.values(profile, profile.clock_ms)
+            if values is None:
+                continue
+            out = fresh[name].run([model.manifest.output_name],
+                                  {model.manifest.input_name: np.array([values], dtype=np.float32)})[0]
+            index = model.manifest.output_index
+            expected_scores[name] = float(out[0] if index is None else out[0][index])
+        assert record["reason"]["scores"] == expected_scores
+        scored += bool(expected_scores)
+    assert scored > 100
 
 
 def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the_profile(catalog, tmp_path):
@@ -190,9 +226,9 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     log_file.write_text("".join(json.dumps(e.to_record()) + "\n" for e in events))
 
     settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2)
-    definitions = load_definitions(settings.definitions_file(), settings.profile)
+    segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
     # A bounded input ends with the final watermark: every pending timer fires ("flush").
-    result = run_backtest(definitions, read_events(str(log_file)), until_ms=FLUSH,
+    result = run_backtest(segmentation, read_events(str(log_file)), until_ms=FLUSH,
                           watermark_lag_ms=settings.watermark_lag_ms,
                           allowed_lateness_ms=settings.allowed_lateness_ms)
     assert result.events_applied == len(events) and not result.rejected and not result.late

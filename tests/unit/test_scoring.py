@@ -193,3 +193,37 @@ def test_a_missing_feature_without_an_impute_value_skips_scoring(tmp_path):
         FeatureVector([VectorFeature("engagement_tier")], CATALOG)
     with pytest.raises(ModelVerificationError, match="impute must be a finite number"):
         FeatureVector([VectorFeature("cart_items", impute=math.nan)], CATALOG)
+
+
+def test_rescore_every_rescores_quiet_users_on_a_timer():
+    """A churn-like score that grows with silence: scored at the event, then every 6 h after
+    the latest scoring while no event comes; the segment enters at the first rescoring that sees
+    the score above 0.5 (hours idle / 48 > 0.5: after 24 h, so at the 30 h rescoring), and an
+    event starts the 6-hour rhythm again from itself."""
+    hour = 3_600_000
+    definitions = parse_definitions(
+        "version: v\nrescore_every: 6h\nsegments:\n  - name: going_quiet\n    when: score.idle > 0.5\n",
+        models={"idle": ModelOutput("idle")},
+    )
+    calls = []
+
+    def idle_scorer(profile, now, catalog):
+        calls.append(now)
+        return {"idle": min(1.0, (now - profile.last_event_ms) / (48 * hour))}
+
+    engine = SegmentEngine(definitions, "idle:1", idle_scorer)
+    profile = UserProfile()
+    assert engine.on_event("u", profile, UserEvent("e1", "u", "page_view", T0)) == []
+    assert engine.next_change_ms(profile) == T0 + 6 * hour
+    [enter] = engine.advance_to("u", profile, T0 + 40 * hour)
+    assert (enter.kind, enter.event_time, enter.cause, enter.scores) == ("ENTER", T0 + 30 * hour, "TIMER",
+                                                                         {"idle": 30 / 48})
+    assert calls == [T0 + h * hour for h in (0, 6, 12, 18, 24, 30, 36)]
+    [exit_] = engine.on_event("u", profile, UserEvent("e2", "u", "page_view", T0 + 41 * hour))
+    assert (exit_.kind, exit_.cause, exit_.scores) == ("EXIT", "EVENT", {"idle": 0.0})
+    assert engine.next_change_ms(profile) == T0 + 47 * hour
+
+
+def test_rescore_every_needs_a_score_to_rescore():
+    with pytest.raises(ValueError, match="rescore_every is set but no condition reads a model score"):
+        parse_definitions("version: v\nrescore_every: 6h\nsegments:\n  - name: a\n    when: cart_items > 0\n")
