@@ -123,7 +123,10 @@ def test_scores_are_the_models_outputs_for_the_profiles_vector(models):
     scores = scorer(profile, profile.clock_ms, CATALOG)
     for name, model in registry.models.items():
         vector = np.array([model.vector.values(profile, profile.clock_ms)], dtype=np.float32)
-        session = onnxruntime.InferenceSession(str(models / name / "model.onnx"), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # as the job's sessions
+        session = onnxruntime.InferenceSession(str(models / name / "model.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
         out = session.run([model.manifest.output_name], {"features": vector})[0]
         expected = float(out[0] if model.manifest.output_index is None else out[0][model.manifest.output_index])
         assert scores[name] == expected
