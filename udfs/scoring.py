@@ -12,8 +12,11 @@ with an error that says which and why. README "Models" is the reference.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
+import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -183,12 +186,36 @@ class ModelManifest:
         return ModelOutput(self.name, clusters=self.clusters) if self.kind == "cluster" else ModelOutput(self.name)
 
 
+def import_on_a_python_thread(name: str):
+    """Imports a module on a thread Python itself started. Why: in PyFlink's thread mode (PEMJA)
+    an operator's thread state is unknown to PyGILState_Ensure, which onnxruntime's module init
+    calls; imported on an operator thread other than the interpreter's first, the init waits for
+    the GIL its own thread holds, and every Python operator of the job hangs (seen in the e2e
+    test, where the keyed operator runs apart from the source's thread)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    outcome: dict = {}
+
+    def load() -> None:
+        try:
+            outcome["module"] = importlib.import_module(name)
+        except BaseException as err:  # re-raised on the caller's thread
+            outcome["error"] = err
+
+    loader = threading.Thread(target=load, name=f"import-{name}", daemon=True)
+    loader.start()
+    loader.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["module"]
+
+
 class LoadedModel:
     """One verified ONNX session (one intra-op thread) with its preallocated input row."""
 
     def __init__(self, manifest: ModelManifest, directory: Path, vector: FeatureVector):
-        import numpy as np
-        import onnxruntime
+        np = import_on_a_python_thread("numpy")
+        onnxruntime = import_on_a_python_thread("onnxruntime")
 
         self.manifest = manifest
         self.vector = vector
