@@ -4,6 +4,7 @@ transitions (time-driven ones included) and the same profile features after ever
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
-from udfs.scoring import ModelRegistry
+from udfs.scoring import ModelRegistry, ModelVerificationError
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
@@ -259,3 +260,18 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     assert sorted(map(comparable, job)) == sorted(map(comparable, backtest))
     # Enough segments took part for the comparison to mean something.
     assert len({r["segment"] for r in backtest}) >= 13
+
+
+def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalog, tmp_path):
+    """The client verifies the models the definitions read while building the pipeline, so a
+    tampered file stops `segments run` / `submit` before anything is submitted or consumed."""
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    with open(models / "purchase_propensity" / "model.onnx", "ab") as f:
+        f.write(b"tampered")
+    settings = load_settings(environ={}, redis_url="", models_dir=str(models))
+    env = create_environment(settings)
+    rows = [Row(catalog.codec("UserEvent").encode(UserEvent("e1", "u", "page_view", START_MS).to_record()),
+                "events", 0, 0)]
+    with pytest.raises(ModelVerificationError, match="purchase_propensity: model.onnx has sha256"):
+        build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
