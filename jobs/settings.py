@@ -82,6 +82,9 @@ class JobSettings:
             raise SettingsError("segment_parallelism must not exceed max_parallelism")
         if self.checkpoint_interval_ms < 100:
             raise SettingsError("checkpoint_interval_ms must be at least 100 (exactly-once needs checkpoints)")
+        if self.allowed_lateness_ms >= self.profile.retention_ms:
+            raise SettingsError("allowed_lateness_ms must be below the profile retention (a late event would "
+                                "join a lifetime that has already expired)")
         if self.transaction_timeout_ms <= self.checkpoint_interval_ms:
             raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):

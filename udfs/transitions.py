@@ -103,7 +103,17 @@ class SegmentEngine:
 
     def on_accepted_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
         """`on_event` for a caller that has already checked `is_duplicate` (the job counts them)."""
-        out = self._advance(user_id, profile, event.timestamp)
+        # Changes due strictly before the event come first; one due at its very timestamp is
+        # decided with the event (as in Flink, where a timer at T fires only once the watermark
+        # passes T, i.e. after every event at T that is not late). The retention is the
+        # exception: a profile silent for exactly retention_ms has expired, and the event starts
+        # a new lifetime.
+        out = self._advance(user_id, profile, event.timestamp - 1)
+        if event.timestamp > profile.clock_ms:
+            profile.clock_ms = event.timestamp
+            if self.retention_expiry_ms(profile) == event.timestamp:
+                self._expire(user_id, profile, event.timestamp, out)
+                profile.clock_ms = event.timestamp
         self._latest = None
         apply_event(profile, event, self.config)
         prune(profile, self.config)
@@ -126,8 +136,13 @@ class SegmentEngine:
             due = self.next_change_ms(profile)
             if due is None or due > time_ms:
                 break
+            # Only a retention expiry can lie behind the clock (a late event older than the
+            # retention, applied after the clock passed its expiry): it happens now, and the clock
+            # never goes back.
+            due = max(due, profile.clock_ms)
+            expiry = self.retention_expiry_ms(profile)
             profile.clock_ms = due
-            if due == self.retention_expiry_ms(profile):
+            if expiry is not None and expiry <= due:
                 self._expire(user_id, profile, due, out)
             else:
                 if due == self.rescore_due_ms(profile):

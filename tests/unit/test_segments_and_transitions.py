@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import BASIC_VERSION, basic_definitions
 from udfs.conditions import Evaluation
+from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
 from udfs.profile import UserProfile
+from udfs.profile_config import Horizon, ProfileConfig
 from udfs.shoppers import generate_events
 from udfs.transitions import SegmentEngine, Transition, replay_events, transition_id
 
@@ -384,3 +386,18 @@ def test_replay_without_a_final_watermark_leaves_time_driven_changes_pending(see
     assert len(with_watermark) > len(without)
     assert with_watermark[: len(without)] == without
     assert all(t.cause == "TIMER" for t in with_watermark[len(without):])
+
+
+def test_a_late_event_older_than_the_retention_never_moves_the_clock_back():
+    """Only reachable with allowed_lateness >= retention (settings refuse it, the core copes): the
+    late event's lifetime has already expired when it is applied, so it expires at the clock."""
+    config = ProfileConfig(retention_ms=DAY, horizons=(Horizon("1h", HOUR, 5 * MINUTE),), dedup_window_ms=MINUTE)
+    e = SegmentEngine(parse_definitions("version: v\nsegments:\n  - name: a\n    when: true\n", profile_config=config))
+    p = UserProfile()
+    out = e.on_event("u1", p, ev(1, T0)) + e.advance_to("u1", p, T0 + 3 * DAY)
+    out += e.on_event("u1", p, ev(2, T0 + 36 * HOUR)) + e.advance_to("u1", p, T0 + 4 * DAY)
+    assert [(t.kind, t.event_time - T0, t.rule) for t in out] == [
+        ("ENTER", 0, "true"), ("EXIT", DAY, "profile_retention_expired"),
+        ("ENTER", 3 * DAY, "true"), ("EXIT", 3 * DAY, "profile_retention_expired"),
+    ]
+    assert p.clock_ms == T0 + 4 * DAY

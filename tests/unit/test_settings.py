@@ -167,3 +167,12 @@ def test_redacted_hides_a_password_that_contains_an_at_sign():
 def test_redacted_hides_a_password_given_as_a_query_parameter():
     settings = load_settings(environ={"REDIS_URL": "redis://cache:6379/0?password=s3cret"})
     assert "s3cret" not in settings.redacted()["redis_url"]
+
+
+def test_an_allowed_lateness_reaching_the_retention_is_rejected(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("allowed_lateness_ms: 86400000\nprofile:\n  retention_ms: 1d\n  horizons: {1h: {length: 1h, bucket: 5m}}\n")
+    with pytest.raises(SettingsError, match="allowed_lateness_ms must be below the profile retention"):
+        load_settings(path, environ={})
+    path.write_text("allowed_lateness_ms: 86399999\nprofile:\n  retention_ms: 1d\n  horizons: {1h: {length: 1h, bucket: 5m}}\n")
+    assert load_settings(path, environ={}).allowed_lateness_ms == 86_399_999
