@@ -171,8 +171,9 @@ def test_redacted_hides_a_password_given_as_a_query_parameter():
 
 def test_an_allowed_lateness_reaching_the_retention_is_rejected(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("allowed_lateness_ms: 86400000\nprofile:\n  retention_ms: 1d\n  horizons: {1h: {length: 1h, bucket: 5m}}\n")
+    profile = "profile:\n  retention_ms: 1d\n  horizons: {1h: {length: 1h, bucket: 5m}}\n"
+    path.write_text("allowed_lateness_ms: 86400000\n" + profile)
     with pytest.raises(SettingsError, match="allowed_lateness_ms must be below the profile retention"):
         load_settings(path, environ={})
-    path.write_text("allowed_lateness_ms: 86399999\nprofile:\n  retention_ms: 1d\n  horizons: {1h: {length: 1h, bucket: 5m}}\n")
+    path.write_text("allowed_lateness_ms: 86399999\n" + profile)
     assert load_settings(path, environ={}).allowed_lateness_ms == 86_399_999
