@@ -205,6 +205,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_redis(args) -> int:
+    from infra.stack import redact_url
+    from jobs.redis_view import RedisSegmentView, rebuild_from_topic
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        print("no redis_url configured", file=sys.stderr)
+        return 2
+    view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
+    try:
+        if args.flush:
+            print(f"deleted {view.clear()} keys under {settings.redis_key_prefix}:*")
+        read, applied = rebuild_from_topic(view, settings.bootstrap_servers, settings.transitions_topic)
+    finally:
+        view.close()
+    print(f"read {read} committed transitions from {settings.transitions_topic}, applied {applied} "
+          f"to {redact_url(settings.redis_url)} (the rest were not newer than what Redis held)")
+    return 0
+
+
 def cmd_profile_stats(args) -> int:
     from jobs.profile_stats import measure
 
@@ -311,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1", help="recorded in the manifests and in transitions")
     p.add_argument("--out", default=str(PROJECT_ROOT / "models"))
     p.set_defaults(func=cmd_train)
+
+    p = with_config(sub.add_parser("redis", help="the Redis view: rebuild it from the transitions topic"))
+    p.add_argument("action", choices=["rebuild"])
+    p.add_argument("--flush", action="store_true", help="delete the view's keys first (a fresh Redis)")
+    p.set_defaults(func=cmd_redis)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
     p.add_argument("--users", type=int, default=2000)

@@ -41,5 +41,51 @@ class RedisSegmentView:
     def members(self, segment: str) -> set[str]:
         return {m.decode() for m in self.client.smembers(members_key(self.prefix, segment))}
 
+    def clear(self) -> int:
+        """Deletes every key of this view's prefix (a rebuild from scratch); returns how many."""
+        deleted = 0
+        batch = []
+        for key in self.client.scan_iter(match=f"{self.prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                deleted += self.client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.client.unlink(*batch)
+        return deleted
+
     def close(self) -> None:
         self.client.close()
+
+
+def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: str, batch_size: int = 1000,
+                       idle_s: float = 3.0) -> tuple[int, int]:
+    """Replays every committed transition of the topic into the view: (read, applied). Safe while
+    the job runs: the apply script keeps only newer sequences, so order and repeats do not matter."""
+    from confluent_kafka import KafkaException
+
+    from jobs.transitions_reader import committed_consumer
+    from udfs.codec import SchemaCatalog
+
+    codec = SchemaCatalog().codec("SegmentTransition")
+    consumer = committed_consumer(bootstrap_servers, topic)
+    read = applied = 0
+    pending: list[tuple[str, str, str, int, int]] = []
+    try:
+        while True:
+            msg = consumer.poll(idle_s)
+            if msg is None:
+                break
+            if msg.error():
+                raise KafkaException(msg.error())
+            t = codec.decode(msg.value())
+            pending.append((t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]))
+            read += 1
+            if len(pending) >= batch_size:
+                applied += view.apply(pending)
+                pending = []
+        if pending:
+            applied += view.apply(pending)
+    finally:
+        consumer.close()
+    return read, applied

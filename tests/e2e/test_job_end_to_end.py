@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 
 from infra.stack import create_topics
 from jobs.backtest import read_events, run_backtest
-from jobs.redis_view import RedisSegmentView
+from jobs.redis_view import RedisSegmentView, rebuild_from_topic
 from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
@@ -158,14 +158,25 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     )
     assert backtested == got
 
-    # Redis holds exactly the memberships the transitions imply.
+    # Redis holds exactly the memberships the transitions imply ...
     view = RedisSegmentView(redis_url, "seg", ttl_s=0)
-    for user_id, profile in profiles.items():
-        current = {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
-        assert view.segments_of(user_id) == current, user_id
-    for segment in engine.definitions.names:
-        members = {u for u, p in profiles.items() if p.memberships.get(segment) and p.memberships[segment].member}
-        assert view.members(segment) == members
+
+    def assert_redis_matches_the_core():
+        for user_id, profile in profiles.items():
+            current = {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
+            assert view.segments_of(user_id) == current, user_id
+        for segment in engine.definitions.names:
+            members = {u for u, p in profiles.items() if p.memberships.get(segment) and p.memberships[segment].member}
+            assert view.members(segment) == members
+
+    assert_redis_matches_the_core()
+    # ... and `segments redis rebuild --flush` brings an emptied view back to the same state; a
+    # second rebuild over it applies nothing (every sequence is already there).
+    assert view.clear() > 0 and view.members("active_browser") == set()
+    read, applied = rebuild_from_topic(view, broker, topics["transitions"])
+    assert read == len(expected) and applied == len(expected)
+    assert_redis_matches_the_core()
+    assert rebuild_from_topic(view, broker, topics["transitions"]) == (len(expected), 0)
 
     # A too-late event, sent once the watermark is known to be a day ahead, is a dead letter too.
     late = replace(traffic[5], event_id="late-1")
