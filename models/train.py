@@ -22,9 +22,8 @@ import numpy as np
 
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
-from udfs.profile import UserProfile, apply_event, prune
 from udfs.profile_config import ProfileConfig
-from udfs.scoring import MANIFEST, FeatureVector, ModelManifest, VectorFeature, feature_hash
+from udfs.scoring import MANIFEST, FeatureVector, ModelManifest, VectorFeature, feature_hash, vectors_at
 from udfs.shoppers import generate_events
 
 HOUR_MS = 3_600_000
@@ -80,30 +79,15 @@ class TrainingSet:
 
 
 def point_in_time_rows(
-    events: Sequence[UserEvent], cutoffs: Sequence[int], vector: FeatureVector, config: ProfileConfig
+    events: Sequence[UserEvent], cutoffs: Sequence[int], vector: FeatureVector
 ) -> list[tuple[str, int, list[float]]]:
-    """(user, T, vector at T) for every user with a profile at T: events are applied in event-time
-    order, each cut-off read before any later event is applied. The features never see the future."""
-    ordered = sorted(events, key=lambda e: (e.timestamp, e.user_id, e.event_id))
-    profiles: dict[str, UserProfile] = {}
-    out = []
-    i = 0
-    for cutoff in sorted(cutoffs):
-        while i < len(ordered) and ordered[i].timestamp <= cutoff:
-            e = ordered[i]
-            profile = profiles.setdefault(e.user_id, UserProfile())
-            apply_event(profile, e, config)
-            prune(profile, config)
-            i += 1
-        for user_id in sorted(profiles):
-            values = vector.values(profiles[user_id], cutoff)
-            if values is not None:
-                out.append((user_id, cutoff, values))
-    return out
+    """(user, T, vector at T) for every user with a profile and a complete vector at T; the
+    vector is read before any event after T is applied (`udfs.scoring.vectors_at`)."""
+    return [(u, t, v) for u, t, v in vectors_at(events, cutoffs, vector) if v is not None]
 
 
 def build_training_set(events: Sequence[UserEvent], cutoffs: Sequence[int], vector: FeatureVector,
-                       config: ProfileConfig, history_end_ms: int) -> TrainingSet:
+                       history_end_ms: int) -> TrainingSet:
     times_by_user: dict[str, list[int]] = defaultdict(list)
     purchases_by_user: dict[str, list[int]] = defaultdict(list)
     for e in events:
@@ -117,7 +101,7 @@ def build_training_set(events: Sequence[UserEvent], cutoffs: Sequence[int], vect
         i = bisect.bisect_right(times, after)
         return i < len(times) and times[i] <= after + horizon
 
-    rows = point_in_time_rows(events, cutoffs, vector, config)
+    rows = point_in_time_rows(events, cutoffs, vector)
     return TrainingSet(
         users=[u for u, _, _ in rows],
         cutoffs=[t for _, t, _ in rows],
@@ -290,7 +274,7 @@ def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, versi
     cutoffs = [START_MS + d * DAY_MS + CUTOFF_HOUR * HOUR_MS for d in range(3, days - 1)]
     behaviour = FeatureVector(BEHAVIOUR_VECTOR, catalog)
     progress(f"point-in-time rows at {len(cutoffs)} cut-offs")
-    data = build_training_set(events, cutoffs, behaviour, config, end)
+    data = build_training_set(events, cutoffs, behaviour, end)
     cutoff_arr, users_arr = np.array(data.cutoffs), np.array(data.users)
     behaviour_hash = feature_hash(behaviour)
     manifests = []
@@ -325,7 +309,7 @@ def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, versi
 
     progress("clustering personas")
     personas = FeatureVector(PERSONA_VECTOR, catalog)
-    last_rows = point_in_time_rows(events, [cutoffs[-1]], personas, config)
+    last_rows = point_in_time_rows(events, [cutoffs[-1]], personas)
     # Personas describe active shoppers: users gone for a week or more would form a cluster of
     # their own that the churn model already covers.
     x = np.array([v for _, _, v in last_rows if v[0] < ACTIVE_WITHIN_HOURS], dtype=np.float32)

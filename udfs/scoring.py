@@ -18,12 +18,13 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from udfs.conditions import ModelOutput
+from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, FeatureCatalog
 from udfs.profile import UserProfile, apply_event, prune
 
@@ -98,28 +99,35 @@ _TRANSFORM = {
 }
 
 
-def feature_hash(vector: FeatureVector) -> str:
-    """sha256 of the vector's spec and its values over the fingerprint history."""
-    from udfs.shoppers import generate_events
-
-    day = 24 * HOUR_MS
-    events = sorted(generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * day),
-                    key=lambda e: e.timestamp)
-    instants = [FINGERPRINT_START_MS + day * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
+def vectors_at(events: Iterable[UserEvent], instants: Iterable[int],
+               vector: FeatureVector) -> Iterator[tuple[str, int, list[float] | None]]:
+    """(user, T, vector at T) for every user with a profile at each instant T, in user order:
+    events are applied in event-time order and each instant is read before any later event is
+    applied, so a vector never sees the future (training rows are point-in-time correct)."""
     config = vector.catalog.config
+    ordered = sorted(events, key=lambda e: (e.timestamp, e.user_id, e.event_id))
     profiles: dict[str, UserProfile] = {}
-    rows: list = []
     i = 0
-    for instant in instants:
-        while i < len(events) and events[i].timestamp <= instant:
-            e = events[i]
+    for instant in sorted(instants):
+        while i < len(ordered) and ordered[i].timestamp <= instant:
+            e = ordered[i]
             profile = profiles.setdefault(e.user_id, UserProfile())
             apply_event(profile, e, config)
             prune(profile, config)
             i += 1
         for user_id in sorted(profiles):
-            values = vector.values(profiles[user_id], instant)
-            rows.append(None if values is None else [float(f"{v:.9g}") for v in values])
+            yield user_id, instant, vector.values(profiles[user_id], instant)
+
+
+def feature_hash(vector: FeatureVector) -> str:
+    """sha256 of the vector's spec and its values over the fingerprint history."""
+    from udfs.shoppers import generate_events
+
+    day = 24 * HOUR_MS
+    events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * day)
+    instants = [FINGERPRINT_START_MS + day * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
+    rows = [None if values is None else [float(f"{v:.9g}") for v in values]
+            for _, _, values in vectors_at(events, instants, vector)]
     payload = json.dumps({"vector": vector.spec(), "values": rows}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 

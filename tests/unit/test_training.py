@@ -62,7 +62,7 @@ def test_training_is_reproducible_from_the_seed(small_models, tmp_path):
 
 
 def _rows_at(events, cutoff):
-    return {(u, t): v for u, t, v in point_in_time_rows(events, [cutoff], VECTOR, CONFIG)}
+    return {(u, t): v for u, t, v in point_in_time_rows(events, [cutoff], VECTOR)}
 
 
 @settings(max_examples=15, deadline=None)
