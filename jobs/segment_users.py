@@ -35,6 +35,7 @@ from pyflink.table.expressions import col
 from jobs.settings import JobSettings, load_settings
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.events import event_from_record
+from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
@@ -184,6 +185,11 @@ class SegmentUsers(KeyedProcessFunction):
         self.scores_out_of_range = metrics.counter("scores_out_of_range")
         scorer = self.engine.scorer
         self.scoring_seen = (0, 0)
+        # Transitions per segment and kind, as metric groups: segment.<name>.enter / .exit
+        self.metrics = metrics
+        self.segment_counters: dict[str, tuple] = {}
+        for name in self.engine.definitions.names:
+            self._segment_counters(name)
         if scorer is not None:
             latency = scorer.stats.latency
             metrics.gauge("inference_latency_p50_us", lambda: int(latency.percentile(0.5)))
@@ -220,6 +226,13 @@ class SegmentUsers(KeyedProcessFunction):
         had_events = bool(profile.last_by_type)
         transitions = self.engine.advance_to(user_id, profile, timestamp)
         yield from self._commit(ctx, profile, transitions, had_events, None)
+
+    def _segment_counters(self, segment: str) -> tuple:
+        counters = self.segment_counters.get(segment)
+        if counters is None:  # also a segment removed from the definitions, exiting its members
+            group = self.metrics.add_group("segment", segment)
+            counters = self.segment_counters[segment] = (group.counter("enter"), group.counter("exit"))
+        return counters
 
     def _count_scoring(self, stats) -> None:
         skipped, out_of_range = self.scoring_seen
@@ -267,6 +280,7 @@ class SegmentUsers(KeyedProcessFunction):
         emitted_at = _now_ms()
         for t in transitions:
             self.transitions_out.inc()
+            self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
             yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
                       self.transitions.encode(t.to_record(emitted_at)))
 
@@ -283,9 +297,21 @@ class WriteSegmentsToRedis(MapFunction):
         from jobs.redis_view import RedisSegmentView  # worker-side import: the client is per worker
 
         self.view = RedisSegmentView(self.redis_url, self.key_prefix, self.ttl_s)
+        metrics = runtime_context.get_metrics_group()
+        self.redis_writes = metrics.counter("redis_writes")
+        self.redis_stale = metrics.counter("redis_stale_writes")  # not newer than Redis held: replays
+        latency = self.latency = LatencyHistogram()
+        metrics.gauge("redis_write_latency_p50_us", lambda: int(latency.percentile(0.5)))
+        metrics.gauge("redis_write_latency_p99_us", lambda: int(latency.percentile(0.99)))
+        metrics.gauge("redis_write_latency_max_us", lambda: int(latency.max_us))
 
     def map(self, value):
-        self.view.apply([(value[0], value[1], value[2], value[3], value[4])])
+        started = time.perf_counter_ns()
+        applied = self.view.apply([(value[0], value[1], value[2], value[3], value[4])])
+        self.latency.record((time.perf_counter_ns() - started) / 1000)
+        self.redis_writes.inc()
+        if not applied:
+            self.redis_stale.inc()
         return value
 
     def close(self):

@@ -26,6 +26,7 @@ from typing import Any
 from udfs.conditions import ModelOutput
 from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, FeatureCatalog
+from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile, apply_event, prune
 
 MANIFEST = "manifest.json"
@@ -348,33 +349,6 @@ def _check_golden(model: LoadedModel) -> None:
         if not ok:
             raise ModelVerificationError(f"model {m.name}: golden case {i} scores {got!r}, the manifest expects "
                                          f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})")
-
-
-class LatencyHistogram:
-    """Log-spaced buckets of microseconds (1.25x apart): percentiles within 12%, O(1) per record."""
-
-    FACTOR = 1.25
-
-    def __init__(self):
-        self.counts: dict[int, int] = {}
-        self.total = 0
-        self.max_us = 0.0
-
-    def record(self, micros: float) -> None:
-        bucket = int(math.log(max(micros, 1.0), self.FACTOR))
-        self.counts[bucket] = self.counts.get(bucket, 0) + 1
-        self.total += 1
-        self.max_us = max(self.max_us, micros)
-
-    def percentile(self, q: float) -> float:
-        if not self.total:
-            return 0.0
-        rank, seen = q * self.total, 0
-        for bucket in sorted(self.counts):
-            seen += self.counts[bucket]
-            if seen >= rank:
-                return self.FACTOR ** (bucket + 1)
-        return self.max_us
 
 
 @dataclass

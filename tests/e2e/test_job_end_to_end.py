@@ -17,7 +17,7 @@ from jobs.backtest import read_events, run_backtest
 from jobs.redis_view import RedisSegmentView, rebuild_from_topic
 from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import SubmittedJob, wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
 from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
@@ -203,3 +203,52 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     assert by_reason["late"]["payload"] == codec.encode(late.to_record())
     # The late event changed nothing: no transition beyond the expected ones was committed.
     assert len(read_committed_values(broker, topics["transitions"], idle_s=2)) == len(expected)
+
+    # On the standalone cluster, the job's metrics over REST agree with what was sent and emitted.
+    if isinstance(job, SubmittedJob):
+        def total(values: dict, suffix: str) -> float:
+            return sum(v for k, v in values.items() if k.endswith(suffix))
+
+        def settled():  # the REST metric fetcher refreshes every few seconds
+            values = job_metrics(job.rest_port)
+            done = total(values, ".late_events") == 1 and total(values, ".redis_writes") == len(expected)
+            return values if done else None
+
+        metrics = wait_until(settled, timeout_s=60, interval_s=3, on_timeout=lambda: str(job_metrics(job.rest_port)))
+
+        def metric(suffix: str) -> float:
+            assert any(k.endswith(suffix) for k in metrics), f"no metric ending {suffix!r}: {sorted(metrics)}"
+            return total(metrics, suffix)
+
+        assert metric(".events_in") == len(traffic) + len(bad_records) + PARTITIONS + 1
+        assert metric(".dead_letters") == len(bad_records)
+        assert metric(".late_events") == 1
+        assert metric(".duplicate_events") == len(traffic) - len(generated)
+        assert metric(".transitions_out") == len(expected)
+        for segment, kind in {(t.segment, t.kind) for t in expected}:
+            want = sum(1 for t in expected if (t.segment, t.kind) == (segment, kind))
+            assert metric(f".segment.{segment}.{kind.lower()}") == want, (segment, kind)
+        assert metric(".redis_writes") == len(expected)
+        assert metric(".redis_write_latency_p99_us") > 0
+        assert metric(".inference_latency_p99_us") > 0
+
+
+def job_metrics(rest_port: int) -> dict[str, float]:
+    """The job's operator metrics, summed over subtasks, by REST id ('<operator>.<metric>')."""
+    import json
+    import urllib.request
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}{path}", timeout=10) as r:
+            return json.load(r)
+
+    job_id = get("/jobs/overview")["jobs"][0]["jid"]
+    out: dict[str, float] = {}
+    for vertex in get(f"/jobs/{job_id}")["vertices"]:
+        base = f"/jobs/{job_id}/vertices/{vertex['id']}/subtasks/metrics"
+        names = [m["id"] for m in get(base)]
+        wanted = [n for n in names if not n.startswith(("Status", "buffers", "numBytes", "numRecords"))]
+        for start in range(0, len(wanted), 20):
+            for m in get(f"{base}?get={','.join(wanted[start:start + 20])}&agg=sum"):
+                out[m["id"]] = m["sum"]
+    return out
