@@ -29,12 +29,18 @@ def stack_dir() -> Path:
     return Path(os.environ.get("SEGMENTS_STACK_DIR", PROJECT_ROOT / ".stack"))
 
 
+PROMETHEUS_PORTS = 4
+
+
 @dataclass(frozen=True)
 class StackPorts:
     broker: int = 9092
     redis: int = 6390
     flink_rest: int = 8081
     flink_rpc: int = 6123
+    # Prometheus reporter: the JobManager and the TaskManager each take the first free port of
+    # [prometheus, prometheus + PROMETHEUS_PORTS).
+    prometheus: int = 9249
 
     @classmethod
     def from_env(cls) -> StackPorts:
@@ -44,6 +50,7 @@ class StackPorts:
             redis=int(env.get("SEGMENTS_STACK_REDIS_PORT", cls.redis)),
             flink_rest=int(env.get("SEGMENTS_STACK_FLINK_REST_PORT", cls.flink_rest)),
             flink_rpc=int(env.get("SEGMENTS_STACK_FLINK_RPC_PORT", cls.flink_rpc)),
+            prometheus=int(env.get("SEGMENTS_STACK_PROMETHEUS_PORT", cls.prometheus)),
         )
 
 
@@ -205,6 +212,9 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
                 f"python.client.executable: {sys.executable}",
                 f"execution.checkpointing.dir: file://{root / 'checkpoints'}",
                 f"execution.checkpointing.savepoint-dir: file://{root / 'savepoints'}",
+                # Metrics for Prometheus (the reporter is a plugin shipped with PyFlink).
+                "metrics.reporter.prom.factory.class: org.apache.flink.metrics.prometheus.PrometheusReporterFactory",
+                f"metrics.reporter.prom.port: {ports.prometheus}-{ports.prometheus + PROMETHEUS_PORTS - 1}",
                 "",
             ]
         )

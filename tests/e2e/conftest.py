@@ -88,7 +88,7 @@ def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, st
 @pytest.fixture
 def flink_cluster(stack_root):
     """A standalone JobManager + TaskManager started the way `segments stack up --flink` does."""
-    ports = StackPorts(broker=0, redis=0, flink_rest=free_port(), flink_rpc=free_port())
+    ports = StackPorts(broker=0, redis=0, flink_rest=free_port(), flink_rpc=free_port(), prometheus=free_port())
     os.environ["SEGMENTS_STACK_DIR"] = str(stack_root)
     try:
         start_flink_cluster(stack_root, ports)
@@ -101,9 +101,10 @@ def flink_cluster(stack_root):
 class SubmittedJob(RunningJob):
     """A job on the standalone cluster; alive while the cluster has it RUNNING or restarting."""
 
-    def __init__(self, stack_root: Path, rest_port: int):
+    def __init__(self, stack_root: Path, rest_port: int, prometheus_port: int):
         self.stack_root = stack_root
         self.rest_port = rest_port
+        self.prometheus_port = prometheus_port
 
     def state(self) -> str:
         import json
@@ -129,7 +130,7 @@ def submit_job(stack_root, flink_cluster):
         done = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--detached"], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return SubmittedJob(stack_root, flink_cluster.flink_rest)
+        return SubmittedJob(stack_root, flink_cluster.flink_rest, flink_cluster.prometheus)
 
     return submit
 

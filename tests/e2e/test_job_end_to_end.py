@@ -231,6 +231,39 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
         assert metric(".redis_writes") == len(expected)
         assert metric(".redis_write_latency_p99_us") > 0
         assert metric(".inference_latency_p99_us") > 0
+        # The same counters through the Prometheus reporter the cluster is configured with.
+        exposition = prometheus_exposition(job.prometheus_port)
+        assert prometheus_total(exposition, "flink_taskmanager_job_task_operator_transitions_out") == len(expected)
+        active_enter = sum(1 for t in expected if (t.segment, t.kind) == ("active_browser", "ENTER"))
+        assert prometheus_total(exposition, "flink_taskmanager_job_task_operator_segment_enter",
+                                'segment="active_browser"') == active_enter
+
+
+def prometheus_exposition(first_port: int) -> str:
+    """The text of every Prometheus endpoint the cluster's processes opened in their port range."""
+    import urllib.request
+
+    from infra.stack import PROMETHEUS_PORTS
+
+    texts = []
+    for port in range(first_port, first_port + PROMETHEUS_PORTS):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                texts.append(r.read().decode())
+        except OSError:
+            continue
+    assert texts, f"no Prometheus endpoint in {first_port}..{first_port + PROMETHEUS_PORTS - 1}"
+    return "\n".join(texts)
+
+
+def prometheus_total(exposition: str, name: str, label: str = "") -> float:
+    total, found = 0.0, False
+    for line in exposition.splitlines():
+        if line.startswith(name + "{") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"no {name} {label} in the Prometheus exposition"
+    return total
 
 
 def job_metrics(rest_port: int) -> dict[str, float]:
