@@ -89,10 +89,54 @@ def cmd_submit(args) -> int:
     ]
     if args.detached:
         argv.insert(2, "--detached")
+    if args.from_savepoint:
+        argv[2:2] = ["--fromSavepoint", args.from_savepoint]
     if args.config:
         argv += ["--config", str(Path(args.config).resolve())]
-    print(f"submitting {settings.job_name} to http://127.0.0.1:{ports.flink_rest}")
-    return subprocess.call(argv, env=stack.flink_env(root))
+    env = stack.flink_env(root)
+    if args.parallelism:  # a rescale: the same job from a savepoint at a new parallelism
+        env["SEGMENTS_PARALLELISM"] = str(args.parallelism)
+    print(f"submitting {settings.job_name} to http://127.0.0.1:{ports.flink_rest}"
+          + (f" from {args.from_savepoint}" if args.from_savepoint else "")
+          + (f" at parallelism {args.parallelism}" if args.parallelism else ""))
+    return subprocess.call(argv, env=env)
+
+
+def cmd_savepoint(args) -> int:
+    from infra import stack
+    from jobs.operations import FlinkRest, OperationError
+
+    settings = _settings(args)
+    rest = FlinkRest(stack.StackPorts.from_env().flink_rest)
+    try:
+        job_id = rest.running_job(settings.job_name)
+        if args.stop:
+            location = rest.stop_with_savepoint(job_id, args.directory)
+            print(f"stopped {settings.job_name} ({job_id}) with savepoint {location}")
+        else:
+            location = rest.savepoint(job_id, args.directory)
+            print(f"savepoint of {settings.job_name} ({job_id}): {location}")
+    except OperationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_rescale(args) -> int:
+    """Stop with a savepoint, then submit from it at the new parallelism."""
+    from infra import stack
+    from jobs.operations import FlinkRest, OperationError
+
+    settings = _settings(args)
+    rest = FlinkRest(stack.StackPorts.from_env().flink_rest)
+    try:
+        location = rest.stop_with_savepoint(rest.running_job(settings.job_name), args.directory)
+    except OperationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"stopped with savepoint {location}; resubmitting at parallelism {args.parallelism}")
+    return cmd_submit(argparse.Namespace(config=args.config, detached=True, from_savepoint=location,
+                                         parallelism=args.parallelism))
 
 
 def cmd_generate(args) -> int:
@@ -287,7 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("submit", help="submit the job to the standalone cluster"))
     p.add_argument("--detached", action="store_true")
+    p.add_argument("--from-savepoint", help="resume from this savepoint (or retained checkpoint)")
+    p.add_argument("--parallelism", type=int, help="override the parallelism setting (a rescale)")
     p.set_defaults(func=cmd_submit)
+
+    p = with_config(sub.add_parser("savepoint", help="savepoint the running job (--stop: and stop it)"))
+    p.add_argument("--stop", action="store_true", help="stop the job after the savepoint (sinks commit)")
+    p.add_argument("--directory", help="target directory (default: the cluster's savepoint dir)")
+    p.set_defaults(func=cmd_savepoint)
+
+    p = with_config(sub.add_parser("rescale", help="stop with a savepoint and resume at a new parallelism"))
+    p.add_argument("parallelism", type=int)
+    p.add_argument("--directory", help="savepoint directory (default: the cluster's savepoint dir)")
+    p.set_defaults(func=cmd_rescale)
 
     p = with_config(sub.add_parser("generate", help="write generated shopper traffic to the events topic"))
     p.add_argument("--users", type=int, default=1000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -33,11 +34,11 @@ from pyflink.table import StreamTableEnvironment
 from pyflink.table.expressions import col
 
 from jobs.settings import JobSettings, load_settings
-from udfs.codec import DecodeError, SchemaCatalog
+from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
 from udfs.events import event_from_record
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
-from udfs.segmentation import Segmentation
+from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.state import ProfileStateCodec
 from udfs.transitions import Transition
 
@@ -101,15 +102,42 @@ def _dead_letter(dlq_codec, payload, topic, partition, offset, reason, message, 
     return Row(None, dlq_codec.encode(record))
 
 
+class ShippedFiles:
+    """Data files the workers read (schemas, models), carried inside the function objects and
+    written to a private directory in open(). Why not read them from the shipped code: in thread
+    mode (PEMJA) a TaskManager's Python interpreter outlives a job, keeps the modules it imported
+    from the first job's python-dist directory, and Flink deletes that directory when the job ends,
+    so a job resumed or rescaled onto the same TaskManager would find none of its files."""
+
+    def __init__(self, directories: dict[str, Path]):
+        self.files = {
+            f"{name}/{path.relative_to(root)}": path.read_bytes()
+            for name, root in directories.items() for path in sorted(root.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".py"
+        }
+
+    def materialize(self) -> Path:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="segments-files-"))
+        for name, data in self.files.items():
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return root
+
+
 class DecodeUserEvent(ProcessFunction):
     """Raw Kafka value -> validated event (keyed by user) or a dead letter with its reason."""
 
     def __init__(self, max_event_bytes: int, max_future_ms: int):
         self.max_event_bytes = max_event_bytes
         self.max_future_ms = max_future_ms
+        self.schemas = ShippedFiles({"schemas": SCHEMAS_DIR})
 
     def open(self, runtime_context: RuntimeContext):
-        catalog = SchemaCatalog()
+        self.files_dir = self.schemas.materialize()
+        catalog = SchemaCatalog(self.files_dir / "schemas")
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
         self.dead_letters = catalog.codec("DeadLetter")
         metrics = runtime_context.get_metrics_group()
@@ -130,6 +158,9 @@ class DecodeUserEvent(ProcessFunction):
             )
             return
         yield Row(event.user_id, event.timestamp, payload, topic, partition, offset)
+
+    def close(self):
+        shutil.rmtree(self.files_dir, ignore_errors=True)
 
 
 class EventTimeOf(TimestampAssigner):
@@ -154,13 +185,17 @@ class SegmentUsers(KeyedProcessFunction):
         # and are compiled again in open(): compiled closures are not shipped.
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
-        self.models_dir = settings.models_dir
+        # Schemas and the models the definitions read, by value (see ShippedFiles).
+        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
+        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
+                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
 
     def open(self, runtime_context: RuntimeContext):
-        catalog = SchemaCatalog()
+        self.files_dir = self.files.materialize()
+        catalog = SchemaCatalog(self.files_dir / "schemas")
         self.events = catalog.codec("UserEvent")
         self.transitions = catalog.codec("SegmentTransition")
         self.dead_letters = catalog.codec("DeadLetter")
@@ -168,7 +203,7 @@ class SegmentUsers(KeyedProcessFunction):
         # Models verified again where they run (file hashes, this worker's feature code, golden
         # sets): a worker whose code or files differ from the client's stops here.
         self.engine = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
-                                             self.models_dir).engine()
+                                             self.files_dir / "models").engine()
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
@@ -226,6 +261,9 @@ class SegmentUsers(KeyedProcessFunction):
         had_events = bool(profile.last_by_type)
         transitions = self.engine.advance_to(user_id, profile, timestamp)
         yield from self._commit(ctx, profile, transitions, had_events, None)
+
+    def close(self):
+        shutil.rmtree(self.files_dir, ignore_errors=True)
 
     def _segment_counters(self, segment: str) -> tuple:
         counters = self.segment_counters.get(segment)
