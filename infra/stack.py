@@ -208,6 +208,10 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
                 "rest.bind-address: 127.0.0.1",
                 f"rest.port: {ports.flink_rest}",
                 "parallelism.default: 1",
+                # A TaskManager that dies is declared lost after two failed heartbeats (connection
+                # refused) or 10 s of silence, not the default 50 s: the job restarts sooner.
+                "heartbeat.interval: 2000",
+                "heartbeat.timeout: 10000",
                 f"python.executable: {sys.executable}",
                 f"python.client.executable: {sys.executable}",
                 f"execution.checkpointing.dir: file://{root / 'checkpoints'}",
@@ -249,6 +253,25 @@ def start_flink_cluster(root: Path, ports: StackPorts) -> None:
         subprocess.run([str(home / "bin" / script), "start"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_taskmanager(ports.flink_rest)
+
+
+def start_taskmanager(root: Path) -> None:
+    """One more TaskManager for the running cluster (e.g. to replace one that died)."""
+    subprocess.run([str(flink_home(root) / "bin" / "taskmanager.sh"), "start"], env=flink_env(root), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def taskmanager_pids(root: Path) -> list[int]:
+    """The live TaskManager processes started from this stack's Flink home (Flink's pid file)."""
+    pids = []
+    for pid_file in (root / "pids").glob("flink-*-taskexecutor.pid"):
+        for line in pid_file.read_text().split():
+            try:
+                os.kill(int(line), 0)
+            except (ValueError, ProcessLookupError):
+                continue
+            pids.append(int(line))
+    return pids
 
 
 def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0) -> None:

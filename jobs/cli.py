@@ -89,6 +89,19 @@ def cmd_submit(args) -> int:
     ]
     if args.detached:
         argv.insert(2, "--detached")
+    if getattr(args, "from_latest_checkpoint", False):
+        from jobs.operations import OperationError, latest_retained_checkpoint
+
+        directory = settings.checkpoint_dir or root / "checkpoints"
+        try:
+            latest = latest_retained_checkpoint(directory)
+        except OperationError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if latest is None:
+            print(f"error: no complete checkpoint under {directory}", file=sys.stderr)
+            return 1
+        args.from_savepoint = str(latest)
     if args.from_savepoint:
         argv[2:2] = ["--fromSavepoint", args.from_savepoint]
     if args.config:
@@ -332,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("submit", help="submit the job to the standalone cluster"))
     p.add_argument("--detached", action="store_true")
     p.add_argument("--from-savepoint", help="resume from this savepoint (or retained checkpoint)")
+    p.add_argument("--from-latest-checkpoint", action="store_true",
+                   help="resume from the newest retained checkpoint in the checkpoint directory")
     p.add_argument("--parallelism", type=int, help="override the parallelism setting (a rescale)")
     p.set_defaults(func=cmd_submit)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
 
 
 class OperationError(RuntimeError):
@@ -74,3 +76,18 @@ class FlinkRest:
             if time.monotonic() > deadline:
                 raise OperationError(f"savepoint not complete within {timeout_s:.0f} s")
             time.sleep(0.5)
+
+
+def latest_retained_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under a job's checkpoint directory (Flink's layout:
+    `<dir>/<job id>/chk-<n>/_metadata`, `_metadata` written last), for resuming after the job or
+    the whole cluster was lost. Local (file://) directories only."""
+    text = str(checkpoint_dir)
+    if "://" in text:
+        parsed = urlparse(text)
+        if parsed.scheme != "file":
+            raise OperationError(f"cannot list {parsed.scheme}:// checkpoints here: pass --from-savepoint with the "
+                                 "chk-<n> directory (Flink's web UI and REST API show the latest)")
+        text = parsed.path
+    newest = max(Path(text).glob("*/chk-*/_metadata"), key=lambda m: m.stat().st_mtime_ns, default=None)
+    return None if newest is None else newest.parent

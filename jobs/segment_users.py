@@ -326,10 +326,11 @@ class SegmentUsers(KeyedProcessFunction):
 class WriteSegmentsToRedis(MapFunction):
     """Applies each transition to the Redis view; ordered by sequence, so replays are harmless."""
 
-    def __init__(self, redis_url: str, key_prefix: str, ttl_s: int):
+    def __init__(self, redis_url: str, key_prefix: str, ttl_s: int, retry_ms: int):
         self.redis_url = redis_url
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
+        self.retry_ms = retry_ms
 
     def open(self, runtime_context: RuntimeContext):
         from jobs.redis_view import RedisSegmentView  # worker-side import: the client is per worker
@@ -338,6 +339,7 @@ class WriteSegmentsToRedis(MapFunction):
         metrics = runtime_context.get_metrics_group()
         self.redis_writes = metrics.counter("redis_writes")
         self.redis_stale = metrics.counter("redis_stale_writes")  # not newer than Redis held: replays
+        self.redis_retries = metrics.counter("redis_retries")
         latency = self.latency = LatencyHistogram()
         metrics.gauge("redis_write_latency_p50_us", lambda: int(latency.percentile(0.5)))
         metrics.gauge("redis_write_latency_p99_us", lambda: int(latency.percentile(0.99)))
@@ -345,12 +347,29 @@ class WriteSegmentsToRedis(MapFunction):
 
     def map(self, value):
         started = time.perf_counter_ns()
-        applied = self.view.apply([(value[0], value[1], value[2], value[3], value[4])])
+        applied = self._apply_retrying((value[0], value[1], value[2], value[3], value[4]))
         self.latency.record((time.perf_counter_ns() - started) / 1000)
         self.redis_writes.inc()
         if not applied:
             self.redis_stale.inc()
         return value
+
+    def _apply_retrying(self, transition) -> int:
+        """Redis unreachable: retry with a growing pause for up to retry_ms, then fail the task
+        (the job restarts from its last checkpoint and replays; writes are ordered by sequence)."""
+        import redis
+
+        deadline = time.monotonic() + self.retry_ms / 1000
+        pause_s = 0.05
+        while True:
+            try:
+                return self.view.apply([transition])
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + pause_s > deadline:
+                    raise
+                self.redis_retries.inc()
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 1.0)
 
     def close(self):
         self.view.close()
@@ -376,11 +395,10 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOu
         .name(DECODE.name)
         .uid(DECODE.uid)
     )
-    watermarks = (
-        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
-        .with_idleness(Duration.of_millis(settings.idle_timeout_ms))
-        .with_timestamp_assigner(EventTimeOf())
-    )
+    watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
+    if settings.idle_timeout_ms:
+        watermarks = watermarks.with_idleness(Duration.of_millis(settings.idle_timeout_ms))
+    watermarks = watermarks.with_timestamp_assigner(EventTimeOf())
     timed = (
         decoded.assign_timestamps_and_watermarks(watermarks)
         .name(EVENT_TIME.name)
@@ -443,7 +461,8 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings) ->
     if settings.redis_url:
         transitions = (
             transitions.map(
-                WriteSegmentsToRedis(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s),
+                WriteSegmentsToRedis(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s,
+                                     settings.redis_retry_ms),
                 output_type=TRANSITION_RECORD,
             )
             .name(REDIS.name)
@@ -480,7 +499,14 @@ def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("state.backend.type", settings.state_backend)
     if settings.state_backend == "rocksdb":
-        conf.set_string("state.backend.incremental", "true")
+        conf.set_string("execution.checkpointing.incremental", "true")
+    conf.set_string("restart-strategy.type", settings.restart_strategy)
+    if settings.restart_strategy == "exponential-delay":
+        conf.set_string("restart-strategy.exponential-delay.initial-backoff", "1 s")
+        conf.set_string("restart-strategy.exponential-delay.max-backoff", f"{settings.restart_max_backoff_ms} ms")
+    elif settings.restart_strategy == "fixed-delay":
+        conf.set_string("restart-strategy.fixed-delay.attempts", str(2**31 - 1))
+        conf.set_string("restart-strategy.fixed-delay.delay", f"{settings.restart_max_backoff_ms} ms")
     if settings.checkpoint_dir:
         conf.set_string("execution.checkpointing.dir", settings.checkpoint_dir)
     conf.set_string("pipeline.name", settings.job_name)

@@ -43,9 +43,22 @@ class JobSettings:
     execution_mode: str = "thread"
     checkpoint_interval_ms: int = 5_000
     checkpoint_dir: str = ""  # empty: <stack dir>/checkpoints
-    state_backend: str = "hashmap"
+    # RocksDB: state on local disk, checkpoints incremental (only new SST files are uploaded).
+    state_backend: str = "rocksdb"
+    # How the job comes back after a failure (a lost TaskManager, Redis or Kafka unreachable):
+    # from the last checkpoint, after a delay growing up to restart_max_backoff_ms. `none` fails
+    # the job for good at the first error.
+    restart_strategy: str = "exponential-delay"
+    restart_max_backoff_ms: int = 30_000
+    # A Redis write that cannot reach Redis is retried this long before the task fails (and the
+    # job restarts from its last checkpoint): a short blip costs no restart.
+    redis_retry_ms: int = 10_000
     watermark_lag_ms: int = 5_000
-    idle_timeout_ms: int = 10_000
+    # 0: no idleness. With it, a source subtask silent this long stops holding the watermark back;
+    # but a subtask silent only because it was stalled (a restart, a broker pause, backpressure)
+    # then lets the other partitions' watermark pass its backlog, whose events become late (the
+    # fault suite saw exactly that). Set it only if a partition can stay empty for long.
+    idle_timeout_ms: int = 0
     allowed_lateness_ms: int = 60_000
     max_event_bytes: int = 64 * 1024
     max_future_ms: int = 24 * 3600 * 1000
@@ -68,6 +81,7 @@ class JobSettings:
             "startup_mode": {"earliest-offset", "latest-offset", "group-offsets"},
             "execution_mode": {"thread", "process"},
             "state_backend": {"hashmap", "rocksdb"},
+            "restart_strategy": {"exponential-delay", "fixed-delay", "none"},
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -200,9 +200,21 @@ def import_on_a_python_thread(name: str):
     an operator's thread state is unknown to PyGILState_Ensure, which onnxruntime's module init
     calls; imported on an operator thread other than the interpreter's first, the init waits for
     the GIL its own thread holds, and every Python operator of the job hangs (seen in the e2e
-    test, where the keyed operator runs apart from the source's thread)."""
-    if name in sys.modules:
-        return sys.modules[name]
+    test, where the keyed operator runs apart from the source's thread).
+
+    One import at a time: two operators of a TaskManager open at once, and without the lock the
+    second found the first's half-initialised module in sys.modules ("partially initialized module
+    'onnxruntime' has no attribute 'SessionOptions'", seen on the standalone cluster)."""
+    with _IMPORT_LOCK:
+        if name in sys.modules:
+            return sys.modules[name]
+        return _import_on_a_new_thread(name)
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _import_on_a_new_thread(name: str):
     outcome: dict = {}
 
     def load() -> None:
