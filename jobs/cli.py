@@ -135,6 +135,34 @@ def cmd_savepoint(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    """`stop --savepoint`: stop with a savepoint (sinks commit); `stop`: cancel, keeping the
+    retained checkpoints (`resume --from-latest-checkpoint` picks up from the newest)."""
+    from infra import stack
+    from jobs.operations import FlinkRest, OperationError
+
+    settings = _settings(args)
+    rest = FlinkRest(stack.StackPorts.from_env().flink_rest)
+    try:
+        job_id = rest.running_job(settings.job_name)
+        if args.savepoint:
+            print(f"stopped {settings.job_name} ({job_id}) with savepoint "
+                  f"{rest.stop_with_savepoint(job_id, args.directory)}")
+        else:
+            rest.cancel(job_id)
+            print(f"cancelled {settings.job_name} ({job_id}); its retained checkpoints are kept")
+    except OperationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_resume(args) -> int:
+    return cmd_submit(argparse.Namespace(config=args.config, detached=True, from_savepoint=args.from_savepoint,
+                                         from_latest_checkpoint=args.from_latest_checkpoint,
+                                         parallelism=args.parallelism))
+
+
 def cmd_rescale(args) -> int:
     """Stop with a savepoint, then submit from it at the new parallelism."""
     from infra import stack
@@ -354,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="store_true", help="stop the job after the savepoint (sinks commit)")
     p.add_argument("--directory", help="target directory (default: the cluster's savepoint dir)")
     p.set_defaults(func=cmd_savepoint)
+
+    p = with_config(sub.add_parser("stop", help="stop the running job (--savepoint: with a savepoint; else cancel)"))
+    p.add_argument("--savepoint", action="store_true", help="take a final savepoint; sinks commit")
+    p.add_argument("--directory", help="savepoint directory (default: the cluster's savepoint dir)")
+    p.set_defaults(func=cmd_stop)
+
+    p = with_config(sub.add_parser("resume", help="submit the job again from a savepoint or retained checkpoint"))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="from_savepoint", help="savepoint or chk-<n> directory")
+    source.add_argument("--from-latest-checkpoint", action="store_true",
+                        help="the newest retained checkpoint in the checkpoint directory")
+    p.add_argument("--parallelism", type=int, help="resume at this parallelism (a rescale)")
+    p.set_defaults(func=cmd_resume)
 
     p = with_config(sub.add_parser("rescale", help="stop with a savepoint and resume at a new parallelism"))
     p.add_argument("parallelism", type=int)

@@ -63,6 +63,19 @@ class FlinkRest:
             time.sleep(0.5)
         return location
 
+    def cancel(self, job_id: str, timeout_s: float = 120) -> None:
+        """Cancels the job (no savepoint; its retained checkpoints stay for a resume)."""
+        request = urllib.request.Request(f"{self.base}/jobs/{job_id}?mode=cancel", method="PATCH")
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except OSError as err:
+            raise OperationError(f"cancel {job_id}: {err}") from None
+        deadline = time.monotonic() + timeout_s
+        while self.state(job_id) not in ("CANCELED", "FAILED", "FINISHED"):
+            if time.monotonic() > deadline:
+                raise OperationError(f"job {job_id} did not stop within {timeout_s:.0f} s")
+            time.sleep(0.5)
+
     def _await(self, path: str, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -192,10 +192,15 @@ class FaultRun:
         self.faults.append("TaskManager killed (SIGKILL) and replaced")
 
     def stop_with_savepoint_and_resume(self) -> None:
-        out = self.segments("savepoint", "--stop")
-        location = out.strip().rsplit(" ", 1)[1]
-        self.segments("submit", "--detached", "--from-savepoint", location)
-        self.faults.append("stopped with a savepoint and resumed")
+        location = self.segments("stop", "--savepoint").strip().rsplit(" ", 1)[1]
+        self.segments("resume", "--from", location)
+        self.faults.append("stopped with a savepoint and resumed from it")
+
+    def cancel_and_resume_from_the_latest_checkpoint(self) -> None:
+        """As after losing the job without a savepoint: only retained checkpoints are left."""
+        assert "cancelled" in self.segments("stop")
+        self.segments("resume", "--from-latest-checkpoint")
+        self.faults.append("cancelled and resumed from the latest retained checkpoint")
 
     def pause_broker(self, seconds: float) -> None:
         broker = ManagedProcess("broker", self.stack_root)
@@ -265,11 +270,13 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
     send(chunks[3])
     time.sleep(1)
     run.pause_broker(BROKER_PAUSE_S)
-    caught_up()
+    seen = caught_up()
 
     send(chunks[4])
     time.sleep(1)
     run.restart_redis_empty(down_s=5)
+    run.wait_for_progress(seen)
+    run.cancel_and_resume_from_the_latest_checkpoint()
     seen = caught_up()
 
     send(chunks[5])
@@ -321,7 +328,7 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
           f"transactions (replays after the kills, hidden from read_committed)")
     failing = {k: v[:8] for k, v in problems.items() if v}
     assert not failing, "\n".join(f"invariant {k}:\n  " + "\n  ".join(v) for k, v in failing.items())
-    assert len(run.faults) == 6
+    assert len(run.faults) == 7
     # Every user of the core's replay is in Redis as the core has them (invariant 4 compared Redis
     # with the log; this ties the log back to the core's final memberships too).
     for user_id, profile in profiles.items():
