@@ -116,28 +116,17 @@ def cmd_submit(args) -> int:
 
 
 def cmd_savepoint(args) -> int:
-    from infra import stack
-    from jobs.operations import FlinkRest, OperationError
-
-    settings = _settings(args)
-    rest = FlinkRest(stack.StackPorts.from_env().flink_rest)
-    try:
-        job_id = rest.running_job(settings.job_name)
-        if args.stop:
-            location = rest.stop_with_savepoint(job_id, args.directory)
-            print(f"stopped {settings.job_name} ({job_id}) with savepoint {location}")
-        else:
-            location = rest.savepoint(job_id, args.directory)
-            print(f"savepoint of {settings.job_name} ({job_id}): {location}")
-    except OperationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """A savepoint of the running job; with --stop, the same as `stop --savepoint`."""
+    return _on_running_job(args, "stop-with-savepoint" if args.stop else "savepoint")
 
 
 def cmd_stop(args) -> int:
     """`stop --savepoint`: stop with a savepoint (sinks commit); `stop`: cancel, keeping the
     retained checkpoints (`resume --from-latest-checkpoint` picks up from the newest)."""
+    return _on_running_job(args, "stop-with-savepoint" if args.savepoint else "cancel")
+
+
+def _on_running_job(args, operation: str) -> int:
     from infra import stack
     from jobs.operations import FlinkRest, OperationError
 
@@ -145,9 +134,11 @@ def cmd_stop(args) -> int:
     rest = FlinkRest(stack.StackPorts.from_env().flink_rest)
     try:
         job_id = rest.running_job(settings.job_name)
-        if args.savepoint:
-            print(f"stopped {settings.job_name} ({job_id}) with savepoint "
-                  f"{rest.stop_with_savepoint(job_id, args.directory)}")
+        if operation == "savepoint":
+            print(f"savepoint of {settings.job_name} ({job_id}): {rest.savepoint(job_id, args.directory)}")
+        elif operation == "stop-with-savepoint":
+            location = rest.stop_with_savepoint(job_id, args.directory)
+            print(f"stopped {settings.job_name} ({job_id}) with savepoint {location}")
         else:
             rest.cancel(job_id)
             print(f"cancelled {settings.job_name} ({job_id}); its retained checkpoints are kept")

@@ -127,6 +127,29 @@ class ShippedFiles:
         return root
 
 
+class LatencyMetrics:
+    """A latency histogram's p50, p99 and max as metrics, pushed from the operator's own thread at
+    most once a second. Why not PyFlink gauges: in thread mode a gauge is a Python callable that
+    Flink's metric thread calls into the embedded interpreter, and on the standalone cluster that
+    crashed the TaskManager (SIGSEGV in _PyEvalFramePushAndInit on thread flink-metrics, seen
+    under the fault suite). A distribution metric keeps its value on the Java side."""
+
+    def __init__(self, metrics, prefix: str, histogram: LatencyHistogram):
+        self.histogram = histogram
+        self.p50 = metrics.distribution(f"{prefix}_p50_us")
+        self.p99 = metrics.distribution(f"{prefix}_p99_us")
+        self.max = metrics.distribution(f"{prefix}_max_us")
+        self.published_at = 0.0
+
+    def maybe_publish(self) -> None:
+        now = time.monotonic()
+        if now - self.published_at >= 1.0:
+            self.published_at = now
+            self.p50.update(int(self.histogram.percentile(0.5)))
+            self.p99.update(int(self.histogram.percentile(0.99)))
+            self.max.update(int(self.histogram.max_us))
+
+
 class DecodeUserEvent(ProcessFunction):
     """Raw Kafka value -> validated event (keyed by user) or a dead letter with its reason."""
 
@@ -225,11 +248,8 @@ class SegmentUsers(KeyedProcessFunction):
         self.segment_counters: dict[str, tuple] = {}
         for name in self.engine.definitions.names:
             self._segment_counters(name)
-        if scorer is not None:
-            latency = scorer.stats.latency
-            metrics.gauge("inference_latency_p50_us", lambda: int(latency.percentile(0.5)))
-            metrics.gauge("inference_latency_p99_us", lambda: int(latency.percentile(0.99)))
-            metrics.gauge("inference_latency_max_us", lambda: int(latency.max_us))
+        self.inference_latency = (None if scorer is None
+                                  else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency))
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, event_time = value[0], value[1]
@@ -252,6 +272,7 @@ class SegmentUsers(KeyedProcessFunction):
         transitions = self.engine.on_accepted_event(user_id, profile, event)
         if self.engine.scorer is not None:
             self._count_scoring(self.engine.scorer.stats)
+            self.inference_latency.maybe_publish()
         yield from self._commit(ctx, profile, transitions, had_events, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
@@ -340,15 +361,14 @@ class WriteSegmentsToRedis(MapFunction):
         self.redis_writes = metrics.counter("redis_writes")
         self.redis_stale = metrics.counter("redis_stale_writes")  # not newer than Redis held: replays
         self.redis_retries = metrics.counter("redis_retries")
-        latency = self.latency = LatencyHistogram()
-        metrics.gauge("redis_write_latency_p50_us", lambda: int(latency.percentile(0.5)))
-        metrics.gauge("redis_write_latency_p99_us", lambda: int(latency.percentile(0.99)))
-        metrics.gauge("redis_write_latency_max_us", lambda: int(latency.max_us))
+        self.latency = LatencyHistogram()
+        self.latency_metrics = LatencyMetrics(metrics, "redis_write_latency", self.latency)
 
     def map(self, value):
         started = time.perf_counter_ns()
         applied = self._apply_retrying((value[0], value[1], value[2], value[3], value[4]))
         self.latency.record((time.perf_counter_ns() - started) / 1000)
+        self.latency_metrics.maybe_publish()
         self.redis_writes.inc()
         if not applied:
             self.redis_stale.inc()
