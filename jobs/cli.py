@@ -446,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_profile_stats)
 
+    from jobs import bench  # stdlib-only at import: cheap here
+
+    p = with_config(sub.add_parser("bench", help="throughput, latency, state and checkpoint figures against targets"))
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
     p = with_config(sub.add_parser("demo", help="stack, job, traffic and live transitions in one go"))
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--rate", type=float, default=200.0)
