@@ -978,7 +978,7 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
                     0.0, newest_processed / 1000 - sent["started"]) / (sent["ended"] - sent["started"])
                 result.processing_rate_estimated = True
         result.finished = True
-    except (RuntimeError, TimeoutError, OSError, ValueError, KeyError) as err:
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as err:
         result.error = str(err).splitlines()[0]
         log(f"{name}: {err}")
     finally:
