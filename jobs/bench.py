@@ -538,45 +538,14 @@ class DeadLetterWatcher:
         self.consumer.close()
 
 
-def count_committed(bootstrap: str, topic: str) -> int:
-    """Committed records of a topic, read to the end of every partition (partition EOF: tansu
+def committed_messages(bootstrap: str, topic: str):
+    """Every committed record of a topic, read to the end of every partition (partition EOF: tansu
     answers ListOffsets(latest) with 1, so watermark offsets cannot be used)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-bench-count",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
-        open_partitions, count = set(partitions), 0
-        while open_partitions:
-            msgs = consumer.consume(5000, 30)
-            if not msgs:
-                raise TimeoutError(f"no records nor end of partition from {topic} for 30 s")
-            for msg in msgs:
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        open_partitions.discard(msg.partition())
-                        continue
-                    raise KafkaException(msg.error())
-                count += 1
-        return count
-    finally:
-        consumer.close()
-
-
-def read_committed_transitions(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
-    """Every committed transition by (partition, offset)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
-    from udfs.codec import SchemaCatalog
-
-    codec = SchemaCatalog().codec("SegmentTransition")
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-bench-read",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
-    out = {}
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
@@ -591,14 +560,28 @@ def read_committed_transitions(bootstrap: str, topic: str) -> dict[tuple[int, in
                         open_partitions.discard(msg.partition())
                         continue
                     raise KafkaException(msg.error())
-                t = codec.decode(msg.value())
-                out[(msg.partition(), msg.offset())] = {
-                    "user_id": t["user_id"], "segment": t["segment"], "sequence": t["sequence"],
-                    "event_time": t["event_time"], "cause": t["cause"],
-                }
-        return out
+                yield msg
     finally:
         consumer.close()
+
+
+def count_committed(bootstrap: str, topic: str) -> int:
+    return sum(1 for _ in committed_messages(bootstrap, topic))
+
+
+def read_committed_transitions(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
+    """Every committed transition by (partition, offset)."""
+    from udfs.codec import SchemaCatalog
+
+    codec = SchemaCatalog().codec("SegmentTransition")
+    out = {}
+    for msg in committed_messages(bootstrap, topic):
+        t = codec.decode(msg.value())
+        out[(msg.partition(), msg.offset())] = {
+            "user_id": t["user_id"], "segment": t["segment"], "sequence": t["sequence"],
+            "event_time": t["event_time"], "cause": t["cause"],
+        }
+    return out
 
 
 # --- preloading events -----------------------------------------------------------------------------
