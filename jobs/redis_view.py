@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import redis
+from redis.exceptions import NoScriptError
 
 from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
 
@@ -15,20 +16,31 @@ class RedisSegmentView:
         self.ttl_s = ttl_s
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.client.ping()  # fail fast on a bad address, before any record is consumed
-        self._apply = self.client.register_script(APPLY_TRANSITION_LUA)
+        self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA)
 
     def apply(self, transitions: Iterable[tuple[str, str, str, int, int]]) -> int:
         """Applies (user_id, segment, kind, sequence, event_time_ms) in one round trip; returns
         how many were newer than what Redis held."""
+        batch = list(transitions)
+        if not batch:
+            return 0
+        try:
+            return self._apply(batch)
+        except NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH) since the script was loaded: no EVALSHA of the
+            # batch ran, so load it again and send the whole batch once more.
+            self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA)
+            return self._apply(batch)
+
+    def _apply(self, batch: list[tuple[str, str, str, int, int]]) -> int:
+        # EVALSHA straight away: redis-py's Script object would send SCRIPT EXISTS before every
+        # pipeline, a second round trip per write.
         pipe = self.client.pipeline(transaction=False)
-        n = 0
-        for user_id, segment, kind, sequence, event_time in transitions:
-            keys = [
-                user_key(self.prefix, user_id), sequence_key(self.prefix, user_id), members_key(self.prefix, segment)
-            ]
-            self._apply(keys=keys, args=[segment, kind, sequence, event_time, user_id, self.ttl_s], client=pipe)
-            n += 1
-        return sum(pipe.execute()) if n else 0
+        sha, prefix, ttl_s = self._script_sha, self.prefix, self.ttl_s
+        for user_id, segment, kind, sequence, event_time in batch:
+            pipe.evalsha(sha, 3, user_key(prefix, user_id), sequence_key(prefix, user_id),
+                         members_key(prefix, segment), segment, kind, sequence, event_time, user_id, ttl_s)
+        return sum(pipe.execute())
 
     def segments_of(self, user_id: str) -> dict[str, tuple[int, int]]:
         raw = self.client.hgetall(user_key(self.prefix, user_id))

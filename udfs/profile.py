@@ -84,6 +84,9 @@ class UserProfile:
     scored_at_ms: int | None = None  # the latest accepted event, or the latest rescoring timer
     # Not state: when `prune` last ran on this object (a restored profile is pruned on first use).
     pruned_at_ms: int = field(default=-(2**62), compare=False, repr=False)
+    # Not state: (engine, clock_ms, instant) of an engine's latest `next_change_ms` answer for
+    # this object, cleared by every engine call that changes it (see SegmentEngine.next_change_ms).
+    next_change_memo: tuple | None = field(default=None, compare=False, repr=False)
 
     def reset(self) -> None:
         """Back to an empty profile (the retention ran out), in place: callers hold this object."""

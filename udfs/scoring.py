@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class FeatureVector:
             if f.impute is not None and not math.isfinite(f.impute):
                 raise ModelVerificationError(f"vector feature {f.name!r}: impute must be a finite number")
         self._readers = tuple((catalog.readers[f.name], _TRANSFORM[f.transform], f.impute) for f in self.features)
+        self._named = tuple((f.name, _TRANSFORM[f.transform], f.impute) for f in self.features)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -81,9 +82,17 @@ class FeatureVector:
     def values(self, profile: UserProfile, now_ms: int) -> list[float] | None:
         """The vector at `now_ms`, or None when a feature without an impute value has no value
         (missing, NaN or infinite): such a vector is never passed to a model."""
+        return self._vector((read(profile, now_ms), transform, impute) for read, transform, impute in self._readers)
+
+    def values_read(self, read: Callable[[str], Any]) -> list[float] | None:
+        """`values` with the features taken from `read(name)`: the engine's per-instant feature
+        cache, which the segment conditions and the other models' vectors read as well."""
+        return self._vector((read(name), transform, impute) for name, transform, impute in self._named)
+
+    @staticmethod
+    def _vector(raw_values) -> list[float] | None:
         out = []
-        for read, transform, impute in self._readers:
-            raw = read(profile, now_ms)
+        for raw, transform, impute in raw_values:
             if raw is None or not math.isfinite(raw):
                 if impute is None:
                     return None
@@ -234,17 +243,13 @@ def _import_on_a_new_thread(name: str):
 class LoadedModel:
     """One verified ONNX session (one intra-op thread) with its preallocated input row."""
 
-    def __init__(self, manifest: ModelManifest, directory: Path, vector: FeatureVector):
+    def __init__(self, manifest: ModelManifest, onnx_bytes: bytes, vector: FeatureVector):
         np = import_on_a_python_thread("numpy")
-        onnxruntime = import_on_a_python_thread("onnxruntime")
 
         self.manifest = manifest
         self.vector = vector
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(directory / manifest.onnx_file), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.onnx_bytes = onnx_bytes  # the bytes whose hash was checked: sessions are built from them
+        self.session = one_thread_session(onnx_bytes)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if manifest.input_name not in inputs:
@@ -269,12 +274,12 @@ class LoadedModel:
         return float(value)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def one_thread_session(onnx_bytes: bytes):
+    onnxruntime = import_on_a_python_thread("onnxruntime")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
 class ModelRegistry:
@@ -319,7 +324,8 @@ class ModelRegistry:
             onnx_path = directory / manifest.onnx_file
             if not onnx_path.is_file():
                 raise ModelVerificationError(f"model {name}: {onnx_path} is missing")
-            actual = _sha256(onnx_path)
+            onnx_bytes = onnx_path.read_bytes()
+            actual = hashlib.sha256(onnx_bytes).hexdigest()
             if actual != manifest.onnx_sha256:
                 raise ModelVerificationError(f"model {name}: {onnx_path.name} has sha256 {actual[:16]}..., the "
                                              f"manifest says {manifest.onnx_sha256[:16]}...: the file is not the "
@@ -333,7 +339,7 @@ class ModelRegistry:
                     f"{running[:16]}...): the vector's features, their order, transforms or the code or profile "
                     "settings computing them differ from training; retrain or restore the feature code"
                 )
-            model = LoadedModel(manifest, directory, vector)
+            model = LoadedModel(manifest, onnx_bytes, vector)
             _check_golden(model)
             models[name] = model
         return cls(models, catalog)
@@ -363,6 +369,84 @@ def _check_golden(model: LoadedModel) -> None:
                                          f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})")
 
 
+class MergedSession:
+    """Every model of a registry as one ONNX graph in one session: one `run` per scoring instead
+    of one per model (the call's fixed cost is most of a small model's inference time).
+
+    The graphs are put side by side under per-model prefixes (onnx.compose.add_prefix); a graph
+    written for an older opset of a domain than another model's is first converted to the newer
+    one (onnx.version_converter). The result must reproduce every model's own session exactly on
+    every golden input, or the registry is not loaded."""
+
+    def __init__(self, models: dict[str, LoadedModel]):
+        onnx = import_on_a_python_thread("onnx")
+        from onnx import compose, helper, version_converter
+
+        np = import_on_a_python_thread("numpy")
+        protos = {name: onnx.load_model_from_string(m.onnx_bytes) for name, m in models.items()}
+        opsets: dict[str, int] = {}
+        for proto in protos.values():
+            for op in proto.opset_import:
+                opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+        nodes, inputs, outputs, initializers, value_info = [], [], [], [], []
+        self._outputs: list[str] = []
+        self._feeds: dict[str, Any] = {}
+        self._rows: dict[str, Any] = {}  # one input row per distinct vector, fed to each model reading it
+        self._plan: list[tuple[str, LoadedModel]] = []
+        for i, (name, proto) in enumerate(protos.items()):
+            default = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), None)
+            if default is not None and default < opsets.get("", default):
+                proto = version_converter.convert_version(proto, opsets[""])
+            prefix = f"m{i}_"
+            proto = compose.add_prefix(proto, prefix)
+            graph = proto.graph
+            nodes += graph.node
+            inputs += graph.input
+            outputs += graph.output
+            initializers += graph.initializer
+            value_info += graph.value_info
+            model = models[name]
+            key = json.dumps(model.vector.spec(), sort_keys=True)
+            row = self._rows.setdefault(key, np.zeros((1, len(model.vector.features)), dtype=np.float32))
+            self._feeds[prefix + model.manifest.input_name] = row
+            self._outputs.append(prefix + model.manifest.output_name)
+            self._plan.append((key, model))
+        merged = helper.make_model(
+            helper.make_graph(nodes, "merged_models", inputs, outputs, initializers, value_info=value_info),
+            opset_imports=[helper.make_opsetid(domain, version) for domain, version in sorted(opsets.items())],
+            ir_version=max(p.ir_version for p in protos.values()),
+        )
+        self.session = one_thread_session(merged.SerializeToString())
+        self._check_against_each_model()
+
+    @property
+    def plan(self) -> list[tuple[str, LoadedModel]]:
+        """(vector key, model) in output order."""
+        return self._plan
+
+    def run(self, vectors: Mapping[str, list[float]]) -> list[float]:
+        """Every model's score, in `plan` order, from the vectors by key."""
+        for key, row in self._rows.items():
+            row[0, :] = vectors[key]
+        results = self.session.run(self._outputs, self._feeds)
+        out = []
+        for (_, model), result in zip(self._plan, results, strict=True):
+            index = model.manifest.output_index
+            out.append(float(result[0] if index is None else result[0][index]))
+        return out
+
+    def _check_against_each_model(self) -> None:
+        for key, model in self._plan:
+            for case in model.manifest.golden:
+                vectors = {k: [0.0] * row.shape[1] for k, row in self._rows.items()}
+                vectors[key] = case["input"]
+                got = self.run(vectors)[self._plan.index((key, model))]
+                own = model.score_vector(case["input"])
+                if got != own and not (math.isnan(got) and math.isnan(own)):
+                    raise ModelVerificationError(f"model {model.manifest.name}: merged with the other models it "
+                                                 f"scores {got!r} on a golden input, its own session {own!r}")
+
+
 @dataclass
 class ScoringStats:
     scored: int = 0
@@ -372,28 +456,40 @@ class ScoringStats:
 
 
 class Scorer:
-    """`SegmentEngine`'s scorer: every model once per accepted event."""
+    """`SegmentEngine`'s scorer: every model once per accepted event, in one merged session."""
 
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
-        # Models reading the same vector share one read of it per event.
-        self.plan = tuple((json.dumps(m.vector.spec(), sort_keys=True), m) for m in registry.models.values())
+        self.merged = MergedSession(registry.models)
         self.stats = ScoringStats()
 
-    def __call__(self, profile: UserProfile, now_ms: int, catalog: FeatureCatalog) -> Mapping[str, float]:
-        scores: dict[str, float] = {}
-        vectors: dict[str, list[float] | None] = {}
+    def __call__(self, profile: UserProfile, now_ms: int, read: Callable[[str], Any]) -> Mapping[str, float]:
+        """Scores at `now_ms`; `read(name)` is the feature's value at that instant."""
         stats = self.stats
-        for key, model in self.plan:
+        # Models reading the same vector share one read of it per event.
+        vectors: dict[str, list[float] | None] = {}
+        for key, model in self.merged.plan:
             if key not in vectors:
-                vectors[key] = model.vector.values(profile, now_ms)
-            values = vectors[key]
-            if values is None:
+                vectors[key] = model.vector.values_read(read)
+        if all(v is not None for v in vectors.values()):
+            started = time.perf_counter_ns()
+            raw = self.merged.run(vectors)
+            stats.latency.record((time.perf_counter_ns() - started) / 1000)
+        else:  # a vector without a value: score the models that have one, each on its own
+            raw = []
+            for key, model in self.merged.plan:
+                values = vectors[key]
+                if values is None:
+                    raw.append(None)
+                    continue
+                started = time.perf_counter_ns()
+                raw.append(model.score_vector(values))
+                stats.latency.record((time.perf_counter_ns() - started) / 1000)
+        scores: dict[str, float] = {}
+        for (_, model), score in zip(self.merged.plan, raw, strict=True):
+            if score is None:
                 stats.skipped += 1
                 continue
-            started = time.perf_counter_ns()
-            score = model.score_vector(values)
-            stats.latency.record((time.perf_counter_ns() - started) / 1000)
             m = model.manifest
             valid = math.isfinite(score) and (
                 score in range(m.clusters) if m.kind == "cluster" else 0.0 <= score <= 1.0

@@ -12,11 +12,11 @@ import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, Verdict, condition_features
 from udfs.events import UserEvent
-from udfs.features import FeatureCatalog
 from udfs.profile import Membership, UserProfile, apply_event, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
@@ -72,8 +72,9 @@ class Transition:
         }
 
 
-# Model scores of a profile at an instant (the models issue plugs the ONNX sessions in here).
-Scorer = Callable[[UserProfile, int, FeatureCatalog], Mapping[str, float]]
+# Model scores of a profile at an instant; the third argument reads a feature's value at that
+# instant from the cache the segment conditions then read too (see udfs/scoring.py).
+Scorer = Callable[[UserProfile, int, Callable[[str], Any]], Mapping[str, float]]
 
 
 class SegmentEngine:
@@ -108,7 +109,7 @@ class SegmentEngine:
         # passes T, i.e. after every event at T that is not late). The retention is the
         # exception: a profile silent for exactly retention_ms has expired, and the event starts
         # a new lifetime.
-        out = self._advance(user_id, profile, event.timestamp - 1)
+        out = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
         if event.timestamp > profile.clock_ms:
             profile.clock_ms = event.timestamp
             if self.retention_expiry_ms(profile) == event.timestamp:
@@ -117,23 +118,34 @@ class SegmentEngine:
         self._latest = None
         apply_event(profile, event, self.config)
         prune(profile, self.config)
+        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
         if self.scorer is not None:
-            self._score(profile, profile.clock_ms)
-        self._diff(user_id, profile, profile.clock_ms, "EVENT", event.event_id, out)
+            self._score(profile, ev)
+        self._diff(user_id, profile, ev, "EVENT", event.event_id, out)
         return out
 
     def advance_to(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
         """Moves the user's clock to `time_ms`, emitting every time-driven change due on the way,
         each at the exact instant its condition lapsed. When the retention runs out, the user
         exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
-        out = self._advance(user_id, profile, time_ms)
+        out = self._advance(user_id, profile, time_ms, self._take_memo(profile))
         prune(profile, self.config)
         return out
 
-    def _advance(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
+    def _take_memo(self, profile: UserProfile) -> tuple[int | None] | None:
+        memo, profile.next_change_memo = profile.next_change_memo, None
+        if memo is not None and memo[0] is self and memo[1] == profile.clock_ms:
+            return (memo[2],)
+        return None
+
+    def _advance(self, user_id: str, profile: UserProfile, time_ms: int,
+                 memo: tuple[int | None] | None) -> list[Transition]:
         out: list[Transition] = []
         while True:
-            due = self.next_change_ms(profile)
+            if memo is not None:  # this engine answered at this very clock, on this very state
+                (due,), memo = memo, None
+            else:
+                due = self._next_change_ms(profile)
             if due is None or due > time_ms:
                 break
             # Only a retention expiry can lie behind the clock (a late event older than the
@@ -145,17 +157,20 @@ class SegmentEngine:
             if expiry is not None and expiry <= due:
                 self._expire(user_id, profile, due, out)
             else:
+                ev = Evaluation(profile, due, self.catalog, profile.scores)
                 if due == self.rescore_due_ms(profile):
                     self._latest = None
-                    self._score(profile, due)
-                self._diff(user_id, profile, due, "TIMER", None, out)
+                    self._score(profile, ev)
+                self._diff(user_id, profile, ev, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
         return out
 
-    def _score(self, profile: UserProfile, now_ms: int) -> None:
-        profile.scores = dict(self.scorer(profile, now_ms, self.catalog))
-        profile.scored_at_ms = now_ms
+    def _score(self, profile: UserProfile, ev: Evaluation) -> None:
+        """The models read their vectors through `ev`'s feature cache, which the conditions
+        then read too; features do not depend on scores, so the cache stays valid."""
+        profile.scores = ev.scores = dict(self.scorer(profile, ev.now, ev.feature))
+        profile.scored_at_ms = ev.now
 
     def rescore_due_ms(self, profile: UserProfile) -> int | None:
         """Scores are computed at every accepted event, and with `rescore_every` in the
@@ -172,7 +187,17 @@ class SegmentEngine:
 
     def next_change_ms(self, profile: UserProfile) -> int | None:
         """The one instant the user's timer is set for: the earliest at which a verdict can
-        change, or the profile expires."""
+        change, or the profile expires.
+
+        Adapters ask after every event and timer, and the engine's next call starts by asking
+        the same question of the same state (is a change due before the event?): the answer is
+        kept on the profile object until that call, which is the only thing that changes it
+        (the timer_ms an adapter writes is not read here)."""
+        due = self._next_change_ms(profile)
+        profile.next_change_memo = (self, profile.clock_ms, due)
+        return due
+
+    def _next_change_ms(self, profile: UserProfile) -> int | None:
         if profile.last_event_ms is None:
             return None
         ev = self._latest
@@ -199,12 +224,13 @@ class SegmentEngine:
         self,
         user_id: str,
         profile: UserProfile,
-        now_ms: int,
+        ev: Evaluation,
         cause: str,
         cause_event_id: str | None,
         out: list[Transition],
     ) -> None:
-        ev = self._latest = Evaluation(profile, now_ms, self.catalog, profile.scores)
+        self._latest = ev
+        now_ms = ev.now
         verdicts = self.definitions.decide(ev, profile.memberships)
         changed: list[tuple[str, Verdict | None]] = [
             (name, None) for name, m in profile.memberships.items() if m.member and name not in verdicts

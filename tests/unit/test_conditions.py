@@ -68,7 +68,7 @@ def definitions_yaml(**segments: str) -> str:
 def profile_after(*events: UserEvent, scores: dict | None = None, config: ProfileConfig | None = None) -> UserProfile:
     """A real profile: the events applied by the engine (with a trivial definitions file)."""
     definitions = parse_definitions(definitions_yaml(anyone="true"), "t.yaml", config)
-    engine = SegmentEngine(definitions, scorer=(lambda p, now, catalog: dict(scores)) if scores is not None else None)
+    engine = SegmentEngine(definitions, scorer=(lambda p, now, read: dict(scores)) if scores is not None else None)
     profile = UserProfile()
     for event in events:
         engine.on_event(event.user_id, profile, event)

@@ -341,7 +341,7 @@ class FakeScorer:
         self.next: dict[str, float] = {}
         self.calls: list[int] = []
 
-    def __call__(self, profile, now_ms, catalog):
+    def __call__(self, profile, now_ms, read):
         self.calls.append(now_ms)
         return dict(self.next)
 

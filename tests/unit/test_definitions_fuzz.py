@@ -123,7 +123,7 @@ def profiles() -> list[UserProfile]:
     """Real profiles at a few stages: a single page view, and a shopper who viewed, added, played
     and purchased."""
     definitions = parse_definitions("version: f\nsegments:\n  - name: x\n    when: 'true'\n", "f.yaml")
-    engine = SegmentEngine(definitions, scorer=lambda p, now, catalog: {"p": 0.75, "k": 2})
+    engine = SegmentEngine(definitions, scorer=lambda p, now, read: {"p": 0.75, "k": 2})
     one, rich = UserProfile(), UserProfile()
     engine.on_event("u", one, UserEvent("e0", "u", "page_view", A))
     for i, (kind, offset, extra) in enumerate([
@@ -292,7 +292,7 @@ def test_any_grammar_shaped_condition_loads_or_raises_a_definition_error_and_the
             assert err.line is None or 1 <= err.line <= raw.count("\n") + 1
             return
     # it loaded: the engine must run it through events and time without raising
-    engine = SegmentEngine(definitions, scorer=lambda p, now, catalog: {"p": 0.75, "k": 2})
+    engine = SegmentEngine(definitions, scorer=lambda p, now, read: {"p": 0.75, "k": 2})
     profile, out = UserProfile(), []
     for i, (kind, offset) in enumerate([("page_view", 0), ("add_to_cart", MINUTE), ("video_play", 2 * MINUTE),
                                         ("purchase", HOUR)]):

@@ -173,8 +173,8 @@ def engine_for(compiled, score_scale_ms: int) -> SegmentEngine:
     if not compiled.models:
         return SegmentEngine(compiled)
 
-    def scorer(profile, now_ms, catalog):
-        return fake_scores(lambda name: catalog.read(name, profile, now_ms), score_scale_ms)
+    def scorer(profile, now_ms, read):
+        return fake_scores(read, score_scale_ms)
     return SegmentEngine(compiled, model_version="fake-1", scorer=scorer)
 
 
