@@ -1423,8 +1423,9 @@ class ReferenceLoop:
     choices: decode and validate (as `Decode user events`), drop events behind the watermark,
     duplicates, the engine per event, the state written per event as Avro (latin-1 text, as the
     job's ValueState) behind the same profile cache, one timer per user fired as the watermark
-    passes it, each transition written to Redis through RedisSegmentView.apply and produced
-    Avro-encoded by a transactional producer that commits every checkpoint interval.
+    passes it, the transitions of each event or timer written to Redis in one RedisSegmentView.apply
+    (one round trip), each produced Avro-encoded by a transactional producer that commits every
+    checkpoint interval.
 
     Not done, because only Flink needs it: the second decode of the event in the keyed operator
     (the job ships the validated bytes between operators instead of a Row)."""
@@ -1547,11 +1548,11 @@ class ReferenceLoop:
             self.cache.pop(user_id, None)
         else:
             self.state[user_id] = self.state_codec.encode(profile).decode("latin-1")
+        if transitions and self.view is not None:  # one round trip per event or timer, as the job's writer
+            self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in transitions])
         emitted_at = now_ms()
         for t in transitions:
             payload = self.transitions.encode(t.to_record(emitted_at))
-            if self.view is not None:
-                self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time)])
             produce(self.producer, self.settings.transitions_topic, payload, t.user_id.encode())
 
     def dead_letter(self, payload, topic, partition, offset, reason, message) -> None:

@@ -23,7 +23,6 @@ from pyflink.datastream import (
     DataStream,
     KeyedProcessFunction,
     KeySelector,
-    MapFunction,
     OutputTag,
     ProcessFunction,
     RuntimeContext,
@@ -78,7 +77,6 @@ class Operator:
 DECODE = Operator("Decode user events", "decode-user-events")
 EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
 SEGMENT = Operator("Segment users", "segment-users")
-REDIS = Operator("Write segments to Redis", "write-segments-to-redis")
 PROFILE_STATE = "user-profile"
 
 
@@ -215,6 +213,8 @@ class SegmentUsers(KeyedProcessFunction):
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
+        self.redis_writer = (RedisWriter(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s,
+                                         settings.redis_retry_ms) if settings.redis_url else None)
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
@@ -250,6 +250,8 @@ class SegmentUsers(KeyedProcessFunction):
             self._segment_counters(name)
         self.inference_latency = (None if scorer is None
                                   else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency))
+        if self.redis_writer is not None:
+            self.redis_writer.open(metrics)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, event_time = value[0], value[1]
@@ -284,6 +286,8 @@ class SegmentUsers(KeyedProcessFunction):
         yield from self._commit(ctx, profile, transitions, had_events, None)
 
     def close(self):
+        if self.redis_writer is not None:
+            self.redis_writer.close()
         shutil.rmtree(self.files_dir, ignore_errors=True)
 
     def _segment_counters(self, segment: str) -> tuple:
@@ -336,6 +340,9 @@ class SegmentUsers(KeyedProcessFunction):
             self.profile_state.update(encoded.decode("latin-1"))
             if self.emit_profile_snapshots:
                 yield PROFILE_SNAPSHOTS, Row(ctx.get_current_key(), cause_event_id, encoded)
+        if transitions and self.redis_writer is not None:
+            # Before the transitions leave: Redis never lags the committed topic by a checkpoint.
+            self.redis_writer.write(transitions)
         emitted_at = _now_ms()
         for t in transitions:
             self.transitions_out.inc()
@@ -344,8 +351,10 @@ class SegmentUsers(KeyedProcessFunction):
                       self.transitions.encode(t.to_record(emitted_at)))
 
 
-class WriteSegmentsToRedis(MapFunction):
-    """Applies each transition to the Redis view; ordered by sequence, so replays are harmless."""
+class RedisWriter:
+    """Applies a user's transitions of one event or timer to the Redis view in one round trip,
+    inside the keyed function (a separate operator cost two more Python crossings and a round trip
+    per transition); ordered by sequence, so replays are harmless."""
 
     def __init__(self, redis_url: str, key_prefix: str, ttl_s: int, retry_ms: int):
         self.redis_url = redis_url
@@ -353,28 +362,27 @@ class WriteSegmentsToRedis(MapFunction):
         self.ttl_s = ttl_s
         self.retry_ms = retry_ms
 
-    def open(self, runtime_context: RuntimeContext):
+    def open(self, metrics) -> None:
         from jobs.redis_view import RedisSegmentView  # worker-side import: the client is per worker
 
         self.view = RedisSegmentView(self.redis_url, self.key_prefix, self.ttl_s)
-        metrics = runtime_context.get_metrics_group()
         self.redis_writes = metrics.counter("redis_writes")
         self.redis_stale = metrics.counter("redis_stale_writes")  # not newer than Redis held: replays
         self.redis_retries = metrics.counter("redis_retries")
         self.latency = LatencyHistogram()
         self.latency_metrics = LatencyMetrics(metrics, "redis_write_latency", self.latency)
 
-    def map(self, value):
+    def write(self, transitions: list[Transition]) -> None:
+        batch = [(t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in transitions]
         started = time.perf_counter_ns()
-        applied = self._apply_retrying((value[0], value[1], value[2], value[3], value[4]))
+        applied = self._apply_retrying(batch)
         self.latency.record((time.perf_counter_ns() - started) / 1000)
         self.latency_metrics.maybe_publish()
-        self.redis_writes.inc()
-        if not applied:
-            self.redis_stale.inc()
-        return value
+        self.redis_writes.inc(len(batch))
+        if applied != len(batch):
+            self.redis_stale.inc(len(batch) - applied)
 
-    def _apply_retrying(self, transition) -> int:
+    def _apply_retrying(self, batch) -> int:
         """Redis unreachable: retry with a growing pause for up to retry_ms, then fail the task
         (the job restarts from its last checkpoint and replays; writes are ordered by sequence)."""
         import redis
@@ -383,7 +391,7 @@ class WriteSegmentsToRedis(MapFunction):
         pause_s = 0.05
         while True:
             try:
-                return self.view.apply([transition])
+                return self.view.apply(batch)
             except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() + pause_s > deadline:
                     raise
@@ -391,7 +399,7 @@ class WriteSegmentsToRedis(MapFunction):
                 time.sleep(pause_s)
                 pause_s = min(pause_s * 2, 1.0)
 
-    def close(self):
+    def close(self) -> None:
         self.view.close()
 
 
@@ -478,16 +486,6 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings) ->
     raw = t_env.to_data_stream(t_env.from_path("events_in"))
     outputs = build_pipeline(raw, settings)
     transitions = outputs.transitions
-    if settings.redis_url:
-        transitions = (
-            transitions.map(
-                WriteSegmentsToRedis(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s,
-                                     settings.redis_retry_ms),
-                output_type=TRANSITION_RECORD,
-            )
-            .name(REDIS.name)
-            .uid(REDIS.uid)
-        )
     statements = t_env.create_statement_set()
     statements.add_insert(
         "transitions_out",
@@ -520,6 +518,7 @@ def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
     conf.set_string("state.backend.type", settings.state_backend)
     if settings.state_backend == "rocksdb":
         conf.set_string("execution.checkpointing.incremental", "true")
+        conf.set_string("state.backend.rocksdb.timer-service.factory", settings.timer_service.upper())
     conf.set_string("restart-strategy.type", settings.restart_strategy)
     if settings.restart_strategy == "exponential-delay":
         conf.set_string("restart-strategy.exponential-delay.initial-backoff", "1 s")
@@ -530,6 +529,9 @@ def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
     if settings.checkpoint_dir:
         conf.set_string("execution.checkpointing.dir", settings.checkpoint_dir)
     conf.set_string("pipeline.name", settings.job_name)
+    # Chained Java operators (Table conversions, sinks) hand records on without a deep copy; the
+    # Python functions never see those objects (PyFlink converts at the boundary).
+    conf.set_string("pipeline.object-reuse", "true")
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(settings.parallelism)
     env.set_max_parallelism(settings.max_parallelism)

@@ -45,6 +45,9 @@ class JobSettings:
     checkpoint_dir: str = ""  # empty: <stack dir>/checkpoints
     # RocksDB: state on local disk, checkpoints incremental (only new SST files are uploaded).
     state_backend: str = "rocksdb"
+    # Where RocksDB keeps the timers (one per user): in RocksDB (checkpointed incrementally, no
+    # heap) or on the heap (cheaper per event, written in full at every checkpoint).
+    timer_service: str = "rocksdb"
     # How the job comes back after a failure (a lost TaskManager, Redis or Kafka unreachable):
     # from the last checkpoint, after a delay growing up to restart_max_backoff_ms. `none` fails
     # the job for good at the first error.
@@ -81,6 +84,7 @@ class JobSettings:
             "startup_mode": {"earliest-offset", "latest-offset", "group-offsets"},
             "execution_mode": {"thread", "process"},
             "state_backend": {"hashmap", "rocksdb"},
+            "timer_service": {"rocksdb", "heap"},
             "restart_strategy": {"exponential-delay", "fixed-delay", "none"},
         }
         for name, allowed in choices.items():
