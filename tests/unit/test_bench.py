@@ -191,3 +191,24 @@ def test_verdict():
     assert verdict(300, ">=", 20_000) == "MISS"
     assert verdict(80, "<=", 100) == "pass"
     assert verdict(None, "<=", 100) == "n/a"
+
+
+def test_steady_rate_runs_from_the_first_step_past_half_seen_on_every_partition_to_the_last_end():
+    events = 4 * PROGRESS_EVERY
+    clock = MarkerClock(start_markers=2, end_markers=2)
+    clock.see("start", "0", 0.0)
+    for step, times in {1: (10.0, 11.0), 2: (20.0, 30.0), 3: (35.0, 36.0)}.items():
+        for partition, at in enumerate(times):
+            clock.see("progress", f"bench-progress-{step}-{partition}-0", at)
+    assert clock.steady_rate(events, partitions=2) is None  # not ended yet
+    clock.see("end", "a", 40.0)
+    clock.see("end", "b", 50.0)
+    # Step 2 (half of the events) was seen on both partitions at 30 s; the rest took 20 s.
+    assert clock.steady_rate(events, partitions=2) == 2 * PROGRESS_EVERY / 20.0
+    # A step not yet seen on every partition does not count: step 3 then.
+    lagging = MarkerClock(start_markers=2, end_markers=1)
+    lagging.see("progress", "bench-progress-2-0-0", 20.0)
+    lagging.see("progress", "bench-progress-3-0-0", 30.0)
+    lagging.see("progress", "bench-progress-3-1-0", 31.0)
+    lagging.see("end", "a", 41.0)
+    assert lagging.steady_rate(events, partitions=2) == PROGRESS_EVERY / 10.0
