@@ -1,12 +1,17 @@
 """The profile's keyed-state form: explicit Avro (schemas/user_profile_state.avsc), versioned by its
-fingerprint, so state written by one release is read by the next through schema resolution."""
+fingerprint, so state written by one release is read by the next through schema resolution, and
+stored as a zstd frame: segment names, product ids and time stamps repeat within a profile, and
+a week of generated traffic takes 1.75 KB instead of 3.1 KB (less to hand to the state backend on
+every event, to keep, and to checkpoint) for ~25 us per encode."""
 
 from __future__ import annotations
 
 import sys
 from array import array
 
-from udfs.codec import AvroCodec
+import zstandard
+
+from udfs.codec import AvroCodec, DecodeError
 from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
 
@@ -70,11 +75,23 @@ def _session(s: Session) -> dict:
     return {"start_ms": s.start_ms, "end_ms": s.end_ms, "events": s.events}
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 class ProfileStateCodec:
+    """Not thread-safe (the zstd contexts): one per operator instance."""
+
     def __init__(self, codec: AvroCodec):
         self._codec = codec
+        # Frames carry their content size and a checksum: a damaged value is an error, never a profile.
+        self._compressor = zstandard.ZstdCompressor(level=1, write_checksum=True)
+        self._decompressor = zstandard.ZstdDecompressor()
 
     def encode(self, profile: UserProfile) -> bytes:
+        return self._compressor.compress(self.avro(profile))
+
+    def avro(self, profile: UserProfile) -> bytes:
+        """The single-object Avro inside the frame."""
         return self._codec.encode(
             {
                 "clock_ms": profile.clock_ms,
@@ -113,7 +130,14 @@ class ProfileStateCodec:
     def decode(self, data: bytes | None) -> UserProfile:
         if data is None:
             return UserProfile()
-        r = self._codec.decode(bytes(data))
+        data = bytes(data)
+        if data[:4] == ZSTD_MAGIC:
+            try:
+                data = self._decompressor.decompress(data)
+            except zstandard.ZstdError as err:
+                raise DecodeError("undecodable", f"profile state: not a valid zstd frame ({err})") from None
+        # Otherwise plain Avro: what releases before the compression wrote (C3 01 header).
+        r = self._codec.decode(data)
         return UserProfile(
             clock_ms=r["clock_ms"],
             sequence_base=r["sequence_base"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,9 +78,25 @@ def test_an_empty_profile_round_trips(state_codec):
     assert state_codec.decode(state_codec.encode(UserProfile())) == UserProfile()
 
 
-def test_state_is_single_object_encoded_with_the_profile_state_schema(catalog, state_codec):
-    payload = state_codec.encode(UserProfile(clock_ms=START_MS))
-    assert payload[:HEADER_SIZE] == catalog.codec("UserProfileState").header
+def test_state_is_a_zstd_frame_of_single_object_avro_with_the_profile_state_schema(catalog, state_codec):
+    profile = UserProfile(clock_ms=START_MS, products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)})
+    payload = state_codec.encode(profile)
+    inner = zstandard.ZstdDecompressor().decompress(payload)
+    assert inner[:HEADER_SIZE] == catalog.codec("UserProfileState").header
+    assert inner == state_codec.avro(profile)
+    assert len(payload) < len(inner) * 0.7  # the repeated id prefixes and time stamps compress
+
+
+def test_plain_avro_state_written_before_compression_is_still_read(state_codec):
+    profile = UserProfile(clock_ms=START_MS, memberships={"vip": Membership(True, 3, START_MS)})
+    assert state_codec.decode(state_codec.avro(profile)) == profile
+
+
+def test_a_damaged_state_frame_is_a_decode_error_not_a_crash(state_codec):
+    payload = bytearray(state_codec.encode(UserProfile(clock_ms=START_MS)))
+    payload[-3:] = b"\xff\xff\xff"
+    with pytest.raises(DecodeError, match="undecodable"):
+        state_codec.decode(bytes(payload))
 
 
 def test_state_bytes_are_accepted_as_bytearray_or_memoryview(state_codec):
