@@ -532,6 +532,7 @@ def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
     # Chained Java operators (Table conversions, sinks) hand records on without a deep copy; the
     # Python functions never see those objects (PyFlink converts at the boundary).
     conf.set_string("pipeline.object-reuse", "true")
+    conf.set_string("execution.buffer-timeout", f"{settings.buffer_timeout_ms} ms")
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(settings.parallelism)
     env.set_max_parallelism(settings.max_parallelism)

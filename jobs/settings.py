@@ -56,6 +56,9 @@ class JobSettings:
     # A Redis write that cannot reach Redis is retried this long before the task fails (and the
     # job restarts from its last checkpoint): a short blip costs no restart.
     redis_retry_ms: int = 10_000
+    # How long a network buffer between operators (the key_by shuffle) may wait to fill before it
+    # is sent: Flink's default of 100 ms is most of an event's way to Redis at low load.
+    buffer_timeout_ms: int = 10
     watermark_lag_ms: int = 5_000
     # 0: no idleness. With it, a source subtask silent this long stops holding the watermark back;
     # but a subtask silent only because it was stalled (a restart, a broker pause, backpressure)
