@@ -436,11 +436,11 @@ class MergedSession:
         return out
 
     def _check_against_each_model(self) -> None:
-        for key, model in self._plan:
+        for position, (key, model) in enumerate(self._plan):
             for case in model.manifest.golden:
                 vectors = {k: [0.0] * row.shape[1] for k, row in self._rows.items()}
                 vectors[key] = case["input"]
-                got = self.run(vectors)[self._plan.index((key, model))]
+                got = self.run(vectors)[position]
                 own = model.score_vector(case["input"])
                 if got != own and not (math.isnan(got) and math.isnan(own)):
                     raise ModelVerificationError(f"model {model.manifest.name}: merged with the other models it "
