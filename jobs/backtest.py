@@ -26,7 +26,7 @@ from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
 from udfs.segmentation import Segmentation
-from udfs.transitions import Transition
+from udfs.transitions import DUPLICATE, LATE, Transition
 
 FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
@@ -235,19 +235,21 @@ def run_backtest(
                file=sys.stderr, smoothing=0.1, mininterval=0.2)
     for event in bar:
         latest = event.timestamp if latest is None else max(latest, event.timestamp)
-        if event.timestamp < latest - watermark_lag_ms - 1 - allowed_lateness_ms:
-            late += 1
-            continue
         profile = profiles.setdefault(event.user_id, UserProfile())
-        if engine.is_duplicate(profile, event):
+        step = engine.step_event(event.user_id, profile, event, latest - watermark_lag_ms - 1 - allowed_lateness_ms)
+        if step.outcome == LATE:
+            late += 1
+            if step.drop_state:  # a user whose only event was late has no profile
+                del profiles[event.user_id]
+        elif step.outcome == DUPLICATE:
             duplicates += 1
-            continue
-        applied += 1
-        transitions.extend(engine.on_accepted_event(event.user_id, profile, event))
+        else:
+            applied += 1
+            transitions.extend(step.transitions)
     if until_ms is None:
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
-        transitions.extend(engine.advance_to(user_id, profile, until_ms))
+        transitions.extend(engine.step_timer(user_id, profile, until_ms).transitions)
     return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
 
 

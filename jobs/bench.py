@@ -1479,8 +1479,9 @@ class ReferenceLoop:
                      if settings.redis_url else None)
         self.state: dict[str, str] = {}  # user -> profile state, what the hashmap backend keeps
         self.cache: OrderedDict = OrderedDict()
-        self.timer_of: dict[str, int] = {}  # the timer service: one per user
-        self.timers: list[tuple[int, str]] = []  # heap; entries no longer in timer_of are skipped
+        # The timer service: registered (instant, user) pairs, each at most once, as Flink's.
+        self.timers: list[tuple[int, str]] = []  # heap
+        self.registered: set[tuple[int, str]] = set()
         self.max_event_time: int | None = None
         self.watermark = -(2**63)
         self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.consumer_group,
@@ -1511,10 +1512,9 @@ class ReferenceLoop:
             if self.max_event_time is not None:
                 self.watermark = max(self.watermark, self.max_event_time - self.settings.watermark_lag_ms - 1)
             while self.timers and self.timers[0][0] <= self.watermark:
-                due, user_id = heapq.heappop(self.timers)
-                if self.timer_of.get(user_id) == due:
-                    del self.timer_of[user_id]
-                    self.on_timer(user_id, due)
+                timer = heapq.heappop(self.timers)
+                self.registered.discard(timer)
+                self.on_timer(timer[1], timer[0])
             self.producer.poll(0)
             if time.monotonic() >= next_commit:
                 self.producer.commit_transaction(60)
@@ -1526,13 +1526,15 @@ class ReferenceLoop:
     def on_record(self, payload: bytes, topic: str, partition: int, offset: int) -> None:
         from udfs.codec import DecodeError
         from udfs.events import event_from_record
+        from udfs.transitions import APPLIED
 
         try:
             event = event_from_record(self.events.decode(payload), now_ms(), self.settings.max_future_ms)
         except DecodeError as err:
             self.dead_letter(payload, topic, partition, offset, err.reason, err.message)
             return
-        if event.timestamp < self.watermark - self.settings.allowed_lateness_ms:
+        late_before = self.watermark - self.settings.allowed_lateness_ms
+        if event.timestamp < late_before:  # before the profile is loaded, as the job
             self.dead_letter(payload, topic, partition, offset, "late",
                              f"event time {event.timestamp} is more than {self.settings.allowed_lateness_ms} ms "
                              f"behind the watermark {self.watermark}")
@@ -1540,15 +1542,13 @@ class ReferenceLoop:
         if self.max_event_time is None or event.timestamp > self.max_event_time:
             self.max_event_time = event.timestamp
         profile = self.load_profile(event.user_id)
-        if self.engine.is_duplicate(profile, event):
-            return
-        transitions = self.engine.on_accepted_event(event.user_id, profile, event)
-        self.commit(event.user_id, profile, transitions)
+        step = self.engine.step_event(event.user_id, profile, event)
+        if step.outcome == APPLIED:
+            self.commit(event.user_id, profile, step)
 
     def on_timer(self, user_id: str, due: int) -> None:
         profile = self.load_profile(user_id)
-        profile.timer_ms = None  # this one has fired
-        self.commit(user_id, profile, self.engine.advance_to(user_id, profile, due))
+        self.commit(user_id, profile, self.engine.step_timer(user_id, profile, due))
 
     def load_profile(self, user_id: str):
         profile = self.cache.get(user_id)
@@ -1563,21 +1563,19 @@ class ReferenceLoop:
                 self.cache.popitem(last=False)
         return profile
 
-    def commit(self, user_id: str, profile, transitions) -> None:
+    def commit(self, user_id: str, profile, step) -> None:
         import heapq
 
-        due = self.engine.next_change_ms(profile)
-        if due != profile.timer_ms:
-            self.timer_of.pop(user_id, None)
-            if due is not None:
-                self.timer_of[user_id] = due
-                heapq.heappush(self.timers, (due, user_id))
-            profile.timer_ms = due
-        if profile.is_empty:
+        timer = (step.register_timer_ms, user_id)
+        if step.register_timer_ms is not None and timer not in self.registered:
+            self.registered.add(timer)
+            heapq.heappush(self.timers, timer)
+        if step.drop_state:
             self.state.pop(user_id, None)
             self.cache.pop(user_id, None)
         else:
             self.state[user_id] = self.state_codec.encode(profile).decode("latin-1")
+        transitions = step.transitions
         if transitions and self.view is not None:  # one round trip per event or timer, as the job's writer
             self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in transitions])
         emitted_at = now_ms()

@@ -39,7 +39,7 @@ from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.state import ProfileStateCodec
-from udfs.transitions import Transition
+from udfs.transitions import DUPLICATE, Step, Transition
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("segments.job")
@@ -242,7 +242,6 @@ class SegmentUsers(KeyedProcessFunction):
         self.scoring_skipped = metrics.counter("scoring_skipped")
         self.scores_out_of_range = metrics.counter("scores_out_of_range")
         scorer = self.engine.scorer
-        self.scoring_seen = (0, 0)
         # Transitions per segment and kind, as metric groups: segment.<name>.enter / .exit
         self.metrics = metrics
         self.segment_counters: dict[str, tuple] = {}
@@ -255,35 +254,30 @@ class SegmentUsers(KeyedProcessFunction):
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, event_time = value[0], value[1]
-        watermark = ctx.timer_service().current_watermark()
-        if event_time < watermark - self.allowed_lateness_ms:
+        late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
+        if event_time < late_before:  # before decoding: a late event costs no decode
             self.late_events.inc()
             yield LATE_EVENTS, _dead_letter(
                 self.dead_letters, value[2], value[3], value[4], value[5], "late",
                 f"event time {event_time} is more than {self.allowed_lateness_ms} ms behind "
-                f"the watermark {watermark}",
+                f"the watermark {late_before + self.allowed_lateness_ms}",
                 self.max_event_bytes,
             )
             return
         event = event_from_record(self.events.decode(value[2]), sys.maxsize, 0)
         profile = self._load_profile(user_id)
-        if self.engine.is_duplicate(profile, event):
+        step = self.engine.step_event(user_id, profile, event)
+        if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
             return
-        had_events = bool(profile.last_by_type)
-        transitions = self.engine.on_accepted_event(user_id, profile, event)
-        if self.engine.scorer is not None:
-            self._count_scoring(self.engine.scorer.stats)
+        if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
-        yield from self._commit(ctx, profile, transitions, had_events, event.event_id)
+        yield from self._commit(ctx, profile, step, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
         profile = self._load_profile(user_id)
-        profile.timer_ms = None  # this one has fired
-        had_events = bool(profile.last_by_type)
-        transitions = self.engine.advance_to(user_id, profile, timestamp)
-        yield from self._commit(ctx, profile, transitions, had_events, None)
+        yield from self._commit(ctx, profile, self.engine.step_timer(user_id, profile, timestamp), None)
 
     def close(self):
         if self.redis_writer is not None:
@@ -296,14 +290,6 @@ class SegmentUsers(KeyedProcessFunction):
             group = self.metrics.add_group("segment", segment)
             counters = self.segment_counters[segment] = (group.counter("enter"), group.counter("exit"))
         return counters
-
-    def _count_scoring(self, stats) -> None:
-        skipped, out_of_range = self.scoring_seen
-        if stats.skipped != skipped:
-            self.scoring_skipped.inc(stats.skipped - skipped)
-        if stats.out_of_range != out_of_range:
-            self.scores_out_of_range.inc(stats.out_of_range - out_of_range)
-        self.scoring_seen = (stats.skipped, stats.out_of_range)
 
     def _load_profile(self, user_id: str) -> UserProfile:
         cache = self.profile_cache
@@ -319,27 +305,25 @@ class SegmentUsers(KeyedProcessFunction):
                 cache.popitem(last=False)
         return profile
 
-    def _commit(self, ctx, profile, transitions: list[Transition], had_events: bool, cause_event_id: str | None):
-        # Coalesce to a single timer per user: the earliest instant any verdict can change, or
-        # the profile's retention runs out.
-        due = self.engine.next_change_ms(profile)
-        if due != profile.timer_ms:
-            timers = ctx.timer_service()
-            if profile.timer_ms is not None:
-                timers.delete_event_time_timer(profile.timer_ms)
-            if due is not None:
-                timers.register_event_time_timer(due)
-            profile.timer_ms = due
-        if profile.is_empty:  # the retention ran out: nothing of the user is kept
-            if had_events:
+    def _commit(self, ctx, profile: UserProfile, step: Step, cause_event_id: str | None):
+        if step.register_timer_ms is not None:
+            ctx.timer_service().register_event_time_timer(step.register_timer_ms)
+        if step.scores_skipped:
+            self.scoring_skipped.inc(step.scores_skipped)
+        if step.scores_out_of_range:
+            self.scores_out_of_range.inc(step.scores_out_of_range)
+        user_id = ctx.get_current_key()
+        if step.drop_state:  # the retention ran out: nothing of the user is kept
+            if step.expired:
                 self.profiles_expired.inc()
             self.profile_state.clear()
-            self.profile_cache.pop(ctx.get_current_key(), None)
+            self.profile_cache.pop(user_id, None)
         else:
             encoded = self.state_codec.encode(profile)
             self.profile_state.update(encoded.decode("latin-1"))
             if self.emit_profile_snapshots:
-                yield PROFILE_SNAPSHOTS, Row(ctx.get_current_key(), cause_event_id, encoded)
+                yield PROFILE_SNAPSHOTS, Row(user_id, cause_event_id, encoded)
+        transitions = step.transitions
         if transitions and self.redis_writer is not None:
             # Before the transitions leave: Redis never lags the committed topic by a checkpoint.
             self.redis_writer.write(transitions)

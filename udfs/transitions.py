@@ -72,6 +72,22 @@ class Transition:
         }
 
 
+APPLIED, DUPLICATE, LATE, TIMER = "applied", "duplicate", "late", "timer"
+
+
+@dataclass(slots=True)
+class Step:
+    """What one step of one user tells its runner; the runner only translates it to its engine."""
+
+    outcome: str  # APPLIED | DUPLICATE | LATE (events) | TIMER
+    transitions: list[Transition]
+    register_timer_ms: int | None  # register a timer at this instant (None: the pending one will do)
+    drop_state: bool  # nothing of the user is left: delete the stored profile
+    expired: bool  # this step ended the user's lifetime (the retention ran out)
+    scores_skipped: int = 0  # model scorings skipped: a vector feature had no value and no impute
+    scores_out_of_range: int = 0  # scores dropped: NaN, infinite or outside the model's range
+
+
 # Model scores of a profile at an instant; the third argument reads a feature's value at that
 # instant from the cache the segment conditions then read too (see udfs/scoring.py).
 Scorer = Callable[[UserProfile, int, Callable[[str], Any]], Mapping[str, float]]
@@ -91,19 +107,63 @@ class SegmentEngine:
         # The evaluation of the latest diff, reused by next_change_ms at the same instant (the
         # feature reads and lapses are the expensive part of both).
         self._latest: Evaluation | None = None
+        self._scoring_seen = (0, 0)  # the scorer's (skipped, out_of_range) at the latest step
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
         return is_duplicate(profile, event, self.config)
 
-    def on_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
-        """Applies an event (a duplicate changes nothing) and returns the transitions it causes,
-        after those that time alone caused before the event's timestamp."""
-        if self.is_duplicate(profile, event):
-            return []
-        return self.on_accepted_event(user_id, profile, event)
+    # -- the per-user step: what every runner (the job, the reference loop, the backtest, replays)
+    #    calls, and all it needs back ---------------------------------------------------------------
 
-    def on_accepted_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
-        """`on_event` for a caller that has already checked `is_duplicate` (the job counts them)."""
+    def step_event(self, user_id: str, profile: UserProfile, event: UserEvent,
+                   late_before_ms: int | None = None) -> Step:
+        """One event of one user: late (its time is before `late_before_ms`, the runner's
+        watermark minus the allowed lateness), a duplicate, or applied with the transitions it
+        causes (after those that time alone caused before its timestamp)."""
+        if late_before_ms is not None and event.timestamp < late_before_ms:
+            return Step(LATE, [], None, profile.is_empty, False)
+        if is_duplicate(profile, event, self.config):
+            return Step(DUPLICATE, [], None, False, False)
+        return self._finish(APPLIED, profile, self._apply(user_id, profile, event), False)  # an event leaves a profile
+
+    def step_timer(self, user_id: str, profile: UserProfile, time_ms: int) -> Step:
+        """Event time reached `time_ms` (a timer fired): every time-driven change due up to it."""
+        pending = profile.timer_ms
+        if pending is not None and pending <= time_ms:
+            profile.timer_ms = None  # it has fired (timers fire in time order, so every earlier one too)
+        had_events = bool(profile.last_by_type)
+        out = self._advance(user_id, profile, time_ms, self._take_memo(profile))
+        prune(profile, self.config)
+        return self._finish(TIMER, profile, out, had_events)
+
+    def _finish(self, outcome: str, profile: UserProfile, transitions: list[Transition], had_events: bool) -> Step:
+        """The timer to register: only when the next change is due before the pending timer (or
+        none is pending). A later due leaves the earlier timer in place: when it fires, the step
+        finds nothing due and asks for the next one. This spares the timer service a delete and
+        a register on almost every event (a user active every few minutes pushes a 10-minute
+        recency lapse forward each time), at the cost of an occasional early firing."""
+        due = self.next_change_ms(profile)
+        register = None
+        if due is not None and (profile.timer_ms is None or due < profile.timer_ms):
+            register = profile.timer_ms = due
+        step = Step(outcome, transitions, register, profile.is_empty, had_events and profile.is_empty)
+        if self.scorer is not None:
+            stats, (skipped, out_of_range) = self.scorer.stats, self._scoring_seen
+            step.scores_skipped, step.scores_out_of_range = stats.skipped - skipped, stats.out_of_range - out_of_range
+            self._scoring_seen = (stats.skipped, stats.out_of_range)
+        return step
+
+    def on_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
+        """The transitions of `step_event` (a duplicate changes nothing)."""
+        return self.step_event(user_id, profile, event).transitions
+
+    def advance_to(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
+        """Moves the user's clock to `time_ms`, emitting every time-driven change due on the way,
+        each at the exact instant its condition lapsed. When the retention runs out, the user
+        exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
+        return self.step_timer(user_id, profile, time_ms).transitions
+
+    def _apply(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
         # Changes due strictly before the event come first; one due at its very timestamp is
         # decided with the event (as in Flink, where a timer at T fires only once the watermark
         # passes T, i.e. after every event at T that is not late). The retention is the
@@ -122,14 +182,6 @@ class SegmentEngine:
         if self.scorer is not None:
             self._score(profile, ev)
         self._diff(user_id, profile, ev, "EVENT", event.event_id, out)
-        return out
-
-    def advance_to(self, user_id: str, profile: UserProfile, time_ms: int) -> list[Transition]:
-        """Moves the user's clock to `time_ms`, emitting every time-driven change due on the way,
-        each at the exact instant its condition lapsed. When the retention runs out, the user
-        exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
-        out = self._advance(user_id, profile, time_ms, self._take_memo(profile))
-        prune(profile, self.config)
         return out
 
     def _take_memo(self, profile: UserProfile) -> tuple[int | None] | None:
@@ -299,8 +351,8 @@ def replay_events(
     out: list[Transition] = []
     for event in events:
         profile = profiles.setdefault(event.user_id, UserProfile())
-        out.extend(engine.on_event(event.user_id, profile, event))
+        out.extend(engine.step_event(event.user_id, profile, event).transitions)
     if until_ms is not None:
         for user_id, profile in profiles.items():
-            out.extend(engine.advance_to(user_id, profile, until_ms))
+            out.extend(engine.step_timer(user_id, profile, until_ms).transitions)
     return out, profiles
