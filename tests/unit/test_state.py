@@ -1,9 +1,11 @@
-"""The profile's keyed-state form: single-object Avro (UserProfileState), exact and compact."""
+"""The profile's keyed-state form: a zstd frame of a versioned MessagePack layout, exact and compact;
+the Avro state of earlier releases (plain or in a frame) still read."""
 
 from __future__ import annotations
 
 import json
 
+import msgpack
 import pytest
 import zstandard
 from hypothesis import given
@@ -11,11 +13,11 @@ from hypothesis import strategies as st
 
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_definitions
-from udfs.codec import HEADER_SIZE, SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
+from udfs.codec import SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
 from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
 from udfs.shoppers import generate_events
-from udfs.state import ProfileStateCodec
+from udfs.state import LAYOUT_VERSION, ProfileStateCodec
 from udfs.transitions import SegmentEngine, replay_events
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -78,18 +80,31 @@ def test_an_empty_profile_round_trips(state_codec):
     assert state_codec.decode(state_codec.encode(UserProfile())) == UserProfile()
 
 
-def test_state_is_a_zstd_frame_of_single_object_avro_with_the_profile_state_schema(catalog, state_codec):
+def test_state_is_a_zstd_frame_of_a_messagepack_layout_led_by_its_version(state_codec):
     profile = UserProfile(clock_ms=START_MS, products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)})
     payload = state_codec.encode(profile)
-    inner = zstandard.ZstdDecompressor().decompress(payload)
-    assert inner[:HEADER_SIZE] == catalog.codec("UserProfileState").header
-    assert inner == state_codec.avro(profile)
-    assert len(payload) < len(inner) * 0.7  # the repeated id prefixes and time stamps compress
+    layout = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(payload))
+    assert layout[0] == LAYOUT_VERSION == 4
+    assert layout[1] == START_MS and layout[7] == profile.products_viewed
+    assert len(payload) < len(msgpack.packb(layout)) * 0.7  # the repeated id prefixes and time stamps compress
 
 
 def test_plain_avro_state_written_before_compression_is_still_read(state_codec):
     profile = UserProfile(clock_ms=START_MS, memberships={"vip": Membership(True, 3, START_MS)})
     assert state_codec.decode(state_codec.avro(profile)) == profile
+
+
+def test_avro_state_in_a_zstd_frame_written_before_the_layout_is_still_read(state_codec):
+    profile = UserProfile(clock_ms=START_MS, products_viewed={"p-1": START_MS}, scores={"churn_risk": 0.25})
+    previous_release = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(state_codec.avro(profile))
+    assert state_codec.decode(previous_release) == profile
+
+
+@pytest.mark.parametrize("layout", [[3, 1, 2], [4, 1], "not a list", [5] + [0] * 21])
+def test_a_layout_of_another_version_or_shape_is_a_decode_error(state_codec, layout):
+    frame = zstandard.ZstdCompressor().compress(msgpack.packb(layout))
+    with pytest.raises(DecodeError):
+        state_codec.decode(frame)
 
 
 def test_a_damaged_state_frame_is_a_decode_error_not_a_crash(state_codec):
