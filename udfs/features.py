@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs.events import CART_EVENT_TYPES, EVENT_TYPES
-from udfs.profile import EVENT_INDEX, WEEK_MS, Session, UserProfile, decay
+from udfs.profile import EVENT_INDEX, WEEK_MS, Bucket, Session, UserProfile, decay
 from udfs.profile_config import Horizon, ProfileConfig
 
 Reader = Callable[[UserProfile, int], Any]
@@ -48,17 +48,75 @@ def _earliest(times: Iterable[int]) -> int | None:
 
 
 def _sessions(p: UserProfile) -> list[tuple[Session, str | None]]:
-    return [(s, sid) for sid, s in p.named_sessions.items()] + [(s, None) for s in p.derived_sessions]
+    sessions = p.derived.get("sessions")
+    if sessions is None:
+        sessions = p.derived["sessions"] = (
+            [(s, sid) for sid, s in p.named_sessions.items()] + [(s, None) for s in p.derived_sessions]
+        )
+    return sessions
 
 
 def current_session(p: UserProfile, now: int, gap_ms: int) -> Session | None:
     """The session with the latest last event, if that event is less than the gap ago; on a tie
     a named session beats a derived one, then the greatest session id."""
-    sessions = _sessions(p)
-    if not sessions:
-        return None
-    session, _ = max(sessions, key=lambda e: (e[0].end_ms, e[1] is not None, e[1] or ""))
-    return session if now - session.end_ms < gap_ms else None
+    derived = p.derived
+    if "latest_session" in derived:
+        session = derived["latest_session"]
+    else:
+        sessions = _sessions(p)
+        session = derived["latest_session"] = (
+            max(sessions, key=lambda e: (e[0].end_ms, e[1] is not None, e[1] or ""))[0] if sessions else None
+        )
+    return session if session is not None and now - session.end_ms < gap_ms else None
+
+
+class WindowTotals:
+    """One horizon's view of the profile at one first-covered instant: the buckets, views and
+    sessions it covers and their totals, each computed on first use. Kept in `profile.derived`
+    (one per horizon), so the ~20 windowed features an evaluation reads cost one pass each."""
+
+    __slots__ = ("first", "buckets", "_counts", "_spend", "_categories", "_lapse", "_products", "_categories_seen",
+                 "_sessions")
+
+    def __init__(self, first: int, buckets: list[Bucket]):
+        self.first = first  # the earliest covered instant
+        self.buckets = buckets  # covered, in the ring's order (float sums in the same order as ever)
+        self._counts = self._spend = self._categories = self._lapse = None
+        self._products = self._categories_seen = self._sessions = None
+
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            columns = zip(*(b.counts for b in self.buckets), strict=True)
+            self._counts = [sum(column) for column in columns] if self.buckets else [0] * len(EVENT_TYPES)
+        return self._counts
+
+    def spend(self) -> float:
+        if self._spend is None:
+            self._spend = sum(b.spend for b in self.buckets)
+        return self._spend
+
+    def category_views(self) -> dict[str, int]:
+        if self._categories is None:
+            out: dict[str, int] = {}
+            for b in self.buckets:
+                for category, views in b.category_views.items():
+                    out[category] = out.get(category, 0) + views
+            self._categories = out
+        return self._categories
+
+
+def _window(p: UserProfile, h: Horizon, now: int) -> WindowTotals:
+    first = h.first_covered_ms(now)
+    slot = ("window", h.name)
+    totals = p.derived.get(slot)
+    if totals is None or totals.first != first:
+        ring = p.buckets.get(h.bucket_ms)
+        covered = [b for start, b in ring.items() if start >= first] if ring else []
+        totals = p.derived[slot] = WindowTotals(first, covered)
+        totals._lapse = min((start for start in ring if start >= first), default=None) if ring else None
+        if totals._lapse is not None:
+            totals._lapse = h.lapses_at(totals._lapse)
+    return totals
 
 
 class FeatureCatalog:
@@ -112,43 +170,52 @@ class FeatureCatalog:
     def _windowed(self, h: Horizon) -> None:
         r, lapses, n = self.readers, self.lapses, h.name
 
-        def covered(p: UserProfile, now: int):
-            return [(s, b) for s, b in p.buckets.get(h.bucket_ms, {}).items() if h.covers(s, now)]
-
         def bucket_lapse(p: UserProfile, now: int) -> int | None:
-            return _earliest(h.lapses_at(s) for s, _ in covered(p, now))
+            return _window(p, h, now)._lapse
 
         def count(kinds):
             if len(kinds) == len(EVENT_TYPES):
-                return lambda p, t: sum(sum(b.counts) for _, b in covered(p, t))
+                return lambda p, t: sum(_window(p, h, t).counts())
             index = EVENT_INDEX[kinds[0]]
-            return lambda p, t: sum(b.counts[index] for _, b in covered(p, t))
+            return lambda p, t: _window(p, h, t).counts()[index]
 
         def spend(p, t):
-            return sum(b.spend for _, b in covered(p, t))
+            return _window(p, h, t).spend()
+
+        purchases = EVENT_INDEX["purchase"]
 
         def aov(p, t):
-            orders = count(("purchase",))(p, t)
-            return spend(p, t) / orders if orders else None
+            totals = _window(p, h, t)
+            orders = totals.counts()[purchases]
+            return totals.spend() / orders if orders else None
 
         def category_views(p, t):
-            out: dict[str, int] = {}
-            for _, b in covered(p, t):
-                for category, views in b.category_views.items():
-                    out[category] = out.get(category, 0) + views
-            return out
+            return dict(_window(p, h, t).category_views())
 
-        def latest_covered(tracked_of):
-            return lambda p, t: [v for v in tracked_of(p).values() if h.covers(v, t)]
+        def latest_covered(attribute: str):
+            def covered(p: UserProfile, t: int) -> list[int]:
+                totals = _window(p, h, t)
+                got = getattr(totals, attribute)
+                if got is None:
+                    tracked = p.products_viewed if attribute == "_products" else p.categories_viewed
+                    first = totals.first
+                    got = [v for v in tracked.values() if v >= first]
+                    setattr(totals, attribute, got)
+                return got
+            return covered
 
-        def distinct(tracked_of):
-            return lambda p, t: len(latest_covered(tracked_of)(p, t))
+        def distinct(covered):
+            return lambda p, t: len(covered(p, t))
 
-        def distinct_lapse(tracked_of):
-            return lambda p, t: _earliest(h.lapses_at(v) for v in latest_covered(tracked_of)(p, t))
+        def distinct_lapse(covered):
+            return lambda p, t: _earliest(h.lapses_at(v) for v in covered(p, t))
 
         def sessions_covered(p, t):
-            return [s for s, _ in _sessions(p) if h.covers(s.end_ms, t)]
+            totals = _window(p, h, t)
+            if totals._sessions is None:
+                first = totals.first
+                totals._sessions = [s for s, _ in _sessions(p) if s.end_ms >= first]
+            return totals._sessions
 
         before = set(r)
         r[f"events_{n}"] = count(EVENT_TYPES)
@@ -156,15 +223,13 @@ class FeatureCatalog:
             r[f"count_{kind}_{n}"] = count((kind,))
         r[f"sessions_{n}"] = lambda p, t: len(sessions_covered(p, t))
         lapses[f"sessions_{n}"] = lambda p, t: _earliest(h.lapses_at(s.end_ms) for s in sessions_covered(p, t))
-        products, categories = (lambda p: p.products_viewed), (lambda p: p.categories_viewed)
+        products, categories = latest_covered("_products"), latest_covered("_categories_seen")
         r[f"distinct_products_viewed_{n}"] = distinct(products)
         lapses[f"distinct_products_viewed_{n}"] = distinct_lapse(products)
         r[f"distinct_categories_viewed_{n}"] = distinct(categories)
         lapses[f"distinct_categories_viewed_{n}"] = distinct_lapse(categories)
         r[f"category_views_{n}"] = category_views
-        self.key_readers[f"category_views_{n}"] = lambda p, t, key: sum(
-            b.category_views.get(key, 0) for _, b in covered(p, t)
-        )
+        self.key_readers[f"category_views_{n}"] = lambda p, t, key: _window(p, h, t).category_views().get(key, 0)
         r[f"spend_{n}"] = spend
         r[f"orders_{n}"] = count(("purchase",))
         r[f"aov_{n}"] = aov
@@ -202,7 +267,10 @@ class FeatureCatalog:
         r, lapses, gap = self.readers, self.lapses, self.config.session_gap_ms
 
         def this_week(p, t):
-            return [s for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS]
+            got = p.derived.get("week")
+            if got is None or got[0] != t:
+                got = p.derived["week"] = (t, [s for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS])
+            return got[1]
 
         def current(attribute):
             def read(p, t):

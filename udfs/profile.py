@@ -87,6 +87,10 @@ class UserProfile:
     # Not state: (engine, clock_ms, instant) of an engine's latest `next_change_ms` answer for
     # this object, cleared by every engine call that changes it (see SegmentEngine.next_change_ms).
     next_change_memo: tuple | None = field(default=None, compare=False, repr=False)
+    # Not state: values derived from the state (the folded cart, the sessions, a horizon's
+    # totals), computed once and kept until the state changes: `apply_event` and `prune` clear
+    # it. Several features read each of them at every evaluation instant.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def reset(self) -> None:
         """Back to an empty profile (the retention ran out), in place: callers hold this object."""
@@ -107,11 +111,14 @@ class UserProfile:
         return max(times) if times else None
 
     def cart(self) -> dict[str, CartLine]:
-        out = {}
-        for product, ops in self.cart_ops.items():
-            line = fold_cart_ops(ops)
-            if line is not None:
-                out[product] = line
+        """The cart's lines now (read only: the result is shared until the state changes)."""
+        out = self.derived.get("cart")
+        if out is None:
+            out = self.derived["cart"] = {}
+            for product, ops in self.cart_ops.items():
+                line = fold_cart_ops(ops)
+                if line is not None:
+                    out[product] = line
         return out
 
     @property
@@ -144,6 +151,7 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
     """Adds an accepted (not duplicate) event. The clock is the caller's: it is already at least
     the event's time, or the event is out of order and the clock stays."""
     ts, kind = event.timestamp, event.event_type
+    profile.derived.clear()
     if not profile.last_by_type:
         profile.sequence_base = max(profile.sequence_base, ts * 1000)
     profile.seen_event_ids[event_id_hash(event.event_id)] = ts
@@ -189,6 +197,7 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     if now - profile.pruned_at_ms < PRUNE_EVERY_MS:
         return
     profile.pruned_at_ms = now
+    profile.derived.clear()
     horizons = config.horizons
     # A time is covered by some horizon iff it is at or after the earliest first-covered instant.
     for width, ring in profile.buckets.items():

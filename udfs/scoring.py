@@ -71,6 +71,8 @@ class FeatureVector:
                 raise ModelVerificationError(f"vector feature {f.name!r}: impute must be a finite number")
         self._readers = tuple((catalog.readers[f.name], _TRANSFORM[f.transform], f.impute) for f in self.features)
         self._named = tuple((f.name, _TRANSFORM[f.transform], f.impute) for f in self.features)
+        self._fast = tuple((f.name, None if f.transform == "identity" else _TRANSFORM[f.transform],
+                            None if f.impute is None else float(f.impute)) for f in self.features)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,11 +86,6 @@ class FeatureVector:
         (missing, NaN or infinite): such a vector is never passed to a model."""
         return self._vector((read(profile, now_ms), transform, impute) for read, transform, impute in self._readers)
 
-    def values_read(self, read: Callable[[str], Any]) -> list[float] | None:
-        """`values` with the features taken from `read(name)`: the engine's per-instant feature
-        cache, which the segment conditions and the other models' vectors read as well."""
-        return self._vector((read(name), transform, impute) for name, transform, impute in self._named)
-
     @staticmethod
     def _vector(raw_values) -> list[float] | None:
         out = []
@@ -99,6 +96,24 @@ class FeatureVector:
                 out.append(float(impute))
             else:
                 out.append(transform(float(raw)))
+        return out
+
+    def values_read(self, read: Callable[[str], Any]) -> list[float] | None:
+        """`values` with the features taken from `read(name)`: the engine's per-instant feature
+        cache, which the segment conditions and the other models' vectors read as well. One loop,
+        run per event: identity transforms are skipped, the rest is `values`' arithmetic."""
+        out: list[float] = []
+        append, isfinite = out.append, math.isfinite
+        for name, transform, impute in self._fast:
+            raw = read(name)
+            if raw is None or not isfinite(raw):
+                if impute is None:
+                    return None
+                append(impute)
+            elif transform is None:
+                append(float(raw))
+            else:
+                append(transform(float(raw)))
         return out
 
 

@@ -147,8 +147,9 @@ class SegmentEngine:
         if due is not None and (profile.timer_ms is None or due < profile.timer_ms):
             register = profile.timer_ms = due
         step = Step(outcome, transitions, register, profile.is_empty, had_events and profile.is_empty)
-        if self.scorer is not None:
-            stats, (skipped, out_of_range) = self.scorer.stats, self._scoring_seen
+        stats = getattr(self.scorer, "stats", None)  # a Scorer keeps them; a plain scoring callable does not
+        if stats is not None:
+            skipped, out_of_range = self._scoring_seen
             step.scores_skipped, step.scores_out_of_range = stats.skipped - skipped, stats.out_of_range - out_of_range
             self._scoring_seen = (stats.skipped, stats.out_of_range)
         return step
