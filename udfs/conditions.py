@@ -476,6 +476,24 @@ class Compiler:
             parts = [self._condition(item, refs) for item in node.items]
             tests = tuple(p[0] for p in parts)
             changes = tuple(p[1] for p in parts)
+            # Two operands (the usual case) without a generator: these run for every segment at
+            # every evaluation. Same short-circuit order as all() / any().
+            if len(tests) == 2:
+                first, second = tests
+                if isinstance(node, And):
+                    def holds(ev):
+                        return bool(first(ev) and second(ev))
+                else:
+                    def holds(ev):
+                        return bool(first(ev) or second(ev))
+                first_change, second_change = changes
+
+                def change(ev):
+                    a, b = first_change(ev), second_change(ev)
+                    if a is None:
+                        return b
+                    return a if b is None or a <= b else b
+                return holds, change
             if isinstance(node, And):
                 def holds(ev):
                     return all(test(ev) for test in tests)

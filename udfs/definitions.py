@@ -24,7 +24,9 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -63,9 +65,9 @@ class DefinitionError(ValueError):
         self.source, self.line, self.column, self.segment, self.message = source, line, column, segment, message
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The membership decided for one segment at one instant, and what decided it."""
+class Verdict(NamedTuple):
+    """The membership decided for one segment at one instant, and what decided it (a tuple:
+    every segment gets one at every evaluation, and a frozen dataclass costs 3x to build)."""
 
     member: bool
     rule: str
@@ -81,13 +83,14 @@ class Segment:
     min_dwell_ms: int
     line: int
 
+    @cached_property
+    def dwell_rule(self) -> str:
+        return f"min_dwell {self.min_dwell_ms} ms"
+
     def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
         if self.exit is not None:
             return self.exit.holds(ev), self.exit.text, self.exit
         return not self.enter.holds(ev), f"not ({self.enter.text})", self.enter
-
-    def exit_change(self, ev: Evaluation) -> int | None:
-        return (self.exit or self.enter).next_change(ev)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ class DefinitionSet:
         self._plan = tuple(
             (unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units
         )
+        # The same walk for next_change_ms, with what it reads of each segment taken out once.
+        self._changes = tuple(
+            (group is not None, tuple((s.name, s.min_dwell_ms, s.enter.next_change, (s.exit or s.enter).next_change)
+                                      for s in segments))
+            for group, segments in self._plan
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -138,18 +147,18 @@ class DefinitionSet:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
         earliest = None
         now = ev.now
-        for group, segments in self._plan:
-            for segment in segments:
-                m = memberships.get(segment.name)
+        for grouped, segments in self._changes:
+            for name, min_dwell_ms, enter_change, exit_change in segments:
+                m = memberships.get(name)
                 if m is not None and m.member:
-                    due = m.since_ms + segment.min_dwell_ms
+                    due = m.since_ms + min_dwell_ms
                     if due <= now:
-                        due = segment.exit_change(ev)
-                    elif group is not None:
+                        due = exit_change(ev)
+                    elif grouped:
                         earliest = due if earliest is None or due < earliest else earliest
                         break  # the group holds still until then
                 else:
-                    due = segment.enter.next_change(ev)
+                    due = enter_change(ev)
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
         return earliest if earliest is None or earliest < MAX_TIME_MS else None
@@ -158,10 +167,11 @@ class DefinitionSet:
     def _decide_one(segment: Segment, ev: Evaluation, current: Membership | None) -> Verdict:
         if current is not None and current.member:
             if ev.now < current.since_ms + segment.min_dwell_ms:
-                return Verdict(True, f"min_dwell {segment.min_dwell_ms} ms", None)
+                return Verdict(True, segment.dwell_rule, None)
             leaves, rule, condition = segment.leaves(ev)
             return Verdict(not leaves, rule, condition)
-        return Verdict(segment.enter.holds(ev), segment.enter.text, segment.enter)
+        enter = segment.enter
+        return Verdict(enter.holds(ev), enter.text, enter)
 
     @staticmethod
     def _decide_group(group: ExclusiveGroup, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict:
@@ -169,7 +179,7 @@ class DefinitionSet:
         out: dict[str, Verdict] = {}
         if current is not None and ev.now < memberships[current.name].since_ms + current.min_dwell_ms:
             for s in group.segments:
-                out[s.name] = Verdict(s is current, f"min_dwell {current.min_dwell_ms} ms", None)
+                out[s.name] = Verdict(s is current, current.dwell_rule, None)
             return out
         own_exit = None
         if current is not None:

@@ -374,6 +374,10 @@ def test_the_transitions_do_not_depend_on_when_time_is_advanced(seed, users, dat
         return dict(out)
 
     assert per_user(actual) == per_user(expected)
+    # Everything but the pending timer's instant: which timer is pending depends on when time was
+    # advanced (a later next change keeps an earlier pending timer), and that is all it may change.
+    for profile in (*profiles.values(), *expected_profiles.values()):
+        profile.timer_ms = None
     assert profiles == expected_profiles
 
 
