@@ -24,6 +24,7 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.stack import ManagedProcess, create_topics, start_redis, start_taskmanager, taskmanager_pids
+from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
 from tests.conftest import START_MS
@@ -36,7 +37,6 @@ from tests.e2e.invariants import (
     redis_differences,
     repeated_or_out_of_sequence,
 )
-from tests.e2e.transactional_log import read_topic
 from udfs.codec import MAGIC
 from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
@@ -167,7 +167,7 @@ class FaultRun:
     def committed(self) -> list[Committed]:
         """The transitions topic as read_committed must show it: through our own reader, since
         the local broker shows aborted transactions to read_committed clients (see
-        tests/e2e/transactional_log.py)."""
+        jobs/committed_log.py)."""
         codec = self.catalog.codec("SegmentTransition")
         return [Committed(r.partition, r.offset, codec.decode(r.value))
                 for r in read_topic(self.broker, self.topics["transitions"]).committed]

@@ -8,8 +8,8 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.stack import create_topics
+from jobs.committed_log import read_topic
 from jobs.transitions_reader import read_committed_values
-from tests.e2e.transactional_log import read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -45,3 +45,46 @@ def test_aborted_and_open_transactions_are_hidden_and_committed_ones_kept(broker
     seen_by_client = sorted(v for _, v, _, _ in read_committed_values(broker, "txn-check", idle_s=2))
     print(f"\nlibrdkafka read_committed on this broker sees: {seen_by_client}")
     assert b"open" not in seen_by_client and b"committed-0" in seen_by_client
+
+
+def test_the_streaming_reader_yields_committed_records_and_waits_for_a_transaction_being_committed(broker):
+    """What `segments redis rebuild` reads: committed records only, aborted ones counted and
+    dropped; a transaction still open at the end is waited for (the job may be committing it
+    right then), and given up on after `open_wait_s`."""
+    import threading
+
+    from jobs.committed_log import ReadSummary, committed_records
+
+    create_topics(broker, {"txn-stream": 2})
+    producer = Producer({"bootstrap.servers": broker, "transactional.id": "txn-stream-1"})
+    producer.init_transactions(30)
+    for n in range(3):
+        producer.begin_transaction()
+        producer.produce("txn-stream", f"aborted-{n}".encode(), partition=n % 2)
+        producer.flush(30)
+        producer.abort_transaction(30)
+        producer.begin_transaction()
+        producer.produce("txn-stream", f"committed-{n}".encode(), partition=n % 2)
+        producer.commit_transaction(30)
+    # Open at the end of the topic, committed a moment later (as by the job's next checkpoint).
+    producer.begin_transaction()
+    producer.produce("txn-stream", b"late-commit", partition=1)
+    producer.flush(30)
+    committer = threading.Timer(1.5, lambda: producer.commit_transaction(30))
+    committer.start()
+    summary = ReadSummary()
+    values = [r.value for r in committed_records(broker, "txn-stream", open_wait_s=60, summary=summary)]
+    committer.join()
+    assert sorted(values) == [b"committed-0", b"committed-1", b"committed-2", b"late-commit"]
+    assert summary.aborted == 3 and summary.open_left == 0
+
+    # A transaction that stays open: waited for, then left out and counted.
+    orphan = Producer({"bootstrap.servers": broker, "transactional.id": "txn-stream-2"})
+    orphan.init_transactions(30)
+    orphan.begin_transaction()
+    orphan.produce("txn-stream", b"open", partition=0)
+    orphan.flush(30)
+    summary = ReadSummary()
+    values = [r.value for r in committed_records(broker, "txn-stream", open_wait_s=0.5, summary=summary)]
+    assert b"open" not in values and len(values) == 4
+    assert summary.open_left == 1 and summary.open_waited_s >= 0.5

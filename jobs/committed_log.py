@@ -1,0 +1,347 @@
+"""A read_committed reader of our own, over Kafka's wire protocol (Fetch v4, record batches v2).
+
+Why: tansu 0.6, the only Kafka-compatible broker these machines can install, writes the commit and
+abort markers of a transaction but sends no aborted-transaction list in its Fetch responses, so a
+read_committed client (librdkafka, the Java client) also returns the records of ABORTED
+transactions there (tests/e2e/test_transactional_log.py shows it). A real Kafka filters them. This
+reader fetches read_uncommitted, sees the control batches themselves and keeps a transactional
+record only when the marker that closes its producer's transaction is a commit, which is what
+read_committed means; it works the same against Apache Kafka.
+
+Used by `segments redis rebuild` (only committed transitions may reach the Redis view) and by the
+tests that check the committed log.
+
+Limits: record batches v2 (Kafka 0.11 and later) and uncompressed only (the job's Kafka sink does
+not compress; a compressed batch is an error, not skipped); plaintext connections without SASL or
+TLS; each partition is fetched from its leader as the metadata names it at the start (a leader
+change while reading is an error: run it again).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+FETCH, FETCH_VERSION = 1, 4
+READ_UNCOMMITTED = 0
+CONTROL_ABORT, CONTROL_COMMIT = 0, 1
+MAX_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    partition: int
+    offset: int
+    producer_id: int
+    transactional: bool
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class TransactionMarker:
+    partition: int
+    offset: int
+    producer_id: int
+    commit: bool
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos  # zigzag
+        shift += 7
+
+
+def _bytes_field(buf: bytes, pos: int) -> tuple[bytes | None, int]:
+    length, pos = _varint(buf, pos)
+    if length < 0:
+        return None, pos
+    return buf[pos:pos + length], pos + length
+
+
+def parse_batches(partition: int, data: bytes) -> list[LogRecord | TransactionMarker]:
+    """Record batches (magic 2, uncompressed) into records and transaction markers. A partial
+    batch at the end (a Fetch response may cut one) is left out."""
+    return _parse(partition, data)[0]
+
+
+def _parse(partition: int, data: bytes) -> tuple[list[LogRecord | TransactionMarker], int | None]:
+    """The entries of the complete batches, and the offset after the last complete batch (None if
+    there is none): a batch may end past its last record's offset (compaction)."""
+    out: list[LogRecord | TransactionMarker] = []
+    next_offset = None
+    pos = 0
+    while pos + 61 <= len(data):
+        base_offset, batch_length = struct.unpack_from(">qi", data, pos)
+        end = pos + 12 + batch_length
+        if end > len(data):
+            break  # a partial batch at the end of the response
+        last_offset_delta, = struct.unpack_from(">i", data, pos + 23)
+        next_offset = base_offset + last_offset_delta + 1
+        magic = data[pos + 16]
+        if magic != 2:
+            raise ValueError(f"record batch magic {magic} at offset {base_offset}: only v2 is read")
+        attributes, = struct.unpack_from(">h", data, pos + 21)
+        if attributes & 0x07:
+            raise ValueError(f"compressed record batch at offset {base_offset}: only uncompressed batches "
+                             "are read here")
+        transactional, control = bool(attributes & 0x10), bool(attributes & 0x20)
+        producer_id, = struct.unpack_from(">q", data, pos + 43)
+        count, = struct.unpack_from(">i", data, pos + 57)
+        rpos = pos + 61
+        for _ in range(count):
+            _, rpos = _varint(data, rpos)  # record length
+            rpos += 1  # attributes
+            _, rpos = _varint(data, rpos)  # timestamp delta
+            offset_delta, rpos = _varint(data, rpos)
+            key, rpos = _bytes_field(data, rpos)
+            value, rpos = _bytes_field(data, rpos)
+            headers, rpos = _varint(data, rpos)
+            for _ in range(headers):
+                _, rpos = _bytes_field(data, rpos)
+                _, rpos = _bytes_field(data, rpos)
+            offset = base_offset + offset_delta
+            if control:
+                kind, = struct.unpack_from(">h", key, 2)  # key: version int16, type int16
+                out.append(TransactionMarker(partition, offset, producer_id, kind == CONTROL_COMMIT))
+            else:
+                out.append(LogRecord(partition, offset, producer_id, transactional, key, value))
+        pos = end
+    return out, next_offset
+
+
+class _Connection:
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.correlation = 0
+
+    def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 100) -> tuple[int, bytes]:
+        """(high watermark, record bytes) from `offset`, read_uncommitted: every batch, markers too."""
+        self.correlation += 1
+        client = b"segments-committed-log"
+        topic_b = topic.encode()
+        body = struct.pack(">hhih", FETCH, FETCH_VERSION, self.correlation, len(client)) + client
+        body += struct.pack(">iiiib", -1, max_wait_ms, 1, MAX_BYTES, READ_UNCOMMITTED)
+        body += struct.pack(">ih", 1, len(topic_b)) + topic_b
+        body += struct.pack(">iiqi", 1, partition, offset, MAX_BYTES)
+        self.sock.sendall(struct.pack(">i", len(body)) + body)
+        response = self._receive()
+        correlation, = struct.unpack_from(">i", response, 0)
+        if correlation != self.correlation:
+            raise ConnectionError(f"fetch reply {correlation} does not answer request {self.correlation}")
+        pos = 8  # correlation id, throttle time
+        topics, = struct.unpack_from(">i", response, pos)
+        pos += 4
+        if topics != 1:
+            raise ConnectionError(f"fetch {topic}/{partition}: {topics} topics in the reply")
+        name_len, = struct.unpack_from(">h", response, pos)
+        pos += 2 + name_len
+        partitions, = struct.unpack_from(">i", response, pos)
+        pos += 4
+        if partitions != 1:
+            raise ConnectionError(f"fetch {topic}/{partition}: {partitions} partitions in the reply")
+        _, error, high_watermark, _ = struct.unpack_from(">ihqq", response, pos)
+        pos += 22
+        if error:
+            raise RuntimeError(f"fetch {topic}/{partition}@{offset}: Kafka error code {error}")
+        aborted, = struct.unpack_from(">i", response, pos)
+        pos += 4 + max(aborted, 0) * 16
+        size, = struct.unpack_from(">i", response, pos)
+        pos += 4
+        return high_watermark, response[pos:pos + max(size, 0)]
+
+    def _receive(self) -> bytes:
+        size, = struct.unpack(">i", self._exactly(4))
+        return self._exactly(size)
+
+    def _exactly(self, n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            chunk = self.sock.recv(n - got)
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _fetch_entries(conn: _Connection, topic: str, partition: int, offset: int, patience_s: float = 10.0,
+                   ) -> tuple[int, list[LogRecord | TransactionMarker], int]:
+    """(high watermark, entries from `offset` on, the offset to fetch next). The local broker may
+    report a high watermark before the batch below it can be fetched (seen under load): then the
+    fetch is repeated for up to `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        high_watermark, data = conn.fetch(topic, partition, offset)
+        if offset >= high_watermark:
+            return high_watermark, [], offset
+        entries, next_offset = _parse(partition, data)
+        if next_offset is not None and next_offset > offset:
+            return high_watermark, [e for e in entries if e.offset >= offset], next_offset
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{topic}/{partition}: no complete batch at {offset} below the high watermark "
+                               f"{high_watermark} for {patience_s:.0f} s (a batch over {MAX_BYTES} bytes?)")
+        time.sleep(0.05)
+
+
+def partition_leaders(bootstrap: str, topic: str) -> dict[int, tuple[str, int]]:
+    """Each partition's leader (host, port), from the cluster's metadata."""
+    from confluent_kafka.admin import AdminClient
+
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
+    described = metadata.topics.get(topic)
+    if described is None or described.error is not None:
+        raise RuntimeError(f"topic {topic}: {described.error if described else 'not found'}")
+    leaders = {}
+    for partition, info in described.partitions.items():
+        broker = metadata.brokers.get(info.leader)
+        if broker is None:
+            raise RuntimeError(f"{topic}/{partition} has no leader now (leader id {info.leader})")
+        leaders[partition] = (broker.host, broker.port)
+    return dict(sorted(leaders.items()))
+
+
+@dataclass
+class _PartitionCursor:
+    """One partition read in order: records wait per producer for the marker that closes their
+    transaction; a commit releases them, an abort drops them."""
+
+    partition: int
+    offset: int = 0
+    high_watermark: int = -1
+    pending: dict[int, list[LogRecord]] = field(default_factory=dict)
+    aborted: int = 0
+
+    def take(self, entries: list[LogRecord | TransactionMarker]) -> list[LogRecord]:
+        committed: list[LogRecord] = []
+        for entry in sorted(entries, key=lambda e: e.offset):
+            if isinstance(entry, TransactionMarker):
+                records = self.pending.pop(entry.producer_id, [])
+                if entry.commit:
+                    committed += records
+                else:
+                    self.aborted += len(records)
+            elif entry.transactional:
+                self.pending.setdefault(entry.producer_id, []).append(entry)
+            else:
+                committed.append(entry)
+        return committed
+
+
+@dataclass
+class ReadSummary:
+    """What a `committed_records` read saw besides the committed records it yielded."""
+
+    aborted: int = 0  # records of aborted transactions, dropped
+    open_left: int = 0  # records of transactions still open when the read stopped, not yielded
+    open_waited_s: float = 0.0
+
+
+def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0,
+                      summary: ReadSummary | None = None) -> Iterator[LogRecord]:
+    """Every committed record of the topic, partition by partition, in offset order within each,
+    yielded as soon as its transaction's commit marker is read (memory: the open transactions).
+
+    Reads up to each partition's end; then, if `open_wait_s` > 0, keeps reading while any
+    transaction that was open at the end is still open, for up to that long, so that a
+    transaction being committed right then (its marker not yet written) is not missed. Records of
+    transactions still open after that are not yielded (`summary.open_left` counts them)."""
+    summary = summary if summary is not None else ReadSummary()
+    connections: dict[tuple[str, int], _Connection] = {}
+    cursors: dict[int, tuple[_Connection, _PartitionCursor]] = {}
+    try:
+        for partition, (host, port) in partition_leaders(bootstrap, topic).items():
+            if (host, port) not in connections:
+                connections[(host, port)] = _Connection(host, port)
+            cursors[partition] = (connections[(host, port)], _PartitionCursor(partition))
+
+        def read_on(conn: _Connection, cursor: _PartitionCursor) -> Iterator[LogRecord]:
+            """One fetch: the newly committed records; sets the cursor's high watermark."""
+            cursor.high_watermark, entries, next_offset = _fetch_entries(conn, topic, cursor.partition, cursor.offset)
+            yield from cursor.take(entries)
+            cursor.offset = next_offset
+
+        for conn, cursor in cursors.values():
+            while True:
+                yield from read_on(conn, cursor)
+                if cursor.offset >= cursor.high_watermark:
+                    break
+        # Transactions open at the end: wait for their markers (commit or abort), for a while.
+        waiting = {(p, pid) for p, (_, cursor) in cursors.items() for pid in cursor.pending}
+        started = time.monotonic()
+        while waiting and time.monotonic() - started < open_wait_s:
+            time.sleep(0.2)
+            for conn, cursor in cursors.values():
+                while True:
+                    yield from read_on(conn, cursor)
+                    if cursor.offset >= cursor.high_watermark:
+                        break
+            waiting = {(p, pid) for p, pid in waiting if pid in cursors[p][1].pending}
+        summary.open_waited_s = time.monotonic() - started if open_wait_s else 0.0
+        summary.aborted = sum(cursor.aborted for _, cursor in cursors.values())
+        summary.open_left = sum(len(r) for _, cursor in cursors.values() for r in cursor.pending.values())
+    finally:
+        for conn in connections.values():
+            conn.close()
+
+
+def read_partition(bootstrap: str, topic: str, partition: int) -> list[LogRecord | TransactionMarker]:
+    """Every record and marker of one partition up to its end (read_uncommitted), from its leader."""
+    host, port = partition_leaders(bootstrap, topic)[partition]
+    conn = _Connection(host, port)
+    try:
+        out: list[LogRecord | TransactionMarker] = []
+        offset = 0
+        while True:
+            high_watermark, entries, offset = _fetch_entries(conn, topic, partition, offset)
+            if not entries and offset >= high_watermark:
+                return out
+            out.extend(entries)
+    finally:
+        conn.close()
+
+
+def split_by_outcome(entries: list[LogRecord | TransactionMarker]) -> tuple[list[LogRecord], list[LogRecord]]:
+    """read_committed over one partition: (non-transactional records and transactional records
+    whose producer's next marker is a commit, records whose next marker is an abort). Records with
+    no marker yet belong to open transactions and are in neither."""
+    pending: dict[int, list[LogRecord]] = {}
+    committed: list[LogRecord] = []
+    aborted: list[LogRecord] = []
+    for entry in sorted(entries, key=lambda e: e.offset):
+        if isinstance(entry, TransactionMarker):
+            (committed if entry.commit else aborted).extend(pending.pop(entry.producer_id, []))
+        elif entry.transactional:
+            pending.setdefault(entry.producer_id, []).append(entry)
+        else:
+            committed.append(entry)
+    return sorted(committed, key=lambda r: r.offset), aborted
+
+
+@dataclass(frozen=True)
+class TopicLog:
+    committed: list[LogRecord]
+    aborted: list[LogRecord]
+
+
+def read_topic(bootstrap: str, topic: str) -> TopicLog:
+    """Every partition's committed records (by this reader's read_committed) and the records of
+    aborted transactions, in (partition, offset) order."""
+    committed: list[LogRecord] = []
+    aborted: list[LogRecord] = []
+    for partition in partition_leaders(bootstrap, topic):
+        kept, dropped = split_by_outcome(read_partition(bootstrap, topic, partition))
+        committed += kept
+        aborted += dropped
+    return TopicLog(committed, aborted)
