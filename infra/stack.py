@@ -246,13 +246,18 @@ def flink_env(root: Path) -> dict[str, str]:
     return env
 
 
-def start_flink_cluster(root: Path, ports: StackPorts) -> None:
-    home = prepare_flink_home(root, ports)
+def start_flink_cluster(root: Path, ports: StackPorts, taskmanagers: int = 1) -> None:
+    """A JobManager and `taskmanagers` TaskManagers: one TaskManager holds two slots (both keyed
+    subtasks share its one embedded Python interpreter in thread mode); several hold one slot each,
+    the layout to scale out with (a slot per process, so per interpreter and per core)."""
+    if not 1 <= taskmanagers < PROMETHEUS_PORTS:
+        raise ValueError(f"taskmanagers: 1 to {PROMETHEUS_PORTS - 1} on the local stack (one metrics port each)")
+    home = prepare_flink_home(root, ports, task_slots=2 if taskmanagers == 1 else 1)
     env = flink_env(root)
-    for script in ("jobmanager.sh", "taskmanager.sh"):
+    for script in ("jobmanager.sh", *["taskmanager.sh"] * taskmanagers):
         subprocess.run([str(home / "bin" / script), "start"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_taskmanager(ports.flink_rest)
+    wait_for_taskmanager(ports.flink_rest, count=taskmanagers)
 
 
 def start_taskmanager(root: Path) -> None:
@@ -274,7 +279,7 @@ def taskmanager_pids(root: Path) -> list[int]:
     return pids
 
 
-def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0) -> None:
+def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0, count: int = 1) -> None:
     import json
     import urllib.request
 
@@ -282,12 +287,13 @@ def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0) -> None:
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/taskmanagers", timeout=2) as r:
-                if json.load(r).get("taskmanagers"):
+                if len(json.load(r).get("taskmanagers", [])) >= count:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"no TaskManager registered with the JobManager on :{rest_port} in {timeout_s:.0f} s")
+    raise TimeoutError(f"fewer than {count} TaskManager(s) registered with the JobManager on :{rest_port} "
+                       f"in {timeout_s:.0f} s")
 
 
 def stop_flink_cluster(root: Path) -> None:
@@ -303,7 +309,8 @@ def stop_flink_cluster(root: Path) -> None:
 # --- the whole stack -----------------------------------------------------------------------------
 
 
-def up(ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None) -> dict[str, str]:
+def up(ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None,
+       taskmanagers: int = 1) -> dict[str, str]:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
     start_broker(root, ports.broker)
@@ -315,7 +322,7 @@ def up(ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] |
         start_redis(root, ports.redis)
         redis_url = f"redis://127.0.0.1:{ports.redis}/0"
     if with_flink:
-        start_flink_cluster(root, ports)
+        start_flink_cluster(root, ports, taskmanagers)
     return {"bootstrap_servers": bootstrap, "redis_url": redis_url}
 
 

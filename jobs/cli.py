@@ -32,6 +32,7 @@ def cmd_stack(args) -> int:
         info = stack.up(
             ports,
             with_flink=args.flink,
+            taskmanagers=args.taskmanagers,
             partitions={
                 settings.events_topic: args.partitions,
                 settings.transitions_topic: args.partitions,
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--flink", action="store_true", help="also start a standalone Flink cluster")
     p.add_argument("--partitions", type=int, default=2, help="partitions of the events and transitions topics")
+    p.add_argument("--taskmanagers", type=int, default=1,
+                   help="with --flink: TaskManagers to start; 1 (the default) holds two slots, more hold one each")
     p.set_defaults(func=cmd_stack)
 
     with_config(sub.add_parser("run", help="run the job on the embedded MiniCluster")).set_defaults(func=cmd_run)

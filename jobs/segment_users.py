@@ -39,7 +39,7 @@ from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.state import ProfileStateCodec
-from udfs.transitions import DUPLICATE, Step, Transition
+from udfs.transitions import DUPLICATE, Step
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("segments.job")
@@ -77,6 +77,8 @@ class Operator:
 DECODE = Operator("Decode user events", "decode-user-events")
 EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
 SEGMENT = Operator("Segment users", "segment-users")
+# The Redis view's two-phase-commit sink (its writer and committer; jobs/redis_sink.py).
+REDIS_VIEW = Operator("Redis view", "redis-view")
 PROFILE_STATE = "user-profile"
 
 
@@ -84,7 +86,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _dead_letter(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes) -> Row:
+def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes) -> Row:
     if payload is not None and len(payload) > max_bytes:
         message = f"{message}; payload truncated to its first {max_bytes} bytes"
         payload = payload[:max_bytes]
@@ -173,7 +175,7 @@ class DecodeUserEvent(ProcessFunction):
             event = event_from_record(record, _now_ms(), self.max_future_ms)
         except DecodeError as err:
             self.dead_letters_out.inc()
-            yield DEAD_LETTERS, _dead_letter(
+            yield DEAD_LETTERS, dead_letter_row(
                 self.dead_letters, payload, topic, partition, offset, err.reason, err.message,
                 self.max_event_bytes,
             )
@@ -213,8 +215,6 @@ class SegmentUsers(KeyedProcessFunction):
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
-        self.redis_writer = (RedisWriter(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s,
-                                         settings.redis_retry_ms) if settings.redis_url else None)
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
@@ -249,15 +249,13 @@ class SegmentUsers(KeyedProcessFunction):
             self._segment_counters(name)
         self.inference_latency = (None if scorer is None
                                   else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency))
-        if self.redis_writer is not None:
-            self.redis_writer.open(metrics)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, event_time = value[0], value[1]
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
         if event_time < late_before:  # before decoding: a late event costs no decode
             self.late_events.inc()
-            yield LATE_EVENTS, _dead_letter(
+            yield LATE_EVENTS, dead_letter_row(
                 self.dead_letters, value[2], value[3], value[4], value[5], "late",
                 f"event time {event_time} is more than {self.allowed_lateness_ms} ms behind "
                 f"the watermark {late_before + self.allowed_lateness_ms}",
@@ -280,8 +278,6 @@ class SegmentUsers(KeyedProcessFunction):
         yield from self._commit(ctx, profile, self.engine.step_timer(user_id, profile, timestamp), None)
 
     def close(self):
-        if self.redis_writer is not None:
-            self.redis_writer.close()
         shutil.rmtree(self.files_dir, ignore_errors=True)
 
     def _segment_counters(self, segment: str) -> tuple:
@@ -324,67 +320,12 @@ class SegmentUsers(KeyedProcessFunction):
             if self.emit_profile_snapshots:
                 yield PROFILE_SNAPSHOTS, Row(user_id, cause_event_id, encoded)
         transitions = step.transitions
-        if transitions and self.redis_writer is not None:
-            # Before the transitions leave: Redis never lags the committed topic by a checkpoint.
-            self.redis_writer.write(transitions)
         emitted_at = _now_ms()
         for t in transitions:
             self.transitions_out.inc()
             self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
             yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
                       self.transitions.encode(t.to_record(emitted_at)))
-
-
-class RedisWriter:
-    """Applies a user's transitions of one event or timer to the Redis view in one round trip,
-    inside the keyed function (a separate operator cost two more Python crossings and a round trip
-    per transition); ordered by sequence, so replays are harmless."""
-
-    def __init__(self, redis_url: str, key_prefix: str, ttl_s: int, retry_ms: int):
-        self.redis_url = redis_url
-        self.key_prefix = key_prefix
-        self.ttl_s = ttl_s
-        self.retry_ms = retry_ms
-
-    def open(self, metrics) -> None:
-        from jobs.redis_view import RedisSegmentView  # worker-side import: the client is per worker
-
-        self.view = RedisSegmentView(self.redis_url, self.key_prefix, self.ttl_s)
-        self.redis_writes = metrics.counter("redis_writes")
-        self.redis_stale = metrics.counter("redis_stale_writes")  # not newer than Redis held: replays
-        self.redis_retries = metrics.counter("redis_retries")
-        self.latency = LatencyHistogram()
-        self.latency_metrics = LatencyMetrics(metrics, "redis_write_latency", self.latency)
-
-    def write(self, transitions: list[Transition]) -> None:
-        batch = [(t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in transitions]
-        started = time.perf_counter_ns()
-        applied = self._apply_retrying(batch)
-        self.latency.record((time.perf_counter_ns() - started) / 1000)
-        self.latency_metrics.maybe_publish()
-        self.redis_writes.inc(len(batch))
-        if applied != len(batch):
-            self.redis_stale.inc(len(batch) - applied)
-
-    def _apply_retrying(self, batch) -> int:
-        """Redis unreachable: retry with a growing pause for up to retry_ms, then fail the task
-        (the job restarts from its last checkpoint and replays; writes are ordered by sequence)."""
-        import redis
-
-        deadline = time.monotonic() + self.retry_ms / 1000
-        pause_s = 0.05
-        while True:
-            try:
-                return self.view.apply(batch)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + pause_s > deadline:
-                    raise
-                self.redis_retries.inc()
-                time.sleep(pause_s)
-                pause_s = min(pause_s * 2, 1.0)
-
-    def close(self) -> None:
-        self.view.close()
 
 
 @dataclass
@@ -394,10 +335,11 @@ class PipelineOutputs:
     profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
 
 
-def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOutputs:
+def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_function=None) -> PipelineOutputs:
     """`raw_records` must run at `settings.parallelism`, like every operator up to key_by: then
     each connection is forward and a partition's order (which keeps a user's events in order,
-    producers key by user) survives to the keyed function. PyFlink expands the Python timestamp
+    producers key by user) survives to the keyed function (`SegmentUsers`, or what
+    `keyed_function(settings, segmentation)` builds: the bench's floor job). PyFlink expands the Python timestamp
     assigner into operators at the default parallelism, so a mismatch there would reorder events.
     """
     decoded = (
@@ -424,7 +366,7 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings) -> PipelineOu
              segmentation.registry.version if segmentation.registry else "none")
     transitions = (
         timed.key_by(UserIdOf(), key_type=Types.STRING())
-        .process(SegmentUsers(settings, segmentation), output_type=TRANSITION_RECORD)
+        .process((keyed_function or SegmentUsers)(settings, segmentation), output_type=TRANSITION_RECORD)
         .name(SEGMENT.name)
         .uid(SEGMENT.uid)
         .set_parallelism(settings.segment_parallelism or settings.parallelism)
@@ -461,14 +403,14 @@ def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) ->
     )
 
 
-def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings) -> None:
+def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, keyed_function=None) -> None:
     """Kafka source -> pipeline -> Kafka sinks (exactly-once) and the Redis view."""
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(kafka_table_ddl("events_in", settings.events_topic, settings, sink=False))
     t_env.execute_sql(kafka_table_ddl("transitions_out", settings.transitions_topic, settings, sink=True))
     t_env.execute_sql(kafka_table_ddl("dead_letters_out", settings.dead_letter_topic, settings, sink=True))
     raw = t_env.to_data_stream(t_env.from_path("events_in"))
-    outputs = build_pipeline(raw, settings)
+    outputs = build_pipeline(raw, settings, keyed_function)
     transitions = outputs.transitions
     statements = t_env.create_statement_set()
     statements.add_insert(
@@ -477,6 +419,12 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings) ->
     )
     statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
     statements.attach_as_datastream()
+    if settings.redis_url:
+        # Redis only from committed transitions: applied once the checkpoint holding them completes.
+        from jobs.redis_sink import redis_view_sink
+
+        (transitions.sink_to(redis_view_sink(settings)).name(REDIS_VIEW.name).uid(REDIS_VIEW.uid)
+         .set_parallelism(settings.segment_parallelism or settings.parallelism))
 
 
 def python_worker_path() -> str:

@@ -86,12 +86,13 @@ def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, st
 
 
 @pytest.fixture
-def flink_cluster(stack_root):
-    """A standalone JobManager + TaskManager started the way `segments stack up --flink` does."""
+def flink_cluster(stack_root, request):
+    """A standalone JobManager + TaskManager(s) started the way `segments stack up --flink
+    [--taskmanagers N]` does: one with two slots, or N of one slot each (indirect parameter N)."""
     ports = StackPorts(broker=0, redis=0, flink_rest=free_port(), flink_rpc=free_port(), prometheus=free_port())
     os.environ["SEGMENTS_STACK_DIR"] = str(stack_root)
     try:
-        start_flink_cluster(stack_root, ports)
+        start_flink_cluster(stack_root, ports, getattr(request, "param", 1))
         yield ports
     finally:
         stop_flink_cluster(stack_root)

@@ -31,6 +31,7 @@ DAY_MS = 24 * 3600_000
 WATERMARK_LAG_MS = 12 * 3600_000
 
 
+@pytest.mark.parametrize("flink_cluster", [2], indirect=True, ids=["two single-slot TaskManagers"])
 def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     broker, redis_url, flink_cluster, stack_root, catalog
 ):
@@ -79,6 +80,15 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     out = segments("rescale", "2")
     assert "resubmitting at parallelism 2" in out
     assert rest.state(job) == "FINISHED"
+    # Scaled out: the two keyed subtasks run in the two TaskManagers, one slot (and interpreter) each.
+    rescaled = rest.running_job("segment-users")
+
+    def keyed_subtask_hosts():
+        vertex = next(v for v in rest._call(f"/jobs/{rescaled}")["vertices"] if "Segment users" in v["name"])
+        hosts = rest._call(f"/jobs/{rescaled}/vertices/{vertex['id']}/taskmanagers")["taskmanagers"]
+        return len({h["taskmanager-id"] for h in hosts}) == 2 or None
+
+    wait_until(keyed_subtask_hosts, timeout_s=60, interval_s=1)
     produce(thirds[1])
     wait_until(lambda: committed() > first or None, timeout_s=180, interval_s=2)
     # The rest of the traffic while a subtask reads each partition, consumed in full before the

@@ -18,6 +18,7 @@ from jobs.bench import (
     busiest_threads,
     classify_dead_letter,
     end_marker_events,
+    figures,
     join_latencies,
     latency_summary,
     parse_proc_stat,
@@ -212,3 +213,22 @@ def test_steady_rate_runs_from_the_first_step_past_half_seen_on_every_partition_
     lagging.see("progress", "bench-progress-3-1-0", 31.0)
     lagging.see("end", "a", 41.0)
     assert lagging.steady_rate(events, partitions=2) == PROGRESS_EVERY / 10.0
+
+
+def _throughput(name: str, events_per_s: float, steady: float, slots: int = 1) -> dict:
+    return {"name": name, "slots": slots, "events_per_s": events_per_s, "events_per_s_per_slot": events_per_s / slots,
+            "steady_events_per_s": steady, "cpu_s_per_million_events": 1e6 / events_per_s, "cores_busy": 1.0,
+            "startup_s": 10.0, "error": None}
+
+
+def test_the_table_sets_the_job_against_its_floor_and_the_per_slot_and_cpu_targets():
+    results = {"throughput": [_throughput("job-p1", 1_200.0, 1_300.0), _throughput("floor-p1", 2_400.0, 2_000.0)]}
+    rows = {r["figure"]: r for r in figures(results, checkpoint_interval_ms=5_000, cores=2)}
+    assert rows["job (p1) / floor"]["value"] == 0.5
+    assert rows["job (p1) / floor"]["verdict"] == "MISS"  # target >= 0.6x
+    assert rows["job (p1) / floor, second half of the run"]["value"] == 0.65
+    assert rows["job (p1) / floor, second half of the run"]["verdict"] == "pass"
+    assert rows["full job, parallelism 1: events/s per slot"]["verdict"] == "MISS"  # target >= 1,500
+    assert rows["job-p1: CPU seconds per 1M events"]["value"] == pytest.approx(833.3, abs=0.1)
+    assert rows["job-p1: CPU seconds per 1M events"]["verdict"] == "MISS"  # target <= 800 s
+    assert rows["floor-p1: CPU seconds per 1M events"]["verdict"] == ""  # no target for the floor

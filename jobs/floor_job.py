@@ -1,0 +1,100 @@
+"""The floor of the job's own mechanics, for `segments bench`: the segmentation job's source,
+decode, watermarks, keying and sinks, with a keyed function that does only what PyFlink must do
+per event and none of the segmentation (no profile, no features, no rules, no transitions): read
+and write a keyed state value of the job's mean size, keep one event-time timer per user (the
+job's pattern: registered when none is pending, 10 minutes ahead, firing reads and writes the
+state), and run the merged model session once; late events go to the dead letters as in the job.
+The bench prints the job against this floor.
+
+    python -m jobs.floor_job [--config FILE] --state-bytes N
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+from pyflink.common import Types
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+from pyflink.datastream.state import ValueStateDescriptor
+
+from jobs.segment_users import LATE_EVENTS, ShippedFiles, attach_connectors, create_environment, dead_letter_row
+from jobs.settings import JobSettings, load_settings
+from udfs.codec import SCHEMAS_DIR, SchemaCatalog
+from udfs.profile_config import MINUTE_MS
+from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+
+FLOOR_STATE = "floor-state"
+TIMER_AHEAD_MS = 10 * MINUTE_MS  # the shipped definitions' most frequent lapse (recently active)
+NO_TIMER = -1
+PENDING_DIGITS = 20  # the pending timer's instant, at the head of the state value
+
+
+class KeyedFloor(KeyedProcessFunction):
+    def __init__(self, settings: JobSettings, segmentation: Segmentation, state_bytes: int):
+        self.state_bytes = max(state_bytes, PENDING_DIGITS)
+        self.definitions_text = segmentation.definitions.text
+        self.definitions_source = segmentation.definitions.source
+        self.profile_config = settings.profile
+        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
+        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
+                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
+        self.allowed_lateness_ms = settings.allowed_lateness_ms
+        self.max_event_bytes = settings.max_event_bytes
+
+    def open(self, runtime_context: RuntimeContext):
+        self.files_dir = self.files.materialize()
+        scorer = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
+                                        self.files_dir / "models").engine().scorer
+        self.merged = None if scorer is None else scorer.merged
+        # A fixed row per distinct vector: the call's cost, not the features', is what is measured.
+        self.vectors = {} if scorer is None else {
+            key: [0.5] * len(model.vector.features) for key, model in self.merged.plan
+        }
+        self.filler = "x" * (self.state_bytes - PENDING_DIGITS)
+        self.dead_letters = SchemaCatalog(self.files_dir / "schemas").codec("DeadLetter")
+        self.state = runtime_context.get_state(ValueStateDescriptor(FLOOR_STATE, Types.STRING()))
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        # The job's lateness check, which is also how the bench's end markers come out.
+        if value[1] < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
+            yield LATE_EVENTS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], "late",
+                                            "behind the watermark", self.max_event_bytes)
+            return
+        stored = self.state.value()
+        pending = NO_TIMER if stored is None else int(stored[:PENDING_DIGITS])
+        if self.merged is not None:
+            self.merged.run(self.vectors)
+        if pending == NO_TIMER:
+            pending = value[1] + TIMER_AHEAD_MS
+            ctx.timer_service().register_event_time_timer(pending)
+        self.state.update(f"{pending:0{PENDING_DIGITS}d}{self.filler}")
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        self.state.value()
+        self.state.update(f"{NO_TIMER:0{PENDING_DIGITS}d}{self.filler}")
+        return iter(())
+
+    def close(self):
+        shutil.rmtree(self.files_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The floor job of `segments bench`")
+    parser.add_argument("--config")
+    parser.add_argument("--state-bytes", type=int, required=True, help="size of the keyed state value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config)
+    env = create_environment(settings)
+    attach_connectors(env, settings, lambda s, segmentation: KeyedFloor(s, segmentation, args.state_bytes))
+    env.execute(f"{settings.job_name}-floor")
+
+
+if __name__ == "__main__":
+    # Run the imported module's main so that the function ships by name (see jobs/segment_users.py).
+    from jobs.floor_job import main as main_of_module
+
+    main_of_module()
