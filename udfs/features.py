@@ -70,6 +70,16 @@ def current_session(p: UserProfile, now: int, gap_ms: int) -> Session | None:
     return session if session is not None and now - session.end_ms < gap_ms else None
 
 
+def _this_week(p: UserProfile, t: int) -> list[Session]:
+    """Sessions whose last event is less than a week before `t`."""
+    got = p.derived.get("week")
+    if got is None or got[0] != t:
+        since = t - WEEK_MS
+        got = p.derived["week"] = (t, [s for s in (*p.named_sessions.values(), *p.derived_sessions)
+                                       if s.end_ms > since])
+    return got[1]
+
+
 class WindowTotals:
     """One horizon's view of the profile at one first-covered instant: the buckets, views and
     sessions it covers and their totals, each computed on first use. Kept in `profile.derived`
@@ -84,11 +94,18 @@ class WindowTotals:
         self._counts = self._spend = self._categories = self._lapse = None
         self._products = self._categories_seen = self._sessions = None
 
-    def counts(self) -> list[int]:
-        if self._counts is None:
-            columns = zip(*(b.counts for b in self.buckets), strict=True)
-            self._counts = [sum(column) for column in columns] if self.buckets else [0] * len(EVENT_TYPES)
-        return self._counts
+    def count(self, index: int | None) -> int:
+        """Events of the type at `index` (None: of every type) in the covered buckets."""
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = {}
+        total = counts.get(index)
+        if total is None:
+            if index is None:
+                total = counts[index] = sum(map(sum, [b.counts for b in self.buckets]))
+            else:
+                total = counts[index] = sum([b.counts[index] for b in self.buckets])
+        return total
 
     def spend(self) -> float:
         if self._spend is None:
@@ -174,10 +191,8 @@ class FeatureCatalog:
             return _window(p, h, now)._lapse
 
         def count(kinds):
-            if len(kinds) == len(EVENT_TYPES):
-                return lambda p, t: sum(_window(p, h, t).counts())
-            index = EVENT_INDEX[kinds[0]]
-            return lambda p, t: _window(p, h, t).counts()[index]
+            index = None if len(kinds) == len(EVENT_TYPES) else EVENT_INDEX[kinds[0]]
+            return lambda p, t: _window(p, h, t).count(index)
 
         def spend(p, t):
             return _window(p, h, t).spend()
@@ -186,7 +201,7 @@ class FeatureCatalog:
 
         def aov(p, t):
             totals = _window(p, h, t)
-            orders = totals.counts()[purchases]
+            orders = totals.count(purchases)
             return totals.spend() / orders if orders else None
 
         def category_views(p, t):
@@ -214,7 +229,7 @@ class FeatureCatalog:
             totals = _window(p, h, t)
             if totals._sessions is None:
                 first = totals.first
-                totals._sessions = [s for s, _ in _sessions(p) if s.end_ms >= first]
+                totals._sessions = [s for s in (*p.named_sessions.values(), *p.derived_sessions) if s.end_ms >= first]
             return totals._sessions
 
         before = set(r)
@@ -266,12 +281,6 @@ class FeatureCatalog:
     def _sessions(self) -> None:
         r, lapses, gap = self.readers, self.lapses, self.config.session_gap_ms
 
-        def this_week(p, t):
-            got = p.derived.get("week")
-            if got is None or got[0] != t:
-                got = p.derived["week"] = (t, [s for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS])
-            return got[1]
-
         def current(attribute):
             def read(p, t):
                 s = current_session(p, t, gap)
@@ -282,8 +291,8 @@ class FeatureCatalog:
             s = current_session(p, t, gap)
             return None if s is None else s.end_ms + gap
 
-        r["sessions_per_week"] = lambda p, t: len(this_week(p, t))
-        lapses["sessions_per_week"] = lambda p, t: _earliest(s.end_ms + WEEK_MS for s in this_week(p, t))
+        r["sessions_per_week"] = lambda p, t: len(_this_week(p, t))
+        lapses["sessions_per_week"] = lambda p, t: _earliest(s.end_ms + WEEK_MS for s in _this_week(p, t))
         r["in_session"] = lambda p, t: 0 if current_session(p, t, gap) is None else 1
         r["current_session_start_ms"] = current(lambda s: s.start_ms)
         r["current_session_events"] = current(lambda s: s.events)
@@ -324,7 +333,7 @@ class FeatureCatalog:
                 # The count drops by one at each session's 7-day mark; the tier changes at the
                 # first drop that takes it across a threshold.
                 now = tier(p, t)
-                ends = sorted(s.end_ms + WEEK_MS for s, _ in _sessions(p) if s.end_ms > t - WEEK_MS)
+                ends = sorted(s.end_ms + WEEK_MS for s in _this_week(p, t))
                 for dropped, due in enumerate(ends, start=1):
                     if tier_of(len(ends) - dropped) != now:
                         return due

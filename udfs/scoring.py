@@ -477,16 +477,18 @@ class Scorer:
         self.registry = registry
         self.merged = MergedSession(registry.models)
         self.stats = ScoringStats()
+        # Taken out of the plan once: each distinct vector, and per output its model's name and
+        # cluster count (None: a probability in [0, 1]).
+        self._vectors = tuple({key: model.vector for key, model in self.merged.plan}.items())
+        self._outputs = tuple((model.manifest.name, model.manifest.clusters if model.manifest.kind == "cluster"
+                               else None) for _, model in self.merged.plan)
 
     def __call__(self, profile: UserProfile, now_ms: int, read: Callable[[str], Any]) -> Mapping[str, float]:
         """Scores at `now_ms`; `read(name)` is the feature's value at that instant."""
         stats = self.stats
         # Models reading the same vector share one read of it per event.
-        vectors: dict[str, list[float] | None] = {}
-        for key, model in self.merged.plan:
-            if key not in vectors:
-                vectors[key] = model.vector.values_read(read)
-        if all(v is not None for v in vectors.values()):
+        vectors = {key: vector.values_read(read) for key, vector in self._vectors}
+        if None not in vectors.values():
             started = time.perf_counter_ns()
             raw = self.merged.run(vectors)
             stats.latency.record((time.perf_counter_ns() - started) / 1000)
@@ -501,17 +503,17 @@ class Scorer:
                 raw.append(model.score_vector(values))
                 stats.latency.record((time.perf_counter_ns() - started) / 1000)
         scores: dict[str, float] = {}
-        for (_, model), score in zip(self.merged.plan, raw, strict=True):
+        isfinite = math.isfinite
+        for (name, clusters), score in zip(self._outputs, raw, strict=True):
             if score is None:
                 stats.skipped += 1
                 continue
-            m = model.manifest
-            valid = math.isfinite(score) and (
-                score in range(m.clusters) if m.kind == "cluster" else 0.0 <= score <= 1.0
+            valid = isfinite(score) and (
+                0.0 <= score <= 1.0 if clusters is None else score == int(score) and 0 <= score < clusters
             )
             if not valid:
                 stats.out_of_range += 1
                 continue
             stats.scored += 1
-            scores[m.name] = score
+            scores[name] = score
         return scores
