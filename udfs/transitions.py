@@ -132,8 +132,9 @@ class SegmentEngine:
         if pending is not None and pending <= time_ms:
             profile.timer_ms = None  # it has fired (timers fire in time order, so every earlier one too)
         had_events = bool(profile.last_by_type)
-        out = self._advance(user_id, profile, time_ms, self._take_memo(profile))
-        prune(profile, self.config)
+        out, due = self._advance(user_id, profile, time_ms, self._take_memo(profile))
+        prune(profile, self.config)  # never changes a result, so `due` stands
+        profile.next_change_memo = (self, profile.clock_ms, due)
         return self._finish(TIMER, profile, out, had_events)
 
     def _finish(self, outcome: str, profile: UserProfile, transitions: list[Transition], had_events: bool) -> Step:
@@ -142,7 +143,11 @@ class SegmentEngine:
         finds nothing due and asks for the next one. This spares the timer service a delete and
         a register on almost every event (a user active every few minutes pushes a 10-minute
         recency lapse forward each time), at the cost of an occasional early firing."""
-        due = self.next_change_ms(profile)
+        memo = profile.next_change_memo
+        if memo is not None and memo[0] is self and memo[1] == profile.clock_ms:
+            due = memo[2]  # a timer step that found nothing more due keeps the answer it stopped at
+        else:
+            due = self.next_change_ms(profile)
         register = None
         if due is not None and (profile.timer_ms is None or due < profile.timer_ms):
             register = profile.timer_ms = due
@@ -170,7 +175,7 @@ class SegmentEngine:
         # passes T, i.e. after every event at T that is not late). The retention is the
         # exception: a profile silent for exactly retention_ms has expired, and the event starts
         # a new lifetime.
-        out = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
+        out, _ = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
         if event.timestamp > profile.clock_ms:
             profile.clock_ms = event.timestamp
             if self.retention_expiry_ms(profile) == event.timestamp:
@@ -192,7 +197,9 @@ class SegmentEngine:
         return None
 
     def _advance(self, user_id: str, profile: UserProfile, time_ms: int,
-                 memo: tuple[int | None] | None) -> list[Transition]:
+                 memo: tuple[int | None] | None) -> tuple[list[Transition], int | None]:
+        """The time-driven transitions up to `time_ms`, and the next change after it: the instant
+        the walk stopped at, which nothing between the last evaluation and `time_ms` can move."""
         out: list[Transition] = []
         while True:
             if memo is not None:  # this engine answered at this very clock, on this very state
@@ -217,7 +224,7 @@ class SegmentEngine:
                 self._diff(user_id, profile, ev, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
-        return out
+        return out, due
 
     def _score(self, profile: UserProfile, ev: Evaluation) -> None:
         """The models read their vectors through `ev`'s feature cache, which the conditions
