@@ -424,6 +424,7 @@ class Operand:
     choices: tuple[str, ...] = ()
     low: float | None = None  # the smallest value it can take
     high: float | None = None
+    falls_only: bool = False  # a STEP value that never rises while no event comes
 
 
 @dataclass
@@ -607,7 +608,7 @@ class Compiler:
             at, label, kind = read, name, spec.kind
         refs.features[label] = value
         return Operand(kind, value, label, change, spec.motion, spec.half_life_ms, at, choices=spec.choices,
-                       low=0.0 if kind in (NUMBER, DURATION) else None)
+                       low=0.0 if kind in (NUMBER, DURATION) else None, falls_only=spec.falls_only)
 
     # -- comparisons --
 
@@ -712,6 +713,17 @@ class Compiler:
 
             def change(ev):
                 return _earliest(step(ev), _decay_crossing(ev, value(ev), at, half_life, test, threshold))
+            return change
+        if left.falls_only and op in ("<", "<=", ">", ">="):
+            # A value that only falls flips `> c` only from true and `< c` only from false: in the
+            # other state no lapse can change the verdict, so no timer is needed for it.
+            test, value, upward = _OPS[op], left.value, op in (">", ">=")
+
+            def change(ev):
+                v = value(ev)
+                if v is not None and test(v, threshold) != upward:
+                    return None
+                return step(ev)
             return change
         return step
 

@@ -36,6 +36,9 @@ class FeatureSpec:
     value_kind: str = NUMBER  # MAP: the kind of its values
     missing_key: float | None = 0.0  # MAP: the value of a key it does not hold
     half_life_ms: int = 0  # DECAY
+    # A STEP value that never rises while no event comes (windowed counts: events only leave the
+    # window): a comparison it cannot flip by falling needs no timer.
+    falls_only: bool = False
 
 
 def _since(p: UserProfile, now: int, types: Iterable[str]) -> int | None:
@@ -251,9 +254,10 @@ class FeatureCatalog:
         for name in set(r) - before - set(lapses):
             lapses[name] = bucket_lapse
         for name in set(r) - before:
-            self.specs[name] = FeatureSpec(NUMBER)
+            self.specs[name] = FeatureSpec(NUMBER, falls_only=True)  # counts of what is still in the window
+        self.specs[f"spend_{n}"] = FeatureSpec(NUMBER)  # a float sum: no order argument made for it
         self.specs[f"aov_{n}"] = FeatureSpec(NUMBER, nullable=True)
-        self.specs[f"category_views_{n}"] = FeatureSpec(MAP)
+        self.specs[f"category_views_{n}"] = FeatureSpec(MAP, falls_only=True)
 
     def _lifetime_and_cart(self) -> None:
         r = self.readers
@@ -299,7 +303,8 @@ class FeatureCatalog:
         r["current_session_duration_ms"] = current(lambda s: s.end_ms - s.start_ms)
         for name in ("in_session", "current_session_start_ms", "current_session_events", "current_session_duration_ms"):
             lapses[name] = session_lapse
-        self.specs["sessions_per_week"] = self.specs["in_session"] = FeatureSpec(NUMBER)
+        self.specs["sessions_per_week"] = FeatureSpec(NUMBER, falls_only=True)
+        self.specs["in_session"] = FeatureSpec(NUMBER)
         self.specs["current_session_start_ms"] = FeatureSpec(NUMBER, nullable=True)  # epoch ms
         self.specs["current_session_events"] = FeatureSpec(NUMBER, nullable=True)
         self.specs["current_session_duration_ms"] = FeatureSpec(DURATION, nullable=True)
