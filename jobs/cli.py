@@ -291,14 +291,24 @@ def cmd_redis(args) -> int:
         print("no redis_url configured", file=sys.stderr)
         return 2
     view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
+    # A transaction open at the end of the topic may be being committed right now (its transitions
+    # perhaps already in the Redis that was lost): wait that long for its marker.
+    open_wait_s = args.open_wait_s
+    if open_wait_s is None:
+        open_wait_s = max(10.0, 3 * settings.checkpoint_interval_ms / 1000)
     try:
         if args.flush:
             print(f"deleted {view.clear()} keys under {settings.redis_key_prefix}:*")
-        read, applied = rebuild_from_topic(view, settings.bootstrap_servers, settings.transitions_topic)
+        result = rebuild_from_topic(view, settings.bootstrap_servers, settings.transitions_topic,
+                                    open_wait_s=open_wait_s)
     finally:
         view.close()
-    print(f"read {read} committed transitions from {settings.transitions_topic}, applied {applied} "
-          f"to {redact_url(settings.redis_url)} (the rest were not newer than what Redis held)")
+    print(f"read {result.read} committed transitions from {settings.transitions_topic}, applied {result.applied} "
+          f"to {redact_url(settings.redis_url)} (the rest were not newer than what Redis held); skipped "
+          f"{result.aborted} of aborted transactions")
+    if result.open_left:
+        print(f"warning: {result.open_left} transitions are in transactions still open after {open_wait_s:.0f} s "
+              "(a job down or restarting?): run the rebuild again once the job runs", file=sys.stderr)
     return 0
 
 
@@ -441,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("redis", help="the Redis view: rebuild it from the transitions topic"))
     p.add_argument("action", choices=["rebuild"])
     p.add_argument("--flush", action="store_true", help="delete the view's keys first (a fresh Redis)")
+    p.add_argument("--open-wait-s", type=float, default=None,
+                   help="how long to wait for transactions still open at the end of the topic "
+                        "(default: 3 checkpoint intervals, at least 10 s)")
     p.set_defaults(func=cmd_redis)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))

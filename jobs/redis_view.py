@@ -1,8 +1,12 @@
-"""Writes transitions into the Redis view and reads it back (see udfs/redis_layout.py)."""
+"""Writes transitions into the Redis view and reads it back (see udfs/redis_layout.py): the client
+of `segments redis rebuild` and of the tests. The running job writes the view through its own sink
+(jobs/redis_sink.py, infra/java)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import redis
 from redis.exceptions import NoScriptError
@@ -10,11 +14,22 @@ from redis.exceptions import NoScriptError
 from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
 
 
+def resolve_redis_url(url: str) -> str:
+    """`env:NAME` is the URL in the environment variable NAME (as the job's Redis sink reads it on
+    the workers); anything else is the URL itself."""
+    if not url.startswith("env:"):
+        return url
+    value = os.environ.get(url[4:], "")
+    if not value:
+        raise ValueError(f"the Redis URL variable {url[4:]} is not set")
+    return value
+
+
 class RedisSegmentView:
     def __init__(self, url: str, prefix: str, ttl_s: int):
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(resolve_redis_url(url), socket_timeout=10, socket_connect_timeout=5)
         self.client.ping()  # fail fast on a bad address, before any record is consumed
         self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA)
 
@@ -70,34 +85,40 @@ class RedisSegmentView:
         self.client.close()
 
 
-def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: str, batch_size: int = 1000,
-                       idle_s: float = 3.0) -> tuple[int, int]:
-    """Replays every committed transition of the topic into the view: (read, applied). Safe while
-    the job runs: the apply script keeps only newer sequences, so order and repeats do not matter."""
-    from confluent_kafka import KafkaException
+@dataclass(frozen=True)
+class RebuildResult:
+    read: int  # committed transitions read
+    applied: int  # of those, newer than what Redis held
+    aborted: int  # transitions of aborted transactions, skipped
+    open_left: int  # transitions of transactions still open when the read stopped, skipped
 
-    from jobs.transitions_reader import committed_consumer
+
+def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: str, batch_size: int = 1000,
+                       open_wait_s: float = 30.0) -> RebuildResult:
+    """Replays every committed transition of the topic into the view.
+
+    Only committed ones: the topic is read with jobs.committed_log, which keeps a transactional
+    record only once its transaction's commit marker is read (librdkafka's read_committed returns
+    the records of aborted transactions on tansu, the local broker). A transaction still open at
+    the end of the topic is waited for up to `open_wait_s`: the job may be committing it right then,
+    and its transitions may have reached the Redis that was lost already.
+
+    Safe while the job runs: the job's sink and the rebuild both apply only committed transitions,
+    each only if its sequence is newer than what Redis holds, so neither order nor repeats matter."""
+    from jobs.committed_log import ReadSummary, committed_records
     from udfs.codec import SchemaCatalog
 
     codec = SchemaCatalog().codec("SegmentTransition")
-    consumer = committed_consumer(bootstrap_servers, topic)
+    summary = ReadSummary()
     read = applied = 0
     pending: list[tuple[str, str, str, int, int]] = []
-    try:
-        while True:
-            msg = consumer.poll(idle_s)
-            if msg is None:
-                break
-            if msg.error():
-                raise KafkaException(msg.error())
-            t = codec.decode(msg.value())
-            pending.append((t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]))
-            read += 1
-            if len(pending) >= batch_size:
-                applied += view.apply(pending)
-                pending = []
-        if pending:
+    for record in committed_records(bootstrap_servers, topic, open_wait_s=open_wait_s, summary=summary):
+        t = codec.decode(record.value)
+        pending.append((t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]))
+        read += 1
+        if len(pending) >= batch_size:
             applied += view.apply(pending)
-    finally:
-        consumer.close()
-    return read, applied
+            pending = []
+    if pending:
+        applied += view.apply(pending)
+    return RebuildResult(read, applied, summary.aborted, summary.open_left)

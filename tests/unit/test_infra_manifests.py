@@ -421,6 +421,19 @@ def test_dockerfile_takes_the_connector_jars_as_setup_does(dockerfile):
                 assert "shigawire" not in command, "the connector wheel must never be pip-installed"
 
 
+def test_dockerfile_builds_the_redis_view_sink_as_setup_does_into_the_jars_directory(dockerfile):
+    from jobs.redis_sink import SINK_JAR
+
+    runs = [arguments for keyword, arguments in dockerfile if keyword == "RUN"]
+    [build] = [run for run in runs if "infra/java/build.sh" in run]
+    assert build.split()[-1] == f"/jars/{SINK_JAR}"
+    assert "infra/java/build.sh" in (INFRA / "setup.sh").read_text() and SINK_JAR in (INFRA / "setup.sh").read_text()
+    copies = dockerfile_copies(dockerfile)
+    assert (["infra/java/"], "/build/infra/java/", False) in copies
+    jars_dir = dockerfile_env(dockerfile)["SEGMENTS_JARS_DIR"]
+    assert (["/jars/"], jars_dir + "/", True) in copies, "the sink jar must land where the job takes pipeline.jars from"
+
+
 def test_dockerfile_prepares_thread_mode(dockerfile):
     runs = " ".join(arguments for keyword, arguments in dockerfile if keyword == "RUN")
     assert re.search(r"cp /opt/flink/opt/flink-python-\S*\.jar /opt/flink/lib/", runs), "flink-python must be in lib/"

@@ -1,0 +1,64 @@
+package segments.redis;
+
+import java.util.ArrayList;
+import java.util.Collection;
+import java.util.Collections;
+import java.util.List;
+
+import org.apache.flink.api.connector.sink2.CommittingSinkWriter;
+import org.apache.flink.metrics.Counter;
+import org.apache.flink.metrics.groups.SinkWriterMetricGroup;
+import org.apache.flink.types.Row;
+
+/**
+ * First phase: keeps the transitions of the current checkpoint interval in memory and, at the
+ * checkpoint barrier, hands them over as one committable. Nothing is written to Redis here, and
+ * the writer needs no state of its own: what it held when the job failed belonged to a checkpoint
+ * that never completed, so the restored job makes those transitions again.
+ */
+final class RedisViewWriter implements CommittingSinkWriter<Row, TransitionBatch> {
+
+    private List<TransitionBatch.Entry> pending = new ArrayList<>();
+    private final Counter buffered;
+
+    RedisViewWriter(SinkWriterMetricGroup metrics) {
+        this.buffered = metrics.counter("redis_transitions_buffered");
+    }
+
+    @Override
+    public void write(Row row, Context context) {
+        // Fields read at once: with object reuse the row may be overwritten after this call.
+        String kind = (String) row.getField(2);
+        boolean enter;
+        if ("ENTER".equals(kind)) {
+            enter = true;
+        } else if ("EXIT".equals(kind)) {
+            enter = false;
+        } else {
+            throw new IllegalArgumentException("transition kind must be ENTER or EXIT, got " + kind);
+        }
+        pending.add(new TransitionBatch.Entry((String) row.getField(0), (String) row.getField(1), enter,
+                ((Number) row.getField(3)).longValue(), ((Number) row.getField(4)).longValue()));
+        buffered.inc();
+    }
+
+    @Override
+    public void flush(boolean endOfInput) {
+        // Nothing to flush: the transitions go out as the checkpoint's committable.
+    }
+
+    @Override
+    public Collection<TransitionBatch> prepareCommit() {
+        if (pending.isEmpty()) {
+            return Collections.emptyList();
+        }
+        TransitionBatch batch = new TransitionBatch(pending);
+        pending = new ArrayList<>();
+        return Collections.singletonList(batch);
+    }
+
+    @Override
+    public void close() {
+        pending = new ArrayList<>();
+    }
+}

@@ -1,0 +1,158 @@
+package segments.redis;
+
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.DataInputStream;
+import java.io.DataOutputStream;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.List;
+import java.util.Objects;
+
+import org.apache.flink.core.io.SimpleVersionedSerializer;
+
+/**
+ * The committable: the transitions one writer subtask made between two checkpoints, to be applied
+ * to Redis once the later checkpoint has completed. Immutable.
+ */
+public final class TransitionBatch {
+
+    /** One transition as the Redis view needs it. */
+    public static final class Entry {
+        final String userId;
+        final String segment;
+        final boolean enter;
+        final long sequence;
+        final long eventTime;
+
+        public Entry(String userId, String segment, boolean enter, long sequence, long eventTime) {
+            this.userId = Objects.requireNonNull(userId);
+            this.segment = Objects.requireNonNull(segment);
+            this.enter = enter;
+            this.sequence = sequence;
+            this.eventTime = eventTime;
+        }
+
+        @Override
+        public boolean equals(Object o) {
+            if (!(o instanceof Entry)) {
+                return false;
+            }
+            Entry e = (Entry) o;
+            return enter == e.enter && sequence == e.sequence && eventTime == e.eventTime
+                    && userId.equals(e.userId) && segment.equals(e.segment);
+        }
+
+        @Override
+        public int hashCode() {
+            return Objects.hash(userId, segment, enter, sequence, eventTime);
+        }
+
+        @Override
+        public String toString() {
+            return userId + " " + segment + " " + (enter ? "ENTER" : "EXIT") + " #" + sequence + " @" + eventTime;
+        }
+    }
+
+    final List<Entry> entries;
+
+    public TransitionBatch(List<Entry> entries) {
+        this.entries = Collections.unmodifiableList(new ArrayList<>(entries));
+    }
+
+    public List<Entry> entries() {
+        return entries;
+    }
+
+    @Override
+    public boolean equals(Object o) {
+        return o instanceof TransitionBatch && entries.equals(((TransitionBatch) o).entries);
+    }
+
+    @Override
+    public int hashCode() {
+        return entries.hashCode();
+    }
+
+    /** Short: Flink puts committables into log lines and exception messages. */
+    @Override
+    public String toString() {
+        return "TransitionBatch{" + entries.size() + " transitions"
+                + (entries.isEmpty() ? "" : ", first " + entries.get(0)) + "}";
+    }
+
+    /**
+     * Version 1: int count, then per entry: user id and segment (int length + UTF-8 bytes each),
+     * byte kind (1 ENTER, 0 EXIT), long sequence, long event time; big-endian (DataOutput).
+     * Committables live in checkpoints and savepoints: a change of layout needs a new version and
+     * this version kept readable.
+     */
+    public static final class Serializer implements SimpleVersionedSerializer<TransitionBatch> {
+        static final int VERSION = 1;
+
+        @Override
+        public int getVersion() {
+            return VERSION;
+        }
+
+        @Override
+        public byte[] serialize(TransitionBatch batch) throws IOException {
+            ByteArrayOutputStream bytes = new ByteArrayOutputStream(16 + batch.entries.size() * 48);
+            DataOutputStream out = new DataOutputStream(bytes);
+            out.writeInt(batch.entries.size());
+            for (Entry e : batch.entries) {
+                writeString(out, e.userId);
+                writeString(out, e.segment);
+                out.writeByte(e.enter ? 1 : 0);
+                out.writeLong(e.sequence);
+                out.writeLong(e.eventTime);
+            }
+            out.flush();
+            return bytes.toByteArray();
+        }
+
+        @Override
+        public TransitionBatch deserialize(int version, byte[] serialized) throws IOException {
+            if (version != VERSION) {
+                throw new IOException("unknown TransitionBatch version " + version + " (this code reads " + VERSION + ")");
+            }
+            DataInputStream in = new DataInputStream(new ByteArrayInputStream(serialized));
+            int count = in.readInt();
+            if (count < 0) {
+                throw new IOException("corrupt TransitionBatch: negative count");
+            }
+            List<Entry> entries = new ArrayList<>(Math.min(count, 1 << 16));
+            for (int i = 0; i < count; i++) {
+                String user = readString(in);
+                String segment = readString(in);
+                byte kind = in.readByte();
+                if (kind != 0 && kind != 1) {
+                    throw new IOException("corrupt TransitionBatch: kind byte " + kind);
+                }
+                entries.add(new Entry(user, segment, kind == 1, in.readLong(), in.readLong()));
+            }
+            if (in.available() != 0) {
+                throw new IOException("corrupt TransitionBatch: " + in.available() + " trailing bytes");
+            }
+            return new TransitionBatch(entries);
+        }
+
+        private static void writeString(DataOutputStream out, String s) throws IOException {
+            byte[] b = s.getBytes(StandardCharsets.UTF_8);
+            out.writeInt(b.length);
+            out.write(b);
+        }
+
+        private static String readString(DataInputStream in) throws IOException {
+            int n = in.readInt();
+            if (n < 0 || n > in.available()) {
+                throw new IOException("corrupt TransitionBatch: string length " + n);
+            }
+            byte[] b = new byte[n];
+            in.readFully(b);
+            return new String(b, StandardCharsets.UTF_8);
+        }
+    }
+}

@@ -1,0 +1,247 @@
+"""The Redis view sink's Java parts (infra/java, built by infra/setup.sh) driven through PyFlink's
+JVM gateway, as Flink drives them: the committable's serializer, the URL parsing, and the
+committer against a real redis-server (ordered by sequence, idempotent when committed again, the
+apply script reloaded after Redis forgot it, a password and a database, an unreachable Redis
+retried until the deadline and then failing the commit).
+
+The writer-to-committer path inside a running job (nothing in Redis before the checkpoint
+completes) is tests/e2e/test_redis_view.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra.stack import ManagedProcess, free_port, wait_for_port
+from jobs.redis_sink import SinkJarMissing, redis_view_sink, sink_jar
+from jobs.redis_view import RedisSegmentView
+from jobs.settings import load_settings
+
+pytestmark = pytest.mark.e2e
+
+SINK2 = "org.apache.flink.api.connector.sink2"
+
+
+@pytest.fixture(scope="module")
+def jvm():
+    from pyflink.java_gateway import get_gateway
+    from pyflink.util.java_utils import add_jars_to_context_class_loader
+
+    try:
+        jar = sink_jar(load_settings(environ={}))
+    except SinkJarMissing as err:
+        pytest.fail(str(err))
+    add_jars_to_context_class_loader([jar.as_uri()])
+    return get_gateway().jvm
+
+
+def batch(jvm, *entries):
+    Entry = jvm.segments.redis.TransitionBatch.Entry
+    items = jvm.java.util.ArrayList()
+    for user, segment, kind, sequence, event_time in entries:
+        items.add(Entry(user, segment, kind == "ENTER", sequence, event_time))
+    return jvm.segments.redis.TransitionBatch(items)
+
+
+def test_the_committable_survives_its_serializer_and_rejects_what_it_cannot_read(jvm):
+    from py4j.protocol import Py4JJavaError
+
+    serializer = jvm.segments.redis.TransitionBatch.Serializer()
+    original = batch(jvm, ("u1", "vip", "ENTER", 1_700_000_000_001, 1_700_000_000_000),
+                     ("üser-ß", "cart_holder", "EXIT", 2**62, -1), ("u2", "", "ENTER", 0, 0))
+    data = serializer.serialize(original)
+    assert serializer.getVersion() == 1
+    again = serializer.deserialize(1, data)
+    assert again.equals(original) and again.entries().size() == 3
+    assert str(again.entries().get(1)) == "üser-ß cart_holder EXIT #4611686018427387904 @-1"
+    empty = batch(jvm)
+    assert serializer.deserialize(1, serializer.serialize(empty)).equals(empty)
+    with pytest.raises(Py4JJavaError, match="unknown TransitionBatch version 2"):
+        serializer.deserialize(2, data)
+    with pytest.raises(Py4JJavaError, match="EOFException|corrupt"):
+        serializer.deserialize(1, bytes(data)[:-3])
+    with pytest.raises(Py4JJavaError, match="trailing bytes"):
+        serializer.deserialize(1, bytes(data) + b"\x00")
+    # Short in logs and exception messages (Flink prints committables there).
+    assert str(original).startswith("TransitionBatch{3 transitions, first u1 vip ENTER")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://127.0.0.1:6390/0", "redis://127.0.0.1:6390/0"),
+    ("redis://:s3cret@redis.example:7000/3", "redis://***@redis.example:7000/3"),
+    ("redis://app:p%40ss@redis.example/2", "redis://***@redis.example:6379/2"),
+    ("rediss://redis.example?password=s3cret&db=5", "rediss://***@redis.example:6379/5"),
+    ("redis://s3cret@redis.example", "redis://***@redis.example:6379/0"),
+])
+def test_redis_urls_are_read_as_redis_py_reads_them_and_printed_without_the_password(jvm, url, shown):
+    assert str(jvm.segments.redis.RedisEndpoint.parse(url)) == shown
+
+
+@pytest.mark.parametrize("url", ["unix:///var/run/redis.sock", "redis:///0", "redis://h:1/x", "not a url at all"])
+def test_urls_the_sink_cannot_use_are_refused_without_repeating_them(jvm, url):
+    from py4j.protocol import Py4JJavaError
+
+    with pytest.raises(Py4JJavaError) as raised:
+        jvm.segments.redis.RedisEndpoint.parse(url + "?password=s3cret")
+    assert "s3cret" not in str(raised.value.java_exception.getMessage())
+
+
+class CommitRequest:
+    """Committer.CommitRequest, as Flink's CommitRequestImpl behaves for what the committer calls."""
+
+    def __init__(self, committable):
+        self.committable = committable
+        self.outcome = "committed"
+
+    def getCommittable(self):  # noqa: N802 (Java names)
+        return self.committable
+
+    def getNumberOfRetries(self):  # noqa: N802
+        return 0
+
+    def signalFailedWithKnownReason(self, t):  # noqa: N802
+        self.outcome = f"failed (known): {t}"
+
+    def signalFailedWithUnknownReason(self, t):  # noqa: N802
+        self.outcome = f"failed: {t}"
+
+    def retryLater(self):  # noqa: N802
+        self.outcome = "retry"
+
+    def updateAndRetryLater(self, committable):  # noqa: N802
+        self.committable, self.outcome = committable, "retry"
+
+    def signalAlreadyCommitted(self):  # noqa: N802
+        self.outcome = "already committed"
+
+    class Java:
+        implements = [f"{SINK2}.Committer$CommitRequest"]
+
+
+class CommitterContext:
+    """CommitterInitContext: the committer asks it only for its metric group."""
+
+    def __init__(self, jvm):
+        self.group = jvm.org.apache.flink.runtime.metrics.groups.InternalSinkCommitterMetricGroup.wrap(
+            jvm.org.apache.flink.metrics.groups.UnregisteredMetricsGroup.createOperatorMetricGroup())
+
+    def metricGroup(self):  # noqa: N802
+        return self.group
+
+    class Java:
+        implements = [f"{SINK2}.CommitterInitContext"]
+
+
+def committer(jvm, redis_url: str, prefix: str = "t", retry_ms: int = 10_000):
+    settings = load_settings(environ={}, redis_url=redis_url, redis_key_prefix=prefix, redis_user_ttl_s=0,
+                             redis_retry_ms=retry_ms)
+    return redis_view_sink(settings).get_java_function().createCommitter(CommitterContext(jvm))
+
+
+def commit(committer_, *batches) -> list[CommitRequest]:
+    requests = [CommitRequest(b) for b in batches]
+    committer_.commit(requests)
+    return requests
+
+
+def test_the_committer_applies_by_sequence_and_a_second_commit_changes_nothing(jvm, redis_url):
+    c = committer(jvm, redis_url)
+    first = batch(jvm, ("u1", "vip", "ENTER", 1, 100), ("u1", "cart", "ENTER", 1, 100), ("u2", "vip", "ENTER", 5, 150))
+    # Out of order within and across committables: the newest sequence wins wherever it comes.
+    second = batch(jvm, ("u1", "vip", "EXIT", 2, 200), ("u2", "vip", "EXIT", 4, 140))
+    assert [r.outcome for r in commit(c, first, second)] == ["committed", "committed"]
+    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    assert view.segments_of("u1") == {"cart": (1, 100)} and view.segments_of("u2") == {"vip": (5, 150)}
+    assert view.members("vip") == {"u2"} and view.members("cart") == {"u1"}
+    before = {k: view.client.dump(k) for k in view.client.keys("t:*")}
+    commit(c, second, first)  # as after a restore: the restored checkpoint's committables again
+    assert {k: view.client.dump(k) for k in view.client.keys("t:*")} == before
+    c.close()
+
+
+def test_a_commit_after_redis_forgot_the_script_loads_it_and_applies_each_transition_once(jvm, redis_url):
+    c = committer(jvm, redis_url)
+    commit(c, batch(jvm, ("u0", "vip", "ENTER", 1, 100)))
+    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view.client.script_flush()
+    stats = view.client.info("commandstats")
+    evalsha_before = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    commit(c, batch(jvm, *[(f"u{i}", "vip", "ENTER", 1, 100) for i in range(1, 2500)]))  # three pipelines
+    assert view.members("vip") == {f"u{i}" for i in range(2500)}
+    stats = view.client.info("commandstats")
+    # 2,499 EVALSHAs, the first pipeline's 1,000 refused with NOSCRIPT and sent again after one load.
+    assert stats["cmdstat_evalsha"]["calls"] - evalsha_before == 2499 + 1000
+    assert stats.get("cmdstat_eval", {}).get("calls", 0) == 0
+    c.close()
+
+
+def test_the_committer_logs_in_with_a_password_and_selects_the_database(jvm, tmp_path):
+    port = free_port()
+    server = ManagedProcess("redis-auth", tmp_path)
+    server.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--requirepass", "s3cret word", "--dir", str(tmp_path)])
+    try:
+        wait_for_port(port, what="redis-server")
+        url = f"redis://:s3cret%20word@127.0.0.1:{port}/3"
+        commit(committer(jvm, url), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
+        assert RedisSegmentView(url, "t", ttl_s=0).members("vip") == {"u1"}
+        assert RedisSegmentView(f"redis://:s3cret%20word@127.0.0.1:{port}/0", "t", ttl_s=0).members("vip") == set()
+
+        from py4j.protocol import Py4JJavaError
+
+        # Wrong credentials are not retried: the commit fails at once (and the job fails over).
+        with pytest.raises(Py4JJavaError) as refused:
+            commit(committer(jvm, f"redis://:n0t-the-pass@127.0.0.1:{port}/3", retry_ms=60_000),
+                   batch(jvm, ("u1", "vip", "EXIT", 2, 200)))
+        assert "Redis refused the credentials" in str(refused.value)
+        assert "n0t-the-pass" not in str(refused.value)
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_redis_is_retried_until_the_deadline_then_the_commit_fails(jvm):
+    from py4j.protocol import Py4JJavaError
+
+    port = free_port()  # nothing listens there
+    c = committer(jvm, f"redis://:s3cret@127.0.0.1:{port}/0", retry_ms=1500)
+    with pytest.raises(Py4JJavaError) as failed:
+        commit(c, batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
+    message = str(failed.value.java_exception.getMessage())
+    assert "could not be written for 1500 ms" in message and "commits it again after the restore" in message
+    assert "s3cret" not in message and "***@127.0.0.1" in message
+
+
+def test_an_env_reference_keeps_the_url_out_of_the_job_and_is_read_where_the_committer_runs(jvm):
+    from py4j.protocol import Py4JJavaError
+
+    name = "SEGMENTS_TEST_NEVER_SET_REDIS_URL"
+    assert name not in os.environ
+    # Accepted on the client without the variable: only the committer's process reads it ...
+    sink = redis_view_sink(load_settings(environ={}, redis_url=f"env:{name}")).get_java_function()
+    assert "env:" not in str(sink)
+    # ... and there, an unset variable is named (the URL would not be).
+    with pytest.raises(Py4JJavaError, match=f"the Redis URL variable {name} is not set"):
+        sink.createCommitter(CommitterContext(jvm))
+
+
+def test_the_job_is_refused_on_the_client_when_the_sink_jar_was_not_built(tmp_path):
+    with pytest.raises(SinkJarMissing, match="run infra/setup.sh"):
+        sink_jar(load_settings(environ={}, jars_dir=str(tmp_path)))
+
+
+def test_the_sink_jar_builds_byte_for_byte_the_same_from_the_same_sources(tmp_path):
+    import hashlib
+    import os
+
+    import pyflink
+
+    lib = os.path.join(os.path.dirname(pyflink.__file__), "lib")
+    script = Path(__file__).resolve().parents[2] / "infra" / "java" / "build.sh"
+    digests = []
+    for name in ("a.jar", "b.jar"):
+        subprocess.run(["bash", str(script), lib, str(tmp_path / name)], check=True, capture_output=True)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
