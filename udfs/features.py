@@ -125,18 +125,25 @@ class WindowTotals:
         return self._categories
 
 
-def _window(p: UserProfile, h: Horizon, now: int) -> WindowTotals:
-    first = h.first_covered_ms(now)
-    slot = ("window", h.name)
-    totals = p.derived.get(slot)
-    if totals is None or totals.first != first:
-        ring = p.buckets.get(h.bucket_ms)
-        covered = [b for start, b in ring.items() if start >= first] if ring else []
-        totals = p.derived[slot] = WindowTotals(first, covered)
-        totals._lapse = min((start for start in ring if start >= first), default=None) if ring else None
-        if totals._lapse is not None:
-            totals._lapse = h.lapses_at(totals._lapse)
-    return totals
+def _window_of(h: Horizon) -> Callable[[UserProfile, int], WindowTotals]:
+    """`window(p, now)`: the horizon's WindowTotals at `now`, from `p.derived` while the state and
+    the first covered instant are the same (read ~20 times per evaluation: kept lean)."""
+    width, length, slot = h.bucket_ms, h.length_ms, ("window", h.name)
+
+    def window(p: UserProfile, now: int) -> WindowTotals:
+        first = now - now % width - length + width  # h.first_covered_ms(now)
+        totals = p.derived.get(slot)
+        if totals is None or totals.first != first:
+            ring = p.buckets.get(width)
+            if ring:
+                starts = [start for start in ring if start >= first]
+                totals = WindowTotals(first, [ring[start] for start in starts])
+                totals._lapse = min(starts) + length if starts else None  # starts are bucket starts
+            else:
+                totals = WindowTotals(first, [])
+            p.derived[slot] = totals
+        return totals
+    return window
 
 
 class FeatureCatalog:
@@ -189,30 +196,31 @@ class FeatureCatalog:
 
     def _windowed(self, h: Horizon) -> None:
         r, lapses, n = self.readers, self.lapses, h.name
+        _window = _window_of(h)
 
         def bucket_lapse(p: UserProfile, now: int) -> int | None:
-            return _window(p, h, now)._lapse
+            return _window(p, now)._lapse
 
         def count(kinds):
             index = None if len(kinds) == len(EVENT_TYPES) else EVENT_INDEX[kinds[0]]
-            return lambda p, t: _window(p, h, t).count(index)
+            return lambda p, t: _window(p, t).count(index)
 
         def spend(p, t):
-            return _window(p, h, t).spend()
+            return _window(p, t).spend()
 
         purchases = EVENT_INDEX["purchase"]
 
         def aov(p, t):
-            totals = _window(p, h, t)
+            totals = _window(p, t)
             orders = totals.count(purchases)
             return totals.spend() / orders if orders else None
 
         def category_views(p, t):
-            return dict(_window(p, h, t).category_views())
+            return dict(_window(p, t).category_views())
 
         def latest_covered(attribute: str):
             def covered(p: UserProfile, t: int) -> list[int]:
-                totals = _window(p, h, t)
+                totals = _window(p, t)
                 got = getattr(totals, attribute)
                 if got is None:
                     tracked = p.products_viewed if attribute == "_products" else p.categories_viewed
@@ -229,7 +237,7 @@ class FeatureCatalog:
             return lambda p, t: _earliest(h.lapses_at(v) for v in covered(p, t))
 
         def sessions_covered(p, t):
-            totals = _window(p, h, t)
+            totals = _window(p, t)
             if totals._sessions is None:
                 first = totals.first
                 totals._sessions = [s for s in (*p.named_sessions.values(), *p.derived_sessions) if s.end_ms >= first]
@@ -247,7 +255,7 @@ class FeatureCatalog:
         r[f"distinct_categories_viewed_{n}"] = distinct(categories)
         lapses[f"distinct_categories_viewed_{n}"] = distinct_lapse(categories)
         r[f"category_views_{n}"] = category_views
-        self.key_readers[f"category_views_{n}"] = lambda p, t, key: _window(p, h, t).category_views().get(key, 0)
+        self.key_readers[f"category_views_{n}"] = lambda p, t, key: _window(p, t).category_views().get(key, 0)
         r[f"spend_{n}"] = spend
         r[f"orders_{n}"] = count(("purchase",))
         r[f"aov_{n}"] = aov
