@@ -208,10 +208,15 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     for tracked in (profile.products_viewed, profile.categories_viewed):
         for item in [k for k, t in tracked.items() if t < cutoff]:
             del tracked[item]
-    live = lambda s: _session_visible(s, now, config)  # noqa: E731
-    for sid in [k for k, s in profile.named_sessions.items() if not live(s)]:
+    # _session_visible with the horizons' test taken out once: covered by some horizon = at or
+    # after `cutoff`.
+    gap_start, week_start = now - config.session_gap_ms, now - WEEK_MS
+    for sid in [k for k, s in profile.named_sessions.items()
+                if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)]:
         del profile.named_sessions[sid]
-    profile.derived_sessions = [s for s in profile.derived_sessions if live(s)]
+    if profile.derived_sessions:
+        profile.derived_sessions = [s for s in profile.derived_sessions
+                                    if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff]
     if profile.last_by_type:
         horizon = profile.last_event_ms - config.dedup_window_ms
         for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
