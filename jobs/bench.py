@@ -1184,6 +1184,12 @@ def figures(results: dict, checkpoint_interval_ms: int, cores: int) -> list[dict
     if floor:
         row("floor job (state, timer, model call; no logic), p1: events/s", floor["events_per_s"],
             fmt(floor["events_per_s"]), "", None, None, floor["error"] or "")
+    for part, what in (("floor-p1-no-model", "the model call"), ("floor-p1-no-timer", "the timer")):
+        without = tp.get(part)
+        if floor and without and floor.get("cpu_s_per_million_events") and without.get("cpu_s_per_million_events"):
+            cost = floor["cpu_s_per_million_events"] - without["cpu_s_per_million_events"]  # s per 1M = us per event
+            row(f"floor: {what}, CPU per event (floor - floor without it)", cost, fmt(cost, " us"), "", None, None,
+                f"without it {fmt(without['events_per_s'])} events/s")
     if job1 and floor and job1["events_per_s"] and floor["events_per_s"]:
         ratio = job1["events_per_s"] / floor["events_per_s"]
         row("job (p1) / floor", ratio, f"{ratio:.2f}x", ">= 0.6x", ">=", 0.6)
@@ -1361,6 +1367,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="give a run up when none of its markers has come for this long")
     for what in ("state", "throughput", "floor", "reference", "latency", "checkpoint"):
         p.add_argument(f"--skip-{what}", action="store_true", help=f"do not measure {what}")
+    p.add_argument("--floor-parts", action="store_true",
+                   help="also run the floor job without its model call and without its timer, to price each")
     p.add_argument("--json", help="results file (default: bench-results/<UTC timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
 
@@ -1406,9 +1414,13 @@ def run(args) -> int:
                     {"parallelism": p}, args.stall_seconds, True, interval)))
             if not args.skip_floor:
                 state_bytes = int(results["state"]["state_bytes_mean"]) if "state" in results else FLOOR_STATE_BYTES
-                runs.append(asdict(measure_throughput(
-                    stack, work, "floor-p1", floor_argv(args.config, state_bytes), 1, "events-1", 1, count,
-                    {"parallelism": 1}, args.stall_seconds, False, interval)))
+                variants = [("floor-p1", ())]
+                if args.floor_parts:  # each part left out once: what it costs is the difference
+                    variants += [("floor-p1-no-model", ("--no-model",)), ("floor-p1-no-timer", ("--no-timer",))]
+                for name, flags in variants:
+                    runs.append(asdict(measure_throughput(
+                        stack, work, name, [*floor_argv(args.config, state_bytes), *flags], 1, "events-1", 1, count,
+                        {"parallelism": 1}, args.stall_seconds, False, interval)))
             if not args.skip_reference:
                 runs.append(asdict(measure_throughput(
                     stack, work, "reference", reference_argv(args.config), 1, "events-1", 1, count, {},

@@ -6,7 +6,7 @@ job's pattern: registered when none is pending, 10 minutes ahead, firing reads a
 state), and run the merged model session once; late events go to the dead letters as in the job.
 The bench prints the job against this floor.
 
-    python -m jobs.floor_job [--config FILE] --state-bytes N
+    python -m jobs.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ PENDING_DIGITS = 20  # the pending timer's instant, at the head of the state val
 
 
 class KeyedFloor(KeyedProcessFunction):
-    def __init__(self, settings: JobSettings, segmentation: Segmentation, state_bytes: int):
+    def __init__(self, settings: JobSettings, segmentation: Segmentation, state_bytes: int, model: bool = True,
+                 timer: bool = True):
         self.state_bytes = max(state_bytes, PENDING_DIGITS)
+        self.model, self.timer = model, timer  # the floor's parts, each left out to price it
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
         self.profile_config = settings.profile
@@ -48,7 +50,7 @@ class KeyedFloor(KeyedProcessFunction):
         self.files_dir = self.files.materialize()
         scorer = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
                                         self.files_dir / "models").engine().scorer
-        self.merged = None if scorer is None else scorer.merged
+        self.merged = None if scorer is None or not self.model else scorer.merged
         # A fixed row per distinct vector: the call's cost, not the features', is what is measured.
         self.vectors = {} if scorer is None else {
             key: [0.5] * len(model.vector.features) for key, model in self.merged.plan
@@ -67,7 +69,7 @@ class KeyedFloor(KeyedProcessFunction):
         pending = NO_TIMER if stored is None else int(stored[:PENDING_DIGITS])
         if self.merged is not None:
             self.merged.run(self.vectors)
-        if pending == NO_TIMER:
+        if pending == NO_TIMER and self.timer:
             pending = value[1] + TIMER_AHEAD_MS
             ctx.timer_service().register_event_time_timer(pending)
         self.state.update(f"{pending:0{PENDING_DIGITS}d}{self.filler}")
@@ -85,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The floor job of `segments bench`")
     parser.add_argument("--config")
     parser.add_argument("--state-bytes", type=int, required=True, help="size of the keyed state value")
+    parser.add_argument("--no-model", action="store_true", help="leave the model call out (to price it)")
+    parser.add_argument("--no-timer", action="store_true", help="leave the timer out (to price it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config)
     env = create_environment(settings)
-    attach_connectors(env, settings, lambda s, segmentation: KeyedFloor(s, segmentation, args.state_bytes))
+    attach_connectors(env, settings, lambda s, segmentation: KeyedFloor(
+        s, segmentation, args.state_bytes, model=not args.no_model, timer=not args.no_timer))
     env.execute(f"{settings.job_name}-floor")
 
 

@@ -232,3 +232,11 @@ def test_the_table_sets_the_job_against_its_floor_and_the_per_slot_and_cpu_targe
     assert rows["job-p1: CPU seconds per 1M events"]["value"] == pytest.approx(833.3, abs=0.1)
     assert rows["job-p1: CPU seconds per 1M events"]["verdict"] == "MISS"  # target <= 800 s
     assert rows["floor-p1: CPU seconds per 1M events"]["verdict"] == ""  # no target for the floor
+
+
+def test_each_part_of_the_floor_is_priced_by_the_run_without_it():
+    floor, no_model = _throughput("floor-p1", 2_000.0, 2_000.0), _throughput("floor-p1-no-model", 2_500.0, 2_500.0)
+    rows = {r["figure"]: r for r in figures({"throughput": [floor, no_model]}, checkpoint_interval_ms=5_000, cores=2)}
+    # 500 us of CPU per event with the call, 400 without it: the call costs 100 us per event.
+    assert rows["floor: the model call, CPU per event (floor - floor without it)"]["value"] == pytest.approx(100.0)
+    assert "floor: the timer, CPU per event (floor - floor without it)" not in rows  # not run
