@@ -270,12 +270,12 @@ class SegmentUsers(KeyedProcessFunction):
             return
         if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
-        yield from self._commit(ctx, profile, step, event.event_id)
+        yield from self._commit(ctx, user_id, profile, step, event.event_id)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
         profile = self._load_profile(user_id)
-        yield from self._commit(ctx, profile, self.engine.step_timer(user_id, profile, timestamp), None)
+        yield from self._commit(ctx, user_id, profile, self.engine.step_timer(user_id, profile, timestamp), None)
 
     def close(self):
         shutil.rmtree(self.files_dir, ignore_errors=True)
@@ -301,14 +301,13 @@ class SegmentUsers(KeyedProcessFunction):
                 cache.popitem(last=False)
         return profile
 
-    def _commit(self, ctx, profile: UserProfile, step: Step, cause_event_id: str | None):
+    def _commit(self, ctx, user_id: str, profile: UserProfile, step: Step, cause_event_id: str | None):
         if step.register_timer_ms is not None:
             ctx.timer_service().register_event_time_timer(step.register_timer_ms)
         if step.scores_skipped:
             self.scoring_skipped.inc(step.scores_skipped)
         if step.scores_out_of_range:
             self.scores_out_of_range.inc(step.scores_out_of_range)
-        user_id = ctx.get_current_key()
         if step.drop_state:  # the retention ran out: nothing of the user is kept
             if step.expired:
                 self.profiles_expired.inc()
@@ -320,9 +319,11 @@ class SegmentUsers(KeyedProcessFunction):
             if self.emit_profile_snapshots:
                 yield PROFILE_SNAPSHOTS, Row(user_id, cause_event_id, encoded)
         transitions = step.transitions
+        if not transitions:
+            return
+        self.transitions_out.inc(len(transitions))  # each inc() is a call into the JVM
         emitted_at = _now_ms()
         for t in transitions:
-            self.transitions_out.inc()
             self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
             yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
                       self.transitions.encode(t.to_record(emitted_at)))
