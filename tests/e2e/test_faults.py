@@ -17,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -54,6 +55,7 @@ WATERMARK_LAG_MS = 5 * 60_000
 OUT_OF_ORDER_MAX_MS = 2 * 60_000
 MAX_EVENT_BYTES = 4096
 BROKER_PAUSE_S = 30
+PACED_EVENTS_PER_S = 100
 # The traffic's seed: FAULT_SUITE_SEED=N runs the same faults over other traffic (not a SEGMENTS_
 # variable: those are the job's settings).
 SEED = int(os.environ.get("FAULT_SUITE_SEED", "21"))
@@ -162,6 +164,13 @@ class FaultRun:
                                   value=self.codec.encode(e.to_record()), **kw)
         assert self.producer.flush(60) == 0
 
+    def produce_paced(self, events, per_s: float) -> None:
+        """The events in batches of 10, `per_s` a second (a producer thread of its own)."""
+        started = time.monotonic()
+        for i in range(0, len(events), 10):
+            time.sleep(max(0.0, started + i / per_s - time.monotonic()))
+            self.produce_events(events[i:i + 10])
+
     def produce_raw(self, payloads, partition: int) -> None:
         for payload in payloads:
             self.producer.produce(self.topics["events"], value=payload, partition=partition)
@@ -259,9 +268,16 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
     run.kill_taskmanager()  # 1: while the first chunk is being worked through
     seen = caught_up()
 
-    send(chunks[1])
+    # The second chunk arrives over ~6 s while the TaskManager is killed, so the kill finds the job
+    # working: transitions in an open Kafka transaction (and, for the Redis sink, in its writer)
+    # that the restored job must drop and make again. A chunk sent at once would be worked through
+    # and committed before the first commit the test waits for, and the kill would find nothing.
+    sender = threading.Thread(target=run.produce_paced, args=(chunks[1], PACED_EVENTS_PER_S))
+    sender.start()
     run.wait_for_progress(seen)
     run.kill_taskmanager()  # 2: mid-chunk
+    sender.join()
+    sent.extend(chunks[1])
     caught_up()
 
     send(chunks[2][: len(chunks[2]) // 2])
