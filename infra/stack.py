@@ -171,7 +171,8 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
     """A Flink home of our own: PyFlink's scripts and jars, our conf, logs and pid files.
 
     flink-python goes into lib/ so PEMJA loads parent-first: thread mode on a standalone cluster
-    fails with NoSuchFieldException: loadedLibraryNames otherwise (see FINDINGS)."""
+    fails with NoSuchFieldException: loadedLibraryNames otherwise (PEMJA loading its native
+    library through the job's user class loader)."""
     home = flink_home(root)
     if home.exists():
         shutil.rmtree(home)

@@ -430,7 +430,7 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
 
 def python_worker_path() -> str:
     """What the embedded (thread-mode) interpreter needs on its path: the venv's packages (PEMJA
-    itself, see FINDINGS) and this project."""
+    itself: without them it fails with "No module named 'pemja'") and this project."""
     import site
 
     return os.pathsep.join([str(PROJECT_ROOT), *site.getsitepackages()])
