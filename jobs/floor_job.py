@@ -52,7 +52,7 @@ class KeyedFloor(KeyedProcessFunction):
                                         self.files_dir / "models").engine().scorer
         self.merged = None if scorer is None or not self.model else scorer.merged
         # A fixed row per distinct vector: the call's cost, not the features', is what is measured.
-        self.vectors = {} if scorer is None else {
+        self.vectors = {} if self.merged is None else {
             key: [0.5] * len(model.vector.features) for key, model in self.merged.plan
         }
         self.filler = "x" * (self.state_bytes - PENDING_DIGITS)
