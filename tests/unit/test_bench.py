@@ -240,3 +240,12 @@ def test_each_part_of_the_floor_is_priced_by_the_run_without_it():
     # 500 us of CPU per event with the call, 400 without it: the call costs 100 us per event.
     assert rows["floor: the model call, CPU per event (floor - floor without it)"]["value"] == pytest.approx(100.0)
     assert "floor: the timer, CPU per event (floor - floor without it)" not in rows  # not run
+
+
+def test_the_in_memory_core_is_set_against_its_targets_with_and_without_models():
+    state = {"users": 281, "days": 7.0, "events": 31_097, "core_us_per_event": 600.0, "cached_us_per_event": 400.0,
+             "core_events_per_s": 2_500.0, "no_models_events_per_s": 30_000.0, "timers_per_event": 0.65,
+             "state_bytes_mean": 1_800.0, "state_bytes_p99": 2_500, "state_bytes_max": 2_800}
+    rows = {r["figure"]: r for r in figures({"state": state}, checkpoint_interval_ms=5_000, cores=2)}
+    assert rows["in-memory core (per-user step, timers, state encode), 3 models: events/s"]["verdict"] == "MISS"
+    assert rows["in-memory core without the model segments and models: events/s"]["verdict"] == "pass"
