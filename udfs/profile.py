@@ -58,6 +58,12 @@ class Membership:
     since_ms: int
 
 
+# The key in `UserProfile.derived` of the state codec's encoded body (all of the state but the
+# clock and the pending timer; udfs/state.py): kept until the state changes, so a step that moved
+# only those two does not encode the rest again.
+ENCODED_BODY = "encoded_body"
+
+
 @dataclass(slots=True)
 class UserProfile:
     clock_ms: int = 0
@@ -91,6 +97,11 @@ class UserProfile:
     # totals), computed once and kept until the state changes: `apply_event` and `prune` clear
     # it. Several features read each of them at every evaluation instant.
     derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def body_changed(self) -> None:
+        """Memberships or scores changed: the encoded body no longer holds (`apply_event` and
+        `prune`, which change the rest, clear every derived value)."""
+        self.derived.pop(ENCODED_BODY, None)
 
     def reset(self) -> None:
         """Back to an empty profile (the retention ran out), in place: callers hold this object."""
@@ -197,30 +208,39 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     if now - profile.pruned_at_ms < PRUNE_EVERY_MS:
         return
     profile.pruned_at_ms = now
-    profile.derived.clear()
     horizons = config.horizons
+    forgotten = False  # the derived values (and the encoded body) hold until something is
     # A time is covered by some horizon iff it is at or after the earliest first-covered instant.
     for width, ring in profile.buckets.items():
         cutoff = min(h.first_covered_ms(now) for h in horizons if h.bucket_ms == width)
         for start in [s for s in ring if s < cutoff]:
             del ring[start]
+            forgotten = True
     cutoff = min(h.first_covered_ms(now) for h in horizons)
     for tracked in (profile.products_viewed, profile.categories_viewed):
         for item in [k for k, t in tracked.items() if t < cutoff]:
             del tracked[item]
+            forgotten = True
     # _session_visible with the horizons' test taken out once: covered by some horizon = at or
     # after `cutoff`.
     gap_start, week_start = now - config.session_gap_ms, now - WEEK_MS
     for sid in [k for k, s in profile.named_sessions.items()
                 if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)]:
         del profile.named_sessions[sid]
+        forgotten = True
     if profile.derived_sessions:
-        profile.derived_sessions = [s for s in profile.derived_sessions
-                                    if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff]
+        kept = [s for s in profile.derived_sessions
+                if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff]
+        if len(kept) != len(profile.derived_sessions):
+            profile.derived_sessions = kept
+            forgotten = True
     if profile.last_by_type:
         horizon = profile.last_event_ms - config.dedup_window_ms
         for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
             del profile.seen_event_ids[key]
+            forgotten = True
+    if forgotten:
+        profile.derived.clear()
 
 
 def _session_visible(session: Session, now: int, config: ProfileConfig) -> bool:

@@ -1,18 +1,24 @@
-"""The profile's keyed-state form, written on every event: a zstd frame (with a checksum) of a
-positional MessagePack array whose first item is the layout version (LAYOUT_VERSION below).
+"""The profile's keyed-state form, written on every step: a MessagePack array
+`[LAYOUT_VERSION, clock_ms, timer_ms, body, check]`, where `body` is a zstd frame (with its own
+checksum) of the rest of the profile as a positional MessagePack array and `check` a CRC-32 of the
+two instants beside it.
 
-Why not Avro any more: the profile is rewritten after every event, and fastavro's writer took
-~300 us for a week-old profile (~300 us to read back), half of the per-event cost of the whole
-core. The positional layout below costs ~130 us to write and ~100 us to read for the same profile, and the
-frame stays under 2 KB (mean, 7 days). MessagePack holds only plain values (no code, no class
-names), so a value decodes to the same profile in any Python release, and a damaged one is an
-error, never a profile. State written by earlier releases as Avro (plain, or in a zstd frame;
-schemas/user_profile_state.avsc and schemas/history) is still read, through schema resolution.
+Why the clock and the pending timer stand outside the frame: they are all that a timer step which
+finds nothing due changes (0.3 of them per event on generated traffic), so such a step rewrites
+them beside the body it encoded before (kept in `profile.derived` until the state changes; see
+`ENCODED_BODY`) instead of packing and compressing ~4 KB again. Why not Avro any more: the profile is
+rewritten after every step, and fastavro's writer took ~300 us for a week-old profile. MessagePack
+holds only plain values (no code, no class names), so a value decodes to the same profile in any
+Python release, and a damaged one is an error, never a profile. State written by earlier releases
+is still read: the layout of version 4 (one zstd frame of the whole array), and Avro (plain, or in
+a zstd frame; schemas/user_profile_state.avsc and schemas/history), through schema resolution.
 Changing the layout means a new version number and a reader for the old one, kept here."""
 
 from __future__ import annotations
 
+import struct
 import sys
+import zlib
 from array import array
 
 import msgpack
@@ -20,7 +26,7 @@ import zstandard
 
 from udfs.codec import MAGIC, AvroCodec, DecodeError
 from udfs.events import EVENT_TYPES
-from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
+from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
 
 _UNSIGNED = {1: "B", 2: "H", 4: "I"}  # array typecodes by item size
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -85,17 +91,20 @@ def _session(s: Session) -> dict:
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-LAYOUT_VERSION = 4  # the Avro schemas of earlier state were versions 1-3
+LAYOUT_VERSION = 5  # 4: the same items in one zstd frame; the Avro schemas of earlier state were 1-3
+BODY_ITEMS = 19
 
 
-def _layout(p: UserProfile) -> list:
+def _body(p: UserProfile) -> list:
+    """Everything but the clock and the pending timer, in the positions of version 4's layout
+    (which had the version at 0, the clock at 1 and the timer at 19)."""
     rings = []
     for width, ring in p.buckets.items():
         buckets = ring.values()
         rings.append([width, list(ring), [c for b in buckets for c in b.counts], [b.spend for b in buckets],
                       [b.category_views for b in buckets]])
     return [
-        LAYOUT_VERSION, p.clock_ms, p.sequence_base, p.last_by_type, rings, p.lifetime_spend, p.lifetime_orders,
+        p.sequence_base, p.last_by_type, rings, p.lifetime_spend, p.lifetime_orders,
         p.products_viewed, p.categories_viewed,
         {sid: (s.start_ms, s.end_ms, s.events) for sid, s in p.named_sessions.items()},
         [(s.start_ms, s.end_ms, s.events) for s in p.derived_sessions],
@@ -104,12 +113,19 @@ def _layout(p: UserProfile) -> list:
         p.cart_cleared_ms, p.decay_as_of_ms, p.engagement, p.affinity,
         list(p.seen_event_ids), list(p.seen_event_ids.values()),
         {name: (m.member, m.sequence, m.since_ms) for name, m in p.memberships.items()},
-        p.timer_ms, p.scores, p.scored_at_ms,
+        p.scores, p.scored_at_ms,
     ]
 
 
+_INSTANTS = struct.Struct("<q?q")
+
+
+def _instants_check(clock_ms: int, timer_ms: int | None) -> int:
+    return zlib.crc32(_INSTANTS.pack(clock_ms, timer_ms is None, timer_ms or 0))
+
+
 def _from_layout(v: list) -> UserProfile:
-    if not isinstance(v, list) or not v or v[0] != LAYOUT_VERSION or len(v) != 22:
+    if not isinstance(v, list) or not v or v[0] != 4 or len(v) != 22:
         shown = v[0] if isinstance(v, list) and v else type(v).__name__
         raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
     stride = len(EVENT_TYPES)
@@ -145,29 +161,60 @@ class ProfileStateCodec:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def encode(self, profile: UserProfile) -> bytes:
-        return self._compressor.compress(self._packer.pack(_layout(profile)))
+        body = profile.derived.get(ENCODED_BODY)
+        if body is None:
+            body = profile.derived[ENCODED_BODY] = self._compressor.compress(self._packer.pack(_body(profile)))
+        clock_ms, timer_ms = profile.clock_ms, profile.timer_ms
+        return self._packer.pack([LAYOUT_VERSION, clock_ms, timer_ms, body, _instants_check(clock_ms, timer_ms)])
 
     def decode(self, data: bytes | None) -> UserProfile:
         if data is None:
             return UserProfile()
         data = bytes(data)
-        if data[:4] == ZSTD_MAGIC:
-            try:
-                data = self._decompressor.decompress(data)
-            except zstandard.ZstdError as err:
-                raise DecodeError("undecodable", f"profile state: not a valid zstd frame ({err})") from None
+        if data[:4] == ZSTD_MAGIC:  # version 4, or Avro in a frame: state of earlier releases
+            data = self._decompress(data)
+            if data[:2] == MAGIC:
+                return self._from_avro(data)
+            return self._checked(_from_layout, self._unpack(data))
         if data[:2] == MAGIC:  # Avro single-object encoding: state of a release before the layout
             return self._from_avro(data)
+        return self._checked(self._from_current, self._unpack(data))
+
+    def _from_current(self, v: list) -> UserProfile:
+        if not isinstance(v, list) or len(v) != 5 or v[0] != LAYOUT_VERSION:
+            shown = v[0] if isinstance(v, list) and v else type(v).__name__
+            raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
+        _, clock_ms, timer_ms, body, check = v
+        if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
+            raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
+        items = self._unpack(self._decompress(body))
+        if not isinstance(items, list) or len(items) != BODY_ITEMS:
+            raise DecodeError("undecodable", "profile state: malformed body")
+        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])
+        profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
+        return profile
+
+    def _decompress(self, frame: bytes) -> bytes:
         try:
-            layout = msgpack.unpackb(data)
+            return self._decompressor.decompress(frame)
+        except zstandard.ZstdError as err:
+            raise DecodeError("undecodable", f"profile state: not a valid zstd frame ({err})") from None
+
+    @staticmethod
+    def _unpack(data: bytes):
+        try:
+            return msgpack.unpackb(data)
         except (ValueError, msgpack.UnpackException) as err:
             raise DecodeError("undecodable", f"profile state: not a MessagePack layout ({type(err).__name__})") \
                 from None
+
+    @staticmethod
+    def _checked(build, layout) -> UserProfile:
         try:
-            return _from_layout(layout)
+            return build(layout)
         except DecodeError:
             raise
-        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, struct.error) as err:
             raise DecodeError("undecodable", f"profile state: malformed layout ({type(err).__name__})") from None
 
     def avro(self, profile: UserProfile) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, Verdict, condition_features
 from udfs.events import UserEvent
-from udfs.profile import Membership, UserProfile, apply_event, is_duplicate, prune
+from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
 
@@ -132,8 +132,14 @@ class SegmentEngine:
         if pending is not None and pending <= time_ms:
             profile.timer_ms = None  # it has fired (timers fire in time order, so every earlier one too)
         had_events = bool(profile.last_by_type)
+        body = profile.derived.get(ENCODED_BODY)
         out, due = self._advance(user_id, profile, time_ms, self._take_memo(profile))
-        prune(profile, self.config)  # never changes a result, so `due` stands
+        if body is None or profile.derived.get(ENCODED_BODY) is not body:
+            # Never changes a result, so `due` stands. Left to the next step that changes the state
+            # anyway when this one changed only the clock and the timer: so the body encoded
+            # before is written again as it was (the size stays bounded: no step adds anything
+            # without pruning).
+            prune(profile, self.config)
         profile.next_change_memo = (self, profile.clock_ms, due)
         return self._finish(TIMER, profile, out, had_events)
 
@@ -231,6 +237,7 @@ class SegmentEngine:
         then read too; features do not depend on scores, so the cache stays valid."""
         profile.scores = ev.scores = dict(self.scorer(profile, ev.now, ev.feature))
         profile.scored_at_ms = ev.now
+        profile.body_changed()
 
     def rescore_due_ms(self, profile: UserProfile) -> int | None:
         """Scores are computed at every accepted event, and with `rescore_every` in the
@@ -299,6 +306,9 @@ class SegmentEngine:
             current = profile.memberships.get(name)
             if verdict.member != (current is not None and current.member):
                 changed.append((name, verdict))
+        if not changed:
+            return
+        profile.body_changed()
         # Exits first: a user moving between the tiers of a group leaves one before entering the next.
         changed.sort(key=lambda e: e[1] is not None and e[1].member)
         for name, verdict in changed:

@@ -1,8 +1,10 @@
-"""The profile's keyed-state form: a zstd frame of a versioned MessagePack layout, exact and compact;
-the Avro state of earlier releases (plain or in a frame) still read."""
+"""The profile's keyed-state form: a versioned MessagePack array of the clock, the pending timer and
+a zstd frame of the rest, exact and compact; a step that moved only the clock and the timer reuses
+the frame; the layout of version 4 and the Avro state of earlier releases still read."""
 
 from __future__ import annotations
 
+import heapq
 import json
 
 import msgpack
@@ -15,7 +17,7 @@ from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
-from udfs.profile import Bucket, CartOp, Membership, Session, UserProfile
+from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
 from udfs.shoppers import generate_events
 from udfs.state import LAYOUT_VERSION, ProfileStateCodec
 from udfs.transitions import SegmentEngine, replay_events
@@ -80,13 +82,70 @@ def test_an_empty_profile_round_trips(state_codec):
     assert state_codec.decode(state_codec.encode(UserProfile())) == UserProfile()
 
 
-def test_state_is_a_zstd_frame_of_a_messagepack_layout_led_by_its_version(state_codec):
-    profile = UserProfile(clock_ms=START_MS, products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)})
+def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_codec):
+    profile = UserProfile(clock_ms=START_MS, timer_ms=START_MS + 600_000,
+                          products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)})
     payload = state_codec.encode(profile)
-    layout = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(payload))
-    assert layout[0] == LAYOUT_VERSION == 4
-    assert layout[1] == START_MS and layout[7] == profile.products_viewed
-    assert len(payload) < len(msgpack.packb(layout)) * 0.7  # the repeated id prefixes and time stamps compress
+    version, clock, timer, body, check = msgpack.unpackb(payload)
+    assert version == LAYOUT_VERSION == 5
+    assert (clock, timer) == (START_MS, START_MS + 600_000) and isinstance(check, int)
+    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
+    assert items[5] == profile.products_viewed
+    assert len(body) < len(msgpack.packb(items)) * 0.7  # the repeated id prefixes and time stamps compress
+
+
+def _version_4(profile: UserProfile) -> bytes:
+    """State as the release before wrote it: one zstd frame of [4, clock, ..., timer, scores, scored_at]."""
+    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(
+        ProfileStateCodec(SchemaCatalog().codec("UserProfileState")).encode(profile))[3]))
+    layout = [4, profile.clock_ms, *items[:17], profile.timer_ms, *items[17:]]
+    return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(layout))
+
+
+def test_state_of_layout_version_4_is_still_read(state_codec):
+    profile = UserProfile(clock_ms=START_MS, timer_ms=START_MS + 5, products_viewed={"p-1": START_MS},
+                          memberships={"vip": Membership(True, 3, START_MS)}, scores={"churn_risk": 0.25},
+                          scored_at_ms=START_MS)
+    assert state_codec.decode(_version_4(profile)) == profile
+
+
+@pytest.mark.parametrize("field, value", [(1, START_MS + 1), (2, START_MS + 600_001), (2, None), (4, 0)])
+def test_a_damaged_clock_or_timer_is_a_decode_error(state_codec, field, value):
+    layout = msgpack.unpackb(state_codec.encode(UserProfile(clock_ms=START_MS, timer_ms=START_MS + 600_000)))
+    layout[field] = value
+    with pytest.raises(DecodeError, match="do not match their check"):
+        state_codec.decode(msgpack.packb(layout))
+
+
+def test_a_step_that_moved_only_the_clock_and_timer_reuses_the_encoded_body_and_every_state_reads_back(
+        state_codec):
+    """Generated traffic through the per-user step with its timers, as the job runs it: after every
+    step the state read back is the profile (a body kept past a change of the state would not be),
+    and the timer steps that found nothing due wrote the body they had before."""
+    day = 24 * 3_600_000
+    engine = SegmentEngine(basic_definitions())
+    events = list(generate_events(30, 11, START_MS, 2 * day))
+    profiles: dict[str, UserProfile] = {}
+    timers: list[tuple[int, str]] = []
+    reused = 0
+
+    def check(user_id: str, profile: UserProfile, step) -> None:
+        if step.register_timer_ms is not None:
+            heapq.heappush(timers, (step.register_timer_ms, user_id))
+        if not step.drop_state:
+            assert state_codec.decode(state_codec.encode(profile)) == profile
+
+    for event in events:
+        profile = profiles.setdefault(event.user_id, UserProfile())
+        check(event.user_id, profile, engine.step_event(event.user_id, profile, event))
+        while timers and timers[0][0] <= event.timestamp - 5_000:
+            due, user_id = heapq.heappop(timers)
+            profile = profiles[user_id]
+            body_before = profile.derived.get(ENCODED_BODY)
+            step = engine.step_timer(user_id, profile, due)
+            check(user_id, profile, step)
+            reused += body_before is not None and profile.derived.get(ENCODED_BODY) is body_before
+    assert reused > 0
 
 
 def test_plain_avro_state_written_before_compression_is_still_read(state_codec):
