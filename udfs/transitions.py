@@ -8,6 +8,7 @@ backtest and the reference loop all produce the same transitions from the same e
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +25,18 @@ RETENTION_RULE = "profile_retention_expired"
 TRANSITION_ID_NAMESPACE = uuid.UUID("6c1f3f0e-8a57-4f3b-9a34-5e4b8d0c2a11")
 
 
+_NAMESPACE_BYTES = TRANSITION_ID_NAMESPACE.bytes
+
+
 def transition_id(user_id: str, segment: str, sequence: int) -> str:
-    return str(uuid.uuid5(TRANSITION_ID_NAMESPACE, f"{user_id}\x1f{segment}\x1f{sequence}"))
+    """UUIDv5 (RFC 9562) of the user, segment and sequence in TRANSITION_ID_NAMESPACE: what
+    `str(uuid.uuid5(...))` gives, spelled out because that builds two UUID objects and costs
+    ~15 us in the keyed thread for each transition."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{user_id}\x1f{segment}\x1f{sequence}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC's variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from udfs.events import UserEvent
 from udfs.profile import UserProfile
 from udfs.profile_config import Horizon, ProfileConfig
 from udfs.shoppers import generate_events
-from udfs.transitions import SegmentEngine, Transition, replay_events, transition_id
+from udfs.transitions import TRANSITION_ID_NAMESPACE, SegmentEngine, Transition, replay_events, transition_id
 
 MINUTE = 60_000
 HOUR = 60 * MINUTE
@@ -247,6 +247,14 @@ def test_transition_id_is_deterministic_and_differs_across_sequence_user_and_seg
     assert uuid.UUID(a).version == 5
     assert len({a, transition_id("u1", "active_browser", 2), transition_id("u2", "active_browser", 1),
                 transition_id("u1", "cart_holder", 1)}) == 4
+
+
+@given(user_id=st.text(min_size=1, max_size=40), segment=st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True),
+       sequence=st.integers(1, 2**62))
+def test_transition_id_is_the_uuid5_of_user_segment_and_sequence(user_id, segment, sequence):
+    """The id published since the first release: spelled out for speed, it must stay the same."""
+    name = f"{user_id}\x1f{segment}\x1f{sequence}"
+    assert transition_id(user_id, segment, sequence) == str(uuid.uuid5(TRANSITION_ID_NAMESPACE, name))
 
 
 def test_replaying_the_same_events_gives_the_same_transition_ids():
