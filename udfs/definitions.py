@@ -87,6 +87,13 @@ class Segment:
     def dwell_rule(self) -> str:
         return f"min_dwell {self.min_dwell_ms} ms"
 
+    @cached_property
+    def leaves_rule(self) -> tuple[str, Condition]:
+        """The rule and condition a member leaves by."""
+        if self.exit is not None:
+            return self.exit.text, self.exit
+        return f"not ({self.enter.text})", self.enter
+
     def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
         if self.exit is not None:
             return self.exit.holds(ev), self.exit.text, self.exit
@@ -124,9 +131,49 @@ class DefinitionSet:
             for group, segments in self._plan
         )
 
+        # The same walk for changes(), a single segment's parts taken out once: (None, name, min
+        # dwell, enter test, exit test or None, the Verdict of entering, the Verdict of leaving).
+        self._diff_plan = tuple(
+            (group, None, 0, None, None, None, None) if group is not None else
+            (None, s.name, s.min_dwell_ms, s.enter.holds, s.exit.holds if s.exit is not None else None,
+             Verdict(True, s.enter.text, s.enter), Verdict(False, *s.leaves_rule))
+            for group, segments in self._plan for s in segments[:1]
+        )
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.segments)
+
+    def changes(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> list[tuple[str, Verdict | None]]:
+        """The segments whose membership at `ev.now` differs from `memberships`, with the verdict
+        that decided each (as `decide` gives it), in evaluation order after the members of
+        segments no longer defined (verdict None); `ev.members` gets every segment's membership.
+        What a step needs of `decide`, without a verdict for each unchanged segment."""
+        out: list[tuple[str, Verdict | None]] = [
+            (name, None) for name, m in memberships.items() if m.member and name not in self.segments
+        ]
+        members, now = ev.members, ev.now
+        for group, name, min_dwell_ms, enter, leave, entered, left in self._diff_plan:
+            if group is None:
+                current = memberships.get(name)
+                if current is not None and current.member:
+                    if now < current.since_ms + min_dwell_ms or not (leave(ev) if leave else not enter(ev)):
+                        members[name] = True
+                    else:
+                        members[name] = False
+                        out.append((name, left))
+                elif enter(ev):
+                    members[name] = True
+                    out.append((name, entered))
+                else:
+                    members[name] = False
+            else:
+                for name, verdict in self._decide_group(group, ev, memberships).items():
+                    members[name] = verdict.member
+                    current = memberships.get(name)
+                    if verdict.member != (current is not None and current.member):
+                        out.append((name, verdict))
+        return out
 
     def decide(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict[str, Verdict]:
         """Every segment's membership at `ev.now`, given the memberships before it."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from udfs.conditions import Evaluation
-from udfs.definitions import REMOVED_RULE, DefinitionSet, Verdict, condition_features
+from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features
 from udfs.events import UserEvent
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
 
@@ -309,14 +309,7 @@ class SegmentEngine:
     ) -> None:
         self._latest = ev
         now_ms = ev.now
-        verdicts = self.definitions.decide(ev, profile.memberships)
-        changed: list[tuple[str, Verdict | None]] = [
-            (name, None) for name, m in profile.memberships.items() if m.member and name not in verdicts
-        ]
-        for name, verdict in verdicts.items():
-            current = profile.memberships.get(name)
-            if verdict.member != (current is not None and current.member):
-                changed.append((name, verdict))
+        changed = self.definitions.changes(ev, profile.memberships)
         if not changed:
             return
         profile.body_changed()
