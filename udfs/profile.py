@@ -149,9 +149,14 @@ def event_id_hash(event_id: str) -> int:
 def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) -> bool:
     """The window is measured back from the latest accepted event, not from the clock: timers
     move the clock as the watermark allows, and a resend must not count or not depending on
-    when the watermark happened to fire them."""
+    when the watermark happened to fire them. Only within a lifetime: an event at or after
+    `last + retention` starts a new one whatever its id (and whether or not the retention timer
+    has fired yet, so the job and the backtest agree)."""
     seen_at = profile.seen_event_ids.get(event_id_hash(event.event_id))
-    return seen_at is not None and seen_at > profile.last_event_ms - config.dedup_window_ms
+    if seen_at is None:
+        return False
+    last = profile.last_event_ms
+    return seen_at > last - config.dedup_window_ms and event.timestamp < last + config.retention_ms
 
 
 def decay(value: float, elapsed_ms: int, half_life_ms: int) -> float:

@@ -7,11 +7,9 @@ are never reached, so the spec's exactness claim applies). Nothing here calls pr
 code; only the data types and the config are imported.
 
 Readings taken where the spec is not explicit (also listed in the test module's docstring):
-  * Dedup is decided first, with the clock as it was when the event arrived, against the accepted
-    events of the *current* lifetime; only an accepted event can then trigger the retention reset
-    (an event with time >= last_event + retention first drops the old lifetime, then starts a new
-    one). So a resend whose new timestamp lies past the retention horizon is still a duplicate if
-    the original is within the dedup window of the arrival clock.
+  * Dedup looks only within a lifetime (README, issue 16): an event with time >= last_event +
+    retention drops the old lifetime and starts a new one whatever its id; any other event is a
+    duplicate when an accepted event of the current lifetime has its id within the dedup window.
   * After any step, if the clock >= last_event + retention the lifetime is dropped. The clock is
     never reset (it never goes back).
   * product_view events without product_id / category do not count in distinct_* /
@@ -89,7 +87,7 @@ def replay(steps: list[Step], config: ProfileConfig) -> Replay:
             expire_if_due()
             continue
         e = step
-        if life and any(
+        if life and e.timestamp < last_event() + config.retention_ms and any(
             a.event.event_id == e.event_id and a.t > last_event() - config.dedup_window_ms for a in life
         ):
             duplicates += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SchemaCatalog
@@ -119,3 +121,25 @@ def test_a_duplicate_changes_nothing_not_even_the_clock():
     assert e.on_event("u", p, UserEvent("a", "u", "purchase", T0 + MINUTE_MS, price=10.0)) == []
     assert p.clock_ms == T0
     assert e.features(p, p.clock_ms) == before
+
+
+@pytest.mark.parametrize("days_later", [90, 91])
+def test_an_event_id_of_an_expired_lifetime_starts_a_new_lifetime_not_a_duplicate(days_later):
+    """Issue 16: `when: ms_since_last_event < 10m`, id `a` at T0 and `a` again 90 or 91 days
+    later (the default retention is 90 days), whether or not the retention timer fired between."""
+    from udfs.definitions import parse_definitions
+
+    definitions = parse_definitions("version: v\nsegments:\n  - name: active\n    when: ms_since_last_event < 10m\n")
+    again = T0 + days_later * DAY_MS
+    for timer_fired_first in (False, True):
+        e, p = SegmentEngine(definitions), UserProfile()
+        out = e.step_event("u", p, UserEvent("a", "u", "page_view", T0)).transitions
+        if timer_fired_first:
+            while p.timer_ms is not None and p.timer_ms <= again - 1:
+                out += e.step_timer("u", p, p.timer_ms).transitions
+        step = e.step_event("u", p, UserEvent("a", "u", "page_view", again))
+        out += step.transitions
+        assert step.outcome == "applied"
+        assert [(t.kind, t.event_time, t.cause) for t in out] == [
+            ("ENTER", T0, "EVENT"), ("EXIT", T0 + 10 * MINUTE_MS, "TIMER"), ("ENTER", again, "EVENT")]
+        assert out[2].sequence == again * 1000 + 1  # the new lifetime's sequences
