@@ -62,7 +62,7 @@ class KeyedFloor(KeyedProcessFunction):
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         # The job's lateness check, which is also how the bench's end markers come out.
         if value[1] < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
-            yield LATE_EVENTS, dead_letter_row(self.dead_letters, value[3], value[4], value[5], value[6], "late",
+            yield LATE_EVENTS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], "late",
                                             "behind the watermark", self.max_event_bytes)
             return
         stored = self.state.value()

@@ -11,15 +11,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import START_MS
 from udfs.codec import DecodeError
-from udfs.events import (
-    EVENT_TYPES,
-    MAX_ID_LENGTH,
-    MIN_EVENT_TIME_MS,
-    UserEvent,
-    event_from_record,
-    pack_event,
-    unpack_event,
-)
+from udfs.events import EVENT_TYPES, MAX_ID_LENGTH, MIN_EVENT_TIME_MS, UserEvent, event_from_record
 
 NOW = START_MS
 MAX_FUTURE = 24 * 3600 * 1000
@@ -182,19 +174,3 @@ valid_records = st.fixed_dictionaries(
 @given(record=valid_records)
 def test_every_valid_record_is_accepted_and_round_trips(record):
     assert accept(record).to_record() == record
-
-
-optional_text = st.none() | st.text(max_size=40)
-events = st.builds(
-    UserEvent, st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40), st.sampled_from(EVENT_TYPES),
-    st.integers(MIN_EVENT_TIME_MS, 2**62), optional_text, optional_text, optional_text,
-    st.none() | st.floats(min_value=0, allow_infinity=False), st.none() | st.integers(1, 2**31 - 1), optional_text,
-    st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=3),
-)
-
-
-@given(event=events)
-def test_an_event_packed_by_the_decode_operator_is_the_same_event_in_the_keyed_function(event):
-    unpacked = unpack_event(pack_event(event))
-    assert unpacked == event
-    assert [type(getattr(unpacked, f)) for f in ("price", "quantity")] == [type(event.price), type(event.quantity)]
