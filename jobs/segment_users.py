@@ -18,13 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyflink.common import Configuration, Duration, Row, Types, WatermarkStrategy
-from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import (
     DataStream,
     KeyedProcessFunction,
-    KeySelector,
     OutputTag,
-    ProcessFunction,
     RuntimeContext,
     StreamExecutionEnvironment,
 )
@@ -34,7 +31,7 @@ from pyflink.table.expressions import col
 
 from jobs.settings import JobSettings, load_settings
 from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
-from udfs.events import event_from_record
+from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
@@ -49,19 +46,21 @@ RAW_RECORD = Types.ROW_NAMED(
     ["payload", "src_topic", "src_partition", "src_offset"],
     [BYTES, Types.STRING(), Types.INT(), Types.LONG()],
 )
-# What crosses the network between decode and the keyed function: the validated Avro bytes are
-# decoded again there (~10 us) rather than shipping a 12-field Row through PyFlink's coders.
-VALID_EVENT = Types.ROW_NAMED(
+# What the keyed function gets: the record with the user id and event time that the Java keying
+# operator read from it (infra/java, segments.events.UserEventKeys; event_time Long.MIN_VALUE when
+# unknown), and KEYED_EVENT, the (key, record) rows PyFlink's key_by hands a keyed function.
+RAW_EVENT = Types.ROW_NAMED(
     ["user_id", "event_time", "payload", "src_topic", "src_partition", "src_offset"],
     [Types.STRING(), Types.LONG(), BYTES, Types.STRING(), Types.INT(), Types.LONG()],
 )
+KEYED_EVENT = Types.ROW([Types.STRING(), RAW_EVENT])
+USER_EVENT_KEYS_CLASS = "segments.events.UserEventKeys"
 KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
 TRANSITION_RECORD = Types.ROW_NAMED(
     ["user_id", "segment", "kind", "sequence", "event_time", "payload"],
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES],
 )
-DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)
-LATE_EVENTS = OutputTag("late-events", KEYED_RECORD)
+DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)  # undecodable, invalid and late events
 # A user's state after every event (with its id) and timer (id None), when the settings enable it.
 PROFILE_SNAPSHOT = Types.ROW_NAMED(["user_id", "cause_event_id", "payload"], [Types.STRING(), Types.STRING(), BYTES])
 PROFILE_SNAPSHOTS = OutputTag("profile-snapshots", PROFILE_SNAPSHOT)
@@ -74,7 +73,7 @@ class Operator:
 
 
 # Stable uids: savepoints map state to operators by these; never change one without a migration.
-DECODE = Operator("Decode user events", "decode-user-events")
+DECODE = Operator("Decode user events", "decode-user-events")  # reads key and time; the keyed function checks
 EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
 SEGMENT = Operator("Segment users", "segment-users")
 # The Redis view's two-phase-commit sink (its writer and committer; jobs/redis_sink.py).
@@ -82,7 +81,7 @@ REDIS_VIEW = Operator("Redis view", "redis-view")
 PROFILE_STATE = "user-profile"
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
@@ -97,7 +96,7 @@ def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, messag
         "source_offset": -1 if offset is None else offset,
         "reason": reason,
         "message": message,
-        "detected_at": _now_ms(),
+        "detected_at": now_ms(),
     }
     return Row(None, dlq_codec.encode(record))
 
@@ -150,52 +149,6 @@ class LatencyMetrics:
             self.max.update(int(self.histogram.max_us))
 
 
-class DecodeUserEvent(ProcessFunction):
-    """Raw Kafka value -> validated event (keyed by user) or a dead letter with its reason."""
-
-    def __init__(self, max_event_bytes: int, max_future_ms: int):
-        self.max_event_bytes = max_event_bytes
-        self.max_future_ms = max_future_ms
-        self.schemas = ShippedFiles({"schemas": SCHEMAS_DIR})
-
-    def open(self, runtime_context: RuntimeContext):
-        self.files_dir = self.schemas.materialize()
-        catalog = SchemaCatalog(self.files_dir / "schemas")
-        self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
-        self.dead_letters = catalog.codec("DeadLetter")
-        metrics = runtime_context.get_metrics_group()
-        self.events_in = metrics.counter("events_in")
-        self.dead_letters_out = metrics.counter("dead_letters")
-
-    def process_element(self, value, ctx):
-        payload, topic, partition, offset = value[0], value[1], value[2], value[3]
-        self.events_in.inc()
-        try:
-            record = self.events.decode(payload)
-            event = event_from_record(record, _now_ms(), self.max_future_ms)
-        except DecodeError as err:
-            self.dead_letters_out.inc()
-            yield DEAD_LETTERS, dead_letter_row(
-                self.dead_letters, payload, topic, partition, offset, err.reason, err.message,
-                self.max_event_bytes,
-            )
-            return
-        yield Row(event.user_id, event.timestamp, payload, topic, partition, offset)
-
-    def close(self):
-        shutil.rmtree(self.files_dir, ignore_errors=True)
-
-
-class EventTimeOf(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp: int) -> int:
-        return value[1]
-
-
-class UserIdOf(KeySelector):
-    def get_key(self, value):
-        return value[0]
-
-
 class SegmentUsers(KeyedProcessFunction):
     """Holds each user's profile and emits a transition whenever a membership changes, on an
     event or when event time passes a point where a condition lapses (one timer per user, which
@@ -204,6 +157,7 @@ class SegmentUsers(KeyedProcessFunction):
     def __init__(self, settings: JobSettings, segmentation: Segmentation):
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
+        self.max_future_ms = settings.max_future_ms
         # The definitions travel as the file's text (checked on the client before submission)
         # and are compiled again in open(): compiled closures are not shipped.
         self.definitions_text = segmentation.definitions.text
@@ -219,7 +173,7 @@ class SegmentUsers(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
         catalog = SchemaCatalog(self.files_dir / "schemas")
-        self.events = catalog.codec("UserEvent")
+        self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
         self.transitions = catalog.codec("SegmentTransition")
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
@@ -235,6 +189,7 @@ class SegmentUsers(KeyedProcessFunction):
         # new instance, so an entry can never be stale; it only saves the decode.
         self.profile_cache: OrderedDict[str, UserProfile] = OrderedDict()
         metrics = runtime_context.get_metrics_group()
+        self.dead_letters_out = metrics.counter("dead_letters")
         self.late_events = metrics.counter("late_events")
         self.duplicate_events = metrics.counter("duplicate_events")
         self.profiles_expired = metrics.counter("profiles_expired")
@@ -251,18 +206,22 @@ class SegmentUsers(KeyedProcessFunction):
                                   else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency))
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        user_id, event_time = value[0], value[1]
-        late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
-        if event_time < late_before:  # before decoding: a late event costs no decode
-            self.late_events.inc()
-            yield LATE_EVENTS, dead_letter_row(
-                self.dead_letters, value[2], value[3], value[4], value[5], "late",
-                f"event time {event_time} is more than {self.allowed_lateness_ms} ms behind "
-                f"the watermark {late_before + self.allowed_lateness_ms}",
-                self.max_event_bytes,
-            )
+        user_id, payload = value[0], value[2]
+        try:
+            event = event_from_record(self.events.decode(payload), now_ms(), self.max_future_ms)
+            if event.user_id != user_id:  # the Java keying could not read it the way Avro does
+                raise DecodeError("undecodable", "user_id is not valid UTF-8")
+        except DecodeError as err:
+            self.dead_letters_out.inc()
+            yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
             return
-        event = event_from_record(self.events.decode(value[2]), sys.maxsize, 0)
+        late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
+        if event.timestamp < late_before:
+            self.late_events.inc()
+            yield DEAD_LETTERS, self._dead_letter(
+                value, "late", f"event time {event.timestamp} is more than {self.allowed_lateness_ms} ms behind "
+                f"the watermark {late_before + self.allowed_lateness_ms}")
+            return
         profile = self._load_profile(user_id)
         step = self.engine.step_event(user_id, profile, event)
         if step.outcome == DUPLICATE:
@@ -271,6 +230,10 @@ class SegmentUsers(KeyedProcessFunction):
         if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
         yield from self._commit(ctx, user_id, profile, step, event.event_id)
+
+    def _dead_letter(self, value, reason: str, message: str) -> Row:
+        return dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], reason, message,
+                               self.max_event_bytes)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
@@ -322,7 +285,7 @@ class SegmentUsers(KeyedProcessFunction):
         if not transitions:
             return
         self.transitions_out.inc(len(transitions))  # each inc() is a call into the JVM
-        emitted_at = _now_ms()
+        emitted_at = now_ms()
         for t in transitions:
             self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
             yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
@@ -337,28 +300,38 @@ class PipelineOutputs:
 
 
 def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_function=None) -> PipelineOutputs:
-    """`raw_records` must run at `settings.parallelism`, like every operator up to key_by: then
-    each connection is forward and a partition's order (which keeps a user's events in order,
-    producers key by user) survives to the keyed function (`SegmentUsers`, or what
-    `keyed_function(settings, segmentation)` builds: the bench's floor job). PyFlink expands the Python timestamp
-    assigner into operators at the default parallelism, so a mismatch there would reorder events.
-    """
-    decoded = (
-        raw_records.process(
-            DecodeUserEvent(settings.max_event_bytes, settings.max_future_ms), output_type=VALID_EVENT
-        )
+    """`raw_records` (RAW_RECORD rows) must run at `settings.parallelism`, like every operator up to
+    key_by: then each connection is forward and a partition's order (which keeps a user's events in
+    order, producers key by user) survives to the keyed function (`SegmentUsers`, or what
+    `keyed_function(settings, segmentation)` builds: the bench's floor job). Up to key_by all of it
+    is Java (UserEventKeys, Flink's watermark generator, PyFlink's selector of (key, value) rows),
+    so the keyed function is the only Python under its TaskManager's interpreter lock."""
+    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.java_gateway import get_gateway
+
+    from jobs.java_operators import java_class
+
+    gateway = get_gateway()
+    keys_class = java_class(settings, USER_EVENT_KEYS_CLASS)
+    header = SchemaCatalog().codec("UserEvent").header
+    j_keyed_events = (
+        raw_records._j_data_stream.process(
+            keys_class(header, MIN_EVENT_TIME_MS, settings.max_future_ms, settings.max_event_bytes),
+            KEYED_EVENT.get_java_type_info())
         .name(DECODE.name)
         .uid(DECODE.uid)
     )
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
     if settings.idle_timeout_ms:
         watermarks = watermarks.with_idleness(Duration.of_millis(settings.idle_timeout_ms))
-    watermarks = watermarks.with_timestamp_assigner(EventTimeOf())
-    timed = (
-        decoded.assign_timestamps_and_watermarks(watermarks)
+    j_timed = (
+        j_keyed_events.assignTimestampsAndWatermarks(
+            watermarks._j_watermark_strategy.withTimestampAssigner(keys_class.EventTime()))
         .name(EVENT_TIME.name)
         .uid(EVENT_TIME.uid)
     )
+    j_keyed = j_timed.keyBy(gateway.jvm.KeyByKeySelector(), Types.ROW([Types.STRING()]).get_java_type_info())
+    keyed = KeyedStream(j_keyed, RAW_EVENT, DataStream(j_timed))
     # Definitions and models checked here, before anything is submitted or consumed.
     segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
     definitions = segmentation.definitions
@@ -366,16 +339,14 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
              definitions.version, definitions.sha256[:12], len(definitions.segments),
              segmentation.registry.version if segmentation.registry else "none")
     transitions = (
-        timed.key_by(UserIdOf(), key_type=Types.STRING())
-        .process((keyed_function or SegmentUsers)(settings, segmentation), output_type=TRANSITION_RECORD)
+        keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=TRANSITION_RECORD)
         .name(SEGMENT.name)
         .uid(SEGMENT.uid)
         .set_parallelism(settings.segment_parallelism or settings.parallelism)
     )
-    dead_letters = decoded.get_side_output(DEAD_LETTERS).union(transitions.get_side_output(LATE_EVENTS))
     return PipelineOutputs(
         transitions=transitions,
-        dead_letters=dead_letters,
+        dead_letters=transitions.get_side_output(DEAD_LETTERS),
         profile_snapshots=transitions.get_side_output(PROFILE_SNAPSHOTS),
     )
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Redis view sink (infra/java/src/segments/redis) into one jar, reproducibly: compiled
+# Builds the project's Java operators (infra/java/src/segments: the Redis view sink, the keying of
+# raw user events) into one jar, reproducibly: compiled
 # with javac against the Flink jars in FLINK_LIB (nothing else is needed: Flink's own API, slf4j),
 # packaged with `jar` with fixed entry times, sorted entries and no manifest, so the same sources
 # and JDK give the same bytes.
@@ -11,7 +12,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LIB="$1"
 OUT="$2"
-command -v javac >/dev/null || { echo "javac (a JDK 17) is required to build the Redis sink" >&2; exit 1; }
+command -v javac >/dev/null || { echo "javac (a JDK 17) is required to build the Java operators" >&2; exit 1; }
 compgen -G "$LIB/flink-dist*.jar" >/dev/null || { echo "no flink-dist jar in $LIB" >&2; exit 1; }
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

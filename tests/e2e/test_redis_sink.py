@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from infra.stack import ManagedProcess, free_port, wait_for_port
-from jobs.redis_sink import SinkJarMissing, redis_view_sink, sink_jar
+from jobs.java_operators import OperatorsJarMissing, operators_jar
+from jobs.redis_sink import redis_view_sink
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 
@@ -38,8 +39,8 @@ def jvm():
     os.environ["PYTHONPATH"] = python_worker_path()
 
     try:
-        jar = sink_jar(load_settings(environ={}))
-    except SinkJarMissing as err:
+        jar = operators_jar(load_settings(environ={}))
+    except OperatorsJarMissing as err:
         pytest.fail(str(err))
     add_jars_to_context_class_loader([jar.as_uri()])
     return get_gateway().jvm
@@ -234,12 +235,12 @@ def test_an_env_reference_keeps_the_url_out_of_the_job_and_is_read_where_the_com
         sink.createCommitter(CommitterContext(jvm))
 
 
-def test_the_job_is_refused_on_the_client_when_the_sink_jar_was_not_built(tmp_path):
-    with pytest.raises(SinkJarMissing, match="run infra/setup.sh"):
-        sink_jar(load_settings(environ={}, jars_dir=str(tmp_path)))
+def test_the_job_is_refused_on_the_client_when_the_operators_jar_was_not_built(tmp_path):
+    with pytest.raises(OperatorsJarMissing, match="run infra/setup.sh"):
+        operators_jar(load_settings(environ={}, jars_dir=str(tmp_path)))
 
 
-def test_the_sink_jar_builds_byte_for_byte_the_same_from_the_same_sources(tmp_path):
+def test_the_operators_jar_builds_byte_for_byte_the_same_from_the_same_sources(tmp_path):
     import hashlib
     import os
 

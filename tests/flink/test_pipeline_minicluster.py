@@ -4,8 +4,11 @@ transitions (time-driven ones included) and the same profile features after ever
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,8 @@ from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
-from udfs.events import UserEvent
+from udfs.codec import DecodeError
+from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
 from udfs.scoring import ModelRegistry, ModelVerificationError
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
@@ -72,6 +76,31 @@ def largest_delay_ms(arrived) -> int:
     return delay
 
 
+def hostile_records(codec, events) -> list[bytes]:
+    """Records the keyed function must dead-letter, each read as far as the Java keying can: its
+    header, a user id that is not UTF-8, a body cut after the user id, a time far in the future
+    behind a readable prefix, an invalid price behind a valid prefix."""
+    valid = codec.encode(events[0].to_record())
+    event_id = events[0].event_id.encode()
+    prefix = codec.header + bytes([len(event_id) * 2]) + event_id
+    return [
+        b"\x00not avro",
+        prefix + b"\x04\xff\xfe" + valid[len(prefix) + 1 + len(events[0].user_id.encode()):],
+        prefix + bytes([len(b"u-cut") * 2]) + b"u-cut",
+        codec.encode(replace(events[1], event_id="far", timestamp=int(time.time() * 1000) + 30 * DAY).to_record()),
+        codec.encode(replace(events[2], event_id="nan", price=math.nan).to_record()),
+    ]
+
+
+def python_verdict(codec, payload: bytes) -> str | None:
+    """The dead-letter reason of the core's own check (udfs/codec, udfs/events), None if valid."""
+    try:
+        event_from_record(codec.decode(payload), int(time.time() * 1000), load_settings(environ={}).max_future_ms)
+    except DecodeError as err:
+        return err.reason
+    return None
+
+
 def arrival_order(events):
     """Generated traffic as a producer delivers it: every 40th event resent three places later
     (same event id), every 37th delayed by five places (out of order, within the lateness)."""
@@ -89,7 +118,9 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     events = arrival_order(generate_events(40, seed=11, start_ms=START_MS, duration_ms=3 * DAY))
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
-    rows.insert(len(rows) // 2, Row(b"\x00not avro", "events", 0, 10**6))
+    hostile = hostile_records(event_codec, events)
+    for offset, payload in enumerate(hostile, start=10**6):
+        rows.insert(len(rows) // 2, Row(payload, "events", 0, offset))
 
     # The reader side runs at 1 (one partition's order, as the core replays it); the keyed
     # function at `parallelism`, which is where keying and state serialization can go wrong.
@@ -133,7 +164,8 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
             record = transitions.decode(bytes.fromhex(c[6]))
             assert record == by_id[record["transition_id"]].to_record(record["emitted_at"])
     dead = [catalog.codec("DeadLetter").decode(bytes.fromhex(c[6])) for c in collected if c[0] == "D"]
-    assert [(d["reason"], d["source_offset"]) for d in dead] == [("bad_magic", 10**6)]
+    assert sorted((d["source_offset"], d["reason"]) for d in dead) == [
+        (offset, python_verdict(event_codec, payload)) for offset, payload in enumerate(hostile, start=10**6)]
 
     # Features after every accepted event: the job's state, read back, against the core's.
     core_profiles: dict[str, UserProfile] = {}

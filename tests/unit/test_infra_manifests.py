@@ -421,17 +421,18 @@ def test_dockerfile_takes_the_connector_jars_as_setup_does(dockerfile):
                 assert "shigawire" not in command, "the connector wheel must never be pip-installed"
 
 
-def test_dockerfile_builds_the_redis_view_sink_as_setup_does_into_the_jars_directory(dockerfile):
-    from jobs.redis_sink import SINK_JAR
+def test_dockerfile_builds_the_java_operators_as_setup_does_into_the_jars_directory(dockerfile):
+    from jobs.java_operators import OPERATORS_JAR
 
     runs = [arguments for keyword, arguments in dockerfile if keyword == "RUN"]
     [build] = [run for run in runs if "infra/java/build.sh" in run]
-    assert build.split()[-1] == f"/jars/{SINK_JAR}"
-    assert "infra/java/build.sh" in (INFRA / "setup.sh").read_text() and SINK_JAR in (INFRA / "setup.sh").read_text()
+    assert build.split()[-1] == f"/jars/{OPERATORS_JAR}"
+    setup = (INFRA / "setup.sh").read_text()
+    assert "infra/java/build.sh" in setup and f'jars/{OPERATORS_JAR}"' in setup
     copies = dockerfile_copies(dockerfile)
     assert (["infra/java/"], "/build/infra/java/", False) in copies
     jars_dir = dockerfile_env(dockerfile)["SEGMENTS_JARS_DIR"]
-    assert (["/jars/"], jars_dir + "/", True) in copies, "the sink jar must land where the job takes pipeline.jars from"
+    assert (["/jars/"], jars_dir + "/", True) in copies, "the jar must land where the job takes pipeline.jars from"
 
 
 def test_dockerfile_prepares_thread_mode(dockerfile):
