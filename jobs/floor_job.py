@@ -24,10 +24,10 @@ from pyflink.datastream.state import ValueStateDescriptor
 from jobs.segment_users import (
     DEAD_LETTERS,
     ShippedFiles,
-    now_ms,
     attach_connectors,
     create_environment,
     dead_letter_row,
+    now_ms,
 )
 from jobs.settings import JobSettings, load_settings
 from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
