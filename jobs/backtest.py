@@ -257,7 +257,7 @@ def _report(definitions, log, until_ms, applied, duplicates, late, profiles, tra
     names = list(definitions.names)
     extra = sorted({t.segment for t in transitions} - set(names))  # removed segments still exiting
     reports = {name: SegmentReport(name) for name in [*names, *extra]}
-    ordered = sorted(transitions, key=lambda t: (t.event_time, t.kind == "ENTER"))
+    ordered = _in_time_order(transitions)
     entered_at: dict[tuple[str, str], int] = {}
     exited_at: dict[tuple[str, str], int] = {}
     dwell: dict[str, list[int]] = {name: [] for name in reports}
@@ -294,6 +294,26 @@ def _report(definitions, log, until_ms, applied, duplicates, late, profiles, tra
                     overlap[(a, b)] = both
     return BacktestResult(definitions, log.source, until_ms, applied, duplicates, late, log.rejected,
                           len(profiles), transitions, reports, sizes, final_members, overlap)
+
+
+def _in_time_order(transitions: list[Transition]) -> list[Transition]:
+    """By event time; at one instant the exits of stays that began earlier come first (so the
+    sizes never count a user who leaves at T and one who enters at T together), then the rest in
+    the order each user's steps produced them (a stay that begins and ends at T is an ENTER then
+    an EXIT: it counts once in the peak, with a dwell of 0). Re-sorting every transition by
+    (time, exits first) instead broke each user's own order at a shared instant."""
+    began: dict[tuple[str, str], int] = {}
+    ranked = []
+    for t in transitions:  # each user's transitions are in the order their steps produced them
+        key = (t.user_id, t.segment)
+        if t.kind == "ENTER":
+            began[key] = t.event_time
+            rank = 1
+        else:
+            rank = 0 if began.pop(key, t.event_time - 1) < t.event_time else 1
+        ranked.append((t.event_time, rank, t))
+    ranked.sort(key=lambda e: (e[0], e[1]))  # stable: same instant and rank keep the produced order
+    return [t for _, _, t in ranked]
 
 
 def _count(t: Transition, reports, size, entered_at, exited_at, dwell) -> None:

@@ -51,6 +51,25 @@ def test_figures_of_a_small_log_worked_out_by_hand():
     assert result.sizes["active"][-1][1] == 0
 
 
+def test_a_stay_that_begins_and_ends_at_one_millisecond_counts_once_with_zero_dwell_and_no_flap():
+    """Issue 16: `when: cart_items > 0`; an add_to_cart and a purchase of one user at the same ms,
+    beside another user leaving at that ms while a third enters."""
+    cart = "version: v1\nsegments:\n  - name: cart\n    when: cart_items > 0\n"
+    events = [UserEvent("x1", "x", "add_to_cart", T0, product_id="p"),
+              UserEvent("z1", "z", "add_to_cart", T0 + MINUTE, product_id="p"),
+              UserEvent("a", "u", "add_to_cart", T0 + 2 * MINUTE, product_id="p"),
+              UserEvent("b", "u", "purchase", T0 + 2 * MINUTE, price=5.0),
+              UserEvent("x2", "x", "purchase", T0 + 3 * MINUTE, price=1.0),
+              UserEvent("y1", "y", "add_to_cart", T0 + 3 * MINUTE, product_id="p")]
+    result = run_backtest(parse_definitions(cart), EventLog("log", events), until_ms=T0 + 10 * MINUTE)
+    r = result.segments["cart"]
+    # x [0, 3m), z [1m, -), u [2m, 2m], y [3m, -): at most x, z and u at once (u's zero-length
+    # stay counts); at 3m x leaves before y enters, so never four.
+    assert (r.entries, r.exits, r.final_size, r.peak_size) == (4, 2, 2, 3)
+    assert r.median_dwell_ms == (0 + 3 * MINUTE) / 2
+    assert r.flaps == 0
+
+
 def test_until_defaults_to_the_watermark_the_job_reaches_and_late_events_are_left_out():
     lag, lateness = 5_000, 60_000
     events = [page("u1", 1, T0), page("u2", 1, T0 + 30 * MINUTE),
