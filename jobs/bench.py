@@ -18,8 +18,8 @@ and a redis-server the bench starts for itself on free ports:
 * state bytes per user from `jobs.profile_stats` (the core alone).
 
 Throughput excludes start-up: every events partition begins with a garbage record and ends with
-events far behind the watermark. Both become dead letters (the garbage in the decode operator, the
-late events in the keyed operator, so after every event before them) and are visible with
+events far behind the watermark. Both become dead letters in the keyed operator (the garbage keyed by
+"", the late events after every event of their partition before them) and are visible with
 read_uncommitted as soon as the sink sends them. Throughput is the events between the first start
 marker and the last end marker, over that time; start-up is process launch -> first start marker.
 More late events every PROGRESS_EVERY events report progress on the way.
@@ -1492,9 +1492,9 @@ def run(args) -> int:
 
 class ReferenceLoop:
     """The job's work in one plain Python process, with the same core and the same adapters'
-    choices: decode and validate (as `Decode user events`), drop events behind the watermark,
-    duplicates, the engine per event, the state written per event as Avro (latin-1 text, as the
-    job's ValueState) behind the same profile cache, one timer per user fired as the watermark
+    choices: decode and validate (as the keyed function does), drop events behind the watermark,
+    duplicates, the engine per event, the state written per step in the state codec's layout
+    (latin-1 text, as the job's ValueState) behind the same profile cache, one timer per user fired as the watermark
     passes it, the transitions of each event or timer written to Redis in one RedisSegmentView.apply
     (one round trip), each produced Avro-encoded by a transactional producer that commits every
     checkpoint interval.
