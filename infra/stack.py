@@ -254,6 +254,7 @@ def start_flink_cluster(root: Path, ports: StackPorts, taskmanagers: int = 1) ->
     if not 1 <= taskmanagers < PROMETHEUS_PORTS:
         raise ValueError(f"taskmanagers: 1 to {PROMETHEUS_PORTS - 1} on the local stack (one metrics port each)")
     home = prepare_flink_home(root, ports, task_slots=2 if taskmanagers == 1 else 1)
+    (root / "logs").mkdir(parents=True, exist_ok=True)  # Flink's daemon scripts do not create it
     env = flink_env(root)
     for script in ("jobmanager.sh", *["taskmanager.sh"] * taskmanagers):
         subprocess.run([str(home / "bin" / script), "start"], env=env, check=True,

@@ -234,6 +234,16 @@ def test_the_table_sets_the_job_against_its_floor_and_the_per_slot_and_cpu_targe
     assert rows["floor-p1: CPU seconds per 1M events"]["verdict"] == ""  # no target for the floor
 
 
+def test_a_run_on_single_slot_taskmanagers_is_set_against_parallelism_1():
+    results = {"throughput": [_throughput("job-p1", 1_000.0, 1_000.0),
+                              _throughput("job-cluster-p2", 1_700.0, 1_700.0, slots=2)]}
+    rows = {r["figure"]: r for r in figures(results, checkpoint_interval_ms=5_000, cores=2)}
+    assert rows["job-cluster-p2 (2 single-slot TaskManagers): events/s in all"]["value"] == 1_700.0
+    ratio = rows["job-cluster-p2 / parallelism 1"]
+    assert ratio["value"] == 1.7 and ratio["verdict"] == "pass" and ratio["target"] == ">= 1.6x"
+    assert rows["job-cluster-p2: CPU seconds per 1M events"]["verdict"] == ""
+
+
 def test_each_part_of_the_floor_is_priced_by_the_run_without_it():
     floor, no_model = _throughput("floor-p1", 2_000.0, 2_000.0), _throughput("floor-p1-no-model", 2_500.0, 2_500.0)
     rows = {r["figure"]: r for r in figures({"throughput": [floor, no_model]}, checkpoint_interval_ms=5_000, cores=2)}
