@@ -30,7 +30,7 @@ from pyflink.table import StreamTableEnvironment
 from pyflink.table.expressions import col
 
 from jobs.settings import JobSettings, load_settings
-from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
+from udfs.codec import MAGIC, SCHEMAS_DIR, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
@@ -210,7 +210,7 @@ class SegmentUsers(KeyedProcessFunction):
         try:
             event = event_from_record(self.events.decode(payload), now_ms(), self.max_future_ms)
             if event.user_id != user_id:  # the Java keying could not read it the way Avro does
-                raise DecodeError("undecodable", "user_id is not valid UTF-8")
+                raise DecodeError("undecodable", "user_id could not be read as UTF-8 ahead of the decode")
         except DecodeError as err:
             self.dead_letters_out.inc()
             yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
@@ -299,6 +299,27 @@ class PipelineOutputs:
     profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
 
 
+# The fields UserEventKeys reads, in the order every readable UserEvent version must start with.
+KEYED_PREFIX = (("event_id", "string"), ("user_id", "string"), ("event_type", "enum"), ("timestamp", "long"))
+
+
+def user_event_headers(catalog: SchemaCatalog) -> bytes:
+    """The single-object headers (magic and fingerprint, 10 bytes each, concatenated) of every
+    UserEvent version the catalog reads, for UserEventKeys. A version that does not start with
+    KEYED_PREFIX is refused here, before anything runs: the Java keying would not find its key."""
+    headers = []
+    for fingerprint, known in sorted(catalog.by_fingerprint.items()):
+        if known.full_name != catalog.codec("UserEvent").full_name:
+            continue
+        prefix = tuple((f["name"], f["type"] if isinstance(f["type"], str) else f["type"].get("type"))
+                       for f in known.parsed["fields"][:len(KEYED_PREFIX)])
+        if prefix != KEYED_PREFIX:
+            raise ValueError(f"UserEvent version {fingerprint.hex()} starts with {prefix}, not {KEYED_PREFIX}: "
+                             "infra/java segments.events.UserEventKeys must learn to read its key and time")
+        headers.append(MAGIC + fingerprint)
+    return b"".join(headers)
+
+
 def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_function=None) -> PipelineOutputs:
     """`raw_records` (RAW_RECORD rows) must run at `settings.parallelism`, like every operator up to
     key_by: then each connection is forward and a partition's order (which keeps a user's events in
@@ -313,10 +334,10 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
 
     gateway = get_gateway()
     keys_class = java_class(settings, USER_EVENT_KEYS_CLASS)
-    header = SchemaCatalog().codec("UserEvent").header
     j_keyed_events = (
         raw_records._j_data_stream.process(
-            keys_class(header, MIN_EVENT_TIME_MS, settings.max_future_ms, settings.max_event_bytes),
+            keys_class(user_event_headers(SchemaCatalog()), MIN_EVENT_TIME_MS, settings.max_future_ms,
+                       settings.max_event_bytes),
             KEYED_EVENT.get_java_type_info())
         .name(DECODE.name)
         .uid(DECODE.uid)

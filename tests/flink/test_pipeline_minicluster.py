@@ -307,3 +307,26 @@ def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalo
                 "events", 0, 0)]
     with pytest.raises(ModelVerificationError, match="purchase_propensity: model.onnx has sha256"):
         build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
+
+
+def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_cannot_key(catalog, tmp_path):
+    from jobs.segment_users import user_event_headers
+    from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog
+
+    assert user_event_headers(catalog) == catalog.codec("UserEvent").header
+    schema = json.loads((SCHEMAS_DIR / "user_event.avsc").read_text())
+    (tmp_path / "history").mkdir()
+    for path in SCHEMAS_DIR.glob("*.avsc"):
+        (tmp_path / path.name).write_text(path.read_text())
+    # An older version with the same first four fields is keyed too...
+    older = {**schema, "fields": [f for f in schema["fields"] if f["name"] != "device"]}
+    (tmp_path / "history" / "user_event.v0.avsc").write_text(json.dumps(older))
+    two = SchemaCatalog(tmp_path)
+    headers = user_event_headers(two)
+    assert len(headers) == 20 and catalog.codec("UserEvent").header in {headers[:10], headers[10:]}
+    assert all(h[:2] == MAGIC for h in (headers[:10], headers[10:]))
+    # ... one that starts otherwise stops the job before it is built.
+    reordered = {**schema, "fields": [schema["fields"][1], schema["fields"][0], *schema["fields"][2:]]}
+    (tmp_path / "history" / "user_event.v0.avsc").write_text(json.dumps(reordered))
+    with pytest.raises(ValueError, match="UserEventKeys must learn"):
+        user_event_headers(SchemaCatalog(tmp_path))

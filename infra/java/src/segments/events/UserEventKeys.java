@@ -20,8 +20,9 @@ import org.apache.flink.util.Collector;
  * interpreter lock, and a decode operator there made the keyed function wait for it on every call
  * into Java (profiled: most of the keyed thread's off-CPU time was in take_gil).
  *
- * <p>Only the key and the time are read here: the header (magic and the current UserEvent
- * schema's fingerprint) and the record's first four fields (event_id, user_id, event_type,
+ * <p>Only the key and the time are read here: the header (magic and the fingerprint of a
+ * UserEvent version the job reads; jobs/segment_users.user_event_headers checks that each starts
+ * with these fields) and the record's first four fields (event_id, user_id, event_type,
  * timestamp). Checking the record is left to the keyed function, which decodes and validates it
  * in Python with the same code as every other runner (udfs/codec.py, udfs/events.py) and
  * dead-letters it with the reason; it also refuses a record whose decoded user id is not this key.
@@ -38,7 +39,9 @@ public final class UserEventKeys extends ProcessFunction<Row, Row> {
     private static final long serialVersionUID = 1L;
     public static final String NO_KEY = "";
 
-    private final byte[] header;
+    private static final int HEADER_BYTES = 10;
+
+    private final byte[] headers;
     private final long minEventTimeMs;
     private final long maxFutureMs;
     private final int maxEventBytes;
@@ -46,14 +49,17 @@ public final class UserEventKeys extends ProcessFunction<Row, Row> {
     private transient Counter eventsIn;
 
     /**
-     * @param header the single-object encoding's header of the current UserEvent schema: C3 01
-     *     and the schema's 8-byte fingerprint
+     * @param headers the single-object encoding's headers of the UserEvent versions read (C3 01
+     *     and the schema's 8-byte fingerprint each), concatenated
      * @param minEventTimeMs the earliest event time that counts (udfs/events.MIN_EVENT_TIME_MS)
      * @param maxFutureMs how far ahead of the wall clock an event time may be
      * @param maxEventBytes larger records are not read (the keyed function dead-letters them)
      */
-    public UserEventKeys(byte[] header, long minEventTimeMs, long maxFutureMs, int maxEventBytes) {
-        this.header = header.clone();
+    public UserEventKeys(byte[] headers, long minEventTimeMs, long maxFutureMs, int maxEventBytes) {
+        if (headers.length == 0 || headers.length % HEADER_BYTES != 0) {
+            throw new IllegalArgumentException("headers: whole 10-byte headers expected, got " + headers.length + " bytes");
+        }
+        this.headers = headers.clone();
         this.minEventTimeMs = minEventTimeMs;
         this.maxFutureMs = maxFutureMs;
         this.maxEventBytes = maxEventBytes;
@@ -73,9 +79,8 @@ public final class UserEventKeys extends ProcessFunction<Row, Row> {
         byte[] payload = (byte[]) raw.getField(0);
         String key = NO_KEY;
         long eventTime = Long.MIN_VALUE;
-        if (payload != null && payload.length <= maxEventBytes && payload.length >= header.length
-                && Arrays.equals(payload, 0, header.length, header, 0, header.length)) {
-            Prefix prefix = new Prefix(payload, header.length);
+        if (payload != null && payload.length <= maxEventBytes && knownHeader(payload)) {
+            Prefix prefix = new Prefix(payload, HEADER_BYTES);
             String userId = prefix.userId(utf8);
             if (userId != null) {
                 key = userId;
@@ -86,6 +91,18 @@ public final class UserEventKeys extends ProcessFunction<Row, Row> {
             }
         }
         out.collect(Row.of(key, Row.of(key, eventTime, payload, raw.getField(1), raw.getField(2), raw.getField(3))));
+    }
+
+    private boolean knownHeader(byte[] payload) {
+        if (payload.length < HEADER_BYTES) {
+            return false;
+        }
+        for (int at = 0; at < headers.length; at += HEADER_BYTES) {
+            if (Arrays.equals(payload, 0, HEADER_BYTES, headers, at, at + HEADER_BYTES)) {
+                return true;
+            }
+        }
+        return false;
     }
 
     /** Avro binary of the record's first fields: string event_id, string user_id, enum, long. */
