@@ -146,9 +146,9 @@ class DefinitionSet:
 
     def changes(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> list[tuple[str, Verdict | None]]:
         """The segments whose membership at `ev.now` differs from `memberships`, with the verdict
-        that decided each (as `decide` gives it), in evaluation order after the members of
+        that decided each, in evaluation order after the members of
         segments no longer defined (verdict None); `ev.members` gets every segment's membership.
-        What a step needs of `decide`, without a verdict for each unchanged segment."""
+        No verdict is built for a segment whose membership stays."""
         out: list[tuple[str, Verdict | None]] = [
             (name, None) for name, m in memberships.items() if m.member and name not in self.segments
         ]
@@ -175,21 +175,6 @@ class DefinitionSet:
                         out.append((name, verdict))
         return out
 
-    def decide(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict[str, Verdict]:
-        """Every segment's membership at `ev.now`, given the memberships before it."""
-        verdicts: dict[str, Verdict] = {}
-        members = ev.members
-        for group, segments in self._plan:
-            if group is None:
-                segment = segments[0]
-                verdict = verdicts[segment.name] = self._decide_one(segment, ev, memberships.get(segment.name))
-                members[segment.name] = verdict.member
-            else:
-                for name, verdict in self._decide_group(group, ev, memberships).items():
-                    verdicts[name] = verdict
-                    members[name] = verdict.member
-        return verdicts
-
     def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
         earliest = None
@@ -209,16 +194,6 @@ class DefinitionSet:
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
         return earliest if earliest is None or earliest < MAX_TIME_MS else None
-
-    @staticmethod
-    def _decide_one(segment: Segment, ev: Evaluation, current: Membership | None) -> Verdict:
-        if current is not None and current.member:
-            if ev.now < current.since_ms + segment.min_dwell_ms:
-                return Verdict(True, segment.dwell_rule, None)
-            leaves, rule, condition = segment.leaves(ev)
-            return Verdict(not leaves, rule, condition)
-        enter = segment.enter
-        return Verdict(enter.holds(ev), enter.text, enter)
 
     @staticmethod
     def _decide_group(group: ExclusiveGroup, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict:

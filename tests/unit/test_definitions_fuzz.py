@@ -11,6 +11,7 @@ import contextlib
 import difflib  # noqa: F401  (imported lazily by the compiler's suggestions: import it before the traps)
 import os
 import pickle
+import re
 import subprocess
 from unittest import mock
 
@@ -343,8 +344,13 @@ YAML_DOCS = st.one_of(TREES, SHAPED)
 YAML_TEXT = st.text(alphabet=st.sampled_from(list("-:[]{}&*!|>'\"#%@?,. \n\tabcnsvw0123456789_=<")), max_size=300)
 
 
+# What YAML takes for a line break (PyYAML's reader, YAML 1.1): an error's line counts these.
+YAML_LINE_BREAKS = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def check_file(raw: str | bytes) -> None:
-    lines = (raw.count(b"\n") if isinstance(raw, bytes) else raw.count("\n")) + 1
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    lines = len(YAML_LINE_BREAKS.split(text))
     with nothing_executed():
         try:
             parse_definitions(raw, "fuzz.yaml", None, MODELS)
