@@ -14,6 +14,7 @@ from confluent_kafka import Producer
 
 from infra.stack import create_topics
 from jobs.backtest import read_events, run_backtest
+from jobs.committed_log import read_topic
 from jobs.redis_view import RedisSegmentView, rebuild_from_topic
 from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
@@ -193,8 +194,9 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
 
     def dead_letters():
         job.assert_alive()
-        committed = read_committed_values(broker, topics["dlq"], idle_s=2)
-        letters = [apache_decode(dlq_reader, v) for _, v, _, _ in committed]
+        # The project's own read_committed reader, as the fault suite reads its dead letters:
+        # librdkafka's stops at a transaction tansu still holds open (README, Known limits).
+        letters = [apache_decode(dlq_reader, r.value) for r in read_topic(broker, topics["dlq"]).committed]
         return letters if len(letters) >= len(bad_records) + 1 else None
 
     letters = wait_until(dead_letters, timeout_s=120, interval_s=3, on_timeout=job.log_tail)
