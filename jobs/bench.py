@@ -1485,7 +1485,7 @@ def run(args) -> int:
             topics = {f"events-{p}": p for p in sorted(set(parallelisms) | set(on_cluster) | {1})}
             stack.create_topics(topics)
             # One topic per partition count: a source subtask reading several partitions of a
-            # backlog makes events late (README, Known limits), so partitions = parallelism.
+            # backlog makes events late (docs/limits.md), so partitions = parallelism.
             log(f"preloading {args.events:,} generated events for {args.users:,} users into {sorted(topics)}")
             count, _, _ = preload(stack.bootstrap, topics,
                                   generated_events(args.events, args.users, args.seed, now_ms()))

@@ -4,7 +4,7 @@ jobs/java_operators.py for how it is built and shipped).
 Redis is written only from committed transitions: the sink's writer buffers each checkpoint
 interval's transitions and hands them over at the checkpoint barrier; its committer applies them
 with the apply script of udfs/redis_layout.py once the checkpoint has completed (when the Kafka
-sink commits the same transitions), and again after a restore. See README, "Redis layout".
+sink commits the same transitions), and again after a restore. See docs/redis.md.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class JobSettings:
     max_future_ms: int = 24 * 3600 * 1000
     transactional_id_prefix: str = "segments-transitions"
     transaction_timeout_ms: int = 300_000
-    # The segment definitions file (README "Segment definitions"); empty: the shipped one.
+    # The segment definitions file (docs/definitions.md); empty: the shipped one.
     definitions_path: str = ""
     # Where the models the definitions read live (`<dir>/<name>/manifest.json`); empty: models/.
     models_dir: str = ""

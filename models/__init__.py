@@ -1,1 +1,1 @@
-"""Training code and the exported models with their manifests (see README "Models")."""
+"""Training code and the exported models with their manifests (see docs/models.md)."""

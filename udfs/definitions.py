@@ -15,7 +15,7 @@ checked against the feature catalog and the installed models, and compiled once 
         segments: [tier_high, tier_medium, tier_low]
 
 The YAML is composed into nodes (never constructed into objects), tags, anchors and aliases are
-refused, and every error names the file, line and segment. See README "Segment definitions".
+refused, and every error names the file, line and segment. See docs/definitions.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The profile's features by name: one reader per feature, resolved once from the configuration,
 and for features that step as time passes (windowed counts, sessions), when they next change
-with no new event, which is where the engine sets its timer. README "Profile features" is the
+with no new event, which is where the engine sets its timer. docs/features.md is the
 specification; `tests/unit/profile_oracle.py` recomputes it from raw event logs.
 """
 
@@ -147,7 +147,7 @@ def _window_of(h: Horizon) -> Callable[[UserProfile, int], WindowTotals]:
 
 
 class FeatureCatalog:
-    """Every feature of the README table, for one configuration."""
+    """Every feature of the table in docs/features.md, for one configuration."""
 
     def __init__(self, config: ProfileConfig):
         self.config = config

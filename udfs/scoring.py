@@ -6,7 +6,7 @@ bring) declares the vector (feature, transform, what to do when it has no value)
 hash, the ONNX file's sha256, the input and output to use, the score's range, thresholds,
 training metrics and a golden set. `ModelRegistry.load` refuses a model whose file hash, feature
 hash (the running feature code, fingerprinted by its behaviour) or golden outputs do not match,
-with an error that says which and why. README "Models" is the reference.
+with an error that says which and why. docs/models.md is the reference.
 """
 
 from __future__ import annotations

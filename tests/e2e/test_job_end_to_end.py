@@ -195,7 +195,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     def dead_letters():
         job.assert_alive()
         # The project's own read_committed reader, as the fault suite reads its dead letters:
-        # librdkafka's stops at a transaction tansu still holds open (README, Known limits).
+        # librdkafka's stops at a transaction tansu still holds open (docs/limits.md).
         letters = [apache_decode(dlq_reader, r.value) for r in read_topic(broker, topics["dlq"]).committed]
         return letters if len(letters) >= len(bad_records) + 1 else None
 

@@ -93,7 +93,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     wait_until(lambda: committed() > first or None, timeout_s=180, interval_s=2)
     # The rest of the traffic while a subtask reads each partition, consumed in full before the
     # rescale back to 1: one subtask reading both partitions could otherwise take one partition's
-    # sentinel before the other's tail and make that tail late (README, Known limits).
+    # sentinel before the other's tail and make that tail late (docs/limits.md).
     produce(thirds[2])
     segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
     event_caused, _ = replay_events(segmentation.engine(), traffic)  # the watermark is still before the traffic

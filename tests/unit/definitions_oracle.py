@@ -1,4 +1,4 @@
-"""A brute-force oracle for segment transitions (README "Segment definitions"), and a hypothesis
+"""A brute-force oracle for segment transitions (docs/definitions.md), and a hypothesis
 strategy for random definitions files.
 
 The strategy draws each definitions file twice over: as YAML text, which only the engine parses
@@ -23,17 +23,17 @@ Readings of the spec this oracle takes:
   * Evaluation instants are the user's clock: an accepted event is evaluated at max(clock, its
     time) after it is applied (a late event's transitions are stamped with the clock it is
     applied at, which is the instant the features are computed for).
-  * A time-driven change due exactly at an event's timestamp is decided with the event (README:
+  * A time-driven change due exactly at an event's timestamp is decided with the event (docs/definitions.md:
     the clock advances "emitting any time-driven change due *before* it"). Retention expiry at
     exactly the event's timestamp comes first ("when the clock reaches last_event + retention,
     the profile is dropped").
   * A user without a profile (none yet, or dropped by the retention) is in no segment and is not
     evaluated until their next accepted event.
-  * Within one instant and cause, exits come before entries (README); the order among exits (or
+  * Within one instant and cause, exits come before entries (docs/definitions.md); the order among exits (or
     among entries) is not specified, so the oracle lists each sorted by segment name.
   * Scores (`score.X`, from the fake models below) are computed at every accepted event after it
     is applied, and, with `rescore_every: D` in the file, D after the latest scoring while no event
-    comes (udfs/transitions.py; the README does not describe `rescore_every` yet); a rescoring
+    comes (udfs/transitions.py; docs/definitions.md, `rescore_every`); a rescoring
     instant is evaluated with the new scores.
 
 Float ties: the engine keeps decayed scores incrementally while the profile oracle sums decayed
@@ -54,7 +54,7 @@ from tests.unit.profile_oracle import WEEK_MS, Accepted, Advance, bucket, featur
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile_config import ProfileConfig
 
-RETENTION_RULE = "profile_retention_expired"  # README "Transitions"
+RETENTION_RULE = "profile_retention_expired"  # docs/definitions.md "Transitions"
 
 # Two fake "models" for score.X conditions, scored from features only (so the engine's scorer and the
 # oracle compute the same numbers from their own feature values): `fresh` falls as the user goes
@@ -602,7 +602,7 @@ class Instant:
                 if _near(basis, self.config.tier_high_above) or _near(basis, self.config.tier_medium_above):
                     raise Ambiguous(f"engagement_score {basis!r} at a tier threshold")
             return value
-        # README: a key a map does not hold reads 0 (counts, affinity, quantities) or missing
+        # docs/features.md: a key a map does not hold reads 0 (counts, affinity, quantities) or missing
         # (ms_since_viewed_product).
         return value.get(ref.key, None if ref.feature == "ms_since_viewed_product" else 0)
 
@@ -659,7 +659,7 @@ class MState:
 
 
 def decide(defs: Defs, at: Instant, now: int, memberships: dict[str, MState]) -> dict[str, tuple[bool, str]]:
-    """The README's membership rules at one instant: segment name -> (member, rule) for every
+    """The membership rules of docs/definitions.md at one instant: segment name -> (member, rule) for every
     segment whose membership changes."""
     changes: dict[str, tuple[bool, str]] = {}
 
@@ -802,7 +802,7 @@ class DefinitionsOracle:
             expired = self._pass_time(user_id, user, event.timestamp, inclusive=False)
         assert expired == reset, "oracle: retention expiry disagrees with profile_oracle.replay"
         if not user.life:
-            user.sequence_base = 1000 * event.timestamp  # README: a lifetime starts at 1000 x its first event time
+            user.sequence_base = 1000 * event.timestamp  # docs/features.md: a lifetime starts at 1000 x its first event time
         user.life = life
         user.clock = event.timestamp if user.clock is None else max(user.clock, event.timestamp)
         features = features_of(user.life, self.config, user.clock)

@@ -7,7 +7,7 @@ are never reached, so the spec's exactness claim applies). Nothing here calls pr
 code; only the data types and the config are imported.
 
 Readings taken where the spec is not explicit (also listed in the test module's docstring):
-  * Dedup looks only within a lifetime (README, issue 16): an event with time >= last_event +
+  * Dedup looks only within a lifetime (docs/features.md, issue 16): an event with time >= last_event +
     retention drops the old lifetime and starts a new one whatever its id; any other event is a
     duplicate when an accepted event of the current lifetime has its id within the dedup window.
   * After any step, if the clock >= last_event + retention the lifetime is dropped. The clock is

@@ -1,9 +1,9 @@
 """The condition language node by node: what each piece of text parses into, what it evaluates to
 on real profiles (built by applying events through the engine), the missing-value rule, and the
 exact millisecond at which a condition changes with time alone (recency thresholds, decaying
-scores, windowed counts lapsing at bucket boundaries, sessions). README "Segment definitions".
+scores, windowed counts lapsing at bucket boundaries, sessions). docs/definitions.md.
 
-Every expected value and instant below is worked out by hand from the README and the default
+Every expected value and instant below is worked out by hand from docs/definitions.md, docs/features.md and the default
 profile configuration (horizon buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min;
 engagement and affinity half-life 7 days)."""
 
@@ -324,7 +324,7 @@ def test_membership_on_a_real_profile(text, expected):
     ('missing(ms_since_viewed_product["p-1"])', False), ('missing(category_views_24h["hats"])', False),
     ('missing(cart_quantity["p-9"])', False),
     ("ms_since_last_purchase < 1w or cart_items > 0", True), ("ms_since_last_purchase < 1w and cart_items > 0", False),
-    # `in` / `not in` are comparisons too (README grammar): reading a missing value they are false
+    # `in` / `not in` are comparisons too (docs/definitions.md grammar): reading a missing value they are false
     ("aov_24h in [10, 20]", False), ("aov_24h not in [10, 20]", False), ("aov_24h != 10", False),
     ("not (aov_24h in [10, 20])", True),
 ])

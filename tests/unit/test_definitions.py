@@ -1,8 +1,7 @@
 """Definition files: the example segments of the issue on small hand-built event sequences with
 the exact transitions they must produce; hysteresis, min_dwell, exclusive groups, segments removed
 from the definitions, what a transition's reason records; the shipped file; and every rejection,
-each naming the file, the line (and column where known) and the segment. README "Segment
-definitions". Instants are worked out by hand from the definitions and the default profile
+each naming the file, the line (and column where known) and the segment. docs/definitions.md. Instants are worked out by hand from the definitions and the default profile
 configuration (buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min; half-life 7 d)."""
 
 from __future__ import annotations
@@ -101,7 +100,7 @@ def replay(definitions, events, until, segments=None, **kw) -> list[tuple]:
 
 
 def assert_exits_first(transitions) -> None:
-    """README: exits precede entries at the same instant."""
+    """docs/definitions.md: exits precede entries at the same instant."""
     for a, b in zip(transitions, transitions[1:], strict=False):
         if a.event_time == b.event_time and a.user_id == b.user_id:
             assert not (a.kind == "ENTER" and b.kind == "EXIT"), (a, b)

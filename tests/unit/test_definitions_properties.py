@@ -49,7 +49,7 @@ SECOND_MS = 1_000
 B = 1_700_006_400_000  # a UTC day boundary (the event generator starts here)
 
 # Whether a time-driven change due exactly at an event's timestamp is emitted (cause TIMER) before
-# the event. The README says no ("emitting any time-driven change due before it"); udfs/transitions.py
+# the event. docs/definitions.md says no ("emitting any time-driven change due before it"); udfs/transitions.py
 # up to commit ec93867 said yes (`self._advance(user_id, profile, event.timestamp)`, `due <= time_ms`).
 # Every test here follows this switch (True tests that older engine; the two hand tests at the end
 # pin either reading).
@@ -306,7 +306,7 @@ def test_transitions_match_the_oracle_two_users_replay(defs, events, data):
 
 
 # ---------------------------------------------------------------- examples worked out by hand
-# Each expectation below is computed from the README by hand; the engine and the oracle are both
+# Each expectation below is computed from docs/definitions.md and docs/features.md by hand; the engine and the oracle are both
 # checked against it (so these also validate the oracle).
 
 HAND = ProfileConfig(
@@ -616,13 +616,13 @@ segments:
     assert oracle == expected and engine == expected
 
 
-# ---------------------------------------------------------------- README against the engine
+# ---------------------------------------------------------------- the docs against the engine
 
 
 def test_an_event_exactly_at_the_retention_expiry_starts_a_new_lifetime():
     from tests.unit.definitions_oracle import Cmp, Ref, SegDef
 
-    # README: "when the clock reaches last_event + retention, the profile is dropped", and
+    # docs/features.md: "when the clock reaches last_event + retention, the profile is dropped", and
     # an event's timestamp moves the clock there before the event is applied. So the purchase's
     # lifetime ends at B + 1d (exit, profile_retention_expired) and the page view at B + 1d starts
     # a new lifetime with no orders.
