@@ -61,6 +61,9 @@ TRANSITION_RECORD = Types.ROW_NAMED(
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES],
 )
 DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)  # undecodable, invalid and late events
+# The dead-letter reason of a stored profile the job could not read (keyed by the user, the raw
+# state as the payload); the user starts afresh.
+QUARANTINED_STATE = "quarantined_state"
 # A user's state after every event (with its id) and timer (id None), when the settings enable it.
 PROFILE_SNAPSHOT = Types.ROW_NAMED(["user_id", "cause_event_id", "payload"], [Types.STRING(), Types.STRING(), BYTES])
 PROFILE_SNAPSHOTS = OutputTag("profile-snapshots", PROFILE_SNAPSHOT)
@@ -85,7 +88,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes) -> Row:
+def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes, key=None) -> Row:
     if payload is not None and len(payload) > max_bytes:
         message = f"{message}; payload truncated to its first {max_bytes} bytes"
         payload = payload[:max_bytes]
@@ -98,7 +101,7 @@ def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, messag
         "message": message,
         "detected_at": now_ms(),
     }
-    return Row(None, dlq_codec.encode(record))
+    return Row(key, dlq_codec.encode(record))
 
 
 class ShippedFiles:
@@ -193,6 +196,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.late_events = metrics.counter("late_events")
         self.duplicate_events = metrics.counter("duplicate_events")
         self.profiles_expired = metrics.counter("profiles_expired")
+        self.profiles_quarantined = metrics.counter("profiles_quarantined")
         self.transitions_out = metrics.counter("transitions_out")
         self.scoring_skipped = metrics.counter("scoring_skipped")
         self.scores_out_of_range = metrics.counter("scores_out_of_range")
@@ -222,7 +226,9 @@ class SegmentUsers(KeyedProcessFunction):
                 value, "late", f"event time {event.timestamp} is more than {self.allowed_lateness_ms} ms behind "
                 f"the watermark {late_before + self.allowed_lateness_ms}")
             return
-        profile = self._load_profile(user_id)
+        profile, quarantined = self._load_profile(user_id)
+        if quarantined is not None:
+            yield DEAD_LETTERS, quarantined
         step = self.engine.step_event(user_id, profile, event)
         if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
@@ -237,7 +243,9 @@ class SegmentUsers(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
-        profile = self._load_profile(user_id)
+        profile, quarantined = self._load_profile(user_id)
+        if quarantined is not None:
+            yield DEAD_LETTERS, quarantined
         yield from self._commit(ctx, user_id, profile, self.engine.step_timer(user_id, profile, timestamp), None)
 
     def close(self):
@@ -250,19 +258,43 @@ class SegmentUsers(KeyedProcessFunction):
             counters = self.segment_counters[segment] = (group.counter("enter"), group.counter("exit"))
         return counters
 
-    def _load_profile(self, user_id: str) -> UserProfile:
+    def _load_profile(self, user_id: str) -> tuple[UserProfile, Row | None]:
+        """The user's profile, and the dead letter of a stored value that could not be read."""
         cache = self.profile_cache
         profile = cache.get(user_id)
         if profile is not None:
             cache.move_to_end(user_id)
-            return profile
+            return profile, None
         stored = self.profile_state.value()
-        profile = self.state_codec.decode(None if stored is None else stored.encode("latin-1"))
+        quarantined = None
+        try:
+            profile = self.state_codec.decode(None if stored is None else self._stored_bytes(stored))
+        except DecodeError as err:
+            # One user's unreadable state (damaged, or written by a release that is newer than
+            # this one) must not stop the job for everyone: it goes to the dead letters whole,
+            # keyed by the user, and the user starts afresh.
+            self.profiles_quarantined.inc()
+            log.warning("profile state quarantined (%s): the user starts afresh", err.reason)
+            quarantined = dead_letter_row(
+                self.dead_letters, self._stored_bytes(stored, strict=False), "", None, None, QUARANTINED_STATE,
+                f"{err.reason}: {err.message}; the stored profile was dropped and the user starts afresh",
+                self.max_event_bytes, key=user_id)
+            self.profile_state.clear()
+            profile = UserProfile()
         if self.profile_cache_users:
             cache[user_id] = profile
             if len(cache) > self.profile_cache_users:
                 cache.popitem(last=False)
-        return profile
+        return profile, quarantined
+
+    @staticmethod
+    def _stored_bytes(stored: str, strict: bool = True) -> bytes:
+        try:
+            return stored.encode("latin-1")
+        except UnicodeEncodeError:  # not a value this job wrote (one char per byte)
+            if strict:
+                raise DecodeError("undecodable", "profile state: not one byte per character") from None
+            return stored.encode("utf-8", "surrogatepass")
 
     def _commit(self, ctx, user_id: str, profile: UserProfile, step: Step, cause_event_id: str | None):
         if step.register_timer_ms is not None:

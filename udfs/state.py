@@ -91,6 +91,8 @@ def _session(s: Session) -> dict:
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+# Far above any bounded profile (ProfileConfig's caps keep a week-old one near 4 KB before zstd).
+MAX_STATE_BYTES = 64 << 20
 LAYOUT_VERSION = 5  # 4: the same items in one zstd frame; the Avro schemas of earlier state were 1-3
 BODY_ITEMS = 19
 
@@ -196,6 +198,10 @@ class ProfileStateCodec:
 
     def _decompress(self, frame: bytes) -> bytes:
         try:
+            # A damaged header can claim any size, and the decompressor allocates what it claims.
+            size = zstandard.frame_content_size(frame)
+            if size > MAX_STATE_BYTES:
+                raise DecodeError("undecodable", f"profile state: a frame of {size} bytes, over {MAX_STATE_BYTES}")
             return self._decompressor.decompress(frame)
         except zstandard.ZstdError as err:
             raise DecodeError("undecodable", f"profile state: not a valid zstd frame ({err})") from None

@@ -18,7 +18,7 @@ from pyflink.common import Row, Types
 from pyflink.datastream import FlatMapFunction
 
 from jobs.backtest import FLUSH, read_events, run_backtest
-from jobs.segment_users import RAW_RECORD, build_pipeline, create_environment
+from jobs.segment_users import QUARANTINED_STATE, RAW_RECORD, SegmentUsers, build_pipeline, create_environment
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
@@ -55,6 +55,23 @@ class AppendToFile(FlatMapFunction):
 
     def close(self):
         self.out.close()
+
+
+# What the state of two users holds before their first event (see StateDamagedBeforehand): bytes
+# no release wrote, and the layout of a release newer than this one.
+DAMAGED_STATE = {"damaged": "\x95\x05garbage", "from-the-future": "\x95\x63\x00\xc0\xc4\x00\x00"}
+
+
+class StateDamagedBeforehand(SegmentUsers):
+    """The job's keyed function, but the stored profile of the users in DAMAGED_STATE is
+    overwritten with their value just before their first event is processed: a value in Flink's
+    own keyed state that the job cannot read, as a damaged or newer savepoint would hold."""
+
+    def process_element(self, value, ctx):
+        damaged = DAMAGED_STATE.get(value[0])
+        if damaged is not None and self.profile_state.value() is None:
+            self.profile_state.update(damaged)
+        yield from super().process_element(value, ctx)
 
 
 def run_and_collect(env, stream, directory: Path) -> list[list]:
@@ -292,6 +309,39 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     assert sorted(map(comparable, job)) == sorted(map(comparable, backtest))
     # Enough segments took part for the comparison to mean something.
     assert len({r["segment"] for r in backtest}) >= 13
+
+
+def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_user_is_unaffected(catalog, tmp_path):
+    """Issue 19: one undecodable state value (or one of an unknown layout) is dead-lettered with
+    the user as its key and the raw state as its payload, the user starts afresh, and nothing
+    else changes: every transition, the damaged users' included, is the core's on a fresh start."""
+    events = list(generate_events(30, seed=5, start_ms=START_MS, duration_ms=DAY))
+    users = sorted({e.user_id for e in events})
+    renamed = dict(zip(users[:2], DAMAGED_STATE, strict=True))
+    events = [replace(e, user_id=renamed.get(e.user_id, e.user_id)) for e in events]
+    event_codec = catalog.codec("UserEvent")
+    rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
+    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2,
+                             watermark_lag_ms=largest_delay_ms(events) + 1)
+    env = create_environment(settings)
+    outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings, StateDamagedBeforehand)
+    tagged = (
+        outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], ""), output_type=COLLECTED)
+        .union(outputs.dead_letters.map(lambda r: ("D", r[0] or "", "", "", 0, 0, r[1].hex()),
+                                        output_type=COLLECTED))
+    )
+    collected = run_and_collect(env, tagged, tmp_path)
+
+    engine = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir).engine()
+    expected, _ = replay_events(engine, events, until_ms=2**62)
+    assert {t.user_id for t in expected} >= set(DAMAGED_STATE)
+    got = sorted((c[1], c[2], c[3], c[4], c[5]) for c in collected if c[0] == "T")
+    assert got == sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
+    dead = sorted((c[1], catalog.codec("DeadLetter").decode(bytes.fromhex(c[6]))) for c in collected if c[0] == "D")
+    assert [(user, d["reason"], d["payload"]) for user, d in dead] == [
+        (user, QUARANTINED_STATE, value.encode("latin-1")) for user, value in sorted(DAMAGED_STATE.items())]
+    assert "unknown layout 99" in dict(dead)["from-the-future"]["message"]
+    assert "undecodable" in dict(dead)["damaged"]["message"]
 
 
 def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalog, tmp_path):

@@ -173,6 +173,20 @@ def test_a_damaged_state_frame_is_a_decode_error_not_a_crash(state_codec):
         state_codec.decode(bytes(payload))
 
 
+def test_a_frame_that_claims_more_than_any_profile_is_refused_before_it_is_inflated(state_codec):
+    """A damaged (or hostile) frame header can claim any content size, and the decompressor
+    allocates what the header claims: 65 MB of zeros is a frame of a few KB."""
+    from udfs.state import MAX_STATE_BYTES, _instants_check
+
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(bytes(MAX_STATE_BYTES + 1))
+    assert len(frame) < 10_000
+    payload = msgpack.packb([LAYOUT_VERSION, START_MS, None, frame, _instants_check(START_MS, None)])
+    with pytest.raises(DecodeError, match=f"a frame of {MAX_STATE_BYTES + 1} bytes"):
+        state_codec.decode(payload)
+    with pytest.raises(DecodeError, match="undecodable"):  # version 4's single frame too
+        state_codec.decode(frame)
+
+
 def test_state_bytes_are_accepted_as_bytearray_or_memoryview(state_codec):
     profile = UserProfile(clock_ms=START_MS, cart_ops={"p": [CartOp(START_MS, "ADD", 1, 2.5)]})
     payload = state_codec.encode(profile)
