@@ -253,6 +253,32 @@ def run_backtest(
     return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
 
 
+def transition_records(transitions: Iterable[Transition]) -> list[dict]:
+    """The transitions as the contract's SegmentTransition records, grouped by user (a stable
+    sort: each user's in the order the steps emitted them, which is the order the job emits them
+    for that user). `emitted_at` is the transition's event time: a backtest has no wall-clock
+    emit time, and so two runs over the same log write identical records where they agree."""
+    return [t.to_record(t.event_time) for t in sorted(transitions, key=lambda t: t.user_id)]
+
+
+def write_transitions(transitions: Iterable[Transition], path: Path) -> int:
+    """Writes `transition_records` to `path`: an Avro object container file of SegmentTransition
+    (the contract's current schema, deflate) when the name ends in `.avro`, else JSON lines (one
+    record per line, keys sorted). Returns how many were written."""
+    import fastavro
+
+    records = transition_records(transitions)
+    if path.suffix == ".avro":
+        schema = fastavro.parse_schema(SchemaCatalog().current["SegmentTransition"])
+        with open(path, "wb") as f:
+            fastavro.writer(f, schema, records, codec="deflate")
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+    return len(records)
+
+
 def _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions) -> BacktestResult:
     names = list(definitions.names)
     extra = sorted({t.segment for t in transitions} - set(names))  # removed segments still exiting

@@ -236,6 +236,9 @@ def cmd_backtest(args) -> int:
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
 
+    if args.compare_transitions and not args.compare_with:
+        print("error: --compare-transitions needs --compare-with", file=sys.stderr)
+        return 2
     settings = _settings(args)
     try:
         base = Segmentation.load(args.definitions, settings.profile, settings.models_dir)
@@ -266,6 +269,10 @@ def cmd_backtest(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(backtest.as_json(result, diffs), indent=1))
         print(f"figures: {args.json}")
+    for path, run in ((args.transitions, result), (args.compare_transitions, compared)):
+        if path and run is not None:
+            written = backtest.write_transitions(run.transitions, Path(path))
+            print(f"transitions of {run.definitions.version}: {written} in {path}")
     return 0
 
 
@@ -437,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-with", help="another definitions file: report both and the diff")
     p.add_argument("--html", help="write the chart and tables to this HTML file")
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--transitions", help="write the transitions themselves to this file, as SegmentTransition "
+                                         "records: Avro container file if it ends in .avro, else JSON lines")
+    p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backtest)
 

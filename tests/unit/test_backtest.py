@@ -180,6 +180,54 @@ def test_cli_backtest_writes_table_html_and_json(tmp_path, capsys):
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
 
 
+def test_cli_backtest_writes_the_transitions_as_contract_records_in_jsonl_and_avro(tmp_path, capsys):
+    """Issue 16: the transitions themselves, in the contract's schema, grouped by user and in
+    each user's order; worked out by hand from ACTIVE (10 minutes) and the shorter v2 (1 minute)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(e.to_record()) + "\n" for e in [page("b", 1, T0), page("a", 1, T0 + MINUTE)]))
+    defs, other = tmp_path / "d.yaml", tmp_path / "e.yaml"
+    defs.write_text(ACTIVE)
+    other.write_text(ACTIVE.replace("v1", "v2").replace("10m", "1m"))
+    args = ["backtest", str(defs), "--events", str(log), "--quiet", "--until", "flush"]
+    assert cli_main([*args, "--transitions", str(tmp_path / "t.jsonl"), "--compare-with", str(other),
+                     "--compare-transitions", str(tmp_path / "t2.avro")]) == 0
+    assert cli_main([*args, "--transitions", str(tmp_path / "t.avro")]) == 0
+    assert "transitions of v1: 4 in" in capsys.readouterr().out
+    jsonl = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    with open(tmp_path / "t.avro", "rb") as f:
+        reader = fastavro.reader(f, reader_schema=fastavro.parse_schema(
+            load_schema_file(SCHEMAS_DIR / "segment_transition.avsc")))
+        avro = list(reader)
+    for record in avro:  # the container file's reader turns timestamp-millis into datetimes
+        for key in ("event_time", "emitted_at"):
+            record[key] = int(record[key].timestamp() * 1000)
+    assert avro == jsonl
+
+    def brief(records):
+        return [(r["user_id"], r["kind"], r["cause"], r["cause_event_id"], r["event_time"], r["emitted_at"],
+                 r["sequence"], r["definitions_version"], r["reason"]["rule"]) for r in records]
+
+    a0, b0 = (T0 + MINUTE) * 1000, T0 * 1000
+    assert brief(jsonl) == [
+        ("a", "ENTER", "EVENT", "a-1", T0 + MINUTE, T0 + MINUTE, a0 + 1, "v1", "ms_since_last_event < 10m"),
+        ("a", "EXIT", "TIMER", None, T0 + 11 * MINUTE, T0 + 11 * MINUTE, a0 + 2, "v1",
+         "not (ms_since_last_event < 10m)"),
+        ("b", "ENTER", "EVENT", "b-1", T0, T0, b0 + 1, "v1", "ms_since_last_event < 10m"),
+        ("b", "EXIT", "TIMER", None, T0 + 10 * MINUTE, T0 + 10 * MINUTE, b0 + 2, "v1",
+         "not (ms_since_last_event < 10m)"),
+    ]
+    assert jsonl[1]["reason"]["features"] == {"ms_since_last_event": 10 * MINUTE}
+    with open(tmp_path / "t2.avro", "rb") as f:
+        assert [(r["user_id"], r["kind"], r["definitions_version"]) for r in fastavro.reader(f)] == [
+            ("a", "ENTER", "v2"), ("a", "EXIT", "v2"), ("b", "ENTER", "v2"), ("b", "EXIT", "v2")]
+    # Two runs over one log write the same bytes: they can be diffed.
+    first = (tmp_path / "t.jsonl").read_bytes()
+    assert cli_main([*args, "--transitions", str(tmp_path / "t.jsonl")]) == 0
+    assert (tmp_path / "t.jsonl").read_bytes() == first
+    assert cli_main([*args, "--compare-transitions", str(tmp_path / "t3.jsonl")]) == 2
+    assert "needs --compare-with" in capsys.readouterr().err
+
+
 def test_cli_validate_exit_codes(tmp_path, capsys):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(ACTIVE)
