@@ -96,8 +96,29 @@ class Segment:
 
     def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
         if self.exit is not None:
-            return self.exit.holds(ev), self.exit.text, self.exit
+            return self.exit_holds(ev), self.exit.text, self.exit
         return not self.enter.holds(ev), f"not ({self.enter.text})", self.enter
+
+    def exit_holds(self, ev: Evaluation) -> bool:
+        """`enter: A, exit: B`: a member leaves when B holds and A does not. Entry wins while A
+        holds, so a pair that can both hold (B over other features than A, or true by time
+        alone) is still one membership, not a flap at every evaluation; for a pair that never
+        both holds (the usual hysteresis) this is B alone."""
+        return self.exit.holds(ev) and not self.enter.holds(ev)
+
+    def member_next_change(self, ev: Evaluation) -> int | None:
+        """When a member's leaving can next change with no event: while B does not hold, only
+        when B does (A cannot make a member leave); while B holds (so A holds too, or the member
+        would have left), when either does."""
+        exit_ = self.exit
+        if exit_ is None:
+            return self.enter.next_change(ev)
+        due = exit_.next_change(ev)
+        if exit_.holds(ev):
+            other = self.enter.next_change(ev)
+            if other is not None and (due is None or other < due):
+                due = other
+        return due
 
 
 @dataclass(frozen=True)
@@ -126,7 +147,8 @@ class DefinitionSet:
         )
         # The same walk for next_change_ms, with what it reads of each segment taken out once.
         self._changes = tuple(
-            (group is not None, tuple((s.name, s.min_dwell_ms, s.enter.next_change, (s.exit or s.enter).next_change)
+            (group is not None, tuple((s.name, s.min_dwell_ms, s.enter.next_change,
+                                       s.member_next_change if s.exit is not None else s.enter.next_change)
                                       for s in segments))
             for group, segments in self._plan
         )
@@ -135,7 +157,7 @@ class DefinitionSet:
         # dwell, enter test, exit test or None, the Verdict of entering, the Verdict of leaving).
         self._diff_plan = tuple(
             (group, None, 0, None, None, None, None) if group is not None else
-            (None, s.name, s.min_dwell_ms, s.enter.holds, s.exit.holds if s.exit is not None else None,
+            (None, s.name, s.min_dwell_ms, s.enter.holds, s.exit_holds if s.exit is not None else None,
              Verdict(True, s.enter.text, s.enter), Verdict(False, *s.leaves_rule))
             for group, segments in self._plan for s in segments[:1]
         )

@@ -503,8 +503,16 @@ def _threshold_families(vocab: Vocab):
 
 @st.composite
 def hysteresis(draw, vocab: Vocab, refs: tuple[str, ...]):
-    """(enter, exit) that can never both hold, so the validator accepts them and nothing flaps."""
-    if draw(st.integers(0, 2)) == 0:
+    """(enter, exit): mostly pairs that can never both hold (the usual hysteresis), and one in
+    five any two conditions, which can both hold (then entry wins while enter holds), except the
+    single-threshold form on one value that the validator refuses."""
+    shape = draw(st.integers(0, 4))
+    if shape == 0:
+        enter, leave = draw(condition(vocab, refs, 1)), draw(condition(vocab, refs, 1))
+        if isinstance(enter, Cmp) and isinstance(leave, Cmp) and enter.ref == leave.ref:
+            leave = Or((leave, Const(False)))  # not the refused form, and the same exit
+        return enter, leave
+    if shape == 1:
         a = draw(condition(vocab, refs, 1))
         x = draw(st.none() | condition(vocab, refs, 1))
         y = draw(st.none() | condition(vocab, refs, 1))
@@ -667,6 +675,13 @@ def decide(defs: Defs, at: Instant, now: int, memberships: dict[str, MState]) ->
         m = memberships.get(s.name)
         return m if m is not None and m.member else None
 
+    def leaves(s: SegDef) -> bool:
+        # `when: A`: A no longer holds. `enter: A, exit: B`: B holds and A does not (entry wins
+        # while A holds: a pair that can both hold is one stay, not a flap).
+        if s.exit is None:
+            return not at.holds(s.enter)
+        return at.holds(s.exit) and not at.holds(s.enter)
+
     for unit in defs.units:
         if isinstance(unit, SegDef):
             current = was(unit)
@@ -674,8 +689,7 @@ def decide(defs: Defs, at: Instant, now: int, memberships: dict[str, MState]) ->
                 if at.holds(unit.enter):
                     changes[unit.name] = (True, unit.enter_rule)
             elif now >= current.since + unit.dwell_ms:
-                leaves = at.holds(unit.exit) if unit.exit is not None else not at.holds(unit.enter)
-                if leaves:
+                if leaves(unit):
                     changes[unit.name] = (False, unit.exit_rule)
             at.members[unit.name] = (unit.name in changes) != (current is not None)
             continue
@@ -683,17 +697,15 @@ def decide(defs: Defs, at: Instant, now: int, memberships: dict[str, MState]) ->
         current = next((s for s in members if was(s) is not None), None)
         frozen = current is not None and now < was(current).since + current.dwell_ms
         if not frozen:
-            leaves = False
-            if current is not None:
-                leaves = at.holds(current.exit) if current.exit is not None else not at.holds(current.enter)
+            current_leaves = current is not None and leaves(current)
             winner = None
             for s in members:  # the first listed that holds; the current member holds while it stays
-                if (not leaves) if s is current else at.holds(s.enter):
+                if (not current_leaves) if s is current else at.holds(s.enter):
                     winner = s
                     break
             if winner is not current:
                 if current is not None:
-                    rule = current.exit_rule if leaves else (
+                    rule = current.exit_rule if current_leaves else (
                         f"exclusive group {unit.name}: {winner.name} took precedence ({winner.enter_rule})")
                     changes[current.name] = (False, rule)
                 if winner is not None:

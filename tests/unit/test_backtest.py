@@ -51,6 +51,16 @@ def test_figures_of_a_small_log_worked_out_by_hand():
     assert result.sizes["active"][-1][1] == 0
 
 
+@pytest.mark.parametrize("gap_ms, flap", [(10 * MINUTE - 1, True), (10 * MINUTE, False)])
+def test_a_flap_is_a_re_entry_less_than_ten_minutes_after_the_exit(gap_ms, flap):
+    """Issue 16: the window is strict: a re-entry exactly 10 minutes after the exit is no flap."""
+    # active [0, 10m), exit at 10m; the next event at 10m + gap re-enters.
+    events = [page("u1", 1, T0), page("u1", 2, T0 + 10 * MINUTE + gap_ms)]
+    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 60 * MINUTE)
+    r = result.segments["active"]
+    assert (r.entries, r.flaps) == (2, 1 if flap else 0)
+
+
 def test_a_stay_that_begins_and_ends_at_one_millisecond_counts_once_with_zero_dwell_and_no_flap():
     """Issue 16: `when: cart_items > 0`; an add_to_cart and a purchase of one user at the same ms,
     beside another user leaving at that ms while a third enters."""

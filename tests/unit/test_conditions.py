@@ -342,6 +342,24 @@ def test_a_profile_that_ended_its_session_reads_the_session_features_as_missing(
     assert holds("in_session == 0", profile, now=later)
 
 
+@pytest.mark.parametrize("session_id", [None, "s-1"])
+@pytest.mark.parametrize("apart, sessions", [(30 * MINUTE - 1, 1), (30 * MINUTE, 1), (30 * MINUTE + 1, 2)])
+def test_events_exactly_the_session_gap_apart_are_one_session_and_one_ms_more_are_two(apart, sessions, session_id):
+    """Issue 16: derived sessions are cut where two consecutive events are *more* than the gap
+    apart; a named session lasts while its last event is less than the gap before the clock, so
+    an event exactly the gap later still joins it (visible, it is kept) and is current at once."""
+    first, second = ev(1, A, session_id=session_id), ev(2, A + apart, session_id=session_id)
+    profile = profile_after(first, second)
+    named = session_id is not None
+    expected = 1 if named else sessions  # a named session is one whatever the gap, while kept
+    assert holds(f"sessions_24h == {expected}", profile)
+    assert holds(f"current_session_events == {3 - expected}", profile)
+    assert holds(f"current_session_start_ms == {A if expected == 1 else A + apart}", profile)
+    # In the session until exactly the gap after its last event.
+    assert holds("in_session == 1", profile, now=A + apart + 30 * MINUTE - 1)
+    assert holds("in_session == 0", profile, now=A + apart + 30 * MINUTE)
+
+
 @pytest.mark.parametrize("text, scores, expected", [
     ("score.propensity > 0.7", {"propensity": 0.75}, True),
     ("score.propensity > 0.75", {"propensity": 0.75}, False),

@@ -407,6 +407,59 @@ def test_hysteresis_enters_on_the_enter_condition_and_leaves_only_on_the_exit_co
                                                        ("cart_items <= 1", {"cart_items": 1.0})]
 
 
+def test_an_enter_exit_pair_that_can_both_hold_is_one_stay_entry_winning_while_enter_holds():
+    """Issue 16: `enter: A, exit: B` where both can hold at once. A member leaves when B holds
+    and A does not, at the exact instant, by a timer when time alone gets it there."""
+    # The issue's pair: B (recent activity) holds at every event, so a member leaves only when
+    # the cart empties, and at that very event (it used to leave at the next event after entering).
+    pair = parse("version: v1\nsegments:\n  - name: s\n    enter: cart_items > 0\n"
+                 "    exit: ms_since_last_event < 1d\n")
+    assert replay(pair, [add(1, A), ev(2, A + MINUTE), ev(3, A + HOUR), ev(4, A + 2 * HOUR, "purchase", price=5.0)],
+                  A + 3 * DAY) == [("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 2 * HOUR, "EVENT")]
+    # A lapses by time while B holds: the exit is due at A's lapse and a timer takes it there.
+    lapsing = parse("version: v1\nsegments:\n  - name: s\n    enter: ms_since_last_event < 10m\n"
+                    "    exit: cart_items == 0\n")
+    run = Run(lapsing)
+    assert brief(run.event(ev(1, A))) == [("s", "ENTER", 0, "EVENT")]  # entry wins: B holds too
+    assert run.next_change() == A + 10 * MINUTE
+    out = run.until(A + DAY)
+    assert [(t.kind, t.event_time - A, t.cause, t.rule, t.features) for t in out] == [
+        ("EXIT", 10 * MINUTE, "TIMER", "cart_items == 0", {"cart_items": 0.0})]
+    # While B does not hold, A lapsing changes nothing; B coming true with A still holding
+    # changes nothing either; A's lapse after that is the exit.
+    assert replay(lapsing, [add(1, A), remove(2, A + 20 * MINUTE)], A + DAY) == [
+        ("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 30 * MINUTE, "TIMER")]
+
+
+def test_in_a_group_a_member_whose_own_exit_holds_records_its_own_rule_not_the_precedence():
+    """Issue 16: the current member's own exit holds and an earlier-listed segment enters at the
+    same instant: the member's EXIT records its own rule (it would have left anyway), the
+    winner's ENTER its enter rule; "took precedence" is only for a member whose exit does not hold."""
+    run = Run(parse(GROUP_FILE))
+    run.event(add(1, A, quantity=1))  # small
+    out = run.event(add(2, A + MINUTE, quantity=2))  # 3 items: big enters, small's own exit does not hold
+    assert [(t.segment, t.kind, t.rule) for t in out] == [
+        ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"), ("big", "ENTER", "cart_items >= 3")]
+    own = parse("""\
+version: groups-own
+segments:
+  - name: first
+    when: ms_since_last_purchase < 1h
+  - name: carted
+    enter: cart_items >= 1
+    exit: cart_items == 0
+exclusive_groups:
+  - name: shopper
+    segments: [first, carted]
+""")
+    run = Run(own)
+    assert brief(run.event(add(1, A))) == [("carted", "ENTER", 0, "EVENT")]
+    out = run.event(ev(2, A + MINUTE, "purchase", price=10.0))  # empties the cart (own exit) and makes first hold
+    assert [(t.segment, t.kind, t.rule) for t in out] == [("carted", "EXIT", "cart_items == 0"),
+                                                         ("first", "ENTER", "ms_since_last_purchase < 1h")]
+    assert out[0].features == {"cart_items": 0.0}
+
+
 @pytest.mark.parametrize("enter, exit_", [
     ("engagement_score > 50", "engagement_score < 60"),
     ("engagement_score >= 50", "engagement_score <= 50"),  # both hold at exactly 50

@@ -239,7 +239,10 @@ def logs(draw, scale: Scale, vocab: Vocab, defs: Defs | None = None):
     timer steps), then a few events on instants where verdicts tend to change: the latest (or an
     earlier) event's time plus a duration the definitions use, or a horizon's lapse, -1, 0 or +1 ms
     (so an event often lands on the very instant of a time-driven change). They go at the end,
-    never more than back_ms behind the latest time, as the generator's own late events."""
+    never more than back_ms behind the latest time, as the generator's own late events. Then,
+    sometimes, the cases that found issue 16's bugs: an add to the cart and a purchase at one
+    millisecond (a stay that begins and ends at once), and an earlier event's id sent again
+    when its lifetime has ended or is about to (last event + retention - 1, + 0, + 1 ms)."""
     steps = draw(event_logs(scale, vocab.config))
     latest = max(s.time_ms if isinstance(s, Advance) else s.timestamp for s in steps)
     offsets = (_durations_of(defs) if defs is not None else []) or [ms for ms, _ in vocab.durations]
@@ -256,6 +259,17 @@ def logs(draw, scale: Scale, vocab: Vocab, defs: Defs | None = None):
         steps.append(UserEvent(f"t{i}", "u1", event_type, t, product_id=draw(st.sampled_from(("p1", "p2"))),
                                category=draw(st.sampled_from(("c1", "c2", None))), quantity=1))
         latest = max(latest, t)
+    if draw(st.integers(0, 3)) == 0:
+        t = latest + draw(st.sampled_from((0, 1, MINUTE_MS)))
+        steps += [UserEvent("same-ms-add", "u1", "add_to_cart", t, product_id="p1", quantity=1, price=3.0),
+                  UserEvent("same-ms-buy", "u1", "purchase", t, price=3.0)]
+        latest = t
+    if draw(st.integers(0, 3)) == 0:
+        events = [s for s in steps if not isinstance(s, Advance)]
+        # The latest event's id is within the dedup window of the lifetime's last event.
+        reused = max(events, key=lambda e: e.timestamp) if draw(st.booleans()) else draw(st.sampled_from(events))
+        t = latest + vocab.config.retention_ms + draw(st.sampled_from((-1, 0, 1)))
+        steps.append(dataclasses.replace(reused, timestamp=t))
     return steps
 
 

@@ -104,6 +104,14 @@ def test_a_cart_event_without_product_id_is_invalid(event_type, product_id):
     assert reason_for(a_record(event_type=event_type, product_id=product_id)) == "invalid_field"
 
 
+@pytest.mark.parametrize("product_id", [None, ""])
+def test_a_purchase_without_product_id_is_valid_an_order_not_a_cart_line(product_id):
+    """Issue 16: only add_to_cart and remove_from_cart name a cart line; a purchase is the order
+    (its price the order's value) and empties the whole cart, so it needs no product."""
+    event = accept(a_record(event_type="purchase", product_id=product_id, price=30.0))
+    assert (event.event_type, event.price) == ("purchase", 30.0)
+
+
 @pytest.mark.parametrize("event_type", ["add_to_cart", "remove_from_cart"])
 @pytest.mark.parametrize("quantity", [0, -1, -(2**31)])
 def test_a_cart_event_with_zero_or_negative_quantity_is_invalid(event_type, quantity):
