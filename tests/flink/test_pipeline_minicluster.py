@@ -360,8 +360,16 @@ def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalo
 
 
 def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_cannot_key(catalog, tmp_path):
-    from jobs.segment_users import user_event_headers
+    from jobs.java_operators import OperatorsJarMissing, java_class
+    from jobs.segment_users import USER_EVENT_KEYS_CLASS, user_event_headers
     from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog
+
+    settings = load_settings(environ={}, redis_url="")
+    create_environment(settings)
+    assert java_class(settings, USER_EVENT_KEYS_CLASS).EventTime() is not None
+    # A name the jar does not hold is a clear error, not py4j's "calling None.<package>" later.
+    with pytest.raises(OperatorsJarMissing, match="segments.events.NoSuchOperator is not in"):
+        java_class(settings, "segments.events.NoSuchOperator")
 
     assert user_event_headers(catalog) == catalog.codec("UserEvent").header
     schema = json.loads((SCHEMAS_DIR / "user_event.avsc").read_text())
