@@ -12,13 +12,18 @@ from typing import Any
 
 import yaml
 
-from udfs.definitions import DEFAULT_DEFINITIONS
+from udfs.definitions import DEFAULT_DEFINITIONS, MAX_YAML_DEPTH
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
 ENV_PREFIX = "SEGMENTS_"
 # Variables with the prefix that configure the tooling (setup, the local stack), not the job.
 TOOLING_ENV_PREFIXES = ("SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_")
 DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
+# A settings file is a few dozen lines: every setting and a full profile section are 171 YAML
+# nodes. PyYAML takes some 30 us a node, so these bound reading a hostile file to a tenth of a
+# second (64 KB of `[1,1,...]` took a second to refuse, with a 100 KB error message).
+MAX_SETTINGS_BYTES = 64 * 1024
+MAX_SETTINGS_NODES = 3_000
 
 
 class SettingsError(ValueError):
@@ -146,6 +151,46 @@ def _coerce(name: str, kind: str, raw: Any) -> Any:
     return raw
 
 
+def _read_yaml(path: str | Path) -> Any:
+    """The settings file's YAML, guarded as udfs/definitions.py guards a definitions file: bounded
+    in size and in nodes, no anchors or aliases (an alias repeats a node by reference, so nine
+    lines of them stand for a billion strings, and printing such a value in an error message
+    never ended), nesting bounded (the composer recurses). The event pass finds all but the size
+    before anything is composed."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_SETTINGS_BYTES + 1)
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise SettingsError(f"{path}: larger than {MAX_SETTINGS_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SettingsError(f"{path}:{line}: not UTF-8 (byte {err.start})") from None
+    try:
+        depth = nodes = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise SettingsError(f"{path}:{line}: YAML anchors and aliases are not allowed in a settings file")
+            if isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_SETTINGS_NODES:
+                    raise SettingsError(f"{path}:{line}: more than {MAX_SETTINGS_NODES} YAML nodes")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise SettingsError(f"{path}:{line}: nested more than {MAX_YAML_DEPTH} levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SettingsError(f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: invalid YAML: {type(err).__name__}") from None
+
+
 def load_settings(
     path: str | Path | None = None,
     environ: dict[str, str] | None = None,
@@ -155,7 +200,7 @@ def load_settings(
     kinds = {f.name: f.type for f in fields(JobSettings)}
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise SettingsError(f"{path}: expected a mapping of setting names to values")
         for key, raw in loaded.items():

@@ -46,6 +46,53 @@ def _without_logical_types(schema: Any) -> Any:
     return schema
 
 
+class _NoWrap(list):
+    """A union's branches or an enum's symbols, as the schema a payload is read with: an index
+    read from the payload must lie within them. fastavro's compiled reader looks it up as
+    `branches[index]`, and Cython wraps a negative index around by adding len() first, so -1
+    read the last branch or symbol. len() raising here makes that lookup fail instead (decode
+    reports it as undecodable). A valid index never asks for len() (the lookup, no longer
+    Cython's exact-list shortcut, costs about 0.2 us an event); nothing in fastavro's reading
+    takes len() or bool() of a writer schema's parts, and a reader schema (which it does test)
+    is never made of these."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise IndexError("a negative index into a union or an enum")
+
+
+def _strict(parsed: Any, seen: set[int] | None = None) -> Any:
+    """`parsed` (a parse_schema result) with its unions and enum symbols made _NoWrap, in place
+    and in the named types it carries (a type referred to by name is read from those)."""
+    seen = set() if seen is None else seen
+    if isinstance(parsed, list):
+        return parsed if isinstance(parsed, _NoWrap) else _NoWrap(_strict(s, seen) for s in parsed)
+    if not isinstance(parsed, dict) or id(parsed) in seen:
+        return parsed
+    seen.add(id(parsed))
+    kind = parsed["type"]
+    if kind == "enum":
+        parsed["symbols"] = _NoWrap(parsed["symbols"])
+    elif kind in ("record", "error"):
+        for f in parsed["fields"]:
+            f["type"] = _strict(f["type"], seen)
+    elif kind == "array":
+        parsed["items"] = _strict(parsed["items"], seen)
+    elif kind == "map":
+        parsed["values"] = _strict(parsed["values"], seen)
+    for named in parsed.get("__named_schemas", {}).values():
+        _strict(named, seen)
+    return parsed
+
+
+def _parsed(schema: dict) -> Any:
+    # With fastavro's hint that it is parsed: without it schemaless_reader parses the schema
+    # again at every call (that was 60% of a UserEvent's decode) and rebuilds the _NoWrap
+    # unions as plain lists.
+    return parse_schema(_without_logical_types(copy.deepcopy(schema)))
+
+
 def load_schema_file(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -69,10 +116,7 @@ class SchemaCatalog:
 
     def _add(self, schema: dict, current: bool) -> None:
         full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
-        plain = _without_logical_types(copy.deepcopy(schema))
-        self.by_fingerprint[schema_fingerprint(schema)] = _KnownSchema(
-            full_name, parse_schema(plain, _write_hint=False)
-        )
+        self.by_fingerprint[schema_fingerprint(schema)] = _KnownSchema(full_name, _strict(_parsed(schema)))
         if current:
             self.current[schema["name"]] = schema
 
@@ -90,7 +134,8 @@ class AvroCodec:
         self.header = MAGIC + self.fingerprint
         self.max_bytes = max_bytes
         self._writer = parse_schema(schema)
-        self._reader = parse_schema(_without_logical_types(copy.deepcopy(schema)), _write_hint=False)
+        self._reader = _strict(_parsed(schema))  # what a payload of the current version is read with
+        self._resolver = _parsed(schema)  # what an older version's payload is resolved into
         self._catalog = catalog
 
     def encode(self, record: dict) -> bytes:
@@ -124,7 +169,7 @@ class AvroCodec:
             if fp == self.fingerprint:
                 record = fastavro.schemaless_reader(body, self._reader, None)
             else:
-                record = fastavro.schemaless_reader(body, known.parsed, self._reader)
+                record = fastavro.schemaless_reader(body, known.parsed, self._resolver)
         except Exception as exc:  # fastavro raises many types on corrupt bodies; all mean the same
             raise DecodeError("undecodable", f"body does not match its schema ({type(exc).__name__})") from None
         if body.tell() != len(payload):

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import yaml
 
 from udfs.conditions import (
+    MAX_CONDITION_CHARS,
+    MAX_DURATION_MS,
     Compare,
     Compiler,
     Condition,
@@ -47,7 +49,14 @@ from udfs.profile_config import DURATION_UNITS, ProfileConfig
 
 MAX_FILE_BYTES = 1_000_000
 MAX_SEGMENTS = 1_000
+# All of a file's conditions together: 1,000 segments of 200 characters (the shipped file has 38
+# a segment). Compiling takes some 1.3 us a character: refusing the last segment of a 1 MB file of
+# long conditions took 1.2 s of compiling after the YAML; with this, a quarter of a second.
+MAX_FILE_CONDITION_CHARS = 200_000
 MAX_YAML_DEPTH = 32
+# Every field of MAX_SEGMENTS segments, each in a group of two, is 15,511 nodes; PyYAML parses
+# some 13 us a node, so the event pass stops a denser file within a third of a second.
+MAX_YAML_NODES = 20_000
 MAX_TIME_MS = 2**62  # beyond any event time; Flink timers are signed 64-bit
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
@@ -287,11 +296,20 @@ def parse_definitions(
 
 def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
     """The node tree, and the line of the first anchor or alias (refused once the segment it
-    sits in is known). The event pass bounds the nesting first: composing is recursive."""
+    sits in is known). The event pass bounds the nesting first (composing is recursive) and the
+    number of nodes (PyYAML takes some 30 us a node: a 1 MB file of `[1,1,...]` took 16 s to
+    refuse), then the nodes are composed from its events: the text is parsed once."""
     anchor_line = None
+    events: list[yaml.Event] = []
     try:
-        depth = 0
+        depth = nodes = documents = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            events.append(event)
+            if isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_YAML_NODES:
+                    raise DefinitionError(f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings)",
+                                          source, event.start_mark.line + 1)
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
@@ -299,9 +317,13 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
                                           event.start_mark.line + 1)
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+            elif isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    break  # the composer refuses it, as it refused it from the text
             if anchor_line is None and (isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None)):
                 anchor_line = event.start_mark.line + 1
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _EventComposer(events).get_single_node()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         raise DefinitionError(f"invalid YAML: {err.problem or err.context}", source,
@@ -311,6 +333,29 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
     if root is None:
         raise DefinitionError("empty file: expected `version:` and `segments:`", source)
     return root, anchor_line
+
+
+class _EventComposer(yaml.composer.Composer, yaml.resolver.Resolver):
+    """SafeLoader's composer and resolver, reading events already parsed instead of a parser."""
+
+    def __init__(self, events: list[yaml.Event]):
+        yaml.composer.Composer.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._events = events
+        self._next = 0
+
+    def check_event(self, *choices) -> bool:
+        if self._next == len(self._events):
+            return False
+        return not choices or isinstance(self._events[self._next], choices)
+
+    def peek_event(self) -> yaml.Event | None:
+        return self._events[self._next] if self._next < len(self._events) else None
+
+    def get_event(self) -> yaml.Event | None:
+        event = self.peek_event()
+        self._next += 1
+        return event
 
 
 def _line(node: yaml.Node) -> int:
@@ -343,6 +388,7 @@ class _Builder:
         self.source_text = text
         self.catalog = catalog
         self.models = models
+        self.condition_chars = 0  # of the conditions compiled so far
 
     def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None,
              line: int | None = None):
@@ -449,6 +495,11 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
             return compiler.constant(node.value.lower() in ("true", "yes", "on"))
         text = self.text(node, "a condition", segment)
+        self.condition_chars += len(text)
+        # (A condition too long by itself is refused as such by the compiler.)
+        if self.condition_chars > MAX_FILE_CONDITION_CHARS and len(text) <= MAX_CONDITION_CHARS:
+            self.fail(f"the file's conditions are longer than {MAX_FILE_CONDITION_CHARS} characters together",
+                      node, segment)
         try:
             return compiler.compile(text)
         except ConditionError as err:
@@ -482,10 +533,15 @@ class _Builder:
     def duration(self, node, what: str, segment: str) -> int:
         self.check_tag(node, segment)
         raw = node.value if isinstance(node, yaml.ScalarNode) else None
-        match = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", raw or "")
+        match = re.fullmatch(r"0*(\d+)(ms|s|m|h|d|w)", raw or "")
         if match is None:
             self.fail(f"{what} must be a duration such as 30s, 10m, 1h or 7d", node, segment)
-        value = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+        digits, unit = match.groups()
+        # The conditions' bound on durations, so that an event time plus one stays far below
+        # MAX_TIME_MS; the digits counted first, since int() refuses more than 4,300 of them.
+        value = int(digits) * DURATION_UNITS[unit] if len(digits) <= len(str(MAX_DURATION_MS)) else None
+        if value is None or value > MAX_DURATION_MS:
+            self.fail(f"{what} must be at most 100 years ({MAX_DURATION_MS} ms)", node, segment)
         if value <= 0:
             self.fail(f"{what} must be positive", node, segment)
         return value
@@ -543,32 +599,40 @@ class _Builder:
                         refs += sorted(c.references.segments)
             return refs
 
+        def label(unit) -> str:
+            return unit.name if isinstance(unit, Segment) else f"group {unit.name}"
+
         ordered: list = []
         state: dict[int, str] = {}  # id(unit) -> visiting | done
-
-        def visit(unit, path: list[str]) -> None:
-            key = id(unit)
-            if state.get(key) == "done":
-                return
-            label = unit.name if isinstance(unit, Segment) else f"group {unit.name}"
-            if state.get(key) == "visiting":
-                cycle = path[path.index(label):] + [label]
-                first = _ordered(unit)[0].name
-                self.fail(f"segment references form a cycle: {' -> '.join(cycle)}", raw[first][1], first)
-            state[key] = "visiting"
-            for ref in depends(unit):
+        # Depth first with a stack of (unit, the references it has still to visit), not by
+        # recursion: a chain of MAX_SEGMENTS references is deeper than Python's recursion limit.
+        for name in segments:
+            if state.get(id(unit_of[name])) == "done":
+                continue
+            state[id(unit_of[name])] = "visiting"
+            stack = [(unit_of[name], iter(depends(unit_of[name])))]
+            while stack:
+                unit, refs = stack[-1]
+                ref = next(refs, None)
+                if ref is None:
+                    stack.pop()
+                    state[id(unit)] = "done"
+                    ordered.append(unit)
+                    continue
                 target = unit_of[ref]
                 if target is unit and isinstance(unit, ExclusiveGroup):
                     reader = next(s.name for s in unit.segments for c in (s.enter, s.exit)
                                   if c is not None and ref in c.references.segments)
                     self.fail(f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}",
                               raw[reader][1], reader)
-                visit(target, [*path, label])
-            state[key] = "done"
-            ordered.append(unit)
-
-        for name in segments:
-            visit(unit_of[name], [])
+                if state.get(id(target)) == "visiting":
+                    path = [label(u) for u, _ in stack]
+                    cycle = path[path.index(label(target)):] + [label(target)]
+                    first = _ordered(target)[0].name
+                    self.fail(f"segment references form a cycle: {' -> '.join(cycle)}", raw[first][1], first)
+                if state.get(id(target)) is None:
+                    state[id(target)] = "visiting"
+                    stack.append((target, iter(depends(target))))
         return tuple(ordered)
 
 

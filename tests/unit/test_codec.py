@@ -340,6 +340,50 @@ def test_extra_trailing_bytes_after_a_valid_record_are_rejected_as_undecodable(c
     assert reason_of(codec, codec.encode(a_user_event()) + extra) == "undecodable"
 
 
+def zigzag(n: int) -> bytes:
+    """Avro's int and long: zig-zag, then a base-128 varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def avro_string(text: str) -> bytes:
+    return zigzag(len(text.encode())) + text.encode()
+
+
+def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
+    """A UserEvent body written by hand, with any enum index and session_id union branch; the
+    session id follows whichever branch a reader takes for the index (-1 read as string, -2 as
+    null), so that a reader that wraps a negative index around reads the whole body."""
+    session = avro_string("u1-s1") if session_branch in (1, -1) else b""
+    return (avro_string("u1-1") + avro_string("u1") + zigzag(event_type) + zigzag(START_MS)
+            + zigzag(session_branch) + session + b"\x00" * 5 + b"\x00")
+
+
+def test_the_hand_written_user_event_body_is_what_the_codec_writes(catalog):
+    codec = catalog.codec("UserEvent")
+    record = a_user_event(product_id=None, category=None, price=None, quantity=None, device=None, properties={})
+    assert codec.body(record) == user_event_body()
+    assert codec.decode(codec.header + user_event_body(session_branch=0)) == {**record, "session_id": None}
+
+
+@pytest.mark.parametrize("index", [-1, -2, -10, -11, 10, 2**31, -(2**63)])
+def test_an_enum_index_outside_the_symbols_is_undecodable_negative_ones_too(catalog, index):
+    # fastavro's compiled reader wraps a negative index around: -1 read the last symbol.
+    codec = catalog.codec("UserEvent")
+    assert reason_of(codec, codec.header + user_event_body(event_type=index)) == "undecodable"
+
+
+@pytest.mark.parametrize("branch", [-1, -2, -3, 2, 2**62])
+def test_a_union_branch_outside_the_union_is_undecodable_negative_ones_too(catalog, branch):
+    codec = catalog.codec("UserEvent")
+    assert reason_of(codec, codec.header + user_event_body(session_branch=branch)) == "undecodable"
+
+
 def test_a_payload_bigger_than_max_bytes_is_rejected_as_oversize_and_one_at_the_limit_is_not(catalog):
     payload = catalog.codec("UserEvent").encode(a_user_event())
     at_limit = catalog.codec("UserEvent", max_bytes=len(payload))
@@ -438,3 +482,12 @@ def test_truncated_old_payloads_are_undecodable_under_the_new_schema(evolved_cat
     for cut in range(HEADER_SIZE, len(old_payload)):
         assert reason_of(codec, old_payload[:cut]) == "undecodable", cut
     assert reason_of(codec, old_payload + b"\x00") == "undecodable"
+
+
+def test_a_negative_index_is_undecodable_in_a_previous_schema_version_too(evolved_catalogs):
+    old, new = evolved_catalogs
+    header = old.codec("UserEvent").header  # read by the new codec as a history version
+    codec = new.codec("UserEvent")
+    assert codec.decode(header + user_event_body())["event_type"] == "add_to_cart"
+    assert reason_of(codec, header + user_event_body(event_type=-1)) == "undecodable"
+    assert reason_of(codec, header + user_event_body(session_branch=-1)) == "undecodable"

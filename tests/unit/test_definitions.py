@@ -6,6 +6,8 @@ configuration (buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min;
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.conftest import START_MS
@@ -859,6 +861,39 @@ def test_a_zero_min_dwell_is_refused():
     assert_names(err, 5, None, "s", "min_dwell must be positive")
 
 
+HUNDRED_YEARS_MS = 100 * 365 * 86_400_000
+
+
+@pytest.mark.parametrize("dwell", [f"{HUNDRED_YEARS_MS + 1}ms", "36501d", "1" + "0" * 45 + "w", "9" * 5000 + "ms"])
+def test_a_min_dwell_beyond_100_years_is_refused_like_a_duration_threshold(dwell):
+    # 1e45 weeks is 6e53 ms; 5,000 digits are more than int() reads.
+    err = rejected(seg_file("when: cart_items > 0", f"min_dwell: {dwell}"))
+    assert_names(err, 5, None, "s", f"min_dwell must be at most 100 years ({HUNDRED_YEARS_MS} ms)")
+
+
+def test_a_min_dwell_of_exactly_100_years_is_accepted_leading_zeros_or_not():
+    for dwell in ("36500d", f"{HUNDRED_YEARS_MS}ms", "0" * 5000 + "36500d"):
+        assert parse(seg_file("when: cart_items > 0", f"min_dwell: {dwell}")).segments["s"].min_dwell_ms == (
+            HUNDRED_YEARS_MS)
+
+
+def test_a_rescore_every_beyond_100_years_is_refused():
+    text = "version: v1\nrescore_every: {}\nsegments:\n  - name: s\n    when: score.churn_risk > 0.5\n"
+    assert parse(text.format("36500d"), MODELS).rescore_every_ms == HUNDRED_YEARS_MS
+    err = rejected(text.format("1" + "0" * 45 + "w"), MODELS)
+    assert_names(err, 2, None, None, f"rescore_every must be at most 100 years ({HUNDRED_YEARS_MS} ms)")
+
+
+@pytest.mark.parametrize("condition, column", [
+    ("ms_since_last_event < 36501d", 31),  # the comparison's column
+    ("ms_since_last_event < " + "1" + "0" * 48, 31),
+    ("absent(purchase, " + "1" + "0" * 45 + "w)", 11),
+])
+def test_a_duration_in_a_condition_beyond_100_years_is_refused(condition, column):
+    err = rejected(seg_file(f"when: {condition}"))
+    assert_names(err, 4, column, "s", "is beyond 100 years")
+
+
 @pytest.mark.parametrize("name", ["Cart-Holder", "1abc", "_x", "a" * 65, "cart holder", "café"])
 def test_a_bad_segment_name_is_refused(name):
     text = f"version: v1\nsegments:\n  - name: {name}\n    when: cart_items > 0\n"
@@ -981,6 +1016,55 @@ def test_a_file_of_exactly_1_mb_is_read_and_one_byte_more_is_refused():
     assert parse(exact).names == ("s",)
     err = rejected(exact + "\n")
     assert str(err) == "defs.yaml: larger than 1000000 bytes"
+
+
+def most_a_file_holds(segments: int = 1000, padding: str = "") -> str:
+    """`segments` segments with every field, in exclusive groups of two, with a description."""
+    lines = ["version: v1", "description: every field of every segment", "rescore_every: 1h", "segments:"]
+    for i in range(segments):
+        lines += [f"  - name: s{i}", f"    description: segment {i}", f"    enter: score.churn_risk > 0.5{padding}",
+                  "    exit: score.churn_risk < 0.4", "    min_dwell: 1h"]
+    lines.append("exclusive_groups:")
+    for i in range(0, segments, 2):
+        lines += [f"  - name: g{i}", f"    description: group {i}", f"    segments: [s{i}, s{i + 1}]"]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_most_a_file_may_hold_loads_every_field_of_1000_segments_in_groups():
+    definitions = parse(most_a_file_holds(), MODELS)
+    assert (len(definitions.segments), len(definitions.groups)) == (1000, 500)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("version: v1\nsegments: [" + "1," * 499_980 + "1]\n", 2),  # took 16 s to say "more than 1000 segments"
+    ("version: v1\nsegments:\n" + "- 1\n" * 249_994, 19_998),
+    ("version: v1\nsegments:\n  - {name: a, when: 'true'" + ", x: 1" * 166_650 + "}\n", 3),
+    ("a: 1\n" * 200_000, 10_000),
+])
+def test_a_file_of_more_than_20000_yaml_nodes_is_refused_at_the_20001st_before_it_is_composed(text, line):
+    assert len(text.encode()) <= 1_000_000
+    started = time.perf_counter()
+    assert_names(rejected(text), line, None, None, "more than 20000 YAML nodes")
+    assert time.perf_counter() - started < 2
+
+
+def test_the_conditions_of_a_file_together_may_be_200000_characters_and_no_more():
+    padding = " or cart_items > 0" * 7 + " or cart_items > 1000000000000"
+    assert len("score.churn_risk > 0.5" + padding) + len("score.churn_risk < 0.4") == 200  # enter and exit
+    assert len(parse(most_a_file_holds(1000, padding), MODELS).segments) == 1000
+    # 201 a segment: the enter condition of s995 (on line 5 + 5 * 995 + 2) reaches 995 * 201 + 179
+    err = rejected(most_a_file_holds(1000, padding + "0"), MODELS)
+    assert_names(err, 4982, None, "s995", "the file's conditions are longer than 200000 characters together")
+
+
+def test_a_chain_of_1000_segment_references_loads_and_a_cycle_of_1000_is_refused():
+    # The order was found by recursion: a chain this long was a RecursionError.
+    chain = "version: v1\nsegments:\n" + "".join(f"  - name: s{i}\n    when: segment.s{i + 1}\n" for i in range(999))
+    definitions = parse(chain + "  - name: s999\n    when: cart_items > 0\n")
+    assert [u.name for u in definitions.units] == [f"s{i}" for i in reversed(range(1000))]
+    err = rejected(chain + "  - name: s999\n    when: segment.s0\n")
+    assert_names(err, 3, None, "s0", "segment references form a cycle: s0 -> s1 -> s2 -> ")
+    assert str(err).endswith("s998 -> s999 -> s0")
 
 
 def test_a_condition_of_4000_characters_is_accepted_and_longer_is_refused():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from jobs.settings import JobSettings, SettingsError, load_settings
+from jobs.settings import MAX_SETTINGS_BYTES, JobSettings, SettingsError, load_settings
 
 
 def write_yaml(tmp_path: Path, text: str) -> Path:
@@ -177,3 +178,63 @@ def test_an_allowed_lateness_reaching_the_retention_is_rejected(tmp_path):
         load_settings(path, environ={})
     path.write_text("allowed_lateness_ms: 86399999\n" + profile)
     assert load_settings(path, environ={}).allowed_lateness_ms == 86_399_999
+
+
+# --- a hostile settings file: refused at once, naming the file and the line ------------------
+
+LAUGHS = "  - &l0 [" + ", ".join(['"lol"'] * 9) + "]\n" + "".join(
+    f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
+def test_a_billion_laughs_settings_file_is_refused_at_once_naming_its_first_anchor(tmp_path):
+    # Nine lines of aliases stand for 9**9 strings: printing the value in the error message for
+    # a string setting never ended (> 60 s).
+    path = write_yaml(tmp_path, "parallelism: 2\njob_name:\n" + LAUGHS)
+    started = time.perf_counter()
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert time.perf_counter() - started < 1
+    assert str(err.value) == f"{path}:3: YAML anchors and aliases are not allowed in a settings file"
+
+
+def test_a_single_alias_in_a_settings_file_is_refused(tmp_path):
+    path = write_yaml(tmp_path, "events_topic: &topic clicks\ntransitions_topic: *topic\n")
+    with pytest.raises(SettingsError, match=r"job\.yaml:1: YAML anchors and aliases are not allowed"):
+        load_settings(path, environ={})
+
+
+def test_a_settings_file_nested_deeper_than_the_bound_is_refused_not_a_recursion_error(tmp_path):
+    path = write_yaml(tmp_path, "profile:\n  horizons: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(SettingsError, match=r"job\.yaml:2: nested more than 32 levels deep"):
+        load_settings(path, environ={})
+
+
+def test_a_settings_file_of_more_than_3000_yaml_nodes_is_refused_at_the_3001st(tmp_path):
+    # 5 nodes before the list (the mapping, parallelism, 2, job_name, the list), then one a line
+    path = write_yaml(tmp_path, "parallelism: 2\njob_name:\n" + "  - 1\n" * 2995)
+    with pytest.raises(SettingsError, match="job_name must be a string"):
+        load_settings(path, environ={})
+    path.write_text(path.read_text() + "  - 1\n")
+    with pytest.raises(SettingsError, match=r"job\.yaml:2998: more than 3000 YAML nodes"):
+        load_settings(path, environ={})
+
+
+def test_a_settings_file_larger_than_the_bound_is_refused_and_one_at_the_bound_is_read(tmp_path):
+    head = "parallelism: 2\n"
+    path = write_yaml(tmp_path, head + "#" * (MAX_SETTINGS_BYTES - len(head) - 1) + "\n")
+    assert load_settings(path, environ={}).parallelism == 2
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(SettingsError, match=f"job.yaml: larger than {MAX_SETTINGS_BYTES} bytes"):
+        load_settings(path, environ={})
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("parallelism: 2\nevents_topic: [clicks\n", 3, "invalid YAML"),
+    ("parallelism: 2\njob_name: !!python/name:os.system x\n", 2, "invalid YAML"),
+    ("parallelism: 2\njob_name: caf\xe9\n", 2, "not UTF-8"),
+])
+def test_a_settings_file_that_is_not_yaml_is_a_settings_error_naming_the_line(tmp_path, text, line, message):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(SettingsError, match=rf"job\.yaml:{line}: {message}"):
+        load_settings(path, environ={})
