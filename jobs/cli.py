@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +56,21 @@ def cmd_stack(args) -> int:
 def cmd_run(args) -> int:
     from jobs.segment_users import main as run_job
 
-    run_job(["--config", args.config] if args.config else [])
+    settings = _settings(args)
+    stop = threading.Event()
+    follower = None
+    if settings.redis_url and settings.redis_follower:
+        from jobs.redis_follower import follow
+
+        follower = threading.Thread(target=follow, name="redis-view-follower", daemon=True,
+                                    args=(settings, stop, settings.redis_follower_metrics_port or None))
+        follower.start()
+    try:
+        run_job(["--config", args.config] if args.config else [])
+    finally:
+        stop.set()
+        if follower is not None:
+            follower.join(timeout=10)
     return 0
 
 
@@ -297,6 +313,19 @@ def cmd_redis(args) -> int:
     if not settings.redis_url:
         print("no redis_url configured", file=sys.stderr)
         return 2
+    if args.action == "follow":
+        from jobs.redis_follower import follow
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"following {settings.transitions_topic} into {redact_url(settings.redis_url)} (Ctrl-C stops)",
+              flush=True)
+        try:
+            follow(settings, stop, args.metrics_port or settings.redis_follower_metrics_port or None)
+        except KeyboardInterrupt:
+            stop.set()
+        return 0
     view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
     # A transaction open at the end of the topic may be being committed right now (its transitions
     # perhaps already in the Redis that was lost): wait that long for its marker.
@@ -458,8 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(PROJECT_ROOT / "models"))
     p.set_defaults(func=cmd_train)
 
-    p = with_config(sub.add_parser("redis", help="the Redis view: rebuild it from the transitions topic"))
-    p.add_argument("action", choices=["rebuild"])
+    p = with_config(sub.add_parser("redis", help="the Redis view: follow the transitions topic, or rebuild it"))
+    p.add_argument("action", choices=["follow", "rebuild"],
+                   help="follow: apply committed transitions as they come, resuming where it left off (the view "
+                        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="follow: serve the follower's figures (lag per partition) for Prometheus on this port")
     p.add_argument("--flush", action="store_true", help="delete the view's keys first (a fresh Redis)")
     p.add_argument("--open-wait-s", type=float, default=None,
                    help="how long to wait for transactions still open at the end of the topic "

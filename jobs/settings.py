@@ -58,9 +58,14 @@ class JobSettings:
     # the job for good at the first error.
     restart_strategy: str = "exponential-delay"
     restart_max_backoff_ms: int = 30_000
-    # A Redis write that cannot reach Redis is retried this long before the task fails (and the
-    # job restarts from its last checkpoint): a short blip costs no restart.
+    # A Redis write that cannot reach Redis is retried this long; then the checkpoint's
+    # transitions are left to the view follower (jobs/redis_follower.py) and the job goes on: a
+    # Redis outage never stops the Kafka transitions.
     redis_retry_ms: int = 10_000
+    # `segments run` also runs the view follower (the view catches up by itself after a Redis
+    # outage or an empty restart); with a cluster, run `segments redis follow` beside it.
+    redis_follower: bool = True
+    redis_follower_metrics_port: int = 0  # 0: no metrics endpoint
     # How long a network buffer between operators (the key_by shuffle) may wait to fill before it
     # is sent: Flink's default of 100 ms is most of an event's way to Redis at low load.
     buffer_timeout_ms: int = 10

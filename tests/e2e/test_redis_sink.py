@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from jobs.settings import load_settings
 pytestmark = pytest.mark.e2e
 
 SINK2 = "org.apache.flink.api.connector.sink2"
+PROBE_S = 5.1  # RedisViewCommitter.PROBE_MILLIS, and a little
 
 
 @pytest.fixture(scope="module")
@@ -200,26 +202,48 @@ def test_the_committer_logs_in_with_a_password_and_selects_the_database(jvm, tmp
 
         from py4j.protocol import Py4JJavaError
 
-        # Wrong credentials are not retried: the commit fails at once (and the job fails over).
+        # Wrong credentials are not retried: the commit fails at once, and the job with it, for
+        # good (no restart loop: retrying cannot change the answer).
         with pytest.raises(Py4JJavaError) as refused:
             commit(committer(jvm, f"redis://:n0t-the-pass@127.0.0.1:{port}/3", retry_ms=60_000),
                    batch(jvm, ("u1", "vip", "EXIT", 2, 200)))
         assert "Redis refused the credentials" in str(refused.value)
+        assert refused.value.java_exception.getClass().getName() == (
+            "org.apache.flink.runtime.execution.SuppressRestartsException")
         assert "n0t-the-pass" not in str(refused.value)
     finally:
         server.stop()
 
 
-def test_an_unreachable_redis_is_retried_until_the_deadline_then_the_commit_fails(jvm):
-    from py4j.protocol import Py4JJavaError
-
-    port = free_port()  # nothing listens there
+def test_an_unreachable_redis_is_retried_until_the_deadline_then_left_to_the_follower_without_failing(
+        jvm, tmp_path):
+    """Issue 19: Redis down must not stop the job. The commit retries for redis_retry_ms, then
+    marks the committable failed with a known reason (Flink counts it and goes on) instead of
+    throwing; while Redis stays down, later commits try once per probe interval instead of
+    waiting the whole retry time (the committer runs on the task's thread); once Redis answers,
+    commits apply again."""
+    port = free_port()  # nothing listens there yet
     c = committer(jvm, f"redis://:s3cret@127.0.0.1:{port}/0", retry_ms=1500)
-    with pytest.raises(Py4JJavaError) as failed:
-        commit(c, batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
-    message = str(failed.value.java_exception.getMessage())
-    assert "could not be written for 1500 ms" in message and "commits it again after the restore" in message
-    assert "s3cret" not in message and "***@127.0.0.1" in message
+    started = time.monotonic()
+    [first] = commit(c, batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
+    assert time.monotonic() - started >= 1.5
+    assert first.outcome.startswith("failed (known)") and "s3cret" not in first.outcome
+    started = time.monotonic()
+    [second] = commit(c, batch(jvm, ("u2", "vip", "ENTER", 1, 100)))
+    assert time.monotonic() - started < 1.0 and second.outcome.startswith("failed (known)")
+    server = ManagedProcess("redis-late", tmp_path)
+    server.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--requirepass", "s3cret", "--dir", str(tmp_path)])
+    try:
+        wait_for_port(port, what="redis-server")
+        time.sleep(PROBE_S)  # the next probe is due
+        [third] = commit(c, batch(jvm, ("u3", "vip", "ENTER", 1, 100)))
+        assert third.outcome == "committed"
+        # Only what was committed after Redis answered is there: the rest is the follower's.
+        assert RedisSegmentView(f"redis://:s3cret@127.0.0.1:{port}/0", "t", ttl_s=0).members("vip") == {"u3"}
+    finally:
+        c.close()
+        server.stop()
 
 
 def test_an_env_reference_keeps_the_url_out_of_the_job_and_is_read_where_the_committer_runs(jvm):

@@ -204,6 +204,26 @@ def test_compose_has_the_pipeline_services_and_submits_only_on_demand(services):
     assert services["redis"]["image"].startswith("redis:")
 
 
+def test_compose_and_kubernetes_run_the_redis_view_follower_against_the_jobs_topic_and_redis(
+        services, k8s_documents):
+    """docs/redis.md: beside a cluster, the view catches up after an outage only if the follower
+    runs; it must read the topic the job writes and write the Redis the job writes."""
+    follower = services["redis-follower"]
+    assert follower["command"] == ["segments", "redis", "follow"]
+    assert follower["restart"] == "unless-stopped"
+    follows = load_settings(environ=settings_variables(compose_environment(follower)))
+    submitted = load_settings(environ=settings_variables(compose_environment(services["submit"])))
+    for name in ("bootstrap_servers", "redis_url", "transitions_topic", "redis_key_prefix"):
+        assert getattr(follows, name) == getattr(submitted, name), name
+    assert follows.redis_follower_metrics_port > 0
+    [deployment] = [d for d in k8s_documents if d.get("kind") == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-2:] == ["redis", "follow"] and deployment["spec"]["replicas"] == 1
+    assert {"configMapRef": {"name": "segments-settings"}} in container["envFrom"]
+    assert [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if e["name"] == "REDIS_URL"] == [
+        "segments-redis"]
+
+
 def test_compose_builds_the_flink_services_from_the_dockerfile(services):
     for name in ("jobmanager", "taskmanager", "submit"):
         build = services[name]["build"]

@@ -13,6 +13,7 @@ import org.apache.flink.api.connector.sink2.Committer;
 import org.apache.flink.metrics.Counter;
 import org.apache.flink.metrics.Gauge;
 import org.apache.flink.metrics.groups.SinkCommitterMetricGroup;
+import org.apache.flink.runtime.execution.SuppressRestartsException;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -24,14 +25,22 @@ import org.slf4j.LoggerFactory;
  * the order of the transitions does not matter either.
  *
  * <p>Redis unreachable (connection refused or lost, timeouts, LOADING/BUSY replies): retried with
- * a growing pause for up to retryMillis since the last success, then the commit throws and the job
- * fails over; the restored job commits the restored checkpoint's committables again.
+ * a growing pause for up to retryMillis, then the committable is left to the view follower
+ * (jobs/redis_follower.py, which applies the committed transitions topic and keeps its place in
+ * Redis) and the job goes on: a Redis outage never stops the Kafka transitions. While Redis is
+ * known to be down, later commits try once, at most every {@link #PROBE_MILLIS}, instead of
+ * waiting retryMillis each (the committer runs on the task's thread: waiting would stall it).
+ *
+ * <p>Redis refusing what retrying cannot change (credentials, permissions, a key of the wrong type,
+ * the script): the job fails once with that error and is not restarted, instead of restarting in
+ * a loop until someone reads the log.
  */
 final class RedisViewCommitter implements Committer<TransitionBatch> {
 
     private static final Logger LOG = LoggerFactory.getLogger(RedisViewCommitter.class);
     static final int CHUNK = 1000;
     private static final int CONNECT_TIMEOUT_MS = 5_000;
+    static final long PROBE_MILLIS = 5_000;
 
     private final RedisEndpoint endpoint;
     private final String userKeyPrefix;
@@ -46,9 +55,12 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
     private final Counter writes;
     private final Counter stale;
     private final Counter retries;
+    private final Counter leftToFollower;
     private final LatencyWindow latency = new LatencyWindow(1024);
 
     private RespClient client;
+    private long downSince = -1; // Redis found unreachable for retryMillis at this instant; -1: up
+    private long lastProbe;
 
     RedisViewCommitter(RedisEndpoint endpoint, String userKeyPrefix, String sequenceKeyPrefix,
             String membersKeyPrefix, long ttlSeconds, long retryMillis, String script,
@@ -65,6 +77,9 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
         this.writes = metrics.counter("redis_writes");
         this.stale = metrics.counter("redis_stale_writes"); // not newer than Redis held: re-commits
         this.retries = metrics.counter("redis_retries");
+        // Transitions of commits Redis could not take: the view follower applies them from the topic.
+        this.leftToFollower = metrics.counter("redis_left_to_follower");
+        metrics.gauge("redis_unavailable", (Gauge<Integer>) () -> downSince < 0 ? 0 : 1);
         metrics.gauge("redis_write_latency_p50_us", (Gauge<Long>) () -> latency.percentile(0.5));
         metrics.gauge("redis_write_latency_p99_us", (Gauge<Long>) () -> latency.percentile(0.99));
         metrics.gauge("redis_write_latency_max_us", (Gauge<Long>) latency::max);
@@ -73,42 +88,74 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
     @Override
     public void commit(Collection<CommitRequest<TransitionBatch>> requests) throws IOException, InterruptedException {
         for (CommitRequest<TransitionBatch> request : requests) {
-            List<TransitionBatch.Entry> entries = request.getCommittable().entries;
-            long deadline = -1;
-            long pauseMillis = 50;
-            int done = 0;
-            while (done < entries.size()) {
-                int end = Math.min(done + CHUNK, entries.size());
-                try {
-                    long started = System.nanoTime();
-                    int applied = applyChunk(entries.subList(done, end));
-                    latency.record((System.nanoTime() - started) / 1_000);
-                    writes.inc(end - done);
-                    stale.inc(end - done - applied);
-                    done = end;
-                    deadline = -1;
-                    pauseMillis = 50;
-                } catch (IOException e) {
-                    closeClient();
-                    long now = System.currentTimeMillis();
-                    if (deadline < 0) {
-                        deadline = now + retryMillis;
-                    }
-                    if (now >= deadline) {
-                        throw new IOException("Redis at " + endpoint + " could not be written for " + retryMillis
-                                + " ms while committing " + request.getCommittable()
-                                + "; the job fails over and commits it again after the restore", e);
-                    }
-                    retries.inc();
-                    if (retries.getCount() % 10 == 1) {
-                        LOG.warn("Redis at {} not reachable ({}); retrying for up to {} ms", endpoint, e.toString(),
-                                deadline - now);
-                    }
-                    Thread.sleep(Math.min(pauseMillis, deadline - now));
-                    pauseMillis = Math.min(pauseMillis * 2, 1_000);
-                }
+            try {
+                commitOne(request);
+            } catch (RespClient.Rejected e) {
+                throw new SuppressRestartsException(new IOException("Redis at " + endpoint + " refused the view's "
+                        + "writes (" + e.getMessage() + "): fix the Redis user, database or keys, then restore the "
+                        + "job from its last checkpoint", e));
             }
         }
+    }
+
+    private void commitOne(CommitRequest<TransitionBatch> request) throws InterruptedException {
+        List<TransitionBatch.Entry> entries = request.getCommittable().entries;
+        long now = System.currentTimeMillis();
+        // Redis known down: one try per PROBE_MILLIS, so a long outage does not stall the task.
+        boolean probing = downSince >= 0;
+        if (probing && now - lastProbe < PROBE_MILLIS) {
+            leaveToFollower(request, entries.size(), null);
+            return;
+        }
+        lastProbe = now;
+        long deadline = probing ? now : now + retryMillis;
+        long pauseMillis = 50;
+        int done = 0;
+        while (done < entries.size()) {
+            int end = Math.min(done + CHUNK, entries.size());
+            try {
+                long started = System.nanoTime();
+                int applied = applyChunk(entries.subList(done, end));
+                latency.record((System.nanoTime() - started) / 1_000);
+                writes.inc(end - done);
+                stale.inc(end - done - applied);
+                done = end;
+                deadline = System.currentTimeMillis() + retryMillis;
+                pauseMillis = 50;
+                if (downSince >= 0) {
+                    LOG.info("Redis at {} is reachable again after {} ms", endpoint, System.currentTimeMillis() - downSince);
+                    downSince = -1;
+                }
+            } catch (IOException e) {
+                closeClient();
+                now = System.currentTimeMillis();
+                if (now >= deadline) {
+                    leaveToFollower(request, entries.size() - done, e);
+                    return;
+                }
+                retries.inc();
+                if (retries.getCount() % 10 == 1) {
+                    LOG.warn("Redis at {} not reachable ({}); retrying for up to {} ms", endpoint, e.toString(),
+                            deadline - now);
+                }
+                Thread.sleep(Math.min(pauseMillis, deadline - now));
+                pauseMillis = Math.min(pauseMillis * 2, 1_000);
+            }
+        }
+    }
+
+    /** The rest of the committable is not applied here; the follower applies it from the topic. */
+    private void leaveToFollower(CommitRequest<TransitionBatch> request, int notApplied, IOException cause) {
+        if (downSince < 0) {
+            downSince = System.currentTimeMillis();
+            LOG.warn("Redis at {} could not be written for {} ms ({}): this and later commits are left to the view "
+                    + "follower until Redis answers again; the Kafka transitions go on", endpoint, retryMillis,
+                    cause == null ? "down" : cause.toString());
+        }
+        leftToFollower.inc(notApplied);
+        // Failed, known reason: Flink counts it (numCommittablesFailure), keeps no retry of its
+        // own and does not fail the job.
+        request.signalFailedWithKnownReason(cause != null ? cause : new IOException("Redis at " + endpoint + " is down"));
     }
 
     /** Applies the entries in one pipeline; returns how many were newer than what Redis held. */

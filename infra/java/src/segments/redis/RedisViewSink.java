@@ -50,7 +50,7 @@ public final class RedisViewSink implements Sink<Row>, SupportsCommitter<Transit
      * @param sequenceKeyPrefix prefix of a user's sequence hash (the user id follows)
      * @param membersKeyPrefix prefix of a segment's member set (the segment name follows)
      * @param ttlSeconds expiry of a user's keys after their last transition (0: none)
-     * @param retryMillis how long a commit retries an unreachable Redis before the job fails over
+     * @param retryMillis how long a commit retries an unreachable Redis before it leaves the rest to the view follower
      * @param applyScript the Lua script that applies one transition if its sequence is newer
      */
     public RedisViewSink(String redisUrl, String userKeyPrefix, String sequenceKeyPrefix,
