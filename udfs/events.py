@@ -70,6 +70,10 @@ def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEven
     event_id = record.get("event_id")
     if not event_id or len(event_id) > MAX_ID_LENGTH:
         raise DecodeError("invalid_field", "event_id is empty or too long")
+    for name in ("session_id", "product_id", "category"):  # these reach the profile's state
+        value = record.get(name)
+        if value is not None and len(value) > MAX_ID_LENGTH:
+            raise DecodeError("invalid_field", f"{name} longer than {MAX_ID_LENGTH} characters")
     ts = record["timestamp"]
     if ts < MIN_EVENT_TIME_MS or ts > now_ms + max_future_ms:
         raise DecodeError("absurd_timestamp", f"timestamp {ts} outside [{MIN_EVENT_TIME_MS}, now + {max_future_ms} ms]")

@@ -186,7 +186,10 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
         if kind == "purchase":
             bucket.spend += event.price or 0.0
         elif kind == "product_view" and event.category is not None:
-            bucket.category_views[event.category] = bucket.category_views.get(event.category, 0) + 1
+            views = bucket.category_views
+            views[event.category] = views.get(event.category, 0) + 1
+            if len(views) > config.max_bucket_categories:
+                del views[min(views, key=lambda c: (views[c], c))]
 
     if kind == "purchase":
         profile.lifetime_spend += event.price or 0.0

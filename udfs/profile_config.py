@@ -128,6 +128,10 @@ class ProfileConfig:
     max_tracked_items: int = 256  # products and categories viewed, sessions, affinity categories
     max_cart_lines: int = 100
     max_cart_ops_per_line: int = 16
+    # Categories counted per bucket (category_views_<h>): beyond it the least viewed (then the
+    # first by name) is forgotten. Without it one user viewing thousands of categories an hour
+    # made every read of the feature merge thousands of entries per bucket.
+    max_bucket_categories: int = 16
 
     def __post_init__(self) -> None:
         if not self.horizons:
@@ -160,7 +164,8 @@ class ProfileConfig:
             raise ProfileConfigError("affinity_top_k must be at least 1")
         if self.retention_ms < self.longest_horizon_ms:
             raise ProfileConfigError("retention must be at least the longest horizon")
-        for name in ("max_seen_event_ids", "max_tracked_items", "max_cart_lines", "max_cart_ops_per_line"):
+        for name in ("max_seen_event_ids", "max_tracked_items", "max_cart_lines", "max_cart_ops_per_line",
+                     "max_bucket_categories"):
             if getattr(self, name) < 1:
                 raise ProfileConfigError(f"{name} must be at least 1")
 

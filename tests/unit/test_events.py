@@ -55,6 +55,14 @@ def test_a_record_without_a_user_id_key_is_rejected_as_missing_user_id():
     assert reason_for(record) == "missing_user_id"
 
 
+@pytest.mark.parametrize("field", ["session_id", "product_id", "category"])
+def test_a_string_that_reaches_the_profile_is_capped_like_an_id(field):
+    """Issue 19: each of these is kept in the user's state (sessions, products and categories
+    viewed, the cart, category views per bucket): over the cap the event is a dead letter."""
+    assert reason_for(a_record(**{field: "x" * (MAX_ID_LENGTH + 1)})) == "invalid_field"
+    assert getattr(accept(a_record(**{field: "x" * MAX_ID_LENGTH})), field) == "x" * MAX_ID_LENGTH
+
+
 def test_a_user_id_longer_than_the_limit_is_invalid_and_one_at_the_limit_is_accepted():
     assert reason_for(a_record(user_id="u" * (MAX_ID_LENGTH + 1))) == "invalid_field"
     assert accept(a_record(user_id="u" * MAX_ID_LENGTH)).user_id == "u" * MAX_ID_LENGTH

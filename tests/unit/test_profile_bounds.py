@@ -56,6 +56,24 @@ def test_state_stops_growing_under_a_flood_of_new_products_categories_and_sessio
     assert sizes[20_000] <= sizes[10_000] * 1.05  # bounded: twice the events, the same size
 
 
+def test_a_bucket_counts_at_most_max_bucket_categories_keeping_the_most_viewed():
+    """Issue 19: 4,000 categories in an hour made every read of category_views_<h> merge
+    thousands of entries. Per bucket, beyond the cap the least viewed (then the first by name)
+    is forgotten: the categories viewed most stay exact."""
+    e, p = engine(max_bucket_categories=4), UserProfile()
+    views = [("shoes", 3), ("hats", 2), ("socks", 2)] + [(f"c{i:03d}", 1) for i in range(40)]
+    events = [UserEvent(f"e{n}", "bot", "product_view", T0 + n * 1000, product_id="p", category=category)
+              for n, category in enumerate(c for c, times in views for _ in range(times))]
+    for event in events:
+        e.on_event("bot", p, event)
+    assert all(len(b.category_views) <= 4 for ring in p.buckets.values() for b in ring.values())
+    features = e.features(p, p.clock_ms)
+    # The last single view (c039) replaced the one before it each time: 4 kept, the rest gone.
+    assert features["category_views_1h"] == {"shoes": 3, "hats": 2, "socks": 2, "c039": 1}
+    with pytest.raises(Exception, match="max_bucket_categories must be at least 1"):
+        ProfileConfig(max_bucket_categories=0)
+
+
 def test_a_long_cart_line_is_folded_and_still_exact_for_in_order_operations():
     e, p = engine(max_cart_ops_per_line=4), UserProfile()
     quantity = 0

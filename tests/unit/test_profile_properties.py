@@ -30,7 +30,7 @@ assert B % DAY_MS == 0
 USER = "u1"
 
 LARGE_CAPS = dict(max_seen_event_ids=100_000, max_tracked_items=100_000, max_cart_lines=100_000,
-                  max_cart_ops_per_line=100_000)
+                  max_cart_ops_per_line=100_000, max_bucket_categories=100_000)
 
 # Short horizons, gap, half-lives, dedup window and retention: lapses, session cuts, dedup expiry
 # and retention resets all happen within a few dozen steps.
