@@ -304,6 +304,15 @@ def test_compose_flink_cluster_configuration(compose, services):
             assert mounts[mount_point] in compose["volumes"], f"{name}: {mount_point} must be a named volume"
 
 
+def test_compose_publishes_every_port_on_localhost_unless_told_otherwise(services):
+    """Issue 19: Kafka, Redis and the Flink REST API (which runs submitted code) authenticate
+    nobody in this file, so by default they are reachable from this host only."""
+    published = [(name, entry) for name, service in services.items() for entry in service.get("ports", [])]
+    assert len(published) >= 5
+    for name, entry in published:
+        assert compose_value(entry).startswith("127.0.0.1:"), f"{name} publishes {entry} beyond localhost"
+
+
 def test_compose_publishes_the_local_stack_ports(services):
     ports = StackPorts()
     assert published_ports(services["kafka"])[9092] == ports.broker
