@@ -239,6 +239,14 @@ def cmd_validate(args) -> int:
               + (f", exclusive groups: {groups}" if groups else "")
               + (f", model scores: {', '.join(d.models)}" if d.models else ""))
         if args.verbose:
+            if d.models:
+                from udfs.scoring import ModelRegistry, manifest_digest
+                from udfs.segmentation import DEFAULT_MODELS_DIR
+
+                found = ModelRegistry.discover(Path(args.models or settings.models_dir or DEFAULT_MODELS_DIR))
+                print("  models:  # the pins these definitions can carry (manifest digests of the models read)")
+                for name in d.models:
+                    print(f"    {name}: sha256:{manifest_digest(found[name])}")
             for s in d.segments.values():
                 rule = f"when {s.enter.text}" if s.exit is None else f"enter {s.enter.text} / exit {s.exit.text}"
                 dwell = f" (min dwell {s.min_dwell_ms} ms)" if s.min_dwell_ms else ""

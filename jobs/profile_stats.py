@@ -105,6 +105,7 @@ def without_models(definitions_text: bytes) -> bytes:
     what the core costs with no model at all."""
     raw = yaml.safe_load(definitions_text)
     raw.pop("rescore_every", None)
+    raw.pop("models", None)
     reads_score = {s["name"] for s in raw["segments"]
                    if "score." in " ".join(str(s.get(k, "")) for k in ("when", "enter", "exit"))}
     raw["segments"] = [s for s in raw["segments"] if s["name"] not in reads_score]

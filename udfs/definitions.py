@@ -148,6 +148,9 @@ class DefinitionSet:
     sha256: str = ""
     models: tuple[str, ...] = field(default=())  # the model scores the conditions read
     rescore_every_ms: int = 0  # also rescore this long after the latest scoring (0: per event only)
+    # model -> sha256 of its manifest.json (which holds the ONNX file's sha256): the models these
+    # definitions were validated with; the loader refuses any other (udfs/scoring.py).
+    model_pins: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
@@ -435,7 +438,7 @@ class _Builder:
 
     def build(self, root, data: bytes) -> DefinitionSet:
         top = self.mapping(root, "the definitions file",
-                           {"version", "description", "segments", "exclusive_groups", "rescore_every"},
+                           {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
                            {"version", "segments"})
         version_node = top["version"]
         if version_node.tag != "tag:yaml.org,2002:timestamp":
@@ -472,8 +475,24 @@ class _Builder:
         rescore = self.duration(top["rescore_every"], "rescore_every", None) if "rescore_every" in top else 0
         if rescore and not models:
             self.fail("rescore_every is set but no condition reads a model score", top["rescore_every"])
+        pins = self.model_pins(top["models"], set(models)) if "models" in top else {}
         return DefinitionSet(version, segments, groups, units, self.catalog, self.source, data,
-                             hashlib.sha256(data).hexdigest(), tuple(models), rescore)
+                             hashlib.sha256(data).hexdigest(), tuple(models), rescore, pins)
+
+    def model_pins(self, node, read: set[str]) -> dict[str, str]:
+        """`models: {name: sha256:<64 hex>}`: the manifest digest of each model the conditions
+        read (`segments validate --verbose` prints them)."""
+        fields = self.mapping(node, "models", set(read) or {"(no model is read)"})
+        pins = {}
+        for name, value_node in fields.items():
+            value = self.text(value_node, f"the digest of model {name}")
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+                self.fail(f"the digest of model {name} must be sha256: and 64 lowercase hex digits", value_node)
+            pins[name] = value.removeprefix("sha256:")
+        unpinned = sorted(read - set(pins))
+        if unpinned:
+            self.fail(f"models pins some models but not {', '.join(unpinned)}, which the conditions read", node)
+        return pins
 
     def segment(self, name: str, fields: dict, entry, compiler: Compiler) -> Segment:
         if ("when" in fields) == ("enter" in fields):

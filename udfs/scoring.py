@@ -255,6 +255,12 @@ def _import_on_a_new_thread(name: str):
     return outcome["module"]
 
 
+def manifest_digest(directory: Path) -> str:
+    """sha256 of a model directory's manifest file: what a definitions file pins (the manifest
+    holds the ONNX file's sha256, the vector, the golden set)."""
+    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+
+
 class LoadedModel:
     """One verified ONNX session (one intra-op thread) with its preallocated input row."""
 
@@ -264,7 +270,12 @@ class LoadedModel:
         self.manifest = manifest
         self.vector = vector
         self.onnx_bytes = onnx_bytes  # the bytes whose hash was checked: sessions are built from them
-        self.session = one_thread_session(onnx_bytes)
+        try:
+            self.session = one_thread_session(onnx_bytes)
+        except Exception as err:  # onnxruntime raises its own types (Fail, InvalidProtobuf, ...)
+            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise ModelVerificationError(f"model {manifest.name}: {manifest.onnx_file} is not a model onnxruntime "
+                                         f"can load ({type(err).__name__}: {first_line})") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if manifest.input_name not in inputs:
@@ -321,8 +332,11 @@ class ModelRegistry:
         return out
 
     @classmethod
-    def load(cls, models_dir: Path, catalog: FeatureCatalog, names: Iterable[str] | None = None) -> ModelRegistry:
-        """Loads and verifies `names` (default: every model in the directory)."""
+    def load(cls, models_dir: Path, catalog: FeatureCatalog, names: Iterable[str] | None = None,
+             pins: Mapping[str, str] | None = None) -> ModelRegistry:
+        """Loads and verifies `names` (default: every model in the directory); a model in `pins`
+        (name -> sha256 of its manifest file) must have exactly that manifest, so a model swapped
+        on disk with a rewritten manifest is refused, not loaded."""
         available = cls.discover(models_dir)
         wanted = list(available) if names is None else list(names)
         models: dict[str, LoadedModel] = {}
@@ -333,6 +347,12 @@ class ModelRegistry:
                                              f"(found: {', '.join(available) or 'none'})")
             directory = available[name]
             manifest = ModelManifest.read(directory / MANIFEST)
+            pinned = (pins or {}).get(name)
+            if pinned is not None and manifest_digest(directory) != pinned:
+                raise ModelVerificationError(
+                    f"model {name}: {directory / MANIFEST} has sha256 {manifest_digest(directory)[:16]}..., the "
+                    f"definitions pin {pinned[:16]}...: not the model the definitions were validated with (after "
+                    "retraining, `segments validate FILE --verbose` prints the installed models' pins)")
             if manifest.name != name:
                 raise ModelVerificationError(f"{directory / MANIFEST}: names model {manifest.name!r}, "
                                              f"but its directory is {name!r}")

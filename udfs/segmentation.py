@@ -38,7 +38,7 @@ class Segmentation:
     def _registry(definitions: DefinitionSet, models: Path) -> ModelRegistry | None:
         if not definitions.models:
             return None
-        return ModelRegistry.load(models, definitions.catalog, definitions.models)
+        return ModelRegistry.load(models, definitions.catalog, definitions.models, definitions.model_pins)
 
     def engine(self) -> SegmentEngine:
         """A fresh engine with its own scorer (and so its own scoring statistics)."""

@@ -130,7 +130,7 @@ SHOP = load_definitions(models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
 
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
     shop = Segmentation.load(DEFAULT_DEFINITIONS).definitions
-    assert shop.version == "shop-4"
+    assert shop.version == "shop-5"
     assert shop.names == ("active_browser", "cart_holder", "cart_abandoner", "potential_buyer",
                           "abandoner_still_browsing", "shoe_considerer", "shoe_browser_not_buying", "window_shopper",
                           "engagement_score_above_50", "engaged_steady", "highly_engaged", "likely_buyer",

@@ -65,6 +65,62 @@ def test_a_changed_onnx_file_is_refused_by_its_hash(models):
         ModelRegistry.load(models, CATALOG)
 
 
+def pinned(models: Path, text_for: dict[str, str] | None = None) -> str:
+    """Definitions reading churn_risk, pinned to the manifest in `models` (or to `text_for`)."""
+    digest = hashlib.sha256((models / "churn_risk" / MANIFEST).read_bytes()).hexdigest()
+    pins = text_for or {"churn_risk": f"sha256:{digest}"}
+    lines = "".join(f"  {name}: {value}\n" for name, value in pins.items())
+    return f"version: v\nmodels:\n{lines}segments:\n  - name: risky\n    when: score.churn_risk > 0.5\n"
+
+
+def test_a_model_swapped_with_a_rewritten_manifest_is_refused_by_the_definitions_pin(models, tmp_path):
+    """Issue 19: the manifest's own ONNX hash proves nothing once both files are replaced; the
+    definitions' pin of the manifest does."""
+    definitions = tmp_path / "d.yaml"
+    definitions.write_text(pinned(models))
+    assert Segmentation.load(definitions, models_dir=models).registry.models.keys() == {"churn_risk"}
+    # Another model (here: the same one, retrained with a different note) with a consistent manifest.
+    edit_manifest(models / "churn_risk", lambda m: m.update(description=m["description"] + " (swapped)"))
+    ModelRegistry.load(models, CATALOG, ["churn_risk"])  # loads without the pin
+    with pytest.raises(ModelVerificationError, match="churn_risk: .*manifest.json has sha256 .* the definitions pin"):
+        Segmentation.load(definitions, models_dir=models)
+
+
+@pytest.mark.parametrize("pins, message", [
+    ({"churn_risk": "sha256:abc"}, "must be sha256: and 64 lowercase hex digits"),
+    ({"churn_risk": "ab" * 32}, "must be sha256: and 64 lowercase hex digits"),
+    ({"churn_risk": f"sha256:{'0' * 64}", "personas": f"sha256:{'0' * 64}"}, "unknown key 'personas' in models"),
+])
+def test_model_pins_are_checked_when_the_definitions_are_read(models, pins, message):
+    with pytest.raises(Exception, match=message):
+        parse_definitions(pinned(models, pins), models=ModelRegistry.outputs_of(models))
+
+
+def test_pinning_some_of_the_models_read_but_not_all_is_refused(models):
+    text = pinned(models).replace("score.churn_risk > 0.5", "score.churn_risk > 0.5 and score.personas == 1")
+    with pytest.raises(Exception, match="models pins some models but not personas"):
+        parse_definitions(text, models=ModelRegistry.outputs_of(models))
+
+
+def test_a_corrupted_onnx_file_is_a_clear_verification_error_not_a_traceback(models):
+    onnx_path = models / "churn_risk" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:200])  # truncated, its manifest hash rewritten to match
+    edit_manifest(models / "churn_risk", lambda m: m.update(onnx_sha256=hashlib.sha256(onnx_path.read_bytes())
+                                                             .hexdigest()))
+    with pytest.raises(ModelVerificationError, match="churn_risk: model.onnx is not a model onnxruntime can load"):
+        ModelRegistry.load(models, CATALOG, ["churn_risk"])
+
+
+def test_the_shipped_definitions_pin_the_shipped_models():
+    from udfs.definitions import DEFAULT_DEFINITIONS
+    from udfs.segmentation import DEFAULT_MODELS_DIR
+
+    loaded = Segmentation.load(DEFAULT_DEFINITIONS)
+    assert set(loaded.definitions.model_pins) == set(loaded.definitions.models) == set(loaded.registry.models)
+    for name, digest in loaded.definitions.model_pins.items():
+        assert hashlib.sha256((DEFAULT_MODELS_DIR / name / MANIFEST).read_bytes()).hexdigest() == digest
+
+
 def test_a_wrong_feature_order_is_refused_by_the_feature_hash(models):
     def swap(manifest):
         v = manifest["vector"]
