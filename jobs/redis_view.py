@@ -29,7 +29,11 @@ class RedisSegmentView:
     def __init__(self, url: str, prefix: str, ttl_s: int):
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self.client = redis.Redis.from_url(resolve_redis_url(url), socket_timeout=10, socket_connect_timeout=5)
+        url = resolve_redis_url(url)
+        # rediss:// verifies the certificate against ?ssl_ca_certs=FILE (or the system's CAs) and,
+        # unlike redis-py's default, that it names the host, as the job's Java sink does.
+        tls = {"ssl_check_hostname": True} if url.startswith("rediss://") else {}
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, **tls)
         self.client.ping()  # fail fast on a bad address, before any record is consumed
         self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA)
 

@@ -277,3 +277,74 @@ def test_the_operators_jar_builds_byte_for_byte_the_same_from_the_same_sources(t
         subprocess.run(["bash", str(script), lib, str(tmp_path / name)], check=True, capture_output=True)
         digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def certificates(directory: Path, host_names: str) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate it signed for `host_names` (an openssl SAN list):
+    (ca.pem, server.pem, server.key)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr",
+                                                          "server.pem"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+                    "-keyout", str(ca_key), "-out", str(ca)], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=redis", "-keyout", str(key),
+                    "-out", str(csr)], check=True, capture_output=True)
+    extensions = directory / "san.ext"
+    extensions.write_text(f"subjectAltName={host_names}\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return ca, cert, key
+
+
+def tls_redis(directory: Path, host_names: str) -> tuple[ManagedProcess, int, Path]:
+    """redis-server with TLS only (no plaintext port) and an ACL user `app` allowed the view's
+    keys and the commands the sink and the view use, and nothing else."""
+    directory.mkdir()
+    ca, cert, key = certificates(directory, host_names)
+    port = free_port()
+    server = ManagedProcess("redis-tls", directory)
+    server.start(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+                  "--appendonly", "no", "--dir", str(directory), "--tls-cert-file", str(cert),
+                  "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+                  "--user", "default", "off", "--user", "app", "on", ">app s3cret", "~t:*",
+                  "+@read", "+@write", "+evalsha", "+eval", "+script", "+ping", "+select", "+info"])
+    wait_for_port(port, what="redis-server (TLS)")
+    return server, port, ca
+
+
+def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and_log_in_as_an_acl_user(
+        jvm, tmp_path):
+    """Issue 19: rediss:// with ?ssl_ca_certs=FILE (redis-py's name, read by both clients) and a
+    user and password, against a redis-server that speaks TLS only and knows no default user."""
+    from py4j.protocol import Py4JJavaError
+
+    server, port, ca = tls_redis(tmp_path / "good", "IP:127.0.0.1,DNS:localhost")
+    try:
+        url = f"rediss://app:app%20s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        [request] = commit(committer(jvm, url), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
+        assert request.outcome == "committed"
+        view = RedisSegmentView(url, "t", ttl_s=0)
+        assert view.members("vip") == {"u1"}
+        # Another CA's certificate: refused at once by both, and for good (not retried).
+        other_ca, _, _ = certificates(tmp_path, "DNS:elsewhere")
+        untrusted = url.replace(str(ca), str(other_ca))
+        with pytest.raises(Py4JJavaError) as refused:
+            commit(committer(jvm, untrusted, retry_ms=60_000), batch(jvm, ("u2", "vip", "ENTER", 1, 100)))
+        assert "TLS handshake with Redis" in str(refused.value) and "s3cret" not in str(refused.value)
+        with pytest.raises(Exception, match="certificate verify failed"):
+            RedisSegmentView(untrusted, "t", ttl_s=0)
+        # Without TLS the server does not answer at all (no plaintext port).
+        with pytest.raises(Exception):
+            RedisSegmentView(url.replace("rediss://", "redis://").split("?")[0], "t", ttl_s=0)
+    finally:
+        server.stop()
+    # A certificate the CA signed for another host: the name is checked, by both clients.
+    server, port, ca = tls_redis(tmp_path / "other-host", "DNS:redis.elsewhere.example")
+    try:
+        url = f"rediss://app:app%20s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        with pytest.raises(Py4JJavaError, match="TLS handshake with Redis"):
+            commit(committer(jvm, url, retry_ms=60_000), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
+        with pytest.raises(Exception, match="certificate verify failed|match|IP address mismatch"):
+            RedisSegmentView(url, "t", ttl_s=0)
+    finally:
+        server.stop()

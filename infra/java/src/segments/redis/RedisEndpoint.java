@@ -20,14 +20,19 @@ public final class RedisEndpoint implements Serializable {
     final String username; // null: AUTH with the password only
     final String password; // null: no AUTH
     final boolean tls;
+    // rediss:// with ?ssl_ca_certs=FILE (redis-py's name): the PEM certificates to trust, read on
+    // the worker; null: the JVM's default trust store. The host name is verified either way.
+    final String caCertsFile;
 
-    private RedisEndpoint(String host, int port, int database, String username, String password, boolean tls) {
+    private RedisEndpoint(String host, int port, int database, String username, String password, boolean tls,
+            String caCertsFile) {
         this.host = host;
         this.port = port;
         this.database = database;
         this.username = username;
         this.password = password;
         this.tls = tls;
+        this.caCertsFile = caCertsFile;
     }
 
     /** "env:NAME" is the URL in the environment variable NAME (read where this runs); else the URL. */
@@ -81,6 +86,7 @@ public final class RedisEndpoint implements Serializable {
                 username = null;
             }
         }
+        String caCertsFile = null;
         String query = uri.getRawQuery();
         if (query != null) {
             for (String pair : query.split("&")) {
@@ -93,6 +99,8 @@ public final class RedisEndpoint implements Serializable {
                     username = value.isEmpty() ? null : value;
                 } else if (key.equals("db")) {
                     database = parseDatabase(value);
+                } else if (key.equals("ssl_ca_certs")) {
+                    caCertsFile = value;
                 }
             }
         }
@@ -101,7 +109,11 @@ public final class RedisEndpoint implements Serializable {
             password = username;
             username = null;
         }
-        return new RedisEndpoint(host, port, database, username, password, "rediss".equals(scheme));
+        boolean tls = "rediss".equals(scheme);
+        if (caCertsFile != null && !tls) {
+            throw new IllegalArgumentException("ssl_ca_certs is for rediss:// URLs");
+        }
+        return new RedisEndpoint(host, port, database, username, password, tls, caCertsFile);
     }
 
     private static int parseDatabase(String text) {

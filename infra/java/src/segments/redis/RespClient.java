@@ -3,17 +3,27 @@ package segments.redis;
 import java.io.BufferedInputStream;
 import java.io.BufferedOutputStream;
 import java.io.EOFException;
+import java.io.FileInputStream;
+import java.io.FileNotFoundException;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.OutputStream;
 import java.net.InetSocketAddress;
 import java.net.Socket;
 import java.nio.charset.StandardCharsets;
+import java.security.GeneralSecurityException;
+import java.security.KeyStore;
+import java.security.cert.Certificate;
+import java.security.cert.CertificateFactory;
 import java.util.ArrayList;
 import java.util.List;
 
+import javax.net.ssl.SSLContext;
+import javax.net.ssl.SSLHandshakeException;
+import javax.net.ssl.SSLParameters;
 import javax.net.ssl.SSLSocket;
 import javax.net.ssl.SSLSocketFactory;
+import javax.net.ssl.TrustManagerFactory;
 
 /**
  * The least of a Redis client: one socket, RESP2 commands as arrays of bulk strings, pipelined
@@ -68,9 +78,17 @@ final class RespClient implements AutoCloseable {
             plain.setTcpNoDelay(true);
             Socket s = plain;
             if (endpoint.tls) {
-                SSLSocket tls = (SSLSocket) ((SSLSocketFactory) SSLSocketFactory.getDefault())
-                        .createSocket(plain, endpoint.host, endpoint.port, true);
-                tls.startHandshake();
+                SSLSocket tls = (SSLSocket) socketFactory(endpoint).createSocket(plain, endpoint.host, endpoint.port, true);
+                // The certificate must name the host (SSLSocketFactory alone checks only the chain).
+                SSLParameters parameters = tls.getSSLParameters();
+                parameters.setEndpointIdentificationAlgorithm("HTTPS");
+                tls.setSSLParameters(parameters);
+                try {
+                    tls.startHandshake();
+                } catch (SSLHandshakeException e) {
+                    // An untrusted certificate or another host's: retrying cannot change it.
+                    throw new Rejected("the TLS handshake with Redis at " + endpoint + " failed: " + e.getMessage());
+                }
                 s = tls;
             }
             socket = s;
@@ -94,6 +112,32 @@ final class RespClient implements AutoCloseable {
         } catch (IOException | RuntimeException e) {
             plain.close();
             throw e;
+        }
+    }
+
+    private static SSLSocketFactory socketFactory(RedisEndpoint endpoint) throws IOException {
+        if (endpoint.caCertsFile == null) {
+            return (SSLSocketFactory) SSLSocketFactory.getDefault();
+        }
+        try (InputStream pem = new FileInputStream(endpoint.caCertsFile)) {
+            KeyStore trusted = KeyStore.getInstance(KeyStore.getDefaultType());
+            trusted.load(null, null);
+            int n = 0;
+            for (Certificate certificate : CertificateFactory.getInstance("X.509").generateCertificates(pem)) {
+                trusted.setCertificateEntry("ca-" + n++, certificate);
+            }
+            if (n == 0) {
+                throw new Rejected("ssl_ca_certs " + endpoint.caCertsFile + " holds no certificate");
+            }
+            TrustManagerFactory trust = TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+            trust.init(trusted);
+            SSLContext context = SSLContext.getInstance("TLS");
+            context.init(null, trust.getTrustManagers(), null);
+            return context.getSocketFactory();
+        } catch (FileNotFoundException e) {
+            throw new Rejected("ssl_ca_certs " + endpoint.caCertsFile + " cannot be read: " + e.getMessage());
+        } catch (GeneralSecurityException e) {
+            throw new Rejected("ssl_ca_certs " + endpoint.caCertsFile + ": " + e.getMessage());
         }
     }
 
