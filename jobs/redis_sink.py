@@ -9,11 +9,15 @@ sink commits the same transitions), and again after a restore. See docs/redis.md
 
 from __future__ import annotations
 
+import logging
+from urllib.parse import urlparse
+
 from jobs.java_operators import java_class
 from jobs.settings import JobSettings
 from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
 
 SINK_CLASS = "segments.redis.RedisViewSink"
+log = logging.getLogger("segments.redis_sink")
 
 
 def key_prefixes(prefix: str) -> tuple[str, str, str]:
@@ -25,11 +29,23 @@ def key_prefixes(prefix: str) -> tuple[str, str, str]:
     return prefixes
 
 
+def holds_a_secret(url: str) -> bool:
+    """A password in the URL itself, as redis-py reads one (`:pw@`, `user:pw@`, a lone `pw@`, or
+    `?password=`); an `env:NAME` reference holds none."""
+    if url.startswith("env:"):
+        return False
+    parsed = urlparse(url)
+    return bool(parsed.password or parsed.username or "password=" in parsed.query)
+
+
 def redis_view_sink(settings: JobSettings):
     """The sink as a PyFlink `Sink` for `DataStream.sink_to`, for a stream whose rows start with
     user_id, segment, kind, sequence, event_time (jobs.segment_users.TRANSITION_RECORD)."""
     from pyflink.datastream.connectors.base import Sink
 
+    if holds_a_secret(settings.redis_url):
+        log.warning("redis_url holds a password and travels inside the job (its graph, the cluster's HA "
+                    "storage): give it as env:NAME, a variable set on every worker, so that only the name does")
     sink_class = java_class(settings, SINK_CLASS)
     user_prefix, sequence_prefix, members_prefix = key_prefixes(settings.redis_key_prefix)
     j_sink = sink_class(settings.redis_url, user_prefix, sequence_prefix, members_prefix,

@@ -220,7 +220,7 @@ def test_compose_and_kubernetes_run_the_redis_view_follower_against_the_jobs_top
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"][-2:] == ["redis", "follow"] and deployment["spec"]["replicas"] == 1
     assert {"configMapRef": {"name": "segments-settings"}} in container["envFrom"]
-    assert [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if e["name"] == "REDIS_URL"] == [
+    assert [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if e["name"] == "REDIS_VIEW_URL"] == [
         "segments-redis"]
 
 
@@ -385,9 +385,11 @@ def test_flink_deployment_exposes_the_prometheus_port(flink_deployment):
 def test_flink_deployment_settings_agree_with_the_deployment(k8s_documents, flink_deployment):
     env = k8s_container_env(k8s_documents, flink_deployment)
     [container] = flink_deployment["spec"]["podTemplate"]["spec"]["containers"]
-    [redis_url] = [e for e in container["env"] if e["name"] == "REDIS_URL"]
+    [redis_url] = [e for e in container["env"] if e["name"] == "REDIS_VIEW_URL"]
     assert "secretKeyRef" in redis_url["valueFrom"], "the Redis URL (with its password) must come from a Secret"
     settings = load_settings(environ=settings_variables(env))
+    # Issue 19: the job (its graph, the HA storage) carries the reference, never the password.
+    assert settings.redis_url == "env:REDIS_VIEW_URL" and "REDIS_URL" not in env
     spec = flink_deployment["spec"]
     conf = spec["flinkConfiguration"]
     # The job sets these itself, over the cluster's configuration: they must not contradict it.

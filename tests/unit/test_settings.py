@@ -238,3 +238,14 @@ def test_a_settings_file_that_is_not_yaml_is_a_settings_error_naming_the_line(tm
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(SettingsError, match=rf"job\.yaml:{line}: {message}"):
         load_settings(path, environ={})
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("redis://:s3cret@h:1/0", True), ("rediss://app:p%40ss@h/2", True), ("redis://s3cret@h", True),
+    ("redis://h/0?password=s3cret", True), ("redis://h:6379/0", False), ("env:REDIS_VIEW_URL", False),
+])
+def test_a_redis_url_with_a_password_is_told_apart_from_one_without_or_a_reference(url, secret):
+    """Issue 19: the client warns before shipping a password inside the job (jobs/redis_sink.py)."""
+    from jobs.redis_sink import holds_a_secret
+
+    assert holds_a_secret(url) is secret
