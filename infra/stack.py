@@ -349,6 +349,6 @@ def status(ports: StackPorts) -> dict[str, str]:
 
 
 def redact_url(url: str) -> str:
-    import re
+    from jobs.settings import redact_url as redacted
 
-    return re.sub(r"//[^@/]*@", "//***@", url)
+    return redacted(url)

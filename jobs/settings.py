@@ -127,14 +127,18 @@ class JobSettings:
     def redacted(self) -> dict[str, Any]:
         """For logs: credentials in URLs replaced."""
         out = dataclasses.asdict(self)
-        # Greedy up to the host part's last '@' (redis-py reads passwords containing '@' that way),
-        # and the query-string form of the password too.
-        url = re.sub(r"//[^/?#]*@", "//***@", self.redis_url)
-        out["redis_url"] = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+        out["redis_url"] = redact_url(self.redis_url)
         return out
 
     def replace(self, **changes: Any) -> JobSettings:
         return dataclasses.replace(self, **changes)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and CLI output: the user-info part (greedy up to the host part's last
+    '@', as redis-py reads a password containing '@') and a `password=` query value replaced."""
+    url = re.sub(r"//[^/?#]*@", "//***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _coerce(name: str, kind: str, raw: Any) -> Any:

@@ -249,3 +249,17 @@ def test_a_redis_url_with_a_password_is_told_apart_from_one_without_or_a_referen
     from jobs.redis_sink import holds_a_secret
 
     assert holds_a_secret(url) is secret
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:p@ss@cache:6379/0", "redis://***@cache:6379/0"),
+    ("redis://cache/0?password=s3cret&db=1", "redis://cache/0?password=***&db=1"),
+    ("rediss://app:x%40y@cache", "rediss://***@cache"),
+    ("env:REDIS_VIEW_URL", "env:REDIS_VIEW_URL"),
+])
+def test_the_cli_prints_redis_urls_without_any_form_of_password(url, shown):
+    """Issue 19: `segments stack up`, `redis follow` and `redis rebuild` print the URL; they
+    printed `?password=` in clear and the tail of a password holding '@'."""
+    from infra.stack import redact_url
+
+    assert redact_url(url) == shown
