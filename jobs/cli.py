@@ -57,6 +57,7 @@ def cmd_run(args) -> int:
     from jobs.segment_users import main as run_job
 
     settings = _settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     follower = None
     if settings.redis_url and settings.redis_follower:
@@ -322,6 +323,8 @@ def cmd_redis(args) -> int:
         print("no redis_url configured", file=sys.stderr)
         return 2
     if args.action == "follow":
+        from redis import exceptions as redis_errors
+
         from jobs.redis_follower import follow
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -333,6 +336,9 @@ def cmd_redis(args) -> int:
             follow(settings, stop, args.metrics_port or settings.redis_follower_metrics_port or None)
         except KeyboardInterrupt:
             stop.set()
+        except redis_errors.AuthenticationError:
+            print("error: Redis refused the follower's credentials", file=sys.stderr)
+            return 1
         return 0
     view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
     # A transaction open at the end of the topic may be being committed right now (its transitions

@@ -118,6 +118,30 @@ def _parse(partition: int, data: bytes) -> tuple[list[LogRecord | TransactionMar
     return out, next_offset
 
 
+OFFSET_OUT_OF_RANGE = 1
+
+
+class FetchError(RuntimeError):
+    """An error code in a Fetch reply (OFFSET_OUT_OF_RANGE: the offset is below the log start,
+    deleted by the retention, or beyond its end)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def log_start_offset(bootstrap: str, topic: str, partition: int) -> int:
+    """The partition's earliest retained offset."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-log-start", "enable.auto.commit": False})
+    try:
+        low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        return low
+    finally:
+        consumer.close()
+
+
 class _Connection:
     def __init__(self, host: str, port: int, timeout_s: float = 30.0):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -151,7 +175,7 @@ class _Connection:
         _, error, high_watermark, _ = struct.unpack_from(">ihqq", response, pos)
         pos += 22
         if error:
-            raise RuntimeError(f"fetch {topic}/{partition}@{offset}: Kafka error code {error}")
+            raise FetchError(error, f"fetch {topic}/{partition}@{offset}: Kafka error code {error}")
         aborted, = struct.unpack_from(">i", response, pos)
         pos += 4 + max(aborted, 0) * 16
         size, = struct.unpack_from(">i", response, pos)

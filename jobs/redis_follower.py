@@ -35,10 +35,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from jobs.committed_log import _Connection, _fetch_entries, _PartitionCursor, partition_leaders
+from jobs.committed_log import (
+    OFFSET_OUT_OF_RANGE,
+    FetchError,
+    _Connection,
+    _fetch_entries,
+    _PartitionCursor,
+    log_start_offset,
+    partition_leaders,
+)
 from jobs.redis_view import RedisSegmentView
-from udfs.codec import SchemaCatalog
-from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
+from udfs.codec import DecodeError, SchemaCatalog
+from udfs.redis_layout import APPLY_BATCH_LUA, members_key, sequence_key, user_key
 
 log = logging.getLogger("segments.redis_follower")
 
@@ -57,6 +65,9 @@ class FollowerFigures:
     applied: int = 0  # transitions newer than what Redis held
     read: int = 0  # committed transitions read
     replays: int = 0  # times the topic was replayed from its beginning (Redis found empty)
+    gaps: int = 0  # times the retention had deleted records the view had not applied
+    undecodable: int = 0  # records of the topic that are not SegmentTransitions, skipped
+    errors: int = 0  # steps that failed (broker, Kafka metadata, a Redis reply): started over
     redis_unavailable: bool = False
     lag: dict[int, int] = field(default_factory=dict)  # partition -> records below the high watermark not applied
 
@@ -68,6 +79,12 @@ class FollowerFigures:
             f"segments_redis_view_read_total {self.read}",
             "# TYPE segments_redis_view_replays_total counter",
             f"segments_redis_view_replays_total {self.replays}",
+            "# TYPE segments_redis_view_gaps_total counter",
+            f"segments_redis_view_gaps_total {self.gaps}",
+            "# TYPE segments_redis_view_undecodable_total counter",
+            f"segments_redis_view_undecodable_total {self.undecodable}",
+            "# TYPE segments_redis_view_errors_total counter",
+            f"segments_redis_view_errors_total {self.errors}",
             "# TYPE segments_redis_view_redis_unavailable gauge",
             f"segments_redis_view_redis_unavailable {int(self.redis_unavailable)}",
             "# TYPE segments_redis_view_lag_records gauge",
@@ -107,6 +124,8 @@ class ViewFollower:
                 pause = self.poll_s
                 if not progressed:
                     stop.wait(self.poll_s)
+            except redis.exceptions.AuthenticationError:
+                raise  # not an outage: waiting does not change credentials
             except REDIS_DOWN as err:
                 if not self.figures.redis_unavailable:
                     log.warning("Redis unavailable (%s): the view waits, the transitions are kept in Kafka",
@@ -126,19 +145,30 @@ class ViewFollower:
         progressed = False
         for partition in list(self._cursors):
             cursor = self._cursors[partition]
-            conn = self._connection(partition)
-            high_watermark, entries, next_offset = _fetch_entries(conn, self.topic, partition, cursor.offset)
-            committed = cursor.take(entries)
+            try:
+                high_watermark, entries, next_offset = _fetch_entries(self._connection(partition), self.topic,
+                                                                      partition, cursor.offset)
+            except FetchError as err:
+                if err.code != OFFSET_OUT_OF_RANGE:
+                    raise
+                self._skip_to_log_start(cursor)
+                progressed = True
+                continue
+            # Released in marker order: applied in offset order, so that each stored offset has
+            # everything before it applied (a record's place is what a resume starts from).
+            committed = sorted(cursor.take(entries), key=lambda r: r.offset)
             cursor.offset = next_offset
             cursor.high_watermark = high_watermark
             if entries or committed:
                 progressed = True
             for start in range(0, len(committed), BATCH):
-                self._apply([self._transition(r.value) for r in committed[start:start + BATCH]])
+                rest = committed[start + BATCH:]
+                self._apply([t for r in committed[start:start + BATCH] if (t := self._transition(r)) is not None],
+                            self._resume_offsets(partition, rest[0].offset if rest else None))
                 if not self._positioned:  # Redis was emptied meanwhile: start again from the beginning
                     return True
             if self._resume_offsets() != self._written:  # markers and aborted records move it too
-                self._apply([])
+                self._apply([], self._resume_offsets())
             self.figures.lag[partition] = max(0, high_watermark - self._resume_offset(cursor))
         if not progressed:
             self._check_redis()
@@ -173,43 +203,73 @@ class ViewFollower:
         self._positioned = True
 
     @staticmethod
-    def _resume_offset(cursor: _PartitionCursor) -> int:
+    def _resume_offset(cursor: _PartitionCursor, unapplied_from: int | None = None) -> int:
+        """Where a resume must start: the earliest record not known to be applied, i.e. the first
+        of a transaction still open, or (mid-fetch) the first committed record not applied yet."""
         opened = [records[0].offset for records in cursor.pending.values() if records]
+        if unapplied_from is not None:
+            opened.append(unapplied_from)
         return min(opened, default=cursor.offset)
 
-    def _resume_offsets(self) -> dict[str, int]:
-        return {str(p): self._resume_offset(c) for p, c in self._cursors.items()}
+    def _resume_offsets(self, partition: int | None = None, unapplied_from: int | None = None) -> dict[str, int]:
+        """Every partition's resume offset; `partition`'s with its committed records from
+        `unapplied_from` on not applied yet."""
+        return {str(p): self._resume_offset(c, unapplied_from if p == partition else None)
+                for p, c in self._cursors.items()}
+
+    def _skip_to_log_start(self, cursor: _PartitionCursor) -> None:
+        """The offset is below the log start: the retention deleted what the view never saw (a
+        follower stopped, or a replay, longer than the topic keeps its records). What is left is
+        applied; the gap is counted and said, not hidden."""
+        start = log_start_offset(self.bootstrap_servers, self.topic, cursor.partition)
+        if start <= cursor.offset:
+            raise FetchError(OFFSET_OUT_OF_RANGE, f"{self.topic}/{cursor.partition}: offset {cursor.offset} out of "
+                                                   f"range, log start {start}")
+        self.figures.gaps += 1
+        log.error("%s/%d: records %d to %d were deleted by the topic's retention before the view applied them: "
+                  "the view misses their transitions (keep the topic's retention longer than any follower outage; "
+                  "a full rebuild needs all of it)", self.topic, cursor.partition, cursor.offset, start - 1)
+        cursor.offset = start
+        cursor.pending.clear()
 
     # -- Redis ---------------------------------------------------------------------------------
 
-    def _transition(self, value: bytes) -> tuple[str, str, str, int, int]:
-        t = self.codec.decode(value)
+    def _transition(self, record) -> tuple[str, str, str, int, int] | None:
+        try:
+            t = self.codec.decode(record.value)
+        except DecodeError as err:  # not the job's (the payload is never logged)
+            self.figures.undecodable += 1
+            log.warning("%s/%d@%d is not a SegmentTransition (%s): skipped", self.topic, record.partition,
+                        record.offset, err.reason)
+            return None
         return t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]
 
-    def _apply(self, batch: list[tuple[str, str, str, int, int]]) -> None:
-        """The batch and every partition's resume offset in one MULTI/EXEC, under WATCH of the
+    def _apply(self, batch: list[tuple[str, str, str, int, int]], offsets: dict[str, int]) -> None:
+        """The batch, then the resume offsets, in one script (APPLY_BATCH_LUA: if a transition
+        fails, the script stops before the offsets, so they never pass it), under WATCH of the
         offsets: if Redis was emptied meanwhile, nothing is written and the cursors go back to
-        where Redis says (the beginning). EVAL, not EVALSHA, inside the transaction: a script
-        flushed since it was loaded must not fail a command while the offsets still advance."""
+        where Redis says (the beginning). EVAL, not EVALSHA: no script cache to have lost."""
         view, prefix = self.view, self.view.prefix
-        offsets = self._resume_offsets()
+        keys = [self.key]
+        args: list = [len(batch)]
+        for user_id, segment, kind, sequence, event_time in batch:
+            keys += [user_key(prefix, user_id), sequence_key(prefix, user_id), members_key(prefix, segment)]
+            args += [segment, kind, sequence, event_time, user_id, view.ttl_s]
+        for partition, offset in offsets.items():
+            args += [partition, offset]
         with view.client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(self.key)
                 if self._offsets_expected and not pipe.exists(self.key):
                     raise WatchError("the offsets are gone")
                 pipe.multi()
-                for user_id, segment, kind, sequence, event_time in batch:
-                    pipe.eval(APPLY_TRANSITION_LUA, 3, user_key(prefix, user_id), sequence_key(prefix, user_id),
-                              members_key(prefix, segment), segment, kind, sequence, event_time, user_id,
-                              view.ttl_s)
-                pipe.hset(self.key, mapping=offsets)
-                replies = pipe.execute()
+                pipe.eval(APPLY_BATCH_LUA, len(keys), *keys, *args)
+                [applied] = pipe.execute()
             except WatchError:  # emptied, or another writer of the offsets: place the cursors again
                 self._positioned = False
                 return
         self.figures.read += len(batch)
-        self.figures.applied += sum(replies[:len(batch)])
+        self.figures.applied += applied
         self._offsets_expected = True
         self._written = offsets
 
@@ -248,9 +308,12 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_metrics(figures: FollowerFigures, port: int) -> ThreadingHTTPServer:
+def serve_metrics(figures: FollowerFigures, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     handler = type("FollowerMetrics", (_MetricsHandler,), {"figures": figures})
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as err:
+        raise SystemExit(f"the follower's metrics endpoint cannot listen on {host}:{port}: {err.strerror}") from None
     threading.Thread(target=server.serve_forever, name="redis-follower-metrics", daemon=True).start()
     return server
 
@@ -261,6 +324,8 @@ def connect_view(url: str, prefix: str, ttl_s: int, stop: threading.Event) -> Re
     while not stop.is_set():
         try:
             return RedisSegmentView(url, prefix, ttl_s)
+        except redis.exceptions.AuthenticationError:
+            raise  # waiting does not change credentials
         except REDIS_DOWN:
             stop.wait(pause)
             pause = min(pause * 2, 5.0)
@@ -269,9 +334,11 @@ def connect_view(url: str, prefix: str, ttl_s: int, stop: threading.Event) -> Re
 
 def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> FollowerFigures:
     """Runs the follower for `settings` until `stop` is set (a thread of `segments run`, or the
-    whole of `segments redis follow`)."""
+    whole of `segments redis follow`). Only credentials Redis refuses end it (with an error): a
+    broker or Redis down, a topic not created yet, a failed step are waited out and started over
+    from the offsets stored in Redis."""
     figures = FollowerFigures()
-    server = serve_metrics(figures, metrics_port) if metrics_port else None
+    server = serve_metrics(figures, metrics_port, settings.redis_follower_metrics_host) if metrics_port else None
     try:
         view = connect_view(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s, stop)
         if view is None:
@@ -282,15 +349,20 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
             while not stop.is_set():
                 try:
                     follower.run(stop)
-                except (RuntimeError, OSError, redis.exceptions.RedisError) as err:
-                    # The topic not there yet (the job creates it), a leader change, a broker
-                    # restart: start over from the stored offsets after a pause.
-                    log.warning("the follower starts over after: %s", err)
+                except redis.exceptions.AuthenticationError:
+                    raise
+                except Exception as err:  # noqa: BLE001 (KafkaException, a fetch error, a Redis reply, ...)
+                    figures.errors += 1
+                    log.warning("the follower starts over from the stored offsets after: %s: %s",
+                                type(err).__name__, str(err)[:300])
                     follower.start_over()
                     stop.wait(2.0)
         finally:
             view.close()
         return figures
+    except redis.exceptions.AuthenticationError as err:
+        log.error("Redis refused the follower's credentials (%s): the view is not followed", type(err).__name__)
+        raise
     finally:
         if server is not None:
             server.shutdown()

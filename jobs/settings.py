@@ -66,6 +66,7 @@ class JobSettings:
     # outage or an empty restart); with a cluster, run `segments redis follow` beside it.
     redis_follower: bool = True
     redis_follower_metrics_port: int = 0  # 0: no metrics endpoint
+    redis_follower_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for the scraper
     # How long a network buffer between operators (the key_by shuffle) may wait to fill before it
     # is sent: Flink's default of 100 ms is most of an event's way to Redis at low load.
     buffer_timeout_ms: int = 10

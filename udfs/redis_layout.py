@@ -28,22 +28,47 @@ def members_key(prefix: str, segment: str) -> str:
 # segment): replays after a restore, or a rebuild racing the live job, can never move the view
 # backwards. KEYS: user hash, sequence hash, members set. ARGV: segment, kind, sequence,
 # event_time_ms, user_id, ttl_s. Returns 1 if applied, 0 if stale.
-APPLY_TRANSITION_LUA = """
-local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-local seq = tonumber(ARGV[3])
-if seq <= last then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-if ARGV[2] == 'ENTER' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
-  redis.call('SADD', KEYS[3], ARGV[5])
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[3], ARGV[5])
+_APPLY_FUNCTION = """
+local function apply(user, seqs, members, segment, kind, sequence, at, user_id, ttl_s)
+  local last = tonumber(redis.call('HGET', seqs, segment) or '0')
+  local seq = tonumber(sequence)
+  if seq <= last then return 0 end
+  redis.call('HSET', seqs, segment, sequence)
+  if kind == 'ENTER' then
+    redis.call('HSET', user, segment, sequence .. ':' .. at)
+    redis.call('SADD', members, user_id)
+  else
+    redis.call('HDEL', user, segment)
+    redis.call('SREM', members, user_id)
+  end
+  local ttl = tonumber(ttl_s)
+  if ttl > 0 then
+    redis.call('EXPIRE', user, ttl)
+    redis.call('EXPIRE', seqs, ttl)
+  end
+  return 1
 end
-local ttl = tonumber(ARGV[6])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
+"""
+
+APPLY_TRANSITION_LUA = _APPLY_FUNCTION + """
+return apply(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+
+# The view follower's batch (jobs/redis_follower.py): every transition as above, then the follower's
+# resume offsets, last, so that a transition that fails (the script stops there) leaves them as
+# they were and the batch is applied again. KEYS: the offsets hash, then per transition its three
+# keys. ARGV: the transition count, per transition segment, kind, sequence, event_time_ms,
+# user_id, ttl_s, then partition, offset pairs. Returns how many transitions were applied.
+APPLY_BATCH_LUA = _APPLY_FUNCTION + """
+local n = tonumber(ARGV[1])
+local applied = 0
+for i = 0, n - 1 do
+  local a = 2 + i * 6
+  applied = applied + apply(KEYS[2 + i * 3], KEYS[3 + i * 3], KEYS[4 + i * 3],
+                            ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
 end
-return 1
+for j = 2 + n * 6, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+end
+return applied
 """

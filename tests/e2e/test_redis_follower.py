@@ -37,15 +37,16 @@ def record(codec, user: str, segment: str, kind: str, sequence: int, at: int) ->
 class Transitions:
     """A transactional producer of transitions, as the job's Kafka sink writes them."""
 
-    def __init__(self, broker: str, codec, transactional_id: str):
-        self.codec = codec
+    def __init__(self, broker: str, codec, transactional_id: str, topic: str = TOPIC):
+        self.codec, self.topic = codec, topic
         self.producer = Producer({"bootstrap.servers": broker, "transactional.id": transactional_id})
         self.producer.init_transactions(30)
 
     def send(self, transitions, commit: bool = True) -> None:
         self.producer.begin_transaction()
         for user, segment, kind, sequence, at in transitions:
-            self.producer.produce(TOPIC, record(self.codec, user, segment, kind, sequence, at), key=user.encode())
+            self.producer.produce(self.topic, record(self.codec, user, segment, kind, sequence, at),
+                                  key=user.encode())
         self.producer.flush(30)
         if commit:
             self.producer.commit_transaction(30)
@@ -239,3 +240,61 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
         assert "RESTARTING" not in flink, "the job restarted while Redis was down"
     finally:
         redis.stop()
+
+
+def test_a_step_that_fails_midway_never_stores_an_offset_past_a_transition_it_did_not_apply(
+        broker, redis_url, catalog):
+    """The review's case: one fetch of more than a batch, and Redis failing after the first
+    batch, or refusing one transition (a key of the wrong type): the stored offsets stay before
+    what was not applied, so the next start applies it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+
+    from jobs import redis_follower
+
+    codec = catalog.codec("SegmentTransition")
+    topic = "midway-transitions"
+    create_topics(broker, {topic: 1})
+    job = Transitions(broker, codec, "midway-job", topic)
+    users = [f"u{i:04d}" for i in range(2500)]
+    job.producer.begin_transaction()
+    for user in users:
+        job.producer.produce(topic, record(codec, user, "vip", "ENTER", 1, 100), key=user.encode())
+    job.producer.commit_transaction(30)
+    view = RedisSegmentView(redis_url, "seg", 0)
+
+    follower = ViewFollower(view, broker, topic)
+    applied_batches = []
+    real_apply = follower._apply
+
+    def apply_then_fail(batch, offsets):
+        if applied_batches:
+            raise RedisConnectionError("Redis went away after the first batch")
+        real_apply(batch, offsets)
+        applied_batches.append(len(batch))
+
+    follower._apply = apply_then_fail
+    with pytest.raises(RedisConnectionError):
+        while follower.step():
+            pass
+    assert applied_batches == [redis_follower.BATCH]
+    assert len(view.members("vip")) == redis_follower.BATCH
+    # A fresh follower resumes from what Redis says and applies the rest.
+    again = ViewFollower(view, broker, topic)
+    while again.step():
+        pass
+    assert view.members("vip") == set(users)
+
+    # A transition Redis refuses: the script stops before the offsets, which do not pass it.
+    view.client.set("seg:seq:poison", "not a hash")
+    job.send([("early", "vip", "ENTER", 1, 200), ("poison", "vip", "ENTER", 1, 200), ("late", "vip", "ENTER", 1, 200)])
+    stored = view.client.hgetall(offsets_key("seg"))
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        while again.step():
+            pass
+    assert view.client.hgetall(offsets_key("seg")) == stored
+    view.client.delete("seg:seq:poison")
+    fixed = ViewFollower(view, broker, topic)
+    while fixed.step():
+        pass
+    assert {"early", "poison", "late"} <= view.members("vip")

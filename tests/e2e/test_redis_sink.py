@@ -19,6 +19,8 @@ import pytest
 from infra.stack import ManagedProcess, free_port, wait_for_port
 from jobs.java_operators import OperatorsJarMissing, operators_jar
 from jobs.redis_sink import redis_view_sink
+from jobs.committed_log import _PartitionCursor
+from jobs.redis_follower import ViewFollower
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 
@@ -307,7 +309,8 @@ def tls_redis(directory: Path, host_names: str) -> tuple[ManagedProcess, int, Pa
                   "--appendonly", "no", "--dir", str(directory), "--tls-cert-file", str(cert),
                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
                   "--user", "default", "off", "--user", "app", "on", ">app s3cret", "~t:*",
-                  "+@read", "+@write", "+evalsha", "+eval", "+script", "+ping", "+select", "+info"])
+                  "+@read", "+@write", "+@transaction", "+evalsha", "+eval", "+script", "+ping", "+select",
+                  "+info"])
     wait_for_port(port, what="redis-server (TLS)")
     return server, port, ca
 
@@ -325,6 +328,11 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         assert request.outcome == "committed"
         view = RedisSegmentView(url, "t", ttl_s=0)
         assert view.members("vip") == {"u1"}
+        # The view follower's write (a batch script and its offsets under WATCH) as this user too.
+        follower = ViewFollower(view, "127.0.0.1:1", "no-topic")
+        follower._cursors = {0: _PartitionCursor(0, offset=7)}
+        follower._apply([("u9", "vip", "ENTER", 1, 100)], {"0": 7})
+        assert view.members("vip") == {"u1", "u9"} and view.client.hgetall("t:view:offsets") == {b"0": b"7"}
         # Another CA's certificate: refused at once by both, and for good (not retried).
         other_ca, _, _ = certificates(tmp_path, "DNS:elsewhere")
         untrusted = url.replace(str(ca), str(other_ca))

@@ -45,11 +45,25 @@ final class RespClient implements AutoCloseable {
             return message.startsWith("NOSCRIPT");
         }
 
-        /** Redis busy or loading its data set: worth retrying, like a lost connection. */
+        /**
+         * Redis unable to take writes for now (loading, busy, a replica after a failover, out of
+         * memory, too many clients, not persisting): worth retrying, like a lost connection, and
+         * left to the view follower after the retry time. Credentials, permissions, key types
+         * and the script are not.
+         */
         boolean isTransient() {
-            return message.startsWith("LOADING") || message.startsWith("BUSY") || message.startsWith("TRYAGAIN")
-                    || message.startsWith("MASTERDOWN");
+            for (String prefix : TRANSIENT) {
+                if (message.startsWith(prefix)) {
+                    return true;
+                }
+            }
+            return false;
         }
+
+        private static final String[] TRANSIENT = {
+            "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "CLUSTERDOWN", "NOREPLICAS", "MISCONF",
+            "ERR max number of clients",
+        };
 
         @Override
         public String toString() {
