@@ -22,6 +22,9 @@ from infra.stack import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Of this environment's SEGMENTS_* variables, what the job's process needs too (the stack's own
+# variables are set per test).
+KEPT_TOOLING_VARIABLES = ("SEGMENTS_CACHE", "SEGMENTS_VENV")
 
 
 @pytest.fixture
@@ -78,7 +81,10 @@ def run_job(stack_root):
 
 
 def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_") and k != "REDIS_URL"}
+    """The job's environment: this one's without its job settings (the test's only count), but
+    with the tooling's (SEGMENTS_CACHE, where setup put the connector jars; SEGMENTS_VENV)."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("SEGMENTS_") and k not in KEPT_TOOLING_VARIABLES) and k != "REDIS_URL"}
     env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
     env["SEGMENTS_CHECKPOINT_DIR"] = (stack_root / f"checkpoints-{name}").as_uri()
     env["SEGMENTS_STACK_DIR"] = str(stack_root)
