@@ -144,7 +144,7 @@ class Compare:
 
 
 @dataclass(frozen=True, slots=True)
-class Membership:  # `x in [...]`, `"shoes" in top_categories`
+class InCondition:  # `x in [...]`, `"shoes" in top_categories` (not udfs.profile.Membership)
     item: Any
     options: Any  # a tuple of Literal, or a FeatureRef to a text list
     negated: bool
@@ -255,8 +255,8 @@ class _Parser:
         if self.at("in"):
             column = self.take().column
             if self.at("["):
-                return Membership(left, self.literal_list(), negated, column)
-            return Membership(left, self.operand(), negated, column)
+                return InCondition(left, self.literal_list(), negated, column)
+            return InCondition(left, self.operand(), negated, column)
         return left
 
     def literal_list(self) -> tuple:
@@ -449,7 +449,7 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 
 
-def _earliest(*times):
+def _first_of(*times):
     present = [t for t in times if t is not None]
     return min(present) if present else None
 
@@ -500,14 +500,14 @@ class Compiler:
             else:
                 def holds(ev):
                     return any(test(ev) for test in tests)
-            return holds, lambda ev: _earliest(*(c(ev) for c in changes))
+            return holds, lambda ev: _first_of(*(c(ev) for c in changes))
         if isinstance(node, Not):
             test, change = self._condition(node.item, refs)
             return (lambda ev: not test(ev)), change
         if isinstance(node, Compare):
             return self._compare(node, refs)
-        if isinstance(node, Membership):
-            return self._membership(node, refs)
+        if isinstance(node, InCondition):
+            return self._in_condition(node, refs)
         if isinstance(node, Missing):
             ref = self._operand(node.ref, refs)
             return (lambda ev: ref.value(ev) is None), ref.change
@@ -645,7 +645,7 @@ class Compiler:
                 raise ConditionError(f"{side.label} changes continuously with time: compare it with a constant, "
                                      "not with another feature", node.column)
         lc, rc = left.change, right.change
-        return holds, lambda ev: _earliest(lc(ev), rc(ev))
+        return holds, lambda ev: _first_of(lc(ev), rc(ev))
 
     def _check_kinds(self, left: Operand, right: Operand, op: str, column: int) -> None:
         if left.kind == TEXT_LIST or right.kind == TEXT_LIST:
@@ -704,14 +704,14 @@ class Compiler:
                 base = ev.now - v
                 for offset in offsets:
                     if base + offset > ev.now:
-                        return _earliest(due, base + offset)
+                        return _first_of(due, base + offset)
                 return due
             return change
         if left.motion == DECAY:
             test, value, at, half_life = _OPS[op], left.value, left.at, left.half_life_ms
 
             def change(ev):
-                return _earliest(step(ev), _decay_crossing(ev, value(ev), at, half_life, test, threshold))
+                return _first_of(step(ev), _decay_crossing(ev, value(ev), at, half_life, test, threshold))
             return change
         if left.falls_only and op in ("<", "<=", ">", ">="):
             # A value that only falls flips `> c` only from true and `< c` only from false: in the
@@ -726,7 +726,7 @@ class Compiler:
             return change
         return step
 
-    def _membership(self, node: Membership, refs: References):
+    def _in_condition(self, node: InCondition, refs: References):
         item = self._operand(node.item, refs)
         negated = node.negated
         if isinstance(node.options, tuple):
@@ -759,7 +759,7 @@ class Compiler:
         def holds(ev):
             v = value(ev)
             return v is not None and (v in members(ev)) != negated
-        return holds, lambda ev: _earliest(item.change(ev), collection.change(ev))
+        return holds, lambda ev: _first_of(item.change(ev), collection.change(ev))
 
 
 def _decay_crossing(ev: Evaluation, v, at, half_life_ms: int, test, threshold: float) -> int | None:

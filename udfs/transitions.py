@@ -100,15 +100,15 @@ class Step:
 
 
 # Model scores of a profile at an instant; the third argument reads a feature's value at that
-# instant from the cache the segment conditions then read too (see udfs/scoring.py).
-Scorer = Callable[[UserProfile, int, Callable[[str], Any]], Mapping[str, float]]
+# instant from the cache the segment conditions then read too. udfs.scoring.Scorer is one.
+ScoreFunction = Callable[[UserProfile, int, Callable[[str], Any]], Mapping[str, float]]
 
 
 class SegmentEngine:
     """Keeps one user's profile and memberships up to date for one compiled definitions file.
     The profile configuration is the one the definitions were compiled against."""
 
-    def __init__(self, definitions: DefinitionSet, model_version: str | None = None, scorer: Scorer | None = None):
+    def __init__(self, definitions: DefinitionSet, model_version: str | None = None, scorer: ScoreFunction | None = None):
         self.definitions = definitions
         self.definitions_version = definitions.version
         self.model_version = model_version

@@ -25,7 +25,7 @@ from udfs.conditions import (
     Evaluation,
     FeatureRef,
     Literal,
-    Membership,
+    InCondition,
     Missing,
     ModelOutput,
     Not,
@@ -160,11 +160,11 @@ def test_score_and_segment_references():
 
 
 def test_membership_in_a_list_not_in_a_list_and_text_in_a_list_feature():
-    assert parse_condition('engagement_tier in ["high", "medium"]') == Membership(
+    assert parse_condition('engagement_tier in ["high", "medium"]') == InCondition(
         FeatureRef("engagement_tier", None, 1), (Literal("high", TEXT, 21), Literal("medium", TEXT, 29)), False, 17)
-    assert parse_condition('engagement_tier not in ["low"]') == Membership(
+    assert parse_condition('engagement_tier not in ["low"]') == InCondition(
         FeatureRef("engagement_tier", None, 1), (Literal("low", TEXT, 25),), True, 21)
-    assert parse_condition('"shoes" in top_categories') == Membership(
+    assert parse_condition('"shoes" in top_categories') == InCondition(
         Literal("shoes", TEXT, 1), FeatureRef("top_categories", None, 12), False, 9)
     assert parse_condition("cart_items in [1, 3]").options == (Literal(1.0, NUMBER, 16), Literal(3.0, NUMBER, 19))
 
