@@ -263,6 +263,8 @@ class ViewFollower:
                 if self._offsets_expected and not pipe.exists(self.key):
                     raise WatchError("the offsets are gone")
                 pipe.multi()
+                # Redis's EVAL of the fixed script constant: the transitions travel as its KEYS and
+                # ARGV (data), never as script text.
                 pipe.eval(APPLY_BATCH_LUA, len(keys), *keys, *args)
                 [applied] = pipe.execute()
             except WatchError:  # emptied, or another writer of the offsets: place the cursors again
