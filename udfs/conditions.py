@@ -354,11 +354,27 @@ def parse_condition(text: str):
 # -- compilation ---------------------------------------------------------------------------------
 
 
+class FeatureValues(dict):
+    """Feature name -> its value at one instant, read from the catalog on the first lookup:
+    `values[name]` is a plain dict hit afterwards (the ~60 reads of an evaluation step go through
+    it: the models' vectors, then the conditions)."""
+
+    __slots__ = ("profile", "now", "readers")
+
+    def __init__(self, profile: UserProfile, now: int, readers: Mapping[str, Callable[[UserProfile, int], Any]]):
+        super().__init__()
+        self.profile, self.now, self.readers = profile, now, readers
+
+    def __missing__(self, name: str) -> Any:
+        value = self[name] = self.readers[name](self.profile, self.now)
+        return value
+
+
 class Evaluation:
     """One evaluation instant of one user: feature reads are cached for its duration, and the
     memberships decided so far are visible to segment references."""
 
-    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache", "lapses")
+    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache", "lapses", "feature")
 
     def __init__(self, profile: UserProfile, now: int, catalog: FeatureCatalog, scores: Mapping[str, float]):
         self.profile = profile
@@ -366,15 +382,10 @@ class Evaluation:
         self.catalog = catalog
         self.scores = scores
         self.members: dict[str, bool] = {}
-        self.cache: dict[Any, Any] = {}
+        # Also holds (map feature, key) slots, filled by `keyed` (never through a missing lookup).
+        self.cache = FeatureValues(profile, now, catalog.readers)
+        self.feature: Callable[[str], Any] = self.cache.__getitem__  # the value of a feature by name
         self.lapses: dict[Any, int | None] = {}
-
-    def feature(self, name: str) -> Any:
-        cache = self.cache
-        if name in cache:
-            return cache[name]
-        value = cache[name] = self.catalog.readers[name](self.profile, self.now)
-        return value
 
     def keyed(self, name: str, key: str, read) -> Any:
         cache, slot = self.cache, (name, key)
@@ -424,6 +435,7 @@ class Operand:
     low: float | None = None  # the smallest value it can take
     high: float | None = None
     falls_only: bool = False  # a STEP value that never rises while no event comes
+    feature: str | None = None  # a whole feature's name: its value is ev.cache[feature]
 
 
 @dataclass
@@ -602,12 +614,13 @@ class Compiler:
                 raise ConditionError(f"{name} is not a map: it takes no [key]", node.column)
 
             def value(ev):
-                return ev.feature(name)
+                return ev.cache[name]
 
             at, label, kind = read, name, spec.kind
         refs.features[label] = value
         return Operand(kind, value, label, change, spec.motion, spec.half_life_ms, at, choices=spec.choices,
-                       low=0.0 if kind in (NUMBER, DURATION) else None, falls_only=spec.falls_only)
+                       low=0.0 if kind in (NUMBER, DURATION) else None, falls_only=spec.falls_only,
+                       feature=None if spec.kind == MAP else name)
 
     # -- comparisons --
 
@@ -631,6 +644,15 @@ class Compiler:
                 return False
             b = rv(ev)
             return b is not None and test(a, b)
+
+        if right.literal and left.feature is not None:
+            # The usual `feature op constant`, read straight from the evaluation's cache: it runs
+            # for most segments at every evaluation.
+            feature, constant = left.feature, right.value(None)
+
+            def holds(ev):
+                a = ev.cache[feature]
+                return a is not None and test(a, constant)
 
         if right.literal and right.kind == TEXT:
             return holds, left.change
