@@ -47,8 +47,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from udfs.profile_config import DAY_MS, HOUR_MS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DAY_MS = 24 * 3_600_000
 # Generated shoppers produce about 19 events per user and day (profile-stats: 38,786 events for
 # 2,000 users in a day); used only to pick how many days of traffic hold the requested events.
 EVENTS_PER_USER_DAY = 19.0
@@ -64,7 +65,7 @@ PROGRESS_EVERY = 5_000
 END_MARKERS_PER_PARTITION = 16
 # End markers are this far behind the traffic: past any watermark by far more than the allowed
 # lateness, yet a plausible timestamp (not `absurd_timestamp`).
-END_MARKER_AGE_MS = 2 * 3_600_000
+END_MARKER_AGE_MS = 2 * HOUR_MS
 STATE_TARGET_BYTES = 2048
 JOB_TARGET_PER_SLOT = 1_500
 FLOOR_STATE_BYTES = 1_800  # the floor job's state value when the state replay was skipped
@@ -663,7 +664,7 @@ def checkpoint_events(users: int, end_ms: int):
     from udfs.events import UserEvent
     from udfs.shoppers import CATEGORIES, user_id_of
 
-    span = 3_600_000
+    span = HOUR_MS
     start = end_ms - span
     for i in range(users):
         user = user_id_of(i)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from jobs.settings import SettingsError, load_settings
+from udfs.profile_config import MINUTE_MS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MINUTE_MS = 60_000
 
 
 def _settings(args):

@@ -41,6 +41,7 @@ from tests.e2e.invariants import (
 from udfs.codec import MAGIC
 from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -48,7 +49,6 @@ from udfs.transitions import replay_events
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.faults]
 
 PARTITIONS = 2
-DAY_MS = 24 * 3600_000
 # Events out of order by less than the lag are never behind the watermark, so where a timer fires
 # relative to them cannot depend on how fast each partition is read: the outcome is deterministic.
 WATERMARK_LAG_MS = 5 * 60_000

@@ -22,6 +22,7 @@ from tests.e2e.conftest import SubmittedJob, wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
 from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.e2e
 
 PARTITIONS = 2
 WATERMARK_LAG_MS = 2_000
-DAY_MS = 24 * 3600_000
 MAX_EVENT_BYTES = 4096
 
 

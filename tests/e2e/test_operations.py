@@ -18,6 +18,7 @@ from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
 from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -25,7 +26,6 @@ from udfs.transitions import replay_events
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 PARTITIONS = 2
-DAY_MS = 24 * 3600_000
 # A source subtask reading both partitions may run ahead on one of them: a lag longer than the
 # traffic keeps every event ahead of the watermark at parallelism 1 too.
 WATERMARK_LAG_MS = 12 * 3600_000

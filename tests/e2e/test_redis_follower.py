@@ -19,6 +19,7 @@ from jobs.redis_follower import ViewFollower, follow, offsets_key
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 from tests.e2e.conftest import wait_until
+from udfs.profile_config import DAY_MS, HOUR_MS
 
 pytestmark = pytest.mark.e2e
 
@@ -174,9 +175,9 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"
-    lag_ms, day_ms = 2_000, 24 * 3600_000
-    traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=6 * 3600_000))
-    sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + day_ms)
+    lag_ms = 2_000
+    traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=6 * HOUR_MS))
+    sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + DAY_MS)
     chunks = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
               traffic[2 * len(traffic) // 3:] + [sentinel]]
     codec = catalog.codec("UserEvent")

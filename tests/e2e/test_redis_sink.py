@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from infra.stack import ManagedProcess, free_port, wait_for_port
-from jobs.java_operators import OperatorsJarMissing, operators_jar
-from jobs.redis_sink import redis_view_sink
 from jobs.committed_log import _PartitionCursor
+from jobs.java_operators import OperatorsJarMissing, operators_jar
 from jobs.redis_follower import ViewFollower
+from jobs.redis_sink import redis_view_sink
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 
