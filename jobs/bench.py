@@ -589,46 +589,22 @@ class DeadLetterWatcher:
         self.consumer.close()
 
 
-def committed_messages(bootstrap: str, topic: str):
-    """Every committed record of a topic, read to the end of every partition (partition EOF: tansu
-    answers ListOffsets(latest) with 1, so watermark offsets cannot be used)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-bench-read",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
-        open_partitions = set(partitions)
-        while open_partitions:
-            msgs = consumer.consume(5000, 30)
-            if not msgs:
-                raise TimeoutError(f"no records nor end of partition from {topic} for 30 s")
-            for msg in msgs:
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        open_partitions.discard(msg.partition())
-                        continue
-                    raise KafkaException(msg.error())
-                yield msg
-    finally:
-        consumer.close()
-
-
 def count_committed(bootstrap: str, topic: str) -> int:
-    return sum(1 for _ in committed_messages(bootstrap, topic))
+    from jobs.committed_log import committed_records
+
+    return sum(1 for _ in committed_records(bootstrap, topic))
 
 
 def read_committed_transitions(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
-    """Every committed transition by (partition, offset)."""
+    """Every committed transition by (partition, offset), with the fields the latency join reads."""
+    from jobs.committed_log import committed_records
     from udfs.codec import SchemaCatalog
 
     codec = SchemaCatalog().codec("SegmentTransition")
     out = {}
-    for msg in committed_messages(bootstrap, topic):
-        t = codec.decode(msg.value())
-        out[(msg.partition(), msg.offset())] = {
+    for record in committed_records(bootstrap, topic):
+        t = codec.decode(record.value)
+        out[(record.partition, record.offset)] = {
             "user_id": t["user_id"], "segment": t["segment"], "sequence": t["sequence"],
             "event_time": t["event_time"], "cause": t["cause"],
         }

@@ -11,9 +11,9 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.stack import create_topics
+from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
-from jobs.transitions_reader import read_committed_values
 from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
 from udfs.definitions import DEFAULT_DEFINITIONS
@@ -66,7 +66,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         return done.stdout
 
     def committed() -> int:
-        return len(read_committed_values(broker, topics["transitions"], idle_s=1))
+        return len(read_topic(broker, topics["transitions"]).committed)
 
     thirds = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
               traffic[2 * len(traffic) // 3:]]
@@ -109,12 +109,12 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     transitions = catalog.codec("SegmentTransition")
 
     def all_committed():
-        records = read_committed_values(broker, topics["transitions"], idle_s=2)
+        records = read_topic(broker, topics["transitions"]).committed
         return records if len(records) >= len(expected) else None
 
     records = wait_until(all_committed, timeout_s=300, interval_s=3)
     got = sorted((t["transition_id"], t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"])
-                 for t in (transitions.decode(v) for _, v, _, _ in records))
+                 for t in (transitions.decode(r.value) for r in records))
     want = sorted((t.transition_id, t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     assert len({g[0] for g in got}) == len(got), "a transition was committed twice"
     assert got == want

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.stack import ManagedProcess, free_port, wait_for_port
-from jobs.committed_log import _PartitionCursor
+from jobs.committed_log import PartitionCursor
 from jobs.java_operators import OperatorsJarMissing, operators_jar
 from jobs.redis_follower import ViewFollower
 from jobs.redis_sink import redis_view_sink
@@ -330,7 +330,7 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         assert view.members("vip") == {"u1"}
         # The view follower's write (a batch script and its offsets under WATCH) as this user too.
         follower = ViewFollower(view, "127.0.0.1:1", "no-topic")
-        follower._cursors = {0: _PartitionCursor(0, offset=7)}
+        follower._cursors = {0: PartitionCursor(0, offset=7)}
         follower._apply([("u9", "vip", "ENTER", 1, 100)], {"0": 7})
         assert view.members("vip") == {"u1", "u9"} and view.client.hgetall("t:view:offsets") == {b"0": b"7"}
         # Another CA's certificate: refused at once by both, and for good (not retried).
