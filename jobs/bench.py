@@ -47,6 +47,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infra.stack import ManagedProcess
 from udfs.profile_config import DAY_MS, HOUR_MS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -361,55 +362,30 @@ def machine_info() -> dict:
 # --- processes ----------------------------------------------------------------------------------------
 
 
-class BenchProcess:
-    """A child process in its own session (so its whole tree can be signalled), with a log file,
-    CPU readings of its tree, and a stop that waits for it."""
+class MeasuredProcess(ManagedProcess):
+    """A process the bench starts (from the project's root) and measures: CPU seconds and threads of
+    its tree. Its stop also kills the descendants that left its process group (the JVM a job
+    starts is in its tree)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_file: Path):
-        self.name = name
-        self.log_file = log_file
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.launched_at = time.time()
-        with open(log_file, "ab") as out:
-            self.popen = subprocess.Popen(argv, env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid = self.popen.pid
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], work: Path):
+        super().__init__(name, work)
         self.cpu_last = 0.0
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+        self.start(argv, env=env, cwd=PROJECT_ROOT)
 
     def cpu_seconds(self) -> float:
-        if self.alive():
-            self.cpu_last = tree_cpu_seconds(self.pid)
+        if self.running():
+            self.cpu_last = tree_cpu_seconds(self.pid())
         return self.cpu_last
 
     def threads(self) -> dict[int, tuple[str, int]]:
-        return thread_ticks(self.pid)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return thread_ticks(self.pid())
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
-        if not self.alive():
+        if not self.running():
             return
         self.cpu_seconds()
-        members = tree_pids(self.pid)  # the JVM a job starts is in this tree
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(10)
+        members = tree_pids(self.pid())
+        super().stop(sig, timeout_s)
         for pid in members[1:]:  # a descendant that left the group or ignored the signal
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -417,13 +393,13 @@ class BenchProcess:
                 pass
 
 
-class ClusterJob(BenchProcess):
+class ClusterJob(MeasuredProcess):
     """`segments submit` to a standalone cluster started for the run: the job's CPU and threads are
     the cluster's processes (JobManager and TaskManagers, from Flink's pid files), not the
     client's, which only submits and waits."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_file: Path, cluster_root: Path):
-        super().__init__(name, argv, env, log_file)
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], work: Path, cluster_root: Path):
+        super().__init__(name, argv, env, work)
         self.cluster_root = cluster_root
 
     def cluster_pids(self) -> list[int]:
@@ -481,19 +457,8 @@ class BenchStack:
 
     def stop(self) -> None:
         for proc in (self.redis, self.broker):
-            if proc is None:
-                continue
-            pid = proc.pid()
-            if pid is not None:
-                # Our own child: reap it here, or it stays a zombie that `stop` waits on for 10 s.
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                    deadline = time.monotonic() + 10
-                    while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
-                        time.sleep(0.05)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
-            proc.stop()
+            if proc is not None:
+                proc.stop()
 
 
 # --- Kafka helpers ------------------------------------------------------------------------------------
@@ -776,7 +741,7 @@ class ThroughputResult:
     busiest_threads: list = field(default_factory=list)  # [thread name, CPU seconds in the window]
 
 
-def watch_markers(proc: BenchProcess, watcher: DeadLetterWatcher, clock: MarkerClock, events: int, partitions: int,
+def watch_markers(proc: MeasuredProcess, watcher: DeadLetterWatcher, clock: MarkerClock, events: int, partitions: int,
                   stall_s: float, stack: BenchStack | None = None, on_tick=None) -> dict:
     """Waits until every end marker is visible, logging progress; gives up when no marker has
     come for stall_s. Samples CPU (and the busiest threads) at the first start marker and at the
@@ -785,7 +750,7 @@ def watch_markers(proc: BenchProcess, watcher: DeadLetterWatcher, clock: MarkerC
     last_marker = time.monotonic()
     last_log = 0.0
     while not clock.all_ended:
-        if not proc.alive():
+        if not proc.running():
             raise RuntimeError(f"{proc.name} exited early (code {proc.popen.returncode}); log {proc.log_file}:\n"
                                f"{proc.log_tail()}")
         if time.monotonic() - last_marker > stall_s:
@@ -827,11 +792,11 @@ def measure_throughput(stack: BenchStack, work: Path, name: str, argv: list[str]
     watcher = DeadLetterWatcher(stack.bootstrap, topics.dead_letters, clock)
     env = run_environment(stack, work, name, topics, settings)
     if cluster is None:
-        proc = BenchProcess(name, argv, env, work / "logs" / f"{name}.log")
+        proc = MeasuredProcess(name, argv, env, work)
     else:
         env.update(SEGMENTS_STACK_DIR=str(cluster[0]), SEGMENTS_STACK_FLINK_REST_PORT=str(cluster[1]))
-        proc = ClusterJob(name, argv, env, work / "logs" / f"{name}.log", cluster[0])
-    log(f"{name}: started (pid {proc.pid}), {events} events")
+        proc = ClusterJob(name, argv, env, work, cluster[0])
+    log(f"{name}: started (pid {proc.pid()}), {events} events")
     try:
         samples = watch_markers(proc, watcher, clock, events, partitions, stall_s, stack)
         result.finished = True
@@ -949,17 +914,17 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
     files.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, "-m", "jobs.bench"]
     plain_env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_") or k == "SEGMENTS_CACHE"}
-    helpers: list[BenchProcess] = []
+    helpers: list[MeasuredProcess] = []
     proc = None
     watcher = None
     try:
-        redis_watch = BenchProcess(f"{name}-watch-redis", [*me, "watch-redis", "--url", stack.redis_url, "--prefix",
+        redis_watch = MeasuredProcess(f"{name}-watch-redis", [*me, "watch-redis", "--url", stack.redis_url, "--prefix",
                                                            prefix, "--out", str(files / "redis.json")],
-                                   plain_env, work / "logs" / f"{name}-watch-redis.log")
-        kafka_watch = BenchProcess(f"{name}-watch-kafka", [*me, "watch-kafka", "--bootstrap", stack.bootstrap,
+                                   plain_env, work)
+        kafka_watch = MeasuredProcess(f"{name}-watch-kafka", [*me, "watch-kafka", "--bootstrap", stack.bootstrap,
                                                            "--topic", topics.transitions, "--out",
                                                            str(files / "kafka.json")],
-                                   plain_env, work / "logs" / f"{name}-watch-kafka.log")
+                                   plain_env, work)
         helpers += [redis_watch, kafka_watch]
         # The start markers tell when the job is reading: the paced load starts only then.
         producer = make_producer(stack.bootstrap)
@@ -969,22 +934,21 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
         del producer
         clock = MarkerClock(partitions, partitions * END_MARKERS_PER_PARTITION)
         watcher = DeadLetterWatcher(stack.bootstrap, topics.dead_letters, clock)
-        proc = BenchProcess(name, argv, run_environment(stack, work, name, topics, settings),
-                            work / "logs" / f"{name}.log")
-        log(f"{name}: started (pid {proc.pid}); waiting for it to read")
+        proc = MeasuredProcess(name, argv, run_environment(stack, work, name, topics, settings), work)
+        log(f"{name}: started (pid {proc.pid()}); waiting for it to read")
         deadline = time.monotonic() + 180
         while len(clock.started) < partitions:
-            if not proc.alive():
+            if not proc.running():
                 raise RuntimeError(f"{name} exited early; log {proc.log_file}:\n{proc.log_tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: no start marker within 180 s")
             watcher.poll(0.2)
         time.sleep(1.0)  # the watchers have long subscribed; let the job settle after its first records
-        sender = BenchProcess(f"{name}-produce", [*me, "produce", "--bootstrap", stack.bootstrap, "--topic",
+        sender = MeasuredProcess(f"{name}-produce", [*me, "produce", "--bootstrap", stack.bootstrap, "--topic",
                                                   topics.events, "--rate", str(rate), "--seconds",
                                                   str(warmup_s + seconds), "--users", str(users), "--seed",
                                                   str(seed), "--out", str(files / "sent.json")],
-                              plain_env, work / "logs" / f"{name}-produce.log")
+                              plain_env, work)
         helpers.append(sender)
         log(f"{name}: offering {rate:,.0f} events/s for {warmup_s:.0f} s warm-up + {seconds:.0f} s")
         cpu_before = proc.cpu_seconds()
@@ -1000,7 +964,7 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
         # time, then say so and estimate its rate from what it got through.
         deadline = time.monotonic() + drain_s
         while not clock.all_ended and time.monotonic() < deadline:
-            if not proc.alive():
+            if not proc.running():
                 raise RuntimeError(f"{name} exited early; log {proc.log_file}:\n{proc.log_tail()}")
             watcher.poll(0.2)
         if clock.all_ended:
@@ -1122,8 +1086,8 @@ def measure_checkpoint(stack: BenchStack, work: Path, config: str | None, users:
     clock = MarkerClock(1, END_MARKERS_PER_PARTITION)
     watcher = DeadLetterWatcher(stack.bootstrap, topics.dead_letters, clock)
     env = run_environment(stack, work, name, topics, {"parallelism": 1, "state_backend": "rocksdb", **settings})
-    proc = BenchProcess(name, job_argv(config), env, work / "logs" / f"{name}.log")
-    log(f"{name}: started (pid {proc.pid}) with RocksDB, incremental checkpoints")
+    proc = MeasuredProcess(name, job_argv(config), env, work)
+    log(f"{name}: started (pid {proc.pid()}) with RocksDB, incremental checkpoints")
     # REST keeps only the latest few checkpoints: collect them as they happen, by id.
     seen: dict[int, dict] = {}
     rest = {"port": None, "job": None, "next_poll": 0.0, "stats": {}}
@@ -1157,7 +1121,7 @@ def measure_checkpoint(stack: BenchStack, work: Path, config: str | None, users:
         deadline = time.monotonic() + max(120.0, 10 * checkpoint_interval_ms / 1000)
         after_load = following = None
         while following is None:
-            if not proc.alive():
+            if not proc.running():
                 raise RuntimeError(f"{name} exited early; log {proc.log_file}:\n{proc.log_tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError("no two completed checkpoints after the load within "
