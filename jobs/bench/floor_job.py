@@ -7,7 +7,7 @@ firing reads and writes the state), and run the merged model session once; inval
 events go to the dead letters as in the job.
 The bench prints the job against this floor.
 
-    python -m jobs.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
+    python -m jobs.bench.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
 """
 
 from __future__ import annotations
@@ -119,6 +119,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run the imported module's main so that the function ships by name (see jobs/segment_users.py).
-    from jobs.floor_job import main as main_of_module
+    from jobs.bench.floor_job import main as main_of_module
 
     main_of_module()
