@@ -255,7 +255,7 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
 
 
 def flink_env(root: Path) -> dict[str, str]:
-    from jobs.segment_users import python_worker_path
+    from jobs.flink_environment import python_worker_path
 
     # pyflink sets FLINK_LIB_DIR, FLINK_OPT_DIR and FLINK_PLUGINS_DIR in its process's environment
     # when it starts a MiniCluster; inherited, they would point the scripts at the wheel's lib/

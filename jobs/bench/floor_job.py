@@ -21,15 +21,10 @@ from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
-from jobs.segment_users import (
-    DEAD_LETTERS,
-    ShippedFiles,
-    attach_connectors,
-    create_environment,
-    dead_letter_row,
-    now_ms,
-)
+from jobs.flink_environment import create_environment
+from jobs.segment_users import DEAD_LETTERS, attach_connectors, dead_letter_row, now_ms
 from jobs.settings import JobSettings, load_settings
+from jobs.shipped_files import ShippedFiles
 from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
 from udfs.events import event_from_record
 from udfs.profile_config import MINUTE_MS

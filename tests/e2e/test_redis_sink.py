@@ -35,7 +35,7 @@ def jvm():
     from pyflink.java_gateway import get_gateway
     from pyflink.util.java_utils import add_jars_to_context_class_loader
 
-    from jobs.segment_users import python_worker_path
+    from jobs.flink_environment import python_worker_path
 
     # The gateway JVM this starts is the one every later MiniCluster job of this test process runs
     # in, and it keeps the environment it started with: without the worker path, their thread-mode

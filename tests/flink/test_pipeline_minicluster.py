@@ -18,7 +18,8 @@ from pyflink.common import Row, Types
 from pyflink.datastream import FlatMapFunction
 
 from jobs.backtest import FLUSH, read_events, run_backtest
-from jobs.segment_users import QUARANTINED_STATE, RAW_RECORD, SegmentUsers, build_pipeline, create_environment
+from jobs.flink_environment import create_environment
+from jobs.segment_users import QUARANTINED_STATE, RAW_RECORD, SegmentUsers, build_pipeline
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
