@@ -16,10 +16,10 @@ from infra.stack import create_topics
 from jobs.backtest import read_events, run_backtest
 from jobs.committed_log import read_topic
 from jobs.redis_view import RedisSegmentView, rebuild_from_topic
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import SubmittedJob, wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
 from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
@@ -115,7 +115,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     # one partition, so per-user order is the traffic's order), up to the final watermark.
     all_events = traffic + [e for _, e in sentinels(traffic[-1].timestamp)]
     final_watermark = traffic[-1].timestamp + DAY_MS - WATERMARK_LAG_MS - 1
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     engine = segmentation.engine()
     expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
     assert len(expected) > 150

@@ -14,9 +14,9 @@ from infra.stack import create_topics
 from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
 from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
@@ -95,7 +95,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     # rescale back to 1: one subtask reading both partitions could otherwise take one partition's
     # sentinel before the other's tail and make that tail late (docs/limits.md).
     produce(thirds[2])
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     event_caused, _ = replay_events(segmentation.engine(), traffic)  # the watermark is still before the traffic
     wait_until(lambda: committed() >= len(event_caused) or None, timeout_s=180, interval_s=2)
 

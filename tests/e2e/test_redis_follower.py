@@ -162,9 +162,9 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     from confluent_kafka import Producer as EventProducer
 
     from jobs.committed_log import read_topic
+    from jobs.settings import SHIPPED_DEFINITIONS
     from tests.conftest import START_MS
     from tests.e2e.invariants import Committed, redis_differences
-    from udfs.definitions import DEFAULT_DEFINITIONS
     from udfs.events import UserEvent
     from udfs.segmentation import Segmentation
     from udfs.shoppers import generate_events
@@ -199,7 +199,7 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
                   redis_retry_ms=2000, watermark_lag_ms=lag_ms, events_topic=topics["events"],
                   transitions_topic=topics["transitions"], dead_letter_topic=topics["dlq"],
                   transactional_id_prefix="down")
-    engine = Segmentation.load(DEFAULT_DEFINITIONS).engine()
+    engine = Segmentation.load(SHIPPED_DEFINITIONS).engine()
     names = engine.definitions.names
     send(chunks[0])
     first = wait_until(lambda: job.assert_alive() or committed(), timeout_s=240, interval_s=2, on_timeout=job.log_tail)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from udfs.conditions import ModelOutput
 from udfs.definitions import (
-    DEFAULT_DEFINITIONS,
     REMOVED_RULE,
     DefinitionError,
     ExclusiveGroup,
@@ -116,7 +116,7 @@ def first_instant(after: int, differs) -> int:
 
 
 # The shipped file reads model scores; the behavioural segments these tests replay do not.
-SHOP = load_definitions(models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
+SHOP = load_definitions(SHIPPED_DEFINITIONS, models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
 
 
 # =============================================================================================
@@ -125,7 +125,7 @@ SHOP = load_definitions(models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
 
 
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
-    shop = Segmentation.load(DEFAULT_DEFINITIONS).definitions
+    shop = Segmentation.load(SHIPPED_DEFINITIONS).definitions
     assert shop.version == "shop-5"
     assert shop.names == ("active_browser", "cart_holder", "cart_abandoner", "potential_buyer",
                           "abandoner_still_browsing", "shoe_considerer", "shoe_browser_not_buying", "window_shopper",
@@ -145,7 +145,7 @@ def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme(
     assert order.index("active_browser") < order.index("window_shopper")
     assert isinstance(shop.units[order.index("engagement_tier")], ExclusiveGroup)
     assert all(isinstance(u, Segment | ExclusiveGroup) for u in shop.units)
-    assert shop.source == str(DEFAULT_DEFINITIONS) and shop.text == DEFAULT_DEFINITIONS.read_bytes()
+    assert shop.source == str(SHIPPED_DEFINITIONS) and shop.text == SHIPPED_DEFINITIONS.read_bytes()
 
 
 def test_a_file_that_cannot_be_read_is_a_definition_error_naming_it(tmp_path):

@@ -12,8 +12,8 @@ import random
 
 import pytest
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.profile_config import HOUR_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
@@ -78,7 +78,7 @@ def drive(engine, events, state_codec, shortcuts: bool):
 @pytest.fixture(scope="module")
 def shop(catalog):
     """The shipped definitions and models, as the job loads them."""
-    return Segmentation.load(DEFAULT_DEFINITIONS), catalog
+    return Segmentation.load(SHIPPED_DEFINITIONS), catalog
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -112,10 +112,10 @@ def test_a_corrupted_onnx_file_is_a_clear_verification_error_not_a_traceback(mod
 
 
 def test_the_shipped_definitions_pin_the_shipped_models():
-    from udfs.definitions import DEFAULT_DEFINITIONS
+    from jobs.settings import SHIPPED_DEFINITIONS
     from udfs.segmentation import DEFAULT_MODELS_DIR
 
-    loaded = Segmentation.load(DEFAULT_DEFINITIONS)
+    loaded = Segmentation.load(SHIPPED_DEFINITIONS)
     assert set(loaded.definitions.model_pins) == set(loaded.definitions.models) == set(loaded.registry.models)
     for name, digest in loaded.definitions.model_pins.items():
         assert hashlib.sha256((DEFAULT_MODELS_DIR / name / MANIFEST).read_bytes()).hexdigest() == digest
