@@ -13,7 +13,6 @@ import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyflink.common import Duration, Row, Types, WatermarkStrategy
 from pyflink.datastream import (
@@ -31,11 +30,11 @@ from jobs.flink_environment import create_environment
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
-from udfs.codec import MAGIC, SCHEMAS_DIR, DecodeError, SchemaCatalog
+from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
-from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
 from udfs.transitions import DUPLICATE, Step
 
@@ -141,9 +140,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
         # Schemas and the models the definitions read, by value (see ShippedFiles).
-        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
-        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
-                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
+        self.files = ShippedFiles.of_job(settings.models_dir, segmentation.definitions.models)
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from udfs.codec import SCHEMAS_DIR
+from udfs.segmentation import DEFAULT_MODELS_DIR
+
 
 class ShippedFiles:
     """Data files the workers read (schemas, models), carried inside the function objects and
@@ -19,6 +22,13 @@ class ShippedFiles:
             for name, root in directories.items() for path in sorted(root.rglob("*"))
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".py"
         }
+
+    @classmethod
+    def of_job(cls, models_dir: str | None, models: tuple[str, ...]) -> ShippedFiles:
+        """The schemas and the `models` (those the definitions read) from `models_dir` (the
+        settings' models_dir, or the project's models/)."""
+        root = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
+        return cls({"schemas": SCHEMAS_DIR, **{f"models/{m}": root / m for m in models}})
 
     def materialize(self) -> Path:
         import tempfile

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-from pathlib import Path
 
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
@@ -25,10 +24,10 @@ from jobs.flink_environment import create_environment
 from jobs.segment_users import DEAD_LETTERS, attach_connectors, dead_letter_row, now_ms
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
-from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
+from udfs.codec import DecodeError, SchemaCatalog
 from udfs.events import event_from_record
 from udfs.profile_config import MINUTE_MS
-from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+from udfs.segmentation import Segmentation
 
 FLOOR_STATE = "floor-state"
 TIMER_AHEAD_MS = 10 * MINUTE_MS  # the shipped definitions' most frequent lapse (recently active)
@@ -44,9 +43,7 @@ class KeyedFloor(KeyedProcessFunction):
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
         self.profile_config = settings.profile
-        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
-        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
-                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
+        self.files = ShippedFiles.of_job(settings.models_dir, segmentation.definitions.models)
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
         self.max_future_ms = settings.max_future_ms

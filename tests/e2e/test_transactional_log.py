@@ -14,6 +14,18 @@ from tests.e2e.conftest import wait_until
 pytestmark = pytest.mark.e2e
 
 
+def leave_open(bootstrap: str, transactional_id: str, topic: str, records: list[tuple[bytes, int]]) -> Producer:
+    """A transaction with `records` (value, partition) sent and never ended: a producer that went
+    away. The producer is returned so that it is not closed before the test ends."""
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": transactional_id})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for value, partition in records:
+        producer.produce(topic, value, partition=partition)
+    producer.flush(30)
+    return producer
+
+
 def values_seen_by_librdkafka(bootstrap: str, topic: str, idle_s: float) -> list[bytes]:
     """What the broker's own read_committed gives a librdkafka client (assign() to every partition,
     read until none has come for idle_s): the behaviour this test records, so it is librdkafka's
@@ -51,11 +63,7 @@ def test_aborted_and_open_transactions_are_hidden_and_committed_ones_kept(broker
     plain.produce("txn-check", b"plain", partition=1)
     plain.flush(30)
     # A transaction left open by a producer that went away: not committed (yet).
-    orphan = Producer({"bootstrap.servers": broker, "transactional.id": "txn-check-2"})
-    orphan.init_transactions(30)
-    orphan.begin_transaction()
-    orphan.produce("txn-check", b"open", partition=0)
-    orphan.flush(30)
+    orphan = leave_open(broker, "txn-check-2", "txn-check", [(b"open", 0)])  # noqa: F841 (kept open)
 
     log = read_topic(broker, "txn-check")
     assert [(r.partition, r.value) for r in log.committed] == [(0, b"committed-0"), (1, b"committed-1"),
@@ -100,11 +108,7 @@ def test_the_streaming_reader_yields_committed_records_and_waits_for_a_transacti
     assert summary.aborted == 3 and summary.open_left == 0
 
     # A transaction that stays open: waited for, then left out and counted.
-    orphan = Producer({"bootstrap.servers": broker, "transactional.id": "txn-stream-2"})
-    orphan.init_transactions(30)
-    orphan.begin_transaction()
-    orphan.produce("txn-stream", b"open", partition=0)
-    orphan.flush(30)
+    orphan = leave_open(broker, "txn-stream-2", "txn-stream", [(b"open", 0)])  # noqa: F841 (kept open)
     summary = ReadSummary()
     values = [r.value for r in committed_records(broker, "txn-stream", open_wait_s=0.5, summary=summary)]
     assert b"open" not in values and len(values) == 4
@@ -126,12 +130,7 @@ def test_following_yields_each_transaction_as_it_commits_and_never_an_aborted_on
     producer.produce("txn-follow", b"before", partition=0)
     producer.commit_transaction(30)
     # Left open by another producer, on both partitions: what follows must not wait for it.
-    orphan = Producer({"bootstrap.servers": broker, "transactional.id": "txn-follow-2"})
-    orphan.init_transactions(30)
-    orphan.begin_transaction()
-    orphan.produce("txn-follow", b"open-0", partition=0)
-    orphan.produce("txn-follow", b"open-1", partition=1)
-    orphan.flush(30)
+    orphan = leave_open(broker, "txn-follow-2", "txn-follow", [(b"open-0", 0), (b"open-1", 1)])  # noqa: F841
 
     from_beginning, from_end = [], []
 
