@@ -80,33 +80,43 @@ def port_open(port: int) -> bool:
 
 
 class ManagedProcess:
-    """A child process with its pid file and log, so a later `down` can stop it."""
+    """A child process in its own session (so its whole tree can be signalled), with its log under
+    `<root>/logs` and its pid under `<root>/pids`, so that a later `down`, another process, can
+    stop it too. The process that started it also holds its Popen: it reaps the child (no zombie
+    that looks alive) and knows its exit code."""
 
     def __init__(self, name: str, root: Path):
         self.name = name
         self.pid_file = root / "pids" / f"{name}.pid"
         self.log_file = root / "logs" / f"{name}.log"
+        self.popen: subprocess.Popen | None = None
+        self.launched_at: float | None = None
 
-    def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+    def start(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if self.running():
             return self.pid()
+        self.launched_at = time.time()
         with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(
+            self.popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                env=env, cwd=cwd, start_new_session=True,
             )
-        self.pid_file.write_text(str(proc.pid))
-        return proc.pid
+        self.pid_file.write_text(str(self.popen.pid))
+        return self.popen.pid
 
     def pid(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.pid
         try:
             return int(self.pid_file.read_text())
         except (FileNotFoundError, ValueError):
             return None
 
     def running(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
         pid = self.pid()
         if pid is None:
             return False
@@ -116,15 +126,30 @@ class ManagedProcess:
             return False
         return True
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        """`sig` to the process group, SIGKILL to it after `timeout_s`."""
         pid = self.pid()
         if pid is not None and self.running():
-            os.killpg(pid, signal.SIGTERM)
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
             deadline = time.monotonic() + timeout_s
             while self.running() and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
             if self.running():
-                os.killpg(pid, signal.SIGKILL)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                if self.popen is not None:
+                    self.popen.wait(10)
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -230,7 +255,7 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
 
 
 def flink_env(root: Path) -> dict[str, str]:
-    from jobs.segment_users import python_worker_path
+    from jobs.flink_environment import python_worker_path
 
     # pyflink sets FLINK_LIB_DIR, FLINK_OPT_DIR and FLINK_PLUGINS_DIR in its process's environment
     # when it starts a MiniCluster; inherited, they would point the scripts at the wheel's lib/

@@ -25,6 +25,7 @@ from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
 from udfs.transitions import DUPLICATE, LATE, Transition
 
@@ -396,7 +397,7 @@ def compare(base: BacktestResult, other: BacktestResult) -> list[SegmentDiff]:
 def _duration(ms: float | None) -> str:
     if ms is None:
         return "-"
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+    for unit, size in (("d", DAY_MS), ("h", HOUR_MS), ("m", MINUTE_MS), ("s", SECOND_MS)):
         if ms >= size:
             return f"{ms / size:.1f}{unit}"
     return f"{ms:.0f}ms"

@@ -8,8 +8,13 @@ reader fetches read_uncommitted, sees the control batches themselves and keeps a
 record only when the marker that closes its producer's transaction is a commit, which is what
 read_committed means; it works the same against Apache Kafka.
 
-Used by `segments redis rebuild` (only committed transitions may reach the Redis view) and by the
-tests that check the committed log.
+The project's one reader of committed records: the Redis view's follower and `segments redis
+rebuild` (only committed transitions may reach the view), `segments tail` (jobs/transitions_reader),
+the bench's counts and latency join, and the tests that check the committed log. Its public parts:
+`committed_records` (to the end, once), `follow_committed_records` (without end), `read_topic` /
+`read_partition` + `split_by_outcome` (everything, aborted records too), and for a reader that keeps
+its own place (the follower) `LeaderConnections`, `BrokerConnection.fetch_entries` and
+`PartitionCursor`.
 
 Limits: record batches v2 (Kafka 0.11 and later) and uncompressed only (the job's Kafka sink does
 not compress; a compressed batch is an error, not skipped); plaintext connections without SASL or
@@ -142,7 +147,9 @@ def log_start_offset(bootstrap: str, topic: str, partition: int) -> int:
         consumer.close()
 
 
-class _Connection:
+class BrokerConnection:
+    """One plaintext connection to a broker, speaking Fetch v4 read_uncommitted."""
+
     def __init__(self, host: str, port: int, timeout_s: float = 30.0):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.correlation = 0
@@ -182,6 +189,24 @@ class _Connection:
         pos += 4
         return high_watermark, response[pos:pos + max(size, 0)]
 
+    def fetch_entries(self, topic: str, partition: int, offset: int, patience_s: float = 10.0,
+                      ) -> tuple[int, list[LogRecord | TransactionMarker], int]:
+        """(high watermark, entries from `offset` on, the offset to fetch next). The local broker may
+        report a high watermark before the batch below it can be fetched (seen under load): then the
+        fetch is repeated for up to `patience_s`."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            high_watermark, data = self.fetch(topic, partition, offset)
+            if offset >= high_watermark:
+                return high_watermark, [], offset
+            entries, next_offset = _parse(partition, data)
+            if next_offset is not None and next_offset > offset:
+                return high_watermark, [e for e in entries if e.offset >= offset], next_offset
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topic}/{partition}: no complete batch at {offset} below the high watermark "
+                                   f"{high_watermark} for {patience_s:.0f} s (a batch over {MAX_BYTES} bytes?)")
+            time.sleep(0.05)
+
     def _receive(self) -> bytes:
         size, = struct.unpack(">i", self._exactly(4))
         return self._exactly(size)
@@ -198,25 +223,6 @@ class _Connection:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _fetch_entries(conn: _Connection, topic: str, partition: int, offset: int, patience_s: float = 10.0,
-                   ) -> tuple[int, list[LogRecord | TransactionMarker], int]:
-    """(high watermark, entries from `offset` on, the offset to fetch next). The local broker may
-    report a high watermark before the batch below it can be fetched (seen under load): then the
-    fetch is repeated for up to `patience_s`."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        high_watermark, data = conn.fetch(topic, partition, offset)
-        if offset >= high_watermark:
-            return high_watermark, [], offset
-        entries, next_offset = _parse(partition, data)
-        if next_offset is not None and next_offset > offset:
-            return high_watermark, [e for e in entries if e.offset >= offset], next_offset
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{topic}/{partition}: no complete batch at {offset} below the high watermark "
-                               f"{high_watermark} for {patience_s:.0f} s (a batch over {MAX_BYTES} bytes?)")
-        time.sleep(0.05)
 
 
 def partition_leaders(bootstrap: str, topic: str) -> dict[int, tuple[str, int]]:
@@ -236,8 +242,28 @@ def partition_leaders(bootstrap: str, topic: str) -> dict[int, tuple[str, int]]:
     return dict(sorted(leaders.items()))
 
 
+class LeaderConnections:
+    """A connection to each partition's leader (one per broker), opened when first needed."""
+
+    def __init__(self, leaders: dict[int, tuple[str, int]]):
+        self.leaders = leaders
+        self._open: dict[tuple[str, int], BrokerConnection] = {}
+
+    def of(self, partition: int) -> BrokerConnection:
+        leader = self.leaders[partition]
+        conn = self._open.get(leader)
+        if conn is None:
+            conn = self._open[leader] = BrokerConnection(*leader)
+        return conn
+
+    def close(self) -> None:
+        for conn in self._open.values():
+            conn.close()
+        self._open.clear()
+
+
 @dataclass
-class _PartitionCursor:
+class PartitionCursor:
     """One partition read in order: records wait per producer for the marker that closes their
     transaction; a commit releases them, an abort drops them."""
 
@@ -247,7 +273,10 @@ class _PartitionCursor:
     pending: dict[int, list[LogRecord]] = field(default_factory=dict)
     aborted: int = 0
 
-    def take(self, entries: list[LogRecord | TransactionMarker]) -> list[LogRecord]:
+    def take(self, entries: list[LogRecord | TransactionMarker],
+             aborted: list[LogRecord] | None = None) -> list[LogRecord]:
+        """The records these entries commit, in marker order; records of aborted transactions are
+        counted (and added to `aborted` when given)."""
         committed: list[LogRecord] = []
         for entry in sorted(entries, key=lambda e: e.offset):
             if isinstance(entry, TransactionMarker):
@@ -256,11 +285,25 @@ class _PartitionCursor:
                     committed += records
                 else:
                     self.aborted += len(records)
+                    if aborted is not None:
+                        aborted += records
             elif entry.transactional:
                 self.pending.setdefault(entry.producer_id, []).append(entry)
             else:
                 committed.append(entry)
         return committed
+
+    def advance(self, conn: BrokerConnection, topic: str) -> list[LogRecord]:
+        """One fetch from the cursor's offset: the records it commits; the offset and the high
+        watermark move on."""
+        self.high_watermark, entries, next_offset = conn.fetch_entries(topic, self.partition, self.offset)
+        committed = self.take(entries)
+        self.offset = next_offset
+        return committed
+
+    @property
+    def at_end(self) -> bool:
+        return self.offset >= self.high_watermark
 
 
 @dataclass
@@ -282,53 +325,64 @@ def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0,
     transaction being committed right then (its marker not yet written) is not missed. Records of
     transactions still open after that are not yielded (`summary.open_left` counts them)."""
     summary = summary if summary is not None else ReadSummary()
-    connections: dict[tuple[str, int], _Connection] = {}
-    cursors: dict[int, tuple[_Connection, _PartitionCursor]] = {}
+    connections = LeaderConnections(partition_leaders(bootstrap, topic))
+    cursors = {partition: PartitionCursor(partition) for partition in connections.leaders}
     try:
-        for partition, (host, port) in partition_leaders(bootstrap, topic).items():
-            if (host, port) not in connections:
-                connections[(host, port)] = _Connection(host, port)
-            cursors[partition] = (connections[(host, port)], _PartitionCursor(partition))
-
-        def read_on(conn: _Connection, cursor: _PartitionCursor) -> Iterator[LogRecord]:
-            """One fetch: the newly committed records; sets the cursor's high watermark."""
-            cursor.high_watermark, entries, next_offset = _fetch_entries(conn, topic, cursor.partition, cursor.offset)
-            yield from cursor.take(entries)
-            cursor.offset = next_offset
-
-        for conn, cursor in cursors.values():
+        def read_to_end(cursor: PartitionCursor) -> Iterator[LogRecord]:
             while True:
-                yield from read_on(conn, cursor)
-                if cursor.offset >= cursor.high_watermark:
-                    break
+                yield from cursor.advance(connections.of(cursor.partition), topic)
+                if cursor.at_end:
+                    return
+
+        for cursor in cursors.values():
+            yield from read_to_end(cursor)
         # Transactions open at the end: wait for their markers (commit or abort), for a while.
-        waiting = {(p, pid) for p, (_, cursor) in cursors.items() for pid in cursor.pending}
+        waiting = {(p, pid) for p, cursor in cursors.items() for pid in cursor.pending}
         started = time.monotonic()
         while waiting and time.monotonic() - started < open_wait_s:
             time.sleep(0.2)
-            for conn, cursor in cursors.values():
-                while True:
-                    yield from read_on(conn, cursor)
-                    if cursor.offset >= cursor.high_watermark:
-                        break
-            waiting = {(p, pid) for p, pid in waiting if pid in cursors[p][1].pending}
+            for cursor in cursors.values():
+                yield from read_to_end(cursor)
+            waiting = {(p, pid) for p, pid in waiting if pid in cursors[p].pending}
         summary.open_waited_s = time.monotonic() - started if open_wait_s else 0.0
-        summary.aborted = sum(cursor.aborted for _, cursor in cursors.values())
-        summary.open_left = sum(len(r) for _, cursor in cursors.values() for r in cursor.pending.values())
+        summary.aborted = sum(cursor.aborted for cursor in cursors.values())
+        summary.open_left = sum(len(r) for cursor in cursors.values() for r in cursor.pending.values())
     finally:
-        for conn in connections.values():
-            conn.close()
+        connections.close()
+
+
+def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = False,
+                             poll_s: float = 0.5) -> Iterator[LogRecord]:
+    """The committed records of the topic as their transactions commit, without end (`segments
+    tail`): from the beginning, or from each partition's end at the start."""
+    connections = LeaderConnections(partition_leaders(bootstrap, topic))
+    cursors = [PartitionCursor(partition) for partition in connections.leaders]
+    try:
+        for cursor in cursors:
+            cursor.offset = log_start_offset(bootstrap, topic, cursor.partition)
+            if not from_beginning:  # the high watermark, from a fetch (tansu's ListOffsets(latest) says 1)
+                cursor.offset, _ = connections.of(cursor.partition).fetch(topic, cursor.partition, cursor.offset)
+        while True:
+            progressed = False
+            for cursor in cursors:
+                before = cursor.offset
+                yield from cursor.advance(connections.of(cursor.partition), topic)
+                progressed |= cursor.offset != before
+            if not progressed:
+                time.sleep(poll_s)
+    finally:
+        connections.close()
 
 
 def read_partition(bootstrap: str, topic: str, partition: int) -> list[LogRecord | TransactionMarker]:
     """Every record and marker of one partition up to its end (read_uncommitted), from its leader."""
     host, port = partition_leaders(bootstrap, topic)[partition]
-    conn = _Connection(host, port)
+    conn = BrokerConnection(host, port)
     try:
         out: list[LogRecord | TransactionMarker] = []
         offset = 0
         while True:
-            high_watermark, entries, offset = _fetch_entries(conn, topic, partition, offset)
+            high_watermark, entries, offset = conn.fetch_entries(topic, partition, offset)
             if not entries and offset >= high_watermark:
                 return out
             out.extend(entries)
@@ -340,16 +394,8 @@ def split_by_outcome(entries: list[LogRecord | TransactionMarker]) -> tuple[list
     """read_committed over one partition: (non-transactional records and transactional records
     whose producer's next marker is a commit, records whose next marker is an abort). Records with
     no marker yet belong to open transactions and are in neither."""
-    pending: dict[int, list[LogRecord]] = {}
-    committed: list[LogRecord] = []
     aborted: list[LogRecord] = []
-    for entry in sorted(entries, key=lambda e: e.offset):
-        if isinstance(entry, TransactionMarker):
-            (committed if entry.commit else aborted).extend(pending.pop(entry.producer_id, []))
-        elif entry.transactional:
-            pending.setdefault(entry.producer_id, []).append(entry)
-        else:
-            committed.append(entry)
+    committed = PartitionCursor(partition=-1).take(entries, aborted)
     return sorted(committed, key=lambda r: r.offset), aborted
 
 

@@ -17,13 +17,13 @@ from jobs.settings import JobSettings
 from udfs.codec import SchemaCatalog
 from udfs.definitions import parse_definitions
 from udfs.profile import UserProfile
+from udfs.profile_config import DAY_MS
 from udfs.scoring import ModelRegistry
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
 from udfs.transitions import APPLIED, SegmentEngine
 
-DAY_MS = 24 * 3_600_000
 START_MS = 1_700_000_000_000
 WATERMARK_LAG_MS = 5_000  # the job's default
 

@@ -38,9 +38,8 @@ from redis.exceptions import WatchError
 from jobs.committed_log import (
     OFFSET_OUT_OF_RANGE,
     FetchError,
-    _Connection,
-    _fetch_entries,
-    _PartitionCursor,
+    LeaderConnections,
+    PartitionCursor,
     log_start_offset,
     partition_leaders,
 )
@@ -102,9 +101,8 @@ class ViewFollower:
         self.key = offsets_key(view.prefix)
         self.codec = SchemaCatalog().codec("SegmentTransition")
         self.figures = FollowerFigures()
-        self._cursors: dict[int, _PartitionCursor] = {}
-        self._connections: dict[tuple[str, int], _Connection] = {}
-        self._leaders: dict[int, tuple[str, int]] = {}
+        self._cursors: dict[int, PartitionCursor] = {}
+        self._connections = LeaderConnections({})
         self._positioned = False  # the cursors stand where Redis says
         self._offsets_expected = False  # Redis held (or was given) offsets since the cursors were placed
         self._written: dict[str, int] = {}  # the resume offsets last stored
@@ -132,10 +130,10 @@ class ViewFollower:
                                 type(err).__name__)
                 self.figures.redis_unavailable = True
                 self._positioned = False  # Redis may come back empty: read the offsets again
-                self._close_connections()
+                self._connections.close()
                 stop.wait(pause)
                 pause = min(pause * 2, 5.0)
-        self._close_connections()
+        self._connections.close()
 
     def step(self) -> bool:
         """One pass over the partitions: fetch what is new, apply what is committed, store the
@@ -146,8 +144,8 @@ class ViewFollower:
         for partition in list(self._cursors):
             cursor = self._cursors[partition]
             try:
-                high_watermark, entries, next_offset = _fetch_entries(self._connection(partition), self.topic,
-                                                                      partition, cursor.offset)
+                high_watermark, entries, next_offset = self._connections.of(partition).fetch_entries(
+                    self.topic, partition, cursor.offset)
             except FetchError as err:
                 if err.code != OFFSET_OUT_OF_RANGE:
                     raise
@@ -191,19 +189,20 @@ class ViewFollower:
         """Cursors at the stored resume offsets; none stored (a new or an emptied Redis): at the
         beginning, so the whole topic is replayed."""
         stored = {int(p): int(o) for p, o in self.view.client.hgetall(self.key).items()}
-        self._leaders = partition_leaders(self.bootstrap_servers, self.topic)
+        leaders = partition_leaders(self.bootstrap_servers, self.topic)
         if not stored and (self._offsets_expected or any(c.offset for c in self._cursors.values())):
             self.figures.replays += 1
             log.warning("the Redis view holds no follower offsets (restarted empty or flushed): replaying %s from "
                         "its beginning", self.topic)
-        self._close_connections()
-        self._cursors = {p: _PartitionCursor(p, offset=stored.get(p, 0)) for p in self._leaders}
+        self._connections.close()
+        self._connections = LeaderConnections(leaders)
+        self._cursors = {p: PartitionCursor(p, offset=stored.get(p, 0)) for p in leaders}
         self._offsets_expected = bool(stored)
         self._written = {str(p): o for p, o in stored.items()}
         self._positioned = True
 
     @staticmethod
-    def _resume_offset(cursor: _PartitionCursor, unapplied_from: int | None = None) -> int:
+    def _resume_offset(cursor: PartitionCursor, unapplied_from: int | None = None) -> int:
         """Where a resume must start: the earliest record not known to be applied, i.e. the first
         of a transaction still open, or (mid-fetch) the first committed record not applied yet."""
         opened = [records[0].offset for records in cursor.pending.values() if records]
@@ -217,7 +216,7 @@ class ViewFollower:
         return {str(p): self._resume_offset(c, unapplied_from if p == partition else None)
                 for p, c in self._cursors.items()}
 
-    def _skip_to_log_start(self, cursor: _PartitionCursor) -> None:
+    def _skip_to_log_start(self, cursor: PartitionCursor) -> None:
         """The offset is below the log start: the retention deleted what the view never saw (a
         follower stopped, or a replay, longer than the topic keeps its records). What is left is
         applied; the gap is counted and said, not hidden."""
@@ -278,21 +277,7 @@ class ViewFollower:
     def start_over(self) -> None:
         """The next step places the cursors again where Redis says."""
         self._positioned = False
-        self._close_connections()
-
-    # -- the broker ----------------------------------------------------------------------------
-
-    def _connection(self, partition: int) -> _Connection:
-        leader = self._leaders[partition]
-        conn = self._connections.get(leader)
-        if conn is None:
-            conn = self._connections[leader] = _Connection(*leader)
-        return conn
-
-    def _close_connections(self) -> None:
-        for conn in self._connections.values():
-            conn.close()
-        self._connections.clear()
+        self._connections.close()
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -9,15 +9,12 @@ and the engine-free core in `udfs/`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
-from pyflink.common import Configuration, Duration, Row, Types, WatermarkStrategy
+from pyflink.common import Duration, Row, Types, WatermarkStrategy
 from pyflink.datastream import (
     DataStream,
     KeyedProcessFunction,
@@ -29,16 +26,18 @@ from pyflink.datastream.state import ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 from pyflink.table.expressions import col
 
+from jobs.flink_environment import create_environment
+from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
-from udfs.codec import MAGIC, SCHEMAS_DIR, DecodeError, SchemaCatalog
+from jobs.shipped_files import ShippedFiles
+from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile
-from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
 from udfs.transitions import DUPLICATE, Step
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("segments.job")
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
@@ -104,31 +103,6 @@ def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, messag
     return Row(key, dlq_codec.encode(record))
 
 
-class ShippedFiles:
-    """Data files the workers read (schemas, models), carried inside the function objects and
-    written to a private directory in open(). Why not read them from the shipped code: in thread
-    mode (PEMJA) a TaskManager's Python interpreter outlives a job, keeps the modules it imported
-    from the first job's python-dist directory, and Flink deletes that directory when the job ends,
-    so a job resumed or rescaled onto the same TaskManager would find none of its files."""
-
-    def __init__(self, directories: dict[str, Path]):
-        self.files = {
-            f"{name}/{path.relative_to(root)}": path.read_bytes()
-            for name, root in directories.items() for path in sorted(root.rglob("*"))
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".py"
-        }
-
-    def materialize(self) -> Path:
-        import tempfile
-
-        root = Path(tempfile.mkdtemp(prefix="segments-files-"))
-        for name, data in self.files.items():
-            target = root / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        return root
-
-
 class LatencyMetrics:
     """A latency histogram's p50, p99 and max as metrics, pushed from the operator's own thread at
     most once a second. Why not PyFlink gauges: in thread mode a gauge is a Python callable that
@@ -166,9 +140,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
         # Schemas and the models the definitions read, by value (see ShippedFiles).
-        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
-        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
-                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
+        self.files = ShippedFiles.of_job(settings.models_dir, segmentation.definitions.models)
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
@@ -404,30 +376,6 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
     )
 
 
-def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) -> str:
-    common = (
-        f"'connector' = 'kafka', 'topic' = '{topic}', "
-        f"'properties.bootstrap.servers' = '{settings.bootstrap_servers}'"
-    )
-    if not sink:
-        return (
-            f"CREATE TEMPORARY TABLE `{name}` (payload BYTES, "
-            "src_topic STRING METADATA FROM 'topic' VIRTUAL, "
-            "src_partition INT METADATA FROM 'partition' VIRTUAL, "
-            "src_offset BIGINT METADATA FROM 'offset' VIRTUAL) WITH ("
-            f"{common}, 'properties.group.id' = '{settings.consumer_group}', "
-            f"'scan.startup.mode' = '{settings.startup_mode}', "
-            "'properties.isolation.level' = 'read_committed', 'format' = 'raw')"
-        )
-    return (
-        f"CREATE TEMPORARY TABLE `{name}` (`key` STRING, payload BYTES) WITH ({common}, "
-        "'key.format' = 'raw', 'key.fields' = 'key', 'value.format' = 'raw', "
-        "'value.fields-include' = 'EXCEPT_KEY', 'sink.delivery-guarantee' = 'exactly-once', "
-        f"'sink.transactional-id-prefix' = '{settings.transactional_id_prefix}-{name}', "
-        f"'properties.transaction.timeout.ms' = '{settings.transaction_timeout_ms}')"
-    )
-
-
 def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, keyed_function=None) -> None:
     """Kafka source -> pipeline -> Kafka sinks (exactly-once) and the Redis view."""
     t_env = StreamTableEnvironment.create(env)
@@ -450,50 +398,6 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
 
         (transitions.sink_to(redis_view_sink(settings)).name(REDIS_VIEW.name).uid(REDIS_VIEW.uid)
          .set_parallelism(settings.segment_parallelism or settings.parallelism))
-
-
-def python_worker_path() -> str:
-    """What the embedded (thread-mode) interpreter needs on its path: the venv's packages (PEMJA
-    itself: without them it fails with "No module named 'pemja'") and this project."""
-    import site
-
-    return os.pathsep.join([str(PROJECT_ROOT), *site.getsitepackages()])
-
-
-def create_environment(settings: JobSettings) -> StreamExecutionEnvironment:
-    os.environ["PYTHONPATH"] = python_worker_path()
-    conf = Configuration()
-    conf.set_string("python.execution-mode", settings.execution_mode)
-    conf.set_string("python.executable", sys.executable)
-    conf.set_string("python.client.executable", sys.executable)
-    jars = sorted(Path(settings.jars_dir).glob("*.jar"))
-    if jars:
-        conf.set_string("pipeline.jars", ";".join(p.as_uri() for p in jars))
-    conf.set_string("execution.checkpointing.interval", f"{settings.checkpoint_interval_ms} ms")
-    conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
-    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
-    conf.set_string("state.backend.type", settings.state_backend)
-    if settings.state_backend == "rocksdb":
-        conf.set_string("execution.checkpointing.incremental", "true")
-        conf.set_string("state.backend.rocksdb.timer-service.factory", settings.timer_service.upper())
-    conf.set_string("restart-strategy.type", settings.restart_strategy)
-    if settings.restart_strategy == "exponential-delay":
-        conf.set_string("restart-strategy.exponential-delay.initial-backoff", "1 s")
-        conf.set_string("restart-strategy.exponential-delay.max-backoff", f"{settings.restart_max_backoff_ms} ms")
-    elif settings.restart_strategy == "fixed-delay":
-        conf.set_string("restart-strategy.fixed-delay.attempts", str(2**31 - 1))
-        conf.set_string("restart-strategy.fixed-delay.delay", f"{settings.restart_max_backoff_ms} ms")
-    if settings.checkpoint_dir:
-        conf.set_string("execution.checkpointing.dir", settings.checkpoint_dir)
-    conf.set_string("pipeline.name", settings.job_name)
-    # Chained Java operators (Table conversions, sinks) hand records on without a deep copy; the
-    # Python functions never see those objects (PyFlink converts at the boundary).
-    conf.set_string("pipeline.object-reuse", "true")
-    conf.set_string("execution.buffer-timeout", f"{settings.buffer_timeout_ms} ms")
-    env = StreamExecutionEnvironment.get_execution_environment(conf)
-    env.set_parallelism(settings.parallelism)
-    env.set_max_parallelism(settings.max_parallelism)
-    return env
 
 
 def main(argv: list[str] | None = None) -> None:

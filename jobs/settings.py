@@ -12,13 +12,16 @@ from typing import Any
 
 import yaml
 
-from udfs.definitions import DEFAULT_DEFINITIONS, MAX_YAML_DEPTH
+from udfs.definitions import MAX_YAML_DEPTH
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
 ENV_PREFIX = "SEGMENTS_"
 # Variables with the prefix that configure the tooling (setup, the local stack), not the job.
 TOOLING_ENV_PREFIXES = ("SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_")
 DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
+# The segments shipped with the adapters, read when no `definitions_path` is set. The path is
+# the adapters' to give: the core (udfs/) loads whatever definitions file it is handed.
+SHIPPED_DEFINITIONS = Path(__file__).resolve().parent / "definitions" / "shop.yaml"
 # A settings file is a few dozen lines: every setting and a full profile section are 171 YAML
 # nodes. PyYAML takes some 30 us a node, so these bound reading a hostile file to a tenth of a
 # second (64 KB of `[1,1,...]` took a second to refuse, with a 100 KB error message).
@@ -123,7 +126,7 @@ class JobSettings:
             raise SettingsError("transactional_id_prefix may hold only letters, digits, '.', '_' and '-'")
 
     def definitions_file(self) -> Path:
-        return Path(self.definitions_path) if self.definitions_path else DEFAULT_DEFINITIONS
+        return Path(self.definitions_path) if self.definitions_path else SHIPPED_DEFINITIONS
 
     def redacted(self) -> dict[str, Any]:
         """For logs: credentials in URLs replaced."""

@@ -22,12 +22,10 @@ import numpy as np
 
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
-from udfs.profile_config import ProfileConfig
+from udfs.profile_config import DAY_MS, HOUR_MS, ProfileConfig
 from udfs.scoring import MANIFEST, FeatureVector, ModelManifest, VectorFeature, feature_hash, vectors_at
 from udfs.shoppers import generate_events
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 NEVER_HOURS = 90 * 24.0  # recency imputed for "no such event": the profile retention, in hours
 START_MS = 1_700_000_000_000
 CUTOFF_HOUR = 10  # cut-offs at 10:00 of each day (generated time), when shoppers are about

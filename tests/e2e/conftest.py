@@ -55,10 +55,7 @@ class RunningJob:
         self.proc = proc
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.proc.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return self.proc.log_tail(lines)
 
     def assert_alive(self) -> None:
         assert self.proc.running(), f"the job exited early:\n{self.log_tail()}"

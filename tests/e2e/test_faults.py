@@ -28,6 +28,7 @@ from infra.stack import ManagedProcess, create_topics, start_redis, start_taskma
 from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
 from tests.e2e.invariants import (
@@ -39,8 +40,8 @@ from tests.e2e.invariants import (
     repeated_or_out_of_sequence,
 )
 from udfs.codec import MAGIC
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -48,7 +49,6 @@ from udfs.transitions import replay_events
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.faults]
 
 PARTITIONS = 2
-DAY_MS = 24 * 3600_000
 # Events out of order by less than the lag are never behind the watermark, so where a timer fires
 # relative to them cannot depend on how fast each partition is read: the outcome is deterministic.
 WATERMARK_LAG_MS = 5 * 60_000
@@ -244,7 +244,7 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
     request.addfinalizer(follower.stop)
     bad = bad_records(run.codec, traffic.events)
     chunks = [traffic.events[i * len(traffic.events) // 6:(i + 1) * len(traffic.events) // 6] for i in range(6)]
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     expected, profiles = replay_events(segmentation.engine(),
                                        traffic.events + traffic.sentinels + traffic.last_sentinels,
                                        until_ms=traffic.final_watermark)
@@ -378,7 +378,7 @@ def test_negative_control_without_a_restart_strategy_a_killed_taskmanager_loses_
     transitions that never reached the committed topic."""
     traffic = Traffic(users=120, seed=22)
     run = FaultRun(broker, redis_url, flink_cluster, stack_root, catalog, "broken", restart_strategy="none")
-    expected, _ = replay_events(Segmentation.load(DEFAULT_DEFINITIONS).engine(),
+    expected, _ = replay_events(Segmentation.load(SHIPPED_DEFINITIONS).engine(),
                                 traffic.events + traffic.sentinels + traffic.last_sentinels,
                                 until_ms=traffic.final_watermark)
     half = len(traffic.events) // 2

@@ -16,12 +16,12 @@ from infra.stack import create_topics
 from jobs.backtest import read_events, run_backtest
 from jobs.committed_log import read_topic
 from jobs.redis_view import RedisSegmentView, rebuild_from_topic
-from jobs.transitions_reader import read_committed_values
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import SubmittedJob, wait_until
 from udfs.codec import MAGIC, SCHEMAS_DIR
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.e2e
 
 PARTITIONS = 2
 WATERMARK_LAG_MS = 2_000
-DAY_MS = 24 * 3600_000
 MAX_EVENT_BYTES = 4096
 
 
@@ -116,7 +115,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     # one partition, so per-user order is the traffic's order), up to the final watermark.
     all_events = traffic + [e for _, e in sentinels(traffic[-1].timestamp)]
     final_watermark = traffic[-1].timestamp + DAY_MS - WATERMARK_LAG_MS - 1
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     engine = segmentation.engine()
     expected, profiles = replay_events(engine, all_events, until_ms=final_watermark)
     assert len(expected) > 150
@@ -132,11 +131,11 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
 
     def committed_transitions():
         job.assert_alive()
-        records = read_committed_values(broker, topics["transitions"], idle_s=2)
+        records = read_topic(broker, topics["transitions"]).committed
         return records if len(records) >= len(expected) else None
 
     records = wait_until(committed_transitions, timeout_s=240, interval_s=3, on_timeout=job.log_tail)
-    decoded = [(key, apache_decode(reader, value)) for key, value, _, _ in records]
+    decoded = [(r.key, apache_decode(reader, r.value)) for r in records]
     assert all(key.decode() == t["user_id"] for key, t in decoded), "records are keyed by user id"
     got = sorted(
         (t["user_id"], t["segment"], t["kind"], t["sequence"], millis(t["event_time"]), t["cause"],
@@ -214,7 +213,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
             assert letter["payload"] == payload
     assert by_reason["late"]["payload"] == codec.encode(late.to_record())
     # The late event changed nothing: no transition beyond the expected ones was committed.
-    assert len(read_committed_values(broker, topics["transitions"], idle_s=2)) == len(expected)
+    assert len(read_topic(broker, topics["transitions"]).committed) == len(expected)
 
     # On the standalone cluster, the job's metrics over REST agree with what was sent and emitted.
     if isinstance(job, SubmittedJob):

@@ -11,13 +11,14 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.stack import create_topics
+from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
-from jobs.transitions_reader import read_committed_values
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.events import UserEvent
+from udfs.profile_config import DAY_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -25,7 +26,6 @@ from udfs.transitions import replay_events
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 PARTITIONS = 2
-DAY_MS = 24 * 3600_000
 # A source subtask reading both partitions may run ahead on one of them: a lag longer than the
 # traffic keeps every event ahead of the watermark at parallelism 1 too.
 WATERMARK_LAG_MS = 12 * 3600_000
@@ -66,7 +66,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         return done.stdout
 
     def committed() -> int:
-        return len(read_committed_values(broker, topics["transitions"], idle_s=1))
+        return len(read_topic(broker, topics["transitions"]).committed)
 
     thirds = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
               traffic[2 * len(traffic) // 3:]]
@@ -95,7 +95,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     # rescale back to 1: one subtask reading both partitions could otherwise take one partition's
     # sentinel before the other's tail and make that tail late (docs/limits.md).
     produce(thirds[2])
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     event_caused, _ = replay_events(segmentation.engine(), traffic)  # the watermark is still before the traffic
     wait_until(lambda: committed() >= len(event_caused) or None, timeout_s=180, interval_s=2)
 
@@ -109,12 +109,12 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     transitions = catalog.codec("SegmentTransition")
 
     def all_committed():
-        records = read_committed_values(broker, topics["transitions"], idle_s=2)
+        records = read_topic(broker, topics["transitions"]).committed
         return records if len(records) >= len(expected) else None
 
     records = wait_until(all_committed, timeout_s=300, interval_s=3)
     got = sorted((t["transition_id"], t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"])
-                 for t in (transitions.decode(v) for _, v, _, _ in records))
+                 for t in (transitions.decode(r.value) for r in records))
     want = sorted((t.transition_id, t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     assert len({g[0] for g in got}) == len(got), "a transition was committed twice"
     assert got == want

@@ -19,6 +19,7 @@ from jobs.redis_follower import ViewFollower, follow, offsets_key
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 from tests.e2e.conftest import wait_until
+from udfs.profile_config import DAY_MS, HOUR_MS
 
 pytestmark = pytest.mark.e2e
 
@@ -161,9 +162,9 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     from confluent_kafka import Producer as EventProducer
 
     from jobs.committed_log import read_topic
+    from jobs.settings import SHIPPED_DEFINITIONS
     from tests.conftest import START_MS
     from tests.e2e.invariants import Committed, redis_differences
-    from udfs.definitions import DEFAULT_DEFINITIONS
     from udfs.events import UserEvent
     from udfs.segmentation import Segmentation
     from udfs.shoppers import generate_events
@@ -174,9 +175,9 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"
-    lag_ms, day_ms = 2_000, 24 * 3600_000
-    traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=6 * 3600_000))
-    sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + day_ms)
+    lag_ms = 2_000
+    traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=6 * HOUR_MS))
+    sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + DAY_MS)
     chunks = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
               traffic[2 * len(traffic) // 3:] + [sentinel]]
     codec = catalog.codec("UserEvent")
@@ -198,7 +199,7 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
                   redis_retry_ms=2000, watermark_lag_ms=lag_ms, events_topic=topics["events"],
                   transitions_topic=topics["transitions"], dead_letter_topic=topics["dlq"],
                   transactional_id_prefix="down")
-    engine = Segmentation.load(DEFAULT_DEFINITIONS).engine()
+    engine = Segmentation.load(SHIPPED_DEFINITIONS).engine()
     names = engine.definitions.names
     send(chunks[0])
     first = wait_until(lambda: job.assert_alive() or committed(), timeout_s=240, interval_s=2, on_timeout=job.log_tail)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from infra.stack import ManagedProcess, free_port, wait_for_port
+from jobs.committed_log import PartitionCursor
 from jobs.java_operators import OperatorsJarMissing, operators_jar
-from jobs.redis_sink import redis_view_sink
-from jobs.committed_log import _PartitionCursor
 from jobs.redis_follower import ViewFollower
+from jobs.redis_sink import redis_view_sink
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 
@@ -35,7 +35,7 @@ def jvm():
     from pyflink.java_gateway import get_gateway
     from pyflink.util.java_utils import add_jars_to_context_class_loader
 
-    from jobs.segment_users import python_worker_path
+    from jobs.flink_environment import python_worker_path
 
     # The gateway JVM this starts is the one every later MiniCluster job of this test process runs
     # in, and it keeps the environment it started with: without the worker path, their thread-mode
@@ -330,7 +330,7 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         assert view.members("vip") == {"u1"}
         # The view follower's write (a batch script and its offsets under WATCH) as this user too.
         follower = ViewFollower(view, "127.0.0.1:1", "no-topic")
-        follower._cursors = {0: _PartitionCursor(0, offset=7)}
+        follower._cursors = {0: PartitionCursor(0, offset=7)}
         follower._apply([("u9", "vip", "ENTER", 1, 100)], {"0": 7})
         assert view.members("vip") == {"u1", "u9"} and view.client.hgetall("t:view:offsets") == {b"0": b"7"}
         # Another CA's certificate: refused at once by both, and for good (not retried).

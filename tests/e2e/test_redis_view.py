@@ -63,9 +63,9 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
     from infra.stack import create_topics
     from jobs.committed_log import LogRecord, read_partition, split_by_outcome
     from jobs.operations import FlinkRest
+    from jobs.settings import SHIPPED_DEFINITIONS
     from tests.conftest import START_MS
     from tests.e2e.conftest import wait_until
-    from udfs.definitions import DEFAULT_DEFINITIONS
     from udfs.events import UserEvent
     from udfs.segmentation import Segmentation
     from udfs.transitions import replay_events
@@ -81,7 +81,7 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
     codec = catalog.codec("UserEvent")
     producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
     view = RedisSegmentView(redis_url, "seg", ttl_s=0)
-    engine_of = Segmentation.load(DEFAULT_DEFINITIONS).engine
+    engine_of = Segmentation.load(SHIPPED_DEFINITIONS).engine
 
     def completed_checkpoints() -> set[int]:
         logs = (stack_root / "logs").glob("flink-*standalonesession*.log")

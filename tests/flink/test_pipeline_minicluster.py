@@ -18,13 +18,15 @@ from pyflink.common import Row, Types
 from pyflink.datastream import FlatMapFunction
 
 from jobs.backtest import FLUSH, read_events, run_backtest
-from jobs.segment_users import QUARANTINED_STATE, RAW_RECORD, SegmentUsers, build_pipeline, create_environment
+from jobs.flink_environment import create_environment
+from jobs.segment_users import QUARANTINED_STATE, RAW_RECORD, SegmentUsers, build_pipeline
 from jobs.settings import load_settings
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_yaml
 from udfs.codec import DecodeError
 from udfs.events import UserEvent, event_from_record
 from udfs.profile import UserProfile
+from udfs.profile_config import DAY_MS, MINUTE_MS
 from udfs.scoring import ModelRegistry, ModelVerificationError
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.shoppers import generate_events
@@ -34,7 +36,6 @@ from udfs.transitions import RETENTION_RULE, replay_events
 pytestmark = pytest.mark.flink
 
 COLLECTED = Types.TUPLE([Types.STRING()] * 4 + [Types.LONG(), Types.LONG(), Types.STRING()])
-DAY = 24 * 3600_000
 
 
 class AppendToFile(FlatMapFunction):
@@ -104,7 +105,7 @@ def hostile_records(codec, events) -> list[bytes]:
         b"\x00not avro",
         prefix + b"\x04\xff\xfe" + valid[len(prefix) + 1 + len(events[0].user_id.encode()):],
         prefix + bytes([len(b"u-cut") * 2]) + b"u-cut",
-        codec.encode(replace(events[1], event_id="far", timestamp=int(time.time() * 1000) + 30 * DAY).to_record()),
+        codec.encode(replace(events[1], event_id="far", timestamp=int(time.time() * 1000) + 30 * DAY_MS).to_record()),
         codec.encode(replace(events[2], event_id="nan", price=math.nan).to_record()),
     ]
 
@@ -132,7 +133,7 @@ def arrival_order(events):
 # Keyed parallelism 1 reading every profile from state (no cache), 2 with the profile cache.
 @pytest.mark.parametrize("parallelism, cache_users", [(1, 0), (2, 5_000)])
 def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, cache_users, catalog, tmp_path):
-    events = arrival_order(generate_events(40, seed=11, start_ms=START_MS, duration_ms=3 * DAY))
+    events = arrival_order(generate_events(40, seed=11, start_ms=START_MS, duration_ms=3 * DAY_MS))
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
     hostile = hostile_records(event_codec, events)
@@ -238,8 +239,7 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     """One add_to_cart from "solo" and nothing more from them; another user's page views move
     event time on. The expected instants are worked out from the definitions file written here,
     which the job reads through the `definitions_path` setting, not from the core."""
-    minute = 60_000
-    active_window, abandon_after = 7 * minute, 23 * minute
+    active_window, abandon_after = 7 * MINUTE_MS, 23 * MINUTE_MS
     definitions = tmp_path / "definitions.yaml"
     definitions.write_text(basic_yaml(active_window="7m", abandon_after="23m"))
     settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2,
@@ -248,7 +248,7 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     out_dir.mkdir()
     t0 = START_MS
     solo = UserEvent("solo-1", "solo", "add_to_cart", t0, product_id="p1", price=20.0, quantity=1)
-    clock = [UserEvent(f"clock-{i}", "clock", "page_view", t0 + i * 5 * minute) for i in range(1, 25)]
+    clock = [UserEvent(f"clock-{i}", "clock", "page_view", t0 + i * 5 * MINUTE_MS) for i in range(1, 25)]
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate([solo, *clock])]
     env = create_environment(settings)
@@ -261,7 +261,7 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     records = sorted((codec.decode(bytes.fromhex(c[6])) for c in collected if c[1] == "solo"),
                      key=lambda r: (r["event_time"], r["segment"]))
     got = [(r["segment"], r["kind"], r["cause"], r["event_time"], r["reason"]["rule"]) for r in records]
-    retention = 90 * DAY
+    retention = 90 * DAY_MS
     assert got == [
         ("active_browser", "ENTER", "EVENT", t0, "ms_since_last_event < 7m"),
         ("cart_holder", "ENTER", "EVENT", t0, "cart_items > 0"),
@@ -278,7 +278,7 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
 def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     """The issue's acceptance: `segments backtest` over a JSONL log of a generated day and the job
     over the same events (in log order) emit the same transitions, payloads included."""
-    events = list(generate_events(150, seed=23, start_ms=START_MS, duration_ms=DAY))
+    events = list(generate_events(150, seed=23, start_ms=START_MS, duration_ms=DAY_MS))
     log_file = tmp_path / "day.jsonl"
     log_file.write_text("".join(json.dumps(e.to_record()) + "\n" for e in events))
 
@@ -315,7 +315,7 @@ def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_use
     """Issue 19: one undecodable state value (or one of an unknown layout) is dead-lettered with
     the user as its key and the raw state as its payload, the user starts afresh, and nothing
     else changes: every transition, the damaged users' included, is the core's on a fresh start."""
-    events = list(generate_events(30, seed=5, start_ms=START_MS, duration_ms=DAY))
+    events = list(generate_events(30, seed=5, start_ms=START_MS, duration_ms=DAY_MS))
     users = sorted({e.user_id for e in events})
     renamed = dict(zip(users[:2], DAMAGED_STATE, strict=True))
     events = [replace(e, user_id=renamed.get(e.user_id, e.user_id)) for e in events]

@@ -30,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from udfs.events import EVENT_TYPES, UserEvent
-from udfs.profile_config import DAY_MS, ProfileConfig
+from udfs.profile import WEEK_MS
+from udfs.profile_config import ProfileConfig
 
-WEEK_MS = 7 * DAY_MS
 CART_ACTIVITY = ("add_to_cart", "remove_from_cart", "checkout_start", "purchase")
 CART_CHANGE = ("add_to_cart", "remove_from_cart")
 

@@ -17,8 +17,8 @@ from tests.conftest import START_MS
 from udfs.codec import SCHEMAS_DIR, load_schema_file
 from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
+from udfs.profile_config import MINUTE_MS
 
-MINUTE = 60_000
 T0 = START_MS
 
 ACTIVE = """
@@ -38,12 +38,12 @@ def test_figures_of_a_small_log_worked_out_by_hand():
     #     and the re-entry 15 min after the exit is not a flap (window 10 min).
     # u2: events at 3m and 16m -> active [3m, 13m) and [16m, 26m): re-entry 3 min after the
     #     exit: one flap. Until 40m: everyone has left.
-    events = [page("u1", 1, T0), page("u2", 1, T0 + 3 * MINUTE), page("u2", 2, T0 + 16 * MINUTE),
-              page("u1", 2, T0 + 25 * MINUTE)]
-    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 40 * MINUTE)
+    events = [page("u1", 1, T0), page("u2", 1, T0 + 3 * MINUTE_MS), page("u2", 2, T0 + 16 * MINUTE_MS),
+              page("u1", 2, T0 + 25 * MINUTE_MS)]
+    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 40 * MINUTE_MS)
     r = result.segments["active"]
     assert (r.entries, r.exits, r.final_size, r.peak_size) == (4, 4, 0, 2)
-    assert r.median_dwell_ms == 10 * MINUTE
+    assert r.median_dwell_ms == 10 * MINUTE_MS
     assert r.flaps == 1 and r.flap_rate == 0.25
     assert (result.events_applied, result.users) == (4, 2)
     # Sizes over time: 2 members between 3m and 10m, none at the end.
@@ -51,12 +51,12 @@ def test_figures_of_a_small_log_worked_out_by_hand():
     assert result.sizes["active"][-1][1] == 0
 
 
-@pytest.mark.parametrize("gap_ms, flap", [(10 * MINUTE - 1, True), (10 * MINUTE, False)])
+@pytest.mark.parametrize("gap_ms, flap", [(10 * MINUTE_MS - 1, True), (10 * MINUTE_MS, False)])
 def test_a_flap_is_a_re_entry_less_than_ten_minutes_after_the_exit(gap_ms, flap):
     """Issue 16: the window is strict: a re-entry exactly 10 minutes after the exit is no flap."""
     # active [0, 10m), exit at 10m; the next event at 10m + gap re-enters.
-    events = [page("u1", 1, T0), page("u1", 2, T0 + 10 * MINUTE + gap_ms)]
-    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 60 * MINUTE)
+    events = [page("u1", 1, T0), page("u1", 2, T0 + 10 * MINUTE_MS + gap_ms)]
+    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 60 * MINUTE_MS)
     r = result.segments["active"]
     assert (r.entries, r.flaps) == (2, 1 if flap else 0)
 
@@ -66,34 +66,34 @@ def test_a_stay_that_begins_and_ends_at_one_millisecond_counts_once_with_zero_dw
     beside another user leaving at that ms while a third enters."""
     cart = "version: v1\nsegments:\n  - name: cart\n    when: cart_items > 0\n"
     events = [UserEvent("x1", "x", "add_to_cart", T0, product_id="p"),
-              UserEvent("z1", "z", "add_to_cart", T0 + MINUTE, product_id="p"),
-              UserEvent("a", "u", "add_to_cart", T0 + 2 * MINUTE, product_id="p"),
-              UserEvent("b", "u", "purchase", T0 + 2 * MINUTE, price=5.0),
-              UserEvent("x2", "x", "purchase", T0 + 3 * MINUTE, price=1.0),
-              UserEvent("y1", "y", "add_to_cart", T0 + 3 * MINUTE, product_id="p")]
-    result = run_backtest(parse_definitions(cart), EventLog("log", events), until_ms=T0 + 10 * MINUTE)
+              UserEvent("z1", "z", "add_to_cart", T0 + MINUTE_MS, product_id="p"),
+              UserEvent("a", "u", "add_to_cart", T0 + 2 * MINUTE_MS, product_id="p"),
+              UserEvent("b", "u", "purchase", T0 + 2 * MINUTE_MS, price=5.0),
+              UserEvent("x2", "x", "purchase", T0 + 3 * MINUTE_MS, price=1.0),
+              UserEvent("y1", "y", "add_to_cart", T0 + 3 * MINUTE_MS, product_id="p")]
+    result = run_backtest(parse_definitions(cart), EventLog("log", events), until_ms=T0 + 10 * MINUTE_MS)
     r = result.segments["cart"]
     # x [0, 3m), z [1m, -), u [2m, 2m], y [3m, -): at most x, z and u at once (u's zero-length
     # stay counts); at 3m x leaves before y enters, so never four.
     assert (r.entries, r.exits, r.final_size, r.peak_size) == (4, 2, 2, 3)
-    assert r.median_dwell_ms == (0 + 3 * MINUTE) / 2
+    assert r.median_dwell_ms == (0 + 3 * MINUTE_MS) / 2
     assert r.flaps == 0
 
 
 def test_until_defaults_to_the_watermark_the_job_reaches_and_late_events_are_left_out():
     lag, lateness = 5_000, 60_000
-    events = [page("u1", 1, T0), page("u2", 1, T0 + 30 * MINUTE),
-              page("u1", 2, T0 + 30 * MINUTE - lag - 1 - lateness - 1),  # behind watermark - lateness
-              page("u1", 3, T0 + 30 * MINUTE - lag - 1 - lateness)]  # exactly at the bound: kept
+    events = [page("u1", 1, T0), page("u2", 1, T0 + 30 * MINUTE_MS),
+              page("u1", 2, T0 + 30 * MINUTE_MS - lag - 1 - lateness - 1),  # behind watermark - lateness
+              page("u1", 3, T0 + 30 * MINUTE_MS - lag - 1 - lateness)]  # exactly at the bound: kept
     result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), watermark_lag_ms=lag,
                           allowed_lateness_ms=lateness)
-    assert result.until_ms == T0 + 30 * MINUTE - lag - 1
+    assert result.until_ms == T0 + 30 * MINUTE_MS - lag - 1
     assert (result.late, result.events_applied) == (1, 3)
 
 
 def test_duplicates_are_counted_once():
-    events = [page("u1", 1, T0), page("u1", 1, T0), page("u1", 2, T0 + MINUTE)]
-    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 2 * MINUTE)
+    events = [page("u1", 1, T0), page("u1", 1, T0), page("u1", 2, T0 + MINUTE_MS)]
+    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 2 * MINUTE_MS)
     assert (result.duplicates, result.events_applied, result.segments["active"].entries) == (1, 2, 1)
 
 
@@ -107,10 +107,10 @@ segments:
     when: cart_items > 0
 """)
     events = [page("u1", 1, T0), UserEvent("u2-1", "u2", "add_to_cart", T0, product_id="p", quantity=1, price=2.0),
-              UserEvent("u3-1", "u3", "add_to_cart", T0 - 20 * MINUTE, product_id="p", quantity=1, price=2.0)]
+              UserEvent("u3-1", "u3", "add_to_cart", T0 - 20 * MINUTE_MS, product_id="p", quantity=1, price=2.0)]
     # u3's event comes last in the log, 20 min behind: within the lateness allowed here.
-    result = run_backtest(definitions, EventLog("log", events), until_ms=T0 + MINUTE,
-                          allowed_lateness_ms=30 * MINUTE)
+    result = run_backtest(definitions, EventLog("log", events), until_ms=T0 + MINUTE_MS,
+                          allowed_lateness_ms=30 * MINUTE_MS)
     assert result.final_members == {"active": {"u1", "u2"}, "carted": {"u2", "u3"}}
     assert result.overlap == {("active", "carted"): 1}
 
@@ -119,10 +119,10 @@ def test_the_diff_between_two_versions_names_what_changed():
     old = parse_definitions(ACTIVE)
     new = parse_definitions(ACTIVE.replace("v1", "v2").replace("10m", "20m"))
     # u1 at 0 and 15m: under 10m it leaves at 10m and re-enters at 15m; under 20m it stays.
-    events = [page("u1", 1, T0), page("u1", 2, T0 + 15 * MINUTE)]
+    events = [page("u1", 1, T0), page("u1", 2, T0 + 15 * MINUTE_MS)]
     log = EventLog("log", events)
-    a = run_backtest(old, log, until_ms=T0 + 30 * MINUTE)
-    b = run_backtest(new, log, until_ms=T0 + 30 * MINUTE)
+    a = run_backtest(old, log, until_ms=T0 + 30 * MINUTE_MS)
+    b = run_backtest(new, log, until_ms=T0 + 30 * MINUTE_MS)
     [d] = compare(a, b)
     assert d.name == "active"
     assert d.entries == (2, 1)
@@ -161,8 +161,8 @@ def test_avro_container_files_are_read_and_other_record_types_refused(tmp_path):
 
 def test_html_report_is_well_formed_and_escapes_names(tmp_path):
     definitions = parse_definitions(ACTIVE)
-    events = [page("u1", 1, T0), page("u2", 1, T0 + 3 * MINUTE)]
-    a = run_backtest(definitions, EventLog("<script>", events), until_ms=T0 + 20 * MINUTE)
+    events = [page("u1", 1, T0), page("u2", 1, T0 + 3 * MINUTE_MS)]
+    a = run_backtest(definitions, EventLog("<script>", events), until_ms=T0 + 20 * MINUTE_MS)
     page_html = backtest.html_report(a, a, compare(a, a))
     assert "<script>" not in page_html and "&lt;script&gt;" in page_html
     svg = page_html[page_html.index("<svg"): page_html.index("</svg>") + 6]
@@ -194,7 +194,7 @@ def test_cli_backtest_writes_the_transitions_as_contract_records_in_jsonl_and_av
     """Issue 16: the transitions themselves, in the contract's schema, grouped by user and in
     each user's order; worked out by hand from ACTIVE (10 minutes) and the shorter v2 (1 minute)."""
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(e.to_record()) + "\n" for e in [page("b", 1, T0), page("a", 1, T0 + MINUTE)]))
+    log.write_text("".join(json.dumps(e.to_record()) + "\n" for e in [page("b", 1, T0), page("a", 1, T0 + MINUTE_MS)]))
     defs, other = tmp_path / "d.yaml", tmp_path / "e.yaml"
     defs.write_text(ACTIVE)
     other.write_text(ACTIVE.replace("v1", "v2").replace("10m", "1m"))
@@ -217,16 +217,16 @@ def test_cli_backtest_writes_the_transitions_as_contract_records_in_jsonl_and_av
         return [(r["user_id"], r["kind"], r["cause"], r["cause_event_id"], r["event_time"], r["emitted_at"],
                  r["sequence"], r["definitions_version"], r["reason"]["rule"]) for r in records]
 
-    a0, b0 = (T0 + MINUTE) * 1000, T0 * 1000
+    a0, b0 = (T0 + MINUTE_MS) * 1000, T0 * 1000
     assert brief(jsonl) == [
-        ("a", "ENTER", "EVENT", "a-1", T0 + MINUTE, T0 + MINUTE, a0 + 1, "v1", "ms_since_last_event < 10m"),
-        ("a", "EXIT", "TIMER", None, T0 + 11 * MINUTE, T0 + 11 * MINUTE, a0 + 2, "v1",
+        ("a", "ENTER", "EVENT", "a-1", T0 + MINUTE_MS, T0 + MINUTE_MS, a0 + 1, "v1", "ms_since_last_event < 10m"),
+        ("a", "EXIT", "TIMER", None, T0 + 11 * MINUTE_MS, T0 + 11 * MINUTE_MS, a0 + 2, "v1",
          "not (ms_since_last_event < 10m)"),
         ("b", "ENTER", "EVENT", "b-1", T0, T0, b0 + 1, "v1", "ms_since_last_event < 10m"),
-        ("b", "EXIT", "TIMER", None, T0 + 10 * MINUTE, T0 + 10 * MINUTE, b0 + 2, "v1",
+        ("b", "EXIT", "TIMER", None, T0 + 10 * MINUTE_MS, T0 + 10 * MINUTE_MS, b0 + 2, "v1",
          "not (ms_since_last_event < 10m)"),
     ]
-    assert jsonl[1]["reason"]["features"] == {"ms_since_last_event": 10 * MINUTE}
+    assert jsonl[1]["reason"]["features"] == {"ms_since_last_event": 10 * MINUTE_MS}
     with open(tmp_path / "t2.avro", "rb") as f:
         assert [(r["user_id"], r["kind"], r["definitions_version"]) for r in fastavro.reader(f)] == [
             ("a", "ENTER", "v2"), ("a", "EXIT", "v2"), ("b", "ENTER", "v2"), ("b", "EXIT", "v2")]

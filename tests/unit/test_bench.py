@@ -8,29 +8,19 @@ from dataclasses import replace
 
 import pytest
 
-from jobs.bench import (
+from jobs.bench.latency_probes import stamp, timestamp_slot, zigzag_varint
+from jobs.bench.markers import (
     END_MARKER_AGE_MS,
     PROGRESS_EVERY,
     PROGRESS_MARKER_PREFIX,
     START_MARKER,
-    LatencyResult,
     MarkerClock,
-    busiest_threads,
     classify_dead_letter,
     end_marker_events,
-    figures,
-    join_latencies,
-    latency_summary,
-    parse_proc_stat,
-    parse_thread_stat,
-    percentile,
-    process_tree_ticks,
-    stamp,
-    timestamp_slot,
-    verdict,
-    visible_at,
-    zigzag_varint,
 )
+from jobs.bench.processes import busiest_threads, parse_proc_stat, parse_thread_stat, process_tree_ticks
+from jobs.bench.report import figures, latency_summary, percentile, verdict
+from jobs.bench.runs import LatencyResult, join_latencies, visible_at
 from tests.conftest import START_MS
 from udfs.events import UserEvent
 

@@ -11,9 +11,9 @@ import pytest
 
 from jobs.committed_log import (
     LogRecord,
+    PartitionCursor,
     TransactionMarker,
     _parse,
-    _PartitionCursor,
     parse_batches,
     split_by_outcome,
 )
@@ -88,7 +88,7 @@ def test_a_commit_releases_its_producers_records_an_abort_drops_them_and_open_on
                         + marker(3, 2, commit=False)
                         + batch(4, [(0, None, b"c1")], producer_id=3, transactional=True)
                         + marker(5, 1, commit=True))
-    cursor = _PartitionCursor(0)
+    cursor = PartitionCursor(0)
     assert [r.value for r in cursor.take(entries)] == [b"plain", b"a1"]
     assert cursor.aborted == 1 and {pid: [r.value for r in rs] for pid, rs in cursor.pending.items()} == {3: [b"c1"]}
     committed, aborted = split_by_outcome(entries)

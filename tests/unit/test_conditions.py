@@ -24,8 +24,8 @@ from udfs.conditions import (
     ConditionError,
     Evaluation,
     FeatureRef,
-    Literal,
     InCondition,
+    Literal,
     Missing,
     ModelOutput,
     Not,
@@ -37,18 +37,13 @@ from udfs.conditions import (
 from udfs.definitions import DefinitionError, parse_definitions
 from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, TEXT, FeatureCatalog
-from udfs.profile import UserProfile
-from udfs.profile_config import ProfileConfig
+from udfs.profile import WEEK_MS, UserProfile
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, ProfileConfig
 from udfs.transitions import SegmentEngine
 
-SECOND = 1_000
-MINUTE = 60 * SECOND
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
-WEEK = 7 * DAY
-HALF_LIFE = 7 * DAY  # default engagement and affinity half-life
+HALF_LIFE = 7 * DAY_MS  # default engagement and affinity half-life
 T0 = START_MS
-A = T0 - T0 % DAY  # a UTC midnight: a bucket boundary for every default horizon (1m, 5m, 1h, 6h, 1d)
+A = T0 - T0 % DAY_MS  # a UTC midnight: a bucket boundary for every default horizon (1m, 5m, 1h, 6h, 1d)
 
 CONFIG = ProfileConfig()
 CATALOG = FeatureCatalog(CONFIG)
@@ -178,8 +173,8 @@ def test_missing_takes_a_feature_or_a_score():
 
 
 def test_absent_takes_an_event_type_and_a_duration():
-    assert parse_condition("absent(purchase, 7d)") == Absent("purchase", 7 * DAY, 1)
-    assert parse_condition("absent( video_play ,90s )") == Absent("video_play", 90 * SECOND, 1)
+    assert parse_condition("absent(purchase, 7d)") == Absent("purchase", 7 * DAY_MS, 1)
+    assert parse_condition("absent( video_play ,90s )") == Absent("video_play", 90 * SECOND_MS, 1)
 
 
 def test_not_binds_tighter_than_and_which_binds_tighter_than_or():
@@ -266,10 +261,10 @@ def shopper() -> UserProfile:
     engagement 1+2+2+5+5 = 15 points, decayed by at most 4 minutes of a 7-day half-life."""
     return profile_after(
         ev(1, A),
-        ev(2, A + MINUTE, "product_view", product_id="p-1", category="shoes"),
-        ev(3, A + 2 * MINUTE, "product_view", product_id="p-2", category="shoes"),
-        ev(4, A + 3 * MINUTE, "add_to_cart", product_id="p-1", category="shoes", quantity=2, price=30.0),
-        ev(5, A + 4 * MINUTE, "add_to_cart", product_id="p-3", category="socks", quantity=1, price=5.0),
+        ev(2, A + MINUTE_MS, "product_view", product_id="p-1", category="shoes"),
+        ev(3, A + 2 * MINUTE_MS, "product_view", product_id="p-2", category="shoes"),
+        ev(4, A + 3 * MINUTE_MS, "add_to_cart", product_id="p-1", category="shoes", quantity=2, price=30.0),
+        ev(5, A + 4 * MINUTE_MS, "add_to_cart", product_id="p-3", category="socks", quantity=1, price=5.0),
     )
 
 
@@ -334,7 +329,7 @@ def test_missing_values_make_comparisons_false_and_their_negation_true(text, exp
 
 def test_a_profile_that_ended_its_session_reads_the_session_features_as_missing():
     profile = shopper()
-    later = A + 4 * MINUTE + 30 * MINUTE  # the session's last event + the gap
+    later = A + 4 * MINUTE_MS + 30 * MINUTE_MS  # the session's last event + the gap
     assert holds("current_session_events > 0", profile, now=later - 1)
     assert not holds("current_session_events > 0", profile, now=later)
     assert not holds("current_session_events == 0", profile, now=later)
@@ -343,7 +338,7 @@ def test_a_profile_that_ended_its_session_reads_the_session_features_as_missing(
 
 
 @pytest.mark.parametrize("session_id", [None, "s-1"])
-@pytest.mark.parametrize("apart, sessions", [(30 * MINUTE - 1, 1), (30 * MINUTE, 1), (30 * MINUTE + 1, 2)])
+@pytest.mark.parametrize("apart, sessions", [(30 * MINUTE_MS - 1, 1), (30 * MINUTE_MS, 1), (30 * MINUTE_MS + 1, 2)])
 def test_events_exactly_the_session_gap_apart_are_one_session_and_one_ms_more_are_two(apart, sessions, session_id):
     """Issue 16: derived sessions are cut where two consecutive events are *more* than the gap
     apart; a named session lasts while its last event is less than the gap before the clock, so
@@ -356,8 +351,8 @@ def test_events_exactly_the_session_gap_apart_are_one_session_and_one_ms_more_ar
     assert holds(f"current_session_events == {3 - expected}", profile)
     assert holds(f"current_session_start_ms == {A if expected == 1 else A + apart}", profile)
     # In the session until exactly the gap after its last event.
-    assert holds("in_session == 1", profile, now=A + apart + 30 * MINUTE - 1)
-    assert holds("in_session == 0", profile, now=A + apart + 30 * MINUTE)
+    assert holds("in_session == 1", profile, now=A + apart + 30 * MINUTE_MS - 1)
+    assert holds("in_session == 0", profile, now=A + apart + 30 * MINUTE_MS)
 
 
 @pytest.mark.parametrize("text, scores, expected", [
@@ -402,15 +397,15 @@ def test_a_segment_reference_reads_the_membership_decided_at_the_same_instant():
 
 @pytest.mark.parametrize("op, expected", [
     # value(t) = t - A (whole milliseconds); c = 10 min
-    ("<", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE, "TIMER")]),  # false from value == c
-    ("<=", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE + 1, "TIMER")]),  # false from value == c + 1
-    (">", [("ENTER", 10 * MINUTE + 1, "TIMER")]),
-    (">=", [("ENTER", 10 * MINUTE, "TIMER")]),
-    ("==", [("ENTER", 10 * MINUTE, "TIMER"), ("EXIT", 10 * MINUTE + 1, "TIMER")]),
-    ("!=", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE, "TIMER"), ("ENTER", 10 * MINUTE + 1, "TIMER")]),
+    ("<", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE_MS, "TIMER")]),  # false from value == c
+    ("<=", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE_MS + 1, "TIMER")]),  # false from value == c + 1
+    (">", [("ENTER", 10 * MINUTE_MS + 1, "TIMER")]),
+    (">=", [("ENTER", 10 * MINUTE_MS, "TIMER")]),
+    ("==", [("ENTER", 10 * MINUTE_MS, "TIMER"), ("EXIT", 10 * MINUTE_MS + 1, "TIMER")]),
+    ("!=", [("ENTER", 0, "EVENT"), ("EXIT", 10 * MINUTE_MS, "TIMER"), ("ENTER", 10 * MINUTE_MS + 1, "TIMER")]),
 ])
 def test_a_recency_threshold_flips_at_last_event_plus_c_or_c_plus_one_by_operator(op, expected):
-    assert run(f"ms_since_last_purchase {op} 10m", [ev(1, A, "purchase", price=10.0)], A + DAY) == expected
+    assert run(f"ms_since_last_purchase {op} 10m", [ev(1, A, "purchase", price=10.0)], A + DAY_MS) == expected
 
 
 @pytest.mark.parametrize("op", ["<", "<=", ">", ">=", "==", "!="])
@@ -419,8 +414,8 @@ def test_the_engine_timer_is_set_for_the_first_millisecond_at_which_a_recency_co
     engine, profile = SegmentEngine(definitions), UserProfile()
     engine.on_event("u1", profile, ev(1, A, "purchase", price=10.0))
     due = engine.next_change_ms(profile)
-    flip = {"<": 10 * MINUTE, "<=": 10 * MINUTE + 1, ">": 10 * MINUTE + 1, ">=": 10 * MINUTE,
-            "==": 10 * MINUTE, "!=": 10 * MINUTE}[op]
+    flip = {"<": 10 * MINUTE_MS, "<=": 10 * MINUTE_MS + 1, ">": 10 * MINUTE_MS + 1, ">=": 10 * MINUTE_MS,
+            "==": 10 * MINUTE_MS, "!=": 10 * MINUTE_MS}[op]
     assert due == A + flip
     text = f"ms_since_last_purchase {op} 10m"
     assert holds(text, profile, now=due - 1) != holds(text, profile, now=due)
@@ -438,19 +433,19 @@ def test_the_engine_timer_is_set_for_the_first_millisecond_at_which_a_recency_co
     ("!=", [("ENTER", 0, "EVENT")]),
 ])
 def test_a_fractional_recency_threshold_flips_at_the_first_whole_millisecond_past_it(op, expected):
-    assert run(f"ms_since_last_event {op} 1500.5", [ev(1, A)], A + HOUR) == expected
+    assert run(f"ms_since_last_event {op} 1500.5", [ev(1, A)], A + HOUR_MS) == expected
 
 
 def test_a_later_event_of_the_type_moves_the_recency_flip():
-    events = [ev(1, A, "purchase", price=1.0), ev(2, A + 4 * MINUTE, "purchase", price=1.0)]
-    assert run("ms_since_last_purchase < 10m", events, A + DAY) == [("ENTER", 0, "EVENT"),
-                                                                     ("EXIT", 14 * MINUTE, "TIMER")]
+    events = [ev(1, A, "purchase", price=1.0), ev(2, A + 4 * MINUTE_MS, "purchase", price=1.0)]
+    assert run("ms_since_last_purchase < 10m", events, A + DAY_MS) == [("ENTER", 0, "EVENT"),
+                                                                     ("EXIT", 14 * MINUTE_MS, "TIMER")]
 
 
 def test_ms_since_cart_activity_counts_from_the_latest_of_add_remove_checkout_and_purchase():
-    events = [ev(1, A, "add_to_cart", product_id="p", quantity=1), ev(2, A + MINUTE),
-              ev(3, A + 2 * MINUTE, "checkout_start"), ev(4, A + 3 * MINUTE, "search")]
-    assert run("ms_since_cart_activity >= 30m", events, A + DAY) == [("ENTER", 32 * MINUTE, "TIMER")]
+    events = [ev(1, A, "add_to_cart", product_id="p", quantity=1), ev(2, A + MINUTE_MS),
+              ev(3, A + 2 * MINUTE_MS, "checkout_start"), ev(4, A + 3 * MINUTE_MS, "search")]
+    assert run("ms_since_cart_activity >= 30m", events, A + DAY_MS) == [("ENTER", 32 * MINUTE_MS, "TIMER")]
 
 
 @pytest.mark.parametrize("op, expected", [
@@ -461,7 +456,7 @@ def test_ms_since_cart_activity_counts_from_the_latest_of_add_remove_checkout_an
     ("<=", [("ENTER", HALF_LIFE, "TIMER")]),
 ])
 def test_a_decaying_score_crosses_its_threshold_at_the_exact_millisecond_by_operator(op, expected):
-    assert run(f"engagement_score {op} 50", [ev(1, A, "video_play")], A + 4 * WEEK, CONFIG_100) == expected
+    assert run(f"engagement_score {op} 50", [ev(1, A, "video_play")], A + 4 * WEEK_MS, CONFIG_100) == expected
 
 
 def test_the_decay_timer_is_the_first_millisecond_the_score_is_no_longer_above_an_inexact_threshold():
@@ -484,18 +479,18 @@ def test_the_decay_timer_is_the_first_millisecond_the_score_is_no_longer_above_a
 
 def test_the_decay_timer_accounts_for_every_event_and_its_own_decay():
     def score(t):  # two plays of 100 points, at A and A + 1d
-        return 100.0 * 2.0 ** (-(t - A) / HALF_LIFE) + 100.0 * 2.0 ** (-(t - A - DAY) / HALF_LIFE)
+        return 100.0 * 2.0 ** (-(t - A) / HALF_LIFE) + 100.0 * 2.0 ** (-(t - A - DAY_MS) / HALF_LIFE)
 
-    due = first_instant(A + DAY, lambda t: score(t) <= 150)
+    due = first_instant(A + DAY_MS, lambda t: score(t) <= 150)
     definitions = parse_definitions(definitions_yaml(s="engagement_score > 150"), "t.yaml", CONFIG_100)
     engine, profile = SegmentEngine(definitions), UserProfile()
     assert engine.on_event("u1", profile, ev(1, A, "video_play")) == []
-    [enter] = engine.on_event("u1", profile, ev(2, A + DAY, "video_play"))
-    assert (enter.kind, enter.event_time) == ("ENTER", A + DAY)
+    [enter] = engine.on_event("u1", profile, ev(2, A + DAY_MS, "video_play"))
+    assert (enter.kind, enter.event_time) == ("ENTER", A + DAY_MS)
     assert engine.next_change_ms(profile) == due
     assert holds("engagement_score > 150", profile, now=due - 1, catalog=definitions.catalog)
     assert not holds("engagement_score > 150", profile, now=due, catalog=definitions.catalog)
-    assert [(t.kind, t.event_time) for t in engine.advance_to("u1", profile, A + 10 * WEEK)] == [("EXIT", due)]
+    assert [(t.kind, t.event_time) for t in engine.advance_to("u1", profile, A + 10 * WEEK_MS)] == [("EXIT", due)]
 
 
 def test_category_affinity_decays_to_its_threshold_at_the_exact_millisecond():
@@ -505,7 +500,7 @@ def test_category_affinity_decays_to_its_threshold_at_the_exact_millisecond():
     due = first_instant(A, lambda t: affinity(t) <= 1.5)
     events = [ev(1, A, "product_view", product_id="p1", category="shoes"),
               ev(2, A, "product_view", product_id="p2", category="shoes")]
-    assert run('category_affinity["shoes"] > 1.5', events, A + 4 * WEEK) == [
+    assert run('category_affinity["shoes"] > 1.5', events, A + 4 * WEEK_MS) == [
         ("ENTER", 0, "EVENT"), ("EXIT", due - A, "TIMER")]
 
 
@@ -515,7 +510,7 @@ def test_an_equality_on_a_decaying_score_is_refused_or_timed_to_the_exact_millis
     with exactly 100 points at A, must either be refused too or leave at A+HL (the score is exactly
     50.0 there) and come back at A+HL+1."""
     try:
-        flips = run("engagement_score != 50", [ev(1, A, "video_play")], A + 4 * WEEK, CONFIG_100)
+        flips = run("engagement_score != 50", [ev(1, A, "video_play")], A + 4 * WEEK_MS, CONFIG_100)
     except DefinitionError as err:
         assert "continuously" in str(err)
         return
@@ -531,7 +526,7 @@ def test_a_tiny_decay_threshold_that_validates_does_not_crash_the_engine():
     engine, profile = SegmentEngine(definitions), UserProfile()
     [enter] = engine.on_event("u1", profile, ev(1, A, "video_play"))
     assert enter.kind == "ENTER"
-    assert engine.next_change_ms(profile) == A + 90 * DAY
+    assert engine.next_change_ms(profile) == A + 90 * DAY_MS
 
 
 def test_a_huge_absent_window_is_a_clean_definition_error_or_works():
@@ -548,75 +543,77 @@ def test_a_huge_absent_window_is_a_clean_definition_error_or_works():
 
 def test_a_windowed_count_lapses_when_its_bucket_leaves_the_horizon():
     # 10m horizon, 1-minute buckets: a view at A+90s is in bucket [A+1m, A+2m), which leaves at A+11m
-    assert run("count_page_view_10m > 0", [ev(1, A + 90 * SECOND)], A + DAY) == [
-        ("ENTER", 90 * SECOND, "EVENT"), ("EXIT", 11 * MINUTE, "TIMER")]
+    assert run("count_page_view_10m > 0", [ev(1, A + 90 * SECOND_MS)], A + DAY_MS) == [
+        ("ENTER", 90 * SECOND_MS, "EVENT"), ("EXIT", 11 * MINUTE_MS, "TIMER")]
 
 
 def test_a_windowed_count_steps_down_one_bucket_at_a_time():
     # 24h horizon, 1-hour buckets: views at A+90m (bucket A+1h, leaves A+25h) and A+3h (leaves A+27h)
-    events = [ev(1, A + 90 * MINUTE), ev(2, A + 3 * HOUR)]
-    assert run("count_page_view_24h >= 2", events, A + 3 * DAY) == [
-        ("ENTER", 3 * HOUR, "EVENT"), ("EXIT", 25 * HOUR, "TIMER")]
-    assert run("count_page_view_24h == 1", events, A + 3 * DAY) == [
-        ("ENTER", 90 * MINUTE, "EVENT"), ("EXIT", 3 * HOUR, "EVENT"),
-        ("ENTER", 25 * HOUR, "TIMER"), ("EXIT", 27 * HOUR, "TIMER")]
+    events = [ev(1, A + 90 * MINUTE_MS), ev(2, A + 3 * HOUR_MS)]
+    assert run("count_page_view_24h >= 2", events, A + 3 * DAY_MS) == [
+        ("ENTER", 3 * HOUR_MS, "EVENT"), ("EXIT", 25 * HOUR_MS, "TIMER")]
+    assert run("count_page_view_24h == 1", events, A + 3 * DAY_MS) == [
+        ("ENTER", 90 * MINUTE_MS, "EVENT"), ("EXIT", 3 * HOUR_MS, "EVENT"),
+        ("ENTER", 25 * HOUR_MS, "TIMER"), ("EXIT", 27 * HOUR_MS, "TIMER")]
 
 
 def test_the_7d_horizon_lapses_on_its_six_hour_bucket_boundary():
     # an event at A+7h is in bucket [A+6h, A+12h): it stops counting at A+6h+7d, 1h before its 7-day mark
-    assert run("events_7d > 0", [ev(1, A + 7 * HOUR)], A + 3 * WEEK) == [
-        ("ENTER", 7 * HOUR, "EVENT"), ("EXIT", 6 * HOUR + WEEK, "TIMER")]
+    assert run("events_7d > 0", [ev(1, A + 7 * HOUR_MS)], A + 3 * WEEK_MS) == [
+        ("ENTER", 7 * HOUR_MS, "EVENT"), ("EXIT", 6 * HOUR_MS + WEEK_MS, "TIMER")]
 
 
 def test_distinct_products_lapse_with_the_bucket_of_their_latest_view():
     # 1h horizon, 5-minute buckets
-    views = [ev(1, A + 2 * MINUTE, "product_view", product_id="p1"),
-             ev(2, A + 7 * MINUTE, "product_view", product_id="p2")]
-    assert run("distinct_products_viewed_1h > 1", views, A + DAY) == [
-        ("ENTER", 7 * MINUTE, "EVENT"), ("EXIT", HOUR, "TIMER")]
-    again = [*views, ev(3, A + 8 * MINUTE, "product_view", product_id="p1")]
-    assert run("distinct_products_viewed_1h > 1", again, A + DAY) == [
-        ("ENTER", 7 * MINUTE, "EVENT"), ("EXIT", HOUR + 5 * MINUTE, "TIMER")]
+    views = [ev(1, A + 2 * MINUTE_MS, "product_view", product_id="p1"),
+             ev(2, A + 7 * MINUTE_MS, "product_view", product_id="p2")]
+    assert run("distinct_products_viewed_1h > 1", views, A + DAY_MS) == [
+        ("ENTER", 7 * MINUTE_MS, "EVENT"), ("EXIT", HOUR_MS, "TIMER")]
+    again = [*views, ev(3, A + 8 * MINUTE_MS, "product_view", product_id="p1")]
+    assert run("distinct_products_viewed_1h > 1", again, A + DAY_MS) == [
+        ("ENTER", 7 * MINUTE_MS, "EVENT"), ("EXIT", HOUR_MS + 5 * MINUTE_MS, "TIMER")]
 
 
 def test_windowed_sessions_lapse_with_the_bucket_of_their_last_event():
     # two derived sessions (more than 30 min apart); the first ends at A+10m, in the 24h bucket [A, A+1h)
-    events = [ev(1, A + 10 * MINUTE), ev(2, A + 2 * HOUR)]
-    assert run("sessions_24h > 1", events, A + 3 * DAY) == [("ENTER", 2 * HOUR, "EVENT"), ("EXIT", DAY, "TIMER")]
+    events = [ev(1, A + 10 * MINUTE_MS), ev(2, A + 2 * HOUR_MS)]
+    assert run("sessions_24h > 1", events, A + 3 * DAY_MS) == [("ENTER", 2 * HOUR_MS, "EVENT"),
+                                                               ("EXIT", DAY_MS, "TIMER")]
 
 
 def test_sessions_per_week_drops_exactly_seven_days_after_a_sessions_last_event():
-    events = [ev(1, A), ev(2, A + HOUR)]
-    assert run("sessions_per_week > 1", events, A + 3 * WEEK) == [("ENTER", HOUR, "EVENT"), ("EXIT", WEEK, "TIMER")]
+    events = [ev(1, A), ev(2, A + HOUR_MS)]
+    assert run("sessions_per_week > 1", events, A + 3 * WEEK_MS) == [("ENTER", HOUR_MS, "EVENT"),
+                                                                    ("EXIT", WEEK_MS, "TIMER")]
 
 
 def test_the_current_session_ends_when_the_gap_passes():
-    events = [ev(1, A), ev(2, A + 10 * MINUTE)]
-    assert run("in_session == 1", events, A + DAY) == [("ENTER", 0, "EVENT"), ("EXIT", 40 * MINUTE, "TIMER")]
-    assert run("missing(current_session_duration_ms)", events, A + DAY) == [("ENTER", 40 * MINUTE, "TIMER")]
-    assert run("current_session_duration_ms >= 10m", events, A + DAY) == [
-        ("ENTER", 10 * MINUTE, "EVENT"), ("EXIT", 40 * MINUTE, "TIMER")]
+    events = [ev(1, A), ev(2, A + 10 * MINUTE_MS)]
+    assert run("in_session == 1", events, A + DAY_MS) == [("ENTER", 0, "EVENT"), ("EXIT", 40 * MINUTE_MS, "TIMER")]
+    assert run("missing(current_session_duration_ms)", events, A + DAY_MS) == [("ENTER", 40 * MINUTE_MS, "TIMER")]
+    assert run("current_session_duration_ms >= 10m", events, A + DAY_MS) == [
+        ("ENTER", 10 * MINUTE_MS, "EVENT"), ("EXIT", 40 * MINUTE_MS, "TIMER")]
 
 
 def test_absent_holds_for_someone_who_never_did_it_and_returns_exactly_the_window_after_the_last_one():
-    events = [ev(1, A), ev(2, A + HOUR, "purchase", price=10.0)]
-    assert run("absent(purchase, 7d)", events, A + 3 * WEEK) == [
-        ("ENTER", 0, "EVENT"), ("EXIT", HOUR, "EVENT"), ("ENTER", HOUR + WEEK, "TIMER")]
+    events = [ev(1, A), ev(2, A + HOUR_MS, "purchase", price=10.0)]
+    assert run("absent(purchase, 7d)", events, A + 3 * WEEK_MS) == [
+        ("ENTER", 0, "EVENT"), ("EXIT", HOUR_MS, "EVENT"), ("ENTER", HOUR_MS + WEEK_MS, "TIMER")]
 
 
 def test_a_recency_map_key_goes_missing_when_no_horizon_covers_its_latest_view():
     # the latest view of p-1 at A+1h is in the 30d horizon's bucket [A, A+1d): listed until A+30d
-    events = [ev(1, A), ev(2, A + HOUR, "product_view", product_id="p-1")]
-    assert run('missing(ms_since_viewed_product["p-1"])', events, A + 40 * DAY) == [
-        ("ENTER", 0, "EVENT"), ("EXIT", HOUR, "EVENT"), ("ENTER", 30 * DAY, "TIMER")]
-    assert run('ms_since_viewed_product["p-1"] >= 10m', events, A + 40 * DAY) == [
-        ("ENTER", HOUR + 10 * MINUTE, "TIMER"), ("EXIT", 30 * DAY, "TIMER")]
+    events = [ev(1, A), ev(2, A + HOUR_MS, "product_view", product_id="p-1")]
+    assert run('missing(ms_since_viewed_product["p-1"])', events, A + 40 * DAY_MS) == [
+        ("ENTER", 0, "EVENT"), ("EXIT", HOUR_MS, "EVENT"), ("ENTER", 30 * DAY_MS, "TIMER")]
+    assert run('ms_since_viewed_product["p-1"] >= 10m', events, A + 40 * DAY_MS) == [
+        ("ENTER", HOUR_MS + 10 * MINUTE_MS, "TIMER"), ("EXIT", 30 * DAY_MS, "TIMER")]
 
 
 def test_not_and_or_take_the_earliest_change_of_their_parts():
-    events = [ev(1, A, "purchase", price=1.0), ev(2, A + MINUTE)]
+    events = [ev(1, A, "purchase", price=1.0), ev(2, A + MINUTE_MS)]
     # purchase recency flips at A+10m, event recency at A+1m+5m
-    assert run("not (ms_since_last_purchase < 10m or ms_since_last_event < 5m)", events, A + DAY) == [
-        ("ENTER", 10 * MINUTE, "TIMER")]
-    assert run("ms_since_last_purchase < 10m and ms_since_last_event < 5m", events, A + DAY) == [
-        ("ENTER", 0, "EVENT"), ("EXIT", 6 * MINUTE, "TIMER")]
+    assert run("not (ms_since_last_purchase < 10m or ms_since_last_event < 5m)", events, A + DAY_MS) == [
+        ("ENTER", 10 * MINUTE_MS, "TIMER")]
+    assert run("ms_since_last_purchase < 10m and ms_since_last_event < 5m", events, A + DAY_MS) == [
+        ("ENTER", 0, "EVENT"), ("EXIT", 6 * MINUTE_MS, "TIMER")]

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from udfs.conditions import ModelOutput
 from udfs.definitions import (
-    DEFAULT_DEFINITIONS,
     REMOVED_RULE,
     DefinitionError,
     ExclusiveGroup,
@@ -22,19 +22,15 @@ from udfs.definitions import (
     parse_definitions,
 )
 from udfs.events import UserEvent
-from udfs.profile import UserProfile
+from udfs.profile import WEEK_MS, UserProfile
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS
 from udfs.scoring import ModelRegistry
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.transitions import SegmentEngine, Transition
 
-SECOND = 1_000
-MINUTE = 60 * SECOND
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
-WEEK = 7 * DAY
-HALF_LIFE = 7 * DAY
+HALF_LIFE = 7 * DAY_MS
 T0 = START_MS
-A = T0 - T0 % DAY  # a UTC midnight: a bucket boundary of every default horizon
+A = T0 - T0 % DAY_MS  # a UTC midnight: a bucket boundary of every default horizon
 SEQ0 = A * 1000  # a profile lifetime whose first event is at A numbers its transitions from here
 SOURCE = "defs.yaml"
 
@@ -120,7 +116,7 @@ def first_instant(after: int, differs) -> int:
 
 
 # The shipped file reads model scores; the behavioural segments these tests replay do not.
-SHOP = load_definitions(models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
+SHOP = load_definitions(SHIPPED_DEFINITIONS, models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
 
 
 # =============================================================================================
@@ -129,7 +125,7 @@ SHOP = load_definitions(models=ModelRegistry.outputs_of(DEFAULT_MODELS_DIR))
 
 
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
-    shop = Segmentation.load(DEFAULT_DEFINITIONS).definitions
+    shop = Segmentation.load(SHIPPED_DEFINITIONS).definitions
     assert shop.version == "shop-5"
     assert shop.names == ("active_browser", "cart_holder", "cart_abandoner", "potential_buyer",
                           "abandoner_still_browsing", "shoe_considerer", "shoe_browser_not_buying", "window_shopper",
@@ -139,7 +135,7 @@ def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme(
     assert [s.name for s in shop.groups["engagement_tier"].segments] == ["tier_high", "tier_medium", "tier_low"]
     steady = shop.segments["engaged_steady"]
     assert (steady.enter.text, steady.exit.text, steady.min_dwell_ms) == (
-        "engagement_score > 50", "engagement_score < 40", DAY)
+        "engagement_score > 50", "engagement_score < 40", DAY_MS)
     assert shop.segments["cart_abandoner"].enter.text == "cart_items > 0 and ms_since_cart_activity >= 30m"
     assert shop.models == ("churn_risk", "personas", "purchase_propensity")
     assert shop.rescore_every_ms == 6 * 3_600_000
@@ -149,7 +145,7 @@ def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme(
     assert order.index("active_browser") < order.index("window_shopper")
     assert isinstance(shop.units[order.index("engagement_tier")], ExclusiveGroup)
     assert all(isinstance(u, Segment | ExclusiveGroup) for u in shop.units)
-    assert shop.source == str(DEFAULT_DEFINITIONS) and shop.text == DEFAULT_DEFINITIONS.read_bytes()
+    assert shop.source == str(SHIPPED_DEFINITIONS) and shop.text == SHIPPED_DEFINITIONS.read_bytes()
 
 
 def test_a_file_that_cannot_be_read_is_a_definition_error_naming_it(tmp_path):
@@ -167,64 +163,67 @@ def test_a_file_that_cannot_be_read_is_a_definition_error_naming_it(tmp_path):
 def test_viewed_product_x_in_the_last_10_minutes_and_added_it_to_the_cart():
     run = Run(SHOP)
     run.event(view(1, A, "p-shoes-007", "shoes"))
-    run.event(view(2, A + MINUTE, "p-other", "shoes"))
-    out = run.event(add(3, A + 2 * MINUTE, "p-shoes-007", price=80.0))
+    run.event(view(2, A + MINUTE_MS, "p-other", "shoes"))
+    out = run.event(add(3, A + 2 * MINUTE_MS, "p-shoes-007", price=80.0))
     [enter] = [t for t in out if t.segment == "shoe_considerer"]
     assert (enter.kind, enter.event_time, enter.cause, enter.cause_event_id) == (
-        "ENTER", A + 2 * MINUTE, "EVENT", "u1-3")
+        "ENTER", A + 2 * MINUTE_MS, "EVENT", "u1-3")
     assert enter.rule == 'ms_since_viewed_product["p-shoes-007"] < 10m and cart_quantity["p-shoes-007"] > 0'
-    assert enter.features == {"ms_since_viewed_product[p-shoes-007]": 2.0 * MINUTE, "cart_quantity[p-shoes-007]": 1.0}
-    run.until(A + DAY)
+    assert enter.features == {"ms_since_viewed_product[p-shoes-007]": 2.0 * MINUTE_MS,
+                              "cart_quantity[p-shoes-007]": 1.0}
+    run.until(A + DAY_MS)
     # the view is 10 minutes old at A+10m: the condition stops holding then, by time alone
-    assert brief(run.all, {"shoe_considerer"}) == [("shoe_considerer", "ENTER", 2 * MINUTE, "EVENT"),
-                                                    ("shoe_considerer", "EXIT", 10 * MINUTE, "TIMER")]
+    assert brief(run.all, {"shoe_considerer"}) == [("shoe_considerer", "ENTER", 2 * MINUTE_MS, "EVENT"),
+                                                    ("shoe_considerer", "EXIT", 10 * MINUTE_MS, "TIMER")]
     [exit_] = [t for t in run.all if t.segment == "shoe_considerer" and t.kind == "EXIT"]
     assert exit_.rule == 'not (ms_since_viewed_product["p-shoes-007"] < 10m and cart_quantity["p-shoes-007"] > 0)'
-    assert exit_.features["ms_since_viewed_product[p-shoes-007]"] == 10.0 * MINUTE
+    assert exit_.features["ms_since_viewed_product[p-shoes-007]"] == 10.0 * MINUTE_MS
 
 
 def test_viewed_product_x_needs_that_product_in_the_cart_and_a_view_of_it():
-    other_in_cart = [view(1, A, "p-shoes-007"), add(2, A + MINUTE, "p-other")]
-    assert replay(SHOP, other_in_cart, A + DAY, {"shoe_considerer"}) == []
-    added_then_viewed = [add(1, A, "p-shoes-007"), view(2, A + 5 * MINUTE, "p-shoes-007")]
-    assert replay(SHOP, added_then_viewed, A + DAY, {"shoe_considerer"}) == [
-        ("shoe_considerer", "ENTER", 5 * MINUTE, "EVENT"), ("shoe_considerer", "EXIT", 15 * MINUTE, "TIMER")]
-    removed = [view(1, A, "p-shoes-007"), add(2, A + MINUTE, "p-shoes-007"), remove(3, A + 3 * MINUTE, "p-shoes-007")]
-    assert replay(SHOP, removed, A + DAY, {"shoe_considerer"}) == [
-        ("shoe_considerer", "ENTER", MINUTE, "EVENT"), ("shoe_considerer", "EXIT", 3 * MINUTE, "EVENT")]
+    other_in_cart = [view(1, A, "p-shoes-007"), add(2, A + MINUTE_MS, "p-other")]
+    assert replay(SHOP, other_in_cart, A + DAY_MS, {"shoe_considerer"}) == []
+    added_then_viewed = [add(1, A, "p-shoes-007"), view(2, A + 5 * MINUTE_MS, "p-shoes-007")]
+    assert replay(SHOP, added_then_viewed, A + DAY_MS, {"shoe_considerer"}) == [
+        ("shoe_considerer", "ENTER", 5 * MINUTE_MS, "EVENT"), ("shoe_considerer", "EXIT", 15 * MINUTE_MS, "TIMER")]
+    removed = [view(1, A, "p-shoes-007"), add(2, A + MINUTE_MS, "p-shoes-007"),
+               remove(3, A + 3 * MINUTE_MS, "p-shoes-007")]
+    assert replay(SHOP, removed, A + DAY_MS, {"shoe_considerer"}) == [
+        ("shoe_considerer", "ENTER", MINUTE_MS, "EVENT"), ("shoe_considerer", "EXIT", 3 * MINUTE_MS, "EVENT")]
 
 
 def test_viewed_a_category_more_than_3_times_in_24h_and_has_not_purchased():
     # three views in the 24h bucket [A, A+1h), the fourth in [A+1h, A+2h); the first bucket leaves at A+24h
-    views = [view(i, A + m * MINUTE, f"s{i}", "shoes") for i, m in enumerate((10, 20, 30, 70), start=1)]
+    views = [view(i, A + m * MINUTE_MS, f"s{i}", "shoes") for i, m in enumerate((10, 20, 30, 70), start=1)]
     run = Run(SHOP)
     for v in views[:3]:
         assert [t for t in run.event(v) if t.segment == "shoe_browser_not_buying"] == []
     [enter] = [t for t in run.event(views[3]) if t.segment == "shoe_browser_not_buying"]
-    assert (enter.kind, enter.event_time, enter.cause) == ("ENTER", A + 70 * MINUTE, "EVENT")
+    assert (enter.kind, enter.event_time, enter.cause) == ("ENTER", A + 70 * MINUTE_MS, "EVENT")
     assert enter.features == {"category_views_24h[shoes]": 4.0}
     assert enter.missing == ("ms_since_last_purchase",)  # never purchased: absent(purchase, 7d) holds
-    run.until(A + 3 * DAY)
+    run.until(A + 3 * DAY_MS)
     assert brief(run.all, {"shoe_browser_not_buying"}) == [
-        ("shoe_browser_not_buying", "ENTER", 70 * MINUTE, "EVENT"), ("shoe_browser_not_buying", "EXIT", DAY, "TIMER")]
+        ("shoe_browser_not_buying", "ENTER", 70 * MINUTE_MS, "EVENT"),
+        ("shoe_browser_not_buying", "EXIT", DAY_MS, "TIMER")]
     # hats do not count, and a purchase ends it at once
-    hats = [view(10 + i, A + i * MINUTE, f"h{i}", "hats") for i in range(5)]
-    assert replay(SHOP, hats, A + DAY, {"shoe_browser_not_buying"}) == []
-    bought = [*views, ev(9, A + 2 * HOUR, "purchase", price=50.0)]
-    assert replay(SHOP, bought, A + 3 * DAY, {"shoe_browser_not_buying"}) == [
-        ("shoe_browser_not_buying", "ENTER", 70 * MINUTE, "EVENT"),
-        ("shoe_browser_not_buying", "EXIT", 2 * HOUR, "EVENT")]
+    hats = [view(10 + i, A + i * MINUTE_MS, f"h{i}", "hats") for i in range(5)]
+    assert replay(SHOP, hats, A + DAY_MS, {"shoe_browser_not_buying"}) == []
+    bought = [*views, ev(9, A + 2 * HOUR_MS, "purchase", price=50.0)]
+    assert replay(SHOP, bought, A + 3 * DAY_MS, {"shoe_browser_not_buying"}) == [
+        ("shoe_browser_not_buying", "ENTER", 70 * MINUTE_MS, "EVENT"),
+        ("shoe_browser_not_buying", "EXIT", 2 * HOUR_MS, "EVENT")]
 
 
 def test_has_not_purchased_comes_back_exactly_seven_days_after_the_purchase():
     # purchase at A; four shoe views in the 24h bucket [A+6d20h, A+6d21h): not while the purchase is
     # less than 7 days old; enters at A+7d; the views leave the 24h horizon at A+7d20h
-    start = 6 * DAY + 20 * HOUR
-    events = [ev(1, A, "purchase", price=10.0)] + [view(2 + i, A + start + i * MINUTE, f"s{i}", "shoes")
+    start = 6 * DAY_MS + 20 * HOUR_MS
+    events = [ev(1, A, "purchase", price=10.0)] + [view(2 + i, A + start + i * MINUTE_MS, f"s{i}", "shoes")
                                                      for i in range(4)]
-    assert replay(SHOP, events, A + 9 * DAY, {"shoe_browser_not_buying"}) == [
-        ("shoe_browser_not_buying", "ENTER", WEEK, "TIMER"),
-        ("shoe_browser_not_buying", "EXIT", WEEK + 20 * HOUR, "TIMER")]
+    assert replay(SHOP, events, A + 9 * DAY_MS, {"shoe_browser_not_buying"}) == [
+        ("shoe_browser_not_buying", "ENTER", WEEK_MS, "TIMER"),
+        ("shoe_browser_not_buying", "EXIT", WEEK_MS + 20 * HOUR_MS, "TIMER")]
 
 
 def test_more_than_5_sessions_a_week_is_tier_high_with_medium_and_low_as_the_rest():
@@ -232,16 +231,17 @@ def test_more_than_5_sessions_a_week_is_tier_high_with_medium_and_low_as_the_res
     # each leaves sessions_per_week exactly 7 days after its last event
     run = Run(SHOP)
     for k in range(6):
-        run.event(ev(k, A + k * HOUR))
-    run.until(A + 8 * DAY)
+        run.event(ev(k, A + k * HOUR_MS))
+    run.until(A + 8 * DAY_MS)
     tiers = {"tier_high", "tier_medium", "tier_low"}
     assert brief(run.all, tiers) == [
         ("tier_low", "ENTER", 0, "EVENT"),  # 1 session: the rest
-        ("tier_low", "EXIT", HOUR, "EVENT"), ("tier_medium", "ENTER", HOUR, "EVENT"),  # 2 > 1
-        ("tier_medium", "EXIT", 5 * HOUR, "EVENT"), ("tier_high", "ENTER", 5 * HOUR, "EVENT"),  # 6 > 5
+        ("tier_low", "EXIT", HOUR_MS, "EVENT"), ("tier_medium", "ENTER", HOUR_MS, "EVENT"),  # 2 > 1
+        ("tier_medium", "EXIT", 5 * HOUR_MS, "EVENT"), ("tier_high", "ENTER", 5 * HOUR_MS, "EVENT"),  # 6 > 5
         # A+7d: 5 sessions, still high (it leaves at 4 or fewer)
-        ("tier_high", "EXIT", WEEK + HOUR, "TIMER"), ("tier_medium", "ENTER", WEEK + HOUR, "TIMER"),  # 4
-        ("tier_medium", "EXIT", WEEK + 4 * HOUR, "TIMER"), ("tier_low", "ENTER", WEEK + 4 * HOUR, "TIMER"),  # 1
+        ("tier_high", "EXIT", WEEK_MS + HOUR_MS, "TIMER"), ("tier_medium", "ENTER", WEEK_MS + HOUR_MS, "TIMER"),  # 4
+        ("tier_medium", "EXIT", WEEK_MS + 4 * HOUR_MS, "TIMER"),
+        ("tier_low", "ENTER", WEEK_MS + 4 * HOUR_MS, "TIMER"),  # 1
     ]
     rules = [(t.segment, t.kind, t.rule, t.features) for t in run.all if t.segment in tiers]
     assert rules[1] == ("tier_low", "EXIT", "exclusive group engagement_tier: tier_medium took precedence "
@@ -254,20 +254,21 @@ def test_more_than_5_sessions_a_week_is_tier_high_with_medium_and_low_as_the_res
 
 def engagement(t: int) -> float:
     """Six video plays (10 points each) at A, A+1m, ... A+5m, decayed to t (independently of the engine)."""
-    return sum(10.0 * 2.0 ** (-(t - A - k * MINUTE) / HALF_LIFE) for k in range(6))
+    return sum(10.0 * 2.0 ** (-(t - A - k * MINUTE_MS) / HALF_LIFE) for k in range(6))
 
 
 def test_engagement_score_above_50_enters_at_the_sixth_video_and_leaves_at_the_exact_millisecond():
-    assert engagement(A + 5 * MINUTE) > 50 and sum(10.0 * 2.0 ** (-(4 - k) * MINUTE / HALF_LIFE) for k in range(5)) < 50
-    below_50 = first_instant(A + 5 * MINUTE, lambda t: engagement(t) <= 50)
+    assert engagement(A + 5 * MINUTE_MS) > 50
+    assert sum(10.0 * 2.0 ** (-(4 - k) * MINUTE_MS / HALF_LIFE) for k in range(5)) < 50
+    below_50 = first_instant(A + 5 * MINUTE_MS, lambda t: engagement(t) <= 50)
     run = Run(SHOP)
     for k in range(6):
-        run.event(ev(k, A + k * MINUTE, "video_play"))
+        run.event(ev(k, A + k * MINUTE_MS, "video_play"))
     assert brief(run.all, {"engagement_score_above_50"}) == [
-        ("engagement_score_above_50", "ENTER", 5 * MINUTE, "EVENT")]
+        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")]
     run.until(below_50 - 1)
     assert brief(run.all, {"engagement_score_above_50"}) == [
-        ("engagement_score_above_50", "ENTER", 5 * MINUTE, "EVENT")]
+        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")]
     read = SHOP.catalog.read
     assert read("engagement_score", run.profile, below_50 - 1) > 50 >= read("engagement_score", run.profile, below_50)
     [exit_] = [t for t in run.until(below_50) if t.segment == "engagement_score_above_50"]
@@ -276,14 +277,14 @@ def test_engagement_score_above_50_enters_at_the_sixth_video_and_leaves_at_the_e
 
 
 def test_engaged_steady_holds_through_50_and_leaves_below_40_hysteresis_with_exact_instants():
-    below_40 = first_instant(A + 5 * MINUTE, lambda t: engagement(t) < 40)
-    events = [ev(k, A + k * MINUTE, "video_play") for k in range(6)]
-    assert replay(SHOP, events, A + 3 * WEEK, {"engaged_steady"}) == [
-        ("engaged_steady", "ENTER", 5 * MINUTE, "EVENT"), ("engaged_steady", "EXIT", below_40 - A, "TIMER")]
+    below_40 = first_instant(A + 5 * MINUTE_MS, lambda t: engagement(t) < 40)
+    events = [ev(k, A + k * MINUTE_MS, "video_play") for k in range(6)]
+    assert replay(SHOP, events, A + 3 * WEEK_MS, {"engaged_steady"}) == [
+        ("engaged_steady", "ENTER", 5 * MINUTE_MS, "EVENT"), ("engaged_steady", "EXIT", below_40 - A, "TIMER")]
     run = Run(SHOP)
     for event in events:
         run.event(event)
-    [exit_] = [t for t in run.until(A + 3 * WEEK) if t.segment == "engaged_steady"]
+    [exit_] = [t for t in run.until(A + 3 * WEEK_MS) if t.segment == "engaged_steady"]
     assert (exit_.rule, exit_.event_time) == ("engagement_score < 40", below_40)
     assert 39.99 < exit_.features["engagement_score"] < 40
 
@@ -291,30 +292,30 @@ def test_engaged_steady_holds_through_50_and_leaves_below_40_hysteresis_with_exa
 def test_cart_abandoned_in_the_last_24h():
     run = Run(SHOP)
     run.event(add(1, A))
-    run.event(ev(2, A + 2 * HOUR))  # browsing again: abandoner_still_browsing for 10 minutes
-    run.until(A + 3 * DAY)
+    run.event(ev(2, A + 2 * HOUR_MS))  # browsing again: abandoner_still_browsing for 10 minutes
+    run.until(A + 3 * DAY_MS)
     watched = {"cart_abandoner", "potential_buyer", "abandoner_still_browsing"}
     assert brief(run.all, watched) == [
-        ("cart_abandoner", "ENTER", 30 * MINUTE, "TIMER"),  # cart untouched for 30 minutes
-        ("potential_buyer", "ENTER", 30 * MINUTE, "TIMER"),  # decided after the segment it reads
-        ("abandoner_still_browsing", "ENTER", 2 * HOUR, "EVENT"),
-        ("abandoner_still_browsing", "EXIT", 2 * HOUR + 10 * MINUTE, "TIMER"),
-        ("potential_buyer", "EXIT", DAY, "TIMER"),  # the cart activity is 24 h old
+        ("cart_abandoner", "ENTER", 30 * MINUTE_MS, "TIMER"),  # cart untouched for 30 minutes
+        ("potential_buyer", "ENTER", 30 * MINUTE_MS, "TIMER"),  # decided after the segment it reads
+        ("abandoner_still_browsing", "ENTER", 2 * HOUR_MS, "EVENT"),
+        ("abandoner_still_browsing", "EXIT", 2 * HOUR_MS + 10 * MINUTE_MS, "TIMER"),
+        ("potential_buyer", "EXIT", DAY_MS, "TIMER"),  # the cart activity is 24 h old
     ]
     [exit_] = [t for t in run.all if t.segment == "potential_buyer" and t.kind == "EXIT"]
     assert exit_.rule == "not (segment.cart_abandoner and ms_since_cart_activity < 24h)"
-    assert exit_.features == {"segment.cart_abandoner": 1.0, "ms_since_cart_activity": float(DAY)}
+    assert exit_.features == {"segment.cart_abandoner": 1.0, "ms_since_cart_activity": float(DAY_MS)}
 
 
 def test_in_segment_a_and_not_in_segment_b():
     # window_shopper: segment.active_browser and not segment.cart_holder
-    events = [ev(1, A), add(2, A + MINUTE), remove(3, A + 2 * MINUTE, quantity=None)]
-    assert replay(SHOP, events, A + DAY, {"active_browser", "cart_holder", "window_shopper"}) == [
+    events = [ev(1, A), add(2, A + MINUTE_MS), remove(3, A + 2 * MINUTE_MS, quantity=None)]
+    assert replay(SHOP, events, A + DAY_MS, {"active_browser", "cart_holder", "window_shopper"}) == [
         ("active_browser", "ENTER", 0, "EVENT"), ("window_shopper", "ENTER", 0, "EVENT"),
-        ("window_shopper", "EXIT", MINUTE, "EVENT"), ("cart_holder", "ENTER", MINUTE, "EVENT"),
-        ("cart_holder", "EXIT", 2 * MINUTE, "EVENT"), ("window_shopper", "ENTER", 2 * MINUTE, "EVENT"),
+        ("window_shopper", "EXIT", MINUTE_MS, "EVENT"), ("cart_holder", "ENTER", MINUTE_MS, "EVENT"),
+        ("cart_holder", "EXIT", 2 * MINUTE_MS, "EVENT"), ("window_shopper", "ENTER", 2 * MINUTE_MS, "EVENT"),
         # the last event is at A+2m: active_browser lapses at A+12m, and window_shopper with it
-        ("active_browser", "EXIT", 12 * MINUTE, "TIMER"), ("window_shopper", "EXIT", 12 * MINUTE, "TIMER"),
+        ("active_browser", "EXIT", 12 * MINUTE_MS, "TIMER"), ("window_shopper", "EXIT", 12 * MINUTE_MS, "TIMER"),
     ]
     run = Run(SHOP)
     run.event(ev(1, A))
@@ -359,24 +360,24 @@ def test_model_scores_purchase_propensity_churn_risk_and_persona_cluster():
     assert all(t.scores == scorer.next and t.model_version == "m-7" for t in out)
 
     scorer.next = {"purchase_propensity": 0.71, "churn_risk": 0.8, "persona": 1}
-    out = run.event(ev(2, A + MINUTE))
+    out = run.event(ev(2, A + MINUTE_MS))
     assert sorted(brief(out)) == sorted([
-        ("churn_risk", "EXIT", MINUTE, "EVENT"),  # 0.8 is not above 0.8
-        ("persona_2", "EXIT", MINUTE, "EVENT"),
-        ("likely_buyer", "ENTER", MINUTE, "EVENT"),
-        ("likely_buyer_now", "ENTER", MINUTE, "EVENT")])
+        ("churn_risk", "EXIT", MINUTE_MS, "EVENT"),  # 0.8 is not above 0.8
+        ("persona_2", "EXIT", MINUTE_MS, "EVENT"),
+        ("likely_buyer", "ENTER", MINUTE_MS, "EVENT"),
+        ("likely_buyer_now", "ENTER", MINUTE_MS, "EVENT")])
     assert [t.kind for t in out] == ["EXIT", "EXIT", "ENTER", "ENTER"]
     assert {t.segment: t.rule for t in out if t.kind == "EXIT"} == {
         "churn_risk": "not (score.churn_risk > 0.8)", "persona_2": "not (score.persona == 2)"}
 
     # scores are computed once per event and hold until the next one: the timer at A+11m reads them
-    [lapse] = run.until(A + 11 * MINUTE)
-    assert brief([lapse]) == [("likely_buyer_now", "EXIT", 11 * MINUTE, "TIMER")]
+    [lapse] = run.until(A + 11 * MINUTE_MS)
+    assert brief([lapse]) == [("likely_buyer_now", "EXIT", 11 * MINUTE_MS, "TIMER")]
     assert lapse.scores == {"purchase_propensity": 0.71, "churn_risk": 0.8, "persona": 1}
-    assert scorer.calls == [A, A + MINUTE]
+    assert scorer.calls == [A, A + MINUTE_MS]
 
     scorer.next = {}  # the model did not score: comparisons reading it are false
-    assert brief(run.event(ev(3, A + 20 * MINUTE))) == [("likely_buyer", "EXIT", 20 * MINUTE, "EVENT")]
+    assert brief(run.event(ev(3, A + 20 * MINUTE_MS))) == [("likely_buyer", "EXIT", 20 * MINUTE_MS, "EVENT")]
 
 
 def test_a_persona_cluster_threshold_must_be_a_cluster_id():
@@ -397,11 +398,11 @@ def test_a_persona_cluster_threshold_must_be_a_cluster_id():
 def test_hysteresis_enters_on_the_enter_condition_and_leaves_only_on_the_exit_condition():
     definitions = parse("version: v1\nsegments:\n  - name: big\n    enter: cart_items >= 3\n"
                         "    exit: cart_items <= 1\n")
-    events = [add(1, A, quantity=3), remove(2, A + MINUTE), remove(3, A + 2 * MINUTE), add(4, A + 3 * MINUTE),
-              add(5, A + 4 * MINUTE)]
+    events = [add(1, A, quantity=3), remove(2, A + MINUTE_MS), remove(3, A + 2 * MINUTE_MS), add(4, A + 3 * MINUTE_MS),
+              add(5, A + 4 * MINUTE_MS)]
     # cart: 3 (enter), 2 (stays), 1 (leaves), 2 (does not come back), 3 (enters)
-    assert replay(definitions, events, A + DAY) == [
-        ("big", "ENTER", 0, "EVENT"), ("big", "EXIT", 2 * MINUTE, "EVENT"), ("big", "ENTER", 4 * MINUTE, "EVENT")]
+    assert replay(definitions, events, A + DAY_MS) == [
+        ("big", "ENTER", 0, "EVENT"), ("big", "EXIT", 2 * MINUTE_MS, "EVENT"), ("big", "ENTER", 4 * MINUTE_MS, "EVENT")]
     run = Run(definitions)
     for event in events[:3]:
         run.event(event)
@@ -416,21 +417,22 @@ def test_an_enter_exit_pair_that_can_both_hold_is_one_stay_entry_winning_while_e
     # the cart empties, and at that very event (it used to leave at the next event after entering).
     pair = parse("version: v1\nsegments:\n  - name: s\n    enter: cart_items > 0\n"
                  "    exit: ms_since_last_event < 1d\n")
-    assert replay(pair, [add(1, A), ev(2, A + MINUTE), ev(3, A + HOUR), ev(4, A + 2 * HOUR, "purchase", price=5.0)],
-                  A + 3 * DAY) == [("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 2 * HOUR, "EVENT")]
+    assert replay(pair, [add(1, A), ev(2, A + MINUTE_MS), ev(3, A + HOUR_MS),
+                         ev(4, A + 2 * HOUR_MS, "purchase", price=5.0)],
+                  A + 3 * DAY_MS) == [("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 2 * HOUR_MS, "EVENT")]
     # A lapses by time while B holds: the exit is due at A's lapse and a timer takes it there.
     lapsing = parse("version: v1\nsegments:\n  - name: s\n    enter: ms_since_last_event < 10m\n"
                     "    exit: cart_items == 0\n")
     run = Run(lapsing)
     assert brief(run.event(ev(1, A))) == [("s", "ENTER", 0, "EVENT")]  # entry wins: B holds too
-    assert run.next_change() == A + 10 * MINUTE
-    out = run.until(A + DAY)
+    assert run.next_change() == A + 10 * MINUTE_MS
+    out = run.until(A + DAY_MS)
     assert [(t.kind, t.event_time - A, t.cause, t.rule, t.features) for t in out] == [
-        ("EXIT", 10 * MINUTE, "TIMER", "cart_items == 0", {"cart_items": 0.0})]
+        ("EXIT", 10 * MINUTE_MS, "TIMER", "cart_items == 0", {"cart_items": 0.0})]
     # While B does not hold, A lapsing changes nothing; B coming true with A still holding
     # changes nothing either; A's lapse after that is the exit.
-    assert replay(lapsing, [add(1, A), remove(2, A + 20 * MINUTE)], A + DAY) == [
-        ("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 30 * MINUTE, "TIMER")]
+    assert replay(lapsing, [add(1, A), remove(2, A + 20 * MINUTE_MS)], A + DAY_MS) == [
+        ("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 30 * MINUTE_MS, "TIMER")]
 
 
 def test_in_a_group_a_member_whose_own_exit_holds_records_its_own_rule_not_the_precedence():
@@ -439,7 +441,7 @@ def test_in_a_group_a_member_whose_own_exit_holds_records_its_own_rule_not_the_p
     winner's ENTER its enter rule; "took precedence" is only for a member whose exit does not hold."""
     run = Run(parse(GROUP_FILE))
     run.event(add(1, A, quantity=1))  # small
-    out = run.event(add(2, A + MINUTE, quantity=2))  # 3 items: big enters, small's own exit does not hold
+    out = run.event(add(2, A + MINUTE_MS, quantity=2))  # 3 items: big enters, small's own exit does not hold
     assert [(t.segment, t.kind, t.rule) for t in out] == [
         ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"), ("big", "ENTER", "cart_items >= 3")]
     own = parse("""\
@@ -456,7 +458,7 @@ exclusive_groups:
 """)
     run = Run(own)
     assert brief(run.event(add(1, A))) == [("carted", "ENTER", 0, "EVENT")]
-    out = run.event(ev(2, A + MINUTE, "purchase", price=10.0))  # empties the cart (own exit) and makes first hold
+    out = run.event(ev(2, A + MINUTE_MS, "purchase", price=10.0))  # empties the cart (own exit) and makes first hold
     assert [(t.segment, t.kind, t.rule) for t in out] == [("carted", "EXIT", "cart_items == 0"),
                                                          ("first", "ENTER", "ms_since_last_purchase < 1h")]
     assert out[0].features == {"cart_items": 0.0}
@@ -502,24 +504,24 @@ segments:
 def test_min_dwell_delays_an_exit_to_exactly_the_end_of_the_dwell_by_a_timer():
     run = Run(parse(DWELL_FILE))
     assert [t.kind for t in run.event(add(1, A, quantity=3))] == ["ENTER", "ENTER"]
-    assert run.event(remove(2, A + 5 * MINUTE, quantity=None)) == []  # the exit holds, but not before A+1h
-    assert run.next_change() == A + HOUR
-    assert run.until(A + HOUR - 1) == []
-    out = run.until(A + HOUR)
+    assert run.event(remove(2, A + 5 * MINUTE_MS, quantity=None)) == []  # the exit holds, but not before A+1h
+    assert run.next_change() == A + HOUR_MS
+    assert run.until(A + HOUR_MS - 1) == []
+    out = run.until(A + HOUR_MS)
     assert [(t.segment, t.kind, t.event_time, t.cause, t.rule) for t in out] == [
-        ("big_cart", "EXIT", A + HOUR, "TIMER", "cart_items < 1"),
-        ("recent", "EXIT", A + HOUR, "TIMER", "not (ms_since_last_event < 10m)")]
+        ("big_cart", "EXIT", A + HOUR_MS, "TIMER", "cart_items < 1"),
+        ("recent", "EXIT", A + HOUR_MS, "TIMER", "not (ms_since_last_event < 10m)")]
 
 
 def test_at_the_end_of_the_dwell_the_exit_is_checked_again():
-    events = [add(1, A, quantity=3), remove(2, A + 5 * MINUTE, quantity=None), add(3, A + 55 * MINUTE),
-              remove(4, A + 2 * HOUR, quantity=None)]
+    events = [add(1, A, quantity=3), remove(2, A + 5 * MINUTE_MS, quantity=None), add(3, A + 55 * MINUTE_MS),
+              remove(4, A + 2 * HOUR_MS, quantity=None)]
     # at A+1h: one item in the cart (not < 1) and the last event 5 minutes old: both stay
-    assert replay(parse(DWELL_FILE), events, A + DAY) == [
+    assert replay(parse(DWELL_FILE), events, A + DAY_MS) == [
         ("big_cart", "ENTER", 0, "EVENT"), ("recent", "ENTER", 0, "EVENT"),
-        ("recent", "EXIT", 65 * MINUTE, "TIMER"),
-        ("big_cart", "EXIT", 2 * HOUR, "EVENT"), ("recent", "ENTER", 2 * HOUR, "EVENT"),
-        ("recent", "EXIT", 3 * HOUR, "TIMER"),  # entered at A+2h: the dwell, not the 10 minutes, decides
+        ("recent", "EXIT", 65 * MINUTE_MS, "TIMER"),
+        ("big_cart", "EXIT", 2 * HOUR_MS, "EVENT"), ("recent", "ENTER", 2 * HOUR_MS, "EVENT"),
+        ("recent", "EXIT", 3 * HOUR_MS, "TIMER"),  # entered at A+2h: the dwell, not the 10 minutes, decides
     ]
 
 
@@ -540,16 +542,16 @@ exclusive_groups:
 def test_an_exclusive_group_takes_the_first_listed_and_an_earlier_one_takes_precedence():
     run = Run(parse(GROUP_FILE))
     assert brief(run.event(add(1, A, quantity=3))) == [("big", "ENTER", 0, "EVENT")]  # both hold: big is first
-    assert run.event(remove(2, A + MINUTE)) == []  # 2: big does not leave, small cannot displace it
-    out = run.event(remove(3, A + 2 * MINUTE))  # 1: big leaves, small enters; the exit first
+    assert run.event(remove(2, A + MINUTE_MS)) == []  # 2: big does not leave, small cannot displace it
+    out = run.event(remove(3, A + 2 * MINUTE_MS))  # 1: big leaves, small enters; the exit first
     assert [(t.segment, t.kind, t.rule) for t in out] == [("big", "EXIT", "cart_items < 2"),
                                                          ("small", "ENTER", "cart_items >= 1")]
-    out = run.event(add(4, A + 3 * MINUTE, quantity=2))  # 3: big enters again and takes precedence
+    out = run.event(add(4, A + 3 * MINUTE_MS, quantity=2))  # 3: big enters again and takes precedence
     assert [(t.segment, t.kind, t.rule) for t in out] == [
         ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"),
         ("big", "ENTER", "cart_items >= 3")]
     assert out[0].features == {"cart_items": 3.0}
-    assert brief(run.event(remove(5, A + 4 * MINUTE, quantity=None))) == [("big", "EXIT", 4 * MINUTE, "EVENT")]
+    assert brief(run.event(remove(5, A + 4 * MINUTE_MS, quantity=None))) == [("big", "EXIT", 4 * MINUTE_MS, "EVENT")]
     assert {name: m.member for name, m in run.profile.memberships.items()} == {"big": False, "small": False}
 
 
@@ -570,28 +572,29 @@ exclusive_groups:
 def test_while_the_members_dwell_runs_the_group_does_not_change_then_precedence_applies_at_its_end():
     run = Run(parse(FROZEN_FILE))
     assert brief(run.event(add(1, A))) == [("sticky", "ENTER", 0, "EVENT")]
-    assert run.event(add(2, A + 5 * MINUTE, quantity=4)) == []  # huge holds, but sticky's dwell runs
-    assert run.next_change() == A + 30 * MINUTE
-    assert run.until(A + 30 * MINUTE - 1) == []
-    out = run.until(A + 30 * MINUTE)
+    assert run.event(add(2, A + 5 * MINUTE_MS, quantity=4)) == []  # huge holds, but sticky's dwell runs
+    assert run.next_change() == A + 30 * MINUTE_MS
+    assert run.until(A + 30 * MINUTE_MS - 1) == []
+    out = run.until(A + 30 * MINUTE_MS)
     assert [(t.segment, t.kind, t.event_time, t.cause, t.rule) for t in out] == [
-        ("sticky", "EXIT", A + 30 * MINUTE, "TIMER", "exclusive group frozen: huge took precedence (cart_items >= 5)"),
-        ("huge", "ENTER", A + 30 * MINUTE, "TIMER", "cart_items >= 5")]
+        ("sticky", "EXIT", A + 30 * MINUTE_MS, "TIMER",
+         "exclusive group frozen: huge took precedence (cart_items >= 5)"),
+        ("huge", "ENTER", A + 30 * MINUTE_MS, "TIMER", "cart_items >= 5")]
 
 
 def test_a_dwelling_member_whose_condition_fails_leaves_at_the_dwell_end_and_no_one_enters():
-    events = [add(1, A), remove(2, A + 5 * MINUTE, quantity=None)]
+    events = [add(1, A), remove(2, A + 5 * MINUTE_MS, quantity=None)]
     run = Run(parse(FROZEN_FILE))
     for event in events:
         run.event(event)
-    out = run.until(A + DAY)
+    out = run.until(A + DAY_MS)
     assert [(t.segment, t.kind, t.event_time - A, t.rule) for t in out] == [
-        ("sticky", "EXIT", 30 * MINUTE, "not (cart_items >= 1)")]
+        ("sticky", "EXIT", 30 * MINUTE_MS, "not (cart_items >= 1)")]
 
 
 def test_a_precedence_that_passed_during_the_dwell_changes_nothing():
-    events = [add(1, A), add(2, A + 5 * MINUTE, quantity=4), remove(3, A + 10 * MINUTE, quantity=4)]
-    assert replay(parse(FROZEN_FILE), events, A + DAY) == [("sticky", "ENTER", 0, "EVENT")]
+    events = [add(1, A), add(2, A + 5 * MINUTE_MS, quantity=4), remove(3, A + 10 * MINUTE_MS, quantity=4)]
+    assert replay(parse(FROZEN_FILE), events, A + DAY_MS) == [("sticky", "ENTER", 0, "EVENT")]
 
 
 # =============================================================================================
@@ -619,24 +622,24 @@ def test_a_segment_removed_from_the_definitions_exits_at_the_next_event_under_th
     assert [(t.segment, t.sequence, t.definitions_version) for t in first.event(add(1, A))] == [
         ("holder", SEQ0 + 1, "v1"), ("recent", SEQ0 + 1, "v1")]
     second = Run(parse(V2), profile=first.profile)
-    [exit_] = second.event(ev(2, A + MINUTE))
+    [exit_] = second.event(ev(2, A + MINUTE_MS))
     assert (exit_.segment, exit_.kind, exit_.rule, exit_.features) == ("holder", "EXIT", REMOVED_RULE, {})
     assert (exit_.definitions_version, exit_.cause, exit_.cause_event_id, exit_.sequence, exit_.event_time) == (
-        "v2", "EVENT", "u1-2", SEQ0 + 2, A + MINUTE)
-    assert second.event(ev(3, A + 2 * MINUTE)) == []  # once
+        "v2", "EVENT", "u1-2", SEQ0 + 2, A + MINUTE_MS)
+    assert second.event(ev(3, A + 2 * MINUTE_MS)) == []  # once
 
 
 def test_a_segment_removed_from_the_definitions_exits_at_the_next_timer_under_the_new_version():
     first = Run(parse(V1))
     first.event(add(1, A))
     second = Run(parse(V2), profile=first.profile)
-    out = second.until(A + DAY)
+    out = second.until(A + DAY_MS)
     assert [(t.segment, t.kind, t.event_time - A, t.cause, t.rule, t.definitions_version) for t in out] == [
-        ("holder", "EXIT", 10 * MINUTE, "TIMER", REMOVED_RULE, "v2"),
-        ("recent", "EXIT", 10 * MINUTE, "TIMER", "not (ms_since_last_event < 10m)", "v2")]
+        ("holder", "EXIT", 10 * MINUTE_MS, "TIMER", REMOVED_RULE, "v2"),
+        ("recent", "EXIT", 10 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 10m)", "v2")]
     # brought back by a later version, its sequence continues: no transition id is reused
     third = Run(parse(V1.replace("version: v1", "version: v3")), profile=first.profile)
-    [enter] = [t for t in third.event(ev(2, A + 2 * DAY)) if t.segment == "holder"]
+    [enter] = [t for t in third.event(ev(2, A + 2 * DAY_MS)) if t.segment == "holder"]
     assert (enter.kind, enter.sequence, enter.definitions_version) == ("ENTER", SEQ0 + 3, "v3")
 
 
@@ -658,7 +661,7 @@ def test_a_transition_reason_records_the_rule_as_written_features_labels_missing
     assert (tiered.segment, tiered.rule, tiered.features, tiered.labels, tiered.missing) == (
         "tiered", 'engagement_tier == "low"', {}, {"engagement_tier": "low"}, ())
     assert tiered.definitions_version == "reasons-7"
-    out = run.event(ev(2, A + MINUTE, "add_to_cart", product_id="p1", category="shoes", quantity=2))
+    out = run.event(ev(2, A + MINUTE_MS, "add_to_cart", product_id="p1", category="shoes", quantity=2))
     by = {t.segment: t for t in out}
     assert set(by) == {"cart_no_purchase", "likes_shoes"}
     cart = by["cart_no_purchase"]
@@ -666,11 +669,11 @@ def test_a_transition_reason_records_the_rule_as_written_features_labels_missing
     assert (cart.features, cart.labels, cart.missing) == ({"cart_items": 2.0}, {}, ("ms_since_last_purchase",))
     shoes = by["likes_shoes"]
     assert (shoes.rule, shoes.labels, shoes.features) == ('"shoes" in top_categories', {"top_categories": "shoes"}, {})
-    record = cart.to_record(emitted_at=A + MINUTE)
+    record = cart.to_record(emitted_at=A + MINUTE_MS)
     assert record["definitions_version"] == "reasons-7"
     assert record["reason"] == {"rule": "absent(purchase, 7d)   and cart_items>0", "features": {"cart_items": 2.0},
                                 "scores": {}, "labels": {}, "missing": ["ms_since_last_purchase"]}
-    [left] = [t for t in run.event(ev(3, A + 2 * MINUTE, "purchase", price=20.0)) if t.segment == "cart_no_purchase"]
+    [left] = [t for t in run.event(ev(3, A + 2 * MINUTE_MS, "purchase", price=20.0)) if t.segment == "cart_no_purchase"]
     assert (left.kind, left.rule) == ("EXIT", "not (absent(purchase, 7d)   and cart_items>0)")
     assert left.features == {"ms_since_last_purchase": 0.0, "cart_items": 0.0} and left.missing == ()
 

@@ -27,13 +27,10 @@ from udfs.definitions import DefinitionError, parse_definitions
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile import UserProfile
-from udfs.profile_config import ProfileConfig
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, ProfileConfig
 from udfs.transitions import SegmentEngine
 
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
-A = START_MS - START_MS % DAY
+A = START_MS - START_MS % DAY_MS
 
 CATALOG = FeatureCatalog(ProfileConfig())
 MODELS = {"p": ModelOutput("p"), "k": ModelOutput("k", clusters=3)}
@@ -128,9 +125,9 @@ def profiles() -> list[UserProfile]:
     one, rich = UserProfile(), UserProfile()
     engine.on_event("u", one, UserEvent("e0", "u", "page_view", A))
     for i, (kind, offset, extra) in enumerate([
-        ("page_view", 0, {}), ("product_view", MINUTE, {"product_id": "p-1", "category": "shoes"}),
-        ("add_to_cart", 2 * MINUTE, {"product_id": "p-1", "quantity": 2, "price": 3.0, "category": "shoes"}),
-        ("video_play", 3 * MINUTE, {}), ("purchase", HOUR, {"price": 6.0}),
+        ("page_view", 0, {}), ("product_view", MINUTE_MS, {"product_id": "p-1", "category": "shoes"}),
+        ("add_to_cart", 2 * MINUTE_MS, {"product_id": "p-1", "quantity": 2, "price": 3.0, "category": "shoes"}),
+        ("video_play", 3 * MINUTE_MS, {}), ("purchase", HOUR_MS, {"price": 6.0}),
     ]):
         engine.on_event("u", rich, UserEvent(f"e{i}", "u", kind, A + offset, **extra))
     return [one, rich, UserProfile()]
@@ -233,7 +230,7 @@ def check_condition_text(text: str) -> None:
             return
     for profile in PROFILES:
         clock = profile.clock_ms or A  # the engine evaluates at the user's clock or later, never before
-        for now in (clock, clock + HOUR, clock + 3 * DAY):
+        for now in (clock, clock + HOUR_MS, clock + 3 * DAY_MS):
             ev = Evaluation(profile, now, CATALOG, {"p": 0.75, "k": 2} if profile is PROFILES[1] else {})
             ev.members.update({"a": True, "s": False})
             assert isinstance(condition.holds(ev), bool)
@@ -295,11 +292,11 @@ def test_any_grammar_shaped_condition_loads_or_raises_a_definition_error_and_the
     # it loaded: the engine must run it through events and time without raising
     engine = SegmentEngine(definitions, scorer=lambda p, now, read: {"p": 0.75, "k": 2})
     profile, out = UserProfile(), []
-    for i, (kind, offset) in enumerate([("page_view", 0), ("add_to_cart", MINUTE), ("video_play", 2 * MINUTE),
-                                        ("purchase", HOUR)]):
+    for i, (kind, offset) in enumerate([("page_view", 0), ("add_to_cart", MINUTE_MS), ("video_play", 2 * MINUTE_MS),
+                                        ("purchase", HOUR_MS)]):
         out += engine.on_event("u", profile, UserEvent(f"e{i}", "u", kind, A + offset, product_id="p-1",
                                                        quantity=1, price=2.0, category="shoes"))
-    out += engine.advance_to("u", profile, A + 10 * DAY)
+    out += engine.advance_to("u", profile, A + 10 * DAY_MS)
     for segment in ("a", "s"):
         kinds = [t.kind for t in out if t.segment == segment]
         assert kinds == ["ENTER", "EXIT"] * (len(kinds) // 2) + ["ENTER"] * (len(kinds) % 2)

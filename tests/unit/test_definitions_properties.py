@@ -45,7 +45,6 @@ from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, Horizon, ProfileConfig
 from udfs.transitions import SegmentEngine, Transition, replay_events
 
-SECOND_MS = 1_000
 B = 1_700_006_400_000  # a UTC day boundary (the event generator starts here)
 
 # Whether a time-driven change due exactly at an event's timestamp is emitted (cause TIMER) before

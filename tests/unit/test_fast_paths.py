@@ -12,14 +12,14 @@ import random
 
 import pytest
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
-from udfs.definitions import DEFAULT_DEFINITIONS
+from udfs.profile_config import HOUR_MS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
 from udfs.transitions import DUPLICATE
 
-HOUR = 3_600_000
 WATERMARK_LAG_MS = 5_000
 
 
@@ -78,13 +78,13 @@ def drive(engine, events, state_codec, shortcuts: bool):
 @pytest.fixture(scope="module")
 def shop(catalog):
     """The shipped definitions and models, as the job loads them."""
-    return Segmentation.load(DEFAULT_DEFINITIONS), catalog
+    return Segmentation.load(SHIPPED_DEFINITIONS), catalog
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_step_shortcuts_change_nothing(shop, seed):
     segmentation, catalog = shop
-    events = list(generate_events(40, seed, START_MS, 3 * 24 * HOUR))
+    events = list(generate_events(40, seed, START_MS, 3 * 24 * HOUR_MS))
     # Out of order within the lag, and a few resent: the memo must hold across both.
     rng = random.Random(seed)
     for i in range(0, len(events) - 1, 7):

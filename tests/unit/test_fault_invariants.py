@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.invariants import (
     Committed,
@@ -17,7 +18,6 @@ from tests.e2e.invariants import (
     redis_differences,
     repeated_or_out_of_sequence,
 )
-from udfs.definitions import DEFAULT_DEFINITIONS
 from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
 from udfs.transitions import replay_events
@@ -26,7 +26,7 @@ from udfs.transitions import replay_events
 @pytest.fixture(scope="module")
 def run():
     events = list(generate_events(20, seed=3, start_ms=START_MS, duration_ms=6 * 3600_000))
-    segmentation = Segmentation.load(DEFAULT_DEFINITIONS)
+    segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
     expected, _ = replay_events(segmentation.engine(), events, until_ms=events[-1].timestamp + 3600_000)
     assert len(expected) > 30
     # A faithful log: every user's transitions in order, users spread over two partitions.

@@ -21,10 +21,9 @@ from tests.unit.profile_oracle import Advance, features_of, float_keys, oracle_f
 from udfs.definitions import parse_definitions
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile import UserProfile
-from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, Horizon, ProfileConfig
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, Horizon, ProfileConfig
 from udfs.transitions import SegmentEngine
 
-SECOND_MS = 1_000
 B = 1_700_006_400_000  # a UTC day boundary, so every bucket width divides it
 assert B % DAY_MS == 0
 USER = "u1"

@@ -20,7 +20,7 @@ from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile import UserProfile
-from udfs.profile_config import ProfileConfig
+from udfs.profile_config import HOUR_MS, ProfileConfig
 from udfs.scoring import (
     MANIFEST,
     FeatureVector,
@@ -112,10 +112,10 @@ def test_a_corrupted_onnx_file_is_a_clear_verification_error_not_a_traceback(mod
 
 
 def test_the_shipped_definitions_pin_the_shipped_models():
-    from udfs.definitions import DEFAULT_DEFINITIONS
+    from jobs.settings import SHIPPED_DEFINITIONS
     from udfs.segmentation import DEFAULT_MODELS_DIR
 
-    loaded = Segmentation.load(DEFAULT_DEFINITIONS)
+    loaded = Segmentation.load(SHIPPED_DEFINITIONS)
     assert set(loaded.definitions.model_pins) == set(loaded.definitions.models) == set(loaded.registry.models)
     for name, digest in loaded.definitions.model_pins.items():
         assert hashlib.sha256((DEFAULT_MODELS_DIR / name / MANIFEST).read_bytes()).hexdigest() == digest
@@ -259,8 +259,7 @@ def test_rescore_every_rescores_quiet_users_on_a_timer():
     """A churn-like score that grows with silence: scored at the event, then every 6 h after
     the latest scoring while no event comes; the segment enters at the first rescoring that sees
     the score above 0.5 (hours idle / 48 > 0.5: after 24 h, so at the 30 h rescoring), and an
-    event starts the 6-hour rhythm again from itself."""
-    hour = 3_600_000
+    event starts the 6-HOUR_MS rhythm again from itself."""
     definitions = parse_definitions(
         "version: v\nrescore_every: 6h\nsegments:\n  - name: going_quiet\n    when: score.idle > 0.5\n",
         models={"idle": ModelOutput("idle")},
@@ -269,19 +268,19 @@ def test_rescore_every_rescores_quiet_users_on_a_timer():
 
     def idle_scorer(profile, now, read):
         calls.append(now)
-        return {"idle": min(1.0, (now - profile.last_event_ms) / (48 * hour))}
+        return {"idle": min(1.0, (now - profile.last_event_ms) / (48 * HOUR_MS))}
 
     engine = SegmentEngine(definitions, "idle:1", idle_scorer)
     profile = UserProfile()
     assert engine.on_event("u", profile, UserEvent("e1", "u", "page_view", T0)) == []
-    assert engine.next_change_ms(profile) == T0 + 6 * hour
-    [enter] = engine.advance_to("u", profile, T0 + 40 * hour)
-    assert (enter.kind, enter.event_time, enter.cause, enter.scores) == ("ENTER", T0 + 30 * hour, "TIMER",
+    assert engine.next_change_ms(profile) == T0 + 6 * HOUR_MS
+    [enter] = engine.advance_to("u", profile, T0 + 40 * HOUR_MS)
+    assert (enter.kind, enter.event_time, enter.cause, enter.scores) == ("ENTER", T0 + 30 * HOUR_MS, "TIMER",
                                                                          {"idle": 30 / 48})
-    assert calls == [T0 + h * hour for h in (0, 6, 12, 18, 24, 30, 36)]
-    [exit_] = engine.on_event("u", profile, UserEvent("e2", "u", "page_view", T0 + 41 * hour))
+    assert calls == [T0 + h * HOUR_MS for h in (0, 6, 12, 18, 24, 30, 36)]
+    [exit_] = engine.on_event("u", profile, UserEvent("e2", "u", "page_view", T0 + 41 * HOUR_MS))
     assert (exit_.kind, exit_.cause, exit_.scores) == ("EXIT", "EVENT", {"idle": 0.0})
-    assert engine.next_change_ms(profile) == T0 + 47 * hour
+    assert engine.next_change_ms(profile) == T0 + 47 * HOUR_MS
 
 
 def test_rescore_every_needs_a_score_to_rescore():

@@ -15,16 +15,13 @@ from udfs.conditions import Evaluation
 from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
 from udfs.profile import UserProfile, prune
-from udfs.profile_config import Horizon, ProfileConfig
+from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, Horizon, ProfileConfig
 from udfs.shoppers import generate_events
 from udfs.transitions import TRANSITION_ID_NAMESPACE, SegmentEngine, Transition, replay_events, transition_id
 
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
 T0 = START_MS
 SEQ0 = T0 * 1000  # transition sequences of a profile lifetime that starts at T0 start above this
-RETENTION = 90 * DAY
+RETENTION = 90 * DAY_MS
 
 
 def engine() -> SegmentEngine:
@@ -73,54 +70,54 @@ def test_the_first_event_enters_active_browser_caused_by_that_event_with_sequenc
 def test_active_browser_exits_from_time_alone_exactly_ten_minutes_after_the_last_event():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    e.on_event("u1", p, ev(2, T0 + 3 * MINUTE))
-    lapse = T0 + 13 * MINUTE
+    e.on_event("u1", p, ev(2, T0 + 3 * MINUTE_MS))
+    lapse = T0 + 13 * MINUTE_MS
     assert e.next_change_ms(p) == lapse
     assert e.advance_to("u1", p, lapse - 1) == []
     [exit_] = e.advance_to("u1", p, lapse)
     assert (exit_.segment, exit_.kind, exit_.cause, exit_.cause_event_id) == ("active_browser", "EXIT", "TIMER", None)
     assert (exit_.event_time, exit_.sequence) == (lapse, SEQ0 + 2)
-    assert e.advance_to("u1", p, lapse + HOUR) == []
+    assert e.advance_to("u1", p, lapse + HOUR_MS) == []
 
 
 def test_advancing_far_past_the_lapse_still_stamps_the_exit_at_the_lapse_instant():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    [exit_] = e.advance_to("u1", p, T0 + 5 * HOUR)
-    assert exit_.event_time == T0 + 10 * MINUTE
-    assert p.clock_ms == T0 + 5 * HOUR
+    [exit_] = e.advance_to("u1", p, T0 + 5 * HOUR_MS)
+    assert exit_.event_time == T0 + 10 * MINUTE_MS
+    assert p.clock_ms == T0 + 5 * HOUR_MS
 
 
 def test_the_active_window_is_configurable():
     e, p = SegmentEngine(basic_definitions(active_window="1m")), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    assert e.advance_to("u1", p, T0 + MINUTE - 1) == []
-    assert summary(e.advance_to("u1", p, T0 + MINUTE)) == [("active_browser", "EXIT", T0 + MINUTE, "TIMER")]
+    assert e.advance_to("u1", p, T0 + MINUTE_MS - 1) == []
+    assert summary(e.advance_to("u1", p, T0 + MINUTE_MS)) == [("active_browser", "EXIT", T0 + MINUTE_MS, "TIMER")]
 
 
 def test_an_event_after_a_lapse_emits_the_timer_exit_at_the_lapse_then_the_enter_at_the_event():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    out = e.on_event("u1", p, ev(2, T0 + 25 * MINUTE))
+    out = e.on_event("u1", p, ev(2, T0 + 25 * MINUTE_MS))
     assert [(t.kind, t.event_time, t.cause, t.cause_event_id, t.sequence) for t in out] == [
-        ("EXIT", T0 + 10 * MINUTE, "TIMER", None, SEQ0 + 2),
-        ("ENTER", T0 + 25 * MINUTE, "EVENT", "u1-2", SEQ0 + 3),
+        ("EXIT", T0 + 10 * MINUTE_MS, "TIMER", None, SEQ0 + 2),
+        ("ENTER", T0 + 25 * MINUTE_MS, "EVENT", "u1-2", SEQ0 + 3),
     ]
 
 
 def test_an_event_within_the_window_keeps_the_user_active_without_transitions():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    assert e.on_event("u1", p, ev(2, T0 + 10 * MINUTE - 1)) == []
+    assert e.on_event("u1", p, ev(2, T0 + 10 * MINUTE_MS - 1)) == []
 
 
 def test_a_late_event_does_not_move_the_recency_marks_backwards():
     e, p = engine(), UserProfile()
-    e.on_event("u1", p, ev(1, T0 + 5 * MINUTE))
+    e.on_event("u1", p, ev(1, T0 + 5 * MINUTE_MS))
     assert e.on_event("u1", p, ev(2, T0)) == []
-    assert p.last_event_ms == T0 + 5 * MINUTE
-    assert p.clock_ms == T0 + 5 * MINUTE
-    assert e.next_change_ms(p) == T0 + 15 * MINUTE
+    assert p.last_event_ms == T0 + 5 * MINUTE_MS
+    assert p.clock_ms == T0 + 5 * MINUTE_MS
+    assert e.next_change_ms(p) == T0 + 15 * MINUTE_MS
 
 
 # --- cart_holder and cart_abandoner ----------------------------------------------------------
@@ -131,96 +128,97 @@ def test_cart_holder_enters_on_add_to_cart_and_exits_on_removing_the_last_unit()
     assert summary(of(e.on_event("u1", p, add(1, T0, quantity=2)), "cart_holder")) == [
         ("cart_holder", "ENTER", T0, "EVENT")
     ]
-    assert of(e.on_event("u1", p, remove(2, T0 + MINUTE, quantity=1)), "cart_holder") == []
+    assert of(e.on_event("u1", p, remove(2, T0 + MINUTE_MS, quantity=1)), "cart_holder") == []
     assert p.cart_items == 1
-    [exit_] = of(e.on_event("u1", p, remove(3, T0 + 2 * MINUTE, quantity=1)), "cart_holder")
+    [exit_] = of(e.on_event("u1", p, remove(3, T0 + 2 * MINUTE_MS, quantity=1)), "cart_holder")
     assert (exit_.kind, exit_.cause_event_id, exit_.sequence) == ("EXIT", "u1-3", SEQ0 + 2)
-    assert exit_.event_time == T0 + 2 * MINUTE
+    assert exit_.event_time == T0 + 2 * MINUTE_MS
     assert p.cart() == {}
 
 
 def test_a_remove_without_quantity_removes_the_whole_line():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0, quantity=3))
-    assert [t.kind for t in of(e.on_event("u1", p, remove(2, T0 + MINUTE, quantity=None)), "cart_holder")] == ["EXIT"]
+    removal = e.on_event("u1", p, remove(2, T0 + MINUTE_MS, quantity=None))
+    assert [t.kind for t in of(removal, "cart_holder")] == ["EXIT"]
 
 
 def test_removing_a_product_not_in_the_cart_changes_nothing():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0, product="p1"))
-    assert e.on_event("u1", p, remove(2, T0 + MINUTE, product="other")) == []
+    assert e.on_event("u1", p, remove(2, T0 + MINUTE_MS, product="other")) == []
     assert p.cart_items == 1
 
 
 def test_cart_abandoner_enters_from_time_alone_thirty_quiet_minutes_after_the_last_cart_activity():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    due = T0 + 30 * MINUTE
+    due = T0 + 30 * MINUTE_MS
     early = e.advance_to("u1", p, due - 1)
-    assert summary(early) == [("active_browser", "EXIT", T0 + 10 * MINUTE, "TIMER")]
+    assert summary(early) == [("active_browser", "EXIT", T0 + 10 * MINUTE_MS, "TIMER")]
     [enter] = e.advance_to("u1", p, due)
     assert (enter.segment, enter.kind, enter.cause, enter.cause_event_id) == ("cart_abandoner", "ENTER", "TIMER", None)
     assert (enter.event_time, enter.sequence) == (due, SEQ0 + 1)
-    assert enter.features == {"cart_items": 1.0, "ms_since_cart_activity": float(30 * MINUTE)}
+    assert enter.features == {"cart_items": 1.0, "ms_since_cart_activity": float(30 * MINUTE_MS)}
 
 
 def test_cart_abandoner_exits_when_a_purchase_empties_the_cart():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    e.advance_to("u1", p, T0 + 40 * MINUTE)
-    out = e.on_event("u1", p, ev(2, T0 + 45 * MINUTE, "purchase", price=10.0))
+    e.advance_to("u1", p, T0 + 40 * MINUTE_MS)
+    out = e.on_event("u1", p, ev(2, T0 + 45 * MINUTE_MS, "purchase", price=10.0))
     assert {(t.segment, t.kind, t.cause, t.cause_event_id) for t in out} == {
         ("active_browser", "ENTER", "EVENT", "u1-2"),
         ("cart_holder", "EXIT", "EVENT", "u1-2"),
         ("cart_abandoner", "EXIT", "EVENT", "u1-2"),
     }
     [exit_] = of(out, "cart_abandoner")
-    assert (exit_.event_time, exit_.sequence) == (T0 + 45 * MINUTE, SEQ0 + 2)
+    assert (exit_.event_time, exit_.sequence) == (T0 + 45 * MINUTE_MS, SEQ0 + 2)
     assert p.cart() == {}
-    assert summary(e.advance_to("u1", p, T0 + 10 * HOUR)) == [
-        ("active_browser", "EXIT", T0 + 55 * MINUTE, "TIMER")
+    assert summary(e.advance_to("u1", p, T0 + 10 * HOUR_MS)) == [
+        ("active_browser", "EXIT", T0 + 55 * MINUTE_MS, "TIMER")
     ]
 
 
 def test_checkout_start_restarts_the_thirty_minutes():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE, "checkout_start", price=10.0))
-    assert of(e.advance_to("u1", p, T0 + 50 * MINUTE - 1), "cart_abandoner") == []
-    [enter] = of(e.advance_to("u1", p, T0 + 50 * MINUTE), "cart_abandoner")
-    assert (enter.kind, enter.event_time) == ("ENTER", T0 + 50 * MINUTE)
+    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE_MS, "checkout_start", price=10.0))
+    assert of(e.advance_to("u1", p, T0 + 50 * MINUTE_MS - 1), "cart_abandoner") == []
+    [enter] = of(e.advance_to("u1", p, T0 + 50 * MINUTE_MS), "cart_abandoner")
+    assert (enter.kind, enter.event_time) == ("ENTER", T0 + 50 * MINUTE_MS)
 
 
 def test_a_page_view_does_not_restart_the_cart_clock():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE))
-    [enter] = of(e.advance_to("u1", p, T0 + 30 * MINUTE), "cart_abandoner")
-    assert enter.event_time == T0 + 30 * MINUTE
+    e.on_event("u1", p, ev(2, T0 + 20 * MINUTE_MS))
+    [enter] = of(e.advance_to("u1", p, T0 + 30 * MINUTE_MS), "cart_abandoner")
+    assert enter.event_time == T0 + 30 * MINUTE_MS
 
 
 def test_an_event_arriving_after_the_abandon_deadline_first_emits_the_timer_enter():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    out = e.on_event("u1", p, ev(2, T0 + HOUR))
+    out = e.on_event("u1", p, ev(2, T0 + HOUR_MS))
     assert summary(out) == [
-        ("active_browser", "EXIT", T0 + 10 * MINUTE, "TIMER"),
-        ("cart_abandoner", "ENTER", T0 + 30 * MINUTE, "TIMER"),
-        ("active_browser", "ENTER", T0 + HOUR, "EVENT"),
+        ("active_browser", "EXIT", T0 + 10 * MINUTE_MS, "TIMER"),
+        ("cart_abandoner", "ENTER", T0 + 30 * MINUTE_MS, "TIMER"),
+        ("active_browser", "ENTER", T0 + HOUR_MS, "EVENT"),
     ]
 
 
 def test_an_empty_cart_never_abandons():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    e.on_event("u1", p, remove(2, T0 + MINUTE))
-    assert of(e.advance_to("u1", p, T0 + 10 * HOUR), "cart_abandoner") == []
+    e.on_event("u1", p, remove(2, T0 + MINUTE_MS))
+    assert of(e.advance_to("u1", p, T0 + 10 * HOUR_MS), "cart_abandoner") == []
 
 
 def test_next_change_is_none_for_an_empty_cart_and_a_last_event_older_than_the_window():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, ev(1, T0))
-    e.advance_to("u1", p, T0 + 11 * MINUTE)
+    e.advance_to("u1", p, T0 + 11 * MINUTE_MS)
     assert e.next_change_ms(p) == T0 + RETENTION  # only the profile's cleanup is left
 
 
@@ -231,10 +229,10 @@ def test_next_change_is_none_for_a_profile_that_never_saw_an_event():
 def test_next_change_is_the_earliest_of_the_active_lapse_and_the_abandon_deadline():
     e, p = engine(), UserProfile()
     e.on_event("u1", p, add(1, T0))
-    assert e.next_change_ms(p) == T0 + 10 * MINUTE
-    e.advance_to("u1", p, T0 + 10 * MINUTE)
-    assert e.next_change_ms(p) == T0 + 30 * MINUTE
-    e.advance_to("u1", p, T0 + 30 * MINUTE)
+    assert e.next_change_ms(p) == T0 + 10 * MINUTE_MS
+    e.advance_to("u1", p, T0 + 10 * MINUTE_MS)
+    assert e.next_change_ms(p) == T0 + 30 * MINUTE_MS
+    e.advance_to("u1", p, T0 + 30 * MINUTE_MS)
     assert e.next_change_ms(p) == T0 + RETENTION
 
 
@@ -258,9 +256,9 @@ def test_transition_id_is_the_uuid5_of_user_segment_and_sequence(user_id, segmen
 
 
 def test_replaying_the_same_events_gives_the_same_transition_ids():
-    events = list(generate_events(5, 3, T0, 6 * HOUR))
-    first, _ = replay_events(engine(), events, T0 + 6 * HOUR)
-    second, _ = replay_events(engine(), events, T0 + 6 * HOUR)
+    events = list(generate_events(5, 3, T0, 6 * HOUR_MS))
+    first, _ = replay_events(engine(), events, T0 + 6 * HOUR_MS)
+    second, _ = replay_events(engine(), events, T0 + 6 * HOUR_MS)
     assert first
     assert [t.transition_id for t in first] == [t.transition_id for t in second]
     assert len({t.transition_id for t in first}) == len(first)
@@ -277,8 +275,8 @@ def test_a_transition_record_carries_its_id_reason_and_emitted_at():
 
 
 def test_transition_records_encode_with_the_segment_transition_schema(catalog):
-    events = list(generate_events(5, 11, T0, 6 * HOUR))
-    transitions, _ = replay_events(engine(), events, T0 + 6 * HOUR)
+    events = list(generate_events(5, 11, T0, 6 * HOUR_MS))
+    transitions, _ = replay_events(engine(), events, T0 + 6 * HOUR_MS)
     codec = catalog.codec("SegmentTransition")
     for t in transitions:
         record = t.to_record(emitted_at=T0)
@@ -294,8 +292,8 @@ user_counts = st.integers(1, 6)
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, users=user_counts)
 def test_per_user_and_segment_kinds_alternate_from_enter_and_sequences_rise_by_one(seed, users):
-    until = T0 + DAY
-    events = list(generate_events(users, seed, T0, DAY))
+    until = T0 + DAY_MS
+    events = list(generate_events(users, seed, T0, DAY_MS))
     transitions, profiles = replay_events(engine(), events, until)
     chains: dict[tuple[str, str], list[Transition]] = defaultdict(list)
     for t in transitions:
@@ -314,8 +312,8 @@ def test_per_user_and_segment_kinds_alternate_from_enter_and_sequences_rise_by_o
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, users=user_counts)
 def test_a_users_transitions_never_go_back_in_event_time(seed, users):
-    events = list(generate_events(users, seed, T0, DAY))
-    transitions, _ = replay_events(engine(), events, T0 + DAY)
+    events = list(generate_events(users, seed, T0, DAY_MS))
+    transitions, _ = replay_events(engine(), events, T0 + DAY_MS)
     last: dict[str, int] = {}
     for t in transitions:
         assert t.event_time >= last.get(t.user_id, t.event_time)
@@ -325,8 +323,8 @@ def test_a_users_transitions_never_go_back_in_event_time(seed, users):
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, users=user_counts)
 def test_memberships_after_replay_equal_a_fresh_evaluation_at_the_final_watermark(seed, users):
-    until = T0 + DAY
-    events = list(generate_events(users, seed, T0, DAY))
+    until = T0 + DAY_MS
+    events = list(generate_events(users, seed, T0, DAY_MS))
     e = engine()
     _, profiles = replay_events(e, events, until)
     for profile in profiles.values():
@@ -342,7 +340,7 @@ def test_memberships_after_replay_equal_a_fresh_evaluation_at_the_final_watermar
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, users=user_counts, data=st.data())
 def test_the_transitions_do_not_depend_on_when_time_is_advanced(seed, users, data):
-    duration = DAY
+    duration = DAY_MS
     until = T0 + duration
     events = list(generate_events(users, seed, T0, duration))
     expected, expected_profiles = replay_events(engine(), events, until)
@@ -398,10 +396,10 @@ def test_the_transitions_do_not_depend_on_when_time_is_advanced(seed, users, dat
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_replay_without_a_final_watermark_leaves_time_driven_changes_pending(seed):
-    events = list(generate_events(3, seed, T0, DAY))
+    events = list(generate_events(3, seed, T0, DAY_MS))
     assert events
     without, _ = replay_events(engine(), events)
-    with_watermark, _ = replay_events(engine(), events, T0 + 2 * DAY)
+    with_watermark, _ = replay_events(engine(), events, T0 + 2 * DAY_MS)
     assert len(with_watermark) > len(without)
     assert with_watermark[: len(without)] == without
     assert all(t.cause == "TIMER" for t in with_watermark[len(without):])
@@ -410,13 +408,14 @@ def test_replay_without_a_final_watermark_leaves_time_driven_changes_pending(see
 def test_a_late_event_older_than_the_retention_never_moves_the_clock_back():
     """Only reachable with allowed_lateness >= retention (settings refuse it, the core copes): the
     late event's lifetime has already expired when it is applied, so it expires at the clock."""
-    config = ProfileConfig(retention_ms=DAY, horizons=(Horizon("1h", HOUR, 5 * MINUTE),), dedup_window_ms=MINUTE)
+    config = ProfileConfig(retention_ms=DAY_MS, horizons=(Horizon("1h", HOUR_MS, 5 * MINUTE_MS),),
+                           dedup_window_ms=MINUTE_MS)
     e = SegmentEngine(parse_definitions("version: v\nsegments:\n  - name: a\n    when: true\n", profile_config=config))
     p = UserProfile()
-    out = e.on_event("u1", p, ev(1, T0)) + e.advance_to("u1", p, T0 + 3 * DAY)
-    out += e.on_event("u1", p, ev(2, T0 + 36 * HOUR)) + e.advance_to("u1", p, T0 + 4 * DAY)
+    out = e.on_event("u1", p, ev(1, T0)) + e.advance_to("u1", p, T0 + 3 * DAY_MS)
+    out += e.on_event("u1", p, ev(2, T0 + 36 * HOUR_MS)) + e.advance_to("u1", p, T0 + 4 * DAY_MS)
     assert [(t.kind, t.event_time - T0, t.rule) for t in out] == [
-        ("ENTER", 0, "true"), ("EXIT", DAY, "profile_retention_expired"),
-        ("ENTER", 3 * DAY, "true"), ("EXIT", 3 * DAY, "profile_retention_expired"),
+        ("ENTER", 0, "true"), ("EXIT", DAY_MS, "profile_retention_expired"),
+        ("ENTER", 3 * DAY_MS, "true"), ("EXIT", 3 * DAY_MS, "profile_retention_expired"),
     ]
-    assert p.clock_ms == T0 + 4 * DAY
+    assert p.clock_ms == T0 + 4 * DAY_MS

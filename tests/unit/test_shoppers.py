@@ -8,23 +8,22 @@ import pytest
 
 from tests.conftest import START_MS
 from udfs.events import EVENT_TYPES, event_from_record
+from udfs.profile_config import DAY_MS
 from udfs.shoppers import PERSONAS, generate_events, persona_of, user_id_of
-
-DAY = 24 * 3_600_000
 
 
 @pytest.fixture(scope="module")
 def a_day_of_300_users():
-    return list(generate_events(300, 42, START_MS, DAY))
+    return list(generate_events(300, 42, START_MS, DAY_MS))
 
 
 def test_the_same_seed_gives_identical_events():
-    assert list(generate_events(30, 7, START_MS, DAY)) == list(generate_events(30, 7, START_MS, DAY))
+    assert list(generate_events(30, 7, START_MS, DAY_MS)) == list(generate_events(30, 7, START_MS, DAY_MS))
 
 
 def test_a_different_seed_gives_different_events():
-    first = list(generate_events(30, 7, START_MS, DAY))
-    second = list(generate_events(30, 8, START_MS, DAY))
+    first = list(generate_events(30, 7, START_MS, DAY_MS))
+    second = list(generate_events(30, 8, START_MS, DAY_MS))
     assert first and second
     assert first != second
 
@@ -32,7 +31,7 @@ def test_a_different_seed_gives_different_events():
 def test_the_stream_is_in_non_decreasing_timestamp_order_within_the_window(a_day_of_300_users):
     timestamps = [e.timestamp for e in a_day_of_300_users]
     assert timestamps == sorted(timestamps)
-    assert START_MS <= timestamps[0] and timestamps[-1] < START_MS + DAY
+    assert START_MS <= timestamps[0] and timestamps[-1] < START_MS + DAY_MS
 
 
 def test_event_ids_are_unique_and_rise_per_user(a_day_of_300_users):
@@ -61,14 +60,14 @@ def test_user_ids_are_the_zero_padded_user_index(a_day_of_300_users):
 
 
 def test_a_shorter_window_is_a_prefix_of_a_longer_one():
-    whole = list(generate_events(40, 3, START_MS, DAY))
-    half = list(generate_events(40, 3, START_MS, DAY // 2))
-    assert half == [e for e in whole if e.timestamp < START_MS + DAY // 2]
+    whole = list(generate_events(40, 3, START_MS, DAY_MS))
+    half = list(generate_events(40, 3, START_MS, DAY_MS // 2))
+    assert half == [e for e in whole if e.timestamp < START_MS + DAY_MS // 2]
 
 
 def test_every_generated_event_encodes_as_a_user_event_and_passes_validation(catalog, a_day_of_300_users):
     codec = catalog.codec("UserEvent")
-    now = START_MS + DAY
+    now = START_MS + DAY_MS
     for event in a_day_of_300_users:
         record = codec.decode(codec.encode(event.to_record()))
         assert record == event.to_record()

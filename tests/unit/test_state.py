@@ -18,6 +18,7 @@ from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
 from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
+from udfs.profile_config import DAY_MS
 from udfs.shoppers import generate_events
 from udfs.state import LAYOUT_VERSION, ProfileStateCodec, _instants_check
 from udfs.transitions import SegmentEngine, replay_events
@@ -153,9 +154,8 @@ def test_a_step_that_moved_only_the_clock_and_timer_reuses_the_encoded_body_and_
     """Generated traffic through the per-user step with its timers, as the job runs it: after every
     step the state read back is the profile (a body kept past a change of the state would not be),
     and the timer steps that found nothing due wrote the body they had before."""
-    day = 24 * 3_600_000
     engine = SegmentEngine(basic_definitions())
-    events = list(generate_events(30, 11, START_MS, 2 * day))
+    events = list(generate_events(30, 11, START_MS, 2 * DAY_MS))
     profiles: dict[str, UserProfile] = {}
     timers: list[tuple[int, str]] = []
     reused = 0
@@ -256,9 +256,8 @@ def test_state_written_for_another_record_type_is_rejected(catalog, state_codec)
 
 
 def test_profiles_built_by_replaying_generated_traffic_round_trip(state_codec):
-    day = 24 * 3_600_000
     engine = SegmentEngine(basic_definitions())
-    _, replayed = replay_events(engine, list(generate_events(20, 5, START_MS, day)), START_MS + day)
+    _, replayed = replay_events(engine, list(generate_events(20, 5, START_MS, DAY_MS)), START_MS + DAY_MS)
     assert any(p.cart() for p in replayed.values())
     for profile in replayed.values():
         assert state_codec.decode(state_codec.encode(profile)) == profile

@@ -7,7 +7,7 @@ firing reads and writes the state), and run the merged model session once; inval
 events go to the dead letters as in the job.
 The bench prints the job against this floor.
 
-    python -m jobs.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
+    python -m jobs.bench.floor_job [--config FILE] --state-bytes N [--no-model] [--no-timer]
 """
 
 from __future__ import annotations
@@ -15,25 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-from pathlib import Path
 
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
-from jobs.segment_users import (
-    DEAD_LETTERS,
-    ShippedFiles,
-    attach_connectors,
-    create_environment,
-    dead_letter_row,
-    now_ms,
-)
+from jobs.flink_environment import create_environment
+from jobs.segment_users import DEAD_LETTERS, attach_connectors, dead_letter_row, now_ms
 from jobs.settings import JobSettings, load_settings
-from udfs.codec import SCHEMAS_DIR, DecodeError, SchemaCatalog
+from jobs.shipped_files import ShippedFiles
+from udfs.codec import DecodeError, SchemaCatalog
 from udfs.events import event_from_record
 from udfs.profile_config import MINUTE_MS
-from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+from udfs.segmentation import Segmentation
 
 FLOOR_STATE = "floor-state"
 TIMER_AHEAD_MS = 10 * MINUTE_MS  # the shipped definitions' most frequent lapse (recently active)
@@ -49,9 +43,7 @@ class KeyedFloor(KeyedProcessFunction):
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
         self.profile_config = settings.profile
-        models_dir = Path(settings.models_dir) if settings.models_dir else DEFAULT_MODELS_DIR
-        self.files = ShippedFiles({"schemas": SCHEMAS_DIR,
-                                   **{f"models/{m}": models_dir / m for m in segmentation.definitions.models}})
+        self.files = ShippedFiles.of_job(settings.models_dir, segmentation.definitions.models)
         self.allowed_lateness_ms = settings.allowed_lateness_ms
         self.max_event_bytes = settings.max_event_bytes
         self.max_future_ms = settings.max_future_ms
@@ -119,6 +111,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run the imported module's main so that the function ships by name (see jobs/segment_users.py).
-    from jobs.floor_job import main as main_of_module
+    from jobs.bench.floor_job import main as main_of_module
 
     main_of_module()
