@@ -60,7 +60,6 @@ MAX_YAML_NODES = 20_000
 MAX_TIME_MS = 2**62  # beyond any event time; Flink timers are signed 64-bit
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
-DEFAULT_DEFINITIONS = Path(__file__).resolve().parent.parent / "jobs" / "definitions" / "shop.yaml"
 REMOVED_RULE = "segment_removed_from_definitions"
 
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
@@ -264,7 +263,7 @@ def _ordered(unit) -> tuple[Segment, ...]:
 
 
 def load_definitions(
-    path: str | Path = DEFAULT_DEFINITIONS,
+    path: str | Path,
     profile_config: ProfileConfig | None = None,
     models: Mapping[str, ModelOutput] | None = None,
 ) -> DefinitionSet:

@@ -13,9 +13,8 @@ import hashlib
 from dataclasses import dataclass, field, fields
 
 from udfs.events import EVENT_TYPES, UserEvent
-from udfs.profile_config import DAY_MS, ProfileConfig
+from udfs.profile_config import WEEK_MS, ProfileConfig
 
-WEEK_MS = 7 * DAY_MS
 # Bucket counts are a list in this order (UserEvent's EventType symbols; new types are appended).
 EVENT_INDEX = {kind: i for i, kind in enumerate(EVENT_TYPES)}
 

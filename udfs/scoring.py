@@ -28,10 +28,10 @@ from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, FeatureCatalog
 from udfs.latency import LatencyHistogram
 from udfs.profile import UserProfile, apply_event, prune
+from udfs.profile_config import DAY_MS, HOUR_MS
 
 MANIFEST = "manifest.json"
 TRANSFORMS = ("identity", "log1p", "hours")
-HOUR_MS = 3_600_000
 GOLDEN_TOLERANCE = 1e-4  # probabilities; cluster ids must match exactly
 # The behavioural fingerprint of the feature code: a fixed generated history, read at fixed
 # instants. Any change to what a vector feature computes changes the values, hence the hash;
@@ -148,9 +148,8 @@ def feature_hash(vector: FeatureVector) -> str:
     """sha256 of the vector's spec and its values over the fingerprint history."""
     from udfs.shoppers import generate_events
 
-    day = 24 * HOUR_MS
-    events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * day)
-    instants = [FINGERPRINT_START_MS + day * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
+    events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * DAY_MS)
+    instants = [FINGERPRINT_START_MS + DAY_MS * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
     rows = [None if values is None else [float(f"{v:.9g}") for v in values]
             for _, _, values in vectors_at(events, instants, vector)]
     payload = json.dumps({"vector": vector.spec(), "values": rows}, sort_keys=True, separators=(",", ":"))

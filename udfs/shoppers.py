@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from udfs.events import UserEvent
+from udfs.profile_config import MINUTE_MS
 
-MINUTE_MS = 60_000
 CATEGORIES = ("shoes", "outerwear", "electronics", "books", "kitchen", "toys", "beauty", "sports")
 DEVICES = ("mobile", "desktop", "tablet")
 
