@@ -11,7 +11,7 @@ from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SchemaCatalog
 from udfs.events import UserEvent
-from udfs.profile import UserProfile
+from udfs.profile import PRUNE_EVERY_MS, UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, ProfileConfig
 from udfs.state import ProfileStateCodec
 from udfs.transitions import RETENTION_RULE, SegmentEngine
@@ -50,9 +50,10 @@ def test_state_stops_growing_under_a_flood_of_new_products_categories_and_sessio
     assert len(p.affinity) <= config.max_tracked_items
     assert len(p.cart_ops) <= config.max_cart_lines
     assert all(len(ops) <= config.max_cart_ops_per_line for ops in p.cart_ops.values())
-    assert len(p.seen_event_ids) <= config.dedup_window_ms // (5 * MINUTE_MS) + 1
+    # What no feature sees any more lingers until the next pruning, at most PRUNE_EVERY_MS later.
+    assert len(p.seen_event_ids) <= (config.dedup_window_ms + PRUNE_EVERY_MS) // (5 * MINUTE_MS) + 1
     widths = {h.bucket_ms: h.length_ms // h.bucket_ms for h in config.horizons}
-    assert all(len(p.buckets[w]) <= n for w, n in widths.items())
+    assert all(len(p.buckets[w]) <= n + -(-PRUNE_EVERY_MS // w) for w, n in widths.items())
     assert sizes[20_000] <= sizes[10_000] * 1.05  # bounded: twice the events, the same size
 
 

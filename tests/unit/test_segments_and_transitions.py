@@ -384,7 +384,7 @@ def test_the_transitions_do_not_depend_on_when_time_is_advanced(seed, users, dat
     assert per_user(actual) == per_user(expected)
     # Everything but the pending timer's instant and what pruning had yet to forget: which timer
     # is pending depends on when time was advanced (a later next change keeps an earlier pending
-    # timer), and so does when pruning last ran (at most once a minute of event time, and a timer
+    # timer), and so does when pruning last ran (at most once every PRUNE_EVERY_MS of event time, and a timer
     # step that changed nothing else leaves it to the next step), which only ever removes what
     # no feature can see. Pruned once more at the same clock, the profiles must be equal.
     for profile in (*profiles.values(), *expected_profiles.values()):
