@@ -88,14 +88,42 @@ class WindowTotals:
     sessions it covers and their totals, each computed on first use. Kept in `profile.derived`
     (one per horizon), so the ~20 windowed features an evaluation reads cost one pass each."""
 
-    __slots__ = ("first", "buckets", "_counts", "_spend", "_categories", "_lapse", "_products", "_categories_seen",
-                 "_sessions")
+    __slots__ = ("first", "width", "length", "buckets", "_counts", "_spend", "_categories", "_lapse", "_products",
+                 "_categories_seen", "_sessions")
 
-    def __init__(self, first: int, buckets: list[Bucket]):
+    def __init__(self, first: int, h: Horizon, buckets: list[Bucket], lapse: int | None):
         self.first = first  # the earliest covered instant
+        self.width, self.length = h.bucket_ms, h.length_ms
         self.buckets = buckets  # covered, in the ring's order (float sums in the same order as ever)
-        self._counts = self._spend = self._categories = self._lapse = None
+        self._lapse = lapse  # when the earliest covered bucket stops counting
+        self._counts = self._spend = self._categories = None
         self._products = self._categories_seen = self._sessions = None
+
+    def follow(self, kind: str, index: int, category: str | None, start: int, bucket: Bucket, created: bool) -> None:
+        """Brings the totals past an event just added to `bucket` (starting at `start`; `created`
+        for it), to what a fresh build at the same first covered instant would give: a new
+        bucket is the last of its ring, so it is appended; the counts read so far move by one;
+        spend, category views, the products and categories seen and the sessions are left to be
+        computed again on their next read (a float sum in the ring's order, as ever)."""
+        if start >= self.first:
+            if created:
+                self.buckets.append(bucket)
+                lapse = start + self.length
+                if self._lapse is None or lapse < self._lapse:
+                    self._lapse = lapse
+            counts = self._counts
+            if counts is not None:
+                if index in counts:
+                    counts[index] += 1
+                if None in counts:
+                    counts[None] += 1
+            if kind == "purchase":
+                self._spend = None
+            elif kind == "product_view" and category is not None:
+                self._categories = None
+        if kind == "product_view":
+            self._products = self._categories_seen = None
+        self._sessions = None
 
     def count(self, index: int | None) -> int:
         """Events of the type at `index` (None: of every type) in the covered buckets."""
@@ -136,11 +164,11 @@ def _window_of(h: Horizon) -> Callable[[UserProfile, int], WindowTotals]:
         if totals is None or totals.first != first:
             ring = p.buckets.get(width)
             if ring:
-                starts = [start for start in ring if start >= first]
-                totals = WindowTotals(first, [ring[start] for start in starts])
-                totals._lapse = min(starts) + length if starts else None  # starts are bucket starts
+                starts = [start for start in ring if start >= first]  # starts are bucket starts
+                totals = WindowTotals(first, h, [ring[start] for start in starts],
+                                      min(starts) + length if starts else None)
             else:
-                totals = WindowTotals(first, [])
+                totals = WindowTotals(first, h, [], None)
             p.derived[slot] = totals
         return totals
     return window

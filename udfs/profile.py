@@ -18,6 +18,9 @@ from udfs.profile_config import MINUTE_MS, WEEK_MS, ProfileConfig
 # Bucket counts are a list in this order (UserEvent's EventType symbols; new types are appended).
 EVENT_INDEX = {kind: i for i, kind in enumerate(EVENT_TYPES)}
 
+# The events that change the cart (a purchase empties it).
+CART_CHANGING_TYPES = frozenset(("add_to_cart", "remove_from_cart", "purchase"))
+
 # Cart operation kinds; SET is what the oldest operations of a long line are folded into.
 ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
 
@@ -166,7 +169,15 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
     """Adds an accepted (not duplicate) event. The clock is the caller's: it is already at least
     the event's time, or the event is out of order and the clock stays."""
     ts, kind = event.timestamp, event.event_type
-    profile.derived.clear()
+    derived = profile.derived
+    # The horizons' window totals (udfs/features.py, keyed by a tuple) follow the event below
+    # instead of being summed again; the cart stands unless the event is a cart event; the rest
+    # (sessions, the encoded body) changes with every event.
+    windows = [(key, totals) for key, totals in derived.items() if key.__class__ is tuple]
+    cart = derived.get("cart") if kind not in CART_CHANGING_TYPES else None
+    derived.clear()
+    if cart is not None:
+        derived["cart"] = cart
     if not profile.last_by_type:
         profile.sequence_base = max(profile.sequence_base, ts * 1000)
     profile.seen_event_ids[event_id_hash(event.event_id)] = ts
@@ -175,13 +186,17 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
     if ts > profile.last_by_type.get(kind, -1):
         profile.last_by_type[kind] = ts
 
+    index = EVENT_INDEX[kind]
+    touched = {}  # bucket width -> (the event's bucket start, the bucket, whether it is new)
     for width in _bucket_widths(config):
         ring = profile.buckets.setdefault(width, {})
         start = ts - ts % width
         bucket = ring.get(start)
-        if bucket is None:
+        created = bucket is None
+        if created:
             bucket = ring[start] = Bucket()
-        bucket.counts[EVENT_INDEX[kind]] += 1
+        touched[width] = (start, bucket, created)
+        bucket.counts[index] += 1
         if kind == "purchase":
             bucket.spend += event.price or 0.0
         elif kind == "product_view" and event.category is not None:
@@ -189,6 +204,10 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
             views[event.category] = views.get(event.category, 0) + 1
             if len(views) > config.max_bucket_categories:
                 del views[min(views, key=lambda c: (views[c], c))]
+
+    for key, totals in windows:
+        totals.follow(kind, index, event.category, *touched[totals.width])
+        derived[key] = totals
 
     if kind == "purchase":
         profile.lifetime_spend += event.price or 0.0
