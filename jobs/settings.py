@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from jobs.kafka_security import KafkaSecurity, KafkaSecurityError
 from udfs.definitions import MAX_YAML_DEPTH
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
@@ -42,6 +43,15 @@ class JobSettings:
     dead_letter_topic: str = "segment-dead-letters"
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
+    # Kafka client security, named after Kafka's properties (jobs/kafka_security.py): every client
+    # (the job's source and sinks, generate, tail, the rebuild, the follower, backtest) uses them.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""  # env:NAME or file:PATH, never the password itself
+    kafka_ssl_ca_location: str = ""
+    kafka_ssl_certificate_location: str = ""
+    kafka_ssl_key_location: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"  # empty: no Redis view
     redis_key_prefix: str = "seg"
     redis_user_ttl_s: int = 30 * 24 * 3600
@@ -124,6 +134,14 @@ class JobSettings:
             raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):
             raise SettingsError("transactional_id_prefix may hold only letters, digits, '.', '_' and '-'")
+        self.kafka_security()  # checked here, once
+
+    def kafka_security(self) -> KafkaSecurity:
+        try:
+            return KafkaSecurity(**{f.name[len("kafka_"):]: getattr(self, f.name)
+                                    for f in fields(self) if f.name.startswith("kafka_")})
+        except KafkaSecurityError as err:
+            raise SettingsError(str(err)) from None
 
     def definitions_file(self) -> Path:
         return Path(self.definitions_path) if self.definitions_path else SHIPPED_DEFINITIONS
