@@ -19,7 +19,9 @@ from infra.stack import (
     start_flink_cluster,
     start_redis,
     stop_flink_cluster,
+    wait_for_port,
 )
+from jobs.kafka_security import KafkaSecurity
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Of this environment's SEGMENTS_* variables, what the job's process needs too (the stack's own
@@ -40,6 +42,57 @@ def broker(stack_root):
     proc = start_broker(stack_root, port)
     yield f"127.0.0.1:{port}"
     proc.stop()
+
+
+class SecuredBroker:
+    """tansu behind the SASL gate (tests/e2e/sasl_gate.py) with TLS: `bootstrap` is the gate's
+    address, the only one clients get; the user's password is in the environment variable
+    `password_variable` of this process (monkeypatched) and so of the processes it starts."""
+
+    username = "alice"
+    password = "alice-scram-secret-4f1c"
+    password_variable = "KAFKA_TEST_PASSWORD"  # no SEGMENTS_ prefix: not a setting
+
+    def __init__(self, bootstrap: str, ca_file: Path):
+        self.bootstrap = bootstrap
+        self.ca_file = ca_file
+
+    def settings(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
+        """The job's settings for this broker (SEGMENTS_* names without the prefix)."""
+        return {"bootstrap_servers": self.bootstrap, "kafka_security_protocol": "SASL_SSL",
+                "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": self.username,
+                "kafka_sasl_password": f"env:{self.password_variable}",
+                "kafka_ssl_ca_location": str(self.ca_file)}
+
+    def security(self, mechanism: str = "SCRAM-SHA-512") -> KafkaSecurity:
+        return KafkaSecurity(**{k[len("kafka_"):]: v for k, v in self.settings(mechanism).items()
+                                if k.startswith("kafka_")})
+
+
+@pytest.fixture
+def secured_broker(stack_root, monkeypatch):
+    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's."""
+    import json
+
+    tls_dir = stack_root / "tls"
+    tls_dir.mkdir()
+    cert, key = tls_dir / "broker.pem", tls_dir / "broker-key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)])
+    users = stack_root / "sasl-users.json"
+    users.write_text(json.dumps({SecuredBroker.username: SecuredBroker.password}))
+    broker_port, gate_port = free_port(), free_port()
+    broker = start_broker(stack_root, broker_port, advertised_port=gate_port)
+    gate = ManagedProcess("sasl-gate", stack_root)
+    gate.start([sys.executable, "-m", "tests.e2e.sasl_gate", str(gate_port), f"127.0.0.1:{broker_port}",
+                str(users), str(cert), str(key)], cwd=PROJECT_ROOT)
+    try:
+        wait_for_port(gate_port, what="SASL gate")
+        monkeypatch.setenv(SecuredBroker.password_variable, SecuredBroker.password)
+        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert)
+    finally:
+        gate.stop()
+        broker.stop()
 
 
 @pytest.fixture
