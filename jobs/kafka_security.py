@@ -175,9 +175,3 @@ class KafkaSecurity:
 
 
 PLAINTEXT = KafkaSecurity()
-
-
-def redact_config(config: dict) -> dict:
-    """A client configuration fit for logs and CLI output: every password and JAAS configuration
-    replaced."""
-    return {k: (REDACTED if re.search(r"password|jaas", k, re.I) else v) for k, v in config.items()}

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from jobs.committed_log import ScramClient
-from jobs.kafka_security import KafkaSecurity, KafkaSecurityError, redact_config
+from jobs.kafka_security import KafkaSecurity, KafkaSecurityError
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import SettingsError, load_settings
 
@@ -110,13 +110,15 @@ def test_the_flink_job_refuses_what_it_cannot_keep_out_of_the_job_graph():
         KafkaSecurity("SSL", ssl_certificate_location="/c.pem", ssl_key_location="/k.pem").flink_properties()
 
 
-def test_redacted_configurations_and_credentials_hide_the_password(monkeypatch):
+def test_logged_settings_errors_and_credentials_never_show_the_password(monkeypatch):
     monkeypatch.setenv("KAFKA_PW", SECRET)
-    security = KafkaSecurity(**{k[6:]: v for k, v in SCRAM.items()})
-    shown = redact_config({**security.librdkafka_config(), **security.flink_properties()})
-    assert SECRET not in repr(shown) and "${env:" not in repr(shown)
-    assert shown["sasl.username"] == "alice"
-    assert SECRET not in repr(security.sasl_credentials())
+    settings = load_settings(environ={}, **SCRAM)
+    assert SECRET not in repr(settings.redacted()) and SECRET not in repr(settings)
+    assert SECRET not in repr(settings.kafka_security().sasl_credentials())
+    assert settings.kafka_security().sasl_credentials().password == SECRET
+    with pytest.raises(SettingsError) as refused:  # an inline password is refused without echoing it
+        load_settings(environ={}, **(SCRAM | {"kafka_sasl_password": SECRET}))
+    assert SECRET not in str(refused.value)
 
 
 def test_scram_client_matches_rfc_7677s_example():
