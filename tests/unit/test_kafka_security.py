@@ -131,3 +131,14 @@ def test_scram_client_matches_rfc_7677s_example():
     client.check(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
     with pytest.raises(ConnectionError, match="signature does not match"):
         client.check(b"v=AAAA" + b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="[4:])
+
+
+def test_the_security_settings_are_set_field_by_field_only(tmp_path):
+    with pytest.raises(SettingsError, match="unknown setting in environment variable SEGMENTS_KAFKA"):
+        load_settings(environ={"SEGMENTS_KAFKA": "SASL_SSL"})
+    with pytest.raises(SettingsError, match="unknown setting in environment variable SEGMENTS_KAFKA_SASL_PASS"):
+        load_settings(environ={"SEGMENTS_KAFKA_SASL_PASS": "env:X"})
+    path = tmp_path / "s.yaml"
+    path.write_text("kafka: {security_protocol: SSL}\n")
+    with pytest.raises(SettingsError, match="unknown setting 'kafka'"):
+        load_settings(path, environ={})
