@@ -12,7 +12,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from infra.stack import create_topics
-from jobs.committed_log import BrokerConnection, KafkaAuthenticationError, committed_records, read_topic
+from jobs.committed_log import (
+    BrokerConnection,
+    KafkaAuthenticationError,
+    committed_records,
+    follow_committed_records,
+    read_topic,
+)
 from jobs.kafka_security import KafkaSecurity
 from tests.e2e.conftest import wait_until
 
@@ -45,6 +51,9 @@ def test_reader_and_librdkafka_read_committed_records_over_sasl_ssl_with_scram_s
     assert [r.value for r in log.committed] == expected
     assert [r.value for r in log.aborted] == [b"aborted"]
     assert [r.value for r in committed_records(secured_broker.bootstrap, TOPIC, security=security)] == expected
+    following = follow_committed_records(secured_broker.bootstrap, TOPIC, from_beginning=True, security=security)
+    assert [next(following).value for _ in expected] == expected  # `segments tail`'s reader
+    following.close()
 
     consumer = Consumer({"bootstrap.servers": secured_broker.bootstrap, "group.id": "secured-reader",
                          "isolation.level": "read_committed", "enable.auto.commit": False,
@@ -96,6 +105,42 @@ def test_wrong_or_missing_credentials_are_refused_with_a_clear_error(secured_bro
     untrusted = dataclasses.replace(security, ssl_ca_location="")  # the system's CAs: not the gate's
     with pytest.raises(KafkaAuthenticationError, match="TLS"):
         BrokerConnection(host, int(port), security=untrusted)
+
+
+def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing_the_password(
+    secured_broker, stack_root
+):
+    """`segments generate` and `segments backtest kafka://...` with the settings as SEGMENTS_*
+    variables and the password in the environment only."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import PROJECT_ROOT, job_environment
+
+    topic = "cli-events"
+    create_topics(secured_broker.bootstrap, {topic: 1}, secured_broker.security().librdkafka_config())
+    env = job_environment(stack_root, "cli", {**secured_broker.settings(), "events_topic": topic})
+    assert env[secured_broker.password_variable] == os.environ[secured_broker.password_variable]
+
+    def segments(*argv: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert secured_broker.password not in done.stdout + done.stderr
+        return done
+
+    generated = segments("generate", "--users", "5", "--hours", "2", "--rate", "0", "--quiet")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    sent = int(re.search(r"sent (\d+) events", generated.stdout).group(1))
+    assert sent > 0
+    backtest = segments("backtest", "jobs/definitions/shop.yaml", "--events",
+                        f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet")
+    assert backtest.returncode == 0, backtest.stderr[-2000:]
+    assert f": {sent} applied" in backtest.stdout, (sent, backtest.stdout[:300])
+    env[secured_broker.password_variable] = "not-the-password"
+    refused = segments("backtest", "jobs/definitions/shop.yaml", "--events",
+                       f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet")
+    assert refused.returncode != 0
 
 
 def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_its_environment(
