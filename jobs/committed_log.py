@@ -249,9 +249,9 @@ class BrokerConnection:
         mechanism = credentials.mechanism
         try:
             reply = self._request(SASL_HANDSHAKE, 1, _string(mechanism.encode()))
-        except ConnectionError:
+        except (ConnectionError, ssl.SSLError) as err:  # TLS 1.3: a refused client certificate shows here
             raise KafkaAuthenticationError(f"the broker {broker} closed the connection at the SASL handshake "
-                                           "(does its listener speak SASL, and TLS as set?)") from None
+                                           f"(does its listener speak SASL, and TLS as set?): {err}") from None
         error, = struct.unpack_from(">h", reply, 0)
         if error:
             raise KafkaAuthenticationError(f"the broker {broker} does not offer SASL {mechanism} (error {error})")
@@ -266,9 +266,9 @@ class BrokerConnection:
         """One SaslAuthenticate v1 exchange: the broker's bytes, or the broker's refusal raised."""
         try:
             reply = self._request(SASL_AUTHENTICATE, 1, struct.pack(">i", len(data)) + data)
-        except ConnectionError:
+        except (ConnectionError, ssl.SSLError) as err:
             raise KafkaAuthenticationError(f"the broker {broker} closed the connection during SASL "
-                                           "authentication") from None
+                                           f"authentication: {err}") from None
         error, length = struct.unpack_from(">hh", reply, 0)
         pos = 4
         message = reply[pos:pos + length].decode(errors="replace") if length >= 0 else ""

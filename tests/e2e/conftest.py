@@ -53,43 +53,60 @@ class SecuredBroker:
     password = "alice-scram-secret-4f1c"
     password_variable = "KAFKA_TEST_PASSWORD"  # no SEGMENTS_ prefix: not a setting
 
-    def __init__(self, bootstrap: str, ca_file: Path):
+    def __init__(self, bootstrap: str, ca_file: Path, client_pem: Path | None):
         self.bootstrap = bootstrap
         self.ca_file = ca_file
+        self.client_pem = client_pem  # the client's key and certificate, when the gate requires one
 
     def settings(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
         """The job's settings for this broker (SEGMENTS_* names without the prefix)."""
+        client = ({"kafka_ssl_certificate_location": str(self.client_pem),
+                   "kafka_ssl_key_location": str(self.client_pem)} if self.client_pem else {})
         return {"bootstrap_servers": self.bootstrap, "kafka_security_protocol": "SASL_SSL",
                 "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": self.username,
                 "kafka_sasl_password": f"env:{self.password_variable}",
-                "kafka_ssl_ca_location": str(self.ca_file)}
+                "kafka_ssl_ca_location": str(self.ca_file), **client}
 
     def security(self, mechanism: str = "SCRAM-SHA-512") -> KafkaSecurity:
         return KafkaSecurity(**{k[len("kafka_"):]: v for k, v in self.settings(mechanism).items()
                                 if k.startswith("kafka_")})
 
 
-@pytest.fixture
-def secured_broker(stack_root, monkeypatch):
-    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's."""
+def self_signed(directory: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate (its own CA) and its unencrypted PKCS#8 key."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         *extra, "-keyout", str(key), "-out", str(cert)])
+    return cert, key
+
+
+@pytest.fixture(params=[False])
+def secured_broker(stack_root, monkeypatch, request):
+    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's. With
+    the indirect parameter True, the gate also requires a client certificate (mutual TLS)."""
     import json
 
     tls_dir = stack_root / "tls"
     tls_dir.mkdir()
-    cert, key = tls_dir / "broker.pem", tls_dir / "broker-key.pem"
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)])
+    cert, key = self_signed(tls_dir, "localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost")
+    tls_files = [str(cert), str(key)]
+    client_pem = None
+    if request.param:
+        client_cert, client_key = self_signed(tls_dir, "segments-client")
+        client_pem = tls_dir / "client.pem"  # key and chain in one file: the Java client's PEM key store
+        client_pem.write_text(client_key.read_text() + client_cert.read_text())
+        tls_files.append(str(client_cert))
     users = stack_root / "sasl-users.json"
     users.write_text(json.dumps({SecuredBroker.username: SecuredBroker.password}))
     broker_port, gate_port = free_port(), free_port()
     broker = start_broker(stack_root, broker_port, advertised_port=gate_port)
     gate = ManagedProcess("sasl-gate", stack_root)
     gate.start([sys.executable, "-m", "tests.e2e.sasl_gate", str(gate_port), f"127.0.0.1:{broker_port}",
-                str(users), str(cert), str(key)], cwd=PROJECT_ROOT)
+                str(users), *tls_files], cwd=PROJECT_ROOT)
     try:
         wait_for_port(gate_port, what="SASL gate")
         monkeypatch.setenv(SecuredBroker.password_variable, SecuredBroker.password)
-        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert)
+        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert, client_pem)
     finally:
         gate.stop()
         broker.stop()

@@ -13,10 +13,11 @@ SASL_AUTHENTICATION_FAILED, 58, first). After a login it relays bytes unchanged 
 broker's advertised listener must be this gate's address, so that clients that follow the metadata
 come back through it; the broker's own port is never handed to a client.
 
-Not done: client certificates (mutual TLS) are not required or checked; OAUTHBEARER and GSSAPI are
-not offered; re-authentication (KIP-368) is not asked for (session lifetime 0).
+With a third TLS file, CLIENT_CA_PEM, the TLS handshake requires a client certificate signed by
+that CA (mutual TLS). Not done: OAUTHBEARER and GSSAPI are not offered; re-authentication
+(KIP-368) is not asked for (session lifetime 0).
 
-    python -m tests.e2e.sasl_gate LISTEN_PORT BROKER_HOST:PORT USERS_JSON [CERT_PEM KEY_PEM]
+    python -m tests.e2e.sasl_gate LISTEN_PORT BROKER_HOST:PORT USERS_JSON [CERT_PEM KEY_PEM [CLIENT_CA_PEM]]
 """
 
 from __future__ import annotations
@@ -257,7 +258,10 @@ def main(argv: list[str]) -> None:
     tls = None
     if tls_files:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(*tls_files)
+        tls.load_cert_chain(*tls_files[:2])
+        if len(tls_files) > 2:
+            tls.load_verify_locations(tls_files[2])
+            tls.verify_mode = ssl.CERT_REQUIRED
     asyncio.run(serve(int(port), (host, int(broker_port)), users, tls))
 
 

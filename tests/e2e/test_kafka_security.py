@@ -79,6 +79,21 @@ def test_the_reader_logs_in_with_the_other_mechanisms(secured_broker, mechanism)
     assert len(read_topic(secured_broker.bootstrap, TOPIC, security).committed) == 3
 
 
+@pytest.mark.parametrize("secured_broker", [True], ids=["mutual-tls"], indirect=True)
+def test_with_mutual_tls_the_client_certificate_is_required(secured_broker):
+    security = secured_broker.security("SCRAM-SHA-512")
+    create_topics(secured_broker.bootstrap, {TOPIC: 1}, security.librdkafka_config())
+    write_committed_and_aborted(secured_broker.bootstrap, security)
+    assert len(read_topic(secured_broker.bootstrap, TOPIC, security).committed) == 3
+    host, port = secured_broker.bootstrap.rsplit(":", 1)
+    no_certificate = dataclasses.replace(security, ssl_certificate_location="", ssl_key_location="")
+    with pytest.raises(KafkaAuthenticationError):
+        BrokerConnection(host, int(port), security=no_certificate)
+    with pytest.raises(KafkaException):
+        create_topics(secured_broker.bootstrap, {"other": 1},
+                      {**no_certificate.librdkafka_config(), "socket.timeout.ms": 3000})
+
+
 def test_wrong_or_missing_credentials_are_refused_with_a_clear_error(secured_broker, monkeypatch):
     host, port = secured_broker.bootstrap.rsplit(":", 1)
     security = secured_broker.security("SCRAM-SHA-512")
@@ -143,6 +158,7 @@ def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing
     assert refused.returncode != 0
 
 
+@pytest.mark.parametrize("secured_broker", [False, True], ids=["tls", "mutual-tls"], indirect=True)
 def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_its_environment(
     secured_broker, run_job, stack_root, monkeypatch, catalog
 ):
