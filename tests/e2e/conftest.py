@@ -45,7 +45,7 @@ def broker(stack_root):
 
 
 class SecuredBroker:
-    """tansu behind the SASL gate (tests/e2e/sasl_gate.py) with TLS: `bootstrap` is the gate's
+    """tansu behind the SASL gate (tests/e2e/sasl_gate.py), with TLS or not: `bootstrap` is the gate's
     address, the only one clients get; the user's password is in the environment variable
     `password_variable` of this process (monkeypatched) and so of the processes it starts."""
 
@@ -53,19 +53,20 @@ class SecuredBroker:
     password = "alice-scram-secret-4f1c"
     password_variable = "KAFKA_TEST_PASSWORD"  # no SEGMENTS_ prefix: not a setting
 
-    def __init__(self, bootstrap: str, ca_file: Path, client_pem: Path | None):
+    def __init__(self, bootstrap: str, ca_file: Path | None, client_pem: Path | None):
         self.bootstrap = bootstrap
-        self.ca_file = ca_file
+        self.ca_file = ca_file  # None: SASL_PLAINTEXT
         self.client_pem = client_pem  # the client's key and certificate, when the gate requires one
 
     def settings(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
         """The job's settings for this broker (SEGMENTS_* names without the prefix)."""
         client = ({"kafka_ssl_certificate_location": str(self.client_pem),
                    "kafka_ssl_key_location": str(self.client_pem)} if self.client_pem else {})
-        return {"bootstrap_servers": self.bootstrap, "kafka_security_protocol": "SASL_SSL",
+        tls = {"kafka_ssl_ca_location": str(self.ca_file)} if self.ca_file else {}
+        return {"bootstrap_servers": self.bootstrap,
+                "kafka_security_protocol": "SASL_SSL" if self.ca_file else "SASL_PLAINTEXT",
                 "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": self.username,
-                "kafka_sasl_password": f"env:{self.password_variable}",
-                "kafka_ssl_ca_location": str(self.ca_file), **client}
+                "kafka_sasl_password": f"env:{self.password_variable}", **tls, **client}
 
     def security(self, mechanism: str = "SCRAM-SHA-512") -> KafkaSecurity:
         return KafkaSecurity(**{k[len("kafka_"):]: v for k, v in self.settings(mechanism).items()
@@ -80,18 +81,19 @@ def self_signed(directory: Path, name: str, *extra: str) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.fixture(params=[False])
+@pytest.fixture(params=["tls"])
 def secured_broker(stack_root, monkeypatch, request):
-    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's. With
-    the indirect parameter True, the gate also requires a client certificate (mutual TLS)."""
+    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's. The
+    indirect parameter: "tls" (the default), "mutual-tls" (the gate also requires a client
+    certificate) or "plaintext" (SASL without TLS)."""
     import json
 
     tls_dir = stack_root / "tls"
     tls_dir.mkdir()
     cert, key = self_signed(tls_dir, "localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost")
-    tls_files = [str(cert), str(key)]
+    tls_files = [str(cert), str(key)] if request.param != "plaintext" else []
     client_pem = None
-    if request.param:
+    if request.param == "mutual-tls":
         client_cert, client_key = self_signed(tls_dir, "segments-client")
         client_pem = tls_dir / "client.pem"  # key and chain in one file: the Java client's PEM key store
         client_pem.write_text(client_key.read_text() + client_cert.read_text())
@@ -106,7 +108,7 @@ def secured_broker(stack_root, monkeypatch, request):
     try:
         wait_for_port(gate_port, what="SASL gate")
         monkeypatch.setenv(SecuredBroker.password_variable, SecuredBroker.password)
-        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert, client_pem)
+        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert if tls_files else None, client_pem)
     finally:
         gate.stop()
         broker.stop()

@@ -79,7 +79,7 @@ def test_the_reader_logs_in_with_the_other_mechanisms(secured_broker, mechanism)
     assert len(read_topic(secured_broker.bootstrap, TOPIC, security).committed) == 3
 
 
-@pytest.mark.parametrize("secured_broker", [True], ids=["mutual-tls"], indirect=True)
+@pytest.mark.parametrize("secured_broker", ["mutual-tls"], indirect=True)
 def test_with_mutual_tls_the_client_certificate_is_required(secured_broker):
     security = secured_broker.security("SCRAM-SHA-512")
     create_topics(secured_broker.bootstrap, {TOPIC: 1}, security.librdkafka_config())
@@ -158,11 +158,13 @@ def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing
     assert refused.returncode != 0
 
 
-@pytest.mark.parametrize("secured_broker", [False, True], ids=["tls", "mutual-tls"], indirect=True)
-def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_its_environment(
-    secured_broker, run_job, stack_root, monkeypatch, catalog
+@pytest.mark.parametrize("secured_broker, mechanism", [("tls", "SCRAM-SHA-512"), ("mutual-tls", "SCRAM-SHA-512"),
+                                                       ("plaintext", "PLAIN")], indirect=["secured_broker"])
+def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_environment(
+    secured_broker, mechanism, run_job, stack_root, monkeypatch, catalog
 ):
-    """`segments run` against the gate (SCRAM-SHA-512 over TLS): events produced as `segments
+    """`segments run` against the gate (SCRAM-SHA-512 over TLS, with and without a client
+    certificate; PLAIN over SASL_PLAINTEXT): events produced as `segments
     generate` produces them, the transitions read back and equal to the core's; the password is in
     the job's environment only, not in its settings, its DDL, its REST plan or its logs."""
     import json
@@ -178,7 +180,7 @@ def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_it
     from udfs.shoppers import generate_events
     from udfs.transitions import replay_events
 
-    security = secured_broker.security("SCRAM-SHA-512")
+    security = secured_broker.security(mechanism)
     topics = {"events_topic": "sec-events", "transitions_topic": "sec-transitions", "dead_letter_topic": "sec-dlq"}
     create_topics(secured_broker.bootstrap, {t: 1 for t in topics.values()}, security.librdkafka_config())
     traffic = list(generate_events(20, seed=7, start_ms=START_MS, duration_ms=4 * 3600_000))
@@ -192,7 +194,7 @@ def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_it
 
     flink_logs = stack_root / "flink-logs"
     monkeypatch.setenv("FLINK_LOG_DIR", str(flink_logs))
-    job = run_job(**secured_broker.settings("SCRAM-SHA-512"), **topics, redis_url="", redis_follower=False,
+    job = run_job(**secured_broker.settings(mechanism), **topics, redis_url="", redis_follower=False,
                   checkpoint_interval_ms=2000, watermark_lag_ms=2000, transactional_id_prefix="sec")
 
     def committed():
@@ -221,7 +223,7 @@ def test_the_job_reads_and_writes_a_sasl_ssl_broker_with_the_password_only_in_it
     assert all(secured_broker.password not in text for text in seen)
     # The job's own (Java) clients logged in, the source's and both sinks': not only this test's
     # (librdkafka's client id 'rdkafka', the wire reader's 'segments-committed-log').
-    logins = re.findall(r"authenticated 'alice' with SCRAM-SHA-512, client id '([^']*)'",
+    logins = re.findall(rf"authenticated 'alice' with {mechanism}, client id '([^']*)'",
                         (stack_root / "logs" / "sasl-gate.log").read_text())
     java = {c for c in logins if c not in ("rdkafka", "segments-committed-log")}
     for client in ("enumerator-admin-client", "transitions_out", "dead_letters_out"):  # source, both sinks
