@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.committed_log import KafkaAuthenticationError
+from jobs.kafka_security import KafkaSecurityError
 from jobs.settings import SettingsError, load_settings
 from udfs.profile_config import MINUTE_MS
 
@@ -541,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"settings error: {err}", file=sys.stderr)
         return 2
+    except (KafkaSecurityError, KafkaAuthenticationError) as err:  # no password in either's message
+        print(f"kafka error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

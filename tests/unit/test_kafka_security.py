@@ -142,3 +142,13 @@ def test_the_security_settings_are_set_field_by_field_only(tmp_path):
     path.write_text("kafka: {security_protocol: SSL}\n")
     with pytest.raises(SettingsError, match="unknown setting 'kafka'"):
         load_settings(path, environ={})
+
+
+def test_the_command_line_says_which_password_variable_is_missing(monkeypatch, capsys):
+    from jobs.cli import main
+
+    for key, value in SCRAM.items():
+        monkeypatch.setenv(f"SEGMENTS_{key.upper()}", value)
+    monkeypatch.delenv("KAFKA_PW", raising=False)
+    assert main(["tail"]) == 1
+    assert "kafka error: the Kafka password variable KAFKA_PW is not set" in capsys.readouterr().err
