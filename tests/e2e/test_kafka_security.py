@@ -164,13 +164,32 @@ def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_en
     secured_broker, mechanism, run_job, stack_root, monkeypatch, catalog
 ):
     """`segments run` against the gate (SCRAM-SHA-512 over TLS, with and without a client
-    certificate; PLAIN over SASL_PLAINTEXT): events produced as `segments
-    generate` produces them, the transitions read back and equal to the core's; the password is in
-    the job's environment only, not in its settings, its DDL, its REST plan or its logs."""
+    certificate; PLAIN over SASL_PLAINTEXT)."""
+    from jobs.bench.runs import rest_port_of
+
+    flink_logs = stack_root / "flink-logs"
+    monkeypatch.setenv("FLINK_LOG_DIR", str(flink_logs))
+    check_job_over_sasl(secured_broker, mechanism, run_job, lambda job: rest_port_of(flink_logs),
+                        [flink_logs, stack_root / "logs"], catalog)
+
+
+@pytest.mark.cluster
+def test_the_job_on_the_standalone_cluster_reads_the_password_on_its_workers(
+    secured_broker, submit_job, stack_root, catalog
+):
+    """`segments submit` to a JobManager and TaskManager started with the password variable in
+    their environment (as a deployment gives it from a secret), SCRAM-SHA-512 over TLS."""
+    check_job_over_sasl(secured_broker, "SCRAM-SHA-512", submit_job, lambda job: job.rest_port,
+                        [stack_root / "logs"], catalog)
+
+
+def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, log_dirs, catalog):
+    """Events produced as `segments generate` produces them, the job started, the transitions read
+    back and equal to the core's; the password is in the job's environment only, not in its REST
+    plan and configuration or any log; the job's own Java clients logged in at the gate."""
     import json
     import urllib.request
 
-    from jobs.bench.runs import rest_port_of
     from jobs.settings import SHIPPED_DEFINITIONS
     from jobs.traffic import produce_events
     from tests.conftest import START_MS
@@ -192,10 +211,8 @@ def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_en
     expected, _ = replay_events(engine, [*traffic, sentinel], until_ms=sentinel.timestamp - 2_000 - 1)
     assert expected
 
-    flink_logs = stack_root / "flink-logs"
-    monkeypatch.setenv("FLINK_LOG_DIR", str(flink_logs))
-    job = run_job(**secured_broker.settings(mechanism), **topics, redis_url="", redis_follower=False,
-                  checkpoint_interval_ms=2000, watermark_lag_ms=2000, transactional_id_prefix="sec")
+    job = start_job(**secured_broker.settings(mechanism), **topics, redis_url="", redis_follower=False,
+                    checkpoint_interval_ms=2000, watermark_lag_ms=2000, transactional_id_prefix="sec")
 
     def committed():
         job.assert_alive()
@@ -208,23 +225,22 @@ def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_en
     assert got == sorted(t.transition_id for t in expected)
 
     # The password went nowhere but the job's environment: not into its REST-visible plan and
-    # configuration, nor any log line of the job or of Flink.
-    rest_port = rest_port_of(flink_logs)
-    assert rest_port, "the MiniCluster's REST port is not in its log"
+    # configuration, nor any log line of the job, the gate or Flink.
+    rest_port = rest_port_of_job(job)
+    assert rest_port, "no REST port for the job"
 
     def rest(path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}{path}", timeout=10) as r:
             return r.read().decode()
 
     job_id = json.loads(rest("/jobs/overview"))["jobs"][0]["jid"]
-    seen = [rest(f"/jobs/{job_id}/plan"), rest(f"/jobs/{job_id}/config"), rest("/jobmanager/config"),
-            job.log_tail(100_000)]
-    seen += [p.read_text(errors="replace") for p in flink_logs.glob("*")]
-    assert all(secured_broker.password not in text for text in seen)
+    seen = [rest(f"/jobs/{job_id}/plan"), rest(f"/jobs/{job_id}/config"), rest("/jobmanager/config")]
+    seen += [p.read_text(errors="replace") for d in log_dirs for p in d.glob("*") if p.is_file()]
+    assert len(seen) > 4 and all(secured_broker.password not in text for text in seen)
     # The job's own (Java) clients logged in, the source's and both sinks': not only this test's
     # (librdkafka's client id 'rdkafka', the wire reader's 'segments-committed-log').
-    logins = re.findall(rf"authenticated 'alice' with {mechanism}, client id '([^']*)'",
-                        (stack_root / "logs" / "sasl-gate.log").read_text())
+    gate_log = next(p for d in log_dirs for p in d.glob("sasl-gate.log"))
+    logins = re.findall(rf"authenticated 'alice' with {mechanism}, client id '([^']*)'", gate_log.read_text())
     java = {c for c in logins if c not in ("rdkafka", "segments-committed-log")}
     for client in ("enumerator-admin-client", "transitions_out", "dead_letters_out"):  # source, both sinks
         assert any(client in c for c in java), logins
