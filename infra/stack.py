@@ -153,12 +153,15 @@ class ManagedProcess:
         self.pid_file.unlink(missing_ok=True)
 
 
-def start_broker(root: Path, port: int) -> ManagedProcess:
+def start_broker(root: Path, port: int, advertised_port: int | None = None) -> ManagedProcess:
+    """tansu on `port`, telling clients to come back to `advertised_port` (default: the same; the
+    tests' SASL gate, tests/e2e/sasl_gate.py, advertises its own)."""
     if not TANSU.exists():
         raise FileNotFoundError(f"{TANSU} is missing: run infra/setup.sh")
     broker = ManagedProcess("broker", root)
     url = f"tcp://127.0.0.1:{port}"
-    broker.start([str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url])
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
+    broker.start([str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", advertised])
     wait_for_port(port, what="tansu broker")
     return broker
 
@@ -174,11 +177,12 @@ def start_redis(root: Path, port: int) -> ManagedProcess:
     return redis
 
 
-def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    """Creates the topics with explicit partition counts; existing ones are left as they are."""
+def create_topics(bootstrap: str, partitions: dict[str, int], client_config: dict | None = None) -> None:
+    """Creates the topics with explicit partition counts; existing ones are left as they are.
+    `client_config`: librdkafka security properties (KafkaSecurity.librdkafka_config)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **(client_config or {})})
     existing = admin.list_topics(timeout=10).topics
     wanted = [NewTopic(t, n, 1) for t, n in partitions.items() if t not in existing]
     for future in admin.create_topics(wanted).values() if wanted else []:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
@@ -95,7 +96,7 @@ def read_avro_file(path: Path) -> EventLog:
 
 
 def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
-                     max_event_bytes: int | None = None) -> EventLog:
+                     max_event_bytes: int | None = None, security: KafkaSecurity = PLAINTEXT) -> EventLog:
     """`kafka://HOST:PORT/TOPIC`, from `start` to `end` (exclusive) on every partition: each a
     plain offset (`1200`) or an event time (`t=1700000000000`, resolved with offsets_for_times);
     by default from the beginning to the end offsets at the time of reading."""
@@ -107,7 +108,7 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
         raise ValueError(f"expected kafka://HOST:PORT/TOPIC, got {url!r}")
     consumer = Consumer({"bootstrap.servers": parsed.netloc, "group.id": "segments-backtest",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
+                         "enable.partition.eof": True, **security.librdkafka_config()})
     codec = SchemaCatalog().codec("UserEvent", max_event_bytes)
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -163,10 +164,11 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
 
 
 def read_events(source: str, start: str | None = None, end: str | None = None,
-                max_event_bytes: int | None = None) -> EventLog:
-    """`max_event_bytes` applies to Kafka records, which carry the job's Avro encoding."""
+                max_event_bytes: int | None = None, security: KafkaSecurity = PLAINTEXT) -> EventLog:
+    """`max_event_bytes` applies to Kafka records, which carry the job's Avro encoding; `security`
+    to a Kafka source."""
     if source.startswith("kafka://"):
-        return read_kafka_range(source, start, end, max_event_bytes)
+        return read_kafka_range(source, start, end, max_event_bytes, security)
     path = Path(source)
     if not path.exists():
         raise ValueError(f"{source}: no such file")

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.committed_log import KafkaAuthenticationError
+from jobs.kafka_security import KafkaSecurityError
 from jobs.settings import SettingsError, load_settings
 from udfs.profile_config import MINUTE_MS
 
@@ -199,6 +201,7 @@ def cmd_generate(args) -> int:
     sent = produce_events(
         events, settings.bootstrap_servers, settings.events_topic, rate_per_s=args.rate,
         jsonl_copy=Path(args.jsonl) if args.jsonl else None, progress=not args.quiet,
+        security=settings.kafka_security(),
     )
     print(f"sent {sent} events to {settings.events_topic}")
     return 0
@@ -210,7 +213,7 @@ def cmd_tail(args) -> int:
     settings = _settings(args)
     try:
         for t in follow_transitions(settings.bootstrap_servers, settings.transitions_topic,
-                                    from_beginning=args.from_beginning):
+                                    from_beginning=args.from_beginning, security=settings.kafka_security()):
             features = ", ".join(f"{k}={v:g}" for k, v in sorted(t["reason"]["features"].items()))
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t["event_time"] / 1000))
             cause = t["cause_event_id"] or "timer"
@@ -273,7 +276,8 @@ def cmd_backtest(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        log = backtest.read_events(args.events, args.start, args.end, settings.max_event_bytes)
+        log = backtest.read_events(args.events, args.start, args.end, settings.max_event_bytes,
+                                   settings.kafka_security())
     except (OSError, ValueError) as err:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
@@ -350,7 +354,7 @@ def cmd_redis(args) -> int:
         if args.flush:
             print(f"deleted {view.clear()} keys under {settings.redis_key_prefix}:*")
         result = rebuild_from_topic(view, settings.bootstrap_servers, settings.transitions_topic,
-                                    open_wait_s=open_wait_s)
+                                    open_wait_s=open_wait_s, security=settings.kafka_security())
     finally:
         view.close()
     print(f"read {result.read} committed transitions from {settings.transitions_topic}, applied {result.applied} "
@@ -539,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"settings error: {err}", file=sys.stderr)
         return 2
+    except (KafkaSecurityError, KafkaAuthenticationError) as err:  # no password in either's message
+        print(f"kafka error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

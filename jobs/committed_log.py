@@ -16,21 +16,34 @@ the bench's counts and latency join, and the tests that check the committed log.
 its own place (the follower) `LeaderConnections`, `BrokerConnection.fetch_entries` and
 `PartitionCursor`.
 
+Security: the settings' (jobs/kafka_security.py): TLS through the ssl module (the CA file, the
+host name checked, an optional client certificate), then SASL (SaslHandshake v1, SaslAuthenticate
+v1) with PLAIN or SCRAM-SHA-256/512 (RFC 5802, 7677); a refused login is a KafkaAuthenticationError.
+
 Limits: record batches v2 (Kafka 0.11 and later) and uncompressed only (the job's Kafka sink does
-not compress; a compressed batch is an error, not skipped); plaintext connections without SASL or
-TLS; each partition is fetched from its leader as the metadata names it at the start (a leader
-change while reading is an error: run it again).
+not compress; a compressed batch is an error, not skipped); each partition is fetched from its
+leader as the metadata names it at the start (a leader change while reading is an error: run it
+again).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from jobs.kafka_security import PLAINTEXT, KafkaSecurity, SaslCredentials
+
 FETCH, FETCH_VERSION = 1, 4
+SASL_HANDSHAKE, SASL_AUTHENTICATE = 17, 36
+CLIENT_ID = b"segments-committed-log"
 READ_UNCOMMITTED = 0
 CONTROL_ABORT, CONTROL_COMMIT = 0, 1
 MAX_BYTES = 8 * 1024 * 1024
@@ -135,11 +148,12 @@ class FetchError(RuntimeError):
         self.code = code
 
 
-def log_start_offset(bootstrap: str, topic: str, partition: int) -> int:
+def log_start_offset(bootstrap: str, topic: str, partition: int, security: KafkaSecurity = PLAINTEXT) -> int:
     """The partition's earliest retained offset."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-log-start", "enable.auto.commit": False})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-log-start", "enable.auto.commit": False,
+                         **security.librdkafka_config()})
     try:
         low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
         return low
@@ -147,28 +161,131 @@ def log_start_offset(bootstrap: str, topic: str, partition: int) -> int:
         consumer.close()
 
 
-class BrokerConnection:
-    """One plaintext connection to a broker, speaking Fetch v4 read_uncommitted."""
+class KafkaAuthenticationError(ConnectionError):
+    """The broker refused the login (or the TLS handshake failed): retrying will not change it."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 30.0):
+
+def _string(text: bytes) -> bytes:
+    return struct.pack(">h", len(text)) + text
+
+
+def _scram_escape(name: str) -> str:
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+class ScramClient:
+    """The client side of SCRAM (RFC 5802; SHA-256 and SHA-512 as RFC 7677 and Kafka use them)."""
+
+    def __init__(self, mechanism: str, username: str, password: str, nonce: str | None = None):
+        self.hash = "sha256" if mechanism == "SCRAM-SHA-256" else "sha512"
+        self.password = password
+        self.nonce = nonce or base64.b64encode(os.urandom(24)).decode()
+        self.first_bare = f"n={_scram_escape(username)},r={self.nonce}"
+        self.server_signature = b""
+
+    def first(self) -> bytes:
+        return ("n,," + self.first_bare).encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        text = server_first.decode()
+        attrs = dict(part.split("=", 1) for part in text.split(","))
+        if "e" in attrs:
+            raise KafkaAuthenticationError(f"SCRAM: the broker answered {attrs['e']}")
+        if not attrs.get("r", "").startswith(self.nonce) or "s" not in attrs or "i" not in attrs:
+            raise KafkaAuthenticationError("SCRAM: malformed first message from the broker")
+        salted = hashlib.pbkdf2_hmac(self.hash, self.password.encode(), base64.b64decode(attrs["s"]),
+                                     int(attrs["i"]))
+        client_key = hmac.new(salted, b"Client Key", self.hash).digest()
+        stored_key = hashlib.new(self.hash, client_key).digest()
+        without_proof = f"c=biws,r={attrs['r']}"
+        message = f"{self.first_bare},{text},{without_proof}".encode()
+        signature = hmac.new(stored_key, message, self.hash).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.new(salted, b"Server Key", self.hash).digest()
+        self.server_signature = hmac.new(server_key, message, self.hash).digest()
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def check(self, server_final: bytes) -> None:
+        """The broker proves it knows the password too."""
+        text = server_final.decode()
+        if not text.startswith("v=") or not hmac.compare_digest(base64.b64decode(text[2:]), self.server_signature):
+            raise KafkaAuthenticationError("SCRAM: the broker's signature does not match (not the broker the "
+                                           "credentials are for?)")
+
+
+class BrokerConnection:
+    """One connection to a broker (TLS and SASL as the settings say), speaking Fetch v4
+    read_uncommitted."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0, security: KafkaSecurity = PLAINTEXT):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.correlation = 0
+        try:
+            context = security.ssl_context()
+            if context is not None:
+                try:
+                    self.sock = context.wrap_socket(self.sock, server_hostname=host)
+                except ssl.SSLError as err:
+                    raise KafkaAuthenticationError(f"TLS with the broker {host}:{port} failed: {err}") from None
+            credentials = security.sasl_credentials()
+            if credentials is not None:
+                self._authenticate(credentials, f"{host}:{port}")
+        except BaseException:
+            self.sock.close()
+            raise
 
-    def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 100) -> tuple[int, bytes]:
-        """(high watermark, record bytes) from `offset`, read_uncommitted: every batch, markers too."""
+    def _request(self, api_key: int, version: int, body: bytes) -> bytes:
+        """One request and its reply, the reply's correlation id checked and cut off."""
         self.correlation += 1
-        client = b"segments-committed-log"
-        topic_b = topic.encode()
-        body = struct.pack(">hhih", FETCH, FETCH_VERSION, self.correlation, len(client)) + client
-        body += struct.pack(">iiiib", -1, max_wait_ms, 1, MAX_BYTES, READ_UNCOMMITTED)
-        body += struct.pack(">ih", 1, len(topic_b)) + topic_b
-        body += struct.pack(">iiqi", 1, partition, offset, MAX_BYTES)
-        self.sock.sendall(struct.pack(">i", len(body)) + body)
+        header = struct.pack(">hhi", api_key, version, self.correlation) + _string(CLIENT_ID)
+        self.sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
         response = self._receive()
         correlation, = struct.unpack_from(">i", response, 0)
         if correlation != self.correlation:
-            raise ConnectionError(f"fetch reply {correlation} does not answer request {self.correlation}")
-        pos = 8  # correlation id, throttle time
+            raise ConnectionError(f"reply {correlation} does not answer request {self.correlation}")
+        return response[4:]
+
+    def _authenticate(self, credentials: SaslCredentials, broker: str) -> None:
+        mechanism = credentials.mechanism
+        try:
+            reply = self._request(SASL_HANDSHAKE, 1, _string(mechanism.encode()))
+        except (ConnectionError, ssl.SSLError) as err:  # TLS 1.3: a refused client certificate shows here
+            raise KafkaAuthenticationError(f"the broker {broker} closed the connection at the SASL handshake "
+                                           f"(does its listener speak SASL, and TLS as set?): {err}") from None
+        error, = struct.unpack_from(">h", reply, 0)
+        if error:
+            raise KafkaAuthenticationError(f"the broker {broker} does not offer SASL {mechanism} (error {error})")
+        if mechanism == "PLAIN":
+            self._sasl_step(f"\0{credentials.username}\0{credentials.password}".encode(), broker)
+            return
+        scram = ScramClient(mechanism, credentials.username, credentials.password)
+        server_first = self._sasl_step(scram.first(), broker)
+        scram.check(self._sasl_step(scram.final(server_first), broker))
+
+    def _sasl_step(self, data: bytes, broker: str) -> bytes:
+        """One SaslAuthenticate v1 exchange: the broker's bytes, or the broker's refusal raised."""
+        try:
+            reply = self._request(SASL_AUTHENTICATE, 1, struct.pack(">i", len(data)) + data)
+        except (ConnectionError, ssl.SSLError) as err:
+            raise KafkaAuthenticationError(f"the broker {broker} closed the connection during SASL "
+                                           f"authentication: {err}") from None
+        error, length = struct.unpack_from(">hh", reply, 0)
+        pos = 4
+        message = reply[pos:pos + length].decode(errors="replace") if length >= 0 else ""
+        pos += max(length, 0)
+        if error:
+            raise KafkaAuthenticationError(f"the broker {broker} refused the login (error {error}): {message}")
+        size, = struct.unpack_from(">i", reply, pos)
+        return reply[pos + 4:pos + 4 + max(size, 0)]
+
+    def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 100) -> tuple[int, bytes]:
+        """(high watermark, record bytes) from `offset`, read_uncommitted: every batch, markers too."""
+        topic_b = topic.encode()
+        body = struct.pack(">iiiib", -1, max_wait_ms, 1, MAX_BYTES, READ_UNCOMMITTED)
+        body += struct.pack(">ih", 1, len(topic_b)) + topic_b
+        body += struct.pack(">iiqi", 1, partition, offset, MAX_BYTES)
+        response = self._request(FETCH, FETCH_VERSION, body)
+        pos = 4  # throttle time
         topics, = struct.unpack_from(">i", response, pos)
         pos += 4
         if topics != 1:
@@ -225,11 +342,12 @@ class BrokerConnection:
         self.sock.close()
 
 
-def partition_leaders(bootstrap: str, topic: str) -> dict[int, tuple[str, int]]:
+def partition_leaders(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) -> dict[int, tuple[str, int]]:
     """Each partition's leader (host, port), from the cluster's metadata."""
     from confluent_kafka.admin import AdminClient
 
-    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
+    metadata = AdminClient({"bootstrap.servers": bootstrap, **security.librdkafka_config()}).list_topics(
+        topic, timeout=10)
     described = metadata.topics.get(topic)
     if described is None or described.error is not None:
         raise RuntimeError(f"topic {topic}: {described.error if described else 'not found'}")
@@ -245,15 +363,16 @@ def partition_leaders(bootstrap: str, topic: str) -> dict[int, tuple[str, int]]:
 class LeaderConnections:
     """A connection to each partition's leader (one per broker), opened when first needed."""
 
-    def __init__(self, leaders: dict[int, tuple[str, int]]):
+    def __init__(self, leaders: dict[int, tuple[str, int]], security: KafkaSecurity = PLAINTEXT):
         self.leaders = leaders
+        self.security = security
         self._open: dict[tuple[str, int], BrokerConnection] = {}
 
     def of(self, partition: int) -> BrokerConnection:
         leader = self.leaders[partition]
         conn = self._open.get(leader)
         if conn is None:
-            conn = self._open[leader] = BrokerConnection(*leader)
+            conn = self._open[leader] = BrokerConnection(*leader, security=self.security)
         return conn
 
     def close(self) -> None:
@@ -315,8 +434,8 @@ class ReadSummary:
     open_waited_s: float = 0.0
 
 
-def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0,
-                      summary: ReadSummary | None = None) -> Iterator[LogRecord]:
+def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0, summary: ReadSummary | None = None,
+                      security: KafkaSecurity = PLAINTEXT) -> Iterator[LogRecord]:
     """Every committed record of the topic, partition by partition, in offset order within each,
     yielded as soon as its transaction's commit marker is read (memory: the open transactions).
 
@@ -325,7 +444,7 @@ def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0,
     transaction being committed right then (its marker not yet written) is not missed. Records of
     transactions still open after that are not yielded (`summary.open_left` counts them)."""
     summary = summary if summary is not None else ReadSummary()
-    connections = LeaderConnections(partition_leaders(bootstrap, topic))
+    connections = LeaderConnections(partition_leaders(bootstrap, topic, security), security)
     cursors = {partition: PartitionCursor(partition) for partition in connections.leaders}
     try:
         def read_to_end(cursor: PartitionCursor) -> Iterator[LogRecord]:
@@ -351,15 +470,15 @@ def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0,
         connections.close()
 
 
-def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = False,
-                             poll_s: float = 0.5) -> Iterator[LogRecord]:
+def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = False, poll_s: float = 0.5,
+                             security: KafkaSecurity = PLAINTEXT) -> Iterator[LogRecord]:
     """The committed records of the topic as their transactions commit, without end (`segments
     tail`): from the beginning, or from each partition's end at the start."""
-    connections = LeaderConnections(partition_leaders(bootstrap, topic))
+    connections = LeaderConnections(partition_leaders(bootstrap, topic, security), security)
     cursors = [PartitionCursor(partition) for partition in connections.leaders]
     try:
         for cursor in cursors:
-            cursor.offset = log_start_offset(bootstrap, topic, cursor.partition)
+            cursor.offset = log_start_offset(bootstrap, topic, cursor.partition, security)
             if not from_beginning:  # the high watermark, from a fetch (tansu's ListOffsets(latest) says 1)
                 cursor.offset, _ = connections.of(cursor.partition).fetch(topic, cursor.partition, cursor.offset)
         while True:
@@ -374,10 +493,11 @@ def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = 
         connections.close()
 
 
-def read_partition(bootstrap: str, topic: str, partition: int) -> list[LogRecord | TransactionMarker]:
+def read_partition(bootstrap: str, topic: str, partition: int,
+                   security: KafkaSecurity = PLAINTEXT) -> list[LogRecord | TransactionMarker]:
     """Every record and marker of one partition up to its end (read_uncommitted), from its leader."""
-    host, port = partition_leaders(bootstrap, topic)[partition]
-    conn = BrokerConnection(host, port)
+    host, port = partition_leaders(bootstrap, topic, security)[partition]
+    conn = BrokerConnection(host, port, security=security)
     try:
         out: list[LogRecord | TransactionMarker] = []
         offset = 0
@@ -405,13 +525,13 @@ class TopicLog:
     aborted: list[LogRecord]
 
 
-def read_topic(bootstrap: str, topic: str) -> TopicLog:
+def read_topic(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) -> TopicLog:
     """Every partition's committed records (by this reader's read_committed) and the records of
     aborted transactions, in (partition, offset) order."""
     committed: list[LogRecord] = []
     aborted: list[LogRecord] = []
-    for partition in partition_leaders(bootstrap, topic):
-        kept, dropped = split_by_outcome(read_partition(bootstrap, topic, partition))
+    for partition in partition_leaders(bootstrap, topic, security):
+        kept, dropped = split_by_outcome(read_partition(bootstrap, topic, partition, security))
         committed += kept
         aborted += dropped
     return TopicLog(committed, aborted)

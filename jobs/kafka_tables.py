@@ -1,16 +1,23 @@
 """The job's Kafka connectors as Table DDL (why Table DDL and not the DataStream connector:
 docs/architecture.md): the events source as raw bytes with their topic, partition and offset,
-read_committed, and the raw sinks, exactly-once, keyed by user."""
+read_committed, and the raw sinks, exactly-once, keyed by user; with the settings' Kafka security."""
 
 from __future__ import annotations
 
 from jobs.settings import JobSettings
 
 
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) -> str:
+    # Security as Kafka's own properties; the password is only named (`${env:NAME}`), never written.
+    security = "".join(f", {_quoted('properties.' + k)} = {_quoted(v)}"
+                       for k, v in settings.kafka_security().flink_properties().items())
     common = (
         f"'connector' = 'kafka', 'topic' = '{topic}', "
-        f"'properties.bootstrap.servers' = '{settings.bootstrap_servers}'"
+        f"'properties.bootstrap.servers' = '{settings.bootstrap_servers}'{security}"
     )
     if not sink:
         return (

@@ -43,6 +43,7 @@ from jobs.committed_log import (
     log_start_offset,
     partition_leaders,
 )
+from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from jobs.redis_view import RedisSegmentView
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.redis_layout import APPLY_BATCH_LUA, members_key, sequence_key, user_key
@@ -93,9 +94,11 @@ class FollowerFigures:
 
 
 class ViewFollower:
-    def __init__(self, view: RedisSegmentView, bootstrap_servers: str, topic: str, poll_s: float = 0.2):
+    def __init__(self, view: RedisSegmentView, bootstrap_servers: str, topic: str, poll_s: float = 0.2,
+                 security: KafkaSecurity = PLAINTEXT):
         self.view = view
         self.bootstrap_servers = bootstrap_servers
+        self.security = security
         self.topic = topic
         self.poll_s = poll_s
         self.key = offsets_key(view.prefix)
@@ -189,13 +192,13 @@ class ViewFollower:
         """Cursors at the stored resume offsets; none stored (a new or an emptied Redis): at the
         beginning, so the whole topic is replayed."""
         stored = {int(p): int(o) for p, o in self.view.client.hgetall(self.key).items()}
-        leaders = partition_leaders(self.bootstrap_servers, self.topic)
+        leaders = partition_leaders(self.bootstrap_servers, self.topic, self.security)
         if not stored and (self._offsets_expected or any(c.offset for c in self._cursors.values())):
             self.figures.replays += 1
             log.warning("the Redis view holds no follower offsets (restarted empty or flushed): replaying %s from "
                         "its beginning", self.topic)
         self._connections.close()
-        self._connections = LeaderConnections(leaders)
+        self._connections = LeaderConnections(leaders, self.security)
         self._cursors = {p: PartitionCursor(p, offset=stored.get(p, 0)) for p in leaders}
         self._offsets_expected = bool(stored)
         self._written = {str(p): o for p, o in stored.items()}
@@ -220,7 +223,7 @@ class ViewFollower:
         """The offset is below the log start: the retention deleted what the view never saw (a
         follower stopped, or a replay, longer than the topic keeps its records). What is left is
         applied; the gap is counted and said, not hidden."""
-        start = log_start_offset(self.bootstrap_servers, self.topic, cursor.partition)
+        start = log_start_offset(self.bootstrap_servers, self.topic, cursor.partition, self.security)
         if start <= cursor.offset:
             raise FetchError(OFFSET_OUT_OF_RANGE, f"{self.topic}/{cursor.partition}: offset {cursor.offset} out of "
                                                    f"range, log start {start}")
@@ -330,7 +333,8 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
         view = connect_view(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s, stop)
         if view is None:
             return figures
-        follower = ViewFollower(view, settings.bootstrap_servers, settings.transitions_topic)
+        follower = ViewFollower(view, settings.bootstrap_servers, settings.transitions_topic,
+                                security=settings.kafka_security())
         follower.figures = figures
         try:
             while not stop.is_set():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import redis
 from redis.exceptions import NoScriptError
 
+from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from udfs.redis_layout import APPLY_TRANSITION_LUA, members_key, sequence_key, user_key
 
 
@@ -98,7 +99,7 @@ class RebuildResult:
 
 
 def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: str, batch_size: int = 1000,
-                       open_wait_s: float = 30.0) -> RebuildResult:
+                       open_wait_s: float = 30.0, security: KafkaSecurity = PLAINTEXT) -> RebuildResult:
     """Replays every committed transition of the topic into the view.
 
     Only committed ones: the topic is read with jobs.committed_log, which keeps a transactional
@@ -116,7 +117,8 @@ def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: st
     summary = ReadSummary()
     read = applied = 0
     pending: list[tuple[str, str, str, int, int]] = []
-    for record in committed_records(bootstrap_servers, topic, open_wait_s=open_wait_s, summary=summary):
+    for record in committed_records(bootstrap_servers, topic, open_wait_s=open_wait_s, summary=summary,
+                                    security=security):
         t = codec.decode(record.value)
         pending.append((t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]))
         read += 1

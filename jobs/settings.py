@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from jobs.kafka_security import KafkaSecurity, KafkaSecurityError
 from udfs.definitions import MAX_YAML_DEPTH
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
@@ -42,6 +43,10 @@ class JobSettings:
     dead_letter_topic: str = "segment-dead-letters"
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
+    # Kafka client security for every client (the job's source and sinks, generate, tail, the
+    # rebuild, the follower, backtest), set as `kafka_<field>` in the file and SEGMENTS_KAFKA_<FIELD>
+    # variables (the fields of jobs/kafka_security.KafkaSecurity: Kafka's property names).
+    kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
     redis_url: str = "redis://127.0.0.1:6379/0"  # empty: no Redis view
     redis_key_prefix: str = "seg"
     redis_user_ttl_s: int = 30 * 24 * 3600
@@ -124,6 +129,9 @@ class JobSettings:
             raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):
             raise SettingsError("transactional_id_prefix may hold only letters, digits, '.', '_' and '-'")
+
+    def kafka_security(self) -> KafkaSecurity:
+        return self.kafka
 
     def definitions_file(self) -> Path:
         return Path(self.definitions_path) if self.definitions_path else SHIPPED_DEFINITIONS
@@ -210,7 +218,9 @@ def load_settings(
     **overrides: Any,
 ) -> JobSettings:
     environ = dict(os.environ if environ is None else environ)
-    kinds = {f.name: f.type for f in fields(JobSettings)}
+    # `profile` is the file's section; `kafka` is set through its `kafka_*` fields only.
+    kinds = {f.name: f.type for f in fields(JobSettings) if f.name != "kafka"}
+    kinds |= {f"kafka_{f.name}": "str" for f in fields(KafkaSecurity)}
     values: dict[str, Any] = {}
     if path is not None:
         loaded = _read_yaml(path) or {}
@@ -236,7 +246,13 @@ def load_settings(
             raise SettingsError(f"unknown setting in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
     for key, raw in overrides.items():
-        if key not in kinds:
+        if key not in kinds and key != "kafka":
             raise SettingsError(f"unknown setting {key!r}")
         values[key] = raw
+    kafka = {key[len("kafka_"):]: values.pop(key) for key in list(values) if key.startswith("kafka_")}
+    if kafka:
+        try:
+            values["kafka"] = dataclasses.replace(values.get("kafka", KafkaSecurity()), **kafka)
+        except KafkaSecurityError as err:
+            raise SettingsError(str(err)) from None
     return JobSettings(**values)

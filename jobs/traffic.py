@@ -10,6 +10,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 from tqdm import tqdm
 
+from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from udfs.codec import SchemaCatalog
 from udfs.events import UserEvent
 
@@ -22,10 +23,12 @@ def produce_events(
     jsonl_copy: Path | None = None,
     total: int | None = None,
     progress: bool = True,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> int:
     """Sends events in the order given; rate 0 means as fast as the producer takes them."""
     codec = SchemaCatalog().codec("UserEvent")
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "enable.idempotence": True})
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "enable.idempotence": True,
+                         **security.librdkafka_config()})
     copy = open(jsonl_copy, "w") if jsonl_copy else None
     sent = 0
     started = time.monotonic()

@@ -48,13 +48,15 @@ class ReferenceLoop:
         self.max_event_time: int | None = None
         self.watermark = -(2**63)
         self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.consumer_group,
-                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+                                  "enable.auto.commit": False, "isolation.level": "read_committed",
+                                  **settings.kafka_security().librdkafka_config()})
         topic = settings.events_topic
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
         self.producer = Producer({"bootstrap.servers": settings.bootstrap_servers,
                                   "transactional.id": f"{settings.transactional_id_prefix}-reference",
-                                  "transaction.timeout.ms": settings.transaction_timeout_ms})
+                                  "transaction.timeout.ms": settings.transaction_timeout_ms,
+                                  **settings.kafka_security().librdkafka_config()})
         self.producer.init_transactions(30)
         self.producer.begin_transaction()
         self.stopping = False

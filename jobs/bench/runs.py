@@ -76,7 +76,9 @@ def run_environment(stack: BenchStack, work: Path, name: str, topics: RunTopics,
     """SEGMENTS_* for one run (as tests/e2e job_environment does), over the caller's environment
     (so its own SEGMENTS_* settings apply to the job and the reference alike), with everything
     that must be private to the run: topics, Redis keys, transactional ids, checkpoints, logs."""
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    # The run's broker is the bench's own, private and plaintext: the caller's Kafka security
+    # settings are for their Kafka, not this one.
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("SEGMENTS_KAFKA_")}
     run_settings = {
         "bootstrap_servers": stack.bootstrap,
         "events_topic": topics.events,

@@ -19,7 +19,9 @@ from infra.stack import (
     start_flink_cluster,
     start_redis,
     stop_flink_cluster,
+    wait_for_port,
 )
+from jobs.kafka_security import KafkaSecurity
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Of this environment's SEGMENTS_* variables, what the job's process needs too (the stack's own
@@ -40,6 +42,76 @@ def broker(stack_root):
     proc = start_broker(stack_root, port)
     yield f"127.0.0.1:{port}"
     proc.stop()
+
+
+class SecuredBroker:
+    """tansu behind the SASL gate (tests/e2e/sasl_gate.py), with TLS or not: `bootstrap` is the gate's
+    address, the only one clients get; the user's password is in the environment variable
+    `password_variable` of this process (monkeypatched) and so of the processes it starts."""
+
+    username = "alice"
+    password = "alice-scram-secret-4f1c"
+    password_variable = "KAFKA_TEST_PASSWORD"  # no SEGMENTS_ prefix: not a setting
+
+    def __init__(self, bootstrap: str, ca_file: Path | None, client_pem: Path | None):
+        self.bootstrap = bootstrap
+        self.ca_file = ca_file  # None: SASL_PLAINTEXT
+        self.client_pem = client_pem  # the client's key and certificate, when the gate requires one
+
+    def settings(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
+        """The job's settings for this broker (SEGMENTS_* names without the prefix)."""
+        client = ({"kafka_ssl_certificate_location": str(self.client_pem),
+                   "kafka_ssl_key_location": str(self.client_pem)} if self.client_pem else {})
+        tls = {"kafka_ssl_ca_location": str(self.ca_file)} if self.ca_file else {}
+        return {"bootstrap_servers": self.bootstrap,
+                "kafka_security_protocol": "SASL_SSL" if self.ca_file else "SASL_PLAINTEXT",
+                "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": self.username,
+                "kafka_sasl_password": f"env:{self.password_variable}", **tls, **client}
+
+    def security(self, mechanism: str = "SCRAM-SHA-512") -> KafkaSecurity:
+        return KafkaSecurity(**{k[len("kafka_"):]: v for k, v in self.settings(mechanism).items()
+                                if k.startswith("kafka_")})
+
+
+def self_signed(directory: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate (its own CA) and its unencrypted PKCS#8 key."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         *extra, "-keyout", str(key), "-out", str(cert)])
+    return cert, key
+
+
+@pytest.fixture(params=["tls"])
+def secured_broker(stack_root, monkeypatch, request):
+    """A broker that requires SASL over TLS: tansu on a private port, advertising the gate's. The
+    indirect parameter: "tls" (the default), "mutual-tls" (the gate also requires a client
+    certificate) or "plaintext" (SASL without TLS)."""
+    import json
+
+    tls_dir = stack_root / "tls"
+    tls_dir.mkdir()
+    cert, key = self_signed(tls_dir, "localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost")
+    tls_files = [str(cert), str(key)] if request.param != "plaintext" else []
+    client_pem = None
+    if request.param == "mutual-tls":
+        client_cert, client_key = self_signed(tls_dir, "segments-client")
+        client_pem = tls_dir / "client.pem"  # key and chain in one file: the Java client's PEM key store
+        client_pem.write_text(client_key.read_text() + client_cert.read_text())
+        tls_files.append(str(client_cert))
+    users = stack_root / "sasl-users.json"
+    users.write_text(json.dumps({SecuredBroker.username: SecuredBroker.password}))
+    broker_port, gate_port = free_port(), free_port()
+    broker = start_broker(stack_root, broker_port, advertised_port=gate_port)
+    gate = ManagedProcess("sasl-gate", stack_root)
+    gate.start([sys.executable, "-m", "tests.e2e.sasl_gate", str(gate_port), f"127.0.0.1:{broker_port}",
+                str(users), *tls_files], cwd=PROJECT_ROOT)
+    try:
+        wait_for_port(gate_port, what="SASL gate")
+        monkeypatch.setenv(SecuredBroker.password_variable, SecuredBroker.password)
+        yield SecuredBroker(f"127.0.0.1:{gate_port}", cert if tls_files else None, client_pem)
+    finally:
+        gate.stop()
+        broker.stop()
 
 
 @pytest.fixture
