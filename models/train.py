@@ -23,7 +23,16 @@ import numpy as np
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile_config import DAY_MS, HOUR_MS, ProfileConfig
-from udfs.scoring import MANIFEST, FeatureVector, ModelManifest, VectorFeature, feature_hash, vectors_at
+from udfs.scoring import (
+    FINGERPRINT_EVENTS,
+    FINGERPRINT_START_MS,
+    MANIFEST,
+    FeatureVector,
+    ModelManifest,
+    VectorFeature,
+    feature_hash,
+    vectors_at,
+)
 from udfs.shoppers import generate_events
 
 NEVER_HOURS = 90 * 24.0  # recency imputed for "no such event": the profile retention, in hours
@@ -315,3 +324,25 @@ def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, versi
     _write_model(out_dir, manifest, onnx_bytes)
     manifests.append(manifest)
     return TrainingReport(manifests, len(events), users)
+
+
+# How the fingerprint's events (udfs/fingerprint_events.avro) were generated.
+FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_DAYS = 24, 97, 9
+FINGERPRINT_SYNC_MARKER = b"segments-fprint!"  # fixed, so the same events give the same file
+
+
+def write_fingerprint_events(path: Path = FINGERPRINT_EVENTS) -> str:
+    """Regenerates the feature fingerprint's events from the traffic generator and returns the
+    file's sha256, to be pinned as udfs.scoring.FINGERPRINT_EVENTS_SHA256. Only for a deliberate
+    change of the fingerprint: it changes every model's feature hash, so every manifest (retrain
+    with `segments train`) and every definitions file's pins (docs/models.md)."""
+    import fastavro
+
+    from udfs.codec import SCHEMAS_DIR
+
+    schema = fastavro.parse_schema(json.loads((SCHEMAS_DIR / "user_event.avsc").read_text()))
+    events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * DAY_MS)
+    with open(path, "wb") as out:
+        fastavro.writer(out, schema, (e.to_record() for e in events), codec="deflate", codec_compression_level=9,
+                        sync_marker=FINGERPRINT_SYNC_MARKER, sync_interval=1 << 20)
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -33,11 +33,29 @@ from udfs.profile_config import DAY_MS, HOUR_MS
 MANIFEST = "manifest.json"
 TRANSFORMS = ("identity", "log1p", "hours")
 GOLDEN_TOLERANCE = 1e-4  # probabilities; cluster ids must match exactly
-# The behavioural fingerprint of the feature code: a fixed generated history, read at fixed
-# instants. Any change to what a vector feature computes changes the values, hence the hash;
-# edits that change nothing (comments, refactors) keep it.
-FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_DAYS = 24, 97, 9
+# The behavioural fingerprint of the feature code: a fixed history of events checked into the
+# repository (FINGERPRINT_EVENTS, an Avro object container file of UserEvent records), read at
+# fixed instants. Any change to what a vector feature computes changes the values, hence the hash;
+# edits that change nothing (comments, refactors) keep it, and so does a change to the traffic
+# generator (the fixture was generated once, by models.train.write_fingerprint_events). The file's
+# sha256 is pinned here: a changed fixture is an error, never a silent change of every hash.
+FINGERPRINT_EVENTS = Path(__file__).resolve().parent / "fingerprint_events.avro"
+FINGERPRINT_EVENTS_SHA256 = "cc5e9243cd34dfeeda00022908bd6bf36cde81590d648d5bc143eedc28c45e81"
 FINGERPRINT_START_MS = 1_600_000_000_000
+FINGERPRINT_INSTANTS = tuple(FINGERPRINT_START_MS + DAY_MS * d + 7 * HOUR_MS for d in (1, 2, 4, 8))
+
+
+def _read_fixture(path: Path) -> bytes | OSError:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e
+
+
+# Read when the module is imported: in PyFlink's thread mode a worker's interpreter keeps this
+# module from the first job's python-dist directory, which Flink deletes when that job ends (see
+# jobs/shipped_files.py), so a file read later could be gone.
+_FINGERPRINT_BYTES = _read_fixture(FINGERPRINT_EVENTS)
 
 
 class ModelVerificationError(RuntimeError):
@@ -144,14 +162,35 @@ def vectors_at(events: Iterable[UserEvent], instants: Iterable[int],
             yield user_id, instant, vector.values(profiles[user_id], instant)
 
 
-def feature_hash(vector: FeatureVector) -> str:
-    """sha256 of the vector's spec and its values over the fingerprint history."""
-    from udfs.shoppers import generate_events
+def fingerprint_events(data: bytes | OSError | None = None) -> list[UserEvent]:
+    """The fingerprint history: the events of FINGERPRINT_EVENTS (read at import), after checking
+    the file's sha256 against FINGERPRINT_EVENTS_SHA256. `data` replaces the file's bytes (tests)."""
+    data = _FINGERPRINT_BYTES if data is None else data
+    if isinstance(data, OSError):
+        raise ModelVerificationError(f"the feature fingerprint's events cannot be read: {data}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != FINGERPRINT_EVENTS_SHA256:
+        raise ModelVerificationError(
+            f"{FINGERPRINT_EVENTS.name} has sha256 {digest[:16]}..., the code pins "
+            f"{FINGERPRINT_EVENTS_SHA256[:16]}...: the fingerprint's events changed, which would change every "
+            "model's feature hash (docs/models.md, Feature hash)")
+    import io
+    from datetime import UTC, datetime, timedelta
 
-    events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * DAY_MS)
-    instants = [FINGERPRINT_START_MS + DAY_MS * d + 7 * HOUR_MS for d in (1, 2, 4, 8)]
+    import fastavro
+
+    epoch, ms = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+    # fastavro reads timestamp-millis as an aware datetime: back to int ms, exactly.
+    return [UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms})
+            for record in fastavro.reader(io.BytesIO(data))]
+
+
+def feature_hash(vector: FeatureVector, events: Iterable[UserEvent] | None = None) -> str:
+    """sha256 of the vector's spec and its values over the fingerprint history (`events`, by
+    default fingerprint_events())."""
+    events = fingerprint_events() if events is None else events
     rows = [None if values is None else [float(f"{v:.9g}") for v in values]
-            for _, _, values in vectors_at(events, instants, vector)]
+            for _, _, values in vectors_at(events, FINGERPRINT_INSTANTS, vector)]
     payload = json.dumps({"vector": vector.spec(), "values": rows}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
+from udfs import scoring
 from udfs.conditions import ModelOutput
 from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
@@ -144,6 +145,53 @@ def test_changed_feature_code_is_refused_by_the_feature_hash(models, monkeypatch
         ModelRegistry.load(models, reweighted, ["personas"])
     # A change the features do not read leaves the hash alone (no retraining for a refactor).
     assert ModelRegistry.load(models, FeatureCatalog(ProfileConfig(max_seen_event_ids=4096)), ["personas"])
+
+
+def test_the_fingerprint_events_are_the_pinned_fixture():
+    data = scoring.FINGERPRINT_EVENTS.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == scoring.FINGERPRINT_EVENTS_SHA256
+    events = scoring.fingerprint_events()
+    assert len(events) == 3903 and len({e.user_id for e in events}) == 23
+    assert all(isinstance(e.timestamp, int) for e in events)
+    # A changed or unreadable fixture is an error naming the file, never a silently different hash.
+    with pytest.raises(ModelVerificationError, match="fingerprint_events.avro has sha256 .* the code pins"):
+        scoring.fingerprint_events(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ModelVerificationError, match="cannot be read"):
+        scoring.fingerprint_events(FileNotFoundError("no such file"))
+
+
+def test_the_shipped_manifests_feature_hashes_come_from_the_fixture():
+    from udfs.segmentation import DEFAULT_MODELS_DIR
+
+    manifests = sorted(DEFAULT_MODELS_DIR.glob(f"*/{MANIFEST}"))
+    assert len(manifests) == 3
+    for path in manifests:
+        manifest = ModelManifest.read(path)
+        assert feature_hash(FeatureVector(manifest.vector, CATALOG)) == manifest.feature_hash, path.parent.name
+
+
+def test_the_traffic_generator_does_not_change_the_feature_hash(monkeypatch):
+    import udfs.shoppers
+
+    vector = FeatureVector([VectorFeature("events_24h"), VectorFeature("ms_since_last_event", "hours", 2160.0)],
+                           CATALOG)
+    before = feature_hash(vector)
+    other = [UserEvent("x-1", "x", "page_view", scoring.FINGERPRINT_START_MS + HOUR_MS)]
+    assert feature_hash(vector, other) != before  # other events would change it ...
+    monkeypatch.setattr(udfs.shoppers, "generate_events", lambda *args, **kwargs: iter(other))
+    assert feature_hash(vector) == before  # ... but the generator's output is not read
+
+
+def test_the_fingerprint_fixture_round_trips_through_its_writer(tmp_path, monkeypatch):
+    import models.train
+
+    written = [UserEvent("u-1", "u", "purchase", scoring.FINGERPRINT_START_MS + 1, session_id="s", price=12.5,
+                         quantity=2, device="mobile"),
+               UserEvent("u-2", "u", "search", scoring.FINGERPRINT_START_MS + HOUR_MS, properties={"query": "q"})]
+    monkeypatch.setattr(models.train, "generate_events", lambda *args, **kwargs: iter(written))
+    digest = models.train.write_fingerprint_events(tmp_path / "events.avro")
+    monkeypatch.setattr(scoring, "FINGERPRINT_EVENTS_SHA256", digest)
+    assert scoring.fingerprint_events((tmp_path / "events.avro").read_bytes()) == written
 
 
 def test_a_golden_case_that_no_longer_matches_is_refused(models):
