@@ -1,7 +1,7 @@
 """The profile's keyed-state form, written on every step: a MessagePack array
 `[LAYOUT_VERSION, clock_ms, timer_ms, body, check]`, where `body` is a zstd frame (with its own
-checksum) of the rest of the profile as a positional MessagePack array (the bucket rings in it as
-little-endian arrays, `_packed_ring`) and `check` a CRC-32 of the two instants beside it.
+checksum) of the rest of the profile as a positional MessagePack array and `check` a CRC-32 of the
+two instants beside it.
 
 Why the clock and the pending timer stand outside the frame: they are all that a timer step which
 finds nothing due changes (0.3 of them per event on generated traffic), so such a step rewrites
@@ -10,8 +10,7 @@ them beside the body it encoded before (kept in `profile.derived` until the stat
 rewritten after every step, and fastavro's writer took ~300 us for a week-old profile. MessagePack
 holds only plain values (no code, no class names), so a value decodes to the same profile in any
 Python release, and a damaged one is an error, never a profile. State written by earlier releases
-is still read: the layout of version 5 (the rings as MessagePack numbers), of version 4 (one zstd
-frame of the whole array), and Avro (plain, or in
+is still read: the layout of version 4 (one zstd frame of the whole array), and Avro (plain, or in
 a zstd frame; schemas/user_profile_state.avsc and schemas/history), through schema resolution.
 Changing the layout means a new version number and a reader for the old one, kept here."""
 
@@ -21,7 +20,6 @@ import struct
 import sys
 import zlib
 from array import array
-from itertools import chain
 
 import msgpack
 import zstandard
@@ -95,46 +93,20 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Far above any bounded profile (ProfileConfig's caps keep a week-old one near 4 KB before zstd).
 MAX_STATE_BYTES = 64 << 20
-# 6: the rings packed (_packed_ring); 5: the rings as MessagePack numbers; 4: the items of 5 in one
-# zstd frame with the clock and timer; the Avro schemas of earlier state were 1-3.
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 5  # 4: the same items in one zstd frame; the Avro schemas of earlier state were 1-3
 BODY_ITEMS = 19
-
-
-def _packed_ring(width: int, ring: dict[int, Bucket]) -> list:
-    """A ring as [width, starts, count typecode, counts, spends, category views]: the starts, the
-    counts (type by type, bucket after bucket) and the spends as little-endian arrays, not a
-    MessagePack number each. A week-old profile holds ~100 buckets of 10 counts: packing them
-    one by one (and flattening them into a list first) was half the cost of the state write."""
-    buckets = ring.values()
-    counts = [b.counts for b in buckets]
-    try:
-        packed, typecode = bytes(chain.from_iterable(counts)), "B"  # ValueError from 256 up
-    except ValueError:
-        typecode = "I" if max(chain.from_iterable(counts)) < 1 << 32 else "Q"
-        packed = _pack(chain.from_iterable(counts), typecode)
-    return [width, _pack(ring, "q"), typecode, packed, _pack([b.spend for b in buckets], "d"),
-            [b.category_views for b in buckets]]
-
-
-def _unpacked_ring(packed: list) -> list:
-    """A packed ring in version 4's form: [width, starts, counts, spends, category views]."""
-    width, starts, typecode, counts, spends, category_views = packed
-    if typecode not in COUNT_TYPECODES:
-        raise DecodeError("undecodable", f"profile state: unknown count typecode {typecode!r}")
-    counts = list(counts) if typecode == "B" else _unpack(counts, typecode).tolist()
-    return [width, _unpack(starts, "q").tolist(), counts, _unpack(spends, "d").tolist(), category_views]
-
-
-COUNT_TYPECODES = ("B", "I", "Q")
 
 
 def _body(p: UserProfile) -> list:
     """Everything but the clock and the pending timer, in the positions of version 4's layout
-    (which had the version at 0, the clock at 1 and the timer at 19), the rings packed."""
+    (which had the version at 0, the clock at 1 and the timer at 19)."""
+    rings = []
+    for width, ring in p.buckets.items():
+        buckets = ring.values()
+        rings.append([width, list(ring), [c for b in buckets for c in b.counts], [b.spend for b in buckets],
+                      [b.category_views for b in buckets]])
     return [
-        p.sequence_base, p.last_by_type, [_packed_ring(width, ring) for width, ring in p.buckets.items()],
-        p.lifetime_spend, p.lifetime_orders,
+        p.sequence_base, p.last_by_type, rings, p.lifetime_spend, p.lifetime_orders,
         p.products_viewed, p.categories_viewed,
         {sid: (s.start_ms, s.end_ms, s.events) for sid, s in p.named_sessions.items()},
         [(s.start_ms, s.end_ms, s.events) for s in p.derived_sessions],
@@ -211,21 +183,18 @@ class ProfileStateCodec:
         return self._checked(self._from_current, self._unpack(data))
 
     def _from_current(self, v: list) -> UserProfile:
-        if not isinstance(v, list) or len(v) != 5 or v[0] not in (5, LAYOUT_VERSION):
+        if not isinstance(v, list) or len(v) != 5 or v[0] != LAYOUT_VERSION:
             shown = v[0] if isinstance(v, list) and v else type(v).__name__
             raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
-        version, clock_ms, timer_ms, body, check = v
+        _, clock_ms, timer_ms, body, check = v
         if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
             raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
         items = self._unpack(self._decompress(body))
         if not isinstance(items, list) or len(items) != BODY_ITEMS:
             raise DecodeError("undecodable", "profile state: malformed body")
-        if version == LAYOUT_VERSION:
-            items[2] = [_unpacked_ring(ring) for ring in items[2]]
-            profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])
-            profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
-            return profile
-        return _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])  # written again as 6
+        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])
+        profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
+        return profile
 
     def _decompress(self, frame: bytes) -> bytes:
         try:
