@@ -5,8 +5,10 @@ SCRAM-SHA-512 and read committed records; wrong and missing credentials are refu
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
+from urllib.parse import quote
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -21,6 +23,7 @@ from jobs.committed_log import (
 )
 from jobs.kafka_security import KafkaSecurity
 from tests.e2e.conftest import wait_until
+from tests.e2e.tls_redis import ACL_PASSWORD, ACL_USER, tls_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -158,19 +161,32 @@ def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing
     assert refused.returncode != 0
 
 
-@pytest.mark.parametrize("secured_broker, mechanism", [("tls", "SCRAM-SHA-512"), ("mutual-tls", "SCRAM-SHA-512"),
-                                                       ("plaintext", "PLAIN")], indirect=["secured_broker"])
+@pytest.mark.parametrize("secured_broker, mechanism, redis_over_tls",
+                         [("tls", "SCRAM-SHA-512", True), ("mutual-tls", "SCRAM-SHA-512", False),
+                          ("plaintext", "PLAIN", False)], indirect=["secured_broker"])
 def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_environment(
-    secured_broker, mechanism, run_job, stack_root, monkeypatch, catalog
+    secured_broker, mechanism, redis_over_tls, run_job, stack_root, monkeypatch, catalog
 ):
     """`segments run` against the gate (SCRAM-SHA-512 over TLS, with and without a client
-    certificate; PLAIN over SASL_PLAINTEXT)."""
+    certificate; PLAIN over SASL_PLAINTEXT); with SCRAM over TLS, the Redis view on a TLS-only
+    redis-server as an ACL user too (issue 19's security tier: an authenticated broker and an
+    authenticated TLS Redis in one run)."""
     from jobs.bench.runs import rest_port_of
 
     flink_logs = stack_root / "flink-logs"
     monkeypatch.setenv("FLINK_LOG_DIR", str(flink_logs))
-    check_job_over_sasl(secured_broker, mechanism, run_job, lambda job: rest_port_of(flink_logs),
-                        [flink_logs, stack_root / "logs"], catalog)
+    redis = None
+    if redis_over_tls:
+        server, port, ca = tls_redis(stack_root / "redis-tls", "IP:127.0.0.1,DNS:localhost")
+        monkeypatch.setenv("REDIS_VIEW_URL", f"rediss://{ACL_USER}:{quote(ACL_PASSWORD)}@127.0.0.1:{port}/0"
+                                             f"?ssl_ca_certs={ca}")
+        redis = server
+    try:
+        check_job_over_sasl(secured_broker, mechanism, run_job, lambda job: rest_port_of(flink_logs),
+                            [flink_logs, stack_root / "logs"], catalog, redis_over_tls)
+    finally:
+        if redis is not None:
+            redis.stop()
 
 
 @pytest.mark.cluster
@@ -183,10 +199,13 @@ def test_the_job_on_the_standalone_cluster_reads_the_password_on_its_workers(
                         [stack_root / "logs"], catalog)
 
 
-def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, log_dirs, catalog):
+def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, log_dirs, catalog,
+                        redis_over_tls: bool = False):
     """Events produced as `segments generate` produces them, the job started, the transitions read
     back and equal to the core's; the password is in the job's environment only, not in its REST
-    plan and configuration or any log; the job's own Java clients logged in at the gate."""
+    plan and configuration or any log; the job's own Java clients logged in at the gate. With
+    `redis_over_tls`, the job writes its Redis view through env:REDIS_VIEW_URL (set by the caller)
+    and the view comes to the core's memberships."""
     import json
     import urllib.request
 
@@ -211,7 +230,8 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
     expected, _ = replay_events(engine, [*traffic, sentinel], until_ms=sentinel.timestamp - 2_000 - 1)
     assert expected
 
-    job = start_job(**secured_broker.settings(mechanism), **topics, redis_url="", redis_follower=False,
+    redis = {"redis_url": "env:REDIS_VIEW_URL", "redis_key_prefix": "t"} if redis_over_tls else {"redis_url": ""}
+    job = start_job(**secured_broker.settings(mechanism), **topics, **redis, redis_follower=False,
                     checkpoint_interval_ms=2000, watermark_lag_ms=2000, transactional_id_prefix="sec")
 
     def committed():
@@ -223,6 +243,19 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
     codec = catalog.codec("SegmentTransition")
     got = sorted(codec.decode(r.value)["transition_id"] for r in records)
     assert got == sorted(t.transition_id for t in expected)
+    if redis_over_tls:
+        from jobs.redis_view import RedisSegmentView
+
+        members: dict[str, set[str]] = {}
+        for t in expected:  # in each user's order: the last transition of a (user, segment) holds
+            (members.setdefault(t.segment, set()).add if t.kind == "ENTER" else
+             members.setdefault(t.segment, set()).discard)(t.user_id)
+        view = RedisSegmentView(os.environ["REDIS_VIEW_URL"], "t", ttl_s=0)
+        wait_until(lambda: all(view.members(s) == m for s, m in members.items()) or None, timeout_s=60,
+                   interval_s=2, on_timeout=job.log_tail)
+        passwords = (secured_broker.password, ACL_PASSWORD, quote(ACL_PASSWORD))
+    else:
+        passwords = (secured_broker.password,)
 
     # The password went nowhere but the job's environment: not into its REST-visible plan and
     # configuration, nor any log line of the job, the gate or Flink.
@@ -236,7 +269,7 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
     job_id = json.loads(rest("/jobs/overview"))["jobs"][0]["jid"]
     seen = [rest(f"/jobs/{job_id}/plan"), rest(f"/jobs/{job_id}/config"), rest("/jobmanager/config")]
     seen += [p.read_text(errors="replace") for d in log_dirs for p in d.glob("*") if p.is_file()]
-    assert len(seen) > 4 and all(secured_broker.password not in text for text in seen)
+    assert len(seen) > 4 and not [p for p in passwords for text in seen if p in text]
     # The job's own (Java) clients logged in, the source's and both sinks': not only this test's
     # (librdkafka's client id 'rdkafka', the wire reader's 'segments-committed-log').
     gate_log = next(p for d in log_dirs for p in d.glob("sasl-gate.log"))
