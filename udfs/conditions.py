@@ -216,8 +216,9 @@ class _Parser:
     def parse(self):
         node = self.or_()
         if self.peek.kind != "end":
-            raise ConditionError(f"unexpected {self._shown(self.peek)} (expected 'and', 'or' or the end)",
-                                 self.peek.column)
+            raise ConditionError(
+                f"unexpected {self._shown(self.peek)} (expected 'and', 'or' or the end)", self.peek.column
+            )
         return node
 
     def or_(self):
@@ -283,7 +284,7 @@ class _Parser:
         if not negative and self.at("true", "false"):
             self.take()
             return Literal(token.text == "true", BOOL, token.column)
-        raise ConditionError(f"expected a number, duration or \"text\", found {self._shown(token)}", token.column)
+        raise ConditionError(f'expected a number, duration or "text", found {self._shown(token)}', token.column)
 
     def operand(self):
         token = self.peek
@@ -297,8 +298,9 @@ class _Parser:
             self.expect(")")
             return node
         if token.kind != "name":
-            raise ConditionError(f"expected a feature, score, segment or value, found {self._shown(token)}",
-                                 token.column)
+            raise ConditionError(
+                f"expected a feature, score, segment or value, found {self._shown(token)}", token.column
+            )
         if token.text == "missing":
             self.take()
             self.expect("(")
@@ -312,14 +314,23 @@ class _Parser:
             self.expect("(")
             kind = self.take()
             if kind.kind != "name" or kind.text not in EVENT_TYPES:
-                raise ConditionError(f"absent(...) takes an event type first, one of {', '.join(EVENT_TYPES)}; "
-                                     f"found {self._shown(kind)}", kind.column)
+                raise ConditionError(
+                    f"absent(...) takes an event type first, one of {', '.join(EVENT_TYPES)}; "
+                    f"found {self._shown(kind)}",
+                    kind.column,
+                )
             self.expect(",")
             window = self.take()
-            if (window.kind != "duration" or not math.isfinite(window.value) or window.value <= 0
-                    or window.value != int(window.value)):
-                raise ConditionError(f"absent(...) takes a positive duration second, such as 7d; "
-                                     f"found {self._shown(window)}", window.column)
+            if (
+                window.kind != "duration"
+                or not math.isfinite(window.value)
+                or window.value <= 0
+                or window.value != int(window.value)
+            ):
+                raise ConditionError(
+                    f"absent(...) takes a positive duration second, such as 7d; found {self._shown(window)}",
+                    window.column,
+                )
             self.expect(")")
             return Absent(kind.text, int(window.value), token.column)
         return self.reference()
@@ -327,8 +338,7 @@ class _Parser:
     def reference(self):
         token = self.take()
         if token.kind != "name" or (token.text in KEYWORDS and token.text not in ("score", "segment")):
-            raise ConditionError(f"expected a feature, score or segment name, found {self._shown(token)}",
-                                 token.column)
+            raise ConditionError(f"expected a feature, score or segment name, found {self._shown(token)}", token.column)
         if token.text in ("score", "segment"):
             self.expect(".")
             name = self.take()
@@ -340,8 +350,9 @@ class _Parser:
             self.take()
             key_token = self.take()
             if key_token.kind != "string":
-                raise ConditionError(f"expected a \"quoted\" key inside [...], found {self._shown(key_token)}",
-                                     key_token.column)
+                raise ConditionError(
+                    f'expected a "quoted" key inside [...], found {self._shown(key_token)}', key_token.column
+                )
             key = key_token.value
             self.expect("]")
         return FeatureRef(token.text, key, token.column)
@@ -456,8 +467,7 @@ class Condition:
     compare: Compare | None = None  # the node, when the condition is a single comparison
 
 
-_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-        "!=": operator.ne}
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 
 
@@ -493,11 +503,14 @@ class Compiler:
             if len(tests) == 2:
                 first, second = tests
                 if isinstance(node, And):
+
                     def holds(ev):
                         return bool(first(ev) and second(ev))
                 else:
+
                     def holds(ev):
                         return bool(first(ev) or second(ev))
+
                 first_change, second_change = changes
 
                 def change(ev):
@@ -505,13 +518,17 @@ class Compiler:
                     if a is None:
                         return b
                     return a if b is None or a <= b else b
+
                 return holds, change
             if isinstance(node, And):
+
                 def holds(ev):
                     return all(test(ev) for test in tests)
             else:
+
                 def holds(ev):
                     return any(test(ev) for test in tests)
+
             return holds, lambda ev: _first_of(*(c(ev) for c in changes))
         if isinstance(node, Not):
             test, change = self._condition(node.item, refs)
@@ -536,8 +553,7 @@ class Compiler:
             value = node.value
             return (lambda ev: value), _never
         what = self._describe(node)
-        raise ConditionError(f"{what} is not a condition: compare it with something, e.g. {what} > 0",
-                             _column(node))
+        raise ConditionError(f"{what} is not a condition: compare it with something, e.g. {what} > 0", _column(node))
 
     def _describe(self, node) -> str:
         if isinstance(node, FeatureRef):
@@ -564,13 +580,13 @@ class Compiler:
             name = node.model
             refs.scores.add(name)
             if model.clusters is not None:
-                return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=0,
-                               high=model.clusters - 1)
+                return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=0, high=model.clusters - 1)
             return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=model.low, high=model.high)
         if isinstance(node, SegmentRef):
             if node.segment not in self.segments:
-                raise ConditionError(f"unknown segment {node.segment!r}{_suggest(node.segment, self.segments)}",
-                                     node.column)
+                raise ConditionError(
+                    f"unknown segment {node.segment!r}{_suggest(node.segment, self.segments)}", node.column
+                )
             name = node.segment
             refs.segments.add(name)
             return Operand(BOOL, lambda ev: ev.members[name], f"segment.{name}")
@@ -587,18 +603,22 @@ class Compiler:
         read = catalog.readers[name]
         if spec.kind == MAP:
             if node.key is None:
-                raise ConditionError(f"{name} is a map: name a key, e.g. {name}[\"shoes\"]", node.column)
+                raise ConditionError(f'{name} is a map: name a key, e.g. {name}["shoes"]', node.column)
             if spec.value_kind not in (NUMBER, DURATION):
                 raise ConditionError(f"{name} cannot be used in conditions", node.column)
             key, default = node.key, spec.missing_key
             read_key = catalog.key_readers.get(name)
             if read_key is None:
+
                 def read_key(p, t, k):
                     return read(p, t).get(k, default)
+
             key_lapse = catalog.key_lapses.get(name)
             if key_lapse is not None:
+
                 def lapse_of_key(p, t):
                     return key_lapse(p, t, key)
+
                 change = lambda ev: ev.lapse((name, key), lapse_of_key)  # noqa: E731
 
             def value(ev):
@@ -618,9 +638,19 @@ class Compiler:
 
             at, label, kind = read, name, spec.kind
         refs.features[label] = value
-        return Operand(kind, value, label, change, spec.motion, spec.half_life_ms, at, choices=spec.choices,
-                       low=0.0 if kind in (NUMBER, DURATION) else None, falls_only=spec.falls_only,
-                       feature=None if spec.kind == MAP else name)
+        return Operand(
+            kind,
+            value,
+            label,
+            change,
+            spec.motion,
+            spec.half_life_ms,
+            at,
+            choices=spec.choices,
+            low=0.0 if kind in (NUMBER, DURATION) else None,
+            falls_only=spec.falls_only,
+            feature=None if spec.kind == MAP else name,
+        )
 
     # -- comparisons --
 
@@ -632,8 +662,11 @@ class Compiler:
         if left.literal:
             raise ConditionError("a comparison needs a feature, score or segment on one side", node.column)
         if left.kind == BOOL or right.kind == BOOL:
-            raise ConditionError("segments and true/false are conditions themselves: write `segment.x` or "
-                                 "`not segment.x`, not a comparison", node.column)
+            raise ConditionError(
+                "segments and true/false are conditions themselves: write `segment.x` or "
+                "`not segment.x`, not a comparison",
+                node.column,
+            )
         self._check_kinds(left, right, op, node.column)
         test = _OPS[op]
         lv, rv = left.value, right.value
@@ -664,33 +697,41 @@ class Compiler:
             return holds, self._crossing(left, op, threshold)
         for side in (left, right):
             if side.motion != STEP:
-                raise ConditionError(f"{side.label} changes continuously with time: compare it with a constant, "
-                                     "not with another feature", node.column)
+                raise ConditionError(
+                    f"{side.label} changes continuously with time: compare it with a constant, "
+                    "not with another feature",
+                    node.column,
+                )
         lc, rc = left.change, right.change
         return holds, lambda ev: _first_of(lc(ev), rc(ev))
 
     def _check_kinds(self, left: Operand, right: Operand, op: str, column: int) -> None:
         if left.kind == TEXT_LIST or right.kind == TEXT_LIST:
-            raise ConditionError(f"{(left if left.kind == TEXT_LIST else right).label} is a list: use "
-                                 f"\"value\" in {left.label if left.kind == TEXT_LIST else right.label}", column)
+            raise ConditionError(
+                f"{(left if left.kind == TEXT_LIST else right).label} is a list: use "
+                f'"value" in {left.label if left.kind == TEXT_LIST else right.label}',
+                column,
+            )
         if left.kind == TEXT or right.kind == TEXT:
             if left.kind != right.kind:
-                raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} "
-                                     f"({right.kind})", column)
+                raise ConditionError(
+                    f"cannot compare {left.label} ({left.kind}) with {right.label} ({right.kind})", column
+                )
             if op not in ("==", "!="):
                 raise ConditionError(f"text is compared with == or != only, not {op}", column)
             if right.literal and left.choices and right.value(None) not in left.choices:
-                raise ConditionError(f"{left.label} is never {right.value(None)!r}: it is one of "
-                                     f"{', '.join(left.choices)}", column)
+                raise ConditionError(
+                    f"{left.label} is never {right.value(None)!r}: it is one of {', '.join(left.choices)}", column
+                )
             return
         # Numbers: a duration literal only where the other side is a duration (ms) too; a plain
         # number against a duration is read as milliseconds.
         if right.literal and right.kind == DURATION and left.kind != DURATION:
-            raise ConditionError(f"{left.label} is a {left.kind}, not a duration: compare it with a "
-                                 f"plain number", column)
+            raise ConditionError(
+                f"{left.label} is a {left.kind}, not a duration: compare it with a plain number", column
+            )
         if not right.literal and left.kind != right.kind:
-            raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} "
-                                 f"({right.kind})", column)
+            raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} ({right.kind})", column)
 
     @staticmethod
     def _check_threshold(left: Operand, op: str, threshold: float, column: int) -> None:
@@ -701,8 +742,11 @@ class Compiler:
         low, high = left.low, left.high
         if (low is not None and threshold < low) or (high is not None and threshold > high):
             bounds = f"[{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
-            raise ConditionError(f"threshold {threshold:g} is outside the range of {left.label}, {bounds}: "
-                                 f"the comparison would be constant", column)
+            raise ConditionError(
+                f"threshold {threshold:g} is outside the range of {left.label}, {bounds}: "
+                f"the comparison would be constant",
+                column,
+            )
 
     def _crossing(self, left: Operand, op: str, threshold: float) -> Change:
         """When `left op threshold` may next change with no event: at the feature's next lapse,
@@ -728,12 +772,14 @@ class Compiler:
                     if base + offset > ev.now:
                         return _first_of(due, base + offset)
                 return due
+
             return change
         if left.motion == DECAY:
             test, value, at, half_life = _OPS[op], left.value, left.at, left.half_life_ms
 
             def change(ev):
                 return _first_of(step(ev), _decay_crossing(ev, value(ev), at, half_life, test, threshold))
+
             return change
         if left.falls_only and op in ("<", "<=", ">", ">="):
             # A value that only falls flips `> c` only from true and `< c` only from false: in the
@@ -745,6 +791,7 @@ class Compiler:
                 if v is not None and test(v, threshold) != upward:
                     return None
                 return step(ev)
+
             return change
         return step
 
@@ -753,34 +800,38 @@ class Compiler:
         negated = node.negated
         if isinstance(node.options, tuple):
             if item.literal or item.kind not in (NUMBER, TEXT):
-                raise ConditionError("`in [...]` needs a number or text feature or score on its left",
-                                     node.column)
+                raise ConditionError("`in [...]` needs a number or text feature or score on its left", node.column)
             if item.motion != STEP:
                 raise ConditionError(f"{item.label} changes continuously with time: use <, <=, >, >=", node.column)
             for option in node.options:
                 if option.kind != item.kind:
                     raise ConditionError(f"{option.value!r} is not a {item.kind} like {item.label}", option.column)
                 if item.choices and option.value not in item.choices:
-                    raise ConditionError(f"{item.label} is never {option.value!r}: it is one of "
-                                         f"{', '.join(item.choices)}", option.column)
+                    raise ConditionError(
+                        f"{item.label} is never {option.value!r}: it is one of {', '.join(item.choices)}", option.column
+                    )
             options = frozenset(o.value for o in node.options)
             value = item.value
 
             def holds_in(ev):
                 v = value(ev)
                 return v is not None and (v in options) != negated  # missing: false, as comparisons
+
             return holds_in, item.change
         collection = self._operand(node.options, refs)
         if collection.kind != TEXT_LIST:
             raise ConditionError(f"{collection.label} is not a list", node.column)
         if item.kind != TEXT:
-            raise ConditionError(f"{collection.label} holds text: put a \"quoted\" value or a text feature "
-                                 "on the left of `in`", node.column)
+            raise ConditionError(
+                f'{collection.label} holds text: put a "quoted" value or a text feature on the left of `in`',
+                node.column,
+            )
         value, members = item.value, collection.value
 
         def holds(ev):
             v = value(ev)
             return v is not None and (v in members(ev)) != negated
+
         return holds, lambda ev: _first_of(item.change(ev), collection.change(ev))
 
 

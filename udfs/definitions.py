@@ -66,8 +66,9 @@ _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
 
 
 class DefinitionError(ValueError):
-    def __init__(self, message: str, source: str, line: int | None = None, column: int | None = None,
-                 segment: str | None = None):
+    def __init__(
+        self, message: str, source: str, line: int | None = None, column: int | None = None, segment: str | None = None
+    ):
         where = source + (f":{line}" if line else "") + (f":{column}" if line and column else "")
         super().__init__(f"{where}: " + (f"segment {segment!r}: " if segment else "") + message)
         self.source, self.line, self.column, self.segment, self.message = source, line, column, segment, message
@@ -153,24 +154,40 @@ class DefinitionSet:
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
-        self._plan = tuple(
-            (unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units
-        )
+        self._plan = tuple((unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units)
         # The same walk for next_change_ms, with what it reads of each segment taken out once.
         self._changes = tuple(
-            (group is not None, tuple((s.name, s.min_dwell_ms, s.enter.next_change,
-                                       s.member_next_change if s.exit is not None else s.enter.next_change)
-                                      for s in segments))
+            (
+                group is not None,
+                tuple(
+                    (
+                        s.name,
+                        s.min_dwell_ms,
+                        s.enter.next_change,
+                        s.member_next_change if s.exit is not None else s.enter.next_change,
+                    )
+                    for s in segments
+                ),
+            )
             for group, segments in self._plan
         )
 
         # The same walk for changes(), a single segment's parts taken out once: (None, name, min
         # dwell, enter test, exit test or None, the Verdict of entering, the Verdict of leaving).
         self._diff_plan = tuple(
-            (group, None, 0, None, None, None, None) if group is not None else
-            (None, s.name, s.min_dwell_ms, s.enter.holds, s.exit_holds if s.exit is not None else None,
-             Verdict(True, s.enter.text, s.enter), Verdict(False, *s.leaves_rule))
-            for group, segments in self._plan for s in segments[:1]
+            (group, None, 0, None, None, None, None)
+            if group is not None
+            else (
+                None,
+                s.name,
+                s.min_dwell_ms,
+                s.enter.holds,
+                s.exit_holds if s.exit is not None else None,
+                Verdict(True, s.enter.text, s.enter),
+                Verdict(False, *s.leaves_rule),
+            )
+            for group, segments in self._plan
+            for s in segments[:1]
         )
 
     @property
@@ -240,14 +257,14 @@ class DefinitionSet:
         if current is not None:
             leaves, rule, condition = current.leaves(ev)
             own_exit = Verdict(False, rule, condition) if leaves else None
-        winner = next((s for s in group.segments
-                       if (own_exit is None if s is current else s.enter.holds(ev))), None)
+        winner = next((s for s in group.segments if (own_exit is None if s is current else s.enter.holds(ev))), None)
         for s in group.segments:
             if s is winner:
                 out[s.name] = Verdict(True, s.enter.text, s.enter)
             elif s is current:
                 out[s.name] = own_exit or Verdict(
-                    False, f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
+                    False,
+                    f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
                     winner.enter,
                 )
             else:
@@ -291,8 +308,7 @@ def parse_definitions(
     root, anchor_line = _compose(text, source)
     builder = _Builder(source, FeatureCatalog(profile_config or ProfileConfig()), models or {}, text)
     if anchor_line is not None:
-        builder.fail("YAML anchors and aliases are not allowed", None, _segment_at(root, anchor_line),
-                     line=anchor_line)
+        builder.fail("YAML anchors and aliases are not allowed", None, _segment_at(root, anchor_line), line=anchor_line)
     return builder.build(root, data)
 
 
@@ -310,13 +326,17 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
             if isinstance(event, yaml.NodeEvent):
                 nodes += 1
                 if nodes > MAX_YAML_NODES:
-                    raise DefinitionError(f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings)",
-                                          source, event.start_mark.line + 1)
+                    raise DefinitionError(
+                        f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings)",
+                        source,
+                        event.start_mark.line + 1,
+                    )
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
-                    raise DefinitionError(f"nested more than {MAX_YAML_DEPTH} levels deep", source,
-                                          event.start_mark.line + 1)
+                    raise DefinitionError(
+                        f"nested more than {MAX_YAML_DEPTH} levels deep", source, event.start_mark.line + 1
+                    )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
             elif isinstance(event, yaml.DocumentStartEvent):
@@ -328,8 +348,9 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
         root = _EventComposer(events).get_single_node()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        raise DefinitionError(f"invalid YAML: {err.problem or err.context}", source,
-                              mark.line + 1 if mark else None) from None
+        raise DefinitionError(
+            f"invalid YAML: {err.problem or err.context}", source, mark.line + 1 if mark else None
+        ) from None
     except yaml.YAMLError as err:
         raise DefinitionError(f"invalid YAML: {type(err).__name__}", source) from None
     if root is None:
@@ -392,15 +413,22 @@ class _Builder:
         self.models = models
         self.condition_chars = 0  # of the conditions compiled so far
 
-    def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None,
-             line: int | None = None):
+    def fail(
+        self,
+        message: str,
+        node: yaml.Node | None,
+        segment: str | None = None,
+        column: int | None = None,
+        line: int | None = None,
+    ):
         line = line if line is not None else (_line(node) if node is not None else None)
         raise DefinitionError(message, self.source, line, column, segment)
 
     # -- YAML nodes to plain values, refusing anything but the core schema --
 
-    def mapping(self, node, what: str, allowed: set[str], required: set[str] = frozenset(),
-                segment: str | None = None) -> dict[str, yaml.Node]:
+    def mapping(
+        self, node, what: str, allowed: set[str], required: set[str] = frozenset(), segment: str | None = None
+    ) -> dict[str, yaml.Node]:
         self.check_tag(node, segment)
         if not isinstance(node, yaml.MappingNode):
             self.fail(f"{what} must be a mapping", node, segment)
@@ -436,16 +464,28 @@ class _Builder:
     # -- the file --
 
     def build(self, root, data: bytes) -> DefinitionSet:
-        top = self.mapping(root, "the definitions file",
-                           {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
-                           {"version", "segments"})
+        top = self.mapping(
+            root,
+            "the definitions file",
+            {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
+            {"version", "segments"},
+        )
         version_node = top["version"]
         if version_node.tag != "tag:yaml.org,2002:timestamp":
             self.check_tag(version_node, None)
         # Written as text, a number or a date (`2026-11-23` is a YAML timestamp): the text as written.
-        version = version_node.value if isinstance(version_node, yaml.ScalarNode) and version_node.tag in (
-            "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-            "tag:yaml.org,2002:timestamp") else None
+        version = (
+            version_node.value
+            if isinstance(version_node, yaml.ScalarNode)
+            and version_node.tag
+            in (
+                "tag:yaml.org,2002:str",
+                "tag:yaml.org,2002:int",
+                "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp",
+            )
+            else None
+        )
         if version is None or not VERSION.fullmatch(version):
             self.fail("version must be 1-64 letters, digits or . _ : + - (e.g. 2026-11-23.1)", version_node)
         if "description" in top:
@@ -457,12 +497,20 @@ class _Builder:
             self.fail(f"more than {MAX_SEGMENTS} segments", top["segments"])
         raw_segments: dict[str, tuple[dict[str, yaml.Node], yaml.Node]] = {}
         for entry in entries:
-            fields = self.mapping(entry, "a segment", {"name", "description", "when", "enter", "exit", "min_dwell"},
-                                  {"name"}, segment=_name_of(entry))
+            fields = self.mapping(
+                entry,
+                "a segment",
+                {"name", "description", "when", "enter", "exit", "min_dwell"},
+                {"name"},
+                segment=_name_of(entry),
+            )
             name = self.text(fields["name"], "name")
             if not NAME.fullmatch(name):
-                self.fail("a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
-                          fields["name"], name)
+                self.fail(
+                    "a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
+                    fields["name"],
+                    name,
+                )
             if name in raw_segments:
                 self.fail(f"defined twice (first on line {_line(raw_segments[name][1])})", entry, name)
             raw_segments[name] = (fields, entry)
@@ -475,8 +523,19 @@ class _Builder:
         if rescore and not models:
             self.fail("rescore_every is set but no condition reads a model score", top["rescore_every"])
         pins = self.model_pins(top["models"], set(models)) if "models" in top else {}
-        return DefinitionSet(version, segments, groups, units, self.catalog, self.source, data,
-                             hashlib.sha256(data).hexdigest(), tuple(models), rescore, pins)
+        return DefinitionSet(
+            version,
+            segments,
+            groups,
+            units,
+            self.catalog,
+            self.source,
+            data,
+            hashlib.sha256(data).hexdigest(),
+            tuple(models),
+            rescore,
+            pins,
+        )
 
     def model_pins(self, node, read: set[str]) -> dict[str, str]:
         """`models: {name: sha256:<64 hex>}`: the manifest digest of each model the conditions
@@ -516,8 +575,9 @@ class _Builder:
         self.condition_chars += len(text)
         # (A condition too long by itself is refused as such by the compiler.)
         if self.condition_chars > MAX_FILE_CONDITION_CHARS and len(text) <= MAX_CONDITION_CHARS:
-            self.fail(f"the file's conditions are longer than {MAX_FILE_CONDITION_CHARS} characters together",
-                      node, segment)
+            self.fail(
+                f"the file's conditions are longer than {MAX_FILE_CONDITION_CHARS} characters together", node, segment
+            )
         try:
             return compiler.compile(text)
         except ConditionError as err:
@@ -530,7 +590,7 @@ class _Builder:
         """The file line and column of `value[column - 1]`. YAML folds and re-indents multi-line
         scalars but keeps every non-blank character in order, so count those in the source."""
         wanted = sum(1 for c in value[: column - 1] if not c.isspace())
-        raw = self.source_text[node.start_mark.index: node.end_mark.index]
+        raw = self.source_text[node.start_mark.index : node.end_mark.index]
         start = 0
         if node.style in ("|", ">"):
             start = raw.find("\n") + 1  # after the block header line
@@ -573,8 +633,12 @@ class _Builder:
         low = max(a[1], b[1], key=lambda e: (e[0], not e[1]))
         high = min(a[2], b[2], key=lambda e: (e[0], e[1]))
         if low[0] < high[0] or (low[0] == high[0] and low[1] and high[1]):
-            self.fail(f"enter ({enter.text}) and exit ({exit_.text}) both hold for some values of {a[0]}: "
-                      "the exit threshold must lie on the other side of the enter threshold", node, segment)
+            self.fail(
+                f"enter ({enter.text}) and exit ({exit_.text}) both hold for some values of {a[0]}: "
+                "the exit threshold must lie on the other side of the enter threshold",
+                node,
+                segment,
+            )
 
     def groups(self, node, segments: dict[str, Segment]) -> dict[str, ExclusiveGroup]:
         if node is None:
@@ -582,8 +646,9 @@ class _Builder:
         groups: dict[str, ExclusiveGroup] = {}
         owner: dict[str, str] = {}
         for entry in self.sequence(node, "exclusive_groups"):
-            fields = self.mapping(entry, "an exclusive group", {"name", "description", "segments"},
-                                  {"name", "segments"})
+            fields = self.mapping(
+                entry, "an exclusive group", {"name", "description", "segments"}, {"name", "segments"}
+            )
             name = self.text(fields["name"], "a group name")
             if not NAME.fullmatch(name) or name in groups:
                 self.fail(f"group name {name!r} must be unique, lowercase letters, digits and _", fields["name"])
@@ -639,13 +704,18 @@ class _Builder:
                     continue
                 target = unit_of[ref]
                 if target is unit and isinstance(unit, ExclusiveGroup):
-                    reader = next(s.name for s in unit.segments for c in (s.enter, s.exit)
-                                  if c is not None and ref in c.references.segments)
-                    self.fail(f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}",
-                              raw[reader][1], reader)
+                    reader = next(
+                        s.name
+                        for s in unit.segments
+                        for c in (s.enter, s.exit)
+                        if c is not None and ref in c.references.segments
+                    )
+                    self.fail(
+                        f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}", raw[reader][1], reader
+                    )
                 if state.get(id(target)) == "visiting":
                     path = [label(u) for u, _ in stack]
-                    cycle = path[path.index(label(target)):] + [label(target)]
+                    cycle = path[path.index(label(target)) :] + [label(target)]
                     first = _ordered(target)[0].name
                     self.fail(f"segment references form a cycle: {' -> '.join(cycle)}", raw[first][1], first)
                 if state.get(id(target)) is None:
@@ -683,4 +753,3 @@ def condition_features(condition: Condition | None, ev: Evaluation) -> dict[str,
     for segment in condition.references.segments:
         values[f"segment.{segment}"] = ev.members.get(segment, False)
     return values
-

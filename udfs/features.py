@@ -53,9 +53,9 @@ def _earliest(times: Iterable[int]) -> int | None:
 def _sessions(p: UserProfile) -> list[tuple[Session, str | None]]:
     sessions = p.derived.get("sessions")
     if sessions is None:
-        sessions = p.derived["sessions"] = (
-            [(s, sid) for sid, s in p.named_sessions.items()] + [(s, None) for s in p.derived_sessions]
-        )
+        sessions = p.derived["sessions"] = [(s, sid) for sid, s in p.named_sessions.items()] + [
+            (s, None) for s in p.derived_sessions
+        ]
     return sessions
 
 
@@ -78,8 +78,10 @@ def _this_week(p: UserProfile, t: int) -> list[Session]:
     got = p.derived.get("week")
     if got is None or got[0] != t:
         since = t - WEEK_MS
-        got = p.derived["week"] = (t, [s for s in (*p.named_sessions.values(), *p.derived_sessions)
-                                       if s.end_ms > since])
+        got = p.derived["week"] = (
+            t,
+            [s for s in (*p.named_sessions.values(), *p.derived_sessions) if s.end_ms > since],
+        )
     return got[1]
 
 
@@ -88,8 +90,19 @@ class WindowTotals:
     sessions it covers and their totals, each computed on first use. Kept in `profile.derived`
     (one per horizon), so the ~20 windowed features an evaluation reads cost one pass each."""
 
-    __slots__ = ("first", "width", "length", "buckets", "_counts", "_spend", "_categories", "_lapse", "_products",
-                 "_categories_seen", "_sessions")
+    __slots__ = (
+        "first",
+        "width",
+        "length",
+        "buckets",
+        "_counts",
+        "_spend",
+        "_categories",
+        "_lapse",
+        "_products",
+        "_categories_seen",
+        "_sessions",
+    )
 
     def __init__(self, first: int, h: Horizon, buckets: list[Bucket], lapse: int | None):
         self.first = first  # the earliest covered instant
@@ -165,12 +178,14 @@ def _window_of(h: Horizon) -> Callable[[UserProfile, int], WindowTotals]:
             ring = p.buckets.get(width)
             if ring:
                 starts = [start for start in ring if start >= first]  # starts are bucket starts
-                totals = WindowTotals(first, h, [ring[start] for start in starts],
-                                      min(starts) + length if starts else None)
+                totals = WindowTotals(
+                    first, h, [ring[start] for start in starts], min(starts) + length if starts else None
+                )
             else:
                 totals = WindowTotals(first, h, [], None)
             p.derived[slot] = totals
         return totals
+
     return window
 
 
@@ -256,6 +271,7 @@ class FeatureCatalog:
                     got = [v for v in tracked.values() if v >= first]
                     setattr(totals, attribute, got)
                 return got
+
             return covered
 
         def distinct(covered):
@@ -325,6 +341,7 @@ class FeatureCatalog:
             def read(p, t):
                 s = current_session(p, t, gap)
                 return None if s is None else attribute(s)
+
             return read
 
         def session_lapse(p, t):
@@ -380,8 +397,12 @@ class FeatureCatalog:
                         return due
                 return None
             return _earliest(
-                x for x in (decays_below_ms(p.engagement, p.decay_as_of_ms, config.engagement_half_life_ms, th, t)
-                            for th in (config.tier_high_above, config.tier_medium_above)) if x is not None
+                x
+                for x in (
+                    decays_below_ms(p.engagement, p.decay_as_of_ms, config.engagement_half_life_ms, th, t)
+                    for th in (config.tier_high_above, config.tier_medium_above)
+                )
+                if x is not None
             )
 
         def viewed_products(p, t):
@@ -397,8 +418,7 @@ class FeatureCatalog:
         def viewed_product_lapse(p, t):
             # A product is listed while some horizon covers its latest view.
             return _earliest(
-                until for v in p.products_viewed.values()
-                if (until := max(h.lapses_at(v) for h in config.horizons)) > t
+                until for v in p.products_viewed.values() if (until := max(h.lapses_at(v) for h in config.horizons)) > t
             )
 
         lapses["ms_since_viewed_product"] = viewed_product_lapse

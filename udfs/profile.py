@@ -254,13 +254,17 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     # _session_visible with the horizons' test taken out once: covered by some horizon = at or
     # after `cutoff`.
     gap_start, week_start = now - config.session_gap_ms, now - WEEK_MS
-    for sid in [k for k, s in profile.named_sessions.items()
-                if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)]:
+    for sid in [
+        k
+        for k, s in profile.named_sessions.items()
+        if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)
+    ]:
         del profile.named_sessions[sid]
         forgotten = True
     if profile.derived_sessions:
-        kept = [s for s in profile.derived_sessions
-                if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff]
+        kept = [
+            s for s in profile.derived_sessions if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff
+        ]
         if len(kept) != len(profile.derived_sessions):
             profile.derived_sessions = kept
             forgotten = True
@@ -275,11 +279,7 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
 
 def _session_visible(session: Session, now: int, config: ProfileConfig) -> bool:
     end = session.end_ms
-    return (
-        now - end < config.session_gap_ms
-        or end > now - WEEK_MS
-        or any(h.covers(end, now) for h in config.horizons)
-    )
+    return now - end < config.session_gap_ms or end > now - WEEK_MS or any(h.covers(end, now) for h in config.horizons)
 
 
 def _bucket_widths(config: ProfileConfig) -> list[int]:
@@ -361,6 +361,7 @@ def _apply_to_cart(profile: UserProfile, event: UserEvent, config: ProfileConfig
 
 def _evict_cart_line(profile: UserProfile) -> None:
     """Over the line cap: forget an emptied line first, else the line touched longest ago."""
+
     def age(product: str):
         ops = profile.cart_ops[product]
         return (fold_cart_ops(ops) is not None, ops[-1].time_ms, product)

@@ -165,8 +165,13 @@ class ProfileConfig:
             raise ProfileConfigError("affinity_top_k must be at least 1")
         if self.retention_ms < self.longest_horizon_ms:
             raise ProfileConfigError("retention must be at least the longest horizon")
-        for name in ("max_seen_event_ids", "max_tracked_items", "max_cart_lines", "max_cart_ops_per_line",
-                     "max_bucket_categories"):
+        for name in (
+            "max_seen_event_ids",
+            "max_tracked_items",
+            "max_cart_lines",
+            "max_cart_ops_per_line",
+            "max_bucket_categories",
+        ):
             if getattr(self, name) < 1:
                 raise ProfileConfigError(f"{name} must be at least 1")
 

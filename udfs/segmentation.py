@@ -21,15 +21,20 @@ class Segmentation:
     registry: ModelRegistry | None  # None when the definitions read no model score
 
     @classmethod
-    def load(cls, definitions_path: str | Path, profile_config: ProfileConfig | None = None,
-             models_dir: str | Path | None = None) -> Segmentation:
+    def load(
+        cls,
+        definitions_path: str | Path,
+        profile_config: ProfileConfig | None = None,
+        models_dir: str | Path | None = None,
+    ) -> Segmentation:
         models = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
         definitions = load_definitions(definitions_path, profile_config, ModelRegistry.outputs_of(models))
         return cls(definitions, cls._registry(definitions, models))
 
     @classmethod
-    def from_text(cls, text: bytes, source: str, profile_config: ProfileConfig | None = None,
-                  models_dir: str | Path | None = None) -> Segmentation:
+    def from_text(
+        cls, text: bytes, source: str, profile_config: ProfileConfig | None = None, models_dir: str | Path | None = None
+    ) -> Segmentation:
         models = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
         definitions = parse_definitions(text, source, profile_config, ModelRegistry.outputs_of(models))
         return cls(definitions, cls._registry(definitions, models))

@@ -108,7 +108,9 @@ class SegmentEngine:
     """Keeps one user's profile and memberships up to date for one compiled definitions file.
     The profile configuration is the one the definitions were compiled against."""
 
-    def __init__(self, definitions: DefinitionSet, model_version: str | None = None, scorer: ScoreFunction | None = None):
+    def __init__(
+        self, definitions: DefinitionSet, model_version: str | None = None, scorer: ScoreFunction | None = None
+    ):
         self.definitions = definitions
         self.definitions_version = definitions.version
         self.model_version = model_version
@@ -126,8 +128,9 @@ class SegmentEngine:
     # -- the per-user step: what every runner (the job, the reference loop, the backtest, replays)
     #    calls, and all it needs back ---------------------------------------------------------------
 
-    def step_event(self, user_id: str, profile: UserProfile, event: UserEvent,
-                   late_before_ms: int | None = None) -> Step:
+    def step_event(
+        self, user_id: str, profile: UserProfile, event: UserEvent, late_before_ms: int | None = None
+    ) -> Step:
         """One event of one user: late (its time is before `late_before_ms`, the runner's
         watermark minus the allowed lateness), a duplicate, or applied with the transitions it
         causes (after those that time alone caused before its timestamp)."""
@@ -213,8 +216,9 @@ class SegmentEngine:
             return (memo[2],)
         return None
 
-    def _advance(self, user_id: str, profile: UserProfile, time_ms: int,
-                 memo: tuple[int | None] | None) -> tuple[list[Transition], int | None]:
+    def _advance(
+        self, user_id: str, profile: UserProfile, time_ms: int, memo: tuple[int | None] | None
+    ) -> tuple[list[Transition], int | None]:
         """The time-driven transitions up to `time_ms`, and the next change after it: the instant
         the walk stopped at, which nothing between the last evaluation and `time_ms` can move."""
         out: list[Transition] = []
@@ -294,8 +298,20 @@ class SegmentEngine:
         idle = {"ms_since_last_event": float(self.config.retention_ms)}
         for name, membership in profile.memberships.items():
             if membership.member:
-                out.append(self._transition(user_id, name, False, membership.sequence + 1, now_ms, "TIMER", None,
-                                            RETENTION_RULE, idle, profile))
+                out.append(
+                    self._transition(
+                        user_id,
+                        name,
+                        False,
+                        membership.sequence + 1,
+                        now_ms,
+                        "TIMER",
+                        None,
+                        RETENTION_RULE,
+                        idle,
+                        profile,
+                    )
+                )
         profile.reset()
 
     def _diff(
@@ -324,11 +340,13 @@ class SegmentEngine:
                 rule, values = REMOVED_RULE, {}
             else:
                 rule, values = verdict.rule, condition_features(verdict.condition, ev)
-            out.append(self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule,
-                                        values, profile))
+            out.append(
+                self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile)
+            )
 
-    def _transition(self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values,
-                    profile) -> Transition:
+    def _transition(
+        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile
+    ) -> Transition:
         features: dict[str, float] = {}
         labels: dict[str, str] = {}
         missing: list[str] = []
