@@ -3,7 +3,8 @@ closed set of node types, and a compiler from nodes to closures.
 
 Safe by construction: the text is never handed to Python (no eval, exec, format templates or
 attribute lookup); a name can only resolve to a feature of the catalog, a model score or another
-segment, and everything else is a syntax or type error naming the column. docs/definitions.md is the user's reference for the grammar.
+segment, and everything else is a syntax or type error naming the column. docs/definitions.md is the
+user's reference for the grammar.
 
     condition  := or
     or         := and ("or" and)*

@@ -468,8 +468,9 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         assert "TLS handshake with Redis" in str(refused.value) and "s3cret" not in str(refused.value)
         with pytest.raises(Exception, match="certificate verify failed"):
             RedisSegmentView(untrusted, "t", ttl_s=0)
-        # Without TLS the server does not answer at all (no plaintext port).
-        with pytest.raises(Exception):
+        # Without TLS the server does not answer at all (no plaintext port). Any error will do: which
+        # one redis-py raises depends on how the TLS port drops the plaintext connection.
+        with pytest.raises(Exception):  # noqa: B017
             RedisSegmentView(url.replace("rediss://", "redis://").split("?")[0], "t", ttl_s=0)
     finally:
         server.stop()

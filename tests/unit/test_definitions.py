@@ -1,8 +1,9 @@
 """Definition files: the example segments of the issue on small hand-built event sequences with
 the exact transitions they must produce; hysteresis, min_dwell, exclusive groups, segments removed
 from the definitions, what a transition's reason records; the shipped file; and every rejection,
-each naming the file, the line (and column where known) and the segment. docs/definitions.md. Instants are worked out by hand from the definitions and the default profile
-configuration (buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min; half-life 7 d)."""
+each naming the file, the line (and column where known) and the segment. docs/definitions.md.
+Instants are worked out by hand from the definitions and the default profile configuration
+(buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min; half-life 7 d)."""
 
 from __future__ import annotations
 

@@ -371,8 +371,8 @@ def test_transitions_match_the_oracle_two_users_replay(defs, events, data):
 
 
 # ---------------------------------------------------------------- examples worked out by hand
-# Each expectation below is computed from docs/definitions.md and docs/features.md by hand; the engine and the oracle are both
-# checked against it (so these also validate the oracle).
+# Each expectation below is computed from docs/definitions.md and docs/features.md by hand; the engine and the
+# oracle are both checked against it (so these also validate the oracle).
 
 HAND = ProfileConfig(
     horizons=(Horizon("a", 4 * MINUTE_MS, MINUTE_MS), Horizon("b", HOUR_MS, 10 * MINUTE_MS)),
