@@ -69,6 +69,8 @@ _TOKEN = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """A token of a condition's text, with the column it starts at for error messages."""
+
     kind: str  # number | duration | string | name | op | end
     text: str
     column: int
@@ -76,6 +78,7 @@ class Token:
 
 
 def tokenize(text: str) -> list[Token]:
+    """The condition's tokens, ending with an `end` token; a `ConditionError` naming the column otherwise."""
     if len(text) > MAX_CONDITION_CHARS:
         raise ConditionError(f"condition longer than {MAX_CONDITION_CHARS} characters")
     tokens: list[Token] = []
@@ -112,6 +115,8 @@ def tokenize(text: str) -> list[Token]:
 
 @dataclass(frozen=True, slots=True)
 class Literal:
+    """A number, duration, text or boolean written in the condition."""
+
     value: Any  # float (number or duration in ms), str, or bool
     kind: str  # NUMBER | DURATION | TEXT | BOOL
     column: int
@@ -119,6 +124,8 @@ class Literal:
 
 @dataclass(frozen=True, slots=True)
 class FeatureRef:
+    """A profile feature by name, with the key of a map feature (`category_views_30d["shoes"]` reads one)."""
+
     name: str
     key: str | None
     column: int
@@ -126,18 +133,24 @@ class FeatureRef:
 
 @dataclass(frozen=True, slots=True)
 class ScoreRef:
+    """A model's score by the model's name (`score.churn_risk`)."""
+
     model: str
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
+    """Another segment's membership (`segment.name`), decided before this one."""
+
     segment: str
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class Compare:
+    """A comparison of two operands (`<`, `<=`, `>`, `>=`, `==`, `!=`)."""
+
     op: str
     left: Any
     right: Any
@@ -146,6 +159,8 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class InCondition:  # `x in [...]`, `"shoes" in top_categories` (not udfs.profile.Membership)
+    """Membership of a value in a list of literals or in a text-list feature, or its negation."""
+
     item: Any
     options: Any  # a tuple of Literal, or a FeatureRef to a text list
     negated: bool
@@ -154,12 +169,16 @@ class InCondition:  # `x in [...]`, `"shoes" in top_categories` (not udfs.profil
 
 @dataclass(frozen=True, slots=True)
 class Missing:
+    """True when a feature or score has no value (`missing(reference)`)."""
+
     ref: FeatureRef | ScoreRef
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class Absent:
+    """True when no event of the type came within the window (`absent(event_type, duration)`)."""
+
     event_type: str
     window_ms: int
     column: int
@@ -167,16 +186,22 @@ class Absent:
 
 @dataclass(frozen=True, slots=True)
 class And:
+    """The conjunction of its items."""
+
     items: tuple
 
 
 @dataclass(frozen=True, slots=True)
 class Or:
+    """The disjunction of its items."""
+
     items: tuple
 
 
 @dataclass(frozen=True, slots=True)
 class Not:
+    """The negation of its item."""
+
     item: Any
     column: int
 
@@ -360,6 +385,7 @@ class _Parser:
 
 
 def parse_condition(text: str):
+    """The condition's syntax tree, one of the node types above; a `ConditionError` naming the column otherwise."""
     return _Parser(text).parse()
 
 
@@ -400,6 +426,7 @@ class Evaluation:
         self.lapses: dict[Any, int | None] = {}
 
     def keyed(self, name: str, key: str, read) -> Any:
+        """A map feature's value at a key, read once per evaluation and cached."""
         cache, slot = self.cache, (name, key)
         if slot in cache:
             return cache[slot]
@@ -435,6 +462,8 @@ def _never(ev: Evaluation) -> None:
 
 @dataclass(frozen=True)
 class Operand:
+    """A compiled operand: its type, how to read its value and when a step value next changes."""
+
     kind: str  # NUMBER | DURATION | TEXT | TEXT_LIST | BOOL
     value: Value
     label: str  # how the reason names it
@@ -461,6 +490,8 @@ class References:
 
 @dataclass(frozen=True)
 class Condition:
+    """A compiled condition: whether it holds, the next instant it may change without an event, and what it reads."""
+
     text: str
     holds: Callable[[Evaluation], bool]
     next_change: Change  # the earliest instant after ev.now at which `holds` may change, no event
@@ -478,18 +509,22 @@ def _first_of(*times):
 
 
 class Compiler:
+    """Compiles condition text against a feature catalog, the models' outputs and the known segments."""
+
     def __init__(self, catalog: FeatureCatalog, models: Mapping[str, ModelOutput], segments: set[str]):
         self.catalog = catalog
         self.models = models
         self.segments = segments
 
     def compile(self, text: str) -> Condition:
+        """The condition the text says; a `ConditionError` for a syntax, name or type error."""
         node = parse_condition(text)
         refs = References()
         holds, change = self._condition(node, refs)
         return Condition(text, holds, change, refs, node if isinstance(node, Compare) else None)
 
     def constant(self, value: bool) -> Condition:
+        """A condition that always (or never) holds."""
         return Condition("true" if value else "false", lambda ev: value, _never, References())
 
     # -- boolean nodes --

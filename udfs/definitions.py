@@ -66,6 +66,8 @@ _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
 
 
 class DefinitionError(ValueError):
+    """An error in a definitions file, its message naming the file, line, column and segment where known."""
+
     def __init__(
         self, message: str, source: str, line: int | None = None, column: int | None = None, segment: str | None = None
     ):
@@ -85,6 +87,8 @@ class Verdict(NamedTuple):
 
 @dataclass(frozen=True)
 class Segment:
+    """A segment: its entry and optional exit condition, hysteresis and minimum dwell."""
+
     name: str
     description: str
     enter: Condition
@@ -94,6 +98,7 @@ class Segment:
 
     @cached_property
     def dwell_rule(self) -> str:
+        """The rule a transition's reason records while the minimum dwell holds a member in."""
         return f"min_dwell {self.min_dwell_ms} ms"
 
     @cached_property
@@ -104,6 +109,7 @@ class Segment:
         return f"not ({self.enter.text})", self.enter
 
     def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
+        """Whether a member leaves at this evaluation, with the rule and condition that decide it."""
         if self.exit is not None:
             return self.exit_holds(ev), self.exit.text, self.exit
         return not self.enter.holds(ev), f"not ({self.enter.text})", self.enter
@@ -132,12 +138,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class ExclusiveGroup:
+    """Segments of which a user is in at most one: the first in priority order that holds."""
+
     name: str
     segments: tuple[Segment, ...]  # in priority order
 
 
 @dataclass
 class DefinitionSet:
+    """A loaded definitions file: its segments and groups, and the order to evaluate them in."""
+
     version: str
     segments: dict[str, Segment]
     groups: dict[str, ExclusiveGroup]
@@ -192,6 +202,7 @@ class DefinitionSet:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The segments' names, in the order of the file."""
         return tuple(self.segments)
 
     def changes(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> list[tuple[str, Verdict | None]]:
@@ -284,6 +295,7 @@ def load_definitions(
     profile_config: ProfileConfig | None = None,
     models: Mapping[str, ModelOutput] | None = None,
 ) -> DefinitionSet:
+    """The definitions file at `path`, checked and compiled; a `DefinitionError` naming what is wrong."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -298,6 +310,7 @@ def parse_definitions(
     profile_config: ProfileConfig | None = None,
     models: Mapping[str, ModelOutput] | None = None,
 ) -> DefinitionSet:
+    """Definitions from text or bytes, checked and compiled; `source` names them in errors."""
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > MAX_FILE_BYTES:
         raise DefinitionError(f"larger than {MAX_FILE_BYTES} bytes", source)
@@ -669,7 +682,7 @@ class _Builder:
     def order(self, segments: dict[str, Segment], groups: dict[str, ExclusiveGroup], raw: dict) -> tuple:
         """Units (a segment, or a group evaluated as one) so that every referenced segment is
         decided before the segments that read it; a cycle is an error that shows it."""
-        unit_of: dict[str, Segment | ExclusiveGroup] = {name: s for name, s in segments.items()}
+        unit_of: dict[str, Segment | ExclusiveGroup] = dict(segments.items())
         for g in groups.values():
             for s in g.segments:
                 unit_of[s.name] = g

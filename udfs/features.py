@@ -29,6 +29,8 @@ STEP, RECENCY, DECAY = "step", "recency", "decay"
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
+    """What a feature is: its type, whether it changes with time alone, whether it can be missing, its values."""
+
     kind: str  # NUMBER | DURATION | TEXT | TEXT_LIST | MAP
     motion: str = STEP
     nullable: bool = False  # None when there is nothing to measure (e.g. no such event yet)
@@ -152,11 +154,13 @@ class WindowTotals:
         return total
 
     def spend(self) -> float:
+        """The purchases' total within the window."""
         if self._spend is None:
             self._spend = sum(b.spend for b in self.buckets)
         return self._spend
 
     def category_views(self) -> dict[str, int]:
+        """Product views by category within the window."""
         if self._categories is None:
             out: dict[str, int] = {}
             for b in self.buckets:
@@ -211,9 +215,11 @@ class FeatureCatalog:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Every feature's name."""
         return tuple(self.readers)
 
     def read(self, name: str, profile: UserProfile, now_ms: int) -> Any:
+        """One feature of the profile at `now_ms`."""
         return self.readers[name](profile, now_ms)
 
     def next_change_ms(self, name: str, profile: UserProfile, now_ms: int) -> int | None:
@@ -223,6 +229,7 @@ class FeatureCatalog:
         return lapse(profile, now_ms) if lapse else None
 
     def all(self, profile: UserProfile, now_ms: int) -> dict[str, Any]:
+        """Every feature of the profile at `now_ms`, by name."""
         return {name: read(profile, now_ms) for name, read in self.readers.items()}
 
     # -- families -----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
 
 @dataclass(slots=True)
 class Bucket:
+    """One bucket of a horizon: event counts by type, spend and product views by category."""
+
     counts: list[int] = field(default_factory=lambda: [0] * len(EVENT_TYPES))  # by EVENT_INDEX
     spend: float = 0.0
     category_views: dict[str, int] = field(default_factory=dict)
@@ -34,6 +36,8 @@ class Bucket:
 
 @dataclass(slots=True)
 class Session:
+    """A session: its first and last event time and how many events it had."""
+
     start_ms: int
     end_ms: int
     events: int
@@ -41,6 +45,8 @@ class Session:
 
 @dataclass(slots=True)
 class CartOp:
+    """One change to a cart line (add, remove, remove all, set), kept so out-of-order events fold in time order."""
+
     time_ms: int
     kind: str
     quantity: int
@@ -49,12 +55,16 @@ class CartOp:
 
 @dataclass(slots=True)
 class CartLine:
+    """A cart line as its operations fold: quantity and unit price."""
+
     quantity: int
     unit_price: float
 
 
 @dataclass(slots=True)
 class Membership:
+    """A user's membership of one segment: whether a member, the last transition's sequence, since when."""
+
     member: bool
     sequence: int
     since_ms: int
@@ -68,6 +78,8 @@ ENCODED_BODY = "encoded_body"
 
 @dataclass(slots=True)
 class UserProfile:
+    """The user's bounded profile: everything the features read, kept in Flink state between events."""
+
     clock_ms: int = 0
     # Transition sequences of this lifetime start above this, so a user who comes back after the
     # profile was dropped never reuses a (user, segment, sequence) and hence a transition id.
@@ -113,13 +125,16 @@ class UserProfile:
 
     @property
     def last_event_ms(self) -> int | None:
+        """The time of the user's latest event of any type, or None before the first."""
         return max(self.last_by_type.values()) if self.last_by_type else None
 
     @property
     def is_empty(self) -> bool:
+        """True when the profile holds nothing worth keeping (no events, no memberships)."""
         return not self.last_by_type and not self.memberships
 
     def last_of(self, types) -> int | None:
+        """The time of the latest event of any of these types, or None."""
         times = [t for k in types if (t := self.last_by_type.get(k)) is not None]
         return max(times) if times else None
 
@@ -136,10 +151,12 @@ class UserProfile:
 
     @property
     def cart_value(self) -> float:
+        """The cart's value: quantity times unit price, over its lines."""
         return sum(line.quantity * line.unit_price for line in self.cart().values())
 
     @property
     def cart_items(self) -> int:
+        """The number of items in the cart."""
         return sum(line.quantity for line in self.cart().values())
 
 
@@ -162,6 +179,7 @@ def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) 
 
 
 def decay(value: float, elapsed_ms: int, half_life_ms: int) -> float:
+    """The value decayed exponentially over `elapsed_ms` with the given half-life."""
     return value * 2.0 ** (-elapsed_ms / half_life_ms) if elapsed_ms else value
 
 
@@ -370,6 +388,7 @@ def _evict_cart_line(profile: UserProfile) -> None:
 
 
 def fold_cart_ops(ops: list[CartOp]) -> CartLine | None:
+    """The cart line these operations (sorted by time) leave; None when they leave none."""
     line: CartLine | None = None
     for op in ops:
         if op.kind == ADD:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 
 def user_key(prefix: str, user_id: str) -> str:
+    """The hash of a user's current segments: segment to `<sequence>:<entered_at_ms>`."""
     return f"{prefix}:user:{user_id}"
 
 
 def sequence_key(prefix: str, user_id: str) -> str:
+    """The hash of a user's last applied sequence by segment, kept after an EXIT."""
     return f"{prefix}:seq:{user_id}"
 
 
 def members_key(prefix: str, segment: str) -> str:
+    """The set of the user ids currently in a segment."""
     return f"{prefix}:members:{segment}"
 
 

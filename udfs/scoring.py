@@ -59,16 +59,21 @@ _FINGERPRINT_BYTES = _read_fixture(FINGERPRINT_EVENTS)
 
 
 class ModelVerificationError(RuntimeError):
+    """A model that does not match its manifest or the running feature code: the job must not start."""
+
     pass
 
 
 @dataclass(frozen=True)
 class VectorFeature:
+    """One input of a model: the feature, its transform and the value imputed when it has none."""
+
     name: str
     transform: str = "identity"
     impute: float | None = None  # the value used when the feature has none; None: skip scoring
 
     def as_dict(self) -> dict:
+        """The feature as it is written in a manifest."""
         return {"name": self.name, "transform": self.transform, "impute": self.impute}
 
 
@@ -101,9 +106,11 @@ class FeatureVector:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The features' names, in input order."""
         return tuple(f.name for f in self.features)
 
     def spec(self) -> list[dict]:
+        """The vector as it is written in a manifest."""
         return [f.as_dict() for f in self.features]
 
     def values(self, profile: UserProfile, now_ms: int) -> list[float] | None:
@@ -210,6 +217,8 @@ def feature_hash(vector: FeatureVector, events: Iterable[UserEvent] | None = Non
 
 @dataclass
 class ModelManifest:
+    """A model's manifest (manifest.json): what the model reads and gives, and what verifies it."""
+
     name: str
     version: str
     kind: str  # probability | cluster
@@ -230,6 +239,7 @@ class ModelManifest:
 
     @classmethod
     def read(cls, path: Path) -> ModelManifest:
+        """The manifest at `path`; a `ModelVerificationError` when it cannot be read or lacks a field."""
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -266,6 +276,7 @@ class ModelManifest:
         return manifest
 
     def as_dict(self) -> dict:
+        """The manifest as it is written to manifest.json."""
         return {
             "name": self.name,
             "version": self.version,
@@ -285,6 +296,7 @@ class ModelManifest:
         }
 
     def output(self) -> ModelOutput:
+        """What conditions may read of this model: a score, or a cluster among named clusters."""
         return ModelOutput(self.name, clusters=self.clusters) if self.kind == "cluster" else ModelOutput(self.name)
 
 
@@ -370,6 +382,7 @@ class LoadedModel:
         self._outputs = [manifest.output_name]
 
     def score_vector(self, values: list[float]) -> float:
+        """The model's output for one input vector."""
         self._row[0, :] = values
         result = self.session.run(self._outputs, self._feeds)[0]
         index = self.manifest.output_index
@@ -378,6 +391,7 @@ class LoadedModel:
 
 
 def one_thread_session(onnx_bytes: bytes):
+    """An onnxruntime session over the model's bytes that runs on the caller's thread alone."""
     onnxruntime = import_on_a_python_thread("onnxruntime")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
@@ -467,6 +481,7 @@ class ModelRegistry:
         return cls(models, catalog)
 
     def outputs(self) -> dict[str, ModelOutput]:
+        """What conditions may read of each loaded model, by name."""
         return {name: m.manifest.output() for name, m in self.models.items()}
 
     @property
@@ -590,6 +605,8 @@ class MergedSession:
 
 @dataclass
 class ScoringStats:
+    """Counts of the scoring of one operator instance, and its latency, for the metrics."""
+
     scored: int = 0
     skipped: int = 0  # a vector feature had no value and no impute policy
     out_of_range: int = 0  # NaN, infinite, or outside the model's range: dropped

@@ -193,6 +193,7 @@ class ProfileStateCodec:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def encode(self, profile: UserProfile) -> bytes:
+        """The profile as state bytes in the current layout."""
         body = profile.derived.get(ENCODED_BODY)
         if body is None:
             body = profile.derived[ENCODED_BODY] = self._compressor.compress(self._packer.pack(_body(profile)))
@@ -200,6 +201,7 @@ class ProfileStateCodec:
         return self._packer.pack([LAYOUT_VERSION, clock_ms, timer_ms, body, _instants_check(clock_ms, timer_ms)])
 
     def decode(self, data: bytes | None) -> UserProfile:
+        """The profile that state bytes hold, of this or an earlier layout; an empty profile for None."""
         if data is None:
             return UserProfile()
         data = bytes(data)

@@ -41,6 +41,8 @@ def transition_id(user_id: str, segment: str, sequence: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """An ENTER or EXIT of a user and a segment, with the rule, the features and scores behind it."""
+
     user_id: str
     segment: str
     kind: str  # ENTER | EXIT
@@ -58,9 +60,11 @@ class Transition:
 
     @property
     def transition_id(self) -> str:
+        """The transition's stable id, from user, segment and sequence (the same on every replay)."""
         return transition_id(self.user_id, self.segment, self.sequence)
 
     def to_record(self, emitted_at: int) -> dict:
+        """The transition as the Avro record of `segment_transition.avsc`."""
         return {
             "transition_id": self.transition_id,
             "user_id": self.user_id,
@@ -123,6 +127,7 @@ class SegmentEngine:
         self._scoring_seen = (0, 0)  # the scorer's (skipped, out_of_range) at the latest step
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
+        """True when the profile has already counted this event (its id seen within the dedup window)."""
         return is_duplicate(profile, event, self.config)
 
     # -- the per-user step: what every runner (the job, the reference loop, the backtest, replays)
@@ -264,6 +269,7 @@ class SegmentEngine:
         return profile.scored_at_ms + every
 
     def retention_expiry_ms(self, profile: UserProfile) -> int | None:
+        """The instant the profile lapses if no further event comes, or None when it holds no event."""
         last = profile.last_event_ms
         return None if last is None else last + self.config.retention_ms
 
@@ -292,6 +298,7 @@ class SegmentEngine:
         return due
 
     def features(self, profile: UserProfile, now_ms: int) -> dict:
+        """Every feature of the profile at `now_ms`, by name."""
         return self.catalog.all(profile, now_ms)
 
     def _expire(self, user_id: str, profile: UserProfile, now_ms: int, out: list[Transition]) -> None:

@@ -80,7 +80,7 @@ class Traffic:
                     events[i], events[i + 1] = b, a
                     self.swapped += 1
         # Production order: by time, but each user's events in their (partly swapped) order.
-        cursors = {u: 0 for u in by_user}
+        cursors = dict.fromkeys(by_user, 0)
         ordered = []
         for e in generated:
             events = by_user[e.user_id]

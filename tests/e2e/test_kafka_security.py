@@ -228,7 +228,7 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
 
     security = secured_broker.security(mechanism)
     topics = {"events_topic": "sec-events", "transitions_topic": "sec-transitions", "dead_letter_topic": "sec-dlq"}
-    create_topics(secured_broker.bootstrap, {t: 1 for t in topics.values()}, security.librdkafka_config())
+    create_topics(secured_broker.bootstrap, dict.fromkeys(topics.values(), 1), security.librdkafka_config())
     traffic = list(generate_events(20, seed=7, start_ms=START_MS, duration_ms=4 * 3600_000))
     sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + DAY_MS)
     sent = produce_events(

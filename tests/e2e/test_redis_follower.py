@@ -196,7 +196,7 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     from udfs.transitions import replay_events
 
     topics = {"events": "down-events", "transitions": "down-transitions", "dlq": "down-dlq"}
-    create_topics(broker, {name: 1 for name in topics.values()})
+    create_topics(broker, dict.fromkeys(topics.values(), 1))
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"

@@ -188,7 +188,7 @@ def test_html_report_is_well_formed_and_escapes_names(tmp_path):
     assert "<script>" not in page_html and "&lt;script&gt;" in page_html
     svg = page_html[page_html.index("<svg") : page_html.index("</svg>") + 6]
     root = ElementTree.fromstring(svg)
-    [line] = [p for p in root.iter("{http://www.w3.org/2000/svg}polyline")]
+    [line] = list(root.iter("{http://www.w3.org/2000/svg}polyline"))
     points = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
     assert len(points) == backtest.SIZE_SAMPLES + 1 and all(map(math.isfinite, (c for p in points for c in p)))
 
