@@ -477,6 +477,7 @@ class Operand:
     high: float | None = None
     falls_only: bool = False  # a STEP value that never rises while no event comes
     feature: str | None = None  # a whole feature's name: its value is ev.cache[feature]
+    constant: Any = None  # a literal's value, which `value` returns without reading the evaluation
 
 
 @dataclass
@@ -605,7 +606,7 @@ class Compiler:
     def _operand(self, node, refs: References) -> Operand:
         if isinstance(node, Literal):
             value = node.value
-            return Operand(node.kind, lambda ev: value, repr(value), literal=True)
+            return Operand(node.kind, lambda ev: value, repr(value), literal=True, constant=value)
         if isinstance(node, FeatureRef):
             return self._feature(node, refs)
         if isinstance(node, ScoreRef):
@@ -717,7 +718,7 @@ class Compiler:
         if right.literal and left.feature is not None:
             # The usual `feature op constant`, read straight from the evaluation's cache: it runs
             # for most segments at every evaluation.
-            feature, constant = left.feature, right.value(None)
+            feature, constant = left.feature, right.constant
 
             def holds(ev):
                 a = ev.cache[feature]
@@ -726,7 +727,7 @@ class Compiler:
         if right.literal and right.kind == TEXT:
             return holds, left.change
         if right.literal:
-            threshold = right.value(None)
+            threshold = right.constant
             self._check_threshold(left, op, threshold, node.column)
             if left.motion == DECAY and op in ("==", "!="):
                 raise ConditionError(f"{left.label} changes continuously with time: use <, <=, >, >=", node.column)
@@ -755,9 +756,9 @@ class Compiler:
                 )
             if op not in ("==", "!="):
                 raise ConditionError(f"text is compared with == or != only, not {op}", column)
-            if right.literal and left.choices and right.value(None) not in left.choices:
+            if right.literal and left.choices and right.constant not in left.choices:
                 raise ConditionError(
-                    f"{left.label} is never {right.value(None)!r}: it is one of {', '.join(left.choices)}", column
+                    f"{left.label} is never {right.constant!r}: it is one of {', '.join(left.choices)}", column
                 )
             return
         # Numbers: a duration literal only where the other side is a duration (ms) too; a plain

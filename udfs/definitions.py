@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import yaml
 
@@ -119,6 +120,7 @@ class Segment:
         holds, so a pair that can both hold (B over other features than A, or true by time
         alone) is still one membership, not a flap at every evaluation; for a pair that never
         both holds (the usual hysteresis) this is B alone."""
+        assert self.exit is not None  # bound as the exit test only for a segment with an exit
         return self.exit.holds(ev) and not self.enter.holds(ev)
 
     def member_next_change(self, ev: Evaluation) -> int | None:
@@ -184,7 +186,8 @@ class DefinitionSet:
 
         # The same walk for changes(), a single segment's parts taken out once: (None, name, min
         # dwell, enter test, exit test or None, the Verdict of entering, the Verdict of leaving).
-        self._diff_plan = tuple(
+        # Rows typed loosely: mypy cannot tie the other fields' types to `group is None`.
+        self._diff_plan: tuple[tuple[Any, ...], ...] = tuple(
             (group, None, 0, None, None, None, None)
             if group is not None
             else (
@@ -238,7 +241,8 @@ class DefinitionSet:
 
     def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
-        earliest = None
+        earliest: int | None = None
+        due: int | None
         now = ev.now
         for grouped, segments in self._changes:
             for name, min_dwell_ms, enter_change, exit_change in segments:
@@ -273,11 +277,15 @@ class DefinitionSet:
             if s is winner:
                 out[s.name] = Verdict(True, s.enter.text, s.enter)
             elif s is current:
-                out[s.name] = own_exit or Verdict(
-                    False,
-                    f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
-                    winner.enter,
-                )
+                if own_exit is not None:
+                    out[s.name] = own_exit
+                else:
+                    assert winner is not None  # current stays unless another segment takes precedence
+                    out[s.name] = Verdict(
+                        False,
+                        f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
+                        winner.enter,
+                    )
             else:
                 out[s.name] = Verdict(False, s.enter.text, s.enter)
         return out
@@ -433,14 +441,14 @@ class _Builder:
         segment: str | None = None,
         column: int | None = None,
         line: int | None = None,
-    ):
+    ) -> NoReturn:
         line = line if line is not None else (_line(node) if node is not None else None)
         raise DefinitionError(message, self.source, line, column, segment)
 
     # -- YAML nodes to plain values, refusing anything but the core schema --
 
     def mapping(
-        self, node, what: str, allowed: set[str], required: set[str] = frozenset(), segment: str | None = None
+        self, node, what: str, allowed: set[str], required: AbstractSet[str] = frozenset(), segment: str | None = None
     ) -> dict[str, yaml.Node]:
         self.check_tag(node, segment)
         if not isinstance(node, yaml.MappingNode):
@@ -621,7 +629,7 @@ class _Builder:
             return _line(node), node.start_mark.column + position + 1
         return _line(node) + newlines, position - raw.rfind("\n", 0, position)
 
-    def duration(self, node, what: str, segment: str) -> int:
+    def duration(self, node, what: str, segment: str | None) -> int:
         self.check_tag(node, segment)
         raw = node.value if isinstance(node, yaml.ScalarNode) else None
         match = re.fullmatch(r"0*(\d+)(ms|s|m|h|d|w)", raw or "")

@@ -105,6 +105,18 @@ class WindowTotals:
         "_categories_seen",
         "_sessions",
     )
+    first: int
+    width: int
+    length: int
+    buckets: list[Bucket]
+    _lapse: int | None
+    # Each computed on first use (None: not yet, or to be computed again).
+    _counts: dict[int | None, int] | None  # by event index, None: every type
+    _spend: float | None
+    _categories: dict[str, int] | None
+    _products: list[int] | None  # the last-viewed instants of the products seen within the window
+    _categories_seen: list[int] | None
+    _sessions: list[Session] | None
 
     def __init__(self, first: int, h: Horizon, buckets: list[Bucket], lapse: int | None):
         self.first = first  # the earliest covered instant
@@ -238,7 +250,11 @@ class FeatureCatalog:
         r = self.readers
         r["ms_since_last_event"] = lambda p, t: _since(p, t, p.last_by_type)
         for kind in EVENT_TYPES:
-            r[f"ms_since_last_{kind}"] = lambda p, t, k=(kind,): _since(p, t, k)
+
+            def since_last(p: UserProfile, t: int, k: tuple[str, ...] = (kind,)) -> int | None:
+                return _since(p, t, k)
+
+            r[f"ms_since_last_{kind}"] = since_last
         r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
         r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_EVENT_TYPES)
         for name in r:

@@ -175,6 +175,8 @@ def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) 
     if seen_at is None:
         return False
     last = profile.last_event_ms
+    if last is None:  # no event yet, so none seen: cannot happen with an id seen, but says so to the types
+        return False
     return seen_at > last - config.dedup_window_ms and event.timestamp < last + config.retention_ms
 
 
@@ -211,7 +213,7 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
         start = ts - ts % width
         bucket = ring.get(start)
         created = bucket is None
-        if created:
+        if bucket is None:
             bucket = ring[start] = Bucket()
         touched[width] = (start, bucket, created)
         bucket.counts[index] += 1
@@ -286,8 +288,9 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
         if len(kept) != len(profile.derived_sessions):
             profile.derived_sessions = kept
             forgotten = True
-    if profile.last_by_type:
-        horizon = profile.last_event_ms - config.dedup_window_ms
+    last = profile.last_event_ms  # None exactly when there is no event (last_by_type empty)
+    if last is not None:
+        horizon = last - config.dedup_window_ms
         for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
             del profile.seen_event_ids[key]
             forgotten = True
@@ -366,6 +369,7 @@ def _apply_to_cart(profile: UserProfile, event: UserEvent, config: ProfileConfig
         op = CartOp(ts, REMOVE_ALL, 0, None)
     else:
         op = CartOp(ts, REMOVE, event.quantity, None)
+    assert event.product_id is not None  # validated: every cart event has one (udfs/events.py)
     ops = profile.cart_ops.setdefault(event.product_id, [])
     bisect.insort_right(ops, op, key=lambda o: o.time_ms)  # after same-time ops: arrival order
     if len(ops) > config.max_cart_ops_per_line:

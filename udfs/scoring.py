@@ -18,10 +18,10 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from udfs.conditions import ModelOutput
 from udfs.events import UserEvent
@@ -196,11 +196,10 @@ def fingerprint_events(data: bytes | OSError | None = None) -> list[UserEvent]:
     import fastavro
 
     epoch, ms = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+    # Records of a record schema are dicts (fastavro types them as any Avro value).
+    records = cast("Iterable[dict[str, Any]]", fastavro.reader(io.BytesIO(data)))
     # fastavro reads timestamp-millis as an aware datetime: back to int ms, exactly.
-    return [
-        UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms})
-        for record in fastavro.reader(io.BytesIO(data))
-    ]
+    return [UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms}) for record in records]
 
 
 def feature_hash(vector: FeatureVector, events: Iterable[UserEvent] | None = None) -> str:
@@ -633,19 +632,21 @@ class Scorer:
         stats = self.stats
         # Models reading the same vector share one read of it per event.
         vectors = {key: vector.values_read(read) for key, vector in self._vectors}
+        raw: Sequence[float | None]
         if None not in vectors.values():
             started = time.perf_counter_ns()
-            raw = self.merged.run(vectors)
+            raw = self.merged.run(cast("dict[str, list[float]]", vectors))  # no None among them
             stats.latency.record((time.perf_counter_ns() - started) / 1000)
         else:  # a vector without a value: score the models that have one, each on its own
-            raw = []
+            each: list[float | None] = []
+            raw = each
             for key, model in self.merged.plan:
                 values = vectors[key]
                 if values is None:
-                    raw.append(None)
+                    each.append(None)
                     continue
                 started = time.perf_counter_ns()
-                raw.append(model.score_vector(values))
+                each.append(model.score_vector(values))
                 stats.latency.record((time.perf_counter_ns() - started) / 1000)
         scores: dict[str, float] = {}
         isfinite = math.isfinite

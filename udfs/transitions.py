@@ -210,8 +210,9 @@ class SegmentEngine:
         apply_event(profile, event, self.config)
         prune(profile, self.config)
         ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
-        if self.scorer is not None:
-            self._score(profile, ev)
+        scorer = self.scorer
+        if scorer is not None:
+            self._score(scorer, profile, ev)
         self._diff(user_id, profile, ev, "EVENT", event.event_id, out)
         return out
 
@@ -244,18 +245,19 @@ class SegmentEngine:
                 self._expire(user_id, profile, due, out)
             else:
                 ev = Evaluation(profile, due, self.catalog, profile.scores)
-                if due == self.rescore_due_ms(profile):
+                scorer = self.scorer
+                if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
                     self._latest = None
-                    self._score(profile, ev)
+                    self._score(scorer, profile, ev)
                 self._diff(user_id, profile, ev, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
         return out, due
 
-    def _score(self, profile: UserProfile, ev: Evaluation) -> None:
+    def _score(self, scorer: ScoreFunction, profile: UserProfile, ev: Evaluation) -> None:
         """The models read their vectors through `ev`'s feature cache, which the conditions
         then read too; features do not depend on scores, so the cache stays valid."""
-        profile.scores = ev.scores = dict(self.scorer(profile, ev.now, ev.feature))
+        profile.scores = ev.scores = dict(scorer(profile, ev.now, ev.feature))
         profile.scored_at_ms = ev.now
         profile.body_changed()
 
