@@ -100,8 +100,13 @@ class ManagedProcess:
         self.launched_at = time.time()
         with open(self.log_file, "ab") as log:
             self.popen = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=cwd, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
             )
         self.pid_file.write_text(str(self.popen.pid))
         return self.popen.pid
@@ -171,8 +176,9 @@ def start_redis(root: Path, port: int) -> ManagedProcess:
     binary = shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError("redis-server is not installed: run infra/setup.sh, or set REDIS_URL")
-    redis.start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(root)])
+    redis.start(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)]
+    )
     wait_for_port(port, what="redis-server")
     return redis
 
@@ -286,15 +292,25 @@ def start_flink_cluster(root: Path, ports: StackPorts, taskmanagers: int = 1) ->
     (root / "logs").mkdir(parents=True, exist_ok=True)  # Flink's daemon scripts do not create it
     env = flink_env(root)
     for script in ("jobmanager.sh", *["taskmanager.sh"] * taskmanagers):
-        subprocess.run([str(home / "bin" / script), "start"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(home / "bin" / script), "start"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     wait_for_taskmanager(ports.flink_rest, count=taskmanagers)
 
 
 def start_taskmanager(root: Path) -> None:
     """One more TaskManager for the running cluster (e.g. to replace one that died)."""
-    subprocess.run([str(flink_home(root) / "bin" / "taskmanager.sh"), "start"], env=flink_env(root), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(flink_home(root) / "bin" / "taskmanager.sh"), "start"],
+        env=flink_env(root),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def taskmanager_pids(root: Path) -> list[int]:
@@ -323,8 +339,9 @@ def wait_for_taskmanager(rest_port: int, timeout_s: float = 90.0, count: int = 1
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"fewer than {count} TaskManager(s) registered with the JobManager on :{rest_port} "
-                       f"in {timeout_s:.0f} s")
+    raise TimeoutError(
+        f"fewer than {count} TaskManager(s) registered with the JobManager on :{rest_port} in {timeout_s:.0f} s"
+    )
 
 
 def stop_flink_cluster(root: Path) -> None:
@@ -333,15 +350,21 @@ def stop_flink_cluster(root: Path) -> None:
         return
     env = flink_env(root)
     for script in ("taskmanager.sh", "jobmanager.sh"):
-        subprocess.run([str(home / "bin" / script), "stop-all"], env=env, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(home / "bin" / script), "stop-all"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 # --- the whole stack -----------------------------------------------------------------------------
 
 
-def up(ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None,
-       taskmanagers: int = 1) -> dict[str, str]:
+def up(
+    ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None, taskmanagers: int = 1
+) -> dict[str, str]:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
     start_broker(root, ports.broker)

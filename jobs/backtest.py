@@ -76,6 +76,7 @@ def read_jsonl(path: Path) -> EventLog:
                     yield DecodeError("undecodable", "not JSON")
                     continue
                 yield record if isinstance(record, dict) else DecodeError("undecodable", "not a JSON object")
+
     return _accept(records(), str(path))
 
 
@@ -92,11 +93,17 @@ def read_avro_file(path: Path) -> EventLog:
                 if isinstance(record.get("timestamp"), datetime):
                     record["timestamp"] = (record["timestamp"] - EPOCH) // timedelta(milliseconds=1)
                 yield record
+
     return _accept(records(), str(path))
 
 
-def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
-                     max_event_bytes: int | None = None, security: KafkaSecurity = PLAINTEXT) -> EventLog:
+def read_kafka_range(
+    url: str,
+    start: str | None = None,
+    end: str | None = None,
+    max_event_bytes: int | None = None,
+    security: KafkaSecurity = PLAINTEXT,
+) -> EventLog:
     """`kafka://HOST:PORT/TOPIC`, from `start` to `end` (exclusive) on every partition: each a
     plain offset (`1200`) or an event time (`t=1700000000000`, resolved with offsets_for_times);
     by default from the beginning to the end offsets at the time of reading."""
@@ -106,9 +113,16 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
     topic = parsed.path.lstrip("/")
     if parsed.scheme != "kafka" or not parsed.netloc or not topic:
         raise ValueError(f"expected kafka://HOST:PORT/TOPIC, got {url!r}")
-    consumer = Consumer({"bootstrap.servers": parsed.netloc, "group.id": "segments-backtest",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True, **security.librdkafka_config()})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": parsed.netloc,
+            "group.id": "segments-backtest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            **security.librdkafka_config(),
+        }
+    )
     codec = SchemaCatalog().codec("UserEvent", max_event_bytes)
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -129,10 +143,16 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
         per_partition: dict[int, list[dict | DecodeError]] = {p: [] for p in partitions}
         # The end of a partition comes from the fetch responses (partition EOF): tansu 0.6's
         # ListOffsets answers 1 for the latest offset, so get_watermark_offsets cannot be used.
-        open_partitions = {p for p, first, stop in zip(partitions, starts, ends, strict=True)
-                           if not (stop >= 0 and 0 <= stop <= first)}
-        consumer.assign([TopicPartition(topic, p, first) for p, first in zip(partitions, starts, strict=True)
-                         if p in open_partitions])
+        open_partitions = {
+            p for p, first, stop in zip(partitions, starts, ends, strict=True) if not (stop >= 0 and 0 <= stop <= first)
+        }
+        consumer.assign(
+            [
+                TopicPartition(topic, p, first)
+                for p, first in zip(partitions, starts, strict=True)
+                if p in open_partitions
+            ]
+        )
         stop_at = dict(zip(partitions, ends, strict=True))
         while open_partitions:
             msg = consumer.poll(30.0)
@@ -163,8 +183,13 @@ def read_kafka_range(url: str, start: str | None = None, end: str | None = None,
     return _accept(merged, url)
 
 
-def read_events(source: str, start: str | None = None, end: str | None = None,
-                max_event_bytes: int | None = None, security: KafkaSecurity = PLAINTEXT) -> EventLog:
+def read_events(
+    source: str,
+    start: str | None = None,
+    end: str | None = None,
+    max_event_bytes: int | None = None,
+    security: KafkaSecurity = PLAINTEXT,
+) -> EventLog:
     """`max_event_bytes` applies to Kafka records, which carry the job's Avro encoding; `security`
     to a Kafka source."""
     if source.startswith("kafka://"):
@@ -234,8 +259,15 @@ def run_backtest(
     transitions: list[Transition] = []
     duplicates = late = applied = 0
     latest = None
-    bar = tqdm(log.events, desc=f"backtest {definitions.version}", unit="ev", disable=not progress,
-               file=sys.stderr, smoothing=0.1, mininterval=0.2)
+    bar = tqdm(
+        log.events,
+        desc=f"backtest {definitions.version}",
+        unit="ev",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
+        mininterval=0.2,
+    )
     for event in bar:
         latest = event.timestamp if latest is None else max(latest, event.timestamp)
         profile = profiles.setdefault(event.user_id, UserProfile())
@@ -321,8 +353,21 @@ def _report(definitions, log, until_ms, applied, duplicates, late, profiles, tra
                 both = len(final_members[a] & final_members[b])
                 if both:
                     overlap[(a, b)] = both
-    return BacktestResult(definitions, log.source, until_ms, applied, duplicates, late, log.rejected,
-                          len(profiles), transitions, reports, sizes, final_members, overlap)
+    return BacktestResult(
+        definitions,
+        log.source,
+        until_ms,
+        applied,
+        duplicates,
+        late,
+        log.rejected,
+        len(profiles),
+        transitions,
+        reports,
+        sizes,
+        final_members,
+        overlap,
+    )
 
 
 def _in_time_order(transitions: list[Transition]) -> list[Transition]:
@@ -384,12 +429,16 @@ def compare(base: BacktestResult, other: BacktestResult) -> list[SegmentDiff]:
     for name in sorted(set(base.segments) | set(other.segments)):
         a, b = base.segments.get(name), other.segments.get(name)
         ma, mb = base.final_members.get(name, set()), other.final_members.get(name, set())
-        out.append(SegmentDiff(
-            name,
-            (a.entries if a else None, b.entries if b else None),
-            (a.final_size if a else None, b.final_size if b else None),
-            len(ma - mb), len(mb - ma), len(keyed(base, name) ^ keyed(other, name)),
-        ))
+        out.append(
+            SegmentDiff(
+                name,
+                (a.entries if a else None, b.entries if b else None),
+                (a.final_size if a else None, b.final_size if b else None),
+                len(ma - mb),
+                len(mb - ma),
+                len(keyed(base, name) ^ keyed(other, name)),
+            )
+        )
     return out
 
 
@@ -415,8 +464,10 @@ def summary_lines(result: BacktestResult) -> list[str]:
         f"{'segment':28} {'entries':>8} {'exits':>8} {'final':>7} {'peak':>7} {'med dwell':>10} {'flap rate':>9}",
     ]
     for r in result.segments.values():
-        lines.append(f"{r.name:28} {r.entries:8d} {r.exits:8d} {r.final_size:7d} {r.peak_size:7d} "
-                     f"{_duration(r.median_dwell_ms):>10} {r.flap_rate:9.3f}")
+        lines.append(
+            f"{r.name:28} {r.entries:8d} {r.exits:8d} {r.final_size:7d} {r.peak_size:7d} "
+            f"{_duration(r.median_dwell_ms):>10} {r.flap_rate:9.3f}"
+        )
     if result.overlap:
         lines.append("overlap at the end (users in both):")
         for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])[:15]:
@@ -425,11 +476,15 @@ def summary_lines(result: BacktestResult) -> list[str]:
 
 
 def diff_lines(base: BacktestResult, other: BacktestResult, diffs: list[SegmentDiff]) -> list[str]:
-    lines = [f"diff: {base.definitions.version} -> {other.definitions.version}",
-             f"{'segment':28} {'entries':>15} {'final size':>15} {'only old':>9} {'only new':>9} {'changed':>8}"]
+    lines = [
+        f"diff: {base.definitions.version} -> {other.definitions.version}",
+        f"{'segment':28} {'entries':>15} {'final size':>15} {'only old':>9} {'only new':>9} {'changed':>8}",
+    ]
     for d in diffs:
-        lines.append(f"{d.name:28} {_pair(d.entries):>15} {_pair(d.final_size):>15} {d.only_in_base:9d} "
-                     f"{d.only_in_other:9d} {d.transitions_differing:8d}")
+        lines.append(
+            f"{d.name:28} {_pair(d.entries):>15} {_pair(d.final_size):>15} {d.only_in_base:9d} "
+            f"{d.only_in_other:9d} {d.transitions_differing:8d}"
+        )
     return lines
 
 
@@ -439,23 +494,49 @@ def _pair(values) -> str:
 
 def as_json(result: BacktestResult, diffs: list[SegmentDiff] | None = None) -> dict:
     return {
-        "definitions": {"source": result.definitions.source, "version": result.definitions.version,
-                        "sha256": result.definitions.sha256},
-        "events": {"source": result.log_source, "applied": result.events_applied,
-                   "duplicates": result.duplicates, "late": result.late, "rejected": dict(result.rejected),
-                   "users": result.users},
+        "definitions": {
+            "source": result.definitions.source,
+            "version": result.definitions.version,
+            "sha256": result.definitions.sha256,
+        },
+        "events": {
+            "source": result.log_source,
+            "applied": result.events_applied,
+            "duplicates": result.duplicates,
+            "late": result.late,
+            "rejected": dict(result.rejected),
+            "users": result.users,
+        },
         "until_ms": result.until_ms,
-        "segments": {name: {"entries": r.entries, "exits": r.exits, "final_size": r.final_size,
-                            "peak_size": r.peak_size, "median_dwell_ms": r.median_dwell_ms,
-                            "flap_rate": r.flap_rate, "sizes": result.sizes[name]}
-                     for name, r in result.segments.items()},
+        "segments": {
+            name: {
+                "entries": r.entries,
+                "exits": r.exits,
+                "final_size": r.final_size,
+                "peak_size": r.peak_size,
+                "median_dwell_ms": r.median_dwell_ms,
+                "flap_rate": r.flap_rate,
+                "sizes": result.sizes[name],
+            }
+            for name, r in result.segments.items()
+        },
         "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
         "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
     }
 
 
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf")
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 def _svg_chart(result: BacktestResult, width: int = 900, height: int = 320) -> str:
@@ -473,13 +554,15 @@ def _svg_chart(result: BacktestResult, width: int = 900, height: int = 320) -> s
     def y(v):
         return height - pad - v / top * (height - 2 * pad)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20 * len(series)}" '
-             'font-family="sans-serif" font-size="12">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>',
-             f'<text x="{pad}" y="{pad - 8}">members (max {top})</text>',
-             f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">event time, '
-             f'{_duration(t1 - t0)} span</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20 * len(series)}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>',
+        f'<text x="{pad}" y="{pad - 8}">members (max {top})</text>',
+        f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">event time, '
+        f"{_duration(t1 - t0)} span</text>",
+    ]
     for i, (name, samples) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         points = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in samples)
@@ -489,8 +572,9 @@ def _svg_chart(result: BacktestResult, width: int = 900, height: int = 320) -> s
     return "".join(parts)
 
 
-def html_report(result: BacktestResult, other: BacktestResult | None = None,
-                diffs: list[SegmentDiff] | None = None) -> str:
+def html_report(
+    result: BacktestResult, other: BacktestResult | None = None, diffs: list[SegmentDiff] | None = None
+) -> str:
     esc = html.escape
     d = result.definitions
     rows = "".join(
@@ -498,18 +582,20 @@ def html_report(result: BacktestResult, other: BacktestResult | None = None,
         f"<td>{r.peak_size}</td><td>{_duration(r.median_dwell_ms)}</td><td>{r.flap_rate:.3f}</td></tr>"
         for r in result.segments.values()
     )
-    overlap = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{n}</td></tr>"
-                      for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1]))
+    overlap = "".join(
+        f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{n}</td></tr>"
+        for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])
+    )
     body = [
         f"<h1>Backtest of {esc(d.version)}</h1>",
         f"<p>{esc(d.source)} (sha256 {d.sha256[:12]}) over {esc(result.log_source)}: "
         f"{result.events_applied} events applied, {result.duplicates} duplicates, {result.late} too late, "
         f"{sum(result.rejected.values())} rejected; {result.users} users.</p>",
-        "<h2>Segment size over event time</h2>", _svg_chart(result),
+        "<h2>Segment size over event time</h2>",
+        _svg_chart(result),
         "<h2>Per segment</h2><table><tr><th>segment</th><th>entries</th><th>exits</th><th>final</th>"
         f"<th>peak</th><th>median dwell</th><th>flap rate</th></tr>{rows}</table>",
-        "<h2>Overlap at the end</h2><table><tr><th>a</th><th>b</th><th>users in both</th></tr>"
-        f"{overlap}</table>",
+        f"<h2>Overlap at the end</h2><table><tr><th>a</th><th>b</th><th>users in both</th></tr>{overlap}</table>",
     ]
     if other is not None and diffs is not None:
         diff_rows = "".join(
@@ -521,9 +607,14 @@ def html_report(result: BacktestResult, other: BacktestResult | None = None,
             f"<h2>Diff: {esc(d.version)} → {esc(other.definitions.version)}</h2>",
             "<table><tr><th>segment</th><th>entries</th><th>final size</th><th>only old</th><th>only new</th>"
             f"<th>transitions changed</th></tr>{diff_rows}</table>",
-            f"<h3>{esc(other.definitions.version)}: segment size over event time</h3>", _svg_chart(other),
+            f"<h3>{esc(other.definitions.version)}: segment size over event time</h3>",
+            _svg_chart(other),
         ]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Backtest {esc(d.version)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Backtest {esc(d.version)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )

@@ -43,8 +43,10 @@ def cmd_stack(args) -> int:
                 settings.dead_letter_topic: 1,
             },
         )
-        print(f"stack up: broker {info['bootstrap_servers']}, redis {stack.redact_url(info['redis_url'])}"
-              + (f", flink http://127.0.0.1:{ports.flink_rest}" if args.flink else ""))
+        print(
+            f"stack up: broker {info['bootstrap_servers']}, redis {stack.redact_url(info['redis_url'])}"
+            + (f", flink http://127.0.0.1:{ports.flink_rest}" if args.flink else "")
+        )
         print(f"logs: {stack.stack_dir() / 'logs'}")
     elif args.action == "down":
         stack.down()
@@ -65,8 +67,12 @@ def cmd_run(args) -> int:
     if settings.redis_url and settings.redis_follower:
         from jobs.redis_follower import follow
 
-        follower = threading.Thread(target=follow, name="redis-view-follower", daemon=True,
-                                    args=(settings, stop, settings.redis_follower_metrics_port or None))
+        follower = threading.Thread(
+            target=follow,
+            name="redis-view-follower",
+            daemon=True,
+            args=(settings, stop, settings.redis_follower_metrics_port or None),
+        )
         follower.start()
     try:
         run_job(["--config", args.config] if args.config else [])
@@ -102,10 +108,18 @@ def cmd_submit(args) -> int:
         print("no standalone cluster: run `segments stack up --flink` first", file=sys.stderr)
         return 2
     argv = [
-        str(flink), "run", "-m", f"127.0.0.1:{ports.flink_rest}",
-        "-py", str(PROJECT_ROOT / "jobs" / "segment_users.py"),
-        "-pyfs", str(ship_directory()),
-        "-pyclientexec", sys.executable, "-pyexec", sys.executable,
+        str(flink),
+        "run",
+        "-m",
+        f"127.0.0.1:{ports.flink_rest}",
+        "-py",
+        str(PROJECT_ROOT / "jobs" / "segment_users.py"),
+        "-pyfs",
+        str(ship_directory()),
+        "-pyclientexec",
+        sys.executable,
+        "-pyexec",
+        sys.executable,
     ]
     if args.detached:
         argv.insert(2, "--detached")
@@ -129,9 +143,11 @@ def cmd_submit(args) -> int:
     env = stack.flink_env(root)
     if args.parallelism:  # a rescale: the same job from a savepoint at a new parallelism
         env["SEGMENTS_PARALLELISM"] = str(args.parallelism)
-    print(f"submitting {settings.job_name} to http://127.0.0.1:{ports.flink_rest}"
-          + (f" from {args.from_savepoint}" if args.from_savepoint else "")
-          + (f" at parallelism {args.parallelism}" if args.parallelism else ""))
+    print(
+        f"submitting {settings.job_name} to http://127.0.0.1:{ports.flink_rest}"
+        + (f" from {args.from_savepoint}" if args.from_savepoint else "")
+        + (f" at parallelism {args.parallelism}" if args.parallelism else "")
+    )
     return subprocess.call(argv, env=env)
 
 
@@ -169,9 +185,15 @@ def _on_running_job(args, operation: str) -> int:
 
 
 def cmd_resume(args) -> int:
-    return cmd_submit(argparse.Namespace(config=args.config, detached=True, from_savepoint=args.from_savepoint,
-                                         from_latest_checkpoint=args.from_latest_checkpoint,
-                                         parallelism=args.parallelism))
+    return cmd_submit(
+        argparse.Namespace(
+            config=args.config,
+            detached=True,
+            from_savepoint=args.from_savepoint,
+            from_latest_checkpoint=args.from_latest_checkpoint,
+            parallelism=args.parallelism,
+        )
+    )
 
 
 def cmd_rescale(args) -> int:
@@ -187,8 +209,9 @@ def cmd_rescale(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"stopped with savepoint {location}; resubmitting at parallelism {args.parallelism}")
-    return cmd_submit(argparse.Namespace(config=args.config, detached=True, from_savepoint=location,
-                                         parallelism=args.parallelism))
+    return cmd_submit(
+        argparse.Namespace(config=args.config, detached=True, from_savepoint=location, parallelism=args.parallelism)
+    )
 
 
 def cmd_generate(args) -> int:
@@ -199,8 +222,12 @@ def cmd_generate(args) -> int:
     start_ms = args.start_ms or int(time.time() * 1000) - int(args.hours * 60 * MINUTE_MS)
     events = generate_events(args.users, args.seed, start_ms, int(args.hours * 60 * MINUTE_MS))
     sent = produce_events(
-        events, settings.bootstrap_servers, settings.events_topic, rate_per_s=args.rate,
-        jsonl_copy=Path(args.jsonl) if args.jsonl else None, progress=not args.quiet,
+        events,
+        settings.bootstrap_servers,
+        settings.events_topic,
+        rate_per_s=args.rate,
+        jsonl_copy=Path(args.jsonl) if args.jsonl else None,
+        progress=not args.quiet,
         security=settings.kafka_security(),
     )
     print(f"sent {sent} events to {settings.events_topic}")
@@ -212,13 +239,20 @@ def cmd_tail(args) -> int:
 
     settings = _settings(args)
     try:
-        for t in follow_transitions(settings.bootstrap_servers, settings.transitions_topic,
-                                    from_beginning=args.from_beginning, security=settings.kafka_security()):
+        for t in follow_transitions(
+            settings.bootstrap_servers,
+            settings.transitions_topic,
+            from_beginning=args.from_beginning,
+            security=settings.kafka_security(),
+        ):
             features = ", ".join(f"{k}={v:g}" for k, v in sorted(t["reason"]["features"].items()))
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t["event_time"] / 1000))
             cause = t["cause_event_id"] or "timer"
-            print(f"{when}Z  {t['kind']:5}  {t['segment']:15} {t['user_id']:10} #{t['sequence']:<3} "
-                  f"by {cause:18} {t['reason']['rule']}  [{features}]", flush=True)
+            print(
+                f"{when}Z  {t['kind']:5}  {t['segment']:15} {t['user_id']:10} #{t['sequence']:<3} "
+                f"by {cause:18} {t['reason']['rule']}  [{features}]",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     return 0
@@ -239,9 +273,11 @@ def cmd_validate(args) -> int:
             failed += 1
             continue
         groups = ", ".join(f"{g.name} [{' > '.join(s.name for s in g.segments)}]" for g in d.groups.values())
-        print(f"{path}: ok, version {d.version}, {len(d.segments)} segments, sha256 {d.sha256[:12]}"
-              + (f", exclusive groups: {groups}" if groups else "")
-              + (f", model scores: {', '.join(d.models)}" if d.models else ""))
+        print(
+            f"{path}: ok, version {d.version}, {len(d.segments)} segments, sha256 {d.sha256[:12]}"
+            + (f", exclusive groups: {groups}" if groups else "")
+            + (f", model scores: {', '.join(d.models)}" if d.models else "")
+        )
         if args.verbose:
             if d.models:
                 from udfs.scoring import ModelRegistry, manifest_digest
@@ -270,20 +306,26 @@ def cmd_backtest(args) -> int:
     settings = _settings(args)
     try:
         base = Segmentation.load(args.definitions, settings.profile, settings.models_dir)
-        other = (Segmentation.load(args.compare_with, settings.profile, settings.models_dir)
-                 if args.compare_with else None)
+        other = (
+            Segmentation.load(args.compare_with, settings.profile, settings.models_dir) if args.compare_with else None
+        )
     except (DefinitionError, ModelVerificationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        log = backtest.read_events(args.events, args.start, args.end, settings.max_event_bytes,
-                                   settings.kafka_security())
+        log = backtest.read_events(
+            args.events, args.start, args.end, settings.max_event_bytes, settings.kafka_security()
+        )
     except (OSError, ValueError) as err:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
     until = backtest.FLUSH if args.until == "flush" else (None if args.until == "watermark" else int(args.until))
-    options = dict(until_ms=until, watermark_lag_ms=settings.watermark_lag_ms,
-                   allowed_lateness_ms=settings.allowed_lateness_ms, progress=not args.quiet)
+    options = dict(
+        until_ms=until,
+        watermark_lag_ms=settings.watermark_lag_ms,
+        allowed_lateness_ms=settings.allowed_lateness_ms,
+        progress=not args.quiet,
+    )
     result = backtest.run_backtest(base, log, **options)
     lines = backtest.summary_lines(result)
     compared, diffs = None, None
@@ -310,8 +352,15 @@ def cmd_train(args) -> int:
 
     settings = _settings(args)
     out = Path(args.out)
-    report = train(out, users=args.users, days=args.days, seed=args.seed, version=args.version,
-                   config=settings.profile, progress=lambda line: print(f"[train] {line}", flush=True))
+    report = train(
+        out,
+        users=args.users,
+        days=args.days,
+        seed=args.seed,
+        version=args.version,
+        config=settings.profile,
+        progress=lambda line: print(f"[train] {line}", flush=True),
+    )
     for line in report.lines():
         print(line)
     print(f"models and manifests written to {out}/")
@@ -334,8 +383,9 @@ def cmd_redis(args) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        print(f"following {settings.transitions_topic} into {redact_url(settings.redis_url)} (Ctrl-C stops)",
-              flush=True)
+        print(
+            f"following {settings.transitions_topic} into {redact_url(settings.redis_url)} (Ctrl-C stops)", flush=True
+        )
         try:
             follow(settings, stop, args.metrics_port or settings.redis_follower_metrics_port or None)
         except KeyboardInterrupt:
@@ -353,16 +403,26 @@ def cmd_redis(args) -> int:
     try:
         if args.flush:
             print(f"deleted {view.clear()} keys under {settings.redis_key_prefix}:*")
-        result = rebuild_from_topic(view, settings.bootstrap_servers, settings.transitions_topic,
-                                    open_wait_s=open_wait_s, security=settings.kafka_security())
+        result = rebuild_from_topic(
+            view,
+            settings.bootstrap_servers,
+            settings.transitions_topic,
+            open_wait_s=open_wait_s,
+            security=settings.kafka_security(),
+        )
     finally:
         view.close()
-    print(f"read {result.read} committed transitions from {settings.transitions_topic}, applied {result.applied} "
-          f"to {redact_url(settings.redis_url)} (the rest were not newer than what Redis held); skipped "
-          f"{result.aborted} of aborted transactions")
+    print(
+        f"read {result.read} committed transitions from {settings.transitions_topic}, applied {result.applied} "
+        f"to {redact_url(settings.redis_url)} (the rest were not newer than what Redis held); skipped "
+        f"{result.aborted} of aborted transactions"
+    )
     if result.open_left:
-        print(f"warning: {result.open_left} transitions are in transactions still open after {open_wait_s:.0f} s "
-              "(a job down or restarting?): run the rebuild again once the job runs", file=sys.stderr)
+        print(
+            f"warning: {result.open_left} transitions are in transactions still open after {open_wait_s:.0f} s "
+            "(a job down or restarting?): run the rebuild again once the job runs",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -381,21 +441,39 @@ def cmd_demo(args) -> int:
 
     ports = stack.StackPorts.from_env()
     settings = _settings(args)
-    info = stack.up(ports, partitions={settings.events_topic: 2, settings.transitions_topic: 2,
-                                       settings.dead_letter_topic: 1})
+    info = stack.up(
+        ports, partitions={settings.events_topic: 2, settings.transitions_topic: 2, settings.dead_letter_topic: 1}
+    )
     env = dict(os.environ, SEGMENTS_BOOTSTRAP_SERVERS=info["bootstrap_servers"], REDIS_URL=info["redis_url"])
     logs = stack.stack_dir() / "logs"
     me = [sys.executable, "-m", "jobs.cli"]
     children = []
     with open(logs / "demo-job.log", "ab") as job_log, open(logs / "demo-traffic.log", "ab") as gen_log:
-        children.append(subprocess.Popen([*me, "run"], env=env, stdout=job_log, stderr=subprocess.STDOUT,
-                                         cwd=PROJECT_ROOT, start_new_session=True))
-        children.append(subprocess.Popen(
-            [*me, "generate", "--users", str(args.users), "--hours", "6", "--rate", str(args.rate), "--quiet"],
-            env=env, stdout=gen_log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True))
-    print(f"job and traffic started (logs in {logs}); transitions appear once the first checkpoint "
-          f"commits (~{settings.checkpoint_interval_ms // 1000} s after the job starts). Ctrl-C stops.",
-          flush=True)
+        children.append(
+            subprocess.Popen(
+                [*me, "run"],
+                env=env,
+                stdout=job_log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+                start_new_session=True,
+            )
+        )
+        children.append(
+            subprocess.Popen(
+                [*me, "generate", "--users", str(args.users), "--hours", "6", "--rate", str(args.rate), "--quiet"],
+                env=env,
+                stdout=gen_log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+                start_new_session=True,
+            )
+        )
+    print(
+        f"job and traffic started (logs in {logs}); transitions appear once the first checkpoint "
+        f"commits (~{settings.checkpoint_interval_ms // 1000} s after the job starts). Ctrl-C stops.",
+        flush=True,
+    )
     # SIGTERM (a supervisor, `timeout`) must stop the children too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -422,8 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--flink", action="store_true", help="also start a standalone Flink cluster")
     p.add_argument("--partitions", type=int, default=2, help="partitions of the events and transitions topics")
-    p.add_argument("--taskmanagers", type=int, default=1,
-                   help="with --flink: TaskManagers to start; 1 (the default) holds two slots, more hold one each")
+    p.add_argument(
+        "--taskmanagers",
+        type=int,
+        default=1,
+        help="with --flink: TaskManagers to start; 1 (the default) holds two slots, more hold one each",
+    )
     p.set_defaults(func=cmd_stack)
 
     with_config(sub.add_parser("run", help="run the job on the embedded MiniCluster")).set_defaults(func=cmd_run)
@@ -431,8 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("submit", help="submit the job to the standalone cluster"))
     p.add_argument("--detached", action="store_true")
     p.add_argument("--from-savepoint", help="resume from this savepoint (or retained checkpoint)")
-    p.add_argument("--from-latest-checkpoint", action="store_true",
-                   help="resume from the newest retained checkpoint in the checkpoint directory")
+    p.add_argument(
+        "--from-latest-checkpoint",
+        action="store_true",
+        help="resume from the newest retained checkpoint in the checkpoint directory",
+    )
     p.add_argument("--parallelism", type=int, help="override the parallelism setting (a rescale)")
     p.set_defaults(func=cmd_submit)
 
@@ -449,8 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("resume", help="submit the job again from a savepoint or retained checkpoint"))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="from_savepoint", help="savepoint or chk-<n> directory")
-    source.add_argument("--from-latest-checkpoint", action="store_true",
-                        help="the newest retained checkpoint in the checkpoint directory")
+    source.add_argument(
+        "--from-latest-checkpoint",
+        action="store_true",
+        help="the newest retained checkpoint in the checkpoint directory",
+    )
     p.add_argument("--parallelism", type=int, help="resume at this parallelism (a rescale)")
     p.set_defaults(func=cmd_resume)
 
@@ -481,18 +569,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("backtest", help="replay an event log through definitions, no cluster"))
     p.add_argument("definitions", help="segment definitions file")
-    p.add_argument("--events", required=True,
-                   help="JSONL file, Avro container file, or kafka://HOST:PORT/TOPIC")
+    p.add_argument("--events", required=True, help="JSONL file, Avro container file, or kafka://HOST:PORT/TOPIC")
     p.add_argument("--start", help="Kafka: first offset, or t=EPOCH_MS (default: the beginning)")
     p.add_argument("--end", help="Kafka: end offset (exclusive), or t=EPOCH_MS (default: the end now)")
-    p.add_argument("--until", default="watermark",
-                   help="let time pass to: `watermark` (what the job reaches: last event time - "
-                        "watermark_lag_ms - 1), `flush` (every pending timer), or epoch ms")
+    p.add_argument(
+        "--until",
+        default="watermark",
+        help="let time pass to: `watermark` (what the job reaches: last event time - "
+        "watermark_lag_ms - 1), `flush` (every pending timer), or epoch ms",
+    )
     p.add_argument("--compare-with", help="another definitions file: report both and the diff")
     p.add_argument("--html", help="write the chart and tables to this HTML file")
     p.add_argument("--json", help="write the figures to this JSON file")
-    p.add_argument("--transitions", help="write the transitions themselves to this file, as SegmentTransition "
-                                         "records: Avro container file if it ends in .avro, else JSON lines")
+    p.add_argument(
+        "--transitions",
+        help="write the transitions themselves to this file, as SegmentTransition "
+        "records: Avro container file if it ends in .avro, else JSON lines",
+    )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backtest)
@@ -506,15 +599,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = with_config(sub.add_parser("redis", help="the Redis view: follow the transitions topic, or rebuild it"))
-    p.add_argument("action", choices=["follow", "rebuild"],
-                   help="follow: apply committed transitions as they come, resuming where it left off (the view "
-                        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="follow: serve the follower's figures (lag per partition) for Prometheus on this port")
+    p.add_argument(
+        "action",
+        choices=["follow", "rebuild"],
+        help="follow: apply committed transitions as they come, resuming where it left off (the view "
+        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="follow: serve the follower's figures (lag per partition) for Prometheus on this port",
+    )
     p.add_argument("--flush", action="store_true", help="delete the view's keys first (a fresh Redis)")
-    p.add_argument("--open-wait-s", type=float, default=None,
-                   help="how long to wait for transactions still open at the end of the topic "
-                        "(default: 3 checkpoint intervals, at least 10 s)")
+    p.add_argument(
+        "--open-wait-s",
+        type=float,
+        default=None,
+        help="how long to wait for transactions still open at the end of the topic "
+        "(default: 3 checkpoint intervals, at least 10 s)",
+    )
     p.set_defaults(func=cmd_redis)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))

@@ -82,7 +82,7 @@ def _bytes_field(buf: bytes, pos: int) -> tuple[bytes | None, int]:
     length, pos = _varint(buf, pos)
     if length < 0:
         return None, pos
-    return buf[pos:pos + length], pos + length
+    return buf[pos : pos + length], pos + length
 
 
 def parse_batches(partition: int, data: bytes) -> list[LogRecord | TransactionMarker]:
@@ -102,18 +102,19 @@ def _parse(partition: int, data: bytes) -> tuple[list[LogRecord | TransactionMar
         end = pos + 12 + batch_length
         if end > len(data):
             break  # a partial batch at the end of the response
-        last_offset_delta, = struct.unpack_from(">i", data, pos + 23)
+        (last_offset_delta,) = struct.unpack_from(">i", data, pos + 23)
         next_offset = base_offset + last_offset_delta + 1
         magic = data[pos + 16]
         if magic != 2:
             raise ValueError(f"record batch magic {magic} at offset {base_offset}: only v2 is read")
-        attributes, = struct.unpack_from(">h", data, pos + 21)
+        (attributes,) = struct.unpack_from(">h", data, pos + 21)
         if attributes & 0x07:
-            raise ValueError(f"compressed record batch at offset {base_offset}: only uncompressed batches "
-                             "are read here")
+            raise ValueError(
+                f"compressed record batch at offset {base_offset}: only uncompressed batches are read here"
+            )
         transactional, control = bool(attributes & 0x10), bool(attributes & 0x20)
-        producer_id, = struct.unpack_from(">q", data, pos + 43)
-        count, = struct.unpack_from(">i", data, pos + 57)
+        (producer_id,) = struct.unpack_from(">q", data, pos + 43)
+        (count,) = struct.unpack_from(">i", data, pos + 57)
         rpos = pos + 61
         for _ in range(count):
             _, rpos = _varint(data, rpos)  # record length
@@ -128,7 +129,7 @@ def _parse(partition: int, data: bytes) -> tuple[list[LogRecord | TransactionMar
                 _, rpos = _bytes_field(data, rpos)
             offset = base_offset + offset_delta
             if control:
-                kind, = struct.unpack_from(">h", key, 2)  # key: version int16, type int16
+                (kind,) = struct.unpack_from(">h", key, 2)  # key: version int16, type int16
                 out.append(TransactionMarker(partition, offset, producer_id, kind == CONTROL_COMMIT))
             else:
                 out.append(LogRecord(partition, offset, producer_id, transactional, key, value))
@@ -152,8 +153,14 @@ def log_start_offset(bootstrap: str, topic: str, partition: int, security: Kafka
     """The partition's earliest retained offset."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-log-start", "enable.auto.commit": False,
-                         **security.librdkafka_config()})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "segments-log-start",
+            "enable.auto.commit": False,
+            **security.librdkafka_config(),
+        }
+    )
     try:
         low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
         return low
@@ -193,8 +200,7 @@ class ScramClient:
             raise KafkaAuthenticationError(f"SCRAM: the broker answered {attrs['e']}")
         if not attrs.get("r", "").startswith(self.nonce) or "s" not in attrs or "i" not in attrs:
             raise KafkaAuthenticationError("SCRAM: malformed first message from the broker")
-        salted = hashlib.pbkdf2_hmac(self.hash, self.password.encode(), base64.b64decode(attrs["s"]),
-                                     int(attrs["i"]))
+        salted = hashlib.pbkdf2_hmac(self.hash, self.password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
         client_key = hmac.new(salted, b"Client Key", self.hash).digest()
         stored_key = hashlib.new(self.hash, client_key).digest()
         without_proof = f"c=biws,r={attrs['r']}"
@@ -209,8 +215,9 @@ class ScramClient:
         """The broker proves it knows the password too."""
         text = server_final.decode()
         if not text.startswith("v=") or not hmac.compare_digest(base64.b64decode(text[2:]), self.server_signature):
-            raise KafkaAuthenticationError("SCRAM: the broker's signature does not match (not the broker the "
-                                           "credentials are for?)")
+            raise KafkaAuthenticationError(
+                "SCRAM: the broker's signature does not match (not the broker the credentials are for?)"
+            )
 
 
 class BrokerConnection:
@@ -240,7 +247,7 @@ class BrokerConnection:
         header = struct.pack(">hhi", api_key, version, self.correlation) + _string(CLIENT_ID)
         self.sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
         response = self._receive()
-        correlation, = struct.unpack_from(">i", response, 0)
+        (correlation,) = struct.unpack_from(">i", response, 0)
         if correlation != self.correlation:
             raise ConnectionError(f"reply {correlation} does not answer request {self.correlation}")
         return response[4:]
@@ -250,9 +257,11 @@ class BrokerConnection:
         try:
             reply = self._request(SASL_HANDSHAKE, 1, _string(mechanism.encode()))
         except (ConnectionError, ssl.SSLError) as err:  # TLS 1.3: a refused client certificate shows here
-            raise KafkaAuthenticationError(f"the broker {broker} closed the connection at the SASL handshake "
-                                           f"(does its listener speak SASL, and TLS as set?): {err}") from None
-        error, = struct.unpack_from(">h", reply, 0)
+            raise KafkaAuthenticationError(
+                f"the broker {broker} closed the connection at the SASL handshake "
+                f"(does its listener speak SASL, and TLS as set?): {err}"
+            ) from None
+        (error,) = struct.unpack_from(">h", reply, 0)
         if error:
             raise KafkaAuthenticationError(f"the broker {broker} does not offer SASL {mechanism} (error {error})")
         if mechanism == "PLAIN":
@@ -267,16 +276,17 @@ class BrokerConnection:
         try:
             reply = self._request(SASL_AUTHENTICATE, 1, struct.pack(">i", len(data)) + data)
         except (ConnectionError, ssl.SSLError) as err:
-            raise KafkaAuthenticationError(f"the broker {broker} closed the connection during SASL "
-                                           f"authentication: {err}") from None
+            raise KafkaAuthenticationError(
+                f"the broker {broker} closed the connection during SASL authentication: {err}"
+            ) from None
         error, length = struct.unpack_from(">hh", reply, 0)
         pos = 4
-        message = reply[pos:pos + length].decode(errors="replace") if length >= 0 else ""
+        message = reply[pos : pos + length].decode(errors="replace") if length >= 0 else ""
         pos += max(length, 0)
         if error:
             raise KafkaAuthenticationError(f"the broker {broker} refused the login (error {error}): {message}")
-        size, = struct.unpack_from(">i", reply, pos)
-        return reply[pos + 4:pos + 4 + max(size, 0)]
+        (size,) = struct.unpack_from(">i", reply, pos)
+        return reply[pos + 4 : pos + 4 + max(size, 0)]
 
     def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 100) -> tuple[int, bytes]:
         """(high watermark, record bytes) from `offset`, read_uncommitted: every batch, markers too."""
@@ -286,13 +296,13 @@ class BrokerConnection:
         body += struct.pack(">iiqi", 1, partition, offset, MAX_BYTES)
         response = self._request(FETCH, FETCH_VERSION, body)
         pos = 4  # throttle time
-        topics, = struct.unpack_from(">i", response, pos)
+        (topics,) = struct.unpack_from(">i", response, pos)
         pos += 4
         if topics != 1:
             raise ConnectionError(f"fetch {topic}/{partition}: {topics} topics in the reply")
-        name_len, = struct.unpack_from(">h", response, pos)
+        (name_len,) = struct.unpack_from(">h", response, pos)
         pos += 2 + name_len
-        partitions, = struct.unpack_from(">i", response, pos)
+        (partitions,) = struct.unpack_from(">i", response, pos)
         pos += 4
         if partitions != 1:
             raise ConnectionError(f"fetch {topic}/{partition}: {partitions} partitions in the reply")
@@ -300,14 +310,19 @@ class BrokerConnection:
         pos += 22
         if error:
             raise FetchError(error, f"fetch {topic}/{partition}@{offset}: Kafka error code {error}")
-        aborted, = struct.unpack_from(">i", response, pos)
+        (aborted,) = struct.unpack_from(">i", response, pos)
         pos += 4 + max(aborted, 0) * 16
-        size, = struct.unpack_from(">i", response, pos)
+        (size,) = struct.unpack_from(">i", response, pos)
         pos += 4
-        return high_watermark, response[pos:pos + max(size, 0)]
+        return high_watermark, response[pos : pos + max(size, 0)]
 
-    def fetch_entries(self, topic: str, partition: int, offset: int, patience_s: float = 10.0,
-                      ) -> tuple[int, list[LogRecord | TransactionMarker], int]:
+    def fetch_entries(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        patience_s: float = 10.0,
+    ) -> tuple[int, list[LogRecord | TransactionMarker], int]:
         """(high watermark, entries from `offset` on, the offset to fetch next). The local broker may
         report a high watermark before the batch below it can be fetched (seen under load): then the
         fetch is repeated for up to `patience_s`."""
@@ -320,12 +335,14 @@ class BrokerConnection:
             if next_offset is not None and next_offset > offset:
                 return high_watermark, [e for e in entries if e.offset >= offset], next_offset
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{topic}/{partition}: no complete batch at {offset} below the high watermark "
-                                   f"{high_watermark} for {patience_s:.0f} s (a batch over {MAX_BYTES} bytes?)")
+                raise RuntimeError(
+                    f"{topic}/{partition}: no complete batch at {offset} below the high watermark "
+                    f"{high_watermark} for {patience_s:.0f} s (a batch over {MAX_BYTES} bytes?)"
+                )
             time.sleep(0.05)
 
     def _receive(self) -> bytes:
-        size, = struct.unpack(">i", self._exactly(4))
+        (size,) = struct.unpack(">i", self._exactly(4))
         return self._exactly(size)
 
     def _exactly(self, n: int) -> bytes:
@@ -347,7 +364,8 @@ def partition_leaders(bootstrap: str, topic: str, security: KafkaSecurity = PLAI
     from confluent_kafka.admin import AdminClient
 
     metadata = AdminClient({"bootstrap.servers": bootstrap, **security.librdkafka_config()}).list_topics(
-        topic, timeout=10)
+        topic, timeout=10
+    )
     described = metadata.topics.get(topic)
     if described is None or described.error is not None:
         raise RuntimeError(f"topic {topic}: {described.error if described else 'not found'}")
@@ -392,8 +410,9 @@ class PartitionCursor:
     pending: dict[int, list[LogRecord]] = field(default_factory=dict)
     aborted: int = 0
 
-    def take(self, entries: list[LogRecord | TransactionMarker],
-             aborted: list[LogRecord] | None = None) -> list[LogRecord]:
+    def take(
+        self, entries: list[LogRecord | TransactionMarker], aborted: list[LogRecord] | None = None
+    ) -> list[LogRecord]:
         """The records these entries commit, in marker order; records of aborted transactions are
         counted (and added to `aborted` when given)."""
         committed: list[LogRecord] = []
@@ -434,8 +453,13 @@ class ReadSummary:
     open_waited_s: float = 0.0
 
 
-def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0, summary: ReadSummary | None = None,
-                      security: KafkaSecurity = PLAINTEXT) -> Iterator[LogRecord]:
+def committed_records(
+    bootstrap: str,
+    topic: str,
+    open_wait_s: float = 0.0,
+    summary: ReadSummary | None = None,
+    security: KafkaSecurity = PLAINTEXT,
+) -> Iterator[LogRecord]:
     """Every committed record of the topic, partition by partition, in offset order within each,
     yielded as soon as its transaction's commit marker is read (memory: the open transactions).
 
@@ -447,6 +471,7 @@ def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0, summ
     connections = LeaderConnections(partition_leaders(bootstrap, topic, security), security)
     cursors = {partition: PartitionCursor(partition) for partition in connections.leaders}
     try:
+
         def read_to_end(cursor: PartitionCursor) -> Iterator[LogRecord]:
             while True:
                 yield from cursor.advance(connections.of(cursor.partition), topic)
@@ -470,8 +495,9 @@ def committed_records(bootstrap: str, topic: str, open_wait_s: float = 0.0, summ
         connections.close()
 
 
-def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = False, poll_s: float = 0.5,
-                             security: KafkaSecurity = PLAINTEXT) -> Iterator[LogRecord]:
+def follow_committed_records(
+    bootstrap: str, topic: str, from_beginning: bool = False, poll_s: float = 0.5, security: KafkaSecurity = PLAINTEXT
+) -> Iterator[LogRecord]:
     """The committed records of the topic as their transactions commit, without end (`segments
     tail`): from the beginning, or from each partition's end at the start."""
     connections = LeaderConnections(partition_leaders(bootstrap, topic, security), security)
@@ -493,8 +519,9 @@ def follow_committed_records(bootstrap: str, topic: str, from_beginning: bool = 
         connections.close()
 
 
-def read_partition(bootstrap: str, topic: str, partition: int,
-                   security: KafkaSecurity = PLAINTEXT) -> list[LogRecord | TransactionMarker]:
+def read_partition(
+    bootstrap: str, topic: str, partition: int, security: KafkaSecurity = PLAINTEXT
+) -> list[LogRecord | TransactionMarker]:
     """Every record and marker of one partition up to its end (read_uncommitted), from its leader."""
     host, port = partition_leaders(bootstrap, topic, security)[partition]
     conn = BrokerConnection(host, port, security=security)

@@ -18,8 +18,9 @@ class OperatorsJarMissing(FileNotFoundError):
 def operators_jar(settings: JobSettings) -> Path:
     jar = Path(settings.jars_dir) / OPERATORS_JAR
     if not jar.is_file():
-        raise OperatorsJarMissing(f"{jar} is missing: run infra/setup.sh (it builds the Java operators from "
-                                  "infra/java)")
+        raise OperatorsJarMissing(
+            f"{jar} is missing: run infra/setup.sh (it builds the Java operators from infra/java)"
+        )
     return jar
 
 

@@ -54,39 +54,51 @@ class KafkaSecurity:
 
     def __post_init__(self) -> None:
         if self.security_protocol not in PROTOCOLS:
-            raise KafkaSecurityError(f"kafka_security_protocol must be one of {list(PROTOCOLS)}, "
-                                     f"got {self.security_protocol!r}")
+            raise KafkaSecurityError(
+                f"kafka_security_protocol must be one of {list(PROTOCOLS)}, got {self.security_protocol!r}"
+            )
         if self.sasl:
             if self.sasl_mechanism not in MECHANISMS:
-                raise KafkaSecurityError(f"kafka_sasl_mechanism must be one of {list(MECHANISMS)} with "
-                                         f"{self.security_protocol}, got {self.sasl_mechanism!r}")
+                raise KafkaSecurityError(
+                    f"kafka_sasl_mechanism must be one of {list(MECHANISMS)} with "
+                    f"{self.security_protocol}, got {self.sasl_mechanism!r}"
+                )
             if not self.sasl_username:
                 raise KafkaSecurityError(f"kafka_sasl_username is required with {self.security_protocol}")
             if re.search(r'["\\\x00-\x1f]', self.sasl_username):
-                raise KafkaSecurityError('kafka_sasl_username may not hold \'"\', \'\\\' or control characters')
+                raise KafkaSecurityError("kafka_sasl_username may not hold '\"', '\\' or control characters")
             if not self.sasl_password:
-                raise KafkaSecurityError(f"kafka_sasl_password is required with {self.security_protocol}: "
-                                         "env:NAME or file:PATH")
+                raise KafkaSecurityError(
+                    f"kafka_sasl_password is required with {self.security_protocol}: env:NAME or file:PATH"
+                )
             kind, _, where = self.sasl_password.partition(":")
             if kind not in ("env", "file") or not where:
-                raise KafkaSecurityError("kafka_sasl_password must be a reference, env:NAME (an environment "
-                                         "variable) or file:PATH (a file holding it), never the password itself")
+                raise KafkaSecurityError(
+                    "kafka_sasl_password must be a reference, env:NAME (an environment "
+                    "variable) or file:PATH (a file holding it), never the password itself"
+                )
             if kind == "env" and not ENV_NAME.fullmatch(where):
                 raise KafkaSecurityError(f"kafka_sasl_password: {where!r} is not an environment variable name")
         else:
             for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
                 if getattr(self, name):
-                    raise KafkaSecurityError(f"kafka_{name} is set but kafka_security_protocol is "
-                                             f"{self.security_protocol}, not SASL_PLAINTEXT or SASL_SSL")
+                    raise KafkaSecurityError(
+                        f"kafka_{name} is set but kafka_security_protocol is "
+                        f"{self.security_protocol}, not SASL_PLAINTEXT or SASL_SSL"
+                    )
         ssl_files = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location")
         if not self.tls:
             for name in ssl_files:
                 if getattr(self, name):
-                    raise KafkaSecurityError(f"kafka_{name} is set but kafka_security_protocol is "
-                                             f"{self.security_protocol}, not SSL or SASL_SSL")
+                    raise KafkaSecurityError(
+                        f"kafka_{name} is set but kafka_security_protocol is "
+                        f"{self.security_protocol}, not SSL or SASL_SSL"
+                    )
         if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
-            raise KafkaSecurityError("kafka_ssl_certificate_location and kafka_ssl_key_location go together "
-                                     "(a client certificate and its key, for mutual TLS)")
+            raise KafkaSecurityError(
+                "kafka_ssl_certificate_location and kafka_ssl_key_location go together "
+                "(a client certificate and its key, for mutual TLS)"
+            )
 
     @property
     def sasl(self) -> bool:
@@ -119,8 +131,11 @@ class KafkaSecurity:
             return {}
         out = {"security.protocol": self.security_protocol}
         if self.sasl:
-            out |= {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
-                    "sasl.password": self.password()}
+            out |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": self.sasl_username,
+                "sasl.password": self.password(),
+            }
         for name in ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location"):
             if getattr(self, name):
                 out[name.replace("_", ".")] = getattr(self, name)
@@ -136,13 +151,15 @@ class KafkaSecurity:
         if self.sasl:
             kind, _, name = self.sasl_password.partition(":")
             if kind != "env":
-                raise KafkaSecurityError("the Flink job reads the Kafka password from an environment variable "
-                                         "on every worker: give kafka_sasl_password as env:NAME (file:PATH is "
-                                         "for the command-line clients only)")
+                raise KafkaSecurityError(
+                    "the Flink job reads the Kafka password from an environment variable "
+                    "on every worker: give kafka_sasl_password as env:NAME (file:PATH is "
+                    "for the command-line clients only)"
+                )
             out |= {
                 "sasl.mechanism": self.sasl_mechanism,
-                "sasl.jaas.config": f'{LOGIN_MODULES[self.sasl_mechanism]} required '
-                                    f'username="{self.sasl_username}" password="${{env:{name}}}";',
+                "sasl.jaas.config": f"{LOGIN_MODULES[self.sasl_mechanism]} required "
+                f'username="{self.sasl_username}" password="${{env:{name}}}";',
                 "config.providers": "env",
                 "config.providers.env.class": ENV_CONFIG_PROVIDER,
             }
@@ -151,9 +168,11 @@ class KafkaSecurity:
         if self.ssl_certificate_location:
             # The Java client's PEM key store is one file holding the key (PKCS#8) and its chain.
             if self.ssl_certificate_location != self.ssl_key_location:
-                raise KafkaSecurityError("for the Flink job, mutual TLS needs the client key and certificate in "
-                                         "one PEM file: set kafka_ssl_certificate_location and "
-                                         "kafka_ssl_key_location to that same file")
+                raise KafkaSecurityError(
+                    "for the Flink job, mutual TLS needs the client key and certificate in "
+                    "one PEM file: set kafka_ssl_certificate_location and "
+                    "kafka_ssl_key_location to that same file"
+                )
             out |= {"ssl.keystore.type": "PEM", "ssl.keystore.location": self.ssl_certificate_location}
         return out
 

@@ -13,8 +13,10 @@ def _quoted(text: str) -> str:
 
 def kafka_table_ddl(name: str, topic: str, settings: JobSettings, sink: bool) -> str:
     # Security as Kafka's own properties; the password is only named (`${env:NAME}`), never written.
-    security = "".join(f", {_quoted('properties.' + k)} = {_quoted(v)}"
-                       for k, v in settings.kafka_security().flink_properties().items())
+    security = "".join(
+        f", {_quoted('properties.' + k)} = {_quoted(v)}"
+        for k, v in settings.kafka_security().flink_properties().items()
+    )
     common = (
         f"'connector' = 'kafka', 'topic' = '{topic}', "
         f"'properties.bootstrap.servers' = '{settings.bootstrap_servers}'{security}"

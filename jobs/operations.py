@@ -21,8 +21,12 @@ class FlinkRest:
 
     def _call(self, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method="GET" if body is None else "POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.load(response)
@@ -31,8 +35,11 @@ class FlinkRest:
 
     def running_job(self, name: str | None = None) -> str:
         """The id of the one running job (of that name, if given)."""
-        jobs = [j for j in self._call("/jobs/overview")["jobs"]
-                if j["state"] == "RUNNING" and (name is None or j["name"] == name)]
+        jobs = [
+            j
+            for j in self._call("/jobs/overview")["jobs"]
+            if j["state"] == "RUNNING" and (name is None or j["name"] == name)
+        ]
         if len(jobs) != 1:
             raise OperationError(f"expected one running job{f' named {name!r}' if name else ''}, found {len(jobs)}")
         return jobs[0]["jid"]
@@ -99,8 +106,10 @@ def latest_retained_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     if "://" in text:
         parsed = urlparse(text)
         if parsed.scheme != "file":
-            raise OperationError(f"cannot list {parsed.scheme}:// checkpoints here: pass --from-savepoint with the "
-                                 "chk-<n> directory (Flink's web UI and REST API show the latest)")
+            raise OperationError(
+                f"cannot list {parsed.scheme}:// checkpoints here: pass --from-savepoint with the "
+                "chk-<n> directory (Flink's web UI and REST API show the latest)"
+            )
         text = parsed.path
     newest = max(Path(text).glob("*/chk-*/_metadata"), key=lambda m: m.stat().st_mtime_ns, default=None)
     return None if newest is None else newest.parent

@@ -106,8 +106,9 @@ def without_models(definitions_text: bytes) -> bytes:
     raw = yaml.safe_load(definitions_text)
     raw.pop("rescore_every", None)
     raw.pop("models", None)
-    reads_score = {s["name"] for s in raw["segments"]
-                   if "score." in " ".join(str(s.get(k, "")) for k in ("when", "enter", "exit"))}
+    reads_score = {
+        s["name"] for s in raw["segments"] if "score." in " ".join(str(s.get(k, "")) for k in ("when", "enter", "exit"))
+    }
     raw["segments"] = [s for s in raw["segments"] if s["name"] not in reads_score]
     for group in raw.get("exclusive_groups", []):
         group["segments"] = [name for name in group["segments"] if name not in reads_score]
@@ -131,8 +132,12 @@ def measure(settings: JobSettings, users: int, days: float, seed: int) -> Profil
     no_models = None
     if segmentation.definitions.models:
         models_dir = settings.models_dir or DEFAULT_MODELS_DIR
-        plain = parse_definitions(without_models(segmentation.definitions.text), "without models",
-                                  settings.profile, ModelRegistry.outputs_of(models_dir))
+        plain = parse_definitions(
+            without_models(segmentation.definitions.text),
+            "without models",
+            settings.profile,
+            ModelRegistry.outputs_of(models_dir),
+        )
         started = time.process_time()
         drive(SegmentEngine(plain), events, codec, None)
         no_models = len(events) / (time.process_time() - started)

@@ -94,8 +94,14 @@ class FollowerFigures:
 
 
 class ViewFollower:
-    def __init__(self, view: RedisSegmentView, bootstrap_servers: str, topic: str, poll_s: float = 0.2,
-                 security: KafkaSecurity = PLAINTEXT):
+    def __init__(
+        self,
+        view: RedisSegmentView,
+        bootstrap_servers: str,
+        topic: str,
+        poll_s: float = 0.2,
+        security: KafkaSecurity = PLAINTEXT,
+    ):
         self.view = view
         self.bootstrap_servers = bootstrap_servers
         self.security = security
@@ -129,8 +135,9 @@ class ViewFollower:
                 raise  # not an outage: waiting does not change credentials
             except REDIS_DOWN as err:
                 if not self.figures.redis_unavailable:
-                    log.warning("Redis unavailable (%s): the view waits, the transitions are kept in Kafka",
-                                type(err).__name__)
+                    log.warning(
+                        "Redis unavailable (%s): the view waits, the transitions are kept in Kafka", type(err).__name__
+                    )
                 self.figures.redis_unavailable = True
                 self._positioned = False  # Redis may come back empty: read the offsets again
                 self._connections.close()
@@ -148,7 +155,8 @@ class ViewFollower:
             cursor = self._cursors[partition]
             try:
                 high_watermark, entries, next_offset = self._connections.of(partition).fetch_entries(
-                    self.topic, partition, cursor.offset)
+                    self.topic, partition, cursor.offset
+                )
             except FetchError as err:
                 if err.code != OFFSET_OUT_OF_RANGE:
                     raise
@@ -163,9 +171,11 @@ class ViewFollower:
             if entries or committed:
                 progressed = True
             for start in range(0, len(committed), BATCH):
-                rest = committed[start + BATCH:]
-                self._apply([t for r in committed[start:start + BATCH] if (t := self._transition(r)) is not None],
-                            self._resume_offsets(partition, rest[0].offset if rest else None))
+                rest = committed[start + BATCH :]
+                self._apply(
+                    [t for r in committed[start : start + BATCH] if (t := self._transition(r)) is not None],
+                    self._resume_offsets(partition, rest[0].offset if rest else None),
+                )
                 if not self._positioned:  # Redis was emptied meanwhile: start again from the beginning
                     return True
             if self._resume_offsets() != self._written:  # markers and aborted records move it too
@@ -195,8 +205,11 @@ class ViewFollower:
         leaders = partition_leaders(self.bootstrap_servers, self.topic, self.security)
         if not stored and (self._offsets_expected or any(c.offset for c in self._cursors.values())):
             self.figures.replays += 1
-            log.warning("the Redis view holds no follower offsets (restarted empty or flushed): replaying %s from "
-                        "its beginning", self.topic)
+            log.warning(
+                "the Redis view holds no follower offsets (restarted empty or flushed): replaying %s from "
+                "its beginning",
+                self.topic,
+            )
         self._connections.close()
         self._connections = LeaderConnections(leaders, self.security)
         self._cursors = {p: PartitionCursor(p, offset=stored.get(p, 0)) for p in leaders}
@@ -216,8 +229,9 @@ class ViewFollower:
     def _resume_offsets(self, partition: int | None = None, unapplied_from: int | None = None) -> dict[str, int]:
         """Every partition's resume offset; `partition`'s with its committed records from
         `unapplied_from` on not applied yet."""
-        return {str(p): self._resume_offset(c, unapplied_from if p == partition else None)
-                for p, c in self._cursors.items()}
+        return {
+            str(p): self._resume_offset(c, unapplied_from if p == partition else None) for p, c in self._cursors.items()
+        }
 
     def _skip_to_log_start(self, cursor: PartitionCursor) -> None:
         """The offset is below the log start: the retention deleted what the view never saw (a
@@ -225,12 +239,20 @@ class ViewFollower:
         applied; the gap is counted and said, not hidden."""
         start = log_start_offset(self.bootstrap_servers, self.topic, cursor.partition, self.security)
         if start <= cursor.offset:
-            raise FetchError(OFFSET_OUT_OF_RANGE, f"{self.topic}/{cursor.partition}: offset {cursor.offset} out of "
-                                                   f"range, log start {start}")
+            raise FetchError(
+                OFFSET_OUT_OF_RANGE,
+                f"{self.topic}/{cursor.partition}: offset {cursor.offset} out of range, log start {start}",
+            )
         self.figures.gaps += 1
-        log.error("%s/%d: records %d to %d were deleted by the topic's retention before the view applied them: "
-                  "the view misses their transitions (keep the topic's retention longer than any follower outage; "
-                  "a full rebuild needs all of it)", self.topic, cursor.partition, cursor.offset, start - 1)
+        log.error(
+            "%s/%d: records %d to %d were deleted by the topic's retention before the view applied them: "
+            "the view misses their transitions (keep the topic's retention longer than any follower outage; "
+            "a full rebuild needs all of it)",
+            self.topic,
+            cursor.partition,
+            cursor.offset,
+            start - 1,
+        )
         cursor.offset = start
         cursor.pending.clear()
 
@@ -241,8 +263,13 @@ class ViewFollower:
             t = self.codec.decode(record.value)
         except DecodeError as err:  # not the job's (the payload is never logged)
             self.figures.undecodable += 1
-            log.warning("%s/%d@%d is not a SegmentTransition (%s): skipped", self.topic, record.partition,
-                        record.offset, err.reason)
+            log.warning(
+                "%s/%d@%d is not a SegmentTransition (%s): skipped",
+                self.topic,
+                record.partition,
+                record.offset,
+                err.reason,
+            )
             return None
         return t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]
 
@@ -333,8 +360,9 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
         view = connect_view(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s, stop)
         if view is None:
             return figures
-        follower = ViewFollower(view, settings.bootstrap_servers, settings.transitions_topic,
-                                security=settings.kafka_security())
+        follower = ViewFollower(
+            view, settings.bootstrap_servers, settings.transitions_topic, security=settings.kafka_security()
+        )
         follower.figures = figures
         try:
             while not stop.is_set():
@@ -344,8 +372,11 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
                     raise
                 except Exception as err:  # noqa: BLE001 (KafkaException, a fetch error, a Redis reply, ...)
                     figures.errors += 1
-                    log.warning("the follower starts over from the stored offsets after: %s: %s",
-                                type(err).__name__, str(err)[:300])
+                    log.warning(
+                        "the follower starts over from the stored offsets after: %s: %s",
+                        type(err).__name__,
+                        str(err)[:300],
+                    )
                     follower.start_over()
                     stop.wait(2.0)
         finally:

@@ -25,7 +25,10 @@ def key_prefixes(prefix: str) -> tuple[str, str, str]:
     prefixes = (user_key(prefix, ""), sequence_key(prefix, ""), members_key(prefix, ""))
     # The layout must stay "prefix + name" for the Java side to build the same keys.
     assert (user_key(prefix, "u"), sequence_key(prefix, "u"), members_key(prefix, "s")) == (
-        prefixes[0] + "u", prefixes[1] + "u", prefixes[2] + "s")
+        prefixes[0] + "u",
+        prefixes[1] + "u",
+        prefixes[2] + "s",
+    )
     return prefixes
 
 
@@ -44,10 +47,19 @@ def redis_view_sink(settings: JobSettings):
     from pyflink.datastream.connectors.base import Sink
 
     if holds_a_secret(settings.redis_url):
-        log.warning("redis_url holds a password and travels inside the job (its graph, the cluster's HA "
-                    "storage): give it as env:NAME, a variable set on every worker, so that only the name does")
+        log.warning(
+            "redis_url holds a password and travels inside the job (its graph, the cluster's HA "
+            "storage): give it as env:NAME, a variable set on every worker, so that only the name does"
+        )
     sink_class = java_class(settings, SINK_CLASS)
     user_prefix, sequence_prefix, members_prefix = key_prefixes(settings.redis_key_prefix)
-    j_sink = sink_class(settings.redis_url, user_prefix, sequence_prefix, members_prefix,
-                        int(settings.redis_user_ttl_s), int(settings.redis_retry_ms), APPLY_TRANSITION_LUA)
+    j_sink = sink_class(
+        settings.redis_url,
+        user_prefix,
+        sequence_prefix,
+        members_prefix,
+        int(settings.redis_user_ttl_s),
+        int(settings.redis_retry_ms),
+        APPLY_TRANSITION_LUA,
+    )
     return Sink(j_sink)

@@ -58,8 +58,19 @@ class RedisSegmentView:
         pipe = self.client.pipeline(transaction=False)
         sha, prefix, ttl_s = self._script_sha, self.prefix, self.ttl_s
         for user_id, segment, kind, sequence, event_time in batch:
-            pipe.evalsha(sha, 3, user_key(prefix, user_id), sequence_key(prefix, user_id),
-                         members_key(prefix, segment), segment, kind, sequence, event_time, user_id, ttl_s)
+            pipe.evalsha(
+                sha,
+                3,
+                user_key(prefix, user_id),
+                sequence_key(prefix, user_id),
+                members_key(prefix, segment),
+                segment,
+                kind,
+                sequence,
+                event_time,
+                user_id,
+                ttl_s,
+            )
         return sum(pipe.execute())
 
     def segments_of(self, user_id: str) -> dict[str, tuple[int, int]]:
@@ -98,8 +109,14 @@ class RebuildResult:
     open_left: int  # transitions of transactions still open when the read stopped, skipped
 
 
-def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: str, batch_size: int = 1000,
-                       open_wait_s: float = 30.0, security: KafkaSecurity = PLAINTEXT) -> RebuildResult:
+def rebuild_from_topic(
+    view: RedisSegmentView,
+    bootstrap_servers: str,
+    topic: str,
+    batch_size: int = 1000,
+    open_wait_s: float = 30.0,
+    security: KafkaSecurity = PLAINTEXT,
+) -> RebuildResult:
     """Replays every committed transition of the topic into the view.
 
     Only committed ones: the topic is read with jobs.committed_log, which keeps a transactional
@@ -117,8 +134,9 @@ def rebuild_from_topic(view: RedisSegmentView, bootstrap_servers: str, topic: st
     summary = ReadSummary()
     read = applied = 0
     pending: list[tuple[str, str, str, int, int]] = []
-    for record in committed_records(bootstrap_servers, topic, open_wait_s=open_wait_s, summary=summary,
-                                    security=security):
+    for record in committed_records(
+        bootstrap_servers, topic, open_wait_s=open_wait_s, summary=summary, security=security
+    ):
         t = codec.decode(record.value)
         pending.append((t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]))
         read += 1

@@ -154,8 +154,9 @@ class SegmentUsers(KeyedProcessFunction):
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         # Models verified again where they run (file hashes, this worker's feature code, golden
         # sets): a worker whose code or files differ from the client's stops here.
-        self.engine = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
-                                             self.files_dir / "models").engine()
+        self.engine = Segmentation.from_text(
+            self.definitions_text, self.definitions_source, self.profile_config, self.files_dir / "models"
+        ).engine()
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
@@ -178,8 +179,9 @@ class SegmentUsers(KeyedProcessFunction):
         self.segment_counters: dict[str, tuple] = {}
         for name in self.engine.definitions.names:
             self._segment_counters(name)
-        self.inference_latency = (None if scorer is None
-                                  else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency))
+        self.inference_latency = (
+            None if scorer is None else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency)
+        )
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, payload = value[0], value[2]
@@ -194,9 +196,15 @@ class SegmentUsers(KeyedProcessFunction):
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
         if event.timestamp < late_before:
             self.late_events.inc()
-            yield DEAD_LETTERS, self._dead_letter(
-                value, "late", f"event time {event.timestamp} is more than {self.allowed_lateness_ms} ms behind "
-                f"the watermark {late_before + self.allowed_lateness_ms}")
+            yield (
+                DEAD_LETTERS,
+                self._dead_letter(
+                    value,
+                    "late",
+                    f"event time {event.timestamp} is more than {self.allowed_lateness_ms} ms behind "
+                    f"the watermark {late_before + self.allowed_lateness_ms}",
+                ),
+            )
             return
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
@@ -210,8 +218,9 @@ class SegmentUsers(KeyedProcessFunction):
         yield from self._commit(ctx, user_id, profile, step, event.event_id)
 
     def _dead_letter(self, value, reason: str, message: str) -> Row:
-        return dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], reason, message,
-                               self.max_event_bytes)
+        return dead_letter_row(
+            self.dead_letters, value[2], value[3], value[4], value[5], reason, message, self.max_event_bytes
+        )
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
@@ -248,9 +257,16 @@ class SegmentUsers(KeyedProcessFunction):
             self.profiles_quarantined.inc()
             log.warning("profile state quarantined (%s): the user starts afresh", err.reason)
             quarantined = dead_letter_row(
-                self.dead_letters, self._stored_bytes(stored, strict=False), "", None, None, QUARANTINED_STATE,
+                self.dead_letters,
+                self._stored_bytes(stored, strict=False),
+                "",
+                None,
+                None,
+                QUARANTINED_STATE,
                 f"{err.reason}: {err.message}; the stored profile was dropped and the user starts afresh",
-                self.max_event_bytes, key=user_id)
+                self.max_event_bytes,
+                key=user_id,
+            )
             self.profile_state.clear()
             profile = UserProfile()
         if self.profile_cache_users:
@@ -292,8 +308,9 @@ class SegmentUsers(KeyedProcessFunction):
         emitted_at = now_ms()
         for t in transitions:
             self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
-            yield Row(t.user_id, t.segment, t.kind, t.sequence, t.event_time,
-                      self.transitions.encode(t.to_record(emitted_at)))
+            yield Row(
+                t.user_id, t.segment, t.kind, t.sequence, t.event_time, self.transitions.encode(t.to_record(emitted_at))
+            )
 
 
 @dataclass
@@ -315,11 +332,15 @@ def user_event_headers(catalog: SchemaCatalog) -> bytes:
     for fingerprint, known in sorted(catalog.by_fingerprint.items()):
         if known.full_name != catalog.codec("UserEvent").full_name:
             continue
-        prefix = tuple((f["name"], f["type"] if isinstance(f["type"], str) else f["type"].get("type"))
-                       for f in known.parsed["fields"][:len(KEYED_PREFIX)])
+        prefix = tuple(
+            (f["name"], f["type"] if isinstance(f["type"], str) else f["type"].get("type"))
+            for f in known.parsed["fields"][: len(KEYED_PREFIX)]
+        )
         if prefix != KEYED_PREFIX:
-            raise ValueError(f"UserEvent version {fingerprint.hex()} starts with {prefix}, not {KEYED_PREFIX}: "
-                             "infra/java segments.events.UserEventKeys must learn to read its key and time")
+            raise ValueError(
+                f"UserEvent version {fingerprint.hex()} starts with {prefix}, not {KEYED_PREFIX}: "
+                "infra/java segments.events.UserEventKeys must learn to read its key and time"
+            )
         headers.append(MAGIC + fingerprint)
     return b"".join(headers)
 
@@ -340,9 +361,11 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
     keys_class = java_class(settings, USER_EVENT_KEYS_CLASS)
     j_keyed_events = (
         raw_records._j_data_stream.process(
-            keys_class(user_event_headers(SchemaCatalog()), MIN_EVENT_TIME_MS, settings.max_future_ms,
-                       settings.max_event_bytes),
-            KEYED_EVENT.get_java_type_info())
+            keys_class(
+                user_event_headers(SchemaCatalog()), MIN_EVENT_TIME_MS, settings.max_future_ms, settings.max_event_bytes
+            ),
+            KEYED_EVENT.get_java_type_info(),
+        )
         .name(DECODE.name)
         .uid(DECODE.uid)
     )
@@ -351,7 +374,8 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
         watermarks = watermarks.with_idleness(Duration.of_millis(settings.idle_timeout_ms))
     j_timed = (
         j_keyed_events.assignTimestampsAndWatermarks(
-            watermarks._j_watermark_strategy.withTimestampAssigner(keys_class.EventTime()))
+            watermarks._j_watermark_strategy.withTimestampAssigner(keys_class.EventTime())
+        )
         .name(EVENT_TIME.name)
         .uid(EVENT_TIME.uid)
     )
@@ -360,9 +384,14 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
     # Definitions and models checked here, before anything is submitted or consumed.
     segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
     definitions = segmentation.definitions
-    log.info("segment definitions %s version %s (sha256 %s): %d segments; models: %s", definitions.source,
-             definitions.version, definitions.sha256[:12], len(definitions.segments),
-             segmentation.registry.version if segmentation.registry else "none")
+    log.info(
+        "segment definitions %s version %s (sha256 %s): %d segments; models: %s",
+        definitions.source,
+        definitions.version,
+        definitions.sha256[:12],
+        len(definitions.segments),
+        segmentation.registry.version if segmentation.registry else "none",
+    )
     transitions = (
         keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=TRANSITION_RECORD)
         .name(SEGMENT.name)
@@ -396,8 +425,12 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
         # Redis only from committed transitions: applied once the checkpoint holding them completes.
         from jobs.redis_sink import redis_view_sink
 
-        (transitions.sink_to(redis_view_sink(settings)).name(REDIS_VIEW.name).uid(REDIS_VIEW.uid)
-         .set_parallelism(settings.segment_parallelism or settings.parallelism))
+        (
+            transitions.sink_to(redis_view_sink(settings))
+            .name(REDIS_VIEW.name)
+            .uid(REDIS_VIEW.uid)
+            .set_parallelism(settings.segment_parallelism or settings.parallelism)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,8 +123,10 @@ class JobSettings:
         if self.checkpoint_interval_ms < 100:
             raise SettingsError("checkpoint_interval_ms must be at least 100 (exactly-once needs checkpoints)")
         if self.allowed_lateness_ms >= self.profile.retention_ms:
-            raise SettingsError("allowed_lateness_ms must be below the profile retention (a late event would "
-                                "join a lifetime that has already expired)")
+            raise SettingsError(
+                "allowed_lateness_ms must be below the profile retention (a late event would "
+                "join a lifetime that has already expired)"
+            )
         if self.transaction_timeout_ms <= self.checkpoint_interval_ms:
             raise SettingsError("transaction_timeout_ms must exceed checkpoint_interval_ms")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.transactional_id_prefix):
@@ -241,7 +243,7 @@ def load_settings(
     for var, raw in environ.items():
         if not var.startswith(ENV_PREFIX) or var.startswith(TOOLING_ENV_PREFIXES):
             continue
-        key = var[len(ENV_PREFIX):].lower()
+        key = var[len(ENV_PREFIX) :].lower()
         if key not in kinds or key == "profile":
             raise SettingsError(f"unknown setting in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
@@ -249,7 +251,7 @@ def load_settings(
         if key not in kinds and key != "kafka":
             raise SettingsError(f"unknown setting {key!r}")
         values[key] = raw
-    kafka = {key[len("kafka_"):]: values.pop(key) for key in list(values) if key.startswith("kafka_")}
+    kafka = {key[len("kafka_") :]: values.pop(key) for key in list(values) if key.startswith("kafka_")}
     if kafka:
         try:
             values["kafka"] = dataclasses.replace(values.get("kafka", KafkaSecurity()), **kafka)

@@ -19,7 +19,8 @@ class ShippedFiles:
     def __init__(self, directories: dict[str, Path]):
         self.files = {
             f"{name}/{path.relative_to(root)}": path.read_bytes()
-            for name, root in directories.items() for path in sorted(root.rglob("*"))
+            for name, root in directories.items()
+            for path in sorted(root.rglob("*"))
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".py"
         }
 

@@ -27,8 +27,14 @@ def produce_events(
 ) -> int:
     """Sends events in the order given; rate 0 means as fast as the producer takes them."""
     codec = SchemaCatalog().codec("UserEvent")
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "enable.idempotence": True,
-                         **security.librdkafka_config()})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "linger.ms": 20,
+            "enable.idempotence": True,
+            **security.librdkafka_config(),
+        }
+    )
     copy = open(jsonl_copy, "w") if jsonl_copy else None
     sent = 0
     started = time.monotonic()
@@ -37,8 +43,9 @@ def produce_events(
             record = event.to_record()
             while True:
                 try:
-                    producer.produce(topic, key=event.user_id.encode(), value=codec.encode(record),
-                                     timestamp=event.timestamp)
+                    producer.produce(
+                        topic, key=event.user_id.encode(), value=codec.encode(record), timestamp=event.timestamp
+                    )
                     break
                 except BufferError:  # local queue full: let it drain
                     producer.poll(0.05)
@@ -57,4 +64,3 @@ def produce_events(
     if remaining:
         raise RuntimeError(f"{remaining} events were not acknowledged by the broker")
     return sent
-

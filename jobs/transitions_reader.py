@@ -10,8 +10,9 @@ from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from udfs.codec import SchemaCatalog
 
 
-def follow_transitions(bootstrap_servers: str, topic: str, from_beginning: bool = False,
-                       security: KafkaSecurity = PLAINTEXT) -> Iterator[dict]:
+def follow_transitions(
+    bootstrap_servers: str, topic: str, from_beginning: bool = False, security: KafkaSecurity = PLAINTEXT
+) -> Iterator[dict]:
     """Each transition as its transaction commits, without end: from the beginning, or from now."""
     codec = SchemaCatalog().codec("SegmentTransition")
     for record in follow_committed_records(bootstrap_servers, topic, from_beginning, security=security):

@@ -93,8 +93,9 @@ def point_in_time_rows(
     return [(u, t, v) for u, t, v in vectors_at(events, cutoffs, vector) if v is not None]
 
 
-def build_training_set(events: Sequence[UserEvent], cutoffs: Sequence[int], vector: FeatureVector,
-                       history_end_ms: int) -> TrainingSet:
+def build_training_set(
+    events: Sequence[UserEvent], cutoffs: Sequence[int], vector: FeatureVector, history_end_ms: int
+) -> TrainingSet:
     times_by_user: dict[str, list[int]] = defaultdict(list)
     purchases_by_user: dict[str, list[int]] = defaultdict(list)
     for e in events:
@@ -126,8 +127,13 @@ def _export(pipeline, name: str, n_features: int, classifier=None) -> bytes:
     options = {id(classifier): {"zipmap": False}} if classifier is not None else None
     # A fixed graph name: skl2onnx's default is a random UUID, which would make the same seed
     # give different bytes (and sha256).
-    return convert_sklearn(pipeline, name=name, initial_types=[("features", FloatTensorType([None, n_features]))],
-                           options=options, target_opset=17).SerializeToString()
+    return convert_sklearn(
+        pipeline,
+        name=name,
+        initial_types=[("features", FloatTensorType([None, n_features]))],
+        options=options,
+        target_opset=17,
+    ).SerializeToString()
 
 
 def _onnx_outputs(onnx_bytes: bytes, x: np.ndarray, output: str) -> np.ndarray:
@@ -144,9 +150,20 @@ def _write_model(out_dir: Path, manifest: ModelManifest, onnx_bytes: bytes) -> N
     (directory / MANIFEST).write_text(json.dumps(manifest.as_dict(), indent=1) + "\n")
 
 
-def _classifier(name: str, description: str, x: np.ndarray, y: np.ndarray, users: np.ndarray,
-                train: np.ndarray, test: np.ndarray, vector: FeatureVector, hash_: str, threshold: float,
-                seed: int, version: str) -> tuple[ModelManifest, bytes]:
+def _classifier(
+    name: str,
+    description: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    users: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    vector: FeatureVector,
+    hash_: str,
+    threshold: float,
+    seed: int,
+    version: str,
+) -> tuple[ModelManifest, bytes]:
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
@@ -172,21 +189,38 @@ def _classifier(name: str, description: str, x: np.ndarray, y: np.ndarray, users
     golden_rows = np.random.default_rng(seed).choice(len(x[test]), size=min(GOLDEN_CASES, len(x[test])), replace=False)
     golden = [{"input": [float(v) for v in x[test][i]], "output": float(exported[i])} for i in sorted(golden_rows)]
     manifest = ModelManifest(
-        name=name, version=version, kind="probability", onnx_file="model.onnx",
-        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(), vector=list(vector.features), feature_hash=hash_,
-        input_name="features", input_shape=[None, x.shape[1]], output_name="probabilities", output_index=1,
+        name=name,
+        version=version,
+        kind="probability",
+        onnx_file="model.onnx",
+        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        vector=list(vector.features),
+        feature_hash=hash_,
+        input_name="features",
+        input_shape=[None, x.shape[1]],
+        output_name="probabilities",
+        output_index=1,
         thresholds={"high": threshold},
-        metrics={"cv_roc_auc_mean": float(np.mean(folds)), "cv_roc_auc_std": float(np.std(folds)),
-                 "cv_folds": len(folds), "holdout_roc_auc": holdout_auc, "train_rows": int(train.sum()),
-                 "holdout_rows": int(test.sum()), "positive_rate_train": float(y[train].mean()),
-                 "positive_rate_holdout": float(y[test].mean()), "export_max_abs_diff": drift},
-        golden=golden, description=description,
+        metrics={
+            "cv_roc_auc_mean": float(np.mean(folds)),
+            "cv_roc_auc_std": float(np.std(folds)),
+            "cv_folds": len(folds),
+            "holdout_roc_auc": holdout_auc,
+            "train_rows": int(train.sum()),
+            "holdout_rows": int(test.sum()),
+            "positive_rate_train": float(y[train].mean()),
+            "positive_rate_holdout": float(y[test].mean()),
+            "export_max_abs_diff": drift,
+        },
+        golden=golden,
+        description=description,
     )
     return manifest, onnx_bytes
 
 
-def _personas(x: np.ndarray, vector: FeatureVector, hash_: str, seed: int, version: str,
-              k_range=range(2, 9)) -> tuple[ModelManifest, bytes]:
+def _personas(
+    x: np.ndarray, vector: FeatureVector, hash_: str, seed: int, version: str, k_range=range(2, 9)
+) -> tuple[ModelManifest, bytes]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
     from sklearn.pipeline import Pipeline
@@ -210,13 +244,27 @@ def _personas(x: np.ndarray, vector: FeatureVector, hash_: str, seed: int, versi
     golden_rows = np.random.default_rng(seed).choice(len(x), size=min(GOLDEN_CASES, len(x)), replace=False)
     golden = [{"input": [float(v) for v in x[i]], "output": int(exported[i])} for i in sorted(golden_rows)]
     manifest = ModelManifest(
-        name="personas", version=version, kind="cluster", onnx_file="model.onnx",
-        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(), vector=list(vector.features), feature_hash=hash_,
-        input_name="features", input_shape=[None, x.shape[1]], output_name="label", output_index=None,
-        clusters=best, metrics={"silhouette_by_k": {str(k): v for k, v in silhouettes.items()},
-                                "chosen_k": best, "silhouette": silhouettes[best], "rows": len(x),
-                                "export_label_agreement": agreement},
-        golden=golden, summaries=_cluster_summaries(x, labels, best, vector),
+        name="personas",
+        version=version,
+        kind="cluster",
+        onnx_file="model.onnx",
+        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        vector=list(vector.features),
+        feature_hash=hash_,
+        input_name="features",
+        input_shape=[None, x.shape[1]],
+        output_name="label",
+        output_index=None,
+        clusters=best,
+        metrics={
+            "silhouette_by_k": {str(k): v for k, v in silhouettes.items()},
+            "chosen_k": best,
+            "silhouette": silhouettes[best],
+            "rows": len(x),
+            "export_label_agreement": agreement,
+        },
+        golden=golden,
+        summaries=_cluster_summaries(x, labels, best, vector),
         description="Shopper personas: K-means on scaled recency, frequency, monetary value and engagement",
     )
     return manifest, onnx_bytes
@@ -237,12 +285,18 @@ def _cluster_summaries(x: np.ndarray, labels: np.ndarray, k: int, vector: Featur
         members = x[labels == c]
         centre = members.mean(axis=0)
         z = (centre - mean) / std
-        traits = [words[f.name][0 if zi > 0 else 1] for f, zi in zip(vector.features, z, strict=True)
-                  if f.name in words and abs(zi) > 0.5]
-        means = {f.name: float(np.expm1(v)) if f.transform == "log1p" else float(v)
-                 for f, v in zip(vector.features, centre, strict=True)}
-        out.append({"cluster": c, "share": float(len(members) / len(x)), "name": ", ".join(traits) or "average",
-                    "mean": means})
+        traits = [
+            words[f.name][0 if zi > 0 else 1]
+            for f, zi in zip(vector.features, z, strict=True)
+            if f.name in words and abs(zi) > 0.5
+        ]
+        means = {
+            f.name: float(np.expm1(v)) if f.transform == "log1p" else float(v)
+            for f, v in zip(vector.features, centre, strict=True)
+        }
+        out.append(
+            {"cluster": c, "share": float(len(members) / len(x)), "name": ", ".join(traits) or "average", "mean": means}
+        )
     return out
 
 
@@ -257,22 +311,33 @@ class TrainingReport:
         for m in self.manifests:
             metrics = m.metrics
             if m.kind == "probability":
-                out.append(f"{m.name} v{m.version}: holdout ROC-AUC {metrics['holdout_roc_auc']:.3f} "
-                           f"(time split, {metrics['holdout_rows']} rows), CV ROC-AUC "
-                           f"{metrics['cv_roc_auc_mean']:.3f} ± {metrics['cv_roc_auc_std']:.3f} "
-                           f"({metrics['cv_folds']} folds by user, {metrics['train_rows']} rows), positive rate "
-                           f"{metrics['positive_rate_train']:.3f}")
+                out.append(
+                    f"{m.name} v{m.version}: holdout ROC-AUC {metrics['holdout_roc_auc']:.3f} "
+                    f"(time split, {metrics['holdout_rows']} rows), CV ROC-AUC "
+                    f"{metrics['cv_roc_auc_mean']:.3f} ± {metrics['cv_roc_auc_std']:.3f} "
+                    f"({metrics['cv_folds']} folds by user, {metrics['train_rows']} rows), positive rate "
+                    f"{metrics['positive_rate_train']:.3f}"
+                )
             else:
                 by_k = ", ".join(f"k={k}: {v:.3f}" for k, v in metrics["silhouette_by_k"].items())
                 out.append(f"{m.name} v{m.version}: k={m.clusters} by silhouette ({by_k})")
                 for s in m.summaries:
-                    out.append(f"  cluster {s['cluster']} ({s['share']:.0%}): {s['name']}; "
-                               + ", ".join(f"{n} {v:.1f}" for n, v in s["mean"].items()))
+                    out.append(
+                        f"  cluster {s['cluster']} ({s['share']:.0%}): {s['name']}; "
+                        + ", ".join(f"{n} {v:.1f}" for n, v in s["mean"].items())
+                    )
         return out
 
 
-def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, version: str = "1",
-          config: ProfileConfig | None = None, progress: Callable[[str], None] = lambda _: None) -> TrainingReport:
+def train(
+    out_dir: Path,
+    users: int = 1200,
+    days: int = 35,
+    seed: int = 1,
+    version: str = "1",
+    config: ProfileConfig | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> TrainingReport:
     config = config or ProfileConfig()
     catalog = FeatureCatalog(config)
     end = START_MS + days * DAY_MS
@@ -290,8 +355,10 @@ def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, versi
     def split(horizon: int, usable: np.ndarray):
         low, high = cutoffs[0] + horizon, max(c for c, ok in zip(data.cutoffs, usable, strict=True) if ok)
         if low >= high:
-            raise ValueError(f"{days} days of history are too few for a time split with a "
-                             f"{horizon // DAY_MS}-day label window; give at least {2 * horizon // DAY_MS + 6}")
+            raise ValueError(
+                f"{days} days of history are too few for a time split with a "
+                f"{horizon // DAY_MS}-day label window; give at least {2 * horizon // DAY_MS + 6}"
+            )
         boundary = low + int((high - low) * 0.7)
         train_mask = usable & (cutoff_arr + horizon <= boundary)
         test_mask = usable & (cutoff_arr >= boundary)
@@ -301,16 +368,38 @@ def train(out_dir: Path, users: int = 1200, days: int = 35, seed: int = 1, versi
     labelled = cutoff_arr + PURCHASE_HORIZON_MS <= end
     fit, hold = split(PURCHASE_HORIZON_MS, labelled)
     manifest, onnx_bytes = _classifier(
-        "purchase_propensity", "Probability of a purchase within the next 24 hours", data.rows,
-        data.purchase_24h, users_arr, fit, hold, behaviour, behaviour_hash, 0.7, seed, version)
+        "purchase_propensity",
+        "Probability of a purchase within the next 24 hours",
+        data.rows,
+        data.purchase_24h,
+        users_arr,
+        fit,
+        hold,
+        behaviour,
+        behaviour_hash,
+        0.7,
+        seed,
+        version,
+    )
     _write_model(out_dir, manifest, onnx_bytes)
     manifests.append(manifest)
 
     progress("training churn_risk")
     fit, hold = split(CHURN_HORIZON_MS, data.labelled_churn)
     manifest, onnx_bytes = _classifier(
-        "churn_risk", "Probability of no activity at all in the next 14 days", data.rows, data.churn_14d,
-        users_arr, fit, hold, behaviour, behaviour_hash, 0.8, seed, version)
+        "churn_risk",
+        "Probability of no activity at all in the next 14 days",
+        data.rows,
+        data.churn_14d,
+        users_arr,
+        fit,
+        hold,
+        behaviour,
+        behaviour_hash,
+        0.8,
+        seed,
+        version,
+    )
     _write_model(out_dir, manifest, onnx_bytes)
     manifests.append(manifest)
 
@@ -343,6 +432,13 @@ def write_fingerprint_events(path: Path = FINGERPRINT_EVENTS) -> str:
     schema = fastavro.parse_schema(json.loads((SCHEMAS_DIR / "user_event.avsc").read_text()))
     events = generate_events(FINGERPRINT_USERS, FINGERPRINT_SEED, FINGERPRINT_START_MS, FINGERPRINT_DAYS * DAY_MS)
     with open(path, "wb") as out:
-        fastavro.writer(out, schema, (e.to_record() for e in events), codec="deflate", codec_compression_level=9,
-                        sync_marker=FINGERPRINT_SYNC_MARKER, sync_interval=1 << 20)
+        fastavro.writer(
+            out,
+            schema,
+            (e.to_record() for e in events),
+            codec="deflate",
+            codec_compression_level=9,
+            sync_marker=FINGERPRINT_SYNC_MARKER,
+            sync_interval=1 << 20,
+        )
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -94,6 +94,7 @@ def _parsed(schema: dict) -> Any:
 
 
 def load_schema_file(path: Path) -> dict:
+    """A schema file (.avsc) read as JSON, not yet parsed."""
     return json.loads(path.read_text())
 
 
@@ -121,6 +122,7 @@ class SchemaCatalog:
             self.current[schema["name"]] = schema
 
     def codec(self, record_name: str, max_bytes: int | None = None) -> AvroCodec:
+        """The codec for one record of the catalog, refusing payloads over `max_bytes` when given."""
         return AvroCodec(self, record_name, max_bytes)
 
 
@@ -139,6 +141,7 @@ class AvroCodec:
         self._catalog = catalog
 
     def encode(self, record: dict) -> bytes:
+        """The record as single-object encoding: the header (marker and fingerprint), then the Avro body."""
         out = io.BytesIO()
         out.write(self.header)
         fastavro.schemaless_writer(out, self._writer, record)
@@ -151,6 +154,7 @@ class AvroCodec:
         return out.getvalue()
 
     def decode(self, payload: bytes) -> dict:
+        """The record a single-object payload holds; a `DecodeError` with its reason code when it holds none."""
         if payload is None:
             raise DecodeError("undecodable", "record has no value")
         if self.max_bytes is not None and len(payload) > self.max_bytes:
@@ -174,4 +178,4 @@ class AvroCodec:
             raise DecodeError("undecodable", f"body does not match its schema ({type(exc).__name__})") from None
         if body.tell() != len(payload):
             raise DecodeError("undecodable", f"{len(payload) - body.tell()} trailing bytes after the record")
-        return record
+        return record  # type: ignore[return-value]  # a record schema's value is a dict; fastavro types any Avro value

@@ -3,7 +3,8 @@ closed set of node types, and a compiler from nodes to closures.
 
 Safe by construction: the text is never handed to Python (no eval, exec, format templates or
 attribute lookup); a name can only resolve to a feature of the catalog, a model score or another
-segment, and everything else is a syntax or type error naming the column. docs/definitions.md is the user's reference for the grammar.
+segment, and everything else is a syntax or type error naming the column. docs/definitions.md is the
+user's reference for the grammar.
 
     condition  := or
     or         := and ("or" and)*
@@ -68,6 +69,8 @@ _TOKEN = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """A token of a condition's text, with the column it starts at for error messages."""
+
     kind: str  # number | duration | string | name | op | end
     text: str
     column: int
@@ -75,6 +78,7 @@ class Token:
 
 
 def tokenize(text: str) -> list[Token]:
+    """The condition's tokens, ending with an `end` token; a `ConditionError` naming the column otherwise."""
     if len(text) > MAX_CONDITION_CHARS:
         raise ConditionError(f"condition longer than {MAX_CONDITION_CHARS} characters")
     tokens: list[Token] = []
@@ -111,6 +115,8 @@ def tokenize(text: str) -> list[Token]:
 
 @dataclass(frozen=True, slots=True)
 class Literal:
+    """A number, duration, text or boolean written in the condition."""
+
     value: Any  # float (number or duration in ms), str, or bool
     kind: str  # NUMBER | DURATION | TEXT | BOOL
     column: int
@@ -118,6 +124,8 @@ class Literal:
 
 @dataclass(frozen=True, slots=True)
 class FeatureRef:
+    """A profile feature by name, with the key of a map feature (`category_views_30d["shoes"]` reads one)."""
+
     name: str
     key: str | None
     column: int
@@ -125,18 +133,24 @@ class FeatureRef:
 
 @dataclass(frozen=True, slots=True)
 class ScoreRef:
+    """A model's score by the model's name (`score.churn_risk`)."""
+
     model: str
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
+    """Another segment's membership (`segment.name`), decided before this one."""
+
     segment: str
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class Compare:
+    """A comparison of two operands (`<`, `<=`, `>`, `>=`, `==`, `!=`)."""
+
     op: str
     left: Any
     right: Any
@@ -145,6 +159,8 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class InCondition:  # `x in [...]`, `"shoes" in top_categories` (not udfs.profile.Membership)
+    """Membership of a value in a list of literals or in a text-list feature, or its negation."""
+
     item: Any
     options: Any  # a tuple of Literal, or a FeatureRef to a text list
     negated: bool
@@ -153,12 +169,16 @@ class InCondition:  # `x in [...]`, `"shoes" in top_categories` (not udfs.profil
 
 @dataclass(frozen=True, slots=True)
 class Missing:
+    """True when a feature or score has no value (`missing(reference)`)."""
+
     ref: FeatureRef | ScoreRef
     column: int
 
 
 @dataclass(frozen=True, slots=True)
 class Absent:
+    """True when no event of the type came within the window (`absent(event_type, duration)`)."""
+
     event_type: str
     window_ms: int
     column: int
@@ -166,16 +186,22 @@ class Absent:
 
 @dataclass(frozen=True, slots=True)
 class And:
+    """The conjunction of its items."""
+
     items: tuple
 
 
 @dataclass(frozen=True, slots=True)
 class Or:
+    """The disjunction of its items."""
+
     items: tuple
 
 
 @dataclass(frozen=True, slots=True)
 class Not:
+    """The negation of its item."""
+
     item: Any
     column: int
 
@@ -216,8 +242,9 @@ class _Parser:
     def parse(self):
         node = self.or_()
         if self.peek.kind != "end":
-            raise ConditionError(f"unexpected {self._shown(self.peek)} (expected 'and', 'or' or the end)",
-                                 self.peek.column)
+            raise ConditionError(
+                f"unexpected {self._shown(self.peek)} (expected 'and', 'or' or the end)", self.peek.column
+            )
         return node
 
     def or_(self):
@@ -283,7 +310,7 @@ class _Parser:
         if not negative and self.at("true", "false"):
             self.take()
             return Literal(token.text == "true", BOOL, token.column)
-        raise ConditionError(f"expected a number, duration or \"text\", found {self._shown(token)}", token.column)
+        raise ConditionError(f'expected a number, duration or "text", found {self._shown(token)}', token.column)
 
     def operand(self):
         token = self.peek
@@ -297,8 +324,9 @@ class _Parser:
             self.expect(")")
             return node
         if token.kind != "name":
-            raise ConditionError(f"expected a feature, score, segment or value, found {self._shown(token)}",
-                                 token.column)
+            raise ConditionError(
+                f"expected a feature, score, segment or value, found {self._shown(token)}", token.column
+            )
         if token.text == "missing":
             self.take()
             self.expect("(")
@@ -312,14 +340,23 @@ class _Parser:
             self.expect("(")
             kind = self.take()
             if kind.kind != "name" or kind.text not in EVENT_TYPES:
-                raise ConditionError(f"absent(...) takes an event type first, one of {', '.join(EVENT_TYPES)}; "
-                                     f"found {self._shown(kind)}", kind.column)
+                raise ConditionError(
+                    f"absent(...) takes an event type first, one of {', '.join(EVENT_TYPES)}; "
+                    f"found {self._shown(kind)}",
+                    kind.column,
+                )
             self.expect(",")
             window = self.take()
-            if (window.kind != "duration" or not math.isfinite(window.value) or window.value <= 0
-                    or window.value != int(window.value)):
-                raise ConditionError(f"absent(...) takes a positive duration second, such as 7d; "
-                                     f"found {self._shown(window)}", window.column)
+            if (
+                window.kind != "duration"
+                or not math.isfinite(window.value)
+                or window.value <= 0
+                or window.value != int(window.value)
+            ):
+                raise ConditionError(
+                    f"absent(...) takes a positive duration second, such as 7d; found {self._shown(window)}",
+                    window.column,
+                )
             self.expect(")")
             return Absent(kind.text, int(window.value), token.column)
         return self.reference()
@@ -327,8 +364,7 @@ class _Parser:
     def reference(self):
         token = self.take()
         if token.kind != "name" or (token.text in KEYWORDS and token.text not in ("score", "segment")):
-            raise ConditionError(f"expected a feature, score or segment name, found {self._shown(token)}",
-                                 token.column)
+            raise ConditionError(f"expected a feature, score or segment name, found {self._shown(token)}", token.column)
         if token.text in ("score", "segment"):
             self.expect(".")
             name = self.take()
@@ -340,14 +376,16 @@ class _Parser:
             self.take()
             key_token = self.take()
             if key_token.kind != "string":
-                raise ConditionError(f"expected a \"quoted\" key inside [...], found {self._shown(key_token)}",
-                                     key_token.column)
+                raise ConditionError(
+                    f'expected a "quoted" key inside [...], found {self._shown(key_token)}', key_token.column
+                )
             key = key_token.value
             self.expect("]")
         return FeatureRef(token.text, key, token.column)
 
 
 def parse_condition(text: str):
+    """The condition's syntax tree, one of the node types above; a `ConditionError` naming the column otherwise."""
     return _Parser(text).parse()
 
 
@@ -388,6 +426,7 @@ class Evaluation:
         self.lapses: dict[Any, int | None] = {}
 
     def keyed(self, name: str, key: str, read) -> Any:
+        """A map feature's value at a key, read once per evaluation and cached."""
         cache, slot = self.cache, (name, key)
         if slot in cache:
             return cache[slot]
@@ -423,6 +462,8 @@ def _never(ev: Evaluation) -> None:
 
 @dataclass(frozen=True)
 class Operand:
+    """A compiled operand: its type, how to read its value and when a step value next changes."""
+
     kind: str  # NUMBER | DURATION | TEXT | TEXT_LIST | BOOL
     value: Value
     label: str  # how the reason names it
@@ -436,6 +477,7 @@ class Operand:
     high: float | None = None
     falls_only: bool = False  # a STEP value that never rises while no event comes
     feature: str | None = None  # a whole feature's name: its value is ev.cache[feature]
+    constant: Any = None  # a literal's value, which `value` returns without reading the evaluation
 
 
 @dataclass
@@ -449,6 +491,8 @@ class References:
 
 @dataclass(frozen=True)
 class Condition:
+    """A compiled condition: whether it holds, the next instant it may change without an event, and what it reads."""
+
     text: str
     holds: Callable[[Evaluation], bool]
     next_change: Change  # the earliest instant after ev.now at which `holds` may change, no event
@@ -456,8 +500,7 @@ class Condition:
     compare: Compare | None = None  # the node, when the condition is a single comparison
 
 
-_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-        "!=": operator.ne}
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 
 
@@ -467,18 +510,22 @@ def _first_of(*times):
 
 
 class Compiler:
+    """Compiles condition text against a feature catalog, the models' outputs and the known segments."""
+
     def __init__(self, catalog: FeatureCatalog, models: Mapping[str, ModelOutput], segments: set[str]):
         self.catalog = catalog
         self.models = models
         self.segments = segments
 
     def compile(self, text: str) -> Condition:
+        """The condition the text says; a `ConditionError` for a syntax, name or type error."""
         node = parse_condition(text)
         refs = References()
         holds, change = self._condition(node, refs)
         return Condition(text, holds, change, refs, node if isinstance(node, Compare) else None)
 
     def constant(self, value: bool) -> Condition:
+        """A condition that always (or never) holds."""
         return Condition("true" if value else "false", lambda ev: value, _never, References())
 
     # -- boolean nodes --
@@ -493,11 +540,14 @@ class Compiler:
             if len(tests) == 2:
                 first, second = tests
                 if isinstance(node, And):
+
                     def holds(ev):
                         return bool(first(ev) and second(ev))
                 else:
+
                     def holds(ev):
                         return bool(first(ev) or second(ev))
+
                 first_change, second_change = changes
 
                 def change(ev):
@@ -505,13 +555,17 @@ class Compiler:
                     if a is None:
                         return b
                     return a if b is None or a <= b else b
+
                 return holds, change
             if isinstance(node, And):
+
                 def holds(ev):
                     return all(test(ev) for test in tests)
             else:
+
                 def holds(ev):
                     return any(test(ev) for test in tests)
+
             return holds, lambda ev: _first_of(*(c(ev) for c in changes))
         if isinstance(node, Not):
             test, change = self._condition(node.item, refs)
@@ -536,8 +590,7 @@ class Compiler:
             value = node.value
             return (lambda ev: value), _never
         what = self._describe(node)
-        raise ConditionError(f"{what} is not a condition: compare it with something, e.g. {what} > 0",
-                             _column(node))
+        raise ConditionError(f"{what} is not a condition: compare it with something, e.g. {what} > 0", _column(node))
 
     def _describe(self, node) -> str:
         if isinstance(node, FeatureRef):
@@ -553,7 +606,7 @@ class Compiler:
     def _operand(self, node, refs: References) -> Operand:
         if isinstance(node, Literal):
             value = node.value
-            return Operand(node.kind, lambda ev: value, repr(value), literal=True)
+            return Operand(node.kind, lambda ev: value, repr(value), literal=True, constant=value)
         if isinstance(node, FeatureRef):
             return self._feature(node, refs)
         if isinstance(node, ScoreRef):
@@ -564,13 +617,13 @@ class Compiler:
             name = node.model
             refs.scores.add(name)
             if model.clusters is not None:
-                return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=0,
-                               high=model.clusters - 1)
+                return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=0, high=model.clusters - 1)
             return Operand(NUMBER, lambda ev: ev.scores.get(name), f"score.{name}", low=model.low, high=model.high)
         if isinstance(node, SegmentRef):
             if node.segment not in self.segments:
-                raise ConditionError(f"unknown segment {node.segment!r}{_suggest(node.segment, self.segments)}",
-                                     node.column)
+                raise ConditionError(
+                    f"unknown segment {node.segment!r}{_suggest(node.segment, self.segments)}", node.column
+                )
             name = node.segment
             refs.segments.add(name)
             return Operand(BOOL, lambda ev: ev.members[name], f"segment.{name}")
@@ -587,18 +640,22 @@ class Compiler:
         read = catalog.readers[name]
         if spec.kind == MAP:
             if node.key is None:
-                raise ConditionError(f"{name} is a map: name a key, e.g. {name}[\"shoes\"]", node.column)
+                raise ConditionError(f'{name} is a map: name a key, e.g. {name}["shoes"]', node.column)
             if spec.value_kind not in (NUMBER, DURATION):
                 raise ConditionError(f"{name} cannot be used in conditions", node.column)
             key, default = node.key, spec.missing_key
             read_key = catalog.key_readers.get(name)
             if read_key is None:
+
                 def read_key(p, t, k):
                     return read(p, t).get(k, default)
+
             key_lapse = catalog.key_lapses.get(name)
             if key_lapse is not None:
+
                 def lapse_of_key(p, t):
                     return key_lapse(p, t, key)
+
                 change = lambda ev: ev.lapse((name, key), lapse_of_key)  # noqa: E731
 
             def value(ev):
@@ -618,9 +675,19 @@ class Compiler:
 
             at, label, kind = read, name, spec.kind
         refs.features[label] = value
-        return Operand(kind, value, label, change, spec.motion, spec.half_life_ms, at, choices=spec.choices,
-                       low=0.0 if kind in (NUMBER, DURATION) else None, falls_only=spec.falls_only,
-                       feature=None if spec.kind == MAP else name)
+        return Operand(
+            kind,
+            value,
+            label,
+            change,
+            spec.motion,
+            spec.half_life_ms,
+            at,
+            choices=spec.choices,
+            low=0.0 if kind in (NUMBER, DURATION) else None,
+            falls_only=spec.falls_only,
+            feature=None if spec.kind == MAP else name,
+        )
 
     # -- comparisons --
 
@@ -632,8 +699,11 @@ class Compiler:
         if left.literal:
             raise ConditionError("a comparison needs a feature, score or segment on one side", node.column)
         if left.kind == BOOL or right.kind == BOOL:
-            raise ConditionError("segments and true/false are conditions themselves: write `segment.x` or "
-                                 "`not segment.x`, not a comparison", node.column)
+            raise ConditionError(
+                "segments and true/false are conditions themselves: write `segment.x` or "
+                "`not segment.x`, not a comparison",
+                node.column,
+            )
         self._check_kinds(left, right, op, node.column)
         test = _OPS[op]
         lv, rv = left.value, right.value
@@ -648,7 +718,7 @@ class Compiler:
         if right.literal and left.feature is not None:
             # The usual `feature op constant`, read straight from the evaluation's cache: it runs
             # for most segments at every evaluation.
-            feature, constant = left.feature, right.value(None)
+            feature, constant = left.feature, right.constant
 
             def holds(ev):
                 a = ev.cache[feature]
@@ -657,40 +727,48 @@ class Compiler:
         if right.literal and right.kind == TEXT:
             return holds, left.change
         if right.literal:
-            threshold = right.value(None)
+            threshold = right.constant
             self._check_threshold(left, op, threshold, node.column)
             if left.motion == DECAY and op in ("==", "!="):
                 raise ConditionError(f"{left.label} changes continuously with time: use <, <=, >, >=", node.column)
             return holds, self._crossing(left, op, threshold)
         for side in (left, right):
             if side.motion != STEP:
-                raise ConditionError(f"{side.label} changes continuously with time: compare it with a constant, "
-                                     "not with another feature", node.column)
+                raise ConditionError(
+                    f"{side.label} changes continuously with time: compare it with a constant, "
+                    "not with another feature",
+                    node.column,
+                )
         lc, rc = left.change, right.change
         return holds, lambda ev: _first_of(lc(ev), rc(ev))
 
     def _check_kinds(self, left: Operand, right: Operand, op: str, column: int) -> None:
         if left.kind == TEXT_LIST or right.kind == TEXT_LIST:
-            raise ConditionError(f"{(left if left.kind == TEXT_LIST else right).label} is a list: use "
-                                 f"\"value\" in {left.label if left.kind == TEXT_LIST else right.label}", column)
+            raise ConditionError(
+                f"{(left if left.kind == TEXT_LIST else right).label} is a list: use "
+                f'"value" in {left.label if left.kind == TEXT_LIST else right.label}',
+                column,
+            )
         if left.kind == TEXT or right.kind == TEXT:
             if left.kind != right.kind:
-                raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} "
-                                     f"({right.kind})", column)
+                raise ConditionError(
+                    f"cannot compare {left.label} ({left.kind}) with {right.label} ({right.kind})", column
+                )
             if op not in ("==", "!="):
                 raise ConditionError(f"text is compared with == or != only, not {op}", column)
-            if right.literal and left.choices and right.value(None) not in left.choices:
-                raise ConditionError(f"{left.label} is never {right.value(None)!r}: it is one of "
-                                     f"{', '.join(left.choices)}", column)
+            if right.literal and left.choices and right.constant not in left.choices:
+                raise ConditionError(
+                    f"{left.label} is never {right.constant!r}: it is one of {', '.join(left.choices)}", column
+                )
             return
         # Numbers: a duration literal only where the other side is a duration (ms) too; a plain
         # number against a duration is read as milliseconds.
         if right.literal and right.kind == DURATION and left.kind != DURATION:
-            raise ConditionError(f"{left.label} is a {left.kind}, not a duration: compare it with a "
-                                 f"plain number", column)
+            raise ConditionError(
+                f"{left.label} is a {left.kind}, not a duration: compare it with a plain number", column
+            )
         if not right.literal and left.kind != right.kind:
-            raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} "
-                                 f"({right.kind})", column)
+            raise ConditionError(f"cannot compare {left.label} ({left.kind}) with {right.label} ({right.kind})", column)
 
     @staticmethod
     def _check_threshold(left: Operand, op: str, threshold: float, column: int) -> None:
@@ -701,8 +779,11 @@ class Compiler:
         low, high = left.low, left.high
         if (low is not None and threshold < low) or (high is not None and threshold > high):
             bounds = f"[{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
-            raise ConditionError(f"threshold {threshold:g} is outside the range of {left.label}, {bounds}: "
-                                 f"the comparison would be constant", column)
+            raise ConditionError(
+                f"threshold {threshold:g} is outside the range of {left.label}, {bounds}: "
+                f"the comparison would be constant",
+                column,
+            )
 
     def _crossing(self, left: Operand, op: str, threshold: float) -> Change:
         """When `left op threshold` may next change with no event: at the feature's next lapse,
@@ -728,12 +809,14 @@ class Compiler:
                     if base + offset > ev.now:
                         return _first_of(due, base + offset)
                 return due
+
             return change
         if left.motion == DECAY:
             test, value, at, half_life = _OPS[op], left.value, left.at, left.half_life_ms
 
             def change(ev):
                 return _first_of(step(ev), _decay_crossing(ev, value(ev), at, half_life, test, threshold))
+
             return change
         if left.falls_only and op in ("<", "<=", ">", ">="):
             # A value that only falls flips `> c` only from true and `< c` only from false: in the
@@ -745,6 +828,7 @@ class Compiler:
                 if v is not None and test(v, threshold) != upward:
                     return None
                 return step(ev)
+
             return change
         return step
 
@@ -753,34 +837,38 @@ class Compiler:
         negated = node.negated
         if isinstance(node.options, tuple):
             if item.literal or item.kind not in (NUMBER, TEXT):
-                raise ConditionError("`in [...]` needs a number or text feature or score on its left",
-                                     node.column)
+                raise ConditionError("`in [...]` needs a number or text feature or score on its left", node.column)
             if item.motion != STEP:
                 raise ConditionError(f"{item.label} changes continuously with time: use <, <=, >, >=", node.column)
             for option in node.options:
                 if option.kind != item.kind:
                     raise ConditionError(f"{option.value!r} is not a {item.kind} like {item.label}", option.column)
                 if item.choices and option.value not in item.choices:
-                    raise ConditionError(f"{item.label} is never {option.value!r}: it is one of "
-                                         f"{', '.join(item.choices)}", option.column)
+                    raise ConditionError(
+                        f"{item.label} is never {option.value!r}: it is one of {', '.join(item.choices)}", option.column
+                    )
             options = frozenset(o.value for o in node.options)
             value = item.value
 
             def holds_in(ev):
                 v = value(ev)
                 return v is not None and (v in options) != negated  # missing: false, as comparisons
+
             return holds_in, item.change
         collection = self._operand(node.options, refs)
         if collection.kind != TEXT_LIST:
             raise ConditionError(f"{collection.label} is not a list", node.column)
         if item.kind != TEXT:
-            raise ConditionError(f"{collection.label} holds text: put a \"quoted\" value or a text feature "
-                                 "on the left of `in`", node.column)
+            raise ConditionError(
+                f'{collection.label} holds text: put a "quoted" value or a text feature on the left of `in`',
+                node.column,
+            )
         value, members = item.value, collection.value
 
         def holds(ev):
             v = value(ev)
             return v is not None and (v in members(ev)) != negated
+
         return holds, lambda ev: _first_of(item.change(ev), collection.change(ev))
 
 

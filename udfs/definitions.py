@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import yaml
 
@@ -66,8 +67,11 @@ _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
 
 
 class DefinitionError(ValueError):
-    def __init__(self, message: str, source: str, line: int | None = None, column: int | None = None,
-                 segment: str | None = None):
+    """An error in a definitions file, its message naming the file, line, column and segment where known."""
+
+    def __init__(
+        self, message: str, source: str, line: int | None = None, column: int | None = None, segment: str | None = None
+    ):
         where = source + (f":{line}" if line else "") + (f":{column}" if line and column else "")
         super().__init__(f"{where}: " + (f"segment {segment!r}: " if segment else "") + message)
         self.source, self.line, self.column, self.segment, self.message = source, line, column, segment, message
@@ -84,6 +88,8 @@ class Verdict(NamedTuple):
 
 @dataclass(frozen=True)
 class Segment:
+    """A segment: its entry and optional exit condition, hysteresis and minimum dwell."""
+
     name: str
     description: str
     enter: Condition
@@ -93,6 +99,7 @@ class Segment:
 
     @cached_property
     def dwell_rule(self) -> str:
+        """The rule a transition's reason records while the minimum dwell holds a member in."""
         return f"min_dwell {self.min_dwell_ms} ms"
 
     @cached_property
@@ -103,6 +110,7 @@ class Segment:
         return f"not ({self.enter.text})", self.enter
 
     def leaves(self, ev: Evaluation) -> tuple[bool, str, Condition]:
+        """Whether a member leaves at this evaluation, with the rule and condition that decide it."""
         if self.exit is not None:
             return self.exit_holds(ev), self.exit.text, self.exit
         return not self.enter.holds(ev), f"not ({self.enter.text})", self.enter
@@ -112,6 +120,7 @@ class Segment:
         holds, so a pair that can both hold (B over other features than A, or true by time
         alone) is still one membership, not a flap at every evaluation; for a pair that never
         both holds (the usual hysteresis) this is B alone."""
+        assert self.exit is not None  # bound as the exit test only for a segment with an exit
         return self.exit.holds(ev) and not self.enter.holds(ev)
 
     def member_next_change(self, ev: Evaluation) -> int | None:
@@ -131,12 +140,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class ExclusiveGroup:
+    """Segments of which a user is in at most one: the first in priority order that holds."""
+
     name: str
     segments: tuple[Segment, ...]  # in priority order
 
 
 @dataclass
 class DefinitionSet:
+    """A loaded definitions file: its segments and groups, and the order to evaluate them in."""
+
     version: str
     segments: dict[str, Segment]
     groups: dict[str, ExclusiveGroup]
@@ -153,28 +166,46 @@ class DefinitionSet:
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
-        self._plan = tuple(
-            (unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units
-        )
+        self._plan = tuple((unit if isinstance(unit, ExclusiveGroup) else None, _ordered(unit)) for unit in self.units)
         # The same walk for next_change_ms, with what it reads of each segment taken out once.
         self._changes = tuple(
-            (group is not None, tuple((s.name, s.min_dwell_ms, s.enter.next_change,
-                                       s.member_next_change if s.exit is not None else s.enter.next_change)
-                                      for s in segments))
+            (
+                group is not None,
+                tuple(
+                    (
+                        s.name,
+                        s.min_dwell_ms,
+                        s.enter.next_change,
+                        s.member_next_change if s.exit is not None else s.enter.next_change,
+                    )
+                    for s in segments
+                ),
+            )
             for group, segments in self._plan
         )
 
         # The same walk for changes(), a single segment's parts taken out once: (None, name, min
         # dwell, enter test, exit test or None, the Verdict of entering, the Verdict of leaving).
-        self._diff_plan = tuple(
-            (group, None, 0, None, None, None, None) if group is not None else
-            (None, s.name, s.min_dwell_ms, s.enter.holds, s.exit_holds if s.exit is not None else None,
-             Verdict(True, s.enter.text, s.enter), Verdict(False, *s.leaves_rule))
-            for group, segments in self._plan for s in segments[:1]
+        # Rows typed loosely: mypy cannot tie the other fields' types to `group is None`.
+        self._diff_plan: tuple[tuple[Any, ...], ...] = tuple(
+            (group, None, 0, None, None, None, None)
+            if group is not None
+            else (
+                None,
+                s.name,
+                s.min_dwell_ms,
+                s.enter.holds,
+                s.exit_holds if s.exit is not None else None,
+                Verdict(True, s.enter.text, s.enter),
+                Verdict(False, *s.leaves_rule),
+            )
+            for group, segments in self._plan
+            for s in segments[:1]
         )
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The segments' names, in the order of the file."""
         return tuple(self.segments)
 
     def changes(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> list[tuple[str, Verdict | None]]:
@@ -210,7 +241,8 @@ class DefinitionSet:
 
     def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
-        earliest = None
+        earliest: int | None = None
+        due: int | None
         now = ev.now
         for grouped, segments in self._changes:
             for name, min_dwell_ms, enter_change, exit_change in segments:
@@ -240,16 +272,20 @@ class DefinitionSet:
         if current is not None:
             leaves, rule, condition = current.leaves(ev)
             own_exit = Verdict(False, rule, condition) if leaves else None
-        winner = next((s for s in group.segments
-                       if (own_exit is None if s is current else s.enter.holds(ev))), None)
+        winner = next((s for s in group.segments if (own_exit is None if s is current else s.enter.holds(ev))), None)
         for s in group.segments:
             if s is winner:
                 out[s.name] = Verdict(True, s.enter.text, s.enter)
             elif s is current:
-                out[s.name] = own_exit or Verdict(
-                    False, f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
-                    winner.enter,
-                )
+                if own_exit is not None:
+                    out[s.name] = own_exit
+                else:
+                    assert winner is not None  # current stays unless another segment takes precedence
+                    out[s.name] = Verdict(
+                        False,
+                        f"exclusive group {group.name}: {winner.name} took precedence ({winner.enter.text})",
+                        winner.enter,
+                    )
             else:
                 out[s.name] = Verdict(False, s.enter.text, s.enter)
         return out
@@ -267,6 +303,7 @@ def load_definitions(
     profile_config: ProfileConfig | None = None,
     models: Mapping[str, ModelOutput] | None = None,
 ) -> DefinitionSet:
+    """The definitions file at `path`, checked and compiled; a `DefinitionError` naming what is wrong."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -281,6 +318,7 @@ def parse_definitions(
     profile_config: ProfileConfig | None = None,
     models: Mapping[str, ModelOutput] | None = None,
 ) -> DefinitionSet:
+    """Definitions from text or bytes, checked and compiled; `source` names them in errors."""
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > MAX_FILE_BYTES:
         raise DefinitionError(f"larger than {MAX_FILE_BYTES} bytes", source)
@@ -291,8 +329,7 @@ def parse_definitions(
     root, anchor_line = _compose(text, source)
     builder = _Builder(source, FeatureCatalog(profile_config or ProfileConfig()), models or {}, text)
     if anchor_line is not None:
-        builder.fail("YAML anchors and aliases are not allowed", None, _segment_at(root, anchor_line),
-                     line=anchor_line)
+        builder.fail("YAML anchors and aliases are not allowed", None, _segment_at(root, anchor_line), line=anchor_line)
     return builder.build(root, data)
 
 
@@ -310,13 +347,17 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
             if isinstance(event, yaml.NodeEvent):
                 nodes += 1
                 if nodes > MAX_YAML_NODES:
-                    raise DefinitionError(f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings)",
-                                          source, event.start_mark.line + 1)
+                    raise DefinitionError(
+                        f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings)",
+                        source,
+                        event.start_mark.line + 1,
+                    )
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
-                    raise DefinitionError(f"nested more than {MAX_YAML_DEPTH} levels deep", source,
-                                          event.start_mark.line + 1)
+                    raise DefinitionError(
+                        f"nested more than {MAX_YAML_DEPTH} levels deep", source, event.start_mark.line + 1
+                    )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
             elif isinstance(event, yaml.DocumentStartEvent):
@@ -328,8 +369,9 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
         root = _EventComposer(events).get_single_node()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        raise DefinitionError(f"invalid YAML: {err.problem or err.context}", source,
-                              mark.line + 1 if mark else None) from None
+        raise DefinitionError(
+            f"invalid YAML: {err.problem or err.context}", source, mark.line + 1 if mark else None
+        ) from None
     except yaml.YAMLError as err:
         raise DefinitionError(f"invalid YAML: {type(err).__name__}", source) from None
     if root is None:
@@ -392,15 +434,22 @@ class _Builder:
         self.models = models
         self.condition_chars = 0  # of the conditions compiled so far
 
-    def fail(self, message: str, node: yaml.Node | None, segment: str | None = None, column: int | None = None,
-             line: int | None = None):
+    def fail(
+        self,
+        message: str,
+        node: yaml.Node | None,
+        segment: str | None = None,
+        column: int | None = None,
+        line: int | None = None,
+    ) -> NoReturn:
         line = line if line is not None else (_line(node) if node is not None else None)
         raise DefinitionError(message, self.source, line, column, segment)
 
     # -- YAML nodes to plain values, refusing anything but the core schema --
 
-    def mapping(self, node, what: str, allowed: set[str], required: set[str] = frozenset(),
-                segment: str | None = None) -> dict[str, yaml.Node]:
+    def mapping(
+        self, node, what: str, allowed: set[str], required: AbstractSet[str] = frozenset(), segment: str | None = None
+    ) -> dict[str, yaml.Node]:
         self.check_tag(node, segment)
         if not isinstance(node, yaml.MappingNode):
             self.fail(f"{what} must be a mapping", node, segment)
@@ -436,16 +485,28 @@ class _Builder:
     # -- the file --
 
     def build(self, root, data: bytes) -> DefinitionSet:
-        top = self.mapping(root, "the definitions file",
-                           {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
-                           {"version", "segments"})
+        top = self.mapping(
+            root,
+            "the definitions file",
+            {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
+            {"version", "segments"},
+        )
         version_node = top["version"]
         if version_node.tag != "tag:yaml.org,2002:timestamp":
             self.check_tag(version_node, None)
         # Written as text, a number or a date (`2026-11-23` is a YAML timestamp): the text as written.
-        version = version_node.value if isinstance(version_node, yaml.ScalarNode) and version_node.tag in (
-            "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-            "tag:yaml.org,2002:timestamp") else None
+        version = (
+            version_node.value
+            if isinstance(version_node, yaml.ScalarNode)
+            and version_node.tag
+            in (
+                "tag:yaml.org,2002:str",
+                "tag:yaml.org,2002:int",
+                "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp",
+            )
+            else None
+        )
         if version is None or not VERSION.fullmatch(version):
             self.fail("version must be 1-64 letters, digits or . _ : + - (e.g. 2026-11-23.1)", version_node)
         if "description" in top:
@@ -457,12 +518,20 @@ class _Builder:
             self.fail(f"more than {MAX_SEGMENTS} segments", top["segments"])
         raw_segments: dict[str, tuple[dict[str, yaml.Node], yaml.Node]] = {}
         for entry in entries:
-            fields = self.mapping(entry, "a segment", {"name", "description", "when", "enter", "exit", "min_dwell"},
-                                  {"name"}, segment=_name_of(entry))
+            fields = self.mapping(
+                entry,
+                "a segment",
+                {"name", "description", "when", "enter", "exit", "min_dwell"},
+                {"name"},
+                segment=_name_of(entry),
+            )
             name = self.text(fields["name"], "name")
             if not NAME.fullmatch(name):
-                self.fail("a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
-                          fields["name"], name)
+                self.fail(
+                    "a segment name is 1-64 lowercase letters, digits and _, starting with a letter",
+                    fields["name"],
+                    name,
+                )
             if name in raw_segments:
                 self.fail(f"defined twice (first on line {_line(raw_segments[name][1])})", entry, name)
             raw_segments[name] = (fields, entry)
@@ -475,8 +544,19 @@ class _Builder:
         if rescore and not models:
             self.fail("rescore_every is set but no condition reads a model score", top["rescore_every"])
         pins = self.model_pins(top["models"], set(models)) if "models" in top else {}
-        return DefinitionSet(version, segments, groups, units, self.catalog, self.source, data,
-                             hashlib.sha256(data).hexdigest(), tuple(models), rescore, pins)
+        return DefinitionSet(
+            version,
+            segments,
+            groups,
+            units,
+            self.catalog,
+            self.source,
+            data,
+            hashlib.sha256(data).hexdigest(),
+            tuple(models),
+            rescore,
+            pins,
+        )
 
     def model_pins(self, node, read: set[str]) -> dict[str, str]:
         """`models: {name: sha256:<64 hex>}`: the manifest digest of each model the conditions
@@ -516,8 +596,9 @@ class _Builder:
         self.condition_chars += len(text)
         # (A condition too long by itself is refused as such by the compiler.)
         if self.condition_chars > MAX_FILE_CONDITION_CHARS and len(text) <= MAX_CONDITION_CHARS:
-            self.fail(f"the file's conditions are longer than {MAX_FILE_CONDITION_CHARS} characters together",
-                      node, segment)
+            self.fail(
+                f"the file's conditions are longer than {MAX_FILE_CONDITION_CHARS} characters together", node, segment
+            )
         try:
             return compiler.compile(text)
         except ConditionError as err:
@@ -530,7 +611,7 @@ class _Builder:
         """The file line and column of `value[column - 1]`. YAML folds and re-indents multi-line
         scalars but keeps every non-blank character in order, so count those in the source."""
         wanted = sum(1 for c in value[: column - 1] if not c.isspace())
-        raw = self.source_text[node.start_mark.index: node.end_mark.index]
+        raw = self.source_text[node.start_mark.index : node.end_mark.index]
         start = 0
         if node.style in ("|", ">"):
             start = raw.find("\n") + 1  # after the block header line
@@ -548,7 +629,7 @@ class _Builder:
             return _line(node), node.start_mark.column + position + 1
         return _line(node) + newlines, position - raw.rfind("\n", 0, position)
 
-    def duration(self, node, what: str, segment: str) -> int:
+    def duration(self, node, what: str, segment: str | None) -> int:
         self.check_tag(node, segment)
         raw = node.value if isinstance(node, yaml.ScalarNode) else None
         match = re.fullmatch(r"0*(\d+)(ms|s|m|h|d|w)", raw or "")
@@ -573,8 +654,12 @@ class _Builder:
         low = max(a[1], b[1], key=lambda e: (e[0], not e[1]))
         high = min(a[2], b[2], key=lambda e: (e[0], e[1]))
         if low[0] < high[0] or (low[0] == high[0] and low[1] and high[1]):
-            self.fail(f"enter ({enter.text}) and exit ({exit_.text}) both hold for some values of {a[0]}: "
-                      "the exit threshold must lie on the other side of the enter threshold", node, segment)
+            self.fail(
+                f"enter ({enter.text}) and exit ({exit_.text}) both hold for some values of {a[0]}: "
+                "the exit threshold must lie on the other side of the enter threshold",
+                node,
+                segment,
+            )
 
     def groups(self, node, segments: dict[str, Segment]) -> dict[str, ExclusiveGroup]:
         if node is None:
@@ -582,8 +667,9 @@ class _Builder:
         groups: dict[str, ExclusiveGroup] = {}
         owner: dict[str, str] = {}
         for entry in self.sequence(node, "exclusive_groups"):
-            fields = self.mapping(entry, "an exclusive group", {"name", "description", "segments"},
-                                  {"name", "segments"})
+            fields = self.mapping(
+                entry, "an exclusive group", {"name", "description", "segments"}, {"name", "segments"}
+            )
             name = self.text(fields["name"], "a group name")
             if not NAME.fullmatch(name) or name in groups:
                 self.fail(f"group name {name!r} must be unique, lowercase letters, digits and _", fields["name"])
@@ -604,7 +690,7 @@ class _Builder:
     def order(self, segments: dict[str, Segment], groups: dict[str, ExclusiveGroup], raw: dict) -> tuple:
         """Units (a segment, or a group evaluated as one) so that every referenced segment is
         decided before the segments that read it; a cycle is an error that shows it."""
-        unit_of: dict[str, Segment | ExclusiveGroup] = {name: s for name, s in segments.items()}
+        unit_of: dict[str, Segment | ExclusiveGroup] = dict(segments.items())
         for g in groups.values():
             for s in g.segments:
                 unit_of[s.name] = g
@@ -639,13 +725,18 @@ class _Builder:
                     continue
                 target = unit_of[ref]
                 if target is unit and isinstance(unit, ExclusiveGroup):
-                    reader = next(s.name for s in unit.segments for c in (s.enter, s.exit)
-                                  if c is not None and ref in c.references.segments)
-                    self.fail(f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}",
-                              raw[reader][1], reader)
+                    reader = next(
+                        s.name
+                        for s in unit.segments
+                        for c in (s.enter, s.exit)
+                        if c is not None and ref in c.references.segments
+                    )
+                    self.fail(
+                        f"refers to {ref!r}, a member of its own exclusive group {unit.name!r}", raw[reader][1], reader
+                    )
                 if state.get(id(target)) == "visiting":
                     path = [label(u) for u, _ in stack]
-                    cycle = path[path.index(label(target)):] + [label(target)]
+                    cycle = path[path.index(label(target)) :] + [label(target)]
                     first = _ordered(target)[0].name
                     self.fail(f"segment references form a cycle: {' -> '.join(cycle)}", raw[first][1], first)
                 if state.get(id(target)) is None:
@@ -683,4 +774,3 @@ def condition_features(condition: Condition | None, ev: Evaluation) -> dict[str,
     for segment in condition.references.segments:
         values[f"segment.{segment}"] = ev.members.get(segment, False)
     return values
-

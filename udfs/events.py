@@ -28,6 +28,8 @@ MAX_ID_LENGTH = 256
 
 @dataclass(frozen=True, slots=True)
 class UserEvent:
+    """A validated user event, as the contract's `UserEvent` record describes it."""
+
     event_id: str
     user_id: str
     event_type: str
@@ -41,6 +43,7 @@ class UserEvent:
     properties: dict[str, str] = field(default_factory=dict)
 
     def to_record(self) -> dict:
+        """The event as the Avro record of `user_event.avsc`."""
         return {
             "event_id": self.event_id,
             "user_id": self.user_id,

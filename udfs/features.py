@@ -29,6 +29,8 @@ STEP, RECENCY, DECAY = "step", "recency", "decay"
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
+    """What a feature is: its type, whether it changes with time alone, whether it can be missing, its values."""
+
     kind: str  # NUMBER | DURATION | TEXT | TEXT_LIST | MAP
     motion: str = STEP
     nullable: bool = False  # None when there is nothing to measure (e.g. no such event yet)
@@ -53,9 +55,9 @@ def _earliest(times: Iterable[int]) -> int | None:
 def _sessions(p: UserProfile) -> list[tuple[Session, str | None]]:
     sessions = p.derived.get("sessions")
     if sessions is None:
-        sessions = p.derived["sessions"] = (
-            [(s, sid) for sid, s in p.named_sessions.items()] + [(s, None) for s in p.derived_sessions]
-        )
+        sessions = p.derived["sessions"] = [(s, sid) for sid, s in p.named_sessions.items()] + [
+            (s, None) for s in p.derived_sessions
+        ]
     return sessions
 
 
@@ -78,8 +80,10 @@ def _this_week(p: UserProfile, t: int) -> list[Session]:
     got = p.derived.get("week")
     if got is None or got[0] != t:
         since = t - WEEK_MS
-        got = p.derived["week"] = (t, [s for s in (*p.named_sessions.values(), *p.derived_sessions)
-                                       if s.end_ms > since])
+        got = p.derived["week"] = (
+            t,
+            [s for s in (*p.named_sessions.values(), *p.derived_sessions) if s.end_ms > since],
+        )
     return got[1]
 
 
@@ -88,8 +92,31 @@ class WindowTotals:
     sessions it covers and their totals, each computed on first use. Kept in `profile.derived`
     (one per horizon), so the ~20 windowed features an evaluation reads cost one pass each."""
 
-    __slots__ = ("first", "width", "length", "buckets", "_counts", "_spend", "_categories", "_lapse", "_products",
-                 "_categories_seen", "_sessions")
+    __slots__ = (
+        "first",
+        "width",
+        "length",
+        "buckets",
+        "_counts",
+        "_spend",
+        "_categories",
+        "_lapse",
+        "_products",
+        "_categories_seen",
+        "_sessions",
+    )
+    first: int
+    width: int
+    length: int
+    buckets: list[Bucket]
+    _lapse: int | None
+    # Each computed on first use (None: not yet, or to be computed again).
+    _counts: dict[int | None, int] | None  # by event index, None: every type
+    _spend: float | None
+    _categories: dict[str, int] | None
+    _products: list[int] | None  # the last-viewed instants of the products seen within the window
+    _categories_seen: list[int] | None
+    _sessions: list[Session] | None
 
     def __init__(self, first: int, h: Horizon, buckets: list[Bucket], lapse: int | None):
         self.first = first  # the earliest covered instant
@@ -139,11 +166,13 @@ class WindowTotals:
         return total
 
     def spend(self) -> float:
+        """The purchases' total within the window."""
         if self._spend is None:
             self._spend = sum(b.spend for b in self.buckets)
         return self._spend
 
     def category_views(self) -> dict[str, int]:
+        """Product views by category within the window."""
         if self._categories is None:
             out: dict[str, int] = {}
             for b in self.buckets:
@@ -165,12 +194,14 @@ def _window_of(h: Horizon) -> Callable[[UserProfile, int], WindowTotals]:
             ring = p.buckets.get(width)
             if ring:
                 starts = [start for start in ring if start >= first]  # starts are bucket starts
-                totals = WindowTotals(first, h, [ring[start] for start in starts],
-                                      min(starts) + length if starts else None)
+                totals = WindowTotals(
+                    first, h, [ring[start] for start in starts], min(starts) + length if starts else None
+                )
             else:
                 totals = WindowTotals(first, h, [], None)
             p.derived[slot] = totals
         return totals
+
     return window
 
 
@@ -196,9 +227,11 @@ class FeatureCatalog:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Every feature's name."""
         return tuple(self.readers)
 
     def read(self, name: str, profile: UserProfile, now_ms: int) -> Any:
+        """One feature of the profile at `now_ms`."""
         return self.readers[name](profile, now_ms)
 
     def next_change_ms(self, name: str, profile: UserProfile, now_ms: int) -> int | None:
@@ -208,6 +241,7 @@ class FeatureCatalog:
         return lapse(profile, now_ms) if lapse else None
 
     def all(self, profile: UserProfile, now_ms: int) -> dict[str, Any]:
+        """Every feature of the profile at `now_ms`, by name."""
         return {name: read(profile, now_ms) for name, read in self.readers.items()}
 
     # -- families -----------------------------------------------------------------------------
@@ -216,7 +250,11 @@ class FeatureCatalog:
         r = self.readers
         r["ms_since_last_event"] = lambda p, t: _since(p, t, p.last_by_type)
         for kind in EVENT_TYPES:
-            r[f"ms_since_last_{kind}"] = lambda p, t, k=(kind,): _since(p, t, k)
+
+            def since_last(p: UserProfile, t: int, k: tuple[str, ...] = (kind,)) -> int | None:
+                return _since(p, t, k)
+
+            r[f"ms_since_last_{kind}"] = since_last
         r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
         r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_EVENT_TYPES)
         for name in r:
@@ -256,6 +294,7 @@ class FeatureCatalog:
                     got = [v for v in tracked.values() if v >= first]
                     setattr(totals, attribute, got)
                 return got
+
             return covered
 
         def distinct(covered):
@@ -325,6 +364,7 @@ class FeatureCatalog:
             def read(p, t):
                 s = current_session(p, t, gap)
                 return None if s is None else attribute(s)
+
             return read
 
         def session_lapse(p, t):
@@ -380,8 +420,12 @@ class FeatureCatalog:
                         return due
                 return None
             return _earliest(
-                x for x in (decays_below_ms(p.engagement, p.decay_as_of_ms, config.engagement_half_life_ms, th, t)
-                            for th in (config.tier_high_above, config.tier_medium_above)) if x is not None
+                x
+                for x in (
+                    decays_below_ms(p.engagement, p.decay_as_of_ms, config.engagement_half_life_ms, th, t)
+                    for th in (config.tier_high_above, config.tier_medium_above)
+                )
+                if x is not None
             )
 
         def viewed_products(p, t):
@@ -397,8 +441,7 @@ class FeatureCatalog:
         def viewed_product_lapse(p, t):
             # A product is listed while some horizon covers its latest view.
             return _earliest(
-                until for v in p.products_viewed.values()
-                if (until := max(h.lapses_at(v) for h in config.horizons)) > t
+                until for v in p.products_viewed.values() if (until := max(h.lapses_at(v) for h in config.horizons)) > t
             )
 
         lapses["ms_since_viewed_product"] = viewed_product_lapse

@@ -17,12 +17,14 @@ class LatencyHistogram:
         self.max_us = 0.0
 
     def record(self, micros: float) -> None:
+        """Counts one latency, in microseconds."""
         bucket = int(math.log(max(micros, 1.0), self.FACTOR))
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
         self.total += 1
         self.max_us = max(self.max_us, micros)
 
     def percentile(self, q: float) -> float:
+        """The `q` quantile (0 to 1) in microseconds, as the upper edge of its bucket; 0 when empty."""
         if not self.total:
             return 0.0
         rank, seen = q * self.total, 0

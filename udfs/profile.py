@@ -27,6 +27,8 @@ ADD, REMOVE, REMOVE_ALL, SET = "ADD", "REMOVE", "REMOVE_ALL", "SET"
 
 @dataclass(slots=True)
 class Bucket:
+    """One bucket of a horizon: event counts by type, spend and product views by category."""
+
     counts: list[int] = field(default_factory=lambda: [0] * len(EVENT_TYPES))  # by EVENT_INDEX
     spend: float = 0.0
     category_views: dict[str, int] = field(default_factory=dict)
@@ -34,6 +36,8 @@ class Bucket:
 
 @dataclass(slots=True)
 class Session:
+    """A session: its first and last event time and how many events it had."""
+
     start_ms: int
     end_ms: int
     events: int
@@ -41,6 +45,8 @@ class Session:
 
 @dataclass(slots=True)
 class CartOp:
+    """One change to a cart line (add, remove, remove all, set), kept so out-of-order events fold in time order."""
+
     time_ms: int
     kind: str
     quantity: int
@@ -49,12 +55,16 @@ class CartOp:
 
 @dataclass(slots=True)
 class CartLine:
+    """A cart line as its operations fold: quantity and unit price."""
+
     quantity: int
     unit_price: float
 
 
 @dataclass(slots=True)
 class Membership:
+    """A user's membership of one segment: whether a member, the last transition's sequence, since when."""
+
     member: bool
     sequence: int
     since_ms: int
@@ -68,6 +78,8 @@ ENCODED_BODY = "encoded_body"
 
 @dataclass(slots=True)
 class UserProfile:
+    """The user's bounded profile: everything the features read, kept in Flink state between events."""
+
     clock_ms: int = 0
     # Transition sequences of this lifetime start above this, so a user who comes back after the
     # profile was dropped never reuses a (user, segment, sequence) and hence a transition id.
@@ -113,13 +125,16 @@ class UserProfile:
 
     @property
     def last_event_ms(self) -> int | None:
+        """The time of the user's latest event of any type, or None before the first."""
         return max(self.last_by_type.values()) if self.last_by_type else None
 
     @property
     def is_empty(self) -> bool:
+        """True when the profile holds nothing worth keeping (no events, no memberships)."""
         return not self.last_by_type and not self.memberships
 
     def last_of(self, types) -> int | None:
+        """The time of the latest event of any of these types, or None."""
         times = [t for k in types if (t := self.last_by_type.get(k)) is not None]
         return max(times) if times else None
 
@@ -136,10 +151,12 @@ class UserProfile:
 
     @property
     def cart_value(self) -> float:
+        """The cart's value: quantity times unit price, over its lines."""
         return sum(line.quantity * line.unit_price for line in self.cart().values())
 
     @property
     def cart_items(self) -> int:
+        """The number of items in the cart."""
         return sum(line.quantity for line in self.cart().values())
 
 
@@ -158,10 +175,13 @@ def is_duplicate(profile: UserProfile, event: UserEvent, config: ProfileConfig) 
     if seen_at is None:
         return False
     last = profile.last_event_ms
+    if last is None:  # no event yet, so none seen: cannot happen with an id seen, but says so to the types
+        return False
     return seen_at > last - config.dedup_window_ms and event.timestamp < last + config.retention_ms
 
 
 def decay(value: float, elapsed_ms: int, half_life_ms: int) -> float:
+    """The value decayed exponentially over `elapsed_ms` with the given half-life."""
     return value * 2.0 ** (-elapsed_ms / half_life_ms) if elapsed_ms else value
 
 
@@ -193,7 +213,7 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
         start = ts - ts % width
         bucket = ring.get(start)
         created = bucket is None
-        if created:
+        if bucket is None:
             bucket = ring[start] = Bucket()
         touched[width] = (start, bucket, created)
         bucket.counts[index] += 1
@@ -254,18 +274,23 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
     # _session_visible with the horizons' test taken out once: covered by some horizon = at or
     # after `cutoff`.
     gap_start, week_start = now - config.session_gap_ms, now - WEEK_MS
-    for sid in [k for k, s in profile.named_sessions.items()
-                if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)]:
+    for sid in [
+        k
+        for k, s in profile.named_sessions.items()
+        if not (s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff)
+    ]:
         del profile.named_sessions[sid]
         forgotten = True
     if profile.derived_sessions:
-        kept = [s for s in profile.derived_sessions
-                if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff]
+        kept = [
+            s for s in profile.derived_sessions if s.end_ms > gap_start or s.end_ms > week_start or s.end_ms >= cutoff
+        ]
         if len(kept) != len(profile.derived_sessions):
             profile.derived_sessions = kept
             forgotten = True
-    if profile.last_by_type:
-        horizon = profile.last_event_ms - config.dedup_window_ms
+    last = profile.last_event_ms  # None exactly when there is no event (last_by_type empty)
+    if last is not None:
+        horizon = last - config.dedup_window_ms
         for key in [k for k, t in profile.seen_event_ids.items() if t <= horizon]:
             del profile.seen_event_ids[key]
             forgotten = True
@@ -275,11 +300,7 @@ def prune(profile: UserProfile, config: ProfileConfig) -> None:
 
 def _session_visible(session: Session, now: int, config: ProfileConfig) -> bool:
     end = session.end_ms
-    return (
-        now - end < config.session_gap_ms
-        or end > now - WEEK_MS
-        or any(h.covers(end, now) for h in config.horizons)
-    )
+    return now - end < config.session_gap_ms or end > now - WEEK_MS or any(h.covers(end, now) for h in config.horizons)
 
 
 def _bucket_widths(config: ProfileConfig) -> list[int]:
@@ -348,6 +369,7 @@ def _apply_to_cart(profile: UserProfile, event: UserEvent, config: ProfileConfig
         op = CartOp(ts, REMOVE_ALL, 0, None)
     else:
         op = CartOp(ts, REMOVE, event.quantity, None)
+    assert event.product_id is not None  # validated: every cart event has one (udfs/events.py)
     ops = profile.cart_ops.setdefault(event.product_id, [])
     bisect.insort_right(ops, op, key=lambda o: o.time_ms)  # after same-time ops: arrival order
     if len(ops) > config.max_cart_ops_per_line:
@@ -361,6 +383,7 @@ def _apply_to_cart(profile: UserProfile, event: UserEvent, config: ProfileConfig
 
 def _evict_cart_line(profile: UserProfile) -> None:
     """Over the line cap: forget an emptied line first, else the line touched longest ago."""
+
     def age(product: str):
         ops = profile.cart_ops[product]
         return (fold_cart_ops(ops) is not None, ops[-1].time_ms, product)
@@ -369,6 +392,7 @@ def _evict_cart_line(profile: UserProfile) -> None:
 
 
 def fold_cart_ops(ops: list[CartOp]) -> CartLine | None:
+    """The cart line these operations (sorted by time) leave; None when they leave none."""
     line: CartLine | None = None
     for op in ops:
         if op.kind == ADD:

@@ -25,6 +25,8 @@ _HORIZON_NAME = re.compile(r"[a-z0-9]{1,8}")
 
 
 class ProfileConfigError(ValueError):
+    """A `profile:` setting that is out of range or inconsistent with the others."""
+
     pass
 
 
@@ -56,6 +58,7 @@ class Horizon:
     bucket_ms: int
 
     def bucket_start(self, time_ms: int) -> int:
+        """The start of the bucket that holds `time_ms`."""
         return time_ms - time_ms % self.bucket_ms
 
     def covers(self, event_ms: int, now_ms: int) -> bool:
@@ -64,6 +67,7 @@ class Horizon:
         return event_ms >= self.first_covered_ms(now_ms)
 
     def first_covered_ms(self, now_ms: int) -> int:
+        """The start of the oldest bucket the horizon covers at `now_ms`."""
         return now_ms - now_ms % self.bucket_ms - self.length_ms + self.bucket_ms
 
     def lapses_at(self, event_ms: int) -> int:
@@ -106,6 +110,8 @@ TIER_BASES = ("sessions_per_week", "engagement_score")
 
 @dataclass(frozen=True)
 class ProfileConfig:
+    """The profile's horizons, session gap, weights, thresholds and bounds (the `profile:` settings)."""
+
     horizons: tuple[Horizon, ...] = DEFAULT_HORIZONS
     # Events of one user further apart than this start a new session (when session_id is absent).
     session_gap_ms: int = 30 * MINUTE_MS
@@ -165,16 +171,23 @@ class ProfileConfig:
             raise ProfileConfigError("affinity_top_k must be at least 1")
         if self.retention_ms < self.longest_horizon_ms:
             raise ProfileConfigError("retention must be at least the longest horizon")
-        for name in ("max_seen_event_ids", "max_tracked_items", "max_cart_lines", "max_cart_ops_per_line",
-                     "max_bucket_categories"):
+        for name in (
+            "max_seen_event_ids",
+            "max_tracked_items",
+            "max_cart_lines",
+            "max_cart_ops_per_line",
+            "max_bucket_categories",
+        ):
             if getattr(self, name) < 1:
                 raise ProfileConfigError(f"{name} must be at least 1")
 
     @property
     def longest_horizon_ms(self) -> int:
+        """The length of the longest horizon."""
         return max(h.length_ms for h in self.horizons)
 
     def horizon(self, name: str) -> Horizon:
+        """The horizon of this name; KeyError when there is none."""
         for h in self.horizons:
             if h.name == name:
                 return h

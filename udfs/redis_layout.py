@@ -13,14 +13,17 @@ from __future__ import annotations
 
 
 def user_key(prefix: str, user_id: str) -> str:
+    """The hash of a user's current segments: segment to `<sequence>:<entered_at_ms>`."""
     return f"{prefix}:user:{user_id}"
 
 
 def sequence_key(prefix: str, user_id: str) -> str:
+    """The hash of a user's last applied sequence by segment, kept after an EXIT."""
     return f"{prefix}:seq:{user_id}"
 
 
 def members_key(prefix: str, segment: str) -> str:
+    """The set of the user ids currently in a segment."""
     return f"{prefix}:members:{segment}"
 
 
@@ -50,16 +53,21 @@ local function apply(user, seqs, members, segment, kind, sequence, at, user_id, 
 end
 """
 
-APPLY_TRANSITION_LUA = _APPLY_FUNCTION + """
+APPLY_TRANSITION_LUA = (
+    _APPLY_FUNCTION
+    + """
 return apply(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
+)
 
 # The view follower's batch (jobs/redis_follower.py): every transition as above, then the follower's
 # resume offsets, last, so that a transition that fails (the script stops there) leaves them as
 # they were and the batch is applied again. KEYS: the offsets hash, then per transition its three
 # keys. ARGV: the transition count, per transition segment, kind, sequence, event_time_ms,
 # user_id, ttl_s, then partition, offset pairs. Returns how many transitions were applied.
-APPLY_BATCH_LUA = _APPLY_FUNCTION + """
+APPLY_BATCH_LUA = (
+    _APPLY_FUNCTION
+    + """
 local n = tonumber(ARGV[1])
 local applied = 0
 for i = 0, n - 1 do
@@ -72,3 +80,4 @@ for j = 2 + n * 6, #ARGV, 2 do
 end
 return applied
 """
+)

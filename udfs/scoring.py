@@ -18,10 +18,10 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from udfs.conditions import ModelOutput
 from udfs.events import UserEvent
@@ -59,16 +59,21 @@ _FINGERPRINT_BYTES = _read_fixture(FINGERPRINT_EVENTS)
 
 
 class ModelVerificationError(RuntimeError):
+    """A model that does not match its manifest or the running feature code: the job must not start."""
+
     pass
 
 
 @dataclass(frozen=True)
 class VectorFeature:
+    """One input of a model: the feature, its transform and the value imputed when it has none."""
+
     name: str
     transform: str = "identity"
     impute: float | None = None  # the value used when the feature has none; None: skip scoring
 
     def as_dict(self) -> dict:
+        """The feature as it is written in a manifest."""
         return {"name": self.name, "transform": self.transform, "impute": self.impute}
 
 
@@ -83,20 +88,29 @@ class FeatureVector:
             if spec is None or spec.kind not in (NUMBER, DURATION):
                 raise ModelVerificationError(f"vector feature {f.name!r} is not a numeric feature of the catalog")
             if f.transform not in TRANSFORMS:
-                raise ModelVerificationError(f"vector feature {f.name!r}: transform {f.transform!r} not one of "
-                                             f"{', '.join(TRANSFORMS)}")
+                raise ModelVerificationError(
+                    f"vector feature {f.name!r}: transform {f.transform!r} not one of {', '.join(TRANSFORMS)}"
+                )
             if f.impute is not None and not math.isfinite(f.impute):
                 raise ModelVerificationError(f"vector feature {f.name!r}: impute must be a finite number")
         self._readers = tuple((catalog.readers[f.name], _TRANSFORM[f.transform], f.impute) for f in self.features)
         self._named = tuple((f.name, _TRANSFORM[f.transform], f.impute) for f in self.features)
-        self._fast = tuple((f.name, None if f.transform == "identity" else _TRANSFORM[f.transform],
-                            None if f.impute is None else float(f.impute)) for f in self.features)
+        self._fast = tuple(
+            (
+                f.name,
+                None if f.transform == "identity" else _TRANSFORM[f.transform],
+                None if f.impute is None else float(f.impute),
+            )
+            for f in self.features
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The features' names, in input order."""
         return tuple(f.name for f in self.features)
 
     def spec(self) -> list[dict]:
+        """The vector as it is written in a manifest."""
         return [f.as_dict() for f in self.features]
 
     def values(self, profile: UserProfile, now_ms: int) -> list[float] | None:
@@ -142,8 +156,9 @@ _TRANSFORM = {
 }
 
 
-def vectors_at(events: Iterable[UserEvent], instants: Iterable[int],
-               vector: FeatureVector) -> Iterator[tuple[str, int, list[float] | None]]:
+def vectors_at(
+    events: Iterable[UserEvent], instants: Iterable[int], vector: FeatureVector
+) -> Iterator[tuple[str, int, list[float] | None]]:
     """(user, T, vector at T) for every user with a profile at each instant T, in user order:
     events are applied in event-time order and each instant is read before any later event is
     applied, so a vector never sees the future (training rows are point-in-time correct)."""
@@ -173,30 +188,36 @@ def fingerprint_events(data: bytes | OSError | None = None) -> list[UserEvent]:
         raise ModelVerificationError(
             f"{FINGERPRINT_EVENTS.name} has sha256 {digest[:16]}..., the code pins "
             f"{FINGERPRINT_EVENTS_SHA256[:16]}...: the fingerprint's events changed, which would change every "
-            "model's feature hash (docs/models.md, Feature hash)")
+            "model's feature hash (docs/models.md, Feature hash)"
+        )
     import io
     from datetime import UTC, datetime, timedelta
 
     import fastavro
 
     epoch, ms = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+    # Records of a record schema are dicts (fastavro types them as any Avro value).
+    records = cast("Iterable[dict[str, Any]]", fastavro.reader(io.BytesIO(data)))
     # fastavro reads timestamp-millis as an aware datetime: back to int ms, exactly.
-    return [UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms})
-            for record in fastavro.reader(io.BytesIO(data))]
+    return [UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms}) for record in records]
 
 
 def feature_hash(vector: FeatureVector, events: Iterable[UserEvent] | None = None) -> str:
     """sha256 of the vector's spec and its values over the fingerprint history (`events`, by
     default fingerprint_events())."""
     events = fingerprint_events() if events is None else events
-    rows = [None if values is None else [float(f"{v:.9g}") for v in values]
-            for _, _, values in vectors_at(events, FINGERPRINT_INSTANTS, vector)]
+    rows = [
+        None if values is None else [float(f"{v:.9g}") for v in values]
+        for _, _, values in vectors_at(events, FINGERPRINT_INSTANTS, vector)
+    ]
     payload = json.dumps({"vector": vector.spec(), "values": rows}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass
 class ModelManifest:
+    """A model's manifest (manifest.json): what the model reads and gives, and what verifies it."""
+
     name: str
     version: str
     kind: str  # probability | cluster
@@ -217,6 +238,7 @@ class ModelManifest:
 
     @classmethod
     def read(cls, path: Path) -> ModelManifest:
+        """The manifest at `path`; a `ModelVerificationError` when it cannot be read or lacks a field."""
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -224,12 +246,22 @@ class ModelManifest:
         try:
             vector = [VectorFeature(f["name"], f.get("transform", "identity"), f.get("impute")) for f in raw["vector"]]
             manifest = cls(
-                name=raw["name"], version=str(raw["version"]), kind=raw["kind"], onnx_file=raw["onnx_file"],
-                onnx_sha256=raw["onnx_sha256"], vector=vector, feature_hash=raw["feature_hash"],
-                input_name=raw["input"]["name"], input_shape=raw["input"]["shape"],
-                output_name=raw["output"]["name"], output_index=raw["output"].get("index"),
-                clusters=raw.get("clusters"), thresholds=raw.get("thresholds", {}), metrics=raw.get("metrics", {}),
-                golden=raw.get("golden", []), summaries=raw.get("summaries", []),
+                name=raw["name"],
+                version=str(raw["version"]),
+                kind=raw["kind"],
+                onnx_file=raw["onnx_file"],
+                onnx_sha256=raw["onnx_sha256"],
+                vector=vector,
+                feature_hash=raw["feature_hash"],
+                input_name=raw["input"]["name"],
+                input_shape=raw["input"]["shape"],
+                output_name=raw["output"]["name"],
+                output_index=raw["output"].get("index"),
+                clusters=raw.get("clusters"),
+                thresholds=raw.get("thresholds", {}),
+                metrics=raw.get("metrics", {}),
+                golden=raw.get("golden", []),
+                summaries=raw.get("summaries", []),
                 description=raw.get("description", ""),
             )
         except (KeyError, TypeError) as err:
@@ -243,17 +275,27 @@ class ModelManifest:
         return manifest
 
     def as_dict(self) -> dict:
+        """The manifest as it is written to manifest.json."""
         return {
-            "name": self.name, "version": self.version, "kind": self.kind, "description": self.description,
-            "onnx_file": self.onnx_file, "onnx_sha256": self.onnx_sha256,
-            "vector": [f.as_dict() for f in self.vector], "feature_hash": self.feature_hash,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "description": self.description,
+            "onnx_file": self.onnx_file,
+            "onnx_sha256": self.onnx_sha256,
+            "vector": [f.as_dict() for f in self.vector],
+            "feature_hash": self.feature_hash,
             "input": {"name": self.input_name, "shape": self.input_shape},
             "output": {"name": self.output_name, "index": self.output_index},
-            "clusters": self.clusters, "thresholds": self.thresholds, "metrics": self.metrics,
-            "golden": self.golden, "summaries": self.summaries,
+            "clusters": self.clusters,
+            "thresholds": self.thresholds,
+            "metrics": self.metrics,
+            "golden": self.golden,
+            "summaries": self.summaries,
         }
 
     def output(self) -> ModelOutput:
+        """What conditions may read of this model: a score, or a cluster among named clusters."""
         return ModelOutput(self.name, clusters=self.clusters) if self.kind == "cluster" else ModelOutput(self.name)
 
 
@@ -312,25 +354,34 @@ class LoadedModel:
             self.session = one_thread_session(onnx_bytes)
         except Exception as err:  # onnxruntime raises its own types (Fail, InvalidProtobuf, ...)
             first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            raise ModelVerificationError(f"model {manifest.name}: {manifest.onnx_file} is not a model onnxruntime "
-                                         f"can load ({type(err).__name__}: {first_line})") from None
+            raise ModelVerificationError(
+                f"model {manifest.name}: {manifest.onnx_file} is not a model onnxruntime "
+                f"can load ({type(err).__name__}: {first_line})"
+            ) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if manifest.input_name not in inputs:
-            raise ModelVerificationError(f"model {manifest.name}: the ONNX graph has no input {manifest.input_name!r} "
-                                         f"(it has {', '.join(inputs)})")
+            raise ModelVerificationError(
+                f"model {manifest.name}: the ONNX graph has no input {manifest.input_name!r} "
+                f"(it has {', '.join(inputs)})"
+            )
         width = inputs[manifest.input_name].shape[-1]
         if isinstance(width, int) and width != len(vector.features):
-            raise ModelVerificationError(f"model {manifest.name}: the graph takes {width} features, the manifest's "
-                                         f"vector has {len(vector.features)}")
+            raise ModelVerificationError(
+                f"model {manifest.name}: the graph takes {width} features, the manifest's "
+                f"vector has {len(vector.features)}"
+            )
         if manifest.output_name not in outputs:
-            raise ModelVerificationError(f"model {manifest.name}: the ONNX graph has no output "
-                                         f"{manifest.output_name!r} (it has {', '.join(sorted(outputs))})")
+            raise ModelVerificationError(
+                f"model {manifest.name}: the ONNX graph has no output "
+                f"{manifest.output_name!r} (it has {', '.join(sorted(outputs))})"
+            )
         self._row = np.zeros((1, len(vector.features)), dtype=np.float32)
         self._feeds = {manifest.input_name: self._row}
         self._outputs = [manifest.output_name]
 
     def score_vector(self, values: list[float]) -> float:
+        """The model's output for one input vector."""
         self._row[0, :] = values
         result = self.session.run(self._outputs, self._feeds)[0]
         index = self.manifest.output_index
@@ -339,6 +390,7 @@ class LoadedModel:
 
 
 def one_thread_session(onnx_bytes: bytes):
+    """An onnxruntime session over the model's bytes that runs on the caller's thread alone."""
     onnxruntime = import_on_a_python_thread("onnxruntime")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
@@ -370,8 +422,13 @@ class ModelRegistry:
         return out
 
     @classmethod
-    def load(cls, models_dir: Path, catalog: FeatureCatalog, names: Iterable[str] | None = None,
-             pins: Mapping[str, str] | None = None) -> ModelRegistry:
+    def load(
+        cls,
+        models_dir: Path,
+        catalog: FeatureCatalog,
+        names: Iterable[str] | None = None,
+        pins: Mapping[str, str] | None = None,
+    ) -> ModelRegistry:
         """Loads and verifies `names` (default: every model in the directory); a model in `pins`
         (name -> sha256 of its manifest file) must have exactly that manifest, so a model swapped
         on disk with a rewritten manifest is refused, not loaded."""
@@ -381,8 +438,9 @@ class ModelRegistry:
         hashes: dict[str, str] = {}  # one fingerprint per distinct vector
         for name in wanted:
             if name not in available:
-                raise ModelVerificationError(f"model {name!r} not found in {models_dir} "
-                                             f"(found: {', '.join(available) or 'none'})")
+                raise ModelVerificationError(
+                    f"model {name!r} not found in {models_dir} (found: {', '.join(available) or 'none'})"
+                )
             directory = available[name]
             manifest = ModelManifest.read(directory / MANIFEST)
             pinned = (pins or {}).get(name)
@@ -390,19 +448,23 @@ class ModelRegistry:
                 raise ModelVerificationError(
                     f"model {name}: {directory / MANIFEST} has sha256 {manifest_digest(directory)[:16]}..., the "
                     f"definitions pin {pinned[:16]}...: not the model the definitions were validated with (after "
-                    "retraining, `segments validate FILE --verbose` prints the installed models' pins)")
+                    "retraining, `segments validate FILE --verbose` prints the installed models' pins)"
+                )
             if manifest.name != name:
-                raise ModelVerificationError(f"{directory / MANIFEST}: names model {manifest.name!r}, "
-                                             f"but its directory is {name!r}")
+                raise ModelVerificationError(
+                    f"{directory / MANIFEST}: names model {manifest.name!r}, but its directory is {name!r}"
+                )
             onnx_path = directory / manifest.onnx_file
             if not onnx_path.is_file():
                 raise ModelVerificationError(f"model {name}: {onnx_path} is missing")
             onnx_bytes = onnx_path.read_bytes()
             actual = hashlib.sha256(onnx_bytes).hexdigest()
             if actual != manifest.onnx_sha256:
-                raise ModelVerificationError(f"model {name}: {onnx_path.name} has sha256 {actual[:16]}..., the "
-                                             f"manifest says {manifest.onnx_sha256[:16]}...: the file is not the "
-                                             "one that was validated")
+                raise ModelVerificationError(
+                    f"model {name}: {onnx_path.name} has sha256 {actual[:16]}..., the "
+                    f"manifest says {manifest.onnx_sha256[:16]}...: the file is not the "
+                    "one that was validated"
+                )
             vector = FeatureVector(manifest.vector, catalog)
             key = json.dumps(vector.spec(), sort_keys=True)
             running = hashes.get(key) or hashes.setdefault(key, feature_hash(vector))
@@ -418,6 +480,7 @@ class ModelRegistry:
         return cls(models, catalog)
 
     def outputs(self) -> dict[str, ModelOutput]:
+        """What conditions may read of each loaded model, by name."""
         return {name: m.manifest.output() for name, m in self.models.items()}
 
     @property
@@ -433,13 +496,16 @@ def _check_golden(model: LoadedModel) -> None:
     for i, case in enumerate(m.golden):
         values = case["input"]
         if len(values) != len(model.vector.features):
-            raise ModelVerificationError(f"model {m.name}: golden input {i} has {len(values)} values, the vector "
-                                         f"{len(model.vector.features)}")
+            raise ModelVerificationError(
+                f"model {m.name}: golden input {i} has {len(values)} values, the vector {len(model.vector.features)}"
+            )
         got, want = model.score_vector(values), float(case["output"])
         ok = got == want if m.kind == "cluster" else abs(got - want) <= GOLDEN_TOLERANCE
         if not ok:
-            raise ModelVerificationError(f"model {m.name}: golden case {i} scores {got!r}, the manifest expects "
-                                         f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})")
+            raise ModelVerificationError(
+                f"model {m.name}: golden case {i} scores {got!r}, the manifest expects "
+                f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})"
+            )
 
 
 class MergedSession:
@@ -506,8 +572,9 @@ class MergedSession:
         for name, result in zip(self._outputs, self._results, strict=True):
             binding.bind_output(name, "cpu", 0, result.dtype, list(result.shape), result.ctypes.data)
         self._binding = binding
-        self._read = tuple((result, model.manifest.output_index)
-                           for result, (_, model) in zip(self._results, self._plan, strict=True))
+        self._read = tuple(
+            (result, model.manifest.output_index) for result, (_, model) in zip(self._results, self._plan, strict=True)
+        )
 
     @property
     def plan(self) -> list[tuple[str, LoadedModel]]:
@@ -529,12 +596,16 @@ class MergedSession:
                 got = self.run(vectors)[position]
                 own = model.score_vector(case["input"])
                 if got != own and not (math.isnan(got) and math.isnan(own)):
-                    raise ModelVerificationError(f"model {model.manifest.name}: merged with the other models it "
-                                                 f"scores {got!r} on a golden input, its own session {own!r}")
+                    raise ModelVerificationError(
+                        f"model {model.manifest.name}: merged with the other models it "
+                        f"scores {got!r} on a golden input, its own session {own!r}"
+                    )
 
 
 @dataclass
 class ScoringStats:
+    """Counts of the scoring of one operator instance, and its latency, for the metrics."""
+
     scored: int = 0
     skipped: int = 0  # a vector feature had no value and no impute policy
     out_of_range: int = 0  # NaN, infinite, or outside the model's range: dropped
@@ -551,27 +622,31 @@ class Scorer:
         # Taken out of the plan once: each distinct vector, and per output its model's name and
         # cluster count (None: a probability in [0, 1]).
         self._vectors = tuple({key: model.vector for key, model in self.merged.plan}.items())
-        self._outputs = tuple((model.manifest.name, model.manifest.clusters if model.manifest.kind == "cluster"
-                               else None) for _, model in self.merged.plan)
+        self._outputs = tuple(
+            (model.manifest.name, model.manifest.clusters if model.manifest.kind == "cluster" else None)
+            for _, model in self.merged.plan
+        )
 
     def __call__(self, profile: UserProfile, now_ms: int, read: Callable[[str], Any]) -> Mapping[str, float]:
         """Scores at `now_ms`; `read(name)` is the feature's value at that instant."""
         stats = self.stats
         # Models reading the same vector share one read of it per event.
         vectors = {key: vector.values_read(read) for key, vector in self._vectors}
+        raw: Sequence[float | None]
         if None not in vectors.values():
             started = time.perf_counter_ns()
-            raw = self.merged.run(vectors)
+            raw = self.merged.run(cast("dict[str, list[float]]", vectors))  # no None among them
             stats.latency.record((time.perf_counter_ns() - started) / 1000)
         else:  # a vector without a value: score the models that have one, each on its own
-            raw = []
+            each: list[float | None] = []
+            raw = each
             for key, model in self.merged.plan:
                 values = vectors[key]
                 if values is None:
-                    raw.append(None)
+                    each.append(None)
                     continue
                 started = time.perf_counter_ns()
-                raw.append(model.score_vector(values))
+                each.append(model.score_vector(values))
                 stats.latency.record((time.perf_counter_ns() - started) / 1000)
         scores: dict[str, float] = {}
         isfinite = math.isfinite

@@ -17,19 +17,28 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 @dataclass
 class Segmentation:
+    """The definitions and the verified models they read, loaded the same way by every runner."""
+
     definitions: DefinitionSet
     registry: ModelRegistry | None  # None when the definitions read no model score
 
     @classmethod
-    def load(cls, definitions_path: str | Path, profile_config: ProfileConfig | None = None,
-             models_dir: str | Path | None = None) -> Segmentation:
+    def load(
+        cls,
+        definitions_path: str | Path,
+        profile_config: ProfileConfig | None = None,
+        models_dir: str | Path | None = None,
+    ) -> Segmentation:
+        """The definitions file, with the models of `models_dir` (the shipped ones by default) verified."""
         models = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
         definitions = load_definitions(definitions_path, profile_config, ModelRegistry.outputs_of(models))
         return cls(definitions, cls._registry(definitions, models))
 
     @classmethod
-    def from_text(cls, text: bytes, source: str, profile_config: ProfileConfig | None = None,
-                  models_dir: str | Path | None = None) -> Segmentation:
+    def from_text(
+        cls, text: bytes, source: str, profile_config: ProfileConfig | None = None, models_dir: str | Path | None = None
+    ) -> Segmentation:
+        """As `load`, from the definitions' text; `source` names it in errors."""
         models = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
         definitions = parse_definitions(text, source, profile_config, ModelRegistry.outputs_of(models))
         return cls(definitions, cls._registry(definitions, models))

@@ -20,6 +20,8 @@ DEVICES = ("mobile", "desktop", "tablet")
 
 @dataclass(frozen=True)
 class Persona:
+    """A kind of shopper of the seeded traffic: how often and how they browse, cart and buy."""
+
     name: str
     weight: float
     sessions_per_day: float  # mean
@@ -41,11 +43,13 @@ PERSONAS = (
 
 
 def persona_of(user_index: int, seed: int) -> Persona:
+    """The persona of a user, drawn from the seed alone so that every run gives the same."""
     rng = random.Random(f"{seed}/persona/{user_index}")
     return rng.choices(PERSONAS, weights=[p.weight for p in PERSONAS])[0]
 
 
 def user_id_of(user_index: int) -> str:
+    """The user id of the generated user of this index."""
     return f"u{user_index:07d}"
 
 

@@ -75,7 +75,7 @@ def _buckets(ring: dict) -> dict[int, Bucket]:
     starts = [index * width for index in _unpack(ring["starts"], "I")]
     counts = _unpack(ring["counts"], _UNSIGNED[ring["count_bytes"]]).tolist()
     padding = [0] * (known - stride)  # state written before an event type was added
-    buckets = [Bucket(counts[i * stride:(i + 1) * stride] + padding) for i in range(len(starts))]
+    buckets = [Bucket(counts[i * stride : (i + 1) * stride] + padding) for i in range(len(starts))]
     for i, amount in ring["spend"].items():
         buckets[int(i)].spend = amount
     for category, pairs in ring["category_views"].items():
@@ -103,19 +103,38 @@ def _body(p: UserProfile) -> list:
     rings = []
     for width, ring in p.buckets.items():
         buckets = ring.values()
-        rings.append([width, list(ring), [c for b in buckets for c in b.counts], [b.spend for b in buckets],
-                      [b.category_views for b in buckets]])
+        rings.append(
+            [
+                width,
+                list(ring),
+                [c for b in buckets for c in b.counts],
+                [b.spend for b in buckets],
+                [b.category_views for b in buckets],
+            ]
+        )
     return [
-        p.sequence_base, p.last_by_type, rings, p.lifetime_spend, p.lifetime_orders,
-        p.products_viewed, p.categories_viewed,
+        p.sequence_base,
+        p.last_by_type,
+        rings,
+        p.lifetime_spend,
+        p.lifetime_orders,
+        p.products_viewed,
+        p.categories_viewed,
         {sid: (s.start_ms, s.end_ms, s.events) for sid, s in p.named_sessions.items()},
         [(s.start_ms, s.end_ms, s.events) for s in p.derived_sessions],
-        {product: [(op.time_ms, op.kind, op.quantity, op.unit_price) for op in ops]
-         for product, ops in p.cart_ops.items()},
-        p.cart_cleared_ms, p.decay_as_of_ms, p.engagement, p.affinity,
-        list(p.seen_event_ids), list(p.seen_event_ids.values()),
+        {
+            product: [(op.time_ms, op.kind, op.quantity, op.unit_price) for op in ops]
+            for product, ops in p.cart_ops.items()
+        },
+        p.cart_cleared_ms,
+        p.decay_as_of_ms,
+        p.engagement,
+        p.affinity,
+        list(p.seen_event_ids),
+        list(p.seen_event_ids.values()),
         {name: (m.member, m.sequence, m.since_ms) for name, m in p.memberships.items()},
-        p.scores, p.scored_at_ms,
+        p.scores,
+        p.scored_at_ms,
     ]
 
 
@@ -136,19 +155,30 @@ def _from_layout(v: list) -> UserProfile:
         types = len(counts) // len(starts) if starts else stride
         padding = [0] * (stride - types)  # state written before an event type was added
         buckets[width] = {
-            start: Bucket(counts[i * types:(i + 1) * types] + padding, spends[i], category_views[i])
+            start: Bucket(counts[i * types : (i + 1) * types] + padding, spends[i], category_views[i])
             for i, start in enumerate(starts)
         }
     return UserProfile(
-        clock_ms=v[1], sequence_base=v[2], last_by_type=v[3], buckets=buckets, lifetime_spend=v[5],
-        lifetime_orders=v[6], products_viewed=v[7], categories_viewed=v[8],
+        clock_ms=v[1],
+        sequence_base=v[2],
+        last_by_type=v[3],
+        buckets=buckets,
+        lifetime_spend=v[5],
+        lifetime_orders=v[6],
+        products_viewed=v[7],
+        categories_viewed=v[8],
         named_sessions={sid: Session(*s) for sid, s in v[9].items()},
         derived_sessions=[Session(*s) for s in v[10]],
         cart_ops={product: [CartOp(*op) for op in ops] for product, ops in v[11].items()},
-        cart_cleared_ms=v[12], decay_as_of_ms=v[13], engagement=v[14], affinity=v[15],
+        cart_cleared_ms=v[12],
+        decay_as_of_ms=v[13],
+        engagement=v[14],
+        affinity=v[15],
         seen_event_ids=dict(zip(v[16], v[17], strict=True)),
         memberships={name: Membership(*m) for name, m in v[18].items()},
-        timer_ms=v[19], scores=v[20], scored_at_ms=v[21],
+        timer_ms=v[19],
+        scores=v[20],
+        scored_at_ms=v[21],
     )
 
 
@@ -163,6 +193,7 @@ class ProfileStateCodec:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def encode(self, profile: UserProfile) -> bytes:
+        """The profile as state bytes in the current layout."""
         body = profile.derived.get(ENCODED_BODY)
         if body is None:
             body = profile.derived[ENCODED_BODY] = self._compressor.compress(self._packer.pack(_body(profile)))
@@ -170,6 +201,7 @@ class ProfileStateCodec:
         return self._packer.pack([LAYOUT_VERSION, clock_ms, timer_ms, body, _instants_check(clock_ms, timer_ms)])
 
     def decode(self, data: bytes | None) -> UserProfile:
+        """The profile that state bytes hold, of this or an earlier layout; an empty profile for None."""
         if data is None:
             return UserProfile()
         data = bytes(data)
@@ -211,8 +243,9 @@ class ProfileStateCodec:
         try:
             return msgpack.unpackb(data)
         except (ValueError, msgpack.UnpackException) as err:
-            raise DecodeError("undecodable", f"profile state: not a MessagePack layout ({type(err).__name__})") \
-                from None
+            raise DecodeError(
+                "undecodable", f"profile state: not a MessagePack layout ({type(err).__name__})"
+            ) from None
 
     @staticmethod
     def _checked(build, layout) -> UserProfile:

@@ -41,6 +41,8 @@ def transition_id(user_id: str, segment: str, sequence: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """An ENTER or EXIT of a user and a segment, with the rule, the features and scores behind it."""
+
     user_id: str
     segment: str
     kind: str  # ENTER | EXIT
@@ -58,9 +60,11 @@ class Transition:
 
     @property
     def transition_id(self) -> str:
+        """The transition's stable id, from user, segment and sequence (the same on every replay)."""
         return transition_id(self.user_id, self.segment, self.sequence)
 
     def to_record(self, emitted_at: int) -> dict:
+        """The transition as the Avro record of `segment_transition.avsc`."""
         return {
             "transition_id": self.transition_id,
             "user_id": self.user_id,
@@ -108,7 +112,9 @@ class SegmentEngine:
     """Keeps one user's profile and memberships up to date for one compiled definitions file.
     The profile configuration is the one the definitions were compiled against."""
 
-    def __init__(self, definitions: DefinitionSet, model_version: str | None = None, scorer: ScoreFunction | None = None):
+    def __init__(
+        self, definitions: DefinitionSet, model_version: str | None = None, scorer: ScoreFunction | None = None
+    ):
         self.definitions = definitions
         self.definitions_version = definitions.version
         self.model_version = model_version
@@ -121,13 +127,15 @@ class SegmentEngine:
         self._scoring_seen = (0, 0)  # the scorer's (skipped, out_of_range) at the latest step
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
+        """True when the profile has already counted this event (its id seen within the dedup window)."""
         return is_duplicate(profile, event, self.config)
 
     # -- the per-user step: what every runner (the job, the reference loop, the backtest, replays)
     #    calls, and all it needs back ---------------------------------------------------------------
 
-    def step_event(self, user_id: str, profile: UserProfile, event: UserEvent,
-                   late_before_ms: int | None = None) -> Step:
+    def step_event(
+        self, user_id: str, profile: UserProfile, event: UserEvent, late_before_ms: int | None = None
+    ) -> Step:
         """One event of one user: late (its time is before `late_before_ms`, the runner's
         watermark minus the allowed lateness), a duplicate, or applied with the transitions it
         causes (after those that time alone caused before its timestamp)."""
@@ -202,8 +210,9 @@ class SegmentEngine:
         apply_event(profile, event, self.config)
         prune(profile, self.config)
         ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
-        if self.scorer is not None:
-            self._score(profile, ev)
+        scorer = self.scorer
+        if scorer is not None:
+            self._score(scorer, profile, ev)
         self._diff(user_id, profile, ev, "EVENT", event.event_id, out)
         return out
 
@@ -213,8 +222,9 @@ class SegmentEngine:
             return (memo[2],)
         return None
 
-    def _advance(self, user_id: str, profile: UserProfile, time_ms: int,
-                 memo: tuple[int | None] | None) -> tuple[list[Transition], int | None]:
+    def _advance(
+        self, user_id: str, profile: UserProfile, time_ms: int, memo: tuple[int | None] | None
+    ) -> tuple[list[Transition], int | None]:
         """The time-driven transitions up to `time_ms`, and the next change after it: the instant
         the walk stopped at, which nothing between the last evaluation and `time_ms` can move."""
         out: list[Transition] = []
@@ -235,18 +245,19 @@ class SegmentEngine:
                 self._expire(user_id, profile, due, out)
             else:
                 ev = Evaluation(profile, due, self.catalog, profile.scores)
-                if due == self.rescore_due_ms(profile):
+                scorer = self.scorer
+                if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
                     self._latest = None
-                    self._score(profile, ev)
+                    self._score(scorer, profile, ev)
                 self._diff(user_id, profile, ev, "TIMER", None, out)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
         return out, due
 
-    def _score(self, profile: UserProfile, ev: Evaluation) -> None:
+    def _score(self, scorer: ScoreFunction, profile: UserProfile, ev: Evaluation) -> None:
         """The models read their vectors through `ev`'s feature cache, which the conditions
         then read too; features do not depend on scores, so the cache stays valid."""
-        profile.scores = ev.scores = dict(self.scorer(profile, ev.now, ev.feature))
+        profile.scores = ev.scores = dict(scorer(profile, ev.now, ev.feature))
         profile.scored_at_ms = ev.now
         profile.body_changed()
 
@@ -260,6 +271,7 @@ class SegmentEngine:
         return profile.scored_at_ms + every
 
     def retention_expiry_ms(self, profile: UserProfile) -> int | None:
+        """The instant the profile lapses if no further event comes, or None when it holds no event."""
         last = profile.last_event_ms
         return None if last is None else last + self.config.retention_ms
 
@@ -288,14 +300,27 @@ class SegmentEngine:
         return due
 
     def features(self, profile: UserProfile, now_ms: int) -> dict:
+        """Every feature of the profile at `now_ms`, by name."""
         return self.catalog.all(profile, now_ms)
 
     def _expire(self, user_id: str, profile: UserProfile, now_ms: int, out: list[Transition]) -> None:
         idle = {"ms_since_last_event": float(self.config.retention_ms)}
         for name, membership in profile.memberships.items():
             if membership.member:
-                out.append(self._transition(user_id, name, False, membership.sequence + 1, now_ms, "TIMER", None,
-                                            RETENTION_RULE, idle, profile))
+                out.append(
+                    self._transition(
+                        user_id,
+                        name,
+                        False,
+                        membership.sequence + 1,
+                        now_ms,
+                        "TIMER",
+                        None,
+                        RETENTION_RULE,
+                        idle,
+                        profile,
+                    )
+                )
         profile.reset()
 
     def _diff(
@@ -324,11 +349,13 @@ class SegmentEngine:
                 rule, values = REMOVED_RULE, {}
             else:
                 rule, values = verdict.rule, condition_features(verdict.condition, ev)
-            out.append(self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule,
-                                        values, profile))
+            out.append(
+                self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile)
+            )
 
-    def _transition(self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values,
-                    profile) -> Transition:
+    def _transition(
+        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile
+    ) -> Transition:
         features: dict[str, float] = {}
         labels: dict[str, str] = {}
         missing: list[str] = []

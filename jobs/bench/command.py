@@ -35,27 +35,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=5_000, help="generated users in the throughput runs")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--parallelisms", default="1,2", help="job parallelisms to measure (comma-separated)")
-    p.add_argument("--cluster-parallelisms", default="2",
-                   help="job parallelisms to measure on a standalone cluster of that many single-slot TaskManagers")
+    p.add_argument(
+        "--cluster-parallelisms",
+        default="2",
+        help="job parallelisms to measure on a standalone cluster of that many single-slot TaskManagers",
+    )
     p.add_argument("--rate", type=float, default=5_000.0, help="offered load of the latency run, events/s")
     p.add_argument("--latency-seconds", type=float, default=60.0, help="measured window of the latency run")
     p.add_argument("--warmup-seconds", type=float, default=10.0, help="offered load before the window")
     p.add_argument("--latency-users", type=int, default=5_000)
-    p.add_argument("--drain-seconds", type=float, default=60.0,
-                   help="how long the latency run waits for a backlog to drain after the load stops")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=60.0,
+        help="how long the latency run waits for a backlog to drain after the load stops",
+    )
     p.add_argument("--latency-parallelism", type=int, default=1)
-    p.add_argument("--latency-of-reference", action="store_true",
-                   help="also measure the reference loop's latency at the same load")
-    p.add_argument("--checkpoint-users", type=int, default=1_000_000,
-                   help="users whose state the checkpoint run holds (one event each)")
+    p.add_argument(
+        "--latency-of-reference", action="store_true", help="also measure the reference loop's latency at the same load"
+    )
+    p.add_argument(
+        "--checkpoint-users",
+        type=int,
+        default=1_000_000,
+        help="users whose state the checkpoint run holds (one event each)",
+    )
     p.add_argument("--state-users", type=int, default=500, help="users for the state-bytes replay")
     p.add_argument("--state-days", type=float, default=7.0, help="days of traffic for the state-bytes replay")
-    p.add_argument("--stall-seconds", type=float, default=600.0,
-                   help="give a run up when none of its markers has come for this long")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=600.0,
+        help="give a run up when none of its markers has come for this long",
+    )
     for what in ("state", "throughput", "floor", "reference", "latency", "checkpoint"):
         p.add_argument(f"--skip-{what}", action="store_true", help=f"do not measure {what}")
-    p.add_argument("--floor-parts", action="store_true",
-                   help="also run the floor job without its model call and without its timer, to price each")
+    p.add_argument(
+        "--floor-parts",
+        action="store_true",
+        help="also run the floor job without its model call and without its timer, to price each",
+    )
     p.add_argument("--json", help="results file (default: bench-results/<UTC timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
 
@@ -93,43 +112,115 @@ def run(args) -> int:
             # One topic per partition count: a source subtask reading several partitions of a
             # backlog makes events late (docs/limits.md), so partitions = parallelism.
             log(f"preloading {args.events:,} generated events for {args.users:,} users into {sorted(topics)}")
-            count, _, _ = preload(stack.bootstrap, topics,
-                                  generated_events(args.events, args.users, args.seed, now_ms()))
+            count, _, _ = preload(
+                stack.bootstrap, topics, generated_events(args.events, args.users, args.seed, now_ms())
+            )
             runs = results["throughput"] = []
             for p in parallelisms:
-                runs.append(asdict(measure_throughput(
-                    stack, work, f"job-p{p}", job_argv(args.config), p, f"events-{p}", p, count,
-                    {"parallelism": p}, args.stall_seconds, True, interval)))
+                runs.append(
+                    asdict(
+                        measure_throughput(
+                            stack,
+                            work,
+                            f"job-p{p}",
+                            job_argv(args.config),
+                            p,
+                            f"events-{p}",
+                            p,
+                            count,
+                            {"parallelism": p},
+                            args.stall_seconds,
+                            True,
+                            interval,
+                        )
+                    )
+                )
             for p in on_cluster:
-                runs.append(asdict(measure_on_cluster(stack, work, args.config, p, count, args.stall_seconds,
-                                                      interval)))
+                runs.append(
+                    asdict(measure_on_cluster(stack, work, args.config, p, count, args.stall_seconds, interval))
+                )
             if not args.skip_floor:
                 state_bytes = int(results["state"]["state_bytes_mean"]) if "state" in results else FLOOR_STATE_BYTES
                 variants = [("floor-p1", ())]
                 if args.floor_parts:  # each part left out once: what it costs is the difference
                     variants += [("floor-p1-no-model", ("--no-model",)), ("floor-p1-no-timer", ("--no-timer",))]
                 for name, flags in variants:
-                    runs.append(asdict(measure_throughput(
-                        stack, work, name, [*floor_argv(args.config, state_bytes), *flags], 1, "events-1", 1, count,
-                        {"parallelism": 1}, args.stall_seconds, False, interval)))
+                    runs.append(
+                        asdict(
+                            measure_throughput(
+                                stack,
+                                work,
+                                name,
+                                [*floor_argv(args.config, state_bytes), *flags],
+                                1,
+                                "events-1",
+                                1,
+                                count,
+                                {"parallelism": 1},
+                                args.stall_seconds,
+                                False,
+                                interval,
+                            )
+                        )
+                    )
             if not args.skip_reference:
-                runs.append(asdict(measure_throughput(
-                    stack, work, "reference", reference_argv(args.config), 1, "events-1", 1, count, {},
-                    args.stall_seconds, True, interval)))
+                runs.append(
+                    asdict(
+                        measure_throughput(
+                            stack,
+                            work,
+                            "reference",
+                            reference_argv(args.config),
+                            1,
+                            "events-1",
+                            1,
+                            count,
+                            {},
+                            args.stall_seconds,
+                            True,
+                            interval,
+                        )
+                    )
+                )
         if not args.skip_latency:
             p = args.latency_parallelism
-            results["latency"] = asdict(measure_latency(
-                stack, work, f"latency-job-p{p}", job_argv(args.config), {"parallelism": p}, args.rate,
-                args.latency_seconds, args.warmup_seconds, args.latency_users, args.seed, interval,
-                args.drain_seconds))
+            results["latency"] = asdict(
+                measure_latency(
+                    stack,
+                    work,
+                    f"latency-job-p{p}",
+                    job_argv(args.config),
+                    {"parallelism": p},
+                    args.rate,
+                    args.latency_seconds,
+                    args.warmup_seconds,
+                    args.latency_users,
+                    args.seed,
+                    interval,
+                    args.drain_seconds,
+                )
+            )
             if args.latency_of_reference:
-                results["latency_reference"] = asdict(measure_latency(
-                    stack, work, "latency-reference", reference_argv(args.config), {}, args.rate,
-                    args.latency_seconds, args.warmup_seconds, args.latency_users, args.seed, interval,
-                    args.drain_seconds))
+                results["latency_reference"] = asdict(
+                    measure_latency(
+                        stack,
+                        work,
+                        "latency-reference",
+                        reference_argv(args.config),
+                        {},
+                        args.rate,
+                        args.latency_seconds,
+                        args.warmup_seconds,
+                        args.latency_users,
+                        args.seed,
+                        interval,
+                        args.drain_seconds,
+                    )
+                )
         if not args.skip_checkpoint:
-            results["checkpoint"] = asdict(measure_checkpoint(
-                stack, work, args.config, args.checkpoint_users, {}, interval, args.stall_seconds))
+            results["checkpoint"] = asdict(
+                measure_checkpoint(stack, work, args.config, args.checkpoint_users, {}, interval, args.stall_seconds)
+            )
     except BaseException:
         failed = True
         raise
@@ -160,8 +251,9 @@ def run(args) -> int:
     }
     report["figures"] = figures(results, settings.checkpoint_interval_ms, machine["cores"] or 1)
     if results.get("latency_reference"):
-        extra = figures({"latency": results["latency_reference"]}, settings.checkpoint_interval_ms,
-                        machine["cores"] or 1)
+        extra = figures(
+            {"latency": results["latency_reference"]}, settings.checkpoint_interval_ms, machine["cores"] or 1
+        )
         report["figures"] += extra
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1))

@@ -36,8 +36,14 @@ PENDING_DIGITS = 20  # the pending timer's instant, at the head of the state val
 
 
 class KeyedFloor(KeyedProcessFunction):
-    def __init__(self, settings: JobSettings, segmentation: Segmentation, state_bytes: int, model: bool = True,
-                 timer: bool = True):
+    def __init__(
+        self,
+        settings: JobSettings,
+        segmentation: Segmentation,
+        state_bytes: int,
+        model: bool = True,
+        timer: bool = True,
+    ):
         self.state_bytes = max(state_bytes, PENDING_DIGITS)
         self.model, self.timer = model, timer  # the floor's parts, each left out to price it
         self.definitions_text = segmentation.definitions.text
@@ -50,13 +56,18 @@ class KeyedFloor(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
-        scorer = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config,
-                                        self.files_dir / "models").engine().scorer
+        scorer = (
+            Segmentation.from_text(
+                self.definitions_text, self.definitions_source, self.profile_config, self.files_dir / "models"
+            )
+            .engine()
+            .scorer
+        )
         self.merged = None if scorer is None or not self.model else scorer.merged
         # A fixed row per distinct vector: the call's cost, not the features', is what is measured.
-        self.vectors = {} if self.merged is None else {
-            key: [0.5] * len(model.vector.features) for key, model in self.merged.plan
-        }
+        self.vectors = (
+            {} if self.merged is None else {key: [0.5] * len(model.vector.features) for key, model in self.merged.plan}
+        )
         self.filler = "x" * (self.state_bytes - PENDING_DIGITS)
         catalog = SchemaCatalog(self.files_dir / "schemas")
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
@@ -69,12 +80,34 @@ class KeyedFloor(KeyedProcessFunction):
         try:
             event = event_from_record(self.events.decode(value[2]), now_ms(), self.max_future_ms)
         except DecodeError as err:
-            yield DEAD_LETTERS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5],
-                                             err.reason, err.message, self.max_event_bytes)
+            yield (
+                DEAD_LETTERS,
+                dead_letter_row(
+                    self.dead_letters,
+                    value[2],
+                    value[3],
+                    value[4],
+                    value[5],
+                    err.reason,
+                    err.message,
+                    self.max_event_bytes,
+                ),
+            )
             return
         if event.timestamp < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
-            yield DEAD_LETTERS, dead_letter_row(self.dead_letters, value[2], value[3], value[4], value[5], "late",
-                                             "behind the watermark", self.max_event_bytes)
+            yield (
+                DEAD_LETTERS,
+                dead_letter_row(
+                    self.dead_letters,
+                    value[2],
+                    value[3],
+                    value[4],
+                    value[5],
+                    "late",
+                    "behind the watermark",
+                    self.max_event_bytes,
+                ),
+            )
             return
         stored = self.state.value()
         pending = NO_TIMER if stored is None else int(stored[:PENDING_DIGITS])
@@ -104,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config)
     env = create_environment(settings)
-    attach_connectors(env, settings, lambda s, segmentation: KeyedFloor(
-        s, segmentation, args.state_bytes, model=not args.no_model, timer=not args.no_timer))
+    attach_connectors(
+        env,
+        settings,
+        lambda s, segmentation: KeyedFloor(
+            s, segmentation, args.state_bytes, model=not args.no_model, timer=not args.no_timer
+        ),
+    )
     env.execute(f"{settings.job_name}-floor")
 
 

@@ -44,7 +44,7 @@ def stamp(payload: bytes, offset: int, length: int, timestamp_ms: int) -> bytes:
     encoded = zigzag_varint(timestamp_ms)
     if len(encoded) != length:
         raise ValueError(f"timestamp {timestamp_ms} does not encode in {length} bytes")
-    return payload[:offset] + encoded + payload[offset + length:]
+    return payload[:offset] + encoded + payload[offset + length :]
 
 
 def main_produce(args) -> int:
@@ -62,7 +62,7 @@ def main_produce(args) -> int:
     for event in generated_events(wanted, args.users, args.seed, now_ms()):
         record = replace(event, timestamp=now_ms()).to_record()
         payload, expected = codec.encode(record), zigzag_varint(record["timestamp"])
-        offset = next((o for o in offsets if payload[o:o + len(expected)] == expected), None)
+        offset = next((o for o in offsets if payload[o : o + len(expected)] == expected), None)
         if offset is None:
             payload, offset, _ = timestamp_slot(codec.encode, record)
             offsets.append(offset)
@@ -127,7 +127,7 @@ def main_watch_redis(args) -> int:
         batch: dict[str, float] = {}
         while message is not None and len(batch) < 2000:
             if message["type"] == "pmessage":
-                batch[message["channel"][len(channel_prefix):].decode()] = time.time() * 1000
+                batch[message["channel"][len(channel_prefix) :].decode()] = time.time() * 1000
             message = pubsub.get_message(timeout=0)
         users = list(batch)
         pipe = client.pipeline(transaction=False)
@@ -151,9 +151,15 @@ def main_watch_kafka(args) -> int:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
     stop = _Stop()
-    consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": "segments-bench-watch",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "fetch.wait.max.ms": 10})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.bootstrap,
+            "group.id": "segments-bench-watch",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,
+        }
+    )
     partitions = consumer.list_topics(args.topic, timeout=10).topics[args.topic].partitions
     consumer.assign([TopicPartition(args.topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
     seen: list[tuple[int, int, float]] = []

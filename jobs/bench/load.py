@@ -50,9 +50,17 @@ def checkpoint_events(users: int, end_ms: int):
     for i in range(users):
         user = user_id_of(i)
         category = CATEGORIES[i % len(CATEGORIES)]
-        yield UserEvent(f"{user}-0000001", user, "product_view", start + i * span // max(users, 1),
-                        session_id=f"{user}-s1", product_id=f"p-{category}-{i % 40 + 1:03d}", category=category,
-                        price=float(5 + i % 200), device="mobile")
+        yield UserEvent(
+            f"{user}-0000001",
+            user,
+            "product_view",
+            start + i * span // max(users, 1),
+            session_id=f"{user}-s1",
+            product_id=f"p-{category}-{i % 40 + 1:03d}",
+            category=category,
+            price=float(5 + i % 200),
+            device="mobile",
+        )
 
 
 def preload(bootstrap: str, topics: dict[str, int], events) -> tuple[int, int, int]:

@@ -73,7 +73,7 @@ class MarkerClock:
             return None
         steps: dict[int, list[float]] = {}
         for key, at in self.progressed.items():
-            steps.setdefault(int(key[len(PROGRESS_MARKER_PREFIX):].split("-")[0]), []).append(at)
+            steps.setdefault(int(key[len(PROGRESS_MARKER_PREFIX) :].split("-")[0]), []).append(at)
         for step in sorted(steps):
             done = step * PROGRESS_EVERY
             if done >= events / 2 and len(steps[step]) >= partitions and done < events:
@@ -94,8 +94,9 @@ class MarkerClock:
         return max(self.ended.values()) if self.all_ended else None
 
 
-def end_marker_events(partitions: int, event_time_ms: int, prefix: str = END_MARKER_PREFIX,
-                      per_partition: int = END_MARKERS_PER_PARTITION):
+def end_marker_events(
+    partitions: int, event_time_ms: int, prefix: str = END_MARKER_PREFIX, per_partition: int = END_MARKERS_PER_PARTITION
+):
     """(partition, UserEvent) markers: valid events far behind the watermark, so the keyed
     operator (or the reference loop) dead-letters them as `late` after everything before them."""
     from udfs.events import UserEvent
@@ -131,9 +132,15 @@ class DeadLetterWatcher:
         self.events = catalog.codec("UserEvent")
         self.clock = clock
         self.other_dead_letters: dict[str, int] = {}
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "segments-bench-dlq",
-                                  "enable.auto.commit": False, "isolation.level": "read_uncommitted",
-                                  "fetch.wait.max.ms": 10})
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "segments-bench-dlq",
+                "enable.auto.commit": False,
+                "isolation.level": "read_uncommitted",
+                "fetch.wait.max.ms": 10,
+            }
+        )
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
 

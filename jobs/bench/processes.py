@@ -17,7 +17,7 @@ def parse_proc_stat(text: str) -> tuple[int, int]:
     """(parent pid, CPU ticks) from /proc/<pid>/stat: utime + stime of the process and cutime +
     cstime of its children that have exited and been waited for. The command name (field 2) may
     hold spaces and parentheses, so fields are counted after its last ')'."""
-    rest = text[text.rindex(")") + 2:].split()
+    rest = text[text.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state): field k is rest[k - 3]; ppid 4, utime 14, stime 15, cutime 16, cstime 17
     return int(rest[1]), int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
 
@@ -75,8 +75,8 @@ def tree_pids(root_pid: int) -> list[int]:
 
 def parse_thread_stat(text: str) -> tuple[str, int]:
     """(thread name, utime + stime ticks) from /proc/<pid>/task/<tid>/stat."""
-    name = text[text.index("(") + 1:text.rindex(")")]
-    rest = text[text.rindex(")") + 2:].split()
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    rest = text[text.rindex(")") + 2 :].split()
     return name, int(rest[11]) + int(rest[12])
 
 
@@ -97,8 +97,9 @@ def thread_ticks(root_pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
-def busiest_threads(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
-                    top: int = 5) -> list[tuple[str, float]]:
+def busiest_threads(
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], top: int = 5
+) -> list[tuple[str, float]]:
     """The threads that used the most CPU between two samples, by name (threads of one name summed)."""
     by_name: dict[str, int] = {}
     for tid, (name, ticks) in after.items():
@@ -183,8 +184,9 @@ class ClusterJob(MeasuredProcess):
     def cluster_pids(self) -> list[int]:
         pids = []
         for pid_file in (self.cluster_root / "pids").glob("flink-*.pid"):
-            pids += [int(word) for word in pid_file.read_text().split() if word.isdigit()
-                     and Path(f"/proc/{word}").exists()]
+            pids += [
+                int(word) for word in pid_file.read_text().split() if word.isdigit() and Path(f"/proc/{word}").exists()
+            ]
         return pids
 
     def cpu_seconds(self) -> float:

@@ -38,8 +38,11 @@ class ReferenceLoop:
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         self.engine = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir).engine()
-        self.view = (RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
-                     if settings.redis_url else None)
+        self.view = (
+            RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
+            if settings.redis_url
+            else None
+        )
         self.state: dict[str, str] = {}  # user -> profile state, what the hashmap backend keeps
         self.cache: OrderedDict = OrderedDict()
         # The timer service: registered (instant, user) pairs, each at most once, as Flink's.
@@ -47,16 +50,26 @@ class ReferenceLoop:
         self.registered: set[tuple[int, str]] = set()
         self.max_event_time: int | None = None
         self.watermark = -(2**63)
-        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.consumer_group,
-                                  "enable.auto.commit": False, "isolation.level": "read_committed",
-                                  **settings.kafka_security().librdkafka_config()})
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.consumer_group,
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                **settings.kafka_security().librdkafka_config(),
+            }
+        )
         topic = settings.events_topic
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
-        self.producer = Producer({"bootstrap.servers": settings.bootstrap_servers,
-                                  "transactional.id": f"{settings.transactional_id_prefix}-reference",
-                                  "transaction.timeout.ms": settings.transaction_timeout_ms,
-                                  **settings.kafka_security().librdkafka_config()})
+        self.producer = Producer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "transactional.id": f"{settings.transactional_id_prefix}-reference",
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+                **settings.kafka_security().librdkafka_config(),
+            }
+        )
         self.producer.init_transactions(30)
         self.producer.begin_transaction()
         self.stopping = False
@@ -100,9 +113,15 @@ class ReferenceLoop:
             return
         late_before = self.watermark - self.settings.allowed_lateness_ms
         if event.timestamp < late_before:  # before the profile is loaded, as the job
-            self.dead_letter(payload, topic, partition, offset, "late",
-                             f"event time {event.timestamp} is more than {self.settings.allowed_lateness_ms} ms "
-                             f"behind the watermark {self.watermark}")
+            self.dead_letter(
+                payload,
+                topic,
+                partition,
+                offset,
+                "late",
+                f"event time {event.timestamp} is more than {self.settings.allowed_lateness_ms} ms "
+                f"behind the watermark {self.watermark}",
+            )
             return
         if self.max_event_time is None or event.timestamp > self.max_event_time:
             self.max_event_time = event.timestamp
@@ -153,8 +172,15 @@ class ReferenceLoop:
         if payload is not None and len(payload) > limit:
             message = f"{message}; payload truncated to its first {limit} bytes"
             payload = payload[:limit]
-        record = {"payload": bytes(payload or b""), "source_topic": topic or "", "source_partition": partition,
-                  "source_offset": offset, "reason": reason, "message": message, "detected_at": now_ms()}
+        record = {
+            "payload": bytes(payload or b""),
+            "source_topic": topic or "",
+            "source_partition": partition,
+            "source_offset": offset,
+            "reason": reason,
+            "message": message,
+            "detected_at": now_ms(),
+        }
         produce(self.producer, self.settings.dead_letter_topic, self.dead_letters.encode(record))
 
 

@@ -31,8 +31,9 @@ from jobs.bench.producing import flush, make_producer, produce
 from jobs.bench.report import latency_summary
 
 
-def visible_at(seen: dict[tuple[str, str], list[tuple[int, float]]], user: str, segment: str,
-               sequence: int) -> float | None:
+def visible_at(
+    seen: dict[tuple[str, str], list[tuple[int, float]]], user: str, segment: str, sequence: int
+) -> float | None:
     """When the Redis view first held `sequence` (or a later one) for (user, segment). The view
     applies a user's transitions in sequence order, so seeing a later sequence proves the earlier
     one had been applied; the watcher records sequences as it finds them, in increasing order."""
@@ -59,8 +60,11 @@ def read_committed_transitions(bootstrap: str, topic: str) -> dict[tuple[int, in
     for record in committed_records(bootstrap, topic):
         t = codec.decode(record.value)
         out[(record.partition, record.offset)] = {
-            "user_id": t["user_id"], "segment": t["segment"], "sequence": t["sequence"],
-            "event_time": t["event_time"], "cause": t["cause"],
+            "user_id": t["user_id"],
+            "segment": t["segment"],
+            "sequence": t["sequence"],
+            "event_time": t["event_time"],
+            "cause": t["cause"],
         }
     return out
 
@@ -157,8 +161,16 @@ class ThroughputResult:
     busiest_threads: list = field(default_factory=list)  # [thread name, CPU seconds in the window]
 
 
-def watch_markers(proc: MeasuredProcess, watcher: DeadLetterWatcher, clock: MarkerClock, events: int, partitions: int,
-                  stall_s: float, stack: BenchStack | None = None, on_tick=None) -> dict:
+def watch_markers(
+    proc: MeasuredProcess,
+    watcher: DeadLetterWatcher,
+    clock: MarkerClock,
+    events: int,
+    partitions: int,
+    stall_s: float,
+    stack: BenchStack | None = None,
+    on_tick=None,
+) -> dict:
     """Waits until every end marker is visible, logging progress; gives up when no marker has
     come for stall_s. Samples CPU (and the busiest threads) at the first start marker and at the
     last end marker, and calls on_tick between polls. Returns the samples."""
@@ -167,11 +179,14 @@ def watch_markers(proc: MeasuredProcess, watcher: DeadLetterWatcher, clock: Mark
     last_log = 0.0
     while not clock.all_ended:
         if not proc.running():
-            raise RuntimeError(f"{proc.name} exited early (code {proc.popen.returncode}); log {proc.log_file}:\n"
-                               f"{proc.log_tail()}")
+            raise RuntimeError(
+                f"{proc.name} exited early (code {proc.popen.returncode}); log {proc.log_file}:\n{proc.log_tail()}"
+            )
         if time.monotonic() - last_marker > stall_s:
-            raise TimeoutError(f"{proc.name}: no progress for {stall_s:.0f} s (~{clock.events_done(partitions):,} "
-                               f"of {events:,} events done, {len(clock.ended)} of {clock.end_markers} end markers)")
+            raise TimeoutError(
+                f"{proc.name}: no progress for {stall_s:.0f} s (~{clock.events_done(partitions):,} "
+                f"of {events:,} events done, {len(clock.ended)} of {clock.end_markers} end markers)"
+            )
         kinds = watcher.poll(0.2)
         if kinds:
             last_marker = time.monotonic()
@@ -187,8 +202,10 @@ def watch_markers(proc: MeasuredProcess, watcher: DeadLetterWatcher, clock: Mark
             last_log = time.monotonic()
             done, elapsed = clock.events_done(partitions), time.time() - clock.first_start
             rate = done / elapsed if elapsed > 0 else 0
-            log(f"{proc.name}: ~{done:,} of {events:,} events after {elapsed:.0f} s (~{rate:,.0f} events/s)"
-                + (f", ~{(events - done) / rate:.0f} s to go" if rate else ""))
+            log(
+                f"{proc.name}: ~{done:,} of {events:,} events after {elapsed:.0f} s (~{rate:,.0f} events/s)"
+                + (f", ~{(events - done) / rate:.0f} s to go" if rate else "")
+            )
     samples["cpu_end"] = proc.cpu_seconds()
     samples["threads_end"] = proc.threads()
     if stack is not None:
@@ -196,10 +213,21 @@ def watch_markers(proc: MeasuredProcess, watcher: DeadLetterWatcher, clock: Mark
     return samples
 
 
-def measure_throughput(stack: BenchStack, work: Path, name: str, argv: list[str], slots: int, events_topic: str,
-                       partitions: int, events: int, settings: dict, stall_s: float,
-                       count_transitions: bool, checkpoint_interval_ms: int,
-                       cluster: tuple[Path, int] | None = None) -> ThroughputResult:
+def measure_throughput(
+    stack: BenchStack,
+    work: Path,
+    name: str,
+    argv: list[str],
+    slots: int,
+    events_topic: str,
+    partitions: int,
+    events: int,
+    settings: dict,
+    stall_s: float,
+    count_transitions: bool,
+    checkpoint_interval_ms: int,
+    cluster: tuple[Path, int] | None = None,
+) -> ThroughputResult:
     """`cluster`: (stack root, REST port) of a standalone cluster to submit `argv` to (ClusterJob)."""
     topics = RunTopics(events_topic, f"{name}-transitions", f"{name}-dead-letters")
     stack.create_topics({topics.transitions: 2, topics.dead_letters: 1})
@@ -228,9 +256,11 @@ def measure_throughput(stack: BenchStack, work: Path, name: str, argv: list[str]
         result.cores_busy = result.cpu_window_s / result.window_s
         result.broker_redis_cpu_window_s = samples["stack_cpu_end"] - samples.get("stack_cpu_start", 0.0)
         result.busiest_threads = busiest_threads(samples.get("threads_start", {}), samples["threads_end"])
-        log(f"{name}: {result.events_per_s:,.0f} events/s ({result.window_s:.1f} s, "
+        log(
+            f"{name}: {result.events_per_s:,.0f} events/s ({result.window_s:.1f} s, "
             f"{result.cores_busy:.2f} cores busy)"
-            + (f"; second half {result.steady_events_per_s:,.0f} events/s" if result.steady_events_per_s else ""))
+            + (f"; second half {result.steady_events_per_s:,.0f} events/s" if result.steady_events_per_s else "")
+        )
         if count_transitions:
             # Let the next checkpoint commit the tail (its transaction), then count what committed.
             time.sleep(checkpoint_interval_ms / 1000 + 2)
@@ -248,8 +278,15 @@ def measure_throughput(stack: BenchStack, work: Path, name: str, argv: list[str]
     return result
 
 
-def measure_on_cluster(stack: BenchStack, work: Path, config: str | None, taskmanagers: int, events: int,
-                       stall_s: float, checkpoint_interval_ms: int) -> ThroughputResult:
+def measure_on_cluster(
+    stack: BenchStack,
+    work: Path,
+    config: str | None,
+    taskmanagers: int,
+    events: int,
+    stall_s: float,
+    checkpoint_interval_ms: int,
+) -> ThroughputResult:
     """The job at parallelism N on a standalone cluster of N single-slot TaskManagers (what
     `segments stack up --flink --taskmanagers N` starts): one interpreter per keyed subtask."""
     from infra.stack import StackPorts, free_port, start_flink_cluster, stop_flink_cluster
@@ -260,9 +297,20 @@ def measure_on_cluster(stack: BenchStack, work: Path, config: str | None, taskma
     start_flink_cluster(root, ports, taskmanagers)
     try:
         return measure_throughput(
-            stack, work, f"job-cluster-p{taskmanagers}", submit_argv(config), taskmanagers,
-            f"events-{taskmanagers}", taskmanagers, events, {"parallelism": taskmanagers}, stall_s, True,
-            checkpoint_interval_ms, cluster=(root, ports.flink_rest))
+            stack,
+            work,
+            f"job-cluster-p{taskmanagers}",
+            submit_argv(config),
+            taskmanagers,
+            f"events-{taskmanagers}",
+            taskmanagers,
+            events,
+            {"parallelism": taskmanagers},
+            stall_s,
+            True,
+            checkpoint_interval_ms,
+            cluster=(root, ports.flink_rest),
+        )
     finally:
         stop_flink_cluster(root)
 
@@ -276,8 +324,14 @@ def submit_argv(config: str | None) -> list[str]:
 
 
 def floor_argv(config: str | None, state_bytes: int) -> list[str]:
-    return [sys.executable, "-m", "jobs.bench.floor_job", *(["--config", config] if config else []),
-            "--state-bytes", str(state_bytes)]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.bench.floor_job",
+        *(["--config", config] if config else []),
+        "--state-bytes",
+        str(state_bytes),
+    ]
 
 
 def reference_argv(config: str | None) -> list[str]:
@@ -313,9 +367,20 @@ class LatencyResult:
     load_average_before: float | None = None
 
 
-def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], settings: dict, rate: float,
-                    seconds: float, warmup_s: float, users: int, seed: int, checkpoint_interval_ms: int,
-                    drain_s: float) -> LatencyResult:
+def measure_latency(
+    stack: BenchStack,
+    work: Path,
+    name: str,
+    argv: list[str],
+    settings: dict,
+    rate: float,
+    seconds: float,
+    warmup_s: float,
+    users: int,
+    seed: int,
+    checkpoint_interval_ms: int,
+    drain_s: float,
+) -> LatencyResult:
     topics = RunTopics(f"{name}-events", f"{name}-transitions", f"{name}-dead-letters")
     partitions = int(settings.get("parallelism", 1))
     stack.create_topics({topics.events: partitions, topics.transitions: 2, topics.dead_letters: 1})
@@ -331,13 +396,27 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
     proc = None
     watcher = None
     try:
-        redis_watch = MeasuredProcess(f"{name}-watch-redis", [*me, "watch-redis", "--url", stack.redis_url, "--prefix",
-                                                           prefix, "--out", str(files / "redis.json")],
-                                   plain_env, work)
-        kafka_watch = MeasuredProcess(f"{name}-watch-kafka", [*me, "watch-kafka", "--bootstrap", stack.bootstrap,
-                                                           "--topic", topics.transitions, "--out",
-                                                           str(files / "kafka.json")],
-                                   plain_env, work)
+        redis_watch = MeasuredProcess(
+            f"{name}-watch-redis",
+            [*me, "watch-redis", "--url", stack.redis_url, "--prefix", prefix, "--out", str(files / "redis.json")],
+            plain_env,
+            work,
+        )
+        kafka_watch = MeasuredProcess(
+            f"{name}-watch-kafka",
+            [
+                *me,
+                "watch-kafka",
+                "--bootstrap",
+                stack.bootstrap,
+                "--topic",
+                topics.transitions,
+                "--out",
+                str(files / "kafka.json"),
+            ],
+            plain_env,
+            work,
+        )
         helpers += [redis_watch, kafka_watch]
         # The start markers tell when the job is reading: the paced load starts only then.
         producer = make_producer(stack.bootstrap)
@@ -357,11 +436,29 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
                 raise TimeoutError(f"{name}: no start marker within 180 s")
             watcher.poll(0.2)
         time.sleep(1.0)  # the watchers have long subscribed; let the job settle after its first records
-        sender = MeasuredProcess(f"{name}-produce", [*me, "produce", "--bootstrap", stack.bootstrap, "--topic",
-                                                  topics.events, "--rate", str(rate), "--seconds",
-                                                  str(warmup_s + seconds), "--users", str(users), "--seed",
-                                                  str(seed), "--out", str(files / "sent.json")],
-                              plain_env, work)
+        sender = MeasuredProcess(
+            f"{name}-produce",
+            [
+                *me,
+                "produce",
+                "--bootstrap",
+                stack.bootstrap,
+                "--topic",
+                topics.events,
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(warmup_s + seconds),
+                "--users",
+                str(users),
+                "--seed",
+                str(seed),
+                "--out",
+                str(files / "sent.json"),
+            ],
+            plain_env,
+            work,
+        )
         helpers.append(sender)
         log(f"{name}: offering {rate:,.0f} events/s for {warmup_s:.0f} s warm-up + {seconds:.0f} s")
         cpu_before = proc.cpu_seconds()
@@ -396,13 +493,17 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
         result.kafka_watcher_cpu_s = kafka_seen["cpu_s"]
         committed = read_committed_transitions(stack.bootstrap, topics.transitions)
         window_start_ms = sent["started"] * 1000 + warmup_s * 1000
-        newest_processed = join_latencies(result, committed, redis_seen["seen"], kafka_seen["seen"],
-                                          window_start_ms, sent["ended"] * 1000)
+        newest_processed = join_latencies(
+            result, committed, redis_seen["seen"], kafka_seen["seen"], window_start_ms, sent["ended"] * 1000
+        )
         if newest_processed is not None:
             result.lag_at_end_of_load_s = max(0.0, sent["ended"] - newest_processed / 1000)
             if result.processing_rate is None:
-                result.processing_rate = result.achieved_send_rate * max(
-                    0.0, newest_processed / 1000 - sent["started"]) / (sent["ended"] - sent["started"])
+                result.processing_rate = (
+                    result.achieved_send_rate
+                    * max(0.0, newest_processed / 1000 - sent["started"])
+                    / (sent["ended"] - sent["started"])
+                )
                 result.processing_rate_estimated = True
         result.finished = True
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as err:
@@ -421,8 +522,14 @@ def measure_latency(stack: BenchStack, work: Path, name: str, argv: list[str], s
     return result
 
 
-def join_latencies(result: LatencyResult, committed: dict[tuple[int, int], dict], redis_seen: list,
-                   kafka_seen: list, window_start_ms: float, window_end_ms: float) -> float | None:
+def join_latencies(
+    result: LatencyResult,
+    committed: dict[tuple[int, int], dict],
+    redis_seen: list,
+    kafka_seen: list,
+    window_start_ms: float,
+    window_end_ms: float,
+) -> float | None:
     """Event-caused transitions of events sent in the window: Redis-visible and Kafka-committed
     receive times minus the event's timestamp (the transition's event_time). Returns the newest
     event time whose transition was visible in Redis by the end of the window (how far the job
@@ -485,8 +592,15 @@ class CheckpointResult:
     busiest_threads: list = field(default_factory=list)
 
 
-def measure_checkpoint(stack: BenchStack, work: Path, config: str | None, users: int, settings: dict,
-                       checkpoint_interval_ms: int, stall_s: float) -> CheckpointResult:
+def measure_checkpoint(
+    stack: BenchStack,
+    work: Path,
+    config: str | None,
+    users: int,
+    settings: dict,
+    checkpoint_interval_ms: int,
+    stall_s: float,
+) -> CheckpointResult:
     name = "checkpoint"
     topics = RunTopics(f"{name}-events", f"{name}-transitions", f"{name}-dead-letters")
     stack.create_topics({topics.events: 1, topics.transitions: 2, topics.dead_letters: 1})
@@ -534,8 +648,10 @@ def measure_checkpoint(stack: BenchStack, work: Path, config: str | None, users:
             if not proc.running():
                 raise RuntimeError(f"{name} exited early; log {proc.log_file}:\n{proc.log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError("no two completed checkpoints after the load within "
-                                   f"{max(120.0, 10 * checkpoint_interval_ms / 1000):.0f} s")
+                raise TimeoutError(
+                    "no two completed checkpoints after the load within "
+                    f"{max(120.0, 10 * checkpoint_interval_ms / 1000):.0f} s"
+                )
             poll_checkpoints()
             for c in sorted(seen.values(), key=lambda c: c["id"]):
                 if c["status"] != "COMPLETED":
@@ -562,8 +678,10 @@ def measure_checkpoint(stack: BenchStack, work: Path, config: str | None, users:
         if result.checkpoints_failed and not result.failure_messages:
             result.failure_messages = checkpoint_failures_in_log(Path(env["FLINK_LOG_DIR"]))
         result.finished = True
-        log(f"{name}: checkpoint with {users:,} users took {result.duration_s:.2f} s, state "
-            f"{result.state_size_bytes:,} B")
+        log(
+            f"{name}: checkpoint with {users:,} users took {result.duration_s:.2f} s, state "
+            f"{result.state_size_bytes:,} B"
+        )
     except (RuntimeError, TimeoutError, OSError, ValueError, KeyError, IndexError) as err:
         result.error = str(err).splitlines()[0]
         log(f"{name}: {err}")

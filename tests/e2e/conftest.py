@@ -60,24 +60,50 @@ class SecuredBroker:
 
     def settings(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
         """The job's settings for this broker (SEGMENTS_* names without the prefix)."""
-        client = ({"kafka_ssl_certificate_location": str(self.client_pem),
-                   "kafka_ssl_key_location": str(self.client_pem)} if self.client_pem else {})
+        client = (
+            {"kafka_ssl_certificate_location": str(self.client_pem), "kafka_ssl_key_location": str(self.client_pem)}
+            if self.client_pem
+            else {}
+        )
         tls = {"kafka_ssl_ca_location": str(self.ca_file)} if self.ca_file else {}
-        return {"bootstrap_servers": self.bootstrap,
-                "kafka_security_protocol": "SASL_SSL" if self.ca_file else "SASL_PLAINTEXT",
-                "kafka_sasl_mechanism": mechanism, "kafka_sasl_username": self.username,
-                "kafka_sasl_password": f"env:{self.password_variable}", **tls, **client}
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "kafka_security_protocol": "SASL_SSL" if self.ca_file else "SASL_PLAINTEXT",
+            "kafka_sasl_mechanism": mechanism,
+            "kafka_sasl_username": self.username,
+            "kafka_sasl_password": f"env:{self.password_variable}",
+            **tls,
+            **client,
+        }
 
     def security(self, mechanism: str = "SCRAM-SHA-512") -> KafkaSecurity:
-        return KafkaSecurity(**{k[len("kafka_"):]: v for k, v in self.settings(mechanism).items()
-                                if k.startswith("kafka_")})
+        return KafkaSecurity(
+            **{k[len("kafka_") :]: v for k, v in self.settings(mechanism).items() if k.startswith("kafka_")}
+        )
 
 
 def self_signed(directory: Path, name: str, *extra: str) -> tuple[Path, Path]:
     """A throw-away self-signed certificate (its own CA) and its unencrypted PKCS#8 key."""
     cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-         *extra, "-keyout", str(key), "-out", str(cert)])
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            *extra,
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ]
+    )
     return cert, key
 
 
@@ -103,8 +129,18 @@ def secured_broker(stack_root, monkeypatch, request):
     broker_port, gate_port = free_port(), free_port()
     broker = start_broker(stack_root, broker_port, advertised_port=gate_port)
     gate = ManagedProcess("sasl-gate", stack_root)
-    gate.start([sys.executable, "-m", "tests.e2e.sasl_gate", str(gate_port), f"127.0.0.1:{broker_port}",
-                str(users), *tls_files], cwd=PROJECT_ROOT)
+    gate.start(
+        [
+            sys.executable,
+            "-m",
+            "tests.e2e.sasl_gate",
+            str(gate_port),
+            f"127.0.0.1:{broker_port}",
+            str(users),
+            *tls_files,
+        ],
+        cwd=PROJECT_ROOT,
+    )
     try:
         wait_for_port(gate_port, what="SASL gate")
         monkeypatch.setenv(SecuredBroker.password_variable, SecuredBroker.password)
@@ -152,8 +188,11 @@ def run_job(stack_root):
 def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, str]:
     """The job's environment: this one's without its job settings (the test's only count), but
     with the tooling's (SEGMENTS_CACHE, where setup put the connector jars; SEGMENTS_VENV)."""
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("SEGMENTS_") and k not in KEPT_TOOLING_VARIABLES) and k != "REDIS_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("SEGMENTS_") and k not in KEPT_TOOLING_VARIABLES) and k != "REDIS_URL"
+    }
     env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
     env["SEGMENTS_CHECKPOINT_DIR"] = (stack_root / f"checkpoints-{name}").as_uri()
     env["SEGMENTS_STACK_DIR"] = str(stack_root)
@@ -203,8 +242,13 @@ def submit_job(stack_root, flink_cluster):
     def submit(name: str = "job", **settings) -> SubmittedJob:
         env = job_environment(stack_root, name, settings)
         env["SEGMENTS_STACK_FLINK_REST_PORT"] = str(flink_cluster.flink_rest)
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--detached"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "submit", "--detached"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return SubmittedJob(stack_root, flink_cluster.flink_rest, flink_cluster.prometheus)
 

@@ -36,15 +36,17 @@ def comparable(record: dict) -> dict:
 def missing_transitions(expected: Sequence[Transition], committed: Sequence[Committed]) -> list[str]:
     """Invariant 1: every expected transition is in the committed topic."""
     got = {c.transition_id for c in committed}
-    return [f"missing {t.transition_id} ({t.user_id} {t.segment} {t.kind} #{t.sequence})"
-            for t in expected if t.transition_id not in got]
+    return [
+        f"missing {t.transition_id} ({t.user_id} {t.segment} {t.kind} #{t.sequence})"
+        for t in expected
+        if t.transition_id not in got
+    ]
 
 
 def repeated_or_out_of_sequence(committed: Sequence[Committed]) -> list[str]:
     """Invariant 2: no transition id twice; per (user, segment), in log order, ENTER and EXIT
     alternate starting with ENTER and sequences rise by one (within a profile lifetime)."""
-    problems = [f"{tid} committed {n} times" for tid, n in Counter(c.transition_id for c in committed).items()
-                if n > 1]
+    problems = [f"{tid} committed {n} times" for tid, n in Counter(c.transition_id for c in committed).items() if n > 1]
     by_pair: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for c in sorted(committed, key=lambda c: (c.partition, c.offset)):
         by_pair[(c.record["user_id"], c.record["segment"])].append(c.record)
@@ -67,10 +69,14 @@ def differences_from_fault_free(expected: Sequence[Transition], committed: Seque
     got: dict[str, dict] = {}
     for c in committed:
         got.setdefault(c.transition_id, comparable(c.record))
-    problems = [f"unexpected {tid} ({r['user_id']} {r['segment']} {r['kind']})"
-                for tid, r in got.items() if tid not in want]
-    problems += [f"{tid} ({r['user_id']} {r['segment']} {r['kind']}) differs: {_difference(r, got[tid])}"
-                 for tid, r in want.items() if tid in got and got[tid] != r]
+    problems = [
+        f"unexpected {tid} ({r['user_id']} {r['segment']} {r['kind']})" for tid, r in got.items() if tid not in want
+    ]
+    problems += [
+        f"{tid} ({r['user_id']} {r['segment']} {r['kind']}) differs: {_difference(r, got[tid])}"
+        for tid, r in want.items()
+        if tid in got and got[tid] != r
+    ]
     want_order: dict[str, list[str]] = defaultdict(list)
     for t in expected:
         want_order[t.user_id].append(t.transition_id)
@@ -78,8 +84,11 @@ def differences_from_fault_free(expected: Sequence[Transition], committed: Seque
     for c in sorted(committed, key=lambda c: (c.partition, c.offset)):
         if c.transition_id not in got_order[c.record["user_id"]]:
             got_order[c.record["user_id"]].append(c.transition_id)
-    problems += [f"{user}: transitions committed in another order" for user, ids in want_order.items()
-                 if got_order.get(user) != ids and set(got_order.get(user, ())) == set(ids)]
+    problems += [
+        f"{user}: transitions committed in another order"
+        for user, ids in want_order.items()
+        if got_order.get(user) != ids and set(got_order.get(user, ())) == set(ids)
+    ]
     return problems
 
 
@@ -116,8 +125,11 @@ def redis_differences(committed: Sequence[Committed], view, segments: Iterable[s
     log: every user's segments with sequence and entry time, and every segment's member set."""
     want = memberships_of(committed)
     users = {c.record["user_id"] for c in committed}
-    problems = [f"{user}: Redis has {view.segments_of(user)}, the log says {want.get(user, {})}"
-                for user in sorted(users) if view.segments_of(user) != want.get(user, {})]
+    problems = [
+        f"{user}: Redis has {view.segments_of(user)}, the log says {want.get(user, {})}"
+        for user in sorted(users)
+        if view.segments_of(user) != want.get(user, {})
+    ]
     for segment in segments:
         members = {u for u, segs in want.items() if segment in segs}
         if view.members(segment) != members:
@@ -125,17 +137,27 @@ def redis_differences(committed: Sequence[Committed], view, segments: Iterable[s
     return problems
 
 
-def dead_letter_differences(injected: Sequence[tuple[str, bytes]], letters: Sequence[dict],
-                            valid_payloads: set[bytes]) -> list[str]:
+def dead_letter_differences(
+    injected: Sequence[tuple[str, bytes]], letters: Sequence[dict], valid_payloads: set[bytes]
+) -> list[str]:
     """Invariant 5: the dead-letter topic holds exactly the injected bad and too-late events, each
     with its reason (as (reason, payload) pairs; oversize payloads are kept truncated), and no
     valid event."""
     got = Counter((d["reason"], bytes(d["payload"])) for d in letters)
     want = Counter(injected)
-    problems = [f"dead letter {reason} missing ({len(payload)} bytes)" for (reason, payload), n in
-                (want - got).items() for _ in range(n)]
-    problems += [f"unexpected dead letter {reason} ({len(payload)} bytes)" for (reason, payload), n in
-                 (got - want).items() for _ in range(n)]
-    problems += [f"a valid event was dead-lettered as {d['reason']}" for d in letters
-                 if bytes(d["payload"]) in valid_payloads and (d["reason"], bytes(d["payload"])) not in want]
+    problems = [
+        f"dead letter {reason} missing ({len(payload)} bytes)"
+        for (reason, payload), n in (want - got).items()
+        for _ in range(n)
+    ]
+    problems += [
+        f"unexpected dead letter {reason} ({len(payload)} bytes)"
+        for (reason, payload), n in (got - want).items()
+        for _ in range(n)
+    ]
+    problems += [
+        f"a valid event was dead-lettered as {d['reason']}"
+        for d in letters
+        if bytes(d["payload"]) in valid_payloads and (d["reason"], bytes(d["payload"])) not in want
+    ]
     return problems

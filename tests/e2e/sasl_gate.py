@@ -52,7 +52,7 @@ class Request:
         self.client_id = self.string()
 
     def _unpack(self, fmt: str) -> int:
-        value, = struct.unpack_from(fmt, self.data, self.pos)
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += struct.calcsize(fmt)
         return value
 
@@ -70,19 +70,19 @@ class Request:
         length = self._unpack(">h")
         if length < 0:
             return None
-        text = self.data[self.pos:self.pos + length].decode()
+        text = self.data[self.pos : self.pos + length].decode()
         self.pos += length
         return text
 
     def bytes32(self) -> bytes:
         length = self._unpack(">i")
         self.pos += length
-        return self.data[self.pos - length:self.pos]
+        return self.data[self.pos - length : self.pos]
 
     def compact_bytes(self) -> bytes:
         length = self.uvarint() - 1
         self.pos += length
-        return self.data[self.pos - length:self.pos]
+        return self.data[self.pos - length : self.pos]
 
     def skip_tags(self) -> None:
         for _ in range(self.uvarint()):
@@ -136,7 +136,7 @@ class Login:
 
     def _first(self, message: str) -> bytes:
         gs2_header_end = message.index(",", message.index(",") + 1)
-        self.client_first_bare = message[gs2_header_end + 1:]
+        self.client_first_bare = message[gs2_header_end + 1 :]
         attrs = dict(part.split("=", 1) for part in self.client_first_bare.split(","))
         self.user = attrs["n"].replace("=2C", ",").replace("=3D", "=")
         salt = hashlib.sha256(f"salt:{self.user}".encode()).digest()[:16]
@@ -149,8 +149,10 @@ class Login:
     def _final(self, message: str) -> bytes:
         without_proof, _, proof = message.rpartition(",p=")
         attrs = dict(part.split("=", 1) for part in without_proof.split(","))
-        refused = LoginRefused("Authentication failed during authentication due to invalid credentials with "
-                               f"SASL mechanism {self.mechanism}")
+        refused = LoginRefused(
+            "Authentication failed during authentication due to invalid credentials with "
+            f"SASL mechanism {self.mechanism}"
+        )
         if self.keys is None or attrs.get("r") != self.nonce:
             raise refused
         stored_key, server_key = self.keys
@@ -176,7 +178,7 @@ def authenticate_reply(request: Request, code: int, error: str | None, data: byt
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    size, = struct.unpack(">i", await reader.readexactly(4))
+    (size,) = struct.unpack(">i", await reader.readexactly(4))
     return await reader.readexactly(size)
 
 

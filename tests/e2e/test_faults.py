@@ -80,7 +80,7 @@ class Traffic:
                     events[i], events[i + 1] = b, a
                     self.swapped += 1
         # Production order: by time, but each user's events in their (partly swapped) order.
-        cursors = {u: 0 for u in by_user}
+        cursors = dict.fromkeys(by_user, 0)
         ordered = []
         for e in generated:
             events = by_user[e.user_id]
@@ -97,8 +97,11 @@ class Traffic:
         for e in ordered:
             self.events.append(e)
             n = seen_of_user[e.user_id] = seen_of_user.get(e.user_id, 0) + 1
-            for copy in [copy for due, copy in pending.get(e.user_id, [])
-                         if due == n and e.timestamp - copy.timestamp < OUT_OF_ORDER_MAX_MS]:
+            for copy in [
+                copy
+                for due, copy in pending.get(e.user_id, [])
+                if due == n and e.timestamp - copy.timestamp < OUT_OF_ORDER_MAX_MS
+            ]:
                 self.events.append(copy)
                 self.resent += 1
             if e.event_type in ("add_to_cart", "purchase"):
@@ -108,13 +111,16 @@ class Traffic:
                 pending.setdefault(e.user_id, []).append((n + 2, e))
         last = max(e.timestamp for e in generated)
         # One event per partition a day later: every partition's watermark passes all pending timers.
-        self.sentinels = [UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last + DAY_MS)
-                          for p in range(PARTITIONS)]
+        self.sentinels = [
+            UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last + DAY_MS) for p in range(PARTITIONS)
+        ]
         # And once more after the last fault: watermarks are not checkpointed, so a job restored
         # after reading the first sentinels starts again from no watermark, fires no timer and
         # judges no event late until new events come.
-        self.last_sentinels = [UserEvent(f"sentinel-{p}-2", f"last-sentinel-{p}", "page_view",
-                                         last + DAY_MS + 60_000) for p in range(PARTITIONS)]
+        self.last_sentinels = [
+            UserEvent(f"sentinel-{p}-2", f"last-sentinel-{p}", "page_view", last + DAY_MS + 60_000)
+            for p in range(PARTITIONS)
+        ]
         self.final_watermark = last + DAY_MS + 60_000 - WATERMARK_LAG_MS - 1
         self.distinct = len(generated)
 
@@ -136,32 +142,46 @@ class FaultRun:
     def __init__(self, broker, redis_url, flink_cluster, stack_root, catalog, name: str, **settings):
         self.broker, self.redis_url, self.stack_root, self.catalog = broker, redis_url, stack_root, catalog
         self.topics = {"events": f"{name}-events", "transitions": f"{name}-transitions", "dlq": f"{name}-dlq"}
-        create_topics(broker, {self.topics["events"]: PARTITIONS, self.topics["transitions"]: PARTITIONS,
-                               self.topics["dlq"]: 1})
+        create_topics(
+            broker, {self.topics["events"]: PARTITIONS, self.topics["transitions"]: PARTITIONS, self.topics["dlq"]: 1}
+        )
         self.codec = catalog.codec("UserEvent")
         self.producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
-        self.env = job_environment(stack_root, name, dict(
-            bootstrap_servers=broker, redis_url=redis_url, parallelism=PARTITIONS, checkpoint_interval_ms=1000,
-            watermark_lag_ms=WATERMARK_LAG_MS, max_event_bytes=MAX_EVENT_BYTES,
-            events_topic=self.topics["events"], transitions_topic=self.topics["transitions"],
-            dead_letter_topic=self.topics["dlq"], transactional_id_prefix=name, restart_max_backoff_ms=2000,
-            **settings,
-        ))
+        self.env = job_environment(
+            stack_root,
+            name,
+            dict(
+                bootstrap_servers=broker,
+                redis_url=redis_url,
+                parallelism=PARTITIONS,
+                checkpoint_interval_ms=1000,
+                watermark_lag_ms=WATERMARK_LAG_MS,
+                max_event_bytes=MAX_EVENT_BYTES,
+                events_topic=self.topics["events"],
+                transitions_topic=self.topics["transitions"],
+                dead_letter_topic=self.topics["dlq"],
+                transactional_id_prefix=name,
+                restart_max_backoff_ms=2000,
+                **settings,
+            ),
+        )
         self.env["SEGMENTS_STACK_FLINK_REST_PORT"] = str(flink_cluster.flink_rest)
         self.rest = FlinkRest(flink_cluster.flink_rest)
         self.faults: list[str] = []
 
     def segments(self, *argv) -> str:
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=self.env, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *argv], env=self.env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
     def produce_events(self, events, partition=None) -> None:
         for e in events:
             kw = {} if partition is None else {"partition": partition}
-            self.producer.produce(self.topics["events"], key=e.user_id.encode(),
-                                  value=self.codec.encode(e.to_record()), **kw)
+            self.producer.produce(
+                self.topics["events"], key=e.user_id.encode(), value=self.codec.encode(e.to_record()), **kw
+            )
         assert self.producer.flush(60) == 0
 
     def produce_paced(self, events, per_s: float) -> None:
@@ -169,7 +189,7 @@ class FaultRun:
         started = time.monotonic()
         for i in range(0, len(events), 10):
             time.sleep(max(0.0, started + i / per_s - time.monotonic()))
-            self.produce_events(events[i:i + 10])
+            self.produce_events(events[i : i + 10])
 
     def produce_raw(self, payloads, partition: int) -> None:
         for payload in payloads:
@@ -181,12 +201,18 @@ class FaultRun:
         the local broker shows aborted transactions to read_committed clients (see
         jobs/committed_log.py)."""
         codec = self.catalog.codec("SegmentTransition")
-        return [Committed(r.partition, r.offset, codec.decode(r.value))
-                for r in read_topic(self.broker, self.topics["transitions"]).committed]
+        return [
+            Committed(r.partition, r.offset, codec.decode(r.value))
+            for r in read_topic(self.broker, self.topics["transitions"]).committed
+        ]
 
     def wait_for_progress(self, beyond: int, timeout_s: float = 240) -> int:
-        return wait_until(lambda: (n := len(self.committed())) > beyond and n, timeout_s=timeout_s, interval_s=2,
-                          on_timeout=self.cluster_log)
+        return wait_until(
+            lambda: (n := len(self.committed())) > beyond and n,
+            timeout_s=timeout_s,
+            interval_s=2,
+            on_timeout=self.cluster_log,
+        )
 
     def cluster_log(self) -> str:
         logs = sorted((self.stack_root / "logs").glob("flink-*.log"))
@@ -233,8 +259,9 @@ class FaultRun:
         self.faults.append(f"Redis killed (SIGKILL), down {down_s:.0f} s, restarted empty")
 
 
-def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_url, flink_cluster, stack_root,
-                                                                catalog, request):
+def test_faults_lose_nothing_repeat_nothing_and_redis_converges(
+    broker, redis_url, flink_cluster, stack_root, catalog, request
+):
     traffic = Traffic(users=300, seed=SEED)
     run = FaultRun(broker, redis_url, flink_cluster, stack_root, catalog, "faults")
     # The view follower, as its own process beside the cluster (as the compose file and the
@@ -243,11 +270,13 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
     follower.start([sys.executable, "-m", "jobs.cli", "redis", "follow"], env=run.env)
     request.addfinalizer(follower.stop)
     bad = bad_records(run.codec, traffic.events)
-    chunks = [traffic.events[i * len(traffic.events) // 6:(i + 1) * len(traffic.events) // 6] for i in range(6)]
+    chunks = [traffic.events[i * len(traffic.events) // 6 : (i + 1) * len(traffic.events) // 6] for i in range(6)]
     segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
-    expected, profiles = replay_events(segmentation.engine(),
-                                       traffic.events + traffic.sentinels + traffic.last_sentinels,
-                                       until_ms=traffic.final_watermark)
+    expected, profiles = replay_events(
+        segmentation.engine(),
+        traffic.events + traffic.sentinels + traffic.last_sentinels,
+        until_ms=traffic.final_watermark,
+    )
     assert traffic.swapped > 20 and traffic.resent > 300 and len(expected) > 1000
 
     sent: list[UserEvent] = []
@@ -287,7 +316,7 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
 
     send(chunks[2][: len(chunks[2]) // 2])
     run.produce_raw(bad.values(), partition=0)
-    send(chunks[2][len(chunks[2]) // 2:])
+    send(chunks[2][len(chunks[2]) // 2 :])
     caught_up()
     run.stop_with_savepoint_and_resume()
 
@@ -311,8 +340,7 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
     for p, sentinel in enumerate(traffic.last_sentinels):
         run.produce_events([sentinel], partition=p)
 
-    wait_until(lambda: len(run.committed()) >= len(expected), timeout_s=300, interval_s=3,
-               on_timeout=run.cluster_log)
+    wait_until(lambda: len(run.committed()) >= len(expected), timeout_s=300, interval_s=3, on_timeout=run.cluster_log)
     # Redis lost everything before its restart; no command is run: the follower found its offsets
     # gone and replays the committed log into it while the job keeps writing (both apply only
     # newer sequences).
@@ -350,13 +378,15 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(broker, redis_ur
         "5 dead letters": dead_letter_differences(injected, letters, valid_payloads),
     }
     aborted = len(read_topic(broker, run.topics["transitions"]).aborted)
-    print(f"\nfault run (seed {SEED}): {len(traffic.events) + len(bad) + len(late) + 2 * PARTITIONS} records "
-          f"({traffic.distinct} distinct events, {traffic.resent} resent, {traffic.swapped} swapped out of order, "
-          f"{len(bad)} bad, {len(late)} too late); faults: {'; '.join(run.faults)}; "
-          f"{len(committed)} committed transitions checked against {len(expected)} expected: "
-          f"lost {len(problems['1 missing'])}, duplicated "
-          f"{len(committed) - len({c.transition_id for c in committed})}; {aborted} transitions in aborted "
-          f"transactions (replays after the kills, hidden from read_committed)")
+    print(
+        f"\nfault run (seed {SEED}): {len(traffic.events) + len(bad) + len(late) + 2 * PARTITIONS} records "
+        f"({traffic.distinct} distinct events, {traffic.resent} resent, {traffic.swapped} swapped out of order, "
+        f"{len(bad)} bad, {len(late)} too late); faults: {'; '.join(run.faults)}; "
+        f"{len(committed)} committed transitions checked against {len(expected)} expected: "
+        f"lost {len(problems['1 missing'])}, duplicated "
+        f"{len(committed) - len({c.transition_id for c in committed})}; {aborted} transitions in aborted "
+        f"transactions (replays after the kills, hidden from read_committed)"
+    )
     failing = {k: v[:8] for k, v in problems.items() if v}
     assert not failing, "\n".join(f"invariant {k}:\n  " + "\n  ".join(v) for k, v in failing.items())
     follower_log = follower.log_file.read_text(errors="replace")
@@ -378,16 +408,21 @@ def test_negative_control_without_a_restart_strategy_a_killed_taskmanager_loses_
     transitions that never reached the committed topic."""
     traffic = Traffic(users=120, seed=22)
     run = FaultRun(broker, redis_url, flink_cluster, stack_root, catalog, "broken", restart_strategy="none")
-    expected, _ = replay_events(Segmentation.load(SHIPPED_DEFINITIONS).engine(),
-                                traffic.events + traffic.sentinels + traffic.last_sentinels,
-                                until_ms=traffic.final_watermark)
+    expected, _ = replay_events(
+        Segmentation.load(SHIPPED_DEFINITIONS).engine(),
+        traffic.events + traffic.sentinels + traffic.last_sentinels,
+        until_ms=traffic.final_watermark,
+    )
     half = len(traffic.events) // 2
     run.produce_events(traffic.events[:half])
     run.segments("submit", "--detached")
     run.wait_for_progress(0)
     run.kill_taskmanager()
-    job = wait_until(lambda: next((j["jid"] for j in run.rest._call("/jobs/overview")["jobs"]
-                                   if j["state"] == "FAILED"), None), timeout_s=120, interval_s=1)
+    job = wait_until(
+        lambda: next((j["jid"] for j in run.rest._call("/jobs/overview")["jobs"] if j["state"] == "FAILED"), None),
+        timeout_s=120,
+        interval_s=1,
+    )
     run.produce_events(traffic.events[half:])
     for p, sentinel in enumerate(traffic.sentinels + traffic.last_sentinels):
         run.produce_events([sentinel], partition=p % PARTITIONS)

@@ -51,8 +51,7 @@ def sentinels(last_ms: int) -> list[tuple[int, UserEvent]]:
     """One event per partition a day after the traffic: moves every partition's watermark past all
     the traffic's pending timers, so the expected output is exact."""
     return [
-        (p, UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last_ms + DAY_MS))
-        for p in range(PARTITIONS)
+        (p, UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last_ms + DAY_MS)) for p in range(PARTITIONS)
     ]
 
 
@@ -63,9 +62,7 @@ def test_job_turns_kafka_events_into_committed_transitions_redis_memberships_and
 
 
 @pytest.mark.cluster
-def test_job_submitted_to_the_standalone_cluster_produces_the_same_transitions(
-    broker, redis_url, submit_job, catalog
-):
+def test_job_submitted_to_the_standalone_cluster_produces_the_same_transitions(broker, redis_url, submit_job, catalog):
     check_job_end_to_end(broker, redis_url, submit_job, catalog)
 
 
@@ -97,15 +94,22 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     for event in traffic[half:]:
         producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()))
     for partition, event in sentinels(traffic[-1].timestamp):
-        producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()),
-                         partition=partition)
+        producer.produce(
+            topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()), partition=partition
+        )
     assert producer.flush(30) == 0
 
     job = start_job(
-        bootstrap_servers=broker, redis_url=redis_url, parallelism=PARTITIONS,
-        checkpoint_interval_ms=2000, watermark_lag_ms=WATERMARK_LAG_MS, max_event_bytes=MAX_EVENT_BYTES,
-        events_topic=topics["events"], transitions_topic=topics["transitions"],
-        dead_letter_topic=topics["dlq"], transactional_id_prefix="e2e",
+        bootstrap_servers=broker,
+        redis_url=redis_url,
+        parallelism=PARTITIONS,
+        checkpoint_interval_ms=2000,
+        watermark_lag_ms=WATERMARK_LAG_MS,
+        max_event_bytes=MAX_EVENT_BYTES,
+        events_topic=topics["events"],
+        transitions_topic=topics["transitions"],
+        dead_letter_topic=topics["dlq"],
+        transactional_id_prefix="e2e",
         # Redis from the job's sink alone here, and the rebuild below counts what it applies:
         # the view follower (tests/e2e/test_redis_follower.py) would race it for the same writes.
         redis_follower=False,
@@ -121,10 +125,11 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     assert len(expected) > 150
     # Had the resends counted (their ids made unique), the transitions would differ.
     seen: set[str] = set()
-    counted_twice = [replace(e, event_id=e.event_id + "-resent") if e.event_id in seen or seen.add(e.event_id)
-                     else e for e in all_events]
-    naive, _ = replay_events(segmentation.engine(), counted_twice,
-                             until_ms=final_watermark)
+    counted_twice = [
+        replace(e, event_id=e.event_id + "-resent") if e.event_id in seen or seen.add(e.event_id) else e
+        for e in all_events
+    ]
+    naive, _ = replay_events(segmentation.engine(), counted_twice, until_ms=final_watermark)
     assert sorted(map(str, naive)) != sorted(map(str, expected))
 
     reader = apache_reader("segment_transition.avsc")
@@ -138,13 +143,21 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     decoded = [(r.key, apache_decode(reader, r.value)) for r in records]
     assert all(key.decode() == t["user_id"] for key, t in decoded), "records are keyed by user id"
     got = sorted(
-        (t["user_id"], t["segment"], t["kind"], t["sequence"], millis(t["event_time"]), t["cause"],
-         t["cause_event_id"], t["transition_id"], t["reason"]["rule"])
+        (
+            t["user_id"],
+            t["segment"],
+            t["kind"],
+            t["sequence"],
+            millis(t["event_time"]),
+            t["cause"],
+            t["cause_event_id"],
+            t["transition_id"],
+            t["reason"]["rule"],
+        )
         for _, t in decoded
     )
     want = sorted(
-        (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id,
-         t.transition_id, t.rule)
+        (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id, t.transition_id, t.rule)
         for t in expected
     )
     assert got == want
@@ -154,7 +167,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
     log = read_events(f"kafka://{broker}/{topics['events']}", max_event_bytes=MAX_EVENT_BYTES)
     result = run_backtest(segmentation, log, watermark_lag_ms=WATERMARK_LAG_MS)
     assert result.until_ms == final_watermark
-    assert dict(result.rejected) == {reason: 1 for reason in bad_records}
+    assert dict(result.rejected) == dict.fromkeys(bad_records, 1)
     backtested = sorted(
         (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id, t.transition_id, t.rule)
         for t in result.transitions
@@ -177,8 +190,12 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
                 problems.append(f"members of {segment}: Redis {len(view.members(segment))}, the core {len(members)}")
         return problems
 
-    wait_until(lambda: not redis_differences_from_the_core(), timeout_s=60, interval_s=0.5,
-               on_timeout=lambda: "\n".join(redis_differences_from_the_core()[:10]) + "\n" + job.log_tail())
+    wait_until(
+        lambda: not redis_differences_from_the_core(),
+        timeout_s=60,
+        interval_s=0.5,
+        on_timeout=lambda: "\n".join(redis_differences_from_the_core()[:10]) + "\n" + job.log_tail(),
+    )
     # ... and `segments redis rebuild --flush` brings an emptied view back to the same state; a
     # second rebuild over it applies nothing (every sequence is already there).
     assert view.clear() > 0 and view.members("active_browser") == set()
@@ -217,6 +234,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
 
     # On the standalone cluster, the job's metrics over REST agree with what was sent and emitted.
     if isinstance(job, SubmittedJob):
+
         def total(values: dict, suffix: str) -> float:
             return sum(v for k, v in values.items() if k.endswith(suffix))
 
@@ -246,8 +264,12 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
         exposition = prometheus_exposition(job.prometheus_port)
         assert prometheus_total(exposition, "flink_taskmanager_job_task_operator_transitions_out") == len(expected)
         active_enter = sum(1 for t in expected if (t.segment, t.kind) == ("active_browser", "ENTER"))
-        assert prometheus_total(exposition, "flink_taskmanager_job_task_operator_segment_enter",
-                                'segment="active_browser"') == active_enter
+        assert (
+            prometheus_total(
+                exposition, "flink_taskmanager_job_task_operator_segment_enter", 'segment="active_browser"'
+            )
+            == active_enter
+        )
 
 
 def prometheus_exposition(first_port: int) -> str:
@@ -293,6 +315,6 @@ def job_metrics(rest_port: int) -> dict[str, float]:
         names = [m["id"] for m in get(base)]
         wanted = [n for n in names if not n.startswith(("Status", "buffers", "numBytes", "numRecords"))]
         for start in range(0, len(wanted), 20):
-            for m in get(f"{base}?get={','.join(wanted[start:start + 20])}&agg=sum"):
+            for m in get(f"{base}?get={','.join(wanted[start : start + 20])}&agg=sum"):
                 out[m["id"]] = m["sum"]
     return out

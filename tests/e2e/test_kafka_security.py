@@ -31,8 +31,9 @@ TOPIC = "secured-log"
 
 
 def write_committed_and_aborted(bootstrap: str, security: KafkaSecurity) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": "secured-writer",
-                         **security.librdkafka_config()})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": "secured-writer", **security.librdkafka_config()}
+    )
     producer.init_transactions(30)
     producer.begin_transaction()
     for i in range(3):
@@ -58,9 +59,15 @@ def test_reader_and_librdkafka_read_committed_records_over_sasl_ssl_with_scram_s
     assert [next(following).value for _ in expected] == expected  # `segments tail`'s reader
     following.close()
 
-    consumer = Consumer({"bootstrap.servers": secured_broker.bootstrap, "group.id": "secured-reader",
-                         "isolation.level": "read_committed", "enable.auto.commit": False,
-                         **security.librdkafka_config()})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": secured_broker.bootstrap,
+            "group.id": "secured-reader",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            **security.librdkafka_config(),
+        }
+    )
     try:
         consumer.assign([TopicPartition(TOPIC, 0, 0)])
         got: list[bytes] = []
@@ -93,8 +100,9 @@ def test_with_mutual_tls_the_client_certificate_is_required(secured_broker):
     with pytest.raises(KafkaAuthenticationError):
         BrokerConnection(host, int(port), security=no_certificate)
     with pytest.raises(KafkaException):
-        create_topics(secured_broker.bootstrap, {"other": 1},
-                      {**no_certificate.librdkafka_config(), "socket.timeout.ms": 3000})
+        create_topics(
+            secured_broker.bootstrap, {"other": 1}, {**no_certificate.librdkafka_config(), "socket.timeout.ms": 3000}
+        )
 
 
 def test_wrong_or_missing_credentials_are_refused_with_a_clear_error(secured_broker, monkeypatch):
@@ -106,8 +114,9 @@ def test_wrong_or_missing_credentials_are_refused_with_a_clear_error(secured_bro
     with pytest.raises(KafkaAuthenticationError, match="refused the login"):
         BrokerConnection(host, int(port), security=dataclasses.replace(security, sasl_username="mallory"))
     errors: list = []
-    refused = Producer({"bootstrap.servers": secured_broker.bootstrap, "error_cb": errors.append,
-                        **security.librdkafka_config()})
+    refused = Producer(
+        {"bootstrap.servers": secured_broker.bootstrap, "error_cb": errors.append, **security.librdkafka_config()}
+    )
     wait_until(lambda: (refused.poll(0.2), errors)[1], timeout_s=20, interval_s=0.1)
     assert "SASL authentication error" in str(errors[0]) and "invalid credentials" in str(errors[0]), errors
     with pytest.raises(KafkaException):
@@ -142,8 +151,14 @@ def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing
     assert env[secured_broker.password_variable] == os.environ[secured_broker.password_variable]
 
     def segments(*argv: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, cwd=PROJECT_ROOT,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *argv],
+            env=env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert secured_broker.password not in done.stdout + done.stderr
         return done
 
@@ -151,19 +166,23 @@ def test_the_command_line_generates_and_backtests_over_sasl_ssl_without_printing
     assert generated.returncode == 0, generated.stderr[-2000:]
     sent = int(re.search(r"sent (\d+) events", generated.stdout).group(1))
     assert sent > 0
-    backtest = segments("backtest", "jobs/definitions/shop.yaml", "--events",
-                        f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet")
+    backtest = segments(
+        "backtest", "jobs/definitions/shop.yaml", "--events", f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet"
+    )
     assert backtest.returncode == 0, backtest.stderr[-2000:]
     assert f": {sent} applied" in backtest.stdout, (sent, backtest.stdout[:300])
     env[secured_broker.password_variable] = "not-the-password"
-    refused = segments("backtest", "jobs/definitions/shop.yaml", "--events",
-                       f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet")
+    refused = segments(
+        "backtest", "jobs/definitions/shop.yaml", "--events", f"kafka://{secured_broker.bootstrap}/{topic}", "--quiet"
+    )
     assert refused.returncode != 0
 
 
-@pytest.mark.parametrize("secured_broker, mechanism, redis_over_tls",
-                         [("tls", "SCRAM-SHA-512", True), ("mutual-tls", "SCRAM-SHA-512", False),
-                          ("plaintext", "PLAIN", False)], indirect=["secured_broker"])
+@pytest.mark.parametrize(
+    "secured_broker, mechanism, redis_over_tls",
+    [("tls", "SCRAM-SHA-512", True), ("mutual-tls", "SCRAM-SHA-512", False), ("plaintext", "PLAIN", False)],
+    indirect=["secured_broker"],
+)
 def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_environment(
     secured_broker, mechanism, redis_over_tls, run_job, stack_root, monkeypatch, catalog
 ):
@@ -178,12 +197,20 @@ def test_the_job_reads_and_writes_a_sasl_broker_with_the_password_only_in_its_en
     redis = None
     if redis_over_tls:
         server, port, ca = tls_redis(stack_root / "redis-tls", "IP:127.0.0.1,DNS:localhost")
-        monkeypatch.setenv("REDIS_VIEW_URL", f"rediss://{ACL_USER}:{quote(ACL_PASSWORD)}@127.0.0.1:{port}/0"
-                                             f"?ssl_ca_certs={ca}")
+        monkeypatch.setenv(
+            "REDIS_VIEW_URL", f"rediss://{ACL_USER}:{quote(ACL_PASSWORD)}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        )
         redis = server
     try:
-        check_job_over_sasl(secured_broker, mechanism, run_job, lambda job: rest_port_of(flink_logs),
-                            [flink_logs, stack_root / "logs"], catalog, redis_over_tls)
+        check_job_over_sasl(
+            secured_broker,
+            mechanism,
+            run_job,
+            lambda job: rest_port_of(flink_logs),
+            [flink_logs, stack_root / "logs"],
+            catalog,
+            redis_over_tls,
+        )
     finally:
         if redis is not None:
             redis.stop()
@@ -195,12 +222,14 @@ def test_the_job_on_the_standalone_cluster_reads_the_password_on_its_workers(
 ):
     """`segments submit` to a JobManager and TaskManager started with the password variable in
     their environment (as a deployment gives it from a secret), SCRAM-SHA-512 over TLS."""
-    check_job_over_sasl(secured_broker, "SCRAM-SHA-512", submit_job, lambda job: job.rest_port,
-                        [stack_root / "logs"], catalog)
+    check_job_over_sasl(
+        secured_broker, "SCRAM-SHA-512", submit_job, lambda job: job.rest_port, [stack_root / "logs"], catalog
+    )
 
 
-def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, log_dirs, catalog,
-                        redis_over_tls: bool = False):
+def check_job_over_sasl(
+    secured_broker, mechanism, start_job, rest_port_of_job, log_dirs, catalog, redis_over_tls: bool = False
+):
     """Events produced as `segments generate` produces them, the job started, the transitions read
     back and equal to the core's; the password is in the job's environment only, not in its REST
     plan and configuration or any log; the job's own Java clients logged in at the gate. With
@@ -220,19 +249,27 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
 
     security = secured_broker.security(mechanism)
     topics = {"events_topic": "sec-events", "transitions_topic": "sec-transitions", "dead_letter_topic": "sec-dlq"}
-    create_topics(secured_broker.bootstrap, {t: 1 for t in topics.values()}, security.librdkafka_config())
+    create_topics(secured_broker.bootstrap, dict.fromkeys(topics.values(), 1), security.librdkafka_config())
     traffic = list(generate_events(20, seed=7, start_ms=START_MS, duration_ms=4 * 3600_000))
     sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + DAY_MS)
-    sent = produce_events([*traffic, sentinel], secured_broker.bootstrap, topics["events_topic"],
-                          progress=False, security=security)
+    sent = produce_events(
+        [*traffic, sentinel], secured_broker.bootstrap, topics["events_topic"], progress=False, security=security
+    )
     assert sent == len(traffic) + 1
     engine = Segmentation.load(SHIPPED_DEFINITIONS).engine()
     expected, _ = replay_events(engine, [*traffic, sentinel], until_ms=sentinel.timestamp - 2_000 - 1)
     assert expected
 
     redis = {"redis_url": "env:REDIS_VIEW_URL", "redis_key_prefix": "t"} if redis_over_tls else {"redis_url": ""}
-    job = start_job(**secured_broker.settings(mechanism), **topics, **redis, redis_follower=False,
-                    checkpoint_interval_ms=2000, watermark_lag_ms=2000, transactional_id_prefix="sec")
+    job = start_job(
+        **secured_broker.settings(mechanism),
+        **topics,
+        **redis,
+        redis_follower=False,
+        checkpoint_interval_ms=2000,
+        watermark_lag_ms=2000,
+        transactional_id_prefix="sec",
+    )
 
     def committed():
         job.assert_alive()
@@ -248,11 +285,18 @@ def check_job_over_sasl(secured_broker, mechanism, start_job, rest_port_of_job, 
 
         members: dict[str, set[str]] = {}
         for t in expected:  # in each user's order: the last transition of a (user, segment) holds
-            (members.setdefault(t.segment, set()).add if t.kind == "ENTER" else
-             members.setdefault(t.segment, set()).discard)(t.user_id)
+            (
+                members.setdefault(t.segment, set()).add
+                if t.kind == "ENTER"
+                else members.setdefault(t.segment, set()).discard
+            )(t.user_id)
         view = RedisSegmentView(os.environ["REDIS_VIEW_URL"], "t", ttl_s=0)
-        wait_until(lambda: all(view.members(s) == m for s, m in members.items()) or None, timeout_s=60,
-                   interval_s=2, on_timeout=job.log_tail)
+        wait_until(
+            lambda: all(view.members(s) == m for s, m in members.items()) or None,
+            timeout_s=60,
+            interval_s=2,
+            on_timeout=job.log_tail,
+        )
         passwords = (secured_broker.password, ACL_PASSWORD, quote(ACL_PASSWORD))
     else:
         passwords = (secured_broker.password,)

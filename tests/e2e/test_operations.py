@@ -39,8 +39,9 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     create_topics(broker, {topics["events"]: PARTITIONS, topics["transitions"]: PARTITIONS, topics["dlq"]: 1})
     traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=10 * 3600_000))
     last = traffic[-1].timestamp
-    sentinels = [UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last + 2 * DAY_MS)
-                 for p in range(PARTITIONS)]
+    sentinels = [
+        UserEvent(f"sentinel-{p}-1", f"sentinel-{p}", "page_view", last + 2 * DAY_MS) for p in range(PARTITIONS)
+    ]
     codec = catalog.codec("UserEvent")
     producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
 
@@ -51,25 +52,35 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         assert producer.flush(30) == 0
 
     settings = dict(
-        bootstrap_servers=broker, redis_url=redis_url, parallelism=1, checkpoint_interval_ms=1000,
-        watermark_lag_ms=WATERMARK_LAG_MS, events_topic=topics["events"], transitions_topic=topics["transitions"],
-        dead_letter_topic=topics["dlq"], transactional_id_prefix="ops",
+        bootstrap_servers=broker,
+        redis_url=redis_url,
+        parallelism=1,
+        checkpoint_interval_ms=1000,
+        watermark_lag_ms=WATERMARK_LAG_MS,
+        events_topic=topics["events"],
+        transitions_topic=topics["transitions"],
+        dead_letter_topic=topics["dlq"],
+        transactional_id_prefix="ops",
     )
     env = job_environment(stack_root, "ops", settings)
     env["SEGMENTS_STACK_FLINK_REST_PORT"] = str(flink_cluster.flink_rest)
     rest = FlinkRest(flink_cluster.flink_rest)
 
     def segments(*argv):
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *argv], env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
     def committed() -> int:
         return len(read_topic(broker, topics["transitions"]).committed)
 
-    thirds = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
-              traffic[2 * len(traffic) // 3:]]
+    thirds = [
+        traffic[: len(traffic) // 3],
+        traffic[len(traffic) // 3 : 2 * len(traffic) // 3],
+        traffic[2 * len(traffic) // 3 :],
+    ]
     produce(thirds[0])
     segments("submit", "--detached")
     first = wait_until(lambda: committed() or None, timeout_s=180, interval_s=2)
@@ -104,8 +115,9 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     for p, sentinel in enumerate(sentinels):
         produce([sentinel], partition=p)
 
-    expected, profiles = replay_events(segmentation.engine(), traffic + sentinels,
-                                       until_ms=last + 2 * DAY_MS - WATERMARK_LAG_MS - 1)
+    expected, profiles = replay_events(
+        segmentation.engine(), traffic + sentinels, until_ms=last + 2 * DAY_MS - WATERMARK_LAG_MS - 1
+    )
     transitions = catalog.codec("SegmentTransition")
 
     def all_committed():
@@ -113,8 +125,10 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         return records if len(records) >= len(expected) else None
 
     records = wait_until(all_committed, timeout_s=300, interval_s=3)
-    got = sorted((t["transition_id"], t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"])
-                 for t in (transitions.decode(r.value) for r in records))
+    got = sorted(
+        (t["transition_id"], t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"])
+        for t in (transitions.decode(r.value) for r in records)
+    )
     want = sorted((t.transition_id, t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     assert len({g[0] for g in got}) == len(got), "a transition was committed twice"
     assert got == want
@@ -122,12 +136,19 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     # Redis: written by the job's sink once the checkpoint that committed the transitions to Kafka
     # has completed, in no fixed order with the Kafka commit: waited for, not timed.
     view = RedisSegmentView(redis_url, "seg", ttl_s=0)
-    wanted = {user_id: {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
-              for user_id, profile in profiles.items()}
+    wanted = {
+        user_id: {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
+        for user_id, profile in profiles.items()
+    }
 
     def redis_differences() -> list[str]:
-        return [f"{u}: Redis {view.segments_of(u)}, the core {w}" for u, w in wanted.items()
-                if view.segments_of(u) != w]
+        return [
+            f"{u}: Redis {view.segments_of(u)}, the core {w}" for u, w in wanted.items() if view.segments_of(u) != w
+        ]
 
-    wait_until(lambda: not redis_differences(), timeout_s=60, interval_s=0.5,
-               on_timeout=lambda: "\n".join(redis_differences()[:10]))
+    wait_until(
+        lambda: not redis_differences(),
+        timeout_s=60,
+        interval_s=0.5,
+        on_timeout=lambda: "\n".join(redis_differences()[:10]),
+    )

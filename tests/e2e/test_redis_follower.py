@@ -27,12 +27,22 @@ TOPIC = "follow-transitions"
 
 
 def record(codec, user: str, segment: str, kind: str, sequence: int, at: int) -> bytes:
-    return codec.encode({
-        "transition_id": f"{user}-{segment}-{sequence}", "user_id": user, "segment": segment, "kind": kind,
-        "event_time": at, "emitted_at": at, "cause": "EVENT", "cause_event_id": None, "sequence": sequence,
-        "definitions_version": "v1", "model_version": None,
-        "reason": {"rule": "r", "features": {}, "scores": {}, "labels": {}, "missing": []},
-    })
+    return codec.encode(
+        {
+            "transition_id": f"{user}-{segment}-{sequence}",
+            "user_id": user,
+            "segment": segment,
+            "kind": kind,
+            "event_time": at,
+            "emitted_at": at,
+            "cause": "EVENT",
+            "cause_event_id": None,
+            "sequence": sequence,
+            "definitions_version": "v1",
+            "model_version": None,
+            "reason": {"rule": "r", "features": {}, "scores": {}, "labels": {}, "missing": []},
+        }
+    )
 
 
 class Transitions:
@@ -46,8 +56,7 @@ class Transitions:
     def send(self, transitions, commit: bool = True) -> None:
         self.producer.begin_transaction()
         for user, segment, kind, sequence, at in transitions:
-            self.producer.produce(self.topic, record(self.codec, user, segment, kind, sequence, at),
-                                  key=user.encode())
+            self.producer.produce(self.topic, record(self.codec, user, segment, kind, sequence, at), key=user.encode())
         self.producer.flush(30)
         if commit:
             self.producer.commit_transaction(30)
@@ -82,14 +91,16 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def test_the_follower_applies_committed_transitions_waits_out_redis_and_replays_into_an_empty_one(
-        broker, stack_root, catalog):
+    broker, stack_root, catalog
+):
     codec = catalog.codec("SegmentTransition")
     create_topics(broker, {TOPIC: 2})
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"
-    settings = load_settings(environ={}, bootstrap_servers=broker, redis_url=url, transitions_topic=TOPIC,
-                             redis_user_ttl_s=0)
+    settings = load_settings(
+        environ={}, bootstrap_servers=broker, redis_url=url, transitions_topic=TOPIC, redis_user_ttl_s=0
+    )
     view = RedisSegmentView(url, settings.redis_key_prefix, 0)
     job = Transitions(broker, codec, "follow-job")
     job.send([("a", "vip", "ENTER", 1, 100), ("b", "vip", "ENTER", 1, 100), ("a", "cart", "ENTER", 1, 110)])
@@ -106,25 +117,38 @@ def test_the_follower_applies_committed_transitions_waits_out_redis_and_replays_
     runner = threading.Thread(target=follow, args=(settings, stop, metrics_port), daemon=True)
     runner.start()
     try:
-        wait_until(lambda: view.members("vip") == {"a", "b"} and view.members("cart") == {"a"}, timeout_s=60,
-                   interval_s=0.2, on_timeout=lambda: f"vip {view.members('vip')} cart {view.members('cart')}")
+        wait_until(
+            lambda: view.members("vip") == {"a", "b"} and view.members("cart") == {"a"},
+            timeout_s=60,
+            interval_s=0.2,
+            on_timeout=lambda: f"vip {view.members('vip')} cart {view.members('cart')}",
+        )
         assert view.segments_of("a") == {"vip": (1, 100), "cart": (1, 110)}
         stored = {int(p): int(o) for p, o in view.client.hgetall(offsets_key("seg")).items()}
         assert set(stored) == {0, 1}
-        wait_until(lambda: metrics(metrics_port).get("segments_redis_view_applied_total") == 3, timeout_s=30,
-                   interval_s=0.2, on_timeout=lambda: str(metrics(metrics_port)))
+        wait_until(
+            lambda: metrics(metrics_port).get("segments_redis_view_applied_total") == 3,
+            timeout_s=30,
+            interval_s=0.2,
+            on_timeout=lambda: str(metrics(metrics_port)),
+        )
 
         # Redis down while the job goes on committing: the follower waits, says so, and catches up.
         redis.stop()
-        wait_until(lambda: metrics(metrics_port)["segments_redis_view_redis_unavailable"] == 1, timeout_s=30,
-                   interval_s=0.2)
+        wait_until(
+            lambda: metrics(metrics_port)["segments_redis_view_redis_unavailable"] == 1, timeout_s=30, interval_s=0.2
+        )
         job.send([("a", "vip", "EXIT", 2, 400), ("e", "vip", "ENTER", 1, 410)])
         job.send([("b", "vip", "EXIT", 2, 420)])
         redis = start_redis(stack_root, port)  # empty: the managed redis-server keeps nothing on disk
         view = RedisSegmentView(url, settings.redis_key_prefix, 0)
         # Everything committed, from the beginning of the topic: the view rebuilt by itself.
-        wait_until(lambda: view.members("vip") == {"e"} and view.members("cart") == {"a"}, timeout_s=60,
-                   interval_s=0.2, on_timeout=lambda: f"vip {view.members('vip')} cart {view.members('cart')}")
+        wait_until(
+            lambda: view.members("vip") == {"e"} and view.members("cart") == {"a"},
+            timeout_s=60,
+            interval_s=0.2,
+            on_timeout=lambda: f"vip {view.members('vip')} cart {view.members('cart')}",
+        )
         assert view.segments_of("a") == {"cart": (1, 110)} and view.segments_of("b") == {}
         figures = metrics(metrics_port)
         assert figures["segments_redis_view_redis_unavailable"] == 0
@@ -154,7 +178,8 @@ def test_the_follower_applies_committed_transitions_waits_out_redis_and_replays_
 
 
 def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_catches_up_by_itself(
-        broker, stack_root, run_job, catalog):
+    broker, stack_root, run_job, catalog
+):
     """Issue 19: the real job (`segments run`, which runs the follower beside it) under traffic;
     Redis killed for 60 s: the Kafka transitions go on committing meanwhile (the job never waits
     for Redis, nor restarts), and once Redis is back, empty, the view equals a replay of the
@@ -171,15 +196,18 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     from udfs.transitions import replay_events
 
     topics = {"events": "down-events", "transitions": "down-transitions", "dlq": "down-dlq"}
-    create_topics(broker, {name: 1 for name in topics.values()})
+    create_topics(broker, dict.fromkeys(topics.values(), 1))
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"
     lag_ms = 2_000
     traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=6 * HOUR_MS))
     sentinel = UserEvent("sentinel-1", "sentinel", "page_view", traffic[-1].timestamp + DAY_MS)
-    chunks = [traffic[: len(traffic) // 3], traffic[len(traffic) // 3: 2 * len(traffic) // 3],
-              traffic[2 * len(traffic) // 3:] + [sentinel]]
+    chunks = [
+        traffic[: len(traffic) // 3],
+        traffic[len(traffic) // 3 : 2 * len(traffic) // 3],
+        traffic[2 * len(traffic) // 3 :] + [sentinel],
+    ]
     codec = catalog.codec("UserEvent")
     producer = EventProducer({"bootstrap.servers": broker, "enable.idempotence": True})
 
@@ -191,28 +219,47 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
     transitions = catalog.codec("SegmentTransition")
 
     def committed() -> list[Committed]:
-        return [Committed(r.partition, r.offset, transitions.decode(r.value))
-                for r in read_topic(broker, topics["transitions"]).committed]
+        return [
+            Committed(r.partition, r.offset, transitions.decode(r.value))
+            for r in read_topic(broker, topics["transitions"]).committed
+        ]
 
     flink_logs = FlinkLogs()
-    job = run_job("down-job", bootstrap_servers=broker, redis_url=url, parallelism=1, checkpoint_interval_ms=1000,
-                  redis_retry_ms=2000, watermark_lag_ms=lag_ms, events_topic=topics["events"],
-                  transitions_topic=topics["transitions"], dead_letter_topic=topics["dlq"],
-                  transactional_id_prefix="down")
+    job = run_job(
+        "down-job",
+        bootstrap_servers=broker,
+        redis_url=url,
+        parallelism=1,
+        checkpoint_interval_ms=1000,
+        redis_retry_ms=2000,
+        watermark_lag_ms=lag_ms,
+        events_topic=topics["events"],
+        transitions_topic=topics["transitions"],
+        dead_letter_topic=topics["dlq"],
+        transactional_id_prefix="down",
+    )
     engine = Segmentation.load(SHIPPED_DEFINITIONS).engine()
     names = engine.definitions.names
     send(chunks[0])
     first = wait_until(lambda: job.assert_alive() or committed(), timeout_s=240, interval_s=2, on_timeout=job.log_tail)
     view = RedisSegmentView(url, "seg", 0)
-    wait_until(lambda: not redis_differences(committed(), view, names), timeout_s=60, interval_s=1,
-               on_timeout=lambda: "\n".join(redis_differences(committed(), view, names)[:5]))
+    wait_until(
+        lambda: not redis_differences(committed(), view, names),
+        timeout_s=60,
+        interval_s=1,
+        on_timeout=lambda: "\n".join(redis_differences(committed(), view, names)[:5]),
+    )
 
     redis.stop()
     down_at = time.monotonic()
     send(chunks[1])
     # Committing goes on while Redis is down: the transitions of the second chunk reach Kafka.
-    during = wait_until(lambda: job.assert_alive() or (len(c := committed()) > len(first) and c), timeout_s=50,
-                        interval_s=1, on_timeout=job.log_tail)
+    during = wait_until(
+        lambda: job.assert_alive() or (len(c := committed()) > len(first) and c),
+        timeout_s=50,
+        interval_s=1,
+        on_timeout=job.log_tail,
+    )
     assert time.monotonic() - down_at < 60, "the job's transitions waited for Redis"
     time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
     job.assert_alive()
@@ -221,16 +268,25 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
         send(chunks[2])
         final_watermark = sentinel.timestamp - lag_ms - 1
         expected, _ = replay_events(engine, traffic + [sentinel], until_ms=final_watermark)
-        log = wait_until(lambda: job.assert_alive() or (len(c := committed()) >= len(expected) and c),
-                         timeout_s=240, interval_s=2, on_timeout=job.log_tail)
+        log = wait_until(
+            lambda: job.assert_alive() or (len(c := committed()) >= len(expected) and c),
+            timeout_s=240,
+            interval_s=2,
+            on_timeout=job.log_tail,
+        )
         key = ("user_id", "segment", "kind", "sequence", "event_time", "cause", "cause_event_id", "transition_id")
         assert sorted(tuple(c.record[k] for k in key) for c in log) == sorted(
             (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id, t.transition_id)
-            for t in expected)
+            for t in expected
+        )
         assert len(during) > len(first)
         view = RedisSegmentView(url, "seg", 0)
-        wait_until(lambda: not redis_differences(log, view, names), timeout_s=120, interval_s=1,
-                   on_timeout=lambda: "\n".join(redis_differences(log, view, names)[:5]) + "\n" + job.log_tail())
+        wait_until(
+            lambda: not redis_differences(log, view, names),
+            timeout_s=120,
+            interval_s=1,
+            on_timeout=lambda: "\n".join(redis_differences(log, view, names)[:5]) + "\n" + job.log_tail(),
+        )
         text = job.proc.log_file.read_text(errors="replace")
         assert "Redis unavailable" in text and "replaying down-transitions from its beginning" in text
         # The sink gave its commits to the follower, and the job never restarted (before, it
@@ -243,8 +299,7 @@ def test_the_job_keeps_committing_while_redis_is_down_for_a_minute_and_the_view_
         redis.stop()
 
 
-def test_a_step_that_fails_midway_never_stores_an_offset_past_a_transition_it_did_not_apply(
-        broker, redis_url, catalog):
+def test_a_step_that_fails_midway_never_stores_an_offset_past_a_transition_it_did_not_apply(broker, redis_url, catalog):
     """The review's case: one fetch of more than a batch, and Redis failing after the first
     batch, or refusing one transition (a key of the wrong type): the stored offsets stay before
     what was not applied, so the next start applies it."""

@@ -47,8 +47,9 @@ def test_each_batch_sends_only_its_evalshas(redis_url):
 
 
 @pytest.mark.cluster
-def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, redis_url, submit_job, flink_cluster,
-                                                                          stack_root, catalog):
+def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(
+    broker, redis_url, submit_job, flink_cluster, stack_root, catalog
+):
     """The real job, broker and Redis: a transition the job has made and written into its open Kafka
     transaction is not in Redis while no checkpoint after it has completed, and is there once one
     has. Periodic checkpoints are 10 minutes apart; the one that counts is triggered over REST.
@@ -72,10 +73,17 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
 
     topics = {"events": "probe-events", "transitions": "probe-transitions", "dlq": "probe-dlq"}
     create_topics(broker, {topics["events"]: 1, topics["transitions"]: 1, topics["dlq"]: 1})
-    submit_job(bootstrap_servers=broker, redis_url=redis_url, parallelism=1, checkpoint_interval_ms=600_000,
-               transaction_timeout_ms=900_000, events_topic=topics["events"],
-               transitions_topic=topics["transitions"], dead_letter_topic=topics["dlq"],
-               transactional_id_prefix="probe")
+    submit_job(
+        bootstrap_servers=broker,
+        redis_url=redis_url,
+        parallelism=1,
+        checkpoint_interval_ms=600_000,
+        transaction_timeout_ms=900_000,
+        events_topic=topics["events"],
+        transitions_topic=topics["transitions"],
+        dead_letter_topic=topics["dlq"],
+        transactional_id_prefix="probe",
+    )
     rest = FlinkRest(flink_cluster.flink_rest)
     job_id = wait_until(lambda: _running_job(rest), timeout_s=120, interval_s=0.5)
     codec = catalog.codec("UserEvent")
@@ -98,8 +106,16 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
 
     probes: list[UserEvent] = []
     for attempt in range(6):
-        event = UserEvent(f"probe-{attempt}-1", f"probe-{attempt}", "add_to_cart", START_MS + attempt * 60_000,
-                          product_id="p1", category="shoes", price=10.0, quantity=1)
+        event = UserEvent(
+            f"probe-{attempt}-1",
+            f"probe-{attempt}",
+            "add_to_cart",
+            START_MS + attempt * 60_000,
+            product_id="p1",
+            category="shoes",
+            price=10.0,
+            quantity=1,
+        )
         before = completed_checkpoints()
         producer.produce(topics["events"], key=event.user_id.encode(), value=codec.encode(event.to_record()))
         assert producer.flush(30) == 0
@@ -113,6 +129,7 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
         pytest.fail("a periodic checkpoint completed during every attempt: nothing was shown")
 
     trigger = rest._call(f"/jobs/{job_id}/checkpoints", {})["request-id"]
+
     def checkpointed():
         status = rest._call(f"/jobs/{job_id}/checkpoints/{trigger}")
         return status if status["status"]["id"] == "COMPLETED" else None
@@ -124,8 +141,12 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(broker, 
         current = {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
         assert current, user_id
         # Waiting for the commit that follows the completed checkpoint, not for a time.
-        wait_until(lambda u=user_id, c=current: view.segments_of(u) == c, timeout_s=60, interval_s=0.2,
-                   on_timeout=lambda u=user_id, c=current: f"{u}: Redis {view.segments_of(u)}, the core {c}")
+        wait_until(
+            lambda u=user_id, c=current: view.segments_of(u) == c,
+            timeout_s=60,
+            interval_s=0.2,
+            on_timeout=lambda u=user_id, c=current: f"{u}: Redis {view.segments_of(u)}, the core {c}",
+        )
         assert in_the_log(user_id) == "committed"
 
 

@@ -32,8 +32,14 @@ def values_seen_by_librdkafka(bootstrap: str, topic: str, idle_s: float) -> list
     reader on purpose, not the project's."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "txn-check-reader", "enable.auto.commit": False,
-                         "isolation.level": "read_committed"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "txn-check-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)])
@@ -66,8 +72,7 @@ def test_aborted_and_open_transactions_are_hidden_and_committed_ones_kept(broker
     orphan = leave_open(broker, "txn-check-2", "txn-check", [(b"open", 0)])  # noqa: F841 (kept open)
 
     log = read_topic(broker, "txn-check")
-    assert [(r.partition, r.value) for r in log.committed] == [(0, b"committed-0"), (1, b"committed-1"),
-                                                               (1, b"plain")]
+    assert [(r.partition, r.value) for r in log.committed] == [(0, b"committed-0"), (1, b"committed-1"), (1, b"plain")]
     assert [(r.partition, r.key, r.value) for r in log.aborted] == [(0, b"k", b"aborted")]
     # What the broker's read_committed gives a client, for the record: if this ever stops
     # including the aborted record, the broker has been fixed and the fault suite can rely on it.
@@ -140,8 +145,10 @@ def test_following_yields_each_transaction_as_it_commits_and_never_an_aborted_on
             if {b"after-0", b"after-1"} <= set(into):
                 return
 
-    threads = [threading.Thread(target=follow, args=(from_beginning, True), daemon=True),
-               threading.Thread(target=follow, args=(from_end, False), daemon=True)]
+    threads = [
+        threading.Thread(target=follow, args=(from_beginning, True), daemon=True),
+        threading.Thread(target=follow, args=(from_end, False), daemon=True),
+    ]
     for thread in threads:
         thread.start()
 

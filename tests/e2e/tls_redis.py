@@ -14,17 +14,68 @@ ACL_USER, ACL_PASSWORD = "app", "app s3cret"
 def certificates(directory: Path, host_names: str) -> tuple[Path, Path, Path]:
     """A private CA and a server certificate it signed for `host_names` (an openssl SAN list):
     (ca.pem, server.pem, server.key)."""
-    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr",
-                                                          "server.pem"))
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-                    "-keyout", str(ca_key), "-out", str(ca)], check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=redis", "-keyout", str(key),
-                    "-out", str(csr)], check=True, capture_output=True)
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=redis",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ],
+        check=True,
+        capture_output=True,
+    )
     extensions = directory / "san.ext"
     extensions.write_text(f"subjectAltName={host_names}\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-                    "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(extensions),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return ca, cert, key
 
 
@@ -35,11 +86,47 @@ def tls_redis(directory: Path, host_names: str) -> tuple[ManagedProcess, int, Pa
     ca, cert, key = certificates(directory, host_names)
     port = free_port()
     server = ManagedProcess("redis-tls", directory)
-    server.start(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "no", "--dir", str(directory), "--tls-cert-file", str(cert),
-                  "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
-                  "--user", "default", "off", "--user", ACL_USER, "on", f">{ACL_PASSWORD}", "~t:*",
-                  "+@read", "+@write", "+@transaction", "+evalsha", "+eval", "+script", "+ping", "+select",
-                  "+info"])
+    server.start(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            ACL_USER,
+            "on",
+            f">{ACL_PASSWORD}",
+            "~t:*",
+            "+@read",
+            "+@write",
+            "+@transaction",
+            "+evalsha",
+            "+eval",
+            "+script",
+            "+ping",
+            "+select",
+            "+info",
+        ]
+    )
     wait_for_port(port, what="redis-server (TLS)")
     return server, port, ca

@@ -16,17 +16,22 @@ pytestmark = pytest.mark.flink
 PASSWORD = "job-graph-canary-9c41e"
 
 
-@pytest.mark.parametrize("mechanism, module", [("SCRAM-SHA-512", b"ScramLoginModule"),
-                                               ("PLAIN", b"PlainLoginModule")])
+@pytest.mark.parametrize("mechanism, module", [("SCRAM-SHA-512", b"ScramLoginModule"), ("PLAIN", b"PlainLoginModule")])
 def test_the_serialized_job_graph_names_the_password_variable_and_never_holds_the_password(
     monkeypatch, mechanism, module
 ):
     from pyflink.java_gateway import get_gateway
 
     monkeypatch.setenv("KAFKA_JOB_GRAPH_PASSWORD", PASSWORD)
-    settings = load_settings(environ={}, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism=mechanism,
-                             kafka_sasl_username="alice", kafka_sasl_password="env:KAFKA_JOB_GRAPH_PASSWORD",
-                             kafka_ssl_ca_location="/etc/kafka-ca.pem", redis_url="")
+    settings = load_settings(
+        environ={},
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism=mechanism,
+        kafka_sasl_username="alice",
+        kafka_sasl_password="env:KAFKA_JOB_GRAPH_PASSWORD",
+        kafka_ssl_ca_location="/etc/kafka-ca.pem",
+        redis_url="",
+    )
     env = create_environment(settings)
     attach_connectors(env, settings)
     jvm = get_gateway().jvm

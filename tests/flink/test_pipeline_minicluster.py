@@ -103,7 +103,7 @@ def hostile_records(codec, events) -> list[bytes]:
     prefix = codec.header + bytes([len(event_id) * 2]) + event_id
     return [
         b"\x00not avro",
-        prefix + b"\x04\xff\xfe" + valid[len(prefix) + 1 + len(events[0].user_id.encode()):],
+        prefix + b"\x04\xff\xfe" + valid[len(prefix) + 1 + len(events[0].user_id.encode()) :],
         prefix + bytes([len(b"u-cut") * 2]) + b"u-cut",
         codec.encode(replace(events[1], event_id="far", timestamp=int(time.time() * 1000) + 30 * DAY_MS).to_record()),
         codec.encode(replace(events[2], event_id="nan", price=math.nan).to_record()),
@@ -146,8 +146,12 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     # the output cannot depend on when timers fire (a late-but-allowed event would be applied at
     # whatever clock the timers had reached: a correction a replay cannot know about).
     settings = load_settings(
-        environ={}, redis_url="", parallelism=1, segment_parallelism=parallelism,
-        watermark_lag_ms=largest_delay_ms(events) + 1, emit_profile_snapshots=True,
+        environ={},
+        redis_url="",
+        parallelism=1,
+        segment_parallelism=parallelism,
+        watermark_lag_ms=largest_delay_ms(events) + 1,
+        emit_profile_snapshots=True,
         profile_cache_users=cache_users,
     )
     env = create_environment(settings)
@@ -155,8 +159,11 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     tagged = (
         outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()), output_type=COLLECTED)
         .union(outputs.dead_letters.map(lambda r: ("D", "", "", "", 0, 0, r[1].hex()), output_type=COLLECTED))
-        .union(outputs.profile_snapshots.map(lambda r: ("S", r[0], r[1] or "", "", 0, 0, r[2].hex()),
-                                             output_type=COLLECTED))
+        .union(
+            outputs.profile_snapshots.map(
+                lambda r: ("S", r[0], r[1] or "", "", 0, 0, r[2].hex()), output_type=COLLECTED
+            )
+        )
     )
     collected = run_and_collect(env, tagged, tmp_path)
 
@@ -171,8 +178,11 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     # rescoring), except cart_holder, which only events change, and the two personas, whose
     # clusters need weeks of history.
     by_time = {t.segment for t in expected if t.cause == "TIMER" and t.rule != RETENTION_RULE}
-    assert by_time == set(engine.definitions.names) - {"cart_holder", "big_spender_persona",
-                                                        "browsing_not_buying_persona"}
+    assert by_time == set(engine.definitions.names) - {
+        "cart_holder",
+        "big_spender_persona",
+        "browsing_not_buying_persona",
+    }
     assert got == want
     # Every payload decodes to the record the core produced, apart from the wall-clock emit time.
     transitions = catalog.codec("SegmentTransition")
@@ -183,7 +193,8 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
             assert record == by_id[record["transition_id"]].to_record(record["emitted_at"])
     dead = [catalog.codec("DeadLetter").decode(bytes.fromhex(c[6])) for c in collected if c[0] == "D"]
     assert sorted((d["source_offset"], d["reason"]) for d in dead) == [
-        (offset, python_verdict(event_codec, payload)) for offset, payload in enumerate(hostile, start=10**6)]
+        (offset, python_verdict(event_codec, payload)) for offset, payload in enumerate(hostile, start=10**6)
+    ]
 
     # Features after every accepted event: the job's state, read back, against the core's.
     core_profiles: dict[str, UserProfile] = {}
@@ -209,9 +220,12 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     # can differ in the last bits).
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    fresh = {name: onnxruntime.InferenceSession(str(settings_models_dir(settings) / name / "model.onnx"), options,
-                                                providers=["CPUExecutionProvider"])
-             for name in registry.models}
+    fresh = {
+        name: onnxruntime.InferenceSession(
+            str(settings_models_dir(settings) / name / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        for name in registry.models
+    }
     after_event = {(c[1], c[2]): state_codec.decode(bytes.fromhex(c[6])) for c in collected if c[0] == "S" and c[2]}
     scored = 0
     for c in collected:
@@ -226,8 +240,9 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
             values = model.vector.values(profile, profile.clock_ms)
             if values is None:
                 continue
-            out = fresh[name].run([model.manifest.output_name],
-                                  {model.manifest.input_name: np.array([values], dtype=np.float32)})[0]
+            out = fresh[name].run(
+                [model.manifest.output_name], {model.manifest.input_name: np.array([values], dtype=np.float32)}
+            )[0]
             index = model.manifest.output_index
             expected_scores[name] = float(out[0] if index is None else out[0][index])
         assert record["reason"]["scores"] == expected_scores
@@ -242,8 +257,9 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     active_window, abandon_after = 7 * MINUTE_MS, 23 * MINUTE_MS
     definitions = tmp_path / "definitions.yaml"
     definitions.write_text(basic_yaml(active_window="7m", abandon_after="23m"))
-    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2,
-                             definitions_path=str(definitions))
+    settings = load_settings(
+        environ={}, redis_url="", parallelism=1, segment_parallelism=2, definitions_path=str(definitions)
+    )
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     t0 = START_MS
@@ -253,13 +269,14 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate([solo, *clock])]
     env = create_environment(settings)
     outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
-    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()),
-                                     output_type=COLLECTED)
+    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()), output_type=COLLECTED)
     collected = run_and_collect(env, tagged, out_dir)
 
     codec = catalog.codec("SegmentTransition")
-    records = sorted((codec.decode(bytes.fromhex(c[6])) for c in collected if c[1] == "solo"),
-                     key=lambda r: (r["event_time"], r["segment"]))
+    records = sorted(
+        (codec.decode(bytes.fromhex(c[6])) for c in collected if c[1] == "solo"),
+        key=lambda r: (r["event_time"], r["segment"]),
+    )
     got = [(r["segment"], r["kind"], r["cause"], r["event_time"], r["reason"]["rule"]) for r in records]
     retention = 90 * DAY_MS
     assert got == [
@@ -285,17 +302,20 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2)
     segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
     # A bounded input ends with the final watermark: every pending timer fires ("flush").
-    result = run_backtest(segmentation, read_events(str(log_file)), until_ms=FLUSH,
-                          watermark_lag_ms=settings.watermark_lag_ms,
-                          allowed_lateness_ms=settings.allowed_lateness_ms)
+    result = run_backtest(
+        segmentation,
+        read_events(str(log_file)),
+        until_ms=FLUSH,
+        watermark_lag_ms=settings.watermark_lag_ms,
+        allowed_lateness_ms=settings.allowed_lateness_ms,
+    )
     assert result.events_applied == len(events) and not result.rejected and not result.late
 
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
     env = create_environment(settings)
     outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
-    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()),
-                                     output_type=COLLECTED)
+    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], r[5].hex()), output_type=COLLECTED)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     codec = catalog.codec("SegmentTransition")
@@ -321,14 +341,13 @@ def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_use
     events = [replace(e, user_id=renamed.get(e.user_id, e.user_id)) for e in events]
     event_codec = catalog.codec("UserEvent")
     rows = [Row(event_codec.encode(e.to_record()), "events", 0, i) for i, e in enumerate(events)]
-    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2,
-                             watermark_lag_ms=largest_delay_ms(events) + 1)
+    settings = load_settings(
+        environ={}, redis_url="", parallelism=1, segment_parallelism=2, watermark_lag_ms=largest_delay_ms(events) + 1
+    )
     env = create_environment(settings)
     outputs = build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings, StateDamagedBeforehand)
-    tagged = (
-        outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], ""), output_type=COLLECTED)
-        .union(outputs.dead_letters.map(lambda r: ("D", r[0] or "", "", "", 0, 0, r[1].hex()),
-                                        output_type=COLLECTED))
+    tagged = outputs.transitions.map(lambda r: ("T", r[0], r[1], r[2], r[3], r[4], ""), output_type=COLLECTED).union(
+        outputs.dead_letters.map(lambda r: ("D", r[0] or "", "", "", 0, 0, r[1].hex()), output_type=COLLECTED)
     )
     collected = run_and_collect(env, tagged, tmp_path)
 
@@ -339,7 +358,8 @@ def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_use
     assert got == sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     dead = sorted((c[1], catalog.codec("DeadLetter").decode(bytes.fromhex(c[6]))) for c in collected if c[0] == "D")
     assert [(user, d["reason"], d["payload"]) for user, d in dead] == [
-        (user, QUARANTINED_STATE, value.encode("latin-1")) for user, value in sorted(DAMAGED_STATE.items())]
+        (user, QUARANTINED_STATE, value.encode("latin-1")) for user, value in sorted(DAMAGED_STATE.items())
+    ]
     assert "unknown layout 99" in dict(dead)["from-the-future"]["message"]
     assert "undecodable" in dict(dead)["damaged"]["message"]
 
@@ -353,8 +373,9 @@ def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalo
         f.write(b"tampered")
     settings = load_settings(environ={}, redis_url="", models_dir=str(models))
     env = create_environment(settings)
-    rows = [Row(catalog.codec("UserEvent").encode(UserEvent("e1", "u", "page_view", START_MS).to_record()),
-                "events", 0, 0)]
+    rows = [
+        Row(catalog.codec("UserEvent").encode(UserEvent("e1", "u", "page_view", START_MS).to_record()), "events", 0, 0)
+    ]
     with pytest.raises(ModelVerificationError, match="purchase_propensity: model.onnx has sha256"):
         build_pipeline(env.from_collection(rows, type_info=RAW_RECORD), settings)
 

@@ -205,8 +205,7 @@ def _wrapped(node) -> str:
 
 
 FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
-OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-       "!=": operator.ne}
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 
 
 def walk(node):
@@ -274,8 +273,15 @@ class Defs:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return tuple(sorted({n.ref.feature[len("score."):] for n in self.nodes()
-                             if isinstance(n, Cmp | Missing) and n.ref.feature.startswith("score.")}))
+        return tuple(
+            sorted(
+                {
+                    n.ref.feature[len("score.") :]
+                    for n in self.nodes()
+                    if isinstance(n, Cmp | Missing) and n.ref.feature.startswith("score.")
+                }
+            )
+        )
 
     def yaml(self) -> str:
         segs = self.segments
@@ -310,8 +316,12 @@ def _yaml_condition(node) -> str:
 # ---------------------------------------------------------------- the vocabulary of a config
 
 
-RECENCY_FEATURES = ("ms_since_last_event", *(f"ms_since_last_{t}" for t in EVENT_TYPES), "ms_since_cart_activity",
-                    "ms_since_cart_change")
+RECENCY_FEATURES = (
+    "ms_since_last_event",
+    *(f"ms_since_last_{t}" for t in EVENT_TYPES),
+    "ms_since_cart_activity",
+    "ms_since_cart_change",
+)
 DURATION_FEATURES = (*RECENCY_FEATURES, "ms_since_viewed_product", "current_session_duration_ms")
 DECAYING = ("engagement_score", "category_affinity")
 
@@ -377,16 +387,31 @@ def _cmp(draw, ref: Ref, values, ops=CMP_OPS, duration: bool = False) -> Cmp:
 def _count_features(vocab: Vocab) -> list[str]:
     out = []
     for h in vocab.horizons:
-        out += [f"events_{h}", f"sessions_{h}", f"distinct_products_viewed_{h}", f"distinct_categories_viewed_{h}",
-                f"orders_{h}"]
+        out += [
+            f"events_{h}",
+            f"sessions_{h}",
+            f"distinct_products_viewed_{h}",
+            f"distinct_categories_viewed_{h}",
+            f"orders_{h}",
+        ]
         out += [f"count_{t}_{h}" for t in EVENT_TYPES]
     return out
 
 
 def _step_numbers(vocab: Vocab) -> list[Ref]:
     refs = [Ref(f) for f in _count_features(vocab)]
-    refs += [Ref(f) for f in ("cart_items", "cart_lines", "checkout_pending", "lifetime_orders", "in_session",
-                              "sessions_per_week", "current_session_events")]
+    refs += [
+        Ref(f)
+        for f in (
+            "cart_items",
+            "cart_lines",
+            "checkout_pending",
+            "lifetime_orders",
+            "in_session",
+            "sessions_per_week",
+            "current_session_events",
+        )
+    ]
     refs += [Ref("cart_quantity", p) for p in PRODUCTS]
     refs += [Ref(f"category_views_{h}", c) for h in vocab.horizons for c in CATEGORIES]
     return refs
@@ -395,8 +420,23 @@ def _step_numbers(vocab: Vocab) -> list[Ref]:
 @st.composite
 def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
     kinds = ["recency"] * 4 + ["viewed"] * 3 + ["viewed2"] * 2 + ["count"] * 3 + ["engagement"] * 3 + ["tier"] * 3
-    kinds += ["absent", "absent", "catviews", "money", "cart", "cart", "session", "session", "affinity", "top", "top",
-              "missing", "missing", "refs", "const"]
+    kinds += [
+        "absent",
+        "absent",
+        "catviews",
+        "money",
+        "cart",
+        "cart",
+        "session",
+        "session",
+        "affinity",
+        "top",
+        "top",
+        "missing",
+        "missing",
+        "refs",
+        "const",
+    ]
     if refs:
         kinds += ["segment"] * 4
     if vocab.score_scale_ms:
@@ -422,8 +462,13 @@ def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
     if kind == "count":
         # Half the time a count the traffic fills quickly (any event, page or product views).
         h = draw(st.sampled_from(horizons))
-        common = [f"events_{h}", f"sessions_{h}", f"count_page_view_{h}", f"count_product_view_{h}",
-                  f"distinct_products_viewed_{h}"]
+        common = [
+            f"events_{h}",
+            f"sessions_{h}",
+            f"count_page_view_{h}",
+            f"count_product_view_{h}",
+            f"distinct_products_viewed_{h}",
+        ]
         name = draw(st.sampled_from(common)) if draw(st.booleans()) else draw(st.sampled_from(_count_features(vocab)))
         return draw(_cmp(Ref(name), vocab.counts))
     if kind == "catviews":
@@ -434,12 +479,24 @@ def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
         names += ["lifetime_spend", "lifetime_aov", "cart_value"]
         return draw(_cmp(Ref(draw(st.sampled_from(names))), vocab.money))
     if kind == "cart":
-        ref = draw(st.sampled_from([Ref("cart_items"), Ref("cart_lines"), Ref("checkout_pending"),
-                                    Ref("lifetime_orders"), *(Ref("cart_quantity", p) for p in PRODUCTS)]))
+        ref = draw(
+            st.sampled_from(
+                [
+                    Ref("cart_items"),
+                    Ref("cart_lines"),
+                    Ref("checkout_pending"),
+                    Ref("lifetime_orders"),
+                    *(Ref("cart_quantity", p) for p in PRODUCTS),
+                ]
+            )
+        )
         return draw(_cmp(ref, vocab.counts))
     if kind == "session":
-        which = draw(st.sampled_from(("in_session", "sessions_per_week", "current_session_events",
-                                      "current_session_duration_ms")))
+        which = draw(
+            st.sampled_from(
+                ("in_session", "sessions_per_week", "current_session_events", "current_session_duration_ms")
+            )
+        )
         if which == "current_session_duration_ms":
             return draw(_cmp(Ref(which), vocab, duration=True))
         if which == "in_session":
@@ -452,17 +509,20 @@ def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
     if kind == "tier":
         if draw(st.booleans()):
             value = draw(st.sampled_from(("high", "medium", "low")))
-            return Cmp(Ref("engagement_tier"), draw(st.sampled_from(("==", "!="))), value, f'"{value}"',
-                       draw(st.booleans()))
-        options = tuple(draw(st.lists(st.sampled_from(("high", "medium", "low")), min_size=1, max_size=2,
-                                      unique=True)))
+            return Cmp(
+                Ref("engagement_tier"), draw(st.sampled_from(("==", "!="))), value, f'"{value}"', draw(st.booleans())
+            )
+        options = tuple(draw(st.lists(st.sampled_from(("high", "medium", "low")), min_size=1, max_size=2, unique=True)))
         return InList(Ref("engagement_tier"), options, draw(st.booleans()))
     if kind == "top":
         return InTop(draw(st.sampled_from(CATEGORIES)), draw(st.booleans()))
     if kind == "missing":
         refs_ = [Ref(f) for f in RECENCY_FEATURES[:4]] + [Ref("ms_since_cart_activity")]
-        refs_ += [Ref(f"aov_{h}") for h in horizons] + [Ref("lifetime_aov"), Ref("current_session_events"),
-                                                          Ref("current_session_duration_ms")]
+        refs_ += [Ref(f"aov_{h}") for h in horizons] + [
+            Ref("lifetime_aov"),
+            Ref("current_session_events"),
+            Ref("current_session_duration_ms"),
+        ]
         refs_ += [Ref("ms_since_viewed_product", p) for p in ("p1", "p2", "p1", "p2", "p3")]
         return Missing(draw(st.sampled_from(refs_)))
     if kind == "refs":
@@ -494,8 +554,12 @@ def _threshold_families(vocab: Vocab):
     return scores + [
         ([Ref("engagement_score")], sorted(vocab.engagement), False),
         ([Ref("category_affinity", c) for c in CATEGORIES], sorted(vocab.affinity), False),
-        ([Ref(f) for f in RECENCY_FEATURES[:1] + RECENCY_FEATURES[-2:]]
-         + [Ref("ms_since_viewed_product", p) for p in PRODUCTS[:2]], sorted(vocab.durations), True),
+        (
+            [Ref(f) for f in RECENCY_FEATURES[:1] + RECENCY_FEATURES[-2:]]
+            + [Ref("ms_since_viewed_product", p) for p in PRODUCTS[:2]],
+            sorted(vocab.durations),
+            True,
+        ),
         (count_refs, sorted(set(vocab.counts)), False),
         ([Ref(f"spend_{h}") for h in vocab.horizons] + [Ref("cart_value")], sorted(vocab.money), False),
     ]
@@ -602,7 +666,7 @@ class Instant:
 
     def read(self, ref: Ref):
         if ref.feature.startswith("score."):
-            return self.scores.get(ref.feature[len("score."):])  # a model that did not score: missing
+            return self.scores.get(ref.feature[len("score.") :])  # a model that did not score: missing
         value = self.f[ref.feature]
         if ref.key is None:
             if ref.feature == "engagement_tier" and self.config.tier_basis == "engagement_score":
@@ -705,8 +769,11 @@ def decide(defs: Defs, at: Instant, now: int, memberships: dict[str, MState]) ->
                     break
             if winner is not current:
                 if current is not None:
-                    rule = current.exit_rule if current_leaves else (
-                        f"exclusive group {unit.name}: {winner.name} took precedence ({winner.enter_rule})")
+                    rule = (
+                        current.exit_rule
+                        if current_leaves
+                        else (f"exclusive group {unit.name}: {winner.name} took precedence ({winner.enter_rule})")
+                    )
                     changes[current.name] = (False, rule)
                 if winner is not None:
                     changes[winner.name] = (True, winner.enter_rule)
@@ -768,8 +835,10 @@ class DefinitionsOracle:
             if isinstance(node, Cmp | InList) and node.ref.feature == "engagement_tier":
                 reads_tier = True
         if reads_tier and config.tier_basis == "engagement_score":
-            decaying |= {("engagement_score", None, config.tier_high_above),
-                         ("engagement_score", None, config.tier_medium_above)}
+            decaying |= {
+                ("engagement_score", None, config.tier_high_above),
+                ("engagement_score", None, config.tier_medium_above),
+            }
         self.offsets = sorted(offsets)
         self.decaying = sorted(decaying, key=repr)
 
@@ -814,7 +883,9 @@ class DefinitionsOracle:
             expired = self._pass_time(user_id, user, event.timestamp, inclusive=False)
         assert expired == reset, "oracle: retention expiry disagrees with profile_oracle.replay"
         if not user.life:
-            user.sequence_base = 1000 * event.timestamp  # docs/features.md: a lifetime starts at 1000 x its first event time
+            user.sequence_base = (
+                1000 * event.timestamp
+            )  # docs/features.md: a lifetime starts at 1000 x its first event time
         user.life = life
         user.clock = event.timestamp if user.clock is None else max(user.clock, event.timestamp)
         features = features_of(user.life, self.config, user.clock)
@@ -861,8 +932,18 @@ class DefinitionsOracle:
         expired = expiry <= target
         if expired:
             for name in sorted(n for n, m in user.memberships.items() if m.member):
-                self.out.append(OTransition(user_id, name, "EXIT", expiry, "TIMER", None,
-                                            user.memberships[name].sequence + 1, RETENTION_RULE))
+                self.out.append(
+                    OTransition(
+                        user_id,
+                        name,
+                        "EXIT",
+                        expiry,
+                        "TIMER",
+                        None,
+                        user.memberships[name].sequence + 1,
+                        RETENTION_RULE,
+                    )
+                )
             user.memberships = {}
             user.life = []
             user.scores, user.scored_at = {}, None
@@ -900,9 +981,12 @@ class DefinitionsOracle:
         """The same sum, in the same order, as profile_oracle.features_of."""
         c = self.config
         if feature == "engagement_score":
-            return sum(c.engagement_weights.get(a.event.event_type, 0.0)
-                       * 2.0 ** (-(now - a.event.timestamp) / c.engagement_half_life_ms)
-                       for a in life if a.t <= now)
+            return sum(
+                c.engagement_weights.get(a.event.event_type, 0.0)
+                * 2.0 ** (-(now - a.event.timestamp) / c.engagement_half_life_ms)
+                for a in life
+                if a.t <= now
+            )
         total = 0.0
         for a in life:
             e = a.event
@@ -914,6 +998,7 @@ class DefinitionsOracle:
     def _decay_crossing(self, life, feature, key, threshold, strict, lo, hi) -> int | None:
         """The first instant in (lo, hi] at which the value is below (strict) or at most the
         threshold, by bisection (no event in between: the value only falls)."""
+
         def crossed(t: int) -> bool:
             v = self._decayed(life, feature, key, t)
             return v < threshold if strict else v <= threshold
@@ -933,8 +1018,9 @@ class DefinitionsOracle:
 
     # -- one evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, user_id: str, user: _User, now: int, cause: str, event_id: str | None,
-                  features: dict) -> list[str]:
+    def _evaluate(
+        self, user_id: str, user: _User, now: int, cause: str, event_id: str | None, features: dict
+    ) -> list[str]:
         """Decides every segment at `now`, emits the changes (exits first), returns the entered."""
         self.evaluations += 1
         at = Instant(features, self.config, user.scores)
@@ -944,13 +1030,15 @@ class DefinitionsOracle:
             previous = user.memberships.get(name)
             sequence = (previous.sequence if previous is not None else user.sequence_base) + 1
             user.memberships[name] = MState(member, now, sequence)
-            self.out.append(OTransition(user_id, name, "ENTER" if member else "EXIT", now, cause, event_id,
-                                        sequence, rule))
+            self.out.append(
+                OTransition(user_id, name, "ENTER" if member else "EXIT", now, cause, event_id, sequence, rule)
+            )
             if member:
                 entered.append(name)
         return entered
 
 
-def expected_transitions(defs: Defs, config: ProfileConfig, steps, until_ms: int | None,
-                         score_scale_ms: int = 0) -> list[OTransition]:
+def expected_transitions(
+    defs: Defs, config: ProfileConfig, steps, until_ms: int | None, score_scale_ms: int = 0
+) -> list[OTransition]:
     return DefinitionsOracle(defs, config, score_scale_ms).run(steps, until_ms)

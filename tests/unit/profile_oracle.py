@@ -87,8 +87,10 @@ def replay(steps: list[Step], config: ProfileConfig) -> Replay:
             expire_if_due()
             continue
         e = step
-        if life and e.timestamp < last_event() + config.retention_ms and any(
-            a.event.event_id == e.event_id and a.t > last_event() - config.dedup_window_ms for a in life
+        if (
+            life
+            and e.timestamp < last_event() + config.retention_ms
+            and any(a.event.event_id == e.event_id and a.t > last_event() - config.dedup_window_ms for a in life)
         ):
             duplicates += 1
             continue  # changes nothing, not even the clock
@@ -199,6 +201,7 @@ def features_of(accepted: list[Accepted], config: ProfileConfig, now_ms: int) ->
     sessions = sessions_of(acc, config)
 
     for h in config.horizons:
+
         def cov(t: int, h=h) -> bool:
             return covered(t, T, h.length_ms, h.bucket_ms)
 

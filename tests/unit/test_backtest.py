@@ -38,8 +38,12 @@ def test_figures_of_a_small_log_worked_out_by_hand():
     #     and the re-entry 15 min after the exit is not a flap (window 10 min).
     # u2: events at 3m and 16m -> active [3m, 13m) and [16m, 26m): re-entry 3 min after the
     #     exit: one flap. Until 40m: everyone has left.
-    events = [page("u1", 1, T0), page("u2", 1, T0 + 3 * MINUTE_MS), page("u2", 2, T0 + 16 * MINUTE_MS),
-              page("u1", 2, T0 + 25 * MINUTE_MS)]
+    events = [
+        page("u1", 1, T0),
+        page("u2", 1, T0 + 3 * MINUTE_MS),
+        page("u2", 2, T0 + 16 * MINUTE_MS),
+        page("u1", 2, T0 + 25 * MINUTE_MS),
+    ]
     result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), until_ms=T0 + 40 * MINUTE_MS)
     r = result.segments["active"]
     assert (r.entries, r.exits, r.final_size, r.peak_size) == (4, 4, 0, 2)
@@ -65,12 +69,14 @@ def test_a_stay_that_begins_and_ends_at_one_millisecond_counts_once_with_zero_dw
     """Issue 16: `when: cart_items > 0`; an add_to_cart and a purchase of one user at the same ms,
     beside another user leaving at that ms while a third enters."""
     cart = "version: v1\nsegments:\n  - name: cart\n    when: cart_items > 0\n"
-    events = [UserEvent("x1", "x", "add_to_cart", T0, product_id="p"),
-              UserEvent("z1", "z", "add_to_cart", T0 + MINUTE_MS, product_id="p"),
-              UserEvent("a", "u", "add_to_cart", T0 + 2 * MINUTE_MS, product_id="p"),
-              UserEvent("b", "u", "purchase", T0 + 2 * MINUTE_MS, price=5.0),
-              UserEvent("x2", "x", "purchase", T0 + 3 * MINUTE_MS, price=1.0),
-              UserEvent("y1", "y", "add_to_cart", T0 + 3 * MINUTE_MS, product_id="p")]
+    events = [
+        UserEvent("x1", "x", "add_to_cart", T0, product_id="p"),
+        UserEvent("z1", "z", "add_to_cart", T0 + MINUTE_MS, product_id="p"),
+        UserEvent("a", "u", "add_to_cart", T0 + 2 * MINUTE_MS, product_id="p"),
+        UserEvent("b", "u", "purchase", T0 + 2 * MINUTE_MS, price=5.0),
+        UserEvent("x2", "x", "purchase", T0 + 3 * MINUTE_MS, price=1.0),
+        UserEvent("y1", "y", "add_to_cart", T0 + 3 * MINUTE_MS, product_id="p"),
+    ]
     result = run_backtest(parse_definitions(cart), EventLog("log", events), until_ms=T0 + 10 * MINUTE_MS)
     r = result.segments["cart"]
     # x [0, 3m), z [1m, -), u [2m, 2m], y [3m, -): at most x, z and u at once (u's zero-length
@@ -82,11 +88,15 @@ def test_a_stay_that_begins_and_ends_at_one_millisecond_counts_once_with_zero_dw
 
 def test_until_defaults_to_the_watermark_the_job_reaches_and_late_events_are_left_out():
     lag, lateness = 5_000, 60_000
-    events = [page("u1", 1, T0), page("u2", 1, T0 + 30 * MINUTE_MS),
-              page("u1", 2, T0 + 30 * MINUTE_MS - lag - 1 - lateness - 1),  # behind watermark - lateness
-              page("u1", 3, T0 + 30 * MINUTE_MS - lag - 1 - lateness)]  # exactly at the bound: kept
-    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", events), watermark_lag_ms=lag,
-                          allowed_lateness_ms=lateness)
+    events = [
+        page("u1", 1, T0),
+        page("u2", 1, T0 + 30 * MINUTE_MS),
+        page("u1", 2, T0 + 30 * MINUTE_MS - lag - 1 - lateness - 1),  # behind watermark - lateness
+        page("u1", 3, T0 + 30 * MINUTE_MS - lag - 1 - lateness),
+    ]  # exactly at the bound: kept
+    result = run_backtest(
+        parse_definitions(ACTIVE), EventLog("log", events), watermark_lag_ms=lag, allowed_lateness_ms=lateness
+    )
     assert result.until_ms == T0 + 30 * MINUTE_MS - lag - 1
     assert (result.late, result.events_applied) == (1, 3)
 
@@ -106,11 +116,15 @@ segments:
   - name: carted
     when: cart_items > 0
 """)
-    events = [page("u1", 1, T0), UserEvent("u2-1", "u2", "add_to_cart", T0, product_id="p", quantity=1, price=2.0),
-              UserEvent("u3-1", "u3", "add_to_cart", T0 - 20 * MINUTE_MS, product_id="p", quantity=1, price=2.0)]
+    events = [
+        page("u1", 1, T0),
+        UserEvent("u2-1", "u2", "add_to_cart", T0, product_id="p", quantity=1, price=2.0),
+        UserEvent("u3-1", "u3", "add_to_cart", T0 - 20 * MINUTE_MS, product_id="p", quantity=1, price=2.0),
+    ]
     # u3's event comes last in the log, 20 min behind: within the lateness allowed here.
-    result = run_backtest(definitions, EventLog("log", events), until_ms=T0 + MINUTE_MS,
-                          allowed_lateness_ms=30 * MINUTE_MS)
+    result = run_backtest(
+        definitions, EventLog("log", events), until_ms=T0 + MINUTE_MS, allowed_lateness_ms=30 * MINUTE_MS
+    )
     assert result.final_members == {"active": {"u1", "u2"}, "carted": {"u2", "u3"}}
     assert result.overlap == {("active", "carted"): 1}
 
@@ -135,8 +149,15 @@ def test_the_diff_between_two_versions_names_what_changed():
 
 def test_jsonl_reader_rejects_bad_lines_with_the_jobs_reasons(tmp_path):
     good = page("u1", 1, T0).to_record()
-    lines = [json.dumps(good), "not json", json.dumps([1, 2]), json.dumps({**good, "user_id": ""}),
-             json.dumps({**good, "event_id": "u1-2", "price": -1.0}), "", json.dumps({**good, "event_id": "u1-3"})]
+    lines = [
+        json.dumps(good),
+        "not json",
+        json.dumps([1, 2]),
+        json.dumps({**good, "user_id": ""}),
+        json.dumps({**good, "event_id": "u1-2", "price": -1.0}),
+        "",
+        json.dumps({**good, "event_id": "u1-3"}),
+    ]
     path = tmp_path / "log.jsonl"
     path.write_text("\n".join(lines) + "\n")
     log = backtest.read_events(str(path))
@@ -165,9 +186,9 @@ def test_html_report_is_well_formed_and_escapes_names(tmp_path):
     a = run_backtest(definitions, EventLog("<script>", events), until_ms=T0 + 20 * MINUTE_MS)
     page_html = backtest.html_report(a, a, compare(a, a))
     assert "<script>" not in page_html and "&lt;script&gt;" in page_html
-    svg = page_html[page_html.index("<svg"): page_html.index("</svg>") + 6]
+    svg = page_html[page_html.index("<svg") : page_html.index("</svg>") + 6]
     root = ElementTree.fromstring(svg)
-    [line] = [p for p in root.iter("{http://www.w3.org/2000/svg}polyline")]
+    [line] = list(root.iter("{http://www.w3.org/2000/svg}polyline"))
     points = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
     assert len(points) == backtest.SIZE_SAMPLES + 1 and all(map(math.isfinite, (c for p in points for c in p)))
 
@@ -179,8 +200,23 @@ def test_cli_backtest_writes_table_html_and_json(tmp_path, capsys):
     defs.write_text(ACTIVE)
     other = tmp_path / "e.yaml"
     other.write_text(ACTIVE.replace("v1", "v2").replace("10m", "1m"))
-    code = cli_main(["backtest", str(defs), "--events", str(log), "--compare-with", str(other), "--quiet",
-                     "--html", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "--until", "flush"])
+    code = cli_main(
+        [
+            "backtest",
+            str(defs),
+            "--events",
+            str(log),
+            "--compare-with",
+            str(other),
+            "--quiet",
+            "--html",
+            str(tmp_path / "r.html"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--until",
+            "flush",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "active" in out and "diff: v1 -> v2" in out
@@ -199,14 +235,27 @@ def test_cli_backtest_writes_the_transitions_as_contract_records_in_jsonl_and_av
     defs.write_text(ACTIVE)
     other.write_text(ACTIVE.replace("v1", "v2").replace("10m", "1m"))
     args = ["backtest", str(defs), "--events", str(log), "--quiet", "--until", "flush"]
-    assert cli_main([*args, "--transitions", str(tmp_path / "t.jsonl"), "--compare-with", str(other),
-                     "--compare-transitions", str(tmp_path / "t2.avro")]) == 0
+    assert (
+        cli_main(
+            [
+                *args,
+                "--transitions",
+                str(tmp_path / "t.jsonl"),
+                "--compare-with",
+                str(other),
+                "--compare-transitions",
+                str(tmp_path / "t2.avro"),
+            ]
+        )
+        == 0
+    )
     assert cli_main([*args, "--transitions", str(tmp_path / "t.avro")]) == 0
     assert "transitions of v1: 4 in" in capsys.readouterr().out
     jsonl = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     with open(tmp_path / "t.avro", "rb") as f:
-        reader = fastavro.reader(f, reader_schema=fastavro.parse_schema(
-            load_schema_file(SCHEMAS_DIR / "segment_transition.avsc")))
+        reader = fastavro.reader(
+            f, reader_schema=fastavro.parse_schema(load_schema_file(SCHEMAS_DIR / "segment_transition.avsc"))
+        )
         avro = list(reader)
     for record in avro:  # the container file's reader turns timestamp-millis into datetimes
         for key in ("event_time", "emitted_at"):
@@ -214,22 +263,56 @@ def test_cli_backtest_writes_the_transitions_as_contract_records_in_jsonl_and_av
     assert avro == jsonl
 
     def brief(records):
-        return [(r["user_id"], r["kind"], r["cause"], r["cause_event_id"], r["event_time"], r["emitted_at"],
-                 r["sequence"], r["definitions_version"], r["reason"]["rule"]) for r in records]
+        return [
+            (
+                r["user_id"],
+                r["kind"],
+                r["cause"],
+                r["cause_event_id"],
+                r["event_time"],
+                r["emitted_at"],
+                r["sequence"],
+                r["definitions_version"],
+                r["reason"]["rule"],
+            )
+            for r in records
+        ]
 
     a0, b0 = (T0 + MINUTE_MS) * 1000, T0 * 1000
     assert brief(jsonl) == [
         ("a", "ENTER", "EVENT", "a-1", T0 + MINUTE_MS, T0 + MINUTE_MS, a0 + 1, "v1", "ms_since_last_event < 10m"),
-        ("a", "EXIT", "TIMER", None, T0 + 11 * MINUTE_MS, T0 + 11 * MINUTE_MS, a0 + 2, "v1",
-         "not (ms_since_last_event < 10m)"),
+        (
+            "a",
+            "EXIT",
+            "TIMER",
+            None,
+            T0 + 11 * MINUTE_MS,
+            T0 + 11 * MINUTE_MS,
+            a0 + 2,
+            "v1",
+            "not (ms_since_last_event < 10m)",
+        ),
         ("b", "ENTER", "EVENT", "b-1", T0, T0, b0 + 1, "v1", "ms_since_last_event < 10m"),
-        ("b", "EXIT", "TIMER", None, T0 + 10 * MINUTE_MS, T0 + 10 * MINUTE_MS, b0 + 2, "v1",
-         "not (ms_since_last_event < 10m)"),
+        (
+            "b",
+            "EXIT",
+            "TIMER",
+            None,
+            T0 + 10 * MINUTE_MS,
+            T0 + 10 * MINUTE_MS,
+            b0 + 2,
+            "v1",
+            "not (ms_since_last_event < 10m)",
+        ),
     ]
     assert jsonl[1]["reason"]["features"] == {"ms_since_last_event": 10 * MINUTE_MS}
     with open(tmp_path / "t2.avro", "rb") as f:
         assert [(r["user_id"], r["kind"], r["definitions_version"]) for r in fastavro.reader(f)] == [
-            ("a", "ENTER", "v2"), ("a", "EXIT", "v2"), ("b", "ENTER", "v2"), ("b", "EXIT", "v2")]
+            ("a", "ENTER", "v2"),
+            ("a", "EXIT", "v2"),
+            ("b", "ENTER", "v2"),
+            ("b", "EXIT", "v2"),
+        ]
     # Two runs over one log write the same bytes: they can be diffed.
     first = (tmp_path / "t.jsonl").read_bytes()
     assert cli_main([*args, "--transitions", str(tmp_path / "t.jsonl")]) == 0

@@ -42,8 +42,30 @@ def test_latency_summary():
 
 def stat_line(pid: int, comm: str, ppid: int, utime: int, stime: int, cutime: int = 0, cstime: int = 0) -> str:
     # Fields 1..17 of /proc/<pid>/stat, then the rest of a real line.
-    fields = [str(pid), f"({comm})", "S", str(ppid), "1", "1", "0", "-1", "4194560", "100", "0", "0", "0",
-              str(utime), str(stime), str(cutime), str(cstime), "20", "0", "12", "0", "1234"]
+    fields = [
+        str(pid),
+        f"({comm})",
+        "S",
+        str(ppid),
+        "1",
+        "1",
+        "0",
+        "-1",
+        "4194560",
+        "100",
+        "0",
+        "0",
+        "0",
+        str(utime),
+        str(stime),
+        str(cutime),
+        str(cstime),
+        "20",
+        "0",
+        "12",
+        "0",
+        "1234",
+    ]
     return " ".join(fields) + "\n"
 
 
@@ -76,11 +98,15 @@ def test_dead_letters_are_told_apart_as_start_markers_end_markers_or_neither(cat
 
     assert classify_dead_letter(letter(START_MARKER, "bad_magic", 1), codec.decode) == ("start", "1")
     assert classify_dead_letter(letter(codec.encode(marker.to_record()), "late"), codec.decode) == (
-        "end", marker.event_id)
+        "end",
+        marker.event_id,
+    )
     assert classify_dead_letter(letter(codec.encode(ordinary.to_record()), "late"), codec.decode) is None
     (_, progress), *_ = end_marker_events(1, START_MS - END_MARKER_AGE_MS, f"{PROGRESS_MARKER_PREFIX}3-", 1)
     assert classify_dead_letter(letter(codec.encode(progress.to_record()), "late"), codec.decode) == (
-        "progress", progress.event_id)
+        "progress",
+        progress.event_id,
+    )
     assert classify_dead_letter(letter(b"other garbage", "bad_magic"), codec.decode) is None
     assert classify_dead_letter(letter(b"other garbage", "late"), codec.decode) is None
 
@@ -120,9 +146,11 @@ def test_thread_cpu_is_attributed_by_thread_name():
     before = {1: ("Segment users -", 100), 2: ("GC Thread#0", 10)}
     after = {1: ("Segment users -", 600), 2: ("GC Thread#0", 30), 3: ("GC Thread#1", 40), 4: ("idle", 0)}
     ticks = os.sysconf("SC_CLK_TCK")
-    assert busiest_threads(before, after) == [("Segment users -", round(500 / ticks, 1)),
-                                              ("GC Thread#1", round(40 / ticks, 1)),
-                                              ("GC Thread#0", round(20 / ticks, 1))]
+    assert busiest_threads(before, after) == [
+        ("Segment users -", round(500 / ticks, 1)),
+        ("GC Thread#1", round(40 / ticks, 1)),
+        ("GC Thread#0", round(20 / ticks, 1)),
+    ]
 
 
 def test_visible_at_takes_the_first_sighting_of_that_sequence_or_a_later_one():
@@ -165,14 +193,22 @@ def test_zigzag_varint_is_avro_long_encoding(value):
 
 def test_a_pre_encoded_event_stamped_with_a_new_timestamp_decodes_to_that_timestamp(catalog):
     codec = catalog.codec("UserEvent")
-    event = UserEvent("e-1", "u0000001", "add_to_cart", START_MS, session_id="s", product_id="p-1",
-                      price=9.5, quantity=2, properties={"q": "x"})
+    event = UserEvent(
+        "e-1",
+        "u0000001",
+        "add_to_cart",
+        START_MS,
+        session_id="s",
+        product_id="p-1",
+        price=9.5,
+        quantity=2,
+        properties={"q": "x"},
+    )
     payload, offset, length = timestamp_slot(codec.encode, event.to_record())
     assert payload == codec.encode(event.to_record())
     stamped = stamp(payload, offset, length, START_MS + 123_456)
     assert codec.decode(stamped) == {**codec.decode(payload), "timestamp": START_MS + 123_456}
-    assert codec.decode(stamped) == codec.decode(codec.encode(replace(event, timestamp=START_MS + 123_456)
-                                                              .to_record()))
+    assert codec.decode(stamped) == codec.decode(codec.encode(replace(event, timestamp=START_MS + 123_456).to_record()))
     with pytest.raises(ValueError):
         stamp(payload, offset, length, 5)  # a timestamp of another encoded length
 
@@ -206,9 +242,17 @@ def test_steady_rate_runs_from_the_first_step_past_half_seen_on_every_partition_
 
 
 def _throughput(name: str, events_per_s: float, steady: float, slots: int = 1) -> dict:
-    return {"name": name, "slots": slots, "events_per_s": events_per_s, "events_per_s_per_slot": events_per_s / slots,
-            "steady_events_per_s": steady, "cpu_s_per_million_events": 1e6 / events_per_s, "cores_busy": 1.0,
-            "startup_s": 10.0, "error": None}
+    return {
+        "name": name,
+        "slots": slots,
+        "events_per_s": events_per_s,
+        "events_per_s_per_slot": events_per_s / slots,
+        "steady_events_per_s": steady,
+        "cpu_s_per_million_events": 1e6 / events_per_s,
+        "cores_busy": 1.0,
+        "startup_s": 10.0,
+        "error": None,
+    }
 
 
 def test_the_table_sets_the_job_against_its_floor_and_the_per_slot_and_cpu_targets():
@@ -225,8 +269,12 @@ def test_the_table_sets_the_job_against_its_floor_and_the_per_slot_and_cpu_targe
 
 
 def test_a_run_on_single_slot_taskmanagers_is_set_against_parallelism_1():
-    results = {"throughput": [_throughput("job-p1", 1_000.0, 1_000.0),
-                              _throughput("job-cluster-p2", 1_700.0, 1_700.0, slots=2)]}
+    results = {
+        "throughput": [
+            _throughput("job-p1", 1_000.0, 1_000.0),
+            _throughput("job-cluster-p2", 1_700.0, 1_700.0, slots=2),
+        ]
+    }
     rows = {r["figure"]: r for r in figures(results, checkpoint_interval_ms=5_000, cores=2)}
     assert rows["job-cluster-p2 (2 single-slot TaskManagers): events/s in all"]["value"] == 1_700.0
     ratio = rows["job-cluster-p2 / parallelism 1"]
@@ -243,9 +291,19 @@ def test_each_part_of_the_floor_is_priced_by_the_run_without_it():
 
 
 def test_the_in_memory_core_is_set_against_its_targets_with_and_without_models():
-    state = {"users": 281, "days": 7.0, "events": 31_097, "core_us_per_event": 600.0, "cached_us_per_event": 400.0,
-             "core_events_per_s": 2_500.0, "no_models_events_per_s": 30_000.0, "timers_per_event": 0.65,
-             "state_bytes_mean": 1_800.0, "state_bytes_p99": 2_500, "state_bytes_max": 2_800}
+    state = {
+        "users": 281,
+        "days": 7.0,
+        "events": 31_097,
+        "core_us_per_event": 600.0,
+        "cached_us_per_event": 400.0,
+        "core_events_per_s": 2_500.0,
+        "no_models_events_per_s": 30_000.0,
+        "timers_per_event": 0.65,
+        "state_bytes_mean": 1_800.0,
+        "state_bytes_p99": 2_500,
+        "state_bytes_max": 2_800,
+    }
     rows = {r["figure"]: r for r in figures({"state": state}, checkpoint_interval_ms=5_000, cores=2)}
     assert rows["in-memory core (per-user step, timers, state encode), 3 models: events/s"]["verdict"] == "MISS"
     assert rows["in-memory core without the model segments and models: events/s"]["verdict"] == "pass"

@@ -180,8 +180,13 @@ def a_transition(**changes) -> dict:
         "sequence": 1,
         "definitions_version": "builtin-1",
         "model_version": None,
-        "reason": {"rule": "ms_since_last_event < 600000", "features": {"ms_since_last_event": 0.0}, "scores": {},
-                   "labels": {}, "missing": []},
+        "reason": {
+            "rule": "ms_since_last_event < 600000",
+            "features": {"ms_since_last_event": 0.0},
+            "scores": {},
+            "labels": {},
+            "missing": [],
+        },
     }
     return {**record, **changes}
 
@@ -302,7 +307,7 @@ def reason_of(codec, payload) -> str:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"garbage", b"\xc3", b"\xc3\x01\x00", b"{\"user_id\": \"u1\"}", b"\x00\x01" + b"\x00" * 20],
+    [b"", b"garbage", b"\xc3", b"\xc3\x01\x00", b'{"user_id": "u1"}', b"\x00\x01" + b"\x00" * 20],
     ids=["empty", "text", "half_magic", "short_header", "json", "wrong_magic"],
 )
 def test_garbage_bytes_are_rejected_as_bad_magic(catalog, payload):
@@ -360,8 +365,16 @@ def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
     session id follows whichever branch a reader takes for the index (-1 read as string, -2 as
     null), so that a reader that wraps a negative index around reads the whole body."""
     session = avro_string("u1-s1") if session_branch in (1, -1) else b""
-    return (avro_string("u1-1") + avro_string("u1") + zigzag(event_type) + zigzag(START_MS)
-            + zigzag(session_branch) + session + b"\x00" * 5 + b"\x00")
+    return (
+        avro_string("u1-1")
+        + avro_string("u1")
+        + zigzag(event_type)
+        + zigzag(START_MS)
+        + zigzag(session_branch)
+        + session
+        + b"\x00" * 5
+        + b"\x00"
+    )
 
 
 def test_the_hand_written_user_event_body_is_what_the_codec_writes(catalog):

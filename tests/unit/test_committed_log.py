@@ -36,9 +36,16 @@ def _bytes(b: bytes | None) -> bytes:
     return _varint(-1) if b is None else _varint(len(b)) + b
 
 
-def batch(base_offset: int, records: list[tuple[int, bytes | None, bytes | None]], producer_id: int = 7,
-          transactional: bool = False, control: bool = False, compression: int = 0,
-          last_offset_delta: int | None = None, magic: int = 2) -> bytes:
+def batch(
+    base_offset: int,
+    records: list[tuple[int, bytes | None, bytes | None]],
+    producer_id: int = 7,
+    transactional: bool = False,
+    control: bool = False,
+    compression: int = 0,
+    last_offset_delta: int | None = None,
+    magic: int = 2,
+) -> bytes:
     """A record batch v2: records as (offset delta, key, value); the CRC is not checked by the reader."""
     body = b""
     for delta, key, value in records:
@@ -46,8 +53,11 @@ def batch(base_offset: int, records: list[tuple[int, bytes | None, bytes | None]
         body += _varint(len(record)) + record
     attributes = compression | (0x10 if transactional else 0) | (0x20 if control else 0)
     last = max(d for d, _, _ in records) if last_offset_delta is None else last_offset_delta
-    after_length = struct.pack(">ibih", 0, magic, 0, attributes) + struct.pack(">iqqqhii", last, 0, 0, producer_id,
-                                                                               0, 0, len(records)) + body
+    after_length = (
+        struct.pack(">ibih", 0, magic, 0, attributes)
+        + struct.pack(">iqqqhii", last, 0, 0, producer_id, 0, 0, len(records))
+        + body
+    )
     return struct.pack(">qi", base_offset, len(after_length)) + after_length
 
 
@@ -57,12 +67,18 @@ def marker(offset: int, producer_id: int, commit: bool) -> bytes:
 
 
 def test_records_and_markers_come_out_with_their_offsets():
-    data = (batch(0, [(0, b"k", b"plain")], producer_id=-1)
-            + batch(1, [(0, b"u1", b"a"), (1, b"u2", b"b")], producer_id=5, transactional=True)
-            + marker(3, 5, commit=True))
+    data = (
+        batch(0, [(0, b"k", b"plain")], producer_id=-1)
+        + batch(1, [(0, b"u1", b"a"), (1, b"u2", b"b")], producer_id=5, transactional=True)
+        + marker(3, 5, commit=True)
+    )
     entries, next_offset = _parse(0, data)
-    assert entries == [LogRecord(0, 0, -1, False, b"k", b"plain"), LogRecord(0, 1, 5, True, b"u1", b"a"),
-                       LogRecord(0, 2, 5, True, b"u2", b"b"), TransactionMarker(0, 3, 5, True)]
+    assert entries == [
+        LogRecord(0, 0, -1, False, b"k", b"plain"),
+        LogRecord(0, 1, 5, True, b"u1", b"a"),
+        LogRecord(0, 2, 5, True, b"u2", b"b"),
+        TransactionMarker(0, 3, 5, True),
+    ]
     assert next_offset == 4 and parse_batches(0, data) == entries
 
 
@@ -82,12 +98,15 @@ def test_what_it_cannot_read_is_an_error_not_a_skip(kind, match):
 
 
 def test_a_commit_releases_its_producers_records_an_abort_drops_them_and_open_ones_wait():
-    entries, _ = _parse(0, batch(0, [(0, None, b"a1")], producer_id=1, transactional=True)
-                        + batch(1, [(0, None, b"b1")], producer_id=2, transactional=True)
-                        + batch(2, [(0, None, b"plain")], producer_id=-1)
-                        + marker(3, 2, commit=False)
-                        + batch(4, [(0, None, b"c1")], producer_id=3, transactional=True)
-                        + marker(5, 1, commit=True))
+    entries, _ = _parse(
+        0,
+        batch(0, [(0, None, b"a1")], producer_id=1, transactional=True)
+        + batch(1, [(0, None, b"b1")], producer_id=2, transactional=True)
+        + batch(2, [(0, None, b"plain")], producer_id=-1)
+        + marker(3, 2, commit=False)
+        + batch(4, [(0, None, b"c1")], producer_id=3, transactional=True)
+        + marker(5, 1, commit=True),
+    )
     cursor = PartitionCursor(0)
     assert [r.value for r in cursor.take(entries)] == [b"plain", b"a1"]
     assert cursor.aborted == 1 and {pid: [r.value for r in rs] for pid, rs in cursor.pending.items()} == {3: [b"c1"]}

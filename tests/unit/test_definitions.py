@@ -1,8 +1,9 @@
 """Definition files: the example segments of the issue on small hand-built event sequences with
 the exact transitions they must produce; hysteresis, min_dwell, exclusive groups, segments removed
 from the definitions, what a transition's reason records; the shipped file; and every rejection,
-each naming the file, the line (and column where known) and the segment. docs/definitions.md. Instants are worked out by hand from the definitions and the default profile
-configuration (buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min; half-life 7 d)."""
+each naming the file, the line (and column where known) and the segment. docs/definitions.md.
+Instants are worked out by hand from the definitions and the default profile configuration
+(buckets 10m/1m, 1h/5m, 24h/1h, 7d/6h, 30d/1d; session gap 30 min; half-life 7 d)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ class Run:
 
 
 def brief(transitions, segments=None) -> list[tuple]:
-    return [(t.segment, t.kind, t.event_time - A, t.cause) for t in transitions
-            if segments is None or t.segment in segments]
+    return [
+        (t.segment, t.kind, t.event_time - A, t.cause) for t in transitions if segments is None or t.segment in segments
+    ]
 
 
 def replay(definitions, events, until, segments=None, **kw) -> list[tuple]:
@@ -127,15 +129,33 @@ SHOP = load_definitions(SHIPPED_DEFINITIONS, models=ModelRegistry.outputs_of(DEF
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
     shop = Segmentation.load(SHIPPED_DEFINITIONS).definitions
     assert shop.version == "shop-5"
-    assert shop.names == ("active_browser", "cart_holder", "cart_abandoner", "potential_buyer",
-                          "abandoner_still_browsing", "shoe_considerer", "shoe_browser_not_buying", "window_shopper",
-                          "engagement_score_above_50", "engaged_steady", "highly_engaged", "likely_buyer",
-                          "churn_risk_high", "big_spender_persona", "browsing_not_buying_persona", "tier_high",
-                          "tier_medium", "tier_low")
+    assert shop.names == (
+        "active_browser",
+        "cart_holder",
+        "cart_abandoner",
+        "potential_buyer",
+        "abandoner_still_browsing",
+        "shoe_considerer",
+        "shoe_browser_not_buying",
+        "window_shopper",
+        "engagement_score_above_50",
+        "engaged_steady",
+        "highly_engaged",
+        "likely_buyer",
+        "churn_risk_high",
+        "big_spender_persona",
+        "browsing_not_buying_persona",
+        "tier_high",
+        "tier_medium",
+        "tier_low",
+    )
     assert [s.name for s in shop.groups["engagement_tier"].segments] == ["tier_high", "tier_medium", "tier_low"]
     steady = shop.segments["engaged_steady"]
     assert (steady.enter.text, steady.exit.text, steady.min_dwell_ms) == (
-        "engagement_score > 50", "engagement_score < 40", DAY_MS)
+        "engagement_score > 50",
+        "engagement_score < 40",
+        DAY_MS,
+    )
     assert shop.segments["cart_abandoner"].enter.text == "cart_items > 0 and ms_since_cart_activity >= 30m"
     assert shop.models == ("churn_risk", "personas", "purchase_propensity")
     assert shop.rescore_every_ms == 6 * 3_600_000
@@ -167,14 +187,22 @@ def test_viewed_product_x_in_the_last_10_minutes_and_added_it_to_the_cart():
     out = run.event(add(3, A + 2 * MINUTE_MS, "p-shoes-007", price=80.0))
     [enter] = [t for t in out if t.segment == "shoe_considerer"]
     assert (enter.kind, enter.event_time, enter.cause, enter.cause_event_id) == (
-        "ENTER", A + 2 * MINUTE_MS, "EVENT", "u1-3")
+        "ENTER",
+        A + 2 * MINUTE_MS,
+        "EVENT",
+        "u1-3",
+    )
     assert enter.rule == 'ms_since_viewed_product["p-shoes-007"] < 10m and cart_quantity["p-shoes-007"] > 0'
-    assert enter.features == {"ms_since_viewed_product[p-shoes-007]": 2.0 * MINUTE_MS,
-                              "cart_quantity[p-shoes-007]": 1.0}
+    assert enter.features == {
+        "ms_since_viewed_product[p-shoes-007]": 2.0 * MINUTE_MS,
+        "cart_quantity[p-shoes-007]": 1.0,
+    }
     run.until(A + DAY_MS)
     # the view is 10 minutes old at A+10m: the condition stops holding then, by time alone
-    assert brief(run.all, {"shoe_considerer"}) == [("shoe_considerer", "ENTER", 2 * MINUTE_MS, "EVENT"),
-                                                    ("shoe_considerer", "EXIT", 10 * MINUTE_MS, "TIMER")]
+    assert brief(run.all, {"shoe_considerer"}) == [
+        ("shoe_considerer", "ENTER", 2 * MINUTE_MS, "EVENT"),
+        ("shoe_considerer", "EXIT", 10 * MINUTE_MS, "TIMER"),
+    ]
     [exit_] = [t for t in run.all if t.segment == "shoe_considerer" and t.kind == "EXIT"]
     assert exit_.rule == 'not (ms_since_viewed_product["p-shoes-007"] < 10m and cart_quantity["p-shoes-007"] > 0)'
     assert exit_.features["ms_since_viewed_product[p-shoes-007]"] == 10.0 * MINUTE_MS
@@ -185,11 +213,18 @@ def test_viewed_product_x_needs_that_product_in_the_cart_and_a_view_of_it():
     assert replay(SHOP, other_in_cart, A + DAY_MS, {"shoe_considerer"}) == []
     added_then_viewed = [add(1, A, "p-shoes-007"), view(2, A + 5 * MINUTE_MS, "p-shoes-007")]
     assert replay(SHOP, added_then_viewed, A + DAY_MS, {"shoe_considerer"}) == [
-        ("shoe_considerer", "ENTER", 5 * MINUTE_MS, "EVENT"), ("shoe_considerer", "EXIT", 15 * MINUTE_MS, "TIMER")]
-    removed = [view(1, A, "p-shoes-007"), add(2, A + MINUTE_MS, "p-shoes-007"),
-               remove(3, A + 3 * MINUTE_MS, "p-shoes-007")]
+        ("shoe_considerer", "ENTER", 5 * MINUTE_MS, "EVENT"),
+        ("shoe_considerer", "EXIT", 15 * MINUTE_MS, "TIMER"),
+    ]
+    removed = [
+        view(1, A, "p-shoes-007"),
+        add(2, A + MINUTE_MS, "p-shoes-007"),
+        remove(3, A + 3 * MINUTE_MS, "p-shoes-007"),
+    ]
     assert replay(SHOP, removed, A + DAY_MS, {"shoe_considerer"}) == [
-        ("shoe_considerer", "ENTER", MINUTE_MS, "EVENT"), ("shoe_considerer", "EXIT", 3 * MINUTE_MS, "EVENT")]
+        ("shoe_considerer", "ENTER", MINUTE_MS, "EVENT"),
+        ("shoe_considerer", "EXIT", 3 * MINUTE_MS, "EVENT"),
+    ]
 
 
 def test_viewed_a_category_more_than_3_times_in_24h_and_has_not_purchased():
@@ -205,25 +240,29 @@ def test_viewed_a_category_more_than_3_times_in_24h_and_has_not_purchased():
     run.until(A + 3 * DAY_MS)
     assert brief(run.all, {"shoe_browser_not_buying"}) == [
         ("shoe_browser_not_buying", "ENTER", 70 * MINUTE_MS, "EVENT"),
-        ("shoe_browser_not_buying", "EXIT", DAY_MS, "TIMER")]
+        ("shoe_browser_not_buying", "EXIT", DAY_MS, "TIMER"),
+    ]
     # hats do not count, and a purchase ends it at once
     hats = [view(10 + i, A + i * MINUTE_MS, f"h{i}", "hats") for i in range(5)]
     assert replay(SHOP, hats, A + DAY_MS, {"shoe_browser_not_buying"}) == []
     bought = [*views, ev(9, A + 2 * HOUR_MS, "purchase", price=50.0)]
     assert replay(SHOP, bought, A + 3 * DAY_MS, {"shoe_browser_not_buying"}) == [
         ("shoe_browser_not_buying", "ENTER", 70 * MINUTE_MS, "EVENT"),
-        ("shoe_browser_not_buying", "EXIT", 2 * HOUR_MS, "EVENT")]
+        ("shoe_browser_not_buying", "EXIT", 2 * HOUR_MS, "EVENT"),
+    ]
 
 
 def test_has_not_purchased_comes_back_exactly_seven_days_after_the_purchase():
     # purchase at A; four shoe views in the 24h bucket [A+6d20h, A+6d21h): not while the purchase is
     # less than 7 days old; enters at A+7d; the views leave the 24h horizon at A+7d20h
     start = 6 * DAY_MS + 20 * HOUR_MS
-    events = [ev(1, A, "purchase", price=10.0)] + [view(2 + i, A + start + i * MINUTE_MS, f"s{i}", "shoes")
-                                                     for i in range(4)]
+    events = [ev(1, A, "purchase", price=10.0)] + [
+        view(2 + i, A + start + i * MINUTE_MS, f"s{i}", "shoes") for i in range(4)
+    ]
     assert replay(SHOP, events, A + 9 * DAY_MS, {"shoe_browser_not_buying"}) == [
         ("shoe_browser_not_buying", "ENTER", WEEK_MS, "TIMER"),
-        ("shoe_browser_not_buying", "EXIT", WEEK_MS + 20 * HOUR_MS, "TIMER")]
+        ("shoe_browser_not_buying", "EXIT", WEEK_MS + 20 * HOUR_MS, "TIMER"),
+    ]
 
 
 def test_more_than_5_sessions_a_week_is_tier_high_with_medium_and_low_as_the_rest():
@@ -236,16 +275,23 @@ def test_more_than_5_sessions_a_week_is_tier_high_with_medium_and_low_as_the_res
     tiers = {"tier_high", "tier_medium", "tier_low"}
     assert brief(run.all, tiers) == [
         ("tier_low", "ENTER", 0, "EVENT"),  # 1 session: the rest
-        ("tier_low", "EXIT", HOUR_MS, "EVENT"), ("tier_medium", "ENTER", HOUR_MS, "EVENT"),  # 2 > 1
-        ("tier_medium", "EXIT", 5 * HOUR_MS, "EVENT"), ("tier_high", "ENTER", 5 * HOUR_MS, "EVENT"),  # 6 > 5
+        ("tier_low", "EXIT", HOUR_MS, "EVENT"),
+        ("tier_medium", "ENTER", HOUR_MS, "EVENT"),  # 2 > 1
+        ("tier_medium", "EXIT", 5 * HOUR_MS, "EVENT"),
+        ("tier_high", "ENTER", 5 * HOUR_MS, "EVENT"),  # 6 > 5
         # A+7d: 5 sessions, still high (it leaves at 4 or fewer)
-        ("tier_high", "EXIT", WEEK_MS + HOUR_MS, "TIMER"), ("tier_medium", "ENTER", WEEK_MS + HOUR_MS, "TIMER"),  # 4
+        ("tier_high", "EXIT", WEEK_MS + HOUR_MS, "TIMER"),
+        ("tier_medium", "ENTER", WEEK_MS + HOUR_MS, "TIMER"),  # 4
         ("tier_medium", "EXIT", WEEK_MS + 4 * HOUR_MS, "TIMER"),
         ("tier_low", "ENTER", WEEK_MS + 4 * HOUR_MS, "TIMER"),  # 1
     ]
     rules = [(t.segment, t.kind, t.rule, t.features) for t in run.all if t.segment in tiers]
-    assert rules[1] == ("tier_low", "EXIT", "exclusive group engagement_tier: tier_medium took precedence "
-                        "(sessions_per_week > 1)", {"sessions_per_week": 2.0})
+    assert rules[1] == (
+        "tier_low",
+        "EXIT",
+        "exclusive group engagement_tier: tier_medium took precedence (sessions_per_week > 1)",
+        {"sessions_per_week": 2.0},
+    )
     assert rules[3][2] == "exclusive group engagement_tier: tier_high took precedence (sessions_per_week > 5)"
     assert rules[5] == ("tier_high", "EXIT", "sessions_per_week <= 4", {"sessions_per_week": 4.0})
     assert rules[7] == ("tier_medium", "EXIT", "not (sessions_per_week > 1)", {"sessions_per_week": 1.0})
@@ -265,22 +311,30 @@ def test_engagement_score_above_50_enters_at_the_sixth_video_and_leaves_at_the_e
     for k in range(6):
         run.event(ev(k, A + k * MINUTE_MS, "video_play"))
     assert brief(run.all, {"engagement_score_above_50"}) == [
-        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")]
+        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")
+    ]
     run.until(below_50 - 1)
     assert brief(run.all, {"engagement_score_above_50"}) == [
-        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")]
+        ("engagement_score_above_50", "ENTER", 5 * MINUTE_MS, "EVENT")
+    ]
     read = SHOP.catalog.read
     assert read("engagement_score", run.profile, below_50 - 1) > 50 >= read("engagement_score", run.profile, below_50)
     [exit_] = [t for t in run.until(below_50) if t.segment == "engagement_score_above_50"]
     assert (exit_.kind, exit_.event_time, exit_.cause, exit_.rule) == (
-        "EXIT", below_50, "TIMER", "not (engagement_score > 50)")
+        "EXIT",
+        below_50,
+        "TIMER",
+        "not (engagement_score > 50)",
+    )
 
 
 def test_engaged_steady_holds_through_50_and_leaves_below_40_hysteresis_with_exact_instants():
     below_40 = first_instant(A + 5 * MINUTE_MS, lambda t: engagement(t) < 40)
     events = [ev(k, A + k * MINUTE_MS, "video_play") for k in range(6)]
     assert replay(SHOP, events, A + 3 * WEEK_MS, {"engaged_steady"}) == [
-        ("engaged_steady", "ENTER", 5 * MINUTE_MS, "EVENT"), ("engaged_steady", "EXIT", below_40 - A, "TIMER")]
+        ("engaged_steady", "ENTER", 5 * MINUTE_MS, "EVENT"),
+        ("engaged_steady", "EXIT", below_40 - A, "TIMER"),
+    ]
     run = Run(SHOP)
     for event in events:
         run.event(event)
@@ -311,11 +365,15 @@ def test_in_segment_a_and_not_in_segment_b():
     # window_shopper: segment.active_browser and not segment.cart_holder
     events = [ev(1, A), add(2, A + MINUTE_MS), remove(3, A + 2 * MINUTE_MS, quantity=None)]
     assert replay(SHOP, events, A + DAY_MS, {"active_browser", "cart_holder", "window_shopper"}) == [
-        ("active_browser", "ENTER", 0, "EVENT"), ("window_shopper", "ENTER", 0, "EVENT"),
-        ("window_shopper", "EXIT", MINUTE_MS, "EVENT"), ("cart_holder", "ENTER", MINUTE_MS, "EVENT"),
-        ("cart_holder", "EXIT", 2 * MINUTE_MS, "EVENT"), ("window_shopper", "ENTER", 2 * MINUTE_MS, "EVENT"),
+        ("active_browser", "ENTER", 0, "EVENT"),
+        ("window_shopper", "ENTER", 0, "EVENT"),
+        ("window_shopper", "EXIT", MINUTE_MS, "EVENT"),
+        ("cart_holder", "ENTER", MINUTE_MS, "EVENT"),
+        ("cart_holder", "EXIT", 2 * MINUTE_MS, "EVENT"),
+        ("window_shopper", "ENTER", 2 * MINUTE_MS, "EVENT"),
         # the last event is at A+2m: active_browser lapses at A+12m, and window_shopper with it
-        ("active_browser", "EXIT", 12 * MINUTE_MS, "TIMER"), ("window_shopper", "EXIT", 12 * MINUTE_MS, "TIMER"),
+        ("active_browser", "EXIT", 12 * MINUTE_MS, "TIMER"),
+        ("window_shopper", "EXIT", 12 * MINUTE_MS, "TIMER"),
     ]
     run = Run(SHOP)
     run.event(ev(1, A))
@@ -361,14 +419,19 @@ def test_model_scores_purchase_propensity_churn_risk_and_persona_cluster():
 
     scorer.next = {"purchase_propensity": 0.71, "churn_risk": 0.8, "persona": 1}
     out = run.event(ev(2, A + MINUTE_MS))
-    assert sorted(brief(out)) == sorted([
-        ("churn_risk", "EXIT", MINUTE_MS, "EVENT"),  # 0.8 is not above 0.8
-        ("persona_2", "EXIT", MINUTE_MS, "EVENT"),
-        ("likely_buyer", "ENTER", MINUTE_MS, "EVENT"),
-        ("likely_buyer_now", "ENTER", MINUTE_MS, "EVENT")])
+    assert sorted(brief(out)) == sorted(
+        [
+            ("churn_risk", "EXIT", MINUTE_MS, "EVENT"),  # 0.8 is not above 0.8
+            ("persona_2", "EXIT", MINUTE_MS, "EVENT"),
+            ("likely_buyer", "ENTER", MINUTE_MS, "EVENT"),
+            ("likely_buyer_now", "ENTER", MINUTE_MS, "EVENT"),
+        ]
+    )
     assert [t.kind for t in out] == ["EXIT", "EXIT", "ENTER", "ENTER"]
     assert {t.segment: t.rule for t in out if t.kind == "EXIT"} == {
-        "churn_risk": "not (score.churn_risk > 0.8)", "persona_2": "not (score.persona == 2)"}
+        "churn_risk": "not (score.churn_risk > 0.8)",
+        "persona_2": "not (score.persona == 2)",
+    }
 
     # scores are computed once per event and hold until the next one: the timer at A+11m reads them
     [lapse] = run.until(A + 11 * MINUTE_MS)
@@ -386,8 +449,10 @@ def test_a_persona_cluster_threshold_must_be_a_cluster_id():
     for bad, shown in (("score.persona == 4", "4"), ("score.persona >= -1", "-1"), ("score.persona < 3.5", "3.5")):
         with pytest.raises(DefinitionError) as info:
             parse(f"version: v1\nsegments:\n  - name: s\n    when: {bad}\n", MODELS)
-        assert str(info.value) == (f"defs.yaml:4:25: segment 's': threshold {shown} is outside the range of "
-                                   f"score.persona, [0, 3]: the comparison would be constant")
+        assert str(info.value) == (
+            f"defs.yaml:4:25: segment 's': threshold {shown} is outside the range of "
+            f"score.persona, [0, 3]: the comparison would be constant"
+        )
 
 
 # =============================================================================================
@@ -396,18 +461,29 @@ def test_a_persona_cluster_threshold_must_be_a_cluster_id():
 
 
 def test_hysteresis_enters_on_the_enter_condition_and_leaves_only_on_the_exit_condition():
-    definitions = parse("version: v1\nsegments:\n  - name: big\n    enter: cart_items >= 3\n"
-                        "    exit: cart_items <= 1\n")
-    events = [add(1, A, quantity=3), remove(2, A + MINUTE_MS), remove(3, A + 2 * MINUTE_MS), add(4, A + 3 * MINUTE_MS),
-              add(5, A + 4 * MINUTE_MS)]
+    definitions = parse(
+        "version: v1\nsegments:\n  - name: big\n    enter: cart_items >= 3\n    exit: cart_items <= 1\n"
+    )
+    events = [
+        add(1, A, quantity=3),
+        remove(2, A + MINUTE_MS),
+        remove(3, A + 2 * MINUTE_MS),
+        add(4, A + 3 * MINUTE_MS),
+        add(5, A + 4 * MINUTE_MS),
+    ]
     # cart: 3 (enter), 2 (stays), 1 (leaves), 2 (does not come back), 3 (enters)
     assert replay(definitions, events, A + DAY_MS) == [
-        ("big", "ENTER", 0, "EVENT"), ("big", "EXIT", 2 * MINUTE_MS, "EVENT"), ("big", "ENTER", 4 * MINUTE_MS, "EVENT")]
+        ("big", "ENTER", 0, "EVENT"),
+        ("big", "EXIT", 2 * MINUTE_MS, "EVENT"),
+        ("big", "ENTER", 4 * MINUTE_MS, "EVENT"),
+    ]
     run = Run(definitions)
     for event in events[:3]:
         run.event(event)
-    assert [(t.rule, t.features) for t in run.all] == [("cart_items >= 3", {"cart_items": 3.0}),
-                                                       ("cart_items <= 1", {"cart_items": 1.0})]
+    assert [(t.rule, t.features) for t in run.all] == [
+        ("cart_items >= 3", {"cart_items": 3.0}),
+        ("cart_items <= 1", {"cart_items": 1.0}),
+    ]
 
 
 def test_an_enter_exit_pair_that_can_both_hold_is_one_stay_entry_winning_while_enter_holds():
@@ -415,24 +491,29 @@ def test_an_enter_exit_pair_that_can_both_hold_is_one_stay_entry_winning_while_e
     and A does not, at the exact instant, by a timer when time alone gets it there."""
     # The issue's pair: B (recent activity) holds at every event, so a member leaves only when
     # the cart empties, and at that very event (it used to leave at the next event after entering).
-    pair = parse("version: v1\nsegments:\n  - name: s\n    enter: cart_items > 0\n"
-                 "    exit: ms_since_last_event < 1d\n")
-    assert replay(pair, [add(1, A), ev(2, A + MINUTE_MS), ev(3, A + HOUR_MS),
-                         ev(4, A + 2 * HOUR_MS, "purchase", price=5.0)],
-                  A + 3 * DAY_MS) == [("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 2 * HOUR_MS, "EVENT")]
+    pair = parse("version: v1\nsegments:\n  - name: s\n    enter: cart_items > 0\n    exit: ms_since_last_event < 1d\n")
+    assert replay(
+        pair,
+        [add(1, A), ev(2, A + MINUTE_MS), ev(3, A + HOUR_MS), ev(4, A + 2 * HOUR_MS, "purchase", price=5.0)],
+        A + 3 * DAY_MS,
+    ) == [("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 2 * HOUR_MS, "EVENT")]
     # A lapses by time while B holds: the exit is due at A's lapse and a timer takes it there.
-    lapsing = parse("version: v1\nsegments:\n  - name: s\n    enter: ms_since_last_event < 10m\n"
-                    "    exit: cart_items == 0\n")
+    lapsing = parse(
+        "version: v1\nsegments:\n  - name: s\n    enter: ms_since_last_event < 10m\n    exit: cart_items == 0\n"
+    )
     run = Run(lapsing)
     assert brief(run.event(ev(1, A))) == [("s", "ENTER", 0, "EVENT")]  # entry wins: B holds too
     assert run.next_change() == A + 10 * MINUTE_MS
     out = run.until(A + DAY_MS)
     assert [(t.kind, t.event_time - A, t.cause, t.rule, t.features) for t in out] == [
-        ("EXIT", 10 * MINUTE_MS, "TIMER", "cart_items == 0", {"cart_items": 0.0})]
+        ("EXIT", 10 * MINUTE_MS, "TIMER", "cart_items == 0", {"cart_items": 0.0})
+    ]
     # While B does not hold, A lapsing changes nothing; B coming true with A still holding
     # changes nothing either; A's lapse after that is the exit.
     assert replay(lapsing, [add(1, A), remove(2, A + 20 * MINUTE_MS)], A + DAY_MS) == [
-        ("s", "ENTER", 0, "EVENT"), ("s", "EXIT", 30 * MINUTE_MS, "TIMER")]
+        ("s", "ENTER", 0, "EVENT"),
+        ("s", "EXIT", 30 * MINUTE_MS, "TIMER"),
+    ]
 
 
 def test_in_a_group_a_member_whose_own_exit_holds_records_its_own_rule_not_the_precedence():
@@ -443,7 +524,9 @@ def test_in_a_group_a_member_whose_own_exit_holds_records_its_own_rule_not_the_p
     run.event(add(1, A, quantity=1))  # small
     out = run.event(add(2, A + MINUTE_MS, quantity=2))  # 3 items: big enters, small's own exit does not hold
     assert [(t.segment, t.kind, t.rule) for t in out] == [
-        ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"), ("big", "ENTER", "cart_items >= 3")]
+        ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"),
+        ("big", "ENTER", "cart_items >= 3"),
+    ]
     own = parse("""\
 version: groups-own
 segments:
@@ -459,19 +542,24 @@ exclusive_groups:
     run = Run(own)
     assert brief(run.event(add(1, A))) == [("carted", "ENTER", 0, "EVENT")]
     out = run.event(ev(2, A + MINUTE_MS, "purchase", price=10.0))  # empties the cart (own exit) and makes first hold
-    assert [(t.segment, t.kind, t.rule) for t in out] == [("carted", "EXIT", "cart_items == 0"),
-                                                         ("first", "ENTER", "ms_since_last_purchase < 1h")]
+    assert [(t.segment, t.kind, t.rule) for t in out] == [
+        ("carted", "EXIT", "cart_items == 0"),
+        ("first", "ENTER", "ms_since_last_purchase < 1h"),
+    ]
     assert out[0].features == {"cart_items": 0.0}
 
 
-@pytest.mark.parametrize("enter, exit_", [
-    ("engagement_score > 50", "engagement_score < 60"),
-    ("engagement_score >= 50", "engagement_score <= 50"),  # both hold at exactly 50
-    ("50 < engagement_score", "engagement_score < 60"),
-    ("cart_items > 2", "cart_items < 5"),
-    ("score.churn_risk > 0.5", "score.churn_risk <= 0.9"),
-    ("ms_since_last_event < 10m", "ms_since_last_event < 20m"),
-])
+@pytest.mark.parametrize(
+    "enter, exit_",
+    [
+        ("engagement_score > 50", "engagement_score < 60"),
+        ("engagement_score >= 50", "engagement_score <= 50"),  # both hold at exactly 50
+        ("50 < engagement_score", "engagement_score < 60"),
+        ("cart_items > 2", "cart_items < 5"),
+        ("score.churn_risk > 0.5", "score.churn_risk <= 0.9"),
+        ("ms_since_last_event < 10m", "ms_since_last_event < 20m"),
+    ],
+)
 def test_overlapping_hysteresis_thresholds_are_refused_at_the_exit_line(enter, exit_):
     text = f"version: v1\nsegments:\n  - name: s\n    enter: {enter}\n    exit: {exit_}\n"
     with pytest.raises(DefinitionError) as info:
@@ -479,11 +567,16 @@ def test_overlapping_hysteresis_thresholds_are_refused_at_the_exit_line(enter, e
     assert str(info.value).startswith(f"defs.yaml:5: segment 's': enter ({enter}) and exit ({exit_}) both hold")
 
 
-@pytest.mark.parametrize("enter, exit_", [
-    ("engagement_score > 50", "engagement_score < 40"), ("engagement_score > 50", "engagement_score <= 50"),
-    ("engagement_score >= 50", "engagement_score < 50"), ("cart_items > 2", "cart_items < 1"),
-    ("ms_since_last_event < 10m", "ms_since_last_event >= 10m"),
-])
+@pytest.mark.parametrize(
+    "enter, exit_",
+    [
+        ("engagement_score > 50", "engagement_score < 40"),
+        ("engagement_score > 50", "engagement_score <= 50"),
+        ("engagement_score >= 50", "engagement_score < 50"),
+        ("cart_items > 2", "cart_items < 1"),
+        ("ms_since_last_event < 10m", "ms_since_last_event >= 10m"),
+    ],
+)
 def test_separated_hysteresis_thresholds_are_accepted(enter, exit_):
     parse(f"version: v1\nsegments:\n  - name: s\n    enter: {enter}\n    exit: {exit_}\n")
 
@@ -510,17 +603,24 @@ def test_min_dwell_delays_an_exit_to_exactly_the_end_of_the_dwell_by_a_timer():
     out = run.until(A + HOUR_MS)
     assert [(t.segment, t.kind, t.event_time, t.cause, t.rule) for t in out] == [
         ("big_cart", "EXIT", A + HOUR_MS, "TIMER", "cart_items < 1"),
-        ("recent", "EXIT", A + HOUR_MS, "TIMER", "not (ms_since_last_event < 10m)")]
+        ("recent", "EXIT", A + HOUR_MS, "TIMER", "not (ms_since_last_event < 10m)"),
+    ]
 
 
 def test_at_the_end_of_the_dwell_the_exit_is_checked_again():
-    events = [add(1, A, quantity=3), remove(2, A + 5 * MINUTE_MS, quantity=None), add(3, A + 55 * MINUTE_MS),
-              remove(4, A + 2 * HOUR_MS, quantity=None)]
+    events = [
+        add(1, A, quantity=3),
+        remove(2, A + 5 * MINUTE_MS, quantity=None),
+        add(3, A + 55 * MINUTE_MS),
+        remove(4, A + 2 * HOUR_MS, quantity=None),
+    ]
     # at A+1h: one item in the cart (not < 1) and the last event 5 minutes old: both stay
     assert replay(parse(DWELL_FILE), events, A + DAY_MS) == [
-        ("big_cart", "ENTER", 0, "EVENT"), ("recent", "ENTER", 0, "EVENT"),
+        ("big_cart", "ENTER", 0, "EVENT"),
+        ("recent", "ENTER", 0, "EVENT"),
         ("recent", "EXIT", 65 * MINUTE_MS, "TIMER"),
-        ("big_cart", "EXIT", 2 * HOUR_MS, "EVENT"), ("recent", "ENTER", 2 * HOUR_MS, "EVENT"),
+        ("big_cart", "EXIT", 2 * HOUR_MS, "EVENT"),
+        ("recent", "ENTER", 2 * HOUR_MS, "EVENT"),
         ("recent", "EXIT", 3 * HOUR_MS, "TIMER"),  # entered at A+2h: the dwell, not the 10 minutes, decides
     ]
 
@@ -544,12 +644,15 @@ def test_an_exclusive_group_takes_the_first_listed_and_an_earlier_one_takes_prec
     assert brief(run.event(add(1, A, quantity=3))) == [("big", "ENTER", 0, "EVENT")]  # both hold: big is first
     assert run.event(remove(2, A + MINUTE_MS)) == []  # 2: big does not leave, small cannot displace it
     out = run.event(remove(3, A + 2 * MINUTE_MS))  # 1: big leaves, small enters; the exit first
-    assert [(t.segment, t.kind, t.rule) for t in out] == [("big", "EXIT", "cart_items < 2"),
-                                                         ("small", "ENTER", "cart_items >= 1")]
+    assert [(t.segment, t.kind, t.rule) for t in out] == [
+        ("big", "EXIT", "cart_items < 2"),
+        ("small", "ENTER", "cart_items >= 1"),
+    ]
     out = run.event(add(4, A + 3 * MINUTE_MS, quantity=2))  # 3: big enters again and takes precedence
     assert [(t.segment, t.kind, t.rule) for t in out] == [
         ("small", "EXIT", "exclusive group sizes: big took precedence (cart_items >= 3)"),
-        ("big", "ENTER", "cart_items >= 3")]
+        ("big", "ENTER", "cart_items >= 3"),
+    ]
     assert out[0].features == {"cart_items": 3.0}
     assert brief(run.event(remove(5, A + 4 * MINUTE_MS, quantity=None))) == [("big", "EXIT", 4 * MINUTE_MS, "EVENT")]
     assert {name: m.member for name, m in run.profile.memberships.items()} == {"big": False, "small": False}
@@ -577,9 +680,15 @@ def test_while_the_members_dwell_runs_the_group_does_not_change_then_precedence_
     assert run.until(A + 30 * MINUTE_MS - 1) == []
     out = run.until(A + 30 * MINUTE_MS)
     assert [(t.segment, t.kind, t.event_time, t.cause, t.rule) for t in out] == [
-        ("sticky", "EXIT", A + 30 * MINUTE_MS, "TIMER",
-         "exclusive group frozen: huge took precedence (cart_items >= 5)"),
-        ("huge", "ENTER", A + 30 * MINUTE_MS, "TIMER", "cart_items >= 5")]
+        (
+            "sticky",
+            "EXIT",
+            A + 30 * MINUTE_MS,
+            "TIMER",
+            "exclusive group frozen: huge took precedence (cart_items >= 5)",
+        ),
+        ("huge", "ENTER", A + 30 * MINUTE_MS, "TIMER", "cart_items >= 5"),
+    ]
 
 
 def test_a_dwelling_member_whose_condition_fails_leaves_at_the_dwell_end_and_no_one_enters():
@@ -589,7 +698,8 @@ def test_a_dwelling_member_whose_condition_fails_leaves_at_the_dwell_end_and_no_
         run.event(event)
     out = run.until(A + DAY_MS)
     assert [(t.segment, t.kind, t.event_time - A, t.rule) for t in out] == [
-        ("sticky", "EXIT", 30 * MINUTE_MS, "not (cart_items >= 1)")]
+        ("sticky", "EXIT", 30 * MINUTE_MS, "not (cart_items >= 1)")
+    ]
 
 
 def test_a_precedence_that_passed_during_the_dwell_changes_nothing():
@@ -620,12 +730,19 @@ segments:
 def test_a_segment_removed_from_the_definitions_exits_at_the_next_event_under_the_new_version():
     first = Run(parse(V1))
     assert [(t.segment, t.sequence, t.definitions_version) for t in first.event(add(1, A))] == [
-        ("holder", SEQ0 + 1, "v1"), ("recent", SEQ0 + 1, "v1")]
+        ("holder", SEQ0 + 1, "v1"),
+        ("recent", SEQ0 + 1, "v1"),
+    ]
     second = Run(parse(V2), profile=first.profile)
     [exit_] = second.event(ev(2, A + MINUTE_MS))
     assert (exit_.segment, exit_.kind, exit_.rule, exit_.features) == ("holder", "EXIT", REMOVED_RULE, {})
     assert (exit_.definitions_version, exit_.cause, exit_.cause_event_id, exit_.sequence, exit_.event_time) == (
-        "v2", "EVENT", "u1-2", SEQ0 + 2, A + MINUTE_MS)
+        "v2",
+        "EVENT",
+        "u1-2",
+        SEQ0 + 2,
+        A + MINUTE_MS,
+    )
     assert second.event(ev(3, A + 2 * MINUTE_MS)) == []  # once
 
 
@@ -636,7 +753,8 @@ def test_a_segment_removed_from_the_definitions_exits_at_the_next_timer_under_th
     out = second.until(A + DAY_MS)
     assert [(t.segment, t.kind, t.event_time - A, t.cause, t.rule, t.definitions_version) for t in out] == [
         ("holder", "EXIT", 10 * MINUTE_MS, "TIMER", REMOVED_RULE, "v2"),
-        ("recent", "EXIT", 10 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 10m)", "v2")]
+        ("recent", "EXIT", 10 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 10m)", "v2"),
+    ]
     # brought back by a later version, its sequence continues: no transition id is reused
     third = Run(parse(V1.replace("version: v1", "version: v3")), profile=first.profile)
     [enter] = [t for t in third.event(ev(2, A + 2 * DAY_MS)) if t.segment == "holder"]
@@ -659,7 +777,12 @@ def test_a_transition_reason_records_the_rule_as_written_features_labels_missing
     run = Run(parse(REASONS_FILE))
     [tiered] = run.event(ev(1, A))
     assert (tiered.segment, tiered.rule, tiered.features, tiered.labels, tiered.missing) == (
-        "tiered", 'engagement_tier == "low"', {}, {"engagement_tier": "low"}, ())
+        "tiered",
+        'engagement_tier == "low"',
+        {},
+        {"engagement_tier": "low"},
+        (),
+    )
     assert tiered.definitions_version == "reasons-7"
     out = run.event(ev(2, A + MINUTE_MS, "add_to_cart", product_id="p1", category="shoes", quantity=2))
     by = {t.segment: t for t in out}
@@ -671,8 +794,13 @@ def test_a_transition_reason_records_the_rule_as_written_features_labels_missing
     assert (shoes.rule, shoes.labels, shoes.features) == ('"shoes" in top_categories', {"top_categories": "shoes"}, {})
     record = cart.to_record(emitted_at=A + MINUTE_MS)
     assert record["definitions_version"] == "reasons-7"
-    assert record["reason"] == {"rule": "absent(purchase, 7d)   and cart_items>0", "features": {"cart_items": 2.0},
-                                "scores": {}, "labels": {}, "missing": ["ms_since_last_purchase"]}
+    assert record["reason"] == {
+        "rule": "absent(purchase, 7d)   and cart_items>0",
+        "features": {"cart_items": 2.0},
+        "scores": {},
+        "labels": {},
+        "missing": ["ms_since_last_purchase"],
+    }
     [left] = [t for t in run.event(ev(3, A + 2 * MINUTE_MS, "purchase", price=20.0)) if t.segment == "cart_no_purchase"]
     assert (left.kind, left.rule) == ("EXIT", "not (absent(purchase, 7d)   and cart_items>0)")
     assert left.features == {"ms_since_last_purchase": 0.0, "cart_items": 0.0} and left.missing == ()
@@ -695,81 +823,128 @@ def assert_names(err: DefinitionError, line: int | None, column: int | None, seg
     prefix = f"{where}: " + (f"segment {segment!r}: " if segment else "")
     text = str(err)
     assert text.startswith(prefix), (text, prefix)
-    assert message in text[len(prefix):], (text, message)
+    assert message in text[len(prefix) :], (text, message)
     assert (err.line, err.column, err.segment) == (line, column, segment)
 
 
 def with_bad(condition: str) -> str:
     """Line 6 holds segment `bad`'s condition, its first character at column 11."""
-    return ("version: v1\n"
-            "segments:\n"
-            "  - name: cart_holder\n"
-            "    when: cart_items > 0\n"
-            "  - name: bad\n"
-            f"    when: {condition}\n")
+    return (
+        "version: v1\n"
+        "segments:\n"
+        "  - name: cart_holder\n"
+        "    when: cart_items > 0\n"
+        "  - name: bad\n"
+        f"    when: {condition}\n"
+    )
 
 
-PC = {"purchase_propensity": ModelOutput("purchase_propensity"), "churn_risk": ModelOutput("churn_risk"),
-      "persona": ModelOutput("persona", clusters=4)}
+PC = {
+    "purchase_propensity": ModelOutput("purchase_propensity"),
+    "churn_risk": ModelOutput("churn_risk"),
+    "persona": ModelOutput("persona", clusters=4),
+}
 
 
-@pytest.mark.parametrize("condition, column, message, models", [
-    # unknown names
-    ("count_purchse_24h > 0", 11, "unknown feature 'count_purchse_24h' (did you mean 'count_purchase_24h'?)", None),
-    ("cart_itms > 0", 11, "unknown feature 'cart_itms' (did you mean 'cart_items'?)", None),
-    ("score.nope > 0.5", 11, "unknown model score 'nope' (models: none are installed)", None),
-    ("score.purchase_propensty > 0.7", 11,
-     "unknown model score 'purchase_propensty' (models: churn_risk, persona, purchase_propensity)", PC),
-    ("segment.cart_holdr", 11, "unknown segment 'cart_holdr' (did you mean 'cart_holder'?)", None),
-    ("cart_items > 0 and not segment.nothing_like_it", 34, "unknown segment 'nothing_like_it'", None),
-    # types
-    ("count_purchase_24h > 10m", 30, "count_purchase_24h is a number, not a duration: compare it with a plain number",
-     None),
-    ("engagement_tier == 3", 27, "cannot compare engagement_tier (text) with 3.0 (number)", None),
-    ("engagement_tier < 'high'", 27, "text is compared with == or != only, not <", None),
-    ("engagement_tier == 'hgh'", 27, "engagement_tier is never 'hgh': it is one of high, medium, low", None),
-    ("engagement_tier in ['high', 'hgh']", 39, "engagement_tier is never 'hgh': it is one of high, medium, low", None),
-    ("cart_items in [1, 'two']", 29, "'two' is not a number like cart_items", None),
-    ("ms_since_last_event > cart_items", 31, "cannot compare ms_since_last_event (duration) with cart_items (number)",
-     None),
-    ("engagement_tier in cart_items", 27, "cart_items is not a list", None),
-    ("top_categories == 'shoes'", 26, 'top_categories is a list: use "value" in top_categories', None),
-    ("cart_items", 11, "cart_items is not a condition: compare it with something, e.g. cart_items > 0", None),
-    ("segment.cart_holder == true", 31, "segments and true/false are conditions themselves", None),
-    ("1 < 2", 13, "a comparison needs a feature, score or segment on one side", None),
-    # ranges
-    ("cart_items > -1", 22, "threshold -1 is outside the range of cart_items, at least 0: the comparison would be "
-     "constant", None),
-    ("ms_since_last_event < -5m", 31, "threshold -300000 is outside the range of ms_since_last_event, at least 0",
-     None),
-    ("score.churn_risk > 1.5", 28, "threshold 1.5 is outside the range of score.churn_risk, [0, 1]", PC),
-    ("score.purchase_propensity < -0.1", 37, "threshold -0.1 is outside the range of score.purchase_propensity, [0, 1]",
-     PC),
-    ("score.persona == 4", 25, "threshold 4 is outside the range of score.persona, [0, 3]", PC),
-    # maps
-    ("category_views_24h > 3", 11, 'category_views_24h is a map: name a key, e.g. category_views_24h["shoes"]', None),
-    ("cart_items['x'] > 0", 11, "cart_items is not a map: it takes no [key]", None),
-    ("cart['p1'] > 0", 11, "cart cannot be used in conditions", None),
-    # values moving with time
-    ("ms_since_last_event < ms_since_last_purchase", 31,
-     "ms_since_last_event changes continuously with time: compare it with a constant, not with another feature", None),
-    ("engagement_score > category_affinity['shoes']", 28, "changes continuously with time", None),
-    ("engagement_score in [50]", 28, "engagement_score changes continuously with time: use <, <=, >, >=", None),
-    # durations and syntax
-    ("ms_since_last_event < 10x", 33, "unexpected '10x' (durations: 500ms, 30s, 10m, 1h, 7d, 2w)", None),
-    ("ms_since_last_event < 10 m", 36, "unexpected 'm' (expected 'and', 'or' or the end)", None),
-    ("absent(purchase, 7)", 28, "absent(...) takes a positive duration second, such as 7d; found '7'", None),
-    ("absent(purchases, 7d)", 18, "absent(...) takes an event type first", None),
-    ("(cart_items > 0", 26, "expected ')', found the end of the condition", None),
-])
+@pytest.mark.parametrize(
+    "condition, column, message, models",
+    [
+        # unknown names
+        ("count_purchse_24h > 0", 11, "unknown feature 'count_purchse_24h' (did you mean 'count_purchase_24h'?)", None),
+        ("cart_itms > 0", 11, "unknown feature 'cart_itms' (did you mean 'cart_items'?)", None),
+        ("score.nope > 0.5", 11, "unknown model score 'nope' (models: none are installed)", None),
+        (
+            "score.purchase_propensty > 0.7",
+            11,
+            "unknown model score 'purchase_propensty' (models: churn_risk, persona, purchase_propensity)",
+            PC,
+        ),
+        ("segment.cart_holdr", 11, "unknown segment 'cart_holdr' (did you mean 'cart_holder'?)", None),
+        ("cart_items > 0 and not segment.nothing_like_it", 34, "unknown segment 'nothing_like_it'", None),
+        # types
+        (
+            "count_purchase_24h > 10m",
+            30,
+            "count_purchase_24h is a number, not a duration: compare it with a plain number",
+            None,
+        ),
+        ("engagement_tier == 3", 27, "cannot compare engagement_tier (text) with 3.0 (number)", None),
+        ("engagement_tier < 'high'", 27, "text is compared with == or != only, not <", None),
+        ("engagement_tier == 'hgh'", 27, "engagement_tier is never 'hgh': it is one of high, medium, low", None),
+        (
+            "engagement_tier in ['high', 'hgh']",
+            39,
+            "engagement_tier is never 'hgh': it is one of high, medium, low",
+            None,
+        ),
+        ("cart_items in [1, 'two']", 29, "'two' is not a number like cart_items", None),
+        (
+            "ms_since_last_event > cart_items",
+            31,
+            "cannot compare ms_since_last_event (duration) with cart_items (number)",
+            None,
+        ),
+        ("engagement_tier in cart_items", 27, "cart_items is not a list", None),
+        ("top_categories == 'shoes'", 26, 'top_categories is a list: use "value" in top_categories', None),
+        ("cart_items", 11, "cart_items is not a condition: compare it with something, e.g. cart_items > 0", None),
+        ("segment.cart_holder == true", 31, "segments and true/false are conditions themselves", None),
+        ("1 < 2", 13, "a comparison needs a feature, score or segment on one side", None),
+        # ranges
+        (
+            "cart_items > -1",
+            22,
+            "threshold -1 is outside the range of cart_items, at least 0: the comparison would be constant",
+            None,
+        ),
+        (
+            "ms_since_last_event < -5m",
+            31,
+            "threshold -300000 is outside the range of ms_since_last_event, at least 0",
+            None,
+        ),
+        ("score.churn_risk > 1.5", 28, "threshold 1.5 is outside the range of score.churn_risk, [0, 1]", PC),
+        (
+            "score.purchase_propensity < -0.1",
+            37,
+            "threshold -0.1 is outside the range of score.purchase_propensity, [0, 1]",
+            PC,
+        ),
+        ("score.persona == 4", 25, "threshold 4 is outside the range of score.persona, [0, 3]", PC),
+        # maps
+        (
+            "category_views_24h > 3",
+            11,
+            'category_views_24h is a map: name a key, e.g. category_views_24h["shoes"]',
+            None,
+        ),
+        ("cart_items['x'] > 0", 11, "cart_items is not a map: it takes no [key]", None),
+        ("cart['p1'] > 0", 11, "cart cannot be used in conditions", None),
+        # values moving with time
+        (
+            "ms_since_last_event < ms_since_last_purchase",
+            31,
+            "ms_since_last_event changes continuously with time: compare it with a constant, not with another feature",
+            None,
+        ),
+        ("engagement_score > category_affinity['shoes']", 28, "changes continuously with time", None),
+        ("engagement_score in [50]", 28, "engagement_score changes continuously with time: use <, <=, >, >=", None),
+        # durations and syntax
+        ("ms_since_last_event < 10x", 33, "unexpected '10x' (durations: 500ms, 30s, 10m, 1h, 7d, 2w)", None),
+        ("ms_since_last_event < 10 m", 36, "unexpected 'm' (expected 'and', 'or' or the end)", None),
+        ("absent(purchase, 7)", 28, "absent(...) takes a positive duration second, such as 7d; found '7'", None),
+        ("absent(purchases, 7d)", 18, "absent(...) takes an event type first", None),
+        ("(cart_items > 0", 26, "expected ')', found the end of the condition", None),
+    ],
+)
 def test_a_bad_condition_is_refused_naming_file_line_column_and_segment(condition, column, message, models):
     assert_names(rejected(with_bad(condition), models), 6, column, "bad", message)
 
 
 def test_the_readme_example_message():
     text = "version: v1\nsegments:\n" + "\n" * 8 + "  - name: x\n    when: orders_7d > 0 or count_purchse_24h > 0\n"
-    assert str(rejected(text)) == ("defs.yaml:12:28: segment 'x': unknown feature 'count_purchse_24h' "
-                                   "(did you mean 'count_purchase_24h'?)")
+    assert str(rejected(text)) == (
+        "defs.yaml:12:28: segment 'x': unknown feature 'count_purchse_24h' (did you mean 'count_purchase_24h'?)"
+    )
 
 
 def test_an_unknown_name_far_from_any_feature_gets_no_suggestion():
@@ -784,25 +959,20 @@ def test_a_quoted_condition_names_the_line_and_segment():
 
 
 def test_an_error_in_a_literal_block_condition_names_its_own_line():
-    text = ("version: v1\nsegments:\n  - name: s\n    when: |\n"
-            "      cart_items > 0 and\n"
-            "      count_purchse_24h > 0\n")
+    text = "version: v1\nsegments:\n  - name: s\n    when: |\n      cart_items > 0 and\n      count_purchse_24h > 0\n"
     err = rejected(text)
     assert (err.line, err.segment) == (6, "s")
     assert "unknown feature 'count_purchse_24h'" in str(err)
 
 
 def test_an_error_in_a_folded_block_condition_names_its_own_line():
-    text = ("version: v1\nsegments:\n  - name: s\n    when: >\n"
-            "      cart_items > 0 and\n"
-            "      count_purchse_24h > 0\n")
+    text = "version: v1\nsegments:\n  - name: s\n    when: >\n      cart_items > 0 and\n      count_purchse_24h > 0\n"
     err = rejected(text)
     assert (err.line, err.segment) == (6, "s"), str(err)
 
 
 def test_an_error_on_the_second_line_of_a_plain_multi_line_condition_names_that_line():
-    text = ("version: v1\nsegments:\n  - name: s\n    when: cart_items > 0 and\n"
-            "      count_purchse_24h > 0\n")
+    text = "version: v1\nsegments:\n  - name: s\n    when: cart_items > 0 and\n      count_purchse_24h > 0\n"
     err = rejected(text)
     # the unknown name is on line 5, at column 7; line 4 column 30 is past the end of line 4
     assert (err.line, err.segment) == (5, "s"), str(err)
@@ -822,29 +992,39 @@ def test_a_self_reference_is_a_cycle():
 
 
 def test_a_longer_cycle_and_one_through_an_exit_condition():
-    three = ("version: v1\nsegments:\n  - name: ok\n    when: 'true'\n  - name: a\n    when: segment.b\n"
-             "  - name: b\n    when: segment.c\n  - name: c\n    when: not segment.a\n")
+    three = (
+        "version: v1\nsegments:\n  - name: ok\n    when: 'true'\n  - name: a\n    when: segment.b\n"
+        "  - name: b\n    when: segment.c\n  - name: c\n    when: not segment.a\n"
+    )
     assert_names(rejected(three), 5, None, "a", "segment references form a cycle: a -> b -> c -> a")
-    via_exit = ("version: v1\nsegments:\n  - name: a\n    enter: cart_items > 0\n    exit: not segment.b\n"
-                "  - name: b\n    when: segment.a\n")
+    via_exit = (
+        "version: v1\nsegments:\n  - name: a\n    enter: cart_items > 0\n    exit: not segment.b\n"
+        "  - name: b\n    when: segment.a\n"
+    )
     assert_names(rejected(via_exit), 3, None, "a", "segment references form a cycle: a -> b -> a")
 
 
 def test_a_cycle_through_an_exclusive_group_is_refused():
-    text = ("version: v1\nsegments:\n  - name: a\n    when: segment.b\n  - name: x\n    when: cart_items > 0\n"
-            "  - name: b\n    when: segment.x\nexclusive_groups:\n  - name: g\n    segments: [a, x]\n")
+    text = (
+        "version: v1\nsegments:\n  - name: a\n    when: segment.b\n  - name: x\n    when: cart_items > 0\n"
+        "  - name: b\n    when: segment.x\nexclusive_groups:\n  - name: g\n    segments: [a, x]\n"
+    )
     assert_names(rejected(text), 3, None, "a", "segment references form a cycle: group g -> b -> group g")
 
 
 def test_a_reference_into_the_segments_own_exclusive_group_is_refused():
-    text = ("version: v1\nsegments:\n  - name: x\n    when: cart_items > 0\n  - name: y\n    when: not segment.x\n"
-            "exclusive_groups:\n  - name: g\n    segments: [x, y]\n")
+    text = (
+        "version: v1\nsegments:\n  - name: x\n    when: cart_items > 0\n  - name: y\n    when: not segment.x\n"
+        "exclusive_groups:\n  - name: g\n    segments: [x, y]\n"
+    )
     assert_names(rejected(text), 5, None, "y", "refers to 'x', a member of its own exclusive group 'g'")
 
 
 def test_references_without_a_cycle_are_accepted_in_any_order():
-    text = ("version: v1\nsegments:\n  - name: c\n    when: segment.b and not segment.a\n  - name: b\n"
-            "    when: segment.a\n  - name: a\n    when: cart_items > 0\n")
+    text = (
+        "version: v1\nsegments:\n  - name: c\n    when: segment.b and not segment.a\n  - name: b\n"
+        "    when: segment.a\n  - name: a\n    when: cart_items > 0\n"
+    )
     assert [u.name for u in parse(text).units] == ["a", "b", "c"]
 
 
@@ -877,7 +1057,8 @@ def test_a_min_dwell_beyond_100_years_is_refused_like_a_duration_threshold(dwell
 def test_a_min_dwell_of_exactly_100_years_is_accepted_leading_zeros_or_not():
     for dwell in ("36500d", f"{HUNDRED_YEARS_MS}ms", "0" * 5000 + "36500d"):
         assert parse(seg_file("when: cart_items > 0", f"min_dwell: {dwell}")).segments["s"].min_dwell_ms == (
-            HUNDRED_YEARS_MS)
+            HUNDRED_YEARS_MS
+        )
 
 
 def test_a_rescore_every_beyond_100_years_is_refused():
@@ -887,11 +1068,14 @@ def test_a_rescore_every_beyond_100_years_is_refused():
     assert_names(err, 2, None, None, f"rescore_every must be at most 100 years ({HUNDRED_YEARS_MS} ms)")
 
 
-@pytest.mark.parametrize("condition, column", [
-    ("ms_since_last_event < 36501d", 31),  # the comparison's column
-    ("ms_since_last_event < " + "1" + "0" * 48, 31),
-    ("absent(purchase, " + "1" + "0" * 45 + "w)", 11),
-])
+@pytest.mark.parametrize(
+    "condition, column",
+    [
+        ("ms_since_last_event < 36501d", 31),  # the comparison's column
+        ("ms_since_last_event < " + "1" + "0" * 48, 31),
+        ("absent(purchase, " + "1" + "0" * 45 + "w)", 11),
+    ],
+)
 def test_a_duration_in_a_condition_beyond_100_years_is_refused(condition, column):
     err = rejected(seg_file(f"when: {condition}"))
     assert_names(err, 4, column, "s", "is beyond 100 years")
@@ -900,8 +1084,9 @@ def test_a_duration_in_a_condition_beyond_100_years_is_refused(condition, column
 @pytest.mark.parametrize("name", ["Cart-Holder", "1abc", "_x", "a" * 65, "cart holder", "café"])
 def test_a_bad_segment_name_is_refused(name):
     text = f"version: v1\nsegments:\n  - name: {name}\n    when: cart_items > 0\n"
-    assert_names(rejected(text), 3, None, name,
-                 "a segment name is 1-64 lowercase letters, digits and _, starting with a letter")
+    assert_names(
+        rejected(text), 3, None, name, "a segment name is 1-64 lowercase letters, digits and _, starting with a letter"
+    )
 
 
 def test_a_64_character_name_is_accepted_and_a_name_must_be_text():
@@ -911,8 +1096,7 @@ def test_a_64_character_name_is_accepted_and_a_name_must_be_text():
 
 
 def test_a_duplicate_segment_name_is_refused_pointing_at_the_first():
-    text = ("version: v1\nsegments:\n  - name: s\n    when: cart_items > 0\n  - name: s\n"
-            "    when: cart_items > 1\n")
+    text = "version: v1\nsegments:\n  - name: s\n    when: cart_items > 0\n  - name: s\n    when: cart_items > 1\n"
     assert_names(rejected(text), 5, None, "s", "defined twice (first on line 3)")
 
 
@@ -952,8 +1136,9 @@ def test_a_segment_without_a_condition_and_an_empty_segment_list_are_refused():
 
 
 def test_a_missing_version_is_refused():
-    assert_names(rejected("segments:\n  - name: s\n    when: 'true'\n"), 1, None, None,
-                 "the definitions file needs version")
+    assert_names(
+        rejected("segments:\n  - name: s\n    when: 'true'\n"), 1, None, None, "the definitions file needs version"
+    )
 
 
 @pytest.mark.parametrize("version", ["has space", "[v1]", "''", "x" * 65, "-v1", "~", "", "null", "Null"])
@@ -970,23 +1155,26 @@ def test_good_versions_are_accepted_as_written():
 def test_yaml_anchors_and_aliases_are_refused():
     err = rejected("version: &v v1\nsegments:\n  - name: s\n    when: 'true'\n")
     assert_names(err, 1, None, None, "YAML anchors and aliases are not allowed")
-    text = ("version: v1\nsegments:\n  - &seg {name: a, when: 'true'}\n  - *seg\n")
+    text = "version: v1\nsegments:\n  - &seg {name: a, when: 'true'}\n  - *seg\n"
     assert rejected(text).line == 3
 
 
 def test_a_yaml_anchor_inside_a_segment_is_refused_naming_the_segment():
-    text = ("version: v1\nsegments:\n  - name: a\n    when: &c cart_items > 0\n  - name: b\n    when: *c\n")
+    text = "version: v1\nsegments:\n  - name: a\n    when: &c cart_items > 0\n  - name: b\n    when: *c\n"
     assert_names(rejected(text), 4, None, "a", "YAML anchors and aliases are not allowed")
 
 
-@pytest.mark.parametrize("tagged, tag", [
-    ('!!python/object/apply:os.system ["echo pwned"]', "tag:yaml.org,2002:python/object/apply:os.system"),
-    ("!!python/name:os.system", "tag:yaml.org,2002:python/name:os.system"),
-    ('!!python/object/new:subprocess.Popen [["true"]]', "tag:yaml.org,2002:python/object/new:subprocess.Popen"),
-    ("!!binary Y2FydF9pdGVtcyA+IDA=", "tag:yaml.org,2002:binary"),
-    ("!custom cart_items > 0", "!custom"),
-    ("!!str cart_items > 0", None),  # the core schema's own tags are fine
-])
+@pytest.mark.parametrize(
+    "tagged, tag",
+    [
+        ('!!python/object/apply:os.system ["echo pwned"]', "tag:yaml.org,2002:python/object/apply:os.system"),
+        ("!!python/name:os.system", "tag:yaml.org,2002:python/name:os.system"),
+        ('!!python/object/new:subprocess.Popen [["true"]]', "tag:yaml.org,2002:python/object/new:subprocess.Popen"),
+        ("!!binary Y2FydF9pdGVtcyA+IDA=", "tag:yaml.org,2002:binary"),
+        ("!custom cart_items > 0", "!custom"),
+        ("!!str cart_items > 0", None),  # the core schema's own tags are fine
+    ],
+)
 def test_yaml_tags_on_a_condition_are_refused_naming_the_segment(tagged, tag):
     if tag is None:
         assert parse(with_bad(tagged)).segments["bad"].enter.text == "cart_items > 0"
@@ -1025,8 +1213,13 @@ def most_a_file_holds(segments: int = 1000, padding: str = "") -> str:
     """`segments` segments with every field, in exclusive groups of two, with a description."""
     lines = ["version: v1", "description: every field of every segment", "rescore_every: 1h", "segments:"]
     for i in range(segments):
-        lines += [f"  - name: s{i}", f"    description: segment {i}", f"    enter: score.churn_risk > 0.5{padding}",
-                  "    exit: score.churn_risk < 0.4", "    min_dwell: 1h"]
+        lines += [
+            f"  - name: s{i}",
+            f"    description: segment {i}",
+            f"    enter: score.churn_risk > 0.5{padding}",
+            "    exit: score.churn_risk < 0.4",
+            "    min_dwell: 1h",
+        ]
     lines.append("exclusive_groups:")
     for i in range(0, segments, 2):
         lines += [f"  - name: g{i}", f"    description: group {i}", f"    segments: [s{i}, s{i + 1}]"]
@@ -1038,12 +1231,15 @@ def test_the_most_a_file_may_hold_loads_every_field_of_1000_segments_in_groups()
     assert (len(definitions.segments), len(definitions.groups)) == (1000, 500)
 
 
-@pytest.mark.parametrize("text, line", [
-    ("version: v1\nsegments: [" + "1," * 499_980 + "1]\n", 2),  # took 16 s to say "more than 1000 segments"
-    ("version: v1\nsegments:\n" + "- 1\n" * 249_994, 19_998),
-    ("version: v1\nsegments:\n  - {name: a, when: 'true'" + ", x: 1" * 166_650 + "}\n", 3),
-    ("a: 1\n" * 200_000, 10_000),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("version: v1\nsegments: [" + "1," * 499_980 + "1]\n", 2),  # took 16 s to say "more than 1000 segments"
+        ("version: v1\nsegments:\n" + "- 1\n" * 249_994, 19_998),
+        ("version: v1\nsegments:\n  - {name: a, when: 'true'" + ", x: 1" * 166_650 + "}\n", 3),
+        ("a: 1\n" * 200_000, 10_000),
+    ],
+)
 def test_a_file_of_more_than_20000_yaml_nodes_is_refused_at_the_20001st_before_it_is_composed(text, line):
     assert len(text.encode()) <= 1_000_000
     started = time.perf_counter()
@@ -1079,10 +1275,16 @@ def test_a_condition_of_4000_characters_is_accepted_and_longer_is_refused():
 
 def test_a_condition_nested_41_deep_is_refused_at_the_41st_level():
     assert parse(with_bad("(" * 40 + "cart_items > 0" + ")" * 40))
-    assert_names(rejected(with_bad("(" * 41 + "cart_items > 0" + ")" * 41)), 6, 51, "bad",
-                 "nested more than 40 levels deep")
-    assert_names(rejected(with_bad("not " * 41 + "segment.cart_holder")), 6, 11 + 4 * 40, "bad",
-                 "nested more than 40 levels deep")
+    assert_names(
+        rejected(with_bad("(" * 41 + "cart_items > 0" + ")" * 41)), 6, 51, "bad", "nested more than 40 levels deep"
+    )
+    assert_names(
+        rejected(with_bad("not " * 41 + "segment.cart_holder")),
+        6,
+        11 + 4 * 40,
+        "bad",
+        "nested more than 40 levels deep",
+    )
 
 
 def test_multiple_yaml_documents_are_refused():
@@ -1114,17 +1316,26 @@ def test_deeply_nested_yaml_is_a_definition_error_not_a_recursion_error():
 GROUPED = "version: v1\nsegments:\n  - name: a\n    when: 'true'\n  - name: b\n    when: 'true'\n"
 
 
-@pytest.mark.parametrize("groups, line, message", [
-    ("exclusive_groups:\n  - name: g\n    segments: [a, nope]\n", 9, "group 'g' lists unknown segment 'nope'"),
-    ("exclusive_groups:\n  - name: g\n    segments: [a]\n", 9, "group 'g' needs at least two segments"),
-    ("exclusive_groups:\n  - name: g\n    segments: [a, b]\n  - name: h\n    segments: [b, a]\n", 11,
-     "segment 'b' is in two exclusive groups (g, h)"),
-    ("exclusive_groups:\n  - name: G!\n    segments: [a, b]\n", 8, "group name 'G!' must be unique"),
-    ("exclusive_groups:\n  - name: g\n    segments: [a, b]\n  - name: g\n    segments: [a, b]\n", 10,
-     "group name 'g' must be unique"),
-    ("exclusive_groups:\n  - name: g\n    members: [a, b]\n", 9, "unknown key 'members' in an exclusive group"),
-    ("exclusive_groups:\n  - name: g\n", 8, "an exclusive group needs segments"),
-])
+@pytest.mark.parametrize(
+    "groups, line, message",
+    [
+        ("exclusive_groups:\n  - name: g\n    segments: [a, nope]\n", 9, "group 'g' lists unknown segment 'nope'"),
+        ("exclusive_groups:\n  - name: g\n    segments: [a]\n", 9, "group 'g' needs at least two segments"),
+        (
+            "exclusive_groups:\n  - name: g\n    segments: [a, b]\n  - name: h\n    segments: [b, a]\n",
+            11,
+            "segment 'b' is in two exclusive groups (g, h)",
+        ),
+        ("exclusive_groups:\n  - name: G!\n    segments: [a, b]\n", 8, "group name 'G!' must be unique"),
+        (
+            "exclusive_groups:\n  - name: g\n    segments: [a, b]\n  - name: g\n    segments: [a, b]\n",
+            10,
+            "group name 'g' must be unique",
+        ),
+        ("exclusive_groups:\n  - name: g\n    members: [a, b]\n", 9, "unknown key 'members' in an exclusive group"),
+        ("exclusive_groups:\n  - name: g\n", 8, "an exclusive group needs segments"),
+    ],
+)
 def test_bad_exclusive_groups_are_refused(groups, line, message):
     err = rejected(GROUPED + groups)
     assert str(err).startswith(f"defs.yaml:{line}: ") and message in str(err), str(err)

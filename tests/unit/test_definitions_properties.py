@@ -59,8 +59,18 @@ B = 1_700_006_400_000  # a UTC day boundary (the event generator starts here)
 SEG_SMALL = dataclasses.replace(SMALL, tier_high_above=19.7, tier_medium_above=4.3)
 SMALL_VOCAB = Vocab(
     SEG_SMALL,
-    durations=((30_000, "30s"), (90_000, "90s"), (120_000, "2m"), (240_000, "4m"), (300_000, "5m"),
-               (600_000, "10m"), (900_000, "15m"), (1_800_000, "30m"), (3_600_000, "1h"), (5_400_000, "90m")),
+    durations=(
+        (30_000, "30s"),
+        (90_000, "90s"),
+        (120_000, "2m"),
+        (240_000, "4m"),
+        (300_000, "5m"),
+        (600_000, "10m"),
+        (900_000, "15m"),
+        (1_800_000, "30m"),
+        (3_600_000, "1h"),
+        (5_400_000, "90m"),
+    ),
     dwells=((90_000, "90s"), (180_000, "3m"), (600_000, "10m"), (1_800_000, "30m"), (3_600_000, "1h")),
     score_scale_ms=10 * MINUTE_MS,
     rescores=((90_000, "90s"), (300_000, "5m"), (1_200_000, "20m")),
@@ -85,14 +95,30 @@ WEEKLY_SCALE = Scale(
     back_ms=3 * HOUR_MS,
     gap_min_ms=HOUR_MS,
     gap_max_ms=4 * DAY_MS,
-    specials=(30 * MINUTE_MS, 30 * MINUTE_MS + 1, HOUR_MS, 6 * HOUR_MS, DAY_MS, DAY_MS + 1, 7 * DAY_MS,
-              7 * DAY_MS - 1, 10 * DAY_MS),
+    specials=(
+        30 * MINUTE_MS,
+        30 * MINUTE_MS + 1,
+        HOUR_MS,
+        6 * HOUR_MS,
+        DAY_MS,
+        DAY_MS + 1,
+        7 * DAY_MS,
+        7 * DAY_MS - 1,
+        10 * DAY_MS,
+    ),
     max_steps=30,
 )
 WEEKLY_VOCAB = Vocab(
     WEEKLY,
-    durations=((10 * MINUTE_MS, "10m"), (30 * MINUTE_MS, "30m"), (HOUR_MS, "1h"), (6 * HOUR_MS, "6h"),
-               (DAY_MS, "1d"), (3 * DAY_MS, "3d"), (7 * DAY_MS, "7d")),
+    durations=(
+        (10 * MINUTE_MS, "10m"),
+        (30 * MINUTE_MS, "30m"),
+        (HOUR_MS, "1h"),
+        (6 * HOUR_MS, "6h"),
+        (DAY_MS, "1d"),
+        (3 * DAY_MS, "3d"),
+        (7 * DAY_MS, "7d"),
+    ),
     dwells=((HOUR_MS, "1h"), (6 * HOUR_MS, "6h"), (DAY_MS, "1d"), (3 * DAY_MS, "3d")),
 )
 
@@ -155,8 +181,10 @@ def _describe(steps) -> str:
         if isinstance(s, Advance):
             lines.append(f"  [{i}] advance to {_t(s.time_ms)}")
         else:
-            lines.append(f"  [{i}] {s.user_id} {s.event_id} {s.event_type} t={_t(s.timestamp)} sid={s.session_id} "
-                         f"prod={s.product_id} cat={s.category} price={s.price} qty={s.quantity}")
+            lines.append(
+                f"  [{i}] {s.user_id} {s.event_id} {s.event_type} t={_t(s.timestamp)} sid={s.session_id} "
+                f"prod={s.product_id} cat={s.category} price={s.price} qty={s.quantity}"
+            )
     return "\n".join(lines)
 
 
@@ -174,11 +202,11 @@ def engine_for(compiled, score_scale_ms: int) -> SegmentEngine:
 
     def scorer(profile, now_ms, read):
         return fake_scores(read, score_scale_ms)
+
     return SegmentEngine(compiled, model_version="fake-1", scorer=scorer)
 
 
-def compare(defs: Defs, config: ProfileConfig, steps, until_ms: int | None,
-            score_scale_ms: int = 0) -> list[Key]:
+def compare(defs: Defs, config: ProfileConfig, steps, until_ms: int | None, score_scale_ms: int = 0) -> list[Key]:
     yaml_text = defs.yaml()
     compiled = parse_definitions(yaml_text, "prop.yaml", profile_config=config, models=MODELS)
     try:
@@ -195,8 +223,10 @@ def compare(defs: Defs, config: ProfileConfig, steps, until_ms: int | None,
         lo = max(0, first - 3)
         pytest.fail(
             f"first difference at transition {first} (B = {B}):\n"
-            f"engine:\n" + "\n".join("  " + _show(k) for k in got[lo:first + 4])
-            + "\noracle:\n" + "\n".join("  " + _show(k) for k in want[lo:first + 4])
+            f"engine:\n"
+            + "\n".join("  " + _show(k) for k in got[lo : first + 4])
+            + "\noracle:\n"
+            + "\n".join("  " + _show(k) for k in want[lo : first + 4])
             + f"\ndefinitions:\n{yaml_text}"
             + f"until {_t(until_ms) if until_ms is not None else None}\nsteps:\n{_describe(steps)}"
         )
@@ -255,13 +285,24 @@ def logs(draw, scale: Scale, vocab: Vocab, defs: Defs | None = None):
             t = draw(st.sampled_from(vocab.config.horizons)).lapses_at(anchor)
         t = max(t + draw(st.sampled_from((-1, 0, 0, 1))), latest - scale.back_ms)
         event_type = draw(st.sampled_from(("page_view", "product_view", "add_to_cart", "purchase", "search")))
-        steps.append(UserEvent(f"t{i}", "u1", event_type, t, product_id=draw(st.sampled_from(("p1", "p2"))),
-                               category=draw(st.sampled_from(("c1", "c2", None))), quantity=1))
+        steps.append(
+            UserEvent(
+                f"t{i}",
+                "u1",
+                event_type,
+                t,
+                product_id=draw(st.sampled_from(("p1", "p2"))),
+                category=draw(st.sampled_from(("c1", "c2", None))),
+                quantity=1,
+            )
+        )
         latest = max(latest, t)
     if draw(st.integers(0, 3)) == 0:
         t = latest + draw(st.sampled_from((0, 1, MINUTE_MS)))
-        steps += [UserEvent("same-ms-add", "u1", "add_to_cart", t, product_id="p1", quantity=1, price=3.0),
-                  UserEvent("same-ms-buy", "u1", "purchase", t, price=3.0)]
+        steps += [
+            UserEvent("same-ms-add", "u1", "add_to_cart", t, product_id="p1", quantity=1, price=3.0),
+            UserEvent("same-ms-buy", "u1", "purchase", t, price=3.0),
+        ]
         latest = t
     if draw(st.integers(0, 3)) == 0:
         events = [s for s in steps if not isinstance(s, Advance)]
@@ -280,16 +321,22 @@ def examples(n: int) -> int:
     return max(1, round(n * SCALE))
 
 
-PROPERTY = settings(max_examples=examples(120), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+PROPERTY = settings(
+    max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 
 
 @PROPERTY
 @given(definitions(SMALL_VOCAB), st.data())
 def test_transitions_match_the_oracle_minutes(defs, data):
     steps = data.draw(logs(SMALL_SCALE, SMALL_VOCAB, defs), label="steps")
-    compare(defs, SEG_SMALL, steps, data.draw(until_after(steps, SEG_SMALL), label="until"),
-            score_scale_ms=SMALL_VOCAB.score_scale_ms)
+    compare(
+        defs,
+        SEG_SMALL,
+        steps,
+        data.draw(until_after(steps, SEG_SMALL), label="until"),
+        score_scale_ms=SMALL_VOCAB.score_scale_ms,
+    )
 
 
 @settings(PROPERTY, max_examples=examples(60))
@@ -314,13 +361,18 @@ def two_users(draw, scale: Scale, config: ProfileConfig):
 @settings(PROPERTY, max_examples=examples(40))
 @given(definitions(SMALL_VOCAB), two_users(SMALL_SCALE, SEG_SMALL), st.data())
 def test_transitions_match_the_oracle_two_users_replay(defs, events, data):
-    compare(defs, SEG_SMALL, events, data.draw(until_after(events, SEG_SMALL), label="until"),
-            score_scale_ms=SMALL_VOCAB.score_scale_ms)
+    compare(
+        defs,
+        SEG_SMALL,
+        events,
+        data.draw(until_after(events, SEG_SMALL), label="until"),
+        score_scale_ms=SMALL_VOCAB.score_scale_ms,
+    )
 
 
 # ---------------------------------------------------------------- examples worked out by hand
-# Each expectation below is computed from docs/definitions.md and docs/features.md by hand; the engine and the oracle are both
-# checked against it (so these also validate the oracle).
+# Each expectation below is computed from docs/definitions.md and docs/features.md by hand; the engine and the
+# oracle are both checked against it (so these also validate the oracle).
 
 HAND = ProfileConfig(
     horizons=(Horizon("a", 4 * MINUTE_MS, MINUTE_MS), Horizon("b", HOUR_MS, 10 * MINUTE_MS)),
@@ -344,6 +396,7 @@ def both(yaml_text: str, defs: Defs, steps, until_ms: int, config: ProfileConfig
 
     def short(ts):
         return [(k[1], k[2], k[3] - B, k[4], k[7]) for k in normalised(ts)]
+
     return short(engine), short(oracle)
 
 
@@ -353,10 +406,14 @@ def test_hysteresis_on_a_decaying_engagement_score():
     # A purchase (20 points) at B, half-life 10 min: 20 * 2^(-x / 10 min).
     # `above5` holds while the score is above 5; `steady` enters above 15 and leaves below 5.
     score = Ref("engagement_score")
-    defs = Defs("hand-1", (
-        SegDef("above5", Cmp(score, ">", 5.0, "5"), None),
-        SegDef("steady", Cmp(score, ">", 15.0, "15"), Cmp(score, "<", 5.0, "5")),
-    ), ("above5", "steady"))
+    defs = Defs(
+        "hand-1",
+        (
+            SegDef("above5", Cmp(score, ">", 5.0, "5"), None),
+            SegDef("steady", Cmp(score, ">", 15.0, "15"), Cmp(score, "<", 5.0, "5")),
+        ),
+        ("above5", "steady"),
+    )
     yaml_text = """version: hand-1
 segments:
   - name: above5
@@ -365,8 +422,11 @@ segments:
     enter: 'engagement_score > 15'
     exit: 'engagement_score < 5'
 """
-    steps = [ev("p1", "purchase", B, price=1.0), ev("v1", "page_view", B + 10 * MINUTE_MS),
-             ev("p2", "purchase", B + 30 * MINUTE_MS, price=1.0)]
+    steps = [
+        ev("p1", "purchase", B, price=1.0),
+        ev("v1", "page_view", B + 10 * MINUTE_MS),
+        ev("p2", "purchase", B + 30 * MINUTE_MS, price=1.0),
+    ]
     # The page view at B + 10 min (score 10 + 1 = 11) changes nothing: above 5, not below 5. From
     # there the score is 20 * 2^(-x/10m) + 2^(-(x - 10m)/10m) = 22 * 2^(-x/10m), which is 5 at
     # x = 10 min * log2(4.4) = 1,282,502.1 ms: the first whole ms not above 5 (and below 5) is
@@ -397,10 +457,14 @@ def test_hysteresis_exit_one_ms_after_a_when_at_an_exact_value():
     # One purchase: 20 * 2^(-x/10m) is exactly 5.0 at x = 20 min (two half-lives, exact in floats).
     # `> 5` stops holding at B + 20 min; `< 5` first holds at B + 20 min + 1 ms.
     score = Ref("engagement_score")
-    defs = Defs("hand-2", (
-        SegDef("above5", Cmp(score, ">", 5.0, "5"), None),
-        SegDef("steady", Cmp(score, ">", 15.0, "15"), Cmp(score, "<", 5.0, "5")),
-    ), ("above5", "steady"))
+    defs = Defs(
+        "hand-2",
+        (
+            SegDef("above5", Cmp(score, ">", 5.0, "5"), None),
+            SegDef("steady", Cmp(score, ">", 15.0, "15"), Cmp(score, "<", 5.0, "5")),
+        ),
+        ("above5", "steady"),
+    )
     yaml_text = """version: hand-2
 segments:
   - name: above5
@@ -414,8 +478,10 @@ segments:
     # The oracle's float-tie guard would refuse this exact hit, so only the engine is checked.
     compiled = parse_definitions(yaml_text, "hand.yaml", profile_config=HAND)
     assert defs.yaml() == yaml_text
-    got = [(t.segment, t.kind, t.event_time - B, t.cause)
-           for t in engine_transitions(SegmentEngine(compiled), steps, B + HOUR_MS)]
+    got = [
+        (t.segment, t.kind, t.event_time - B, t.cause)
+        for t in engine_transitions(SegmentEngine(compiled), steps, B + HOUR_MS)
+    ]
     assert got == [
         ("above5", "ENTER", 0, "EVENT"),
         ("steady", "ENTER", 0, "EVENT"),
@@ -438,15 +504,19 @@ segments:
     # Entered at B. The condition stops holding at B + 2 min, but the dwell runs to B + 10 min:
     # the exit is checked again there, and made.
     engine, oracle = both(yaml_text, defs, [ev("e1", "page_view", B)], B + HOUR_MS)
-    expected = [("sticky", "ENTER", 0, "EVENT", "ms_since_last_event < 2m"),
-                ("sticky", "EXIT", 10 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 2m)")]
+    expected = [
+        ("sticky", "ENTER", 0, "EVENT", "ms_since_last_event < 2m"),
+        ("sticky", "EXIT", 10 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 2m)"),
+    ]
     assert oracle == expected and engine == expected
     # An event at B + 9 min keeps the condition true until B + 11 min: at the dwell end it still
     # holds, so the exit waits for the lapse itself.
     steps = [ev("e1", "page_view", B), ev("e2", "page_view", B + 9 * MINUTE_MS)]
     engine, oracle = both(yaml_text, defs, steps, B + HOUR_MS)
-    expected = [("sticky", "ENTER", 0, "EVENT", "ms_since_last_event < 2m"),
-                ("sticky", "EXIT", 11 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 2m)")]
+    expected = [
+        ("sticky", "ENTER", 0, "EVENT", "ms_since_last_event < 2m"),
+        ("sticky", "EXIT", 11 * MINUTE_MS, "TIMER", "not (ms_since_last_event < 2m)"),
+    ]
     assert oracle == expected and engine == expected
 
 
@@ -454,8 +524,7 @@ def _tier_defs(dwell: tuple[int, str] | None):
     from tests.unit.definitions_oracle import Cmp, Const, GroupDef, Ref, SegDef
 
     views = Ref("count_page_view_a")
-    hi = SegDef("hi", Cmp(views, ">=", 3.0, "3"), Cmp(views, "<=", 1.0, "1"),
-                *((dwell[0], dwell[1]) if dwell else ()))
+    hi = SegDef("hi", Cmp(views, ">=", 3.0, "3"), Cmp(views, "<=", 1.0, "1"), *((dwell[0], dwell[1]) if dwell else ()))
     lo = SegDef("lo", Const(True), None)
     defs = Defs("hand-4", (GroupDef("tier", (hi, lo)),), ("hi", "lo"))
     yaml_text = f"""version: hand-4
@@ -509,8 +578,11 @@ def test_a_group_holds_still_while_its_members_dwell_runs():
 def test_retention_exits_everything_and_a_new_lifetime_starts_its_own_sequences():
     from tests.unit.definitions_oracle import Cmp, Const, Ref, SegDef
 
-    defs = Defs("hand-5", (SegDef("always", Const(True), None),
-                           SegDef("buyer", Cmp(Ref("lifetime_orders"), ">", 0.0, "0"), None)), ("always", "buyer"))
+    defs = Defs(
+        "hand-5",
+        (SegDef("always", Const(True), None), SegDef("buyer", Cmp(Ref("lifetime_orders"), ">", 0.0, "0"), None)),
+        ("always", "buyer"),
+    )
     yaml_text = """version: hand-5
 segments:
   - name: always
@@ -520,8 +592,7 @@ segments:
 """
     # Retention 1 day after the last event (B + 1h): both exit at B + 1h + 1d; the page view at
     # B + 2d starts a new lifetime: `always` enters again with sequence 1000 * (B + 2d) + 1.
-    steps = [ev("p", "purchase", B, price=3.0), ev("v", "page_view", B + HOUR_MS),
-             ev("w", "page_view", B + 2 * DAY_MS)]
+    steps = [ev("p", "purchase", B, price=3.0), ev("v", "page_view", B + HOUR_MS), ev("w", "page_view", B + 2 * DAY_MS)]
     compiled = parse_definitions(yaml_text, "hand.yaml", profile_config=HAND)
     assert defs.yaml() == yaml_text
     engine = normalised(engine_transitions(SegmentEngine(compiled), steps, B + 2 * DAY_MS))
@@ -555,8 +626,10 @@ segments:
   - name: v2
     when: 'ms_since_viewed_product["p2"] >= 1m'
 """
-    steps = [ev("a", "product_view", B + 150_000, product_id="p1"), ev("b", "product_view", B + 15 * MINUTE_MS,
-                                                                       product_id="p2")]
+    steps = [
+        ev("a", "product_view", B + 150_000, product_id="p1"),
+        ev("b", "product_view", B + 15 * MINUTE_MS, product_id="p2"),
+    ]
     engine, oracle = both(yaml_text, defs, steps, B + 2 * HOUR_MS)
     expected = [
         ("v1", "ENTER", 450_001, "TIMER", 'ms_since_viewed_product["p1"] > 5m'),
@@ -574,11 +647,19 @@ def test_the_tier_on_sessions_per_week_changes_at_the_drop_that_crosses_a_thresh
     # last events are at B, B+1h, ..., B+4h: low, medium (from 2), high (from 4). Each stops
     # counting 7 days after its last event: 4 at B+7d (still high), 3 at B+7d+1h (medium),
     # 2 at B+7d+2h, 1 at B+7d+3h (low).
-    config = ProfileConfig(horizons=(Horizon("a", HOUR_MS, 10 * MINUTE_MS),), retention_ms=10 * DAY_MS,
-                           tier_basis="sessions_per_week", tier_high_above=3.0, tier_medium_above=1.0)
+    config = ProfileConfig(
+        horizons=(Horizon("a", HOUR_MS, 10 * MINUTE_MS),),
+        retention_ms=10 * DAY_MS,
+        tier_basis="sessions_per_week",
+        tier_high_above=3.0,
+        tier_medium_above=1.0,
+    )
     tier = Ref("engagement_tier")
-    defs = Defs("hand-8", (SegDef("hi", Cmp(tier, "==", "high", '"high"'), None),
-                           SegDef("lo", Cmp(tier, "==", "low", '"low"'), None)), ("hi", "lo"))
+    defs = Defs(
+        "hand-8",
+        (SegDef("hi", Cmp(tier, "==", "high", '"high"'), None), SegDef("lo", Cmp(tier, "==", "low", '"low"'), None)),
+        ("hi", "lo"),
+    )
     yaml_text = """version: hand-8
 segments:
   - name: hi
@@ -606,8 +687,16 @@ def test_scores_are_computed_at_each_event_and_every_rescore_interval():
     # empty. rescore_every 5m: rescored 5 min after the latest scoring while no event comes.
     # B: fresh 1.0 (> 0.81), cartp missing. B+5m rescore: fresh 1/1.5 = 0.67: s0 leaves.
     # B+7m add_to_cart: fresh 1.0 again, cartp 0.5. B+12m rescore: 0.67, s0 leaves again.
-    defs = Defs("hand-9", (SegDef("s0", Cmp(Ref("score.fresh"), ">", 0.81, "0.81"), None),
-                           SegDef("s1", Missing(Ref("score.cartp")), None)), ("s0", "s1"), 300_000, "5m")
+    defs = Defs(
+        "hand-9",
+        (
+            SegDef("s0", Cmp(Ref("score.fresh"), ">", 0.81, "0.81"), None),
+            SegDef("s1", Missing(Ref("score.cartp")), None),
+        ),
+        ("s0", "s1"),
+        300_000,
+        "5m",
+    )
     yaml_text = """version: hand-9
 rescore_every: 5m
 segments:
@@ -647,8 +736,10 @@ segments:
 """
     steps = [ev("p", "purchase", B, price=3.0), ev("v", "page_view", B + DAY_MS)]
     engine, oracle = both(yaml_text, defs, steps, B + DAY_MS + HOUR_MS)
-    expected = [("buyer", "ENTER", 0, "EVENT", "lifetime_orders > 0"),
-                ("buyer", "EXIT", DAY_MS, "TIMER", "profile_retention_expired")]
+    expected = [
+        ("buyer", "ENTER", 0, "EVENT", "lifetime_orders > 0"),
+        ("buyer", "EXIT", DAY_MS, "TIMER", "profile_retention_expired"),
+    ]
     assert oracle == expected
     assert engine == expected
 
@@ -656,8 +747,9 @@ segments:
 def _lapse_at_event_instant():
     from tests.unit.definitions_oracle import Cmp, Ref, SegDef
 
-    defs = Defs("hand-6", (SegDef("active", Cmp(Ref("ms_since_last_event"), "<", 600_000.0, "10m"), None),),
-                ("active",))
+    defs = Defs(
+        "hand-6", (SegDef("active", Cmp(Ref("ms_since_last_event"), "<", 600_000.0, "10m"), None),), ("active",)
+    )
     yaml_text = """version: hand-6
 segments:
   - name: active

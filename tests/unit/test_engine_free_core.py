@@ -26,12 +26,9 @@ print(json.dumps(seen))
 
 
 def test_every_core_module_imports_without_pyflink_redis_or_confluent_kafka():
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert list(seen) == list(CORE_MODULES)
     assert {"udfs.scoring", "udfs.segmentation", "udfs.features", "udfs.profile_config", "udfs.latency"} <= set(seen)
     assert seen == {name: [] for name in CORE_MODULES}
-

@@ -30,14 +30,18 @@ def run():
     expected, _ = replay_events(segmentation.engine(), events, until_ms=events[-1].timestamp + 3600_000)
     assert len(expected) > 30
     # A faithful log: every user's transitions in order, users spread over two partitions.
-    committed = [Committed(hash(t.user_id) % 2, i, t.to_record(emitted_at=START_MS + i))
-                 for i, t in enumerate(expected)]
+    committed = [
+        Committed(hash(t.user_id) % 2, i, t.to_record(emitted_at=START_MS + i)) for i, t in enumerate(expected)
+    ]
     return expected, committed, segmentation.definitions.names
 
 
 def all_problems(expected, committed):
-    return (missing_transitions(expected, committed) + repeated_or_out_of_sequence(committed)
-            + differences_from_fault_free(expected, committed))
+    return (
+        missing_transitions(expected, committed)
+        + repeated_or_out_of_sequence(committed)
+        + differences_from_fault_free(expected, committed)
+    )
 
 
 def test_a_faithful_log_passes(run):
@@ -48,9 +52,11 @@ def test_a_faithful_log_passes(run):
 def test_a_dropped_transition_is_missing_and_breaks_the_alternation(run):
     expected, committed, _ = run
     dropped = committed[:5] + committed[6:]
-    assert missing_transitions(expected, dropped) == [f"missing {committed[5].transition_id} "
-                                                      f"({expected[5].user_id} {expected[5].segment} "
-                                                      f"{expected[5].kind} #{expected[5].sequence})"]
+    assert missing_transitions(expected, dropped) == [
+        f"missing {committed[5].transition_id} "
+        f"({expected[5].user_id} {expected[5].segment} "
+        f"{expected[5].kind} #{expected[5].sequence})"
+    ]
 
 
 def test_a_transition_committed_twice_is_reported(run):
@@ -63,8 +69,9 @@ def test_a_transition_committed_twice_is_reported(run):
 def test_a_sequence_gap_or_two_enters_in_a_row_is_reported(run):
     expected, committed, _ = run
     first_enter = committed[0]
-    bumped = replace(first_enter, offset=10_000, record={**first_enter.record, "sequence": 10**9,
-                                                         "transition_id": "other"})
+    bumped = replace(
+        first_enter, offset=10_000, record={**first_enter.record, "sequence": 10**9, "transition_id": "other"}
+    )
     problems = repeated_or_out_of_sequence([*committed, bumped])
     assert any("is ENTER, expected EXIT" in p or "follows" in p for p in problems)
 
@@ -72,8 +79,10 @@ def test_a_sequence_gap_or_two_enters_in_a_row_is_reported(run):
 def test_an_altered_field_or_an_unexpected_transition_differs_from_the_fault_free_run(run):
     expected, committed, _ = run
     altered = list(committed)
-    altered[2] = replace(committed[2], record={**committed[2].record, "cause": "EVENT" if
-                                               committed[2].record["cause"] != "EVENT" else "TIMER"})
+    altered[2] = replace(
+        committed[2],
+        record={**committed[2].record, "cause": "EVENT" if committed[2].record["cause"] != "EVENT" else "TIMER"},
+    )
     [difference] = differences_from_fault_free(expected, altered)
     assert difference.startswith(f"{committed[2].transition_id} ") and "cause: expected" in difference
     extra = replace(committed[0], offset=10_000, record={**committed[0].record, "transition_id": "x"})
@@ -122,4 +131,6 @@ def test_dead_letters_exactly_the_injected_ones(run):
     assert dead_letter_differences(injected, letters[:1], valid) == ["dead letter late missing (10 bytes)"]
     wrongly = [*letters, {"reason": "late", "payload": b"valid-1"}]
     assert dead_letter_differences(injected, wrongly, valid) == [
-        "unexpected dead letter late (7 bytes)", "a valid event was dead-lettered as late"]
+        "unexpected dead letter late (7 bytes)",
+        "a valid event was dead-lettered as late",
+    ]

@@ -177,8 +177,9 @@ def dockerfile() -> list[tuple[str, str]]:
 def k8s_container_env(k8s_documents, deployment) -> dict[str, str]:
     """The SEGMENTS_* variables and REDIS_URL the job's pods get: from the ConfigMaps they name
     (which must be in the file) and their own env entries (a Secret's value replaced by an example)."""
-    [container] = [c for c in deployment["spec"]["podTemplate"]["spec"]["containers"]
-                   if c["name"] == "flink-main-container"]
+    [container] = [
+        c for c in deployment["spec"]["podTemplate"]["spec"]["containers"] if c["name"] == "flink-main-container"
+    ]
     config_maps = {doc["metadata"]["name"]: doc for doc in k8s_documents if doc.get("kind") == "ConfigMap"}
     env = {}
     for source in container.get("envFrom", []):
@@ -204,8 +205,7 @@ def test_compose_has_the_pipeline_services_and_submits_only_on_demand(services):
     assert services["redis"]["image"].startswith("redis:")
 
 
-def test_compose_and_kubernetes_run_the_redis_view_follower_against_the_jobs_topic_and_redis(
-        services, k8s_documents):
+def test_compose_and_kubernetes_run_the_redis_view_follower_against_the_jobs_topic_and_redis(services, k8s_documents):
     """docs/redis.md: beside a cluster, the view catches up after an outage only if the follower
     runs; it must read the topic the job writes and write the Redis the job writes."""
     follower = services["redis-follower"]
@@ -221,7 +221,8 @@ def test_compose_and_kubernetes_run_the_redis_view_follower_against_the_jobs_top
     assert container["command"][-2:] == ["redis", "follow"] and deployment["spec"]["replicas"] == 1
     assert {"configMapRef": {"name": "segments-settings"}} in container["envFrom"]
     assert [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if e["name"] == "REDIS_VIEW_URL"] == [
-        "segments-redis"]
+        "segments-redis"
+    ]
 
 
 def test_compose_builds_the_flink_services_from_the_dockerfile(services):
@@ -318,8 +319,11 @@ def test_compose_publishes_the_local_stack_ports(services):
     assert published_ports(services["kafka"])[9092] == ports.broker
     assert published_ports(services["redis"])[6379] == ports.redis
     assert published_ports(services["jobmanager"])[8081] == ports.flink_rest
-    scraped = {int(t.rsplit(":", 1)[1]) for c in yaml.safe_load((INFRA / "prometheus.yml").read_text())[
-        "scrape_configs"][0]["static_configs"] for t in c["targets"]}
+    scraped = {
+        int(t.rsplit(":", 1)[1])
+        for c in yaml.safe_load((INFRA / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"]
+        for t in c["targets"]
+    }
     for name in ("jobmanager", "taskmanager"):
         assert published_ports(services[name])[ports.prometheus] in scraped, f"{name}'s metrics are not scraped"
 
@@ -405,8 +409,11 @@ def test_flink_deployment_runs_the_module_and_code_that_segments_submit_ships(fl
     assert option["-pym"] == "jobs.segment_users"
     assert (ROOT / (option["-pym"].replace(".", "/") + ".py")).is_file()
     # The shipped directory is where the image holds the code the CLI ships.
-    destinations = {sources[0].rstrip("/"): dest.rstrip("/") for sources, dest, staged in dockerfile_copies(dockerfile)
-                    if not staged and len(sources) == 1}
+    destinations = {
+        sources[0].rstrip("/"): dest.rstrip("/")
+        for sources, dest, staged in dockerfile_copies(dockerfile)
+        if not staged and len(sources) == 1
+    }
     for package in ("udfs", "jobs", "schemas", "models"):
         assert destinations[package] == f"{option['-pyfs']}/{package}", f"{package}/ is not under -pyfs"
     conf = flink_deployment["spec"]["flinkConfiguration"]
@@ -479,8 +486,9 @@ def test_dockerfile_prepares_thread_mode(dockerfile):
 # --- settings named anywhere ---------------------------------------------------------------------
 
 
-def test_every_segments_variable_is_a_setting_or_a_tooling_variable(services, k8s_documents, flink_deployment,
-                                                                    dockerfile):
+def test_every_segments_variable_is_a_setting_or_a_tooling_variable(
+    services, k8s_documents, flink_deployment, dockerfile
+):
     fields = {f.upper() for f in JobSettings.__dataclass_fields__} - {"PROFILE"}
     sources = {f"compose service {name}": compose_environment(service) for name, service in services.items()}
     sources["the FlinkDeployment's pods"] = k8s_container_env(k8s_documents, flink_deployment)
@@ -490,7 +498,7 @@ def test_every_segments_variable_is_a_setting_or_a_tooling_variable(services, k8
         variables = settings_variables(env)
         for name in variables:
             if name.startswith("SEGMENTS_") and not name.startswith(TOOLING_ENV_PREFIXES):
-                assert name[len("SEGMENTS_"):] in fields, f"{where}: {name} is not a setting"
+                assert name[len("SEGMENTS_") :] in fields, f"{where}: {name} is not a setting"
                 named += 1
         load_settings(environ=variables)  # raises on an unknown variable or a bad value
     assert named >= 5

@@ -13,8 +13,13 @@ from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import SettingsError, load_settings
 
 SECRET = "s3cr3t-'quoted'-pw"
-SCRAM = dict(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
-             kafka_sasl_username="alice", kafka_sasl_password="env:KAFKA_PW", kafka_ssl_ca_location="/etc/ca.pem")
+SCRAM = dict(
+    kafka_security_protocol="SASL_SSL",
+    kafka_sasl_mechanism="SCRAM-SHA-512",
+    kafka_sasl_username="alice",
+    kafka_sasl_password="env:KAFKA_PW",
+    kafka_ssl_ca_location="/etc/ca.pem",
+)
 
 
 def test_sasl_settings_come_from_the_environment_with_kafkas_property_names():
@@ -35,17 +40,20 @@ def test_a_password_that_is_not_a_reference_is_refused(password):
         load_settings(environ={}, **(SCRAM | {"kafka_sasl_password": password}))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"kafka_security_protocol": "SASL"}, "kafka_security_protocol must be one of"),
-    ({"kafka_sasl_mechanism": "GSSAPI"}, "kafka_sasl_mechanism must be one of"),
-    ({"kafka_sasl_mechanism": ""}, "kafka_sasl_mechanism must be one of"),
-    ({"kafka_sasl_username": ""}, "kafka_sasl_username is required"),
-    ({"kafka_sasl_username": 'a"b'}, "kafka_sasl_username may not hold"),
-    ({"kafka_sasl_password": ""}, "kafka_sasl_password is required"),
-    ({"kafka_security_protocol": "SSL"}, "kafka_sasl_mechanism is set but"),
-    ({"kafka_security_protocol": "SASL_PLAINTEXT"}, "kafka_ssl_ca_location is set but"),
-    ({"kafka_ssl_certificate_location": "/c.pem"}, "go together"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"kafka_security_protocol": "SASL"}, "kafka_security_protocol must be one of"),
+        ({"kafka_sasl_mechanism": "GSSAPI"}, "kafka_sasl_mechanism must be one of"),
+        ({"kafka_sasl_mechanism": ""}, "kafka_sasl_mechanism must be one of"),
+        ({"kafka_sasl_username": ""}, "kafka_sasl_username is required"),
+        ({"kafka_sasl_username": 'a"b'}, "kafka_sasl_username may not hold"),
+        ({"kafka_sasl_password": ""}, "kafka_sasl_password is required"),
+        ({"kafka_security_protocol": "SSL"}, "kafka_sasl_mechanism is set but"),
+        ({"kafka_security_protocol": "SASL_PLAINTEXT"}, "kafka_ssl_ca_location is set but"),
+        ({"kafka_ssl_certificate_location": "/c.pem"}, "go together"),
+    ],
+)
 def test_inconsistent_security_settings_are_refused_with_the_setting_named(changes, message):
     with pytest.raises(SettingsError, match=message):
         load_settings(environ={}, **(SCRAM | changes))
@@ -61,9 +69,14 @@ def test_librdkafka_gets_the_password_read_from_its_variable_or_file(monkeypatch
     monkeypatch.setenv("KAFKA_PW", SECRET)
     security = KafkaSecurity("SASL_SSL", "SCRAM-SHA-256", "alice", "env:KAFKA_PW", "/etc/ca.pem", "/c.pem", "/k.pem")
     assert security.librdkafka_config() == {
-        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "alice",
-        "sasl.password": SECRET, "ssl.ca.location": "/etc/ca.pem", "ssl.certificate.location": "/c.pem",
-        "ssl.key.location": "/k.pem"}
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "alice",
+        "sasl.password": SECRET,
+        "ssl.ca.location": "/etc/ca.pem",
+        "ssl.certificate.location": "/c.pem",
+        "ssl.key.location": "/k.pem",
+    }
     (tmp_path / "pw").write_text(SECRET + "\n")
     from_file = KafkaSecurity("SASL_PLAINTEXT", "PLAIN", "alice", f"file:{tmp_path / 'pw'}")
     assert from_file.librdkafka_config()["sasl.password"] == SECRET
@@ -85,11 +98,14 @@ def test_the_flink_ddl_names_the_password_variable_and_never_holds_the_password(
         assert SECRET not in ddl
         assert "'properties.security.protocol' = 'SASL_SSL'" in ddl
         assert "'properties.sasl.mechanism' = 'SCRAM-SHA-512'" in ddl
-        assert ("'properties.sasl.jaas.config' = 'org.apache.kafka.common.security.scram.ScramLoginModule "
-                "required username=\"alice\" password=\"${env:KAFKA_PW}\";'") in ddl
+        assert (
+            "'properties.sasl.jaas.config' = 'org.apache.kafka.common.security.scram.ScramLoginModule "
+            'required username="alice" password="${env:KAFKA_PW}";\''
+        ) in ddl
         assert "'properties.config.providers' = 'env'" in ddl
-        assert ("'properties.config.providers.env.class' = "
-                "'org.apache.kafka.common.config.provider.EnvVarConfigProvider'") in ddl
+        assert (
+            "'properties.config.providers.env.class' = 'org.apache.kafka.common.config.provider.EnvVarConfigProvider'"
+        ) in ddl
         assert "'properties.ssl.truststore.type' = 'PEM'" in ddl
         assert "'properties.ssl.truststore.location' = '/etc/ca.pem'" in ddl
     assert SECRET.encode() not in pickle.dumps(settings)
@@ -124,10 +140,10 @@ def test_logged_settings_errors_and_credentials_never_show_the_password(monkeypa
 def test_scram_client_matches_rfc_7677s_example():
     client = ScramClient("SCRAM-SHA-256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
     assert client.first() == b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
-    final = client.final(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                         b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
-    assert final == (b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                     b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    final = client.final(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+    assert final == (
+        b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+    )
     client.check(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
     with pytest.raises(ConnectionError, match="signature does not match"):
         client.check(b"v=AAAA" + b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="[4:])

@@ -16,7 +16,7 @@ def test_percentiles_are_within_a_bucket_of_the_exact_ones():
     ordered = sorted(values)
     for q in (0.5, 0.9, 0.99):
         exact = ordered[int(q * len(ordered)) - 1]
-        assert exact <= hist.percentile(q) <= exact * LatencyHistogram.FACTOR ** 2, q
+        assert exact <= hist.percentile(q) <= exact * LatencyHistogram.FACTOR**2, q
     assert hist.max_us == max(values) and hist.total == len(values)
 
 

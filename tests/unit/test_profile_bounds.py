@@ -30,9 +30,15 @@ def flood(n: int, seed: int = 7):
     for i in range(n):
         kind = rng.choice(kinds)
         yield UserEvent(
-            f"e{i}", "bot", kind, T0 + i * 5 * MINUTE_MS, session_id=f"s{i // 7}",
-            product_id=f"p{rng.randrange(10_000)}", category=f"c{rng.randrange(500)}",
-            price=round(rng.uniform(1, 99), 2), quantity=rng.choice([None, 1, 2]),
+            f"e{i}",
+            "bot",
+            kind,
+            T0 + i * 5 * MINUTE_MS,
+            session_id=f"s{i // 7}",
+            product_id=f"p{rng.randrange(10_000)}",
+            category=f"c{rng.randrange(500)}",
+            price=round(rng.uniform(1, 99), 2),
+            quantity=rng.choice([None, 1, 2]),
         )
 
 
@@ -63,8 +69,10 @@ def test_a_bucket_counts_at_most_max_bucket_categories_keeping_the_most_viewed()
     is forgotten: the categories viewed most stay exact."""
     e, p = engine(max_bucket_categories=4), UserProfile()
     views = [("shoes", 3), ("hats", 2), ("socks", 2)] + [(f"c{i:03d}", 1) for i in range(40)]
-    events = [UserEvent(f"e{n}", "bot", "product_view", T0 + n * 1000, product_id="p", category=category)
-              for n, category in enumerate(c for c, times in views for _ in range(times))]
+    events = [
+        UserEvent(f"e{n}", "bot", "product_view", T0 + n * 1000, product_id="p", category=category)
+        for n, category in enumerate(c for c, times in views for _ in range(times))
+    ]
     for event in events:
         e.on_event("bot", p, event)
     assert all(len(b.category_views) <= 4 for ring in p.buckets.values() for b in ring.values())
@@ -80,12 +88,16 @@ def test_a_long_cart_line_is_folded_and_still_exact_for_in_order_operations():
     quantity = 0
     for i in range(40):
         if i % 3 == 2:
-            e.on_event("u", p, UserEvent(f"r{i}", "u", "remove_from_cart", T0 + i * MINUTE_MS, product_id="p",
-                                         quantity=1))
+            e.on_event(
+                "u", p, UserEvent(f"r{i}", "u", "remove_from_cart", T0 + i * MINUTE_MS, product_id="p", quantity=1)
+            )
             quantity = max(quantity - 1, 0)
         else:
-            e.on_event("u", p, UserEvent(f"a{i}", "u", "add_to_cart", T0 + i * MINUTE_MS, product_id="p",
-                                         quantity=2, price=float(i)))
+            e.on_event(
+                "u",
+                p,
+                UserEvent(f"a{i}", "u", "add_to_cart", T0 + i * MINUTE_MS, product_id="p", quantity=2, price=float(i)),
+            )
             quantity += 2
             price = float(i)
     assert len(p.cart_ops["p"]) <= 4
@@ -119,14 +131,19 @@ def test_retention_exits_every_segment_drops_the_profile_and_a_return_continues_
     assert {(t.segment, t.kind) for t in early} == {("active_browser", "EXIT"), ("cart_abandoner", "ENTER")}
     out = e.advance_to("u", p, expiry)
     assert {(t.segment, t.kind, t.rule, t.event_time) for t in out} == {
-        ("cart_holder", "EXIT", RETENTION_RULE, expiry), ("cart_abandoner", "EXIT", RETENTION_RULE, expiry)}
+        ("cart_holder", "EXIT", RETENTION_RULE, expiry),
+        ("cart_abandoner", "EXIT", RETENTION_RULE, expiry),
+    }
     assert p.is_empty and p.cart() == {} and e.next_change_ms(p) is None
     features = e.features(p, p.clock_ms)
     assert features["ms_since_last_event"] is None and features["events_30d"] == 0
 
     back = expiry + HOUR_MS
-    [again] = [t for t in e.on_event("u", p, UserEvent("b", "u", "add_to_cart", back, product_id="p"))
-               if t.segment == "cart_holder"]
+    [again] = [
+        t
+        for t in e.on_event("u", p, UserEvent("b", "u", "add_to_cart", back, product_id="p"))
+        if t.segment == "cart_holder"
+    ]
     assert again.kind == "ENTER"
     assert again.sequence > first_enter + 1  # above the EXIT the retention emitted: ids never repeat
     assert again.sequence == back * 1000 + 1
@@ -160,5 +177,8 @@ def test_an_event_id_of_an_expired_lifetime_starts_a_new_lifetime_not_a_duplicat
         out += step.transitions
         assert step.outcome == "applied"
         assert [(t.kind, t.event_time, t.cause) for t in out] == [
-            ("ENTER", T0, "EVENT"), ("EXIT", T0 + 10 * MINUTE_MS, "TIMER"), ("ENTER", again, "EVENT")]
+            ("ENTER", T0, "EVENT"),
+            ("EXIT", T0 + 10 * MINUTE_MS, "TIMER"),
+            ("ENTER", again, "EVENT"),
+        ]
         assert out[2].sequence == again * 1000 + 1  # the new lifetime's sequences

@@ -19,8 +19,16 @@ from udfs.profile_config import (
 
 @pytest.mark.parametrize(
     "raw, ms",
-    [(250, 250), ("500ms", 500), ("30s", 30_000), ("10m", 600_000), ("1h", 3_600_000), ("7d", 604_800_000),
-     ("2w", 1_209_600_000), (" 5m ", 300_000)],
+    [
+        (250, 250),
+        ("500ms", 500),
+        ("30s", 30_000),
+        ("10m", 600_000),
+        ("1h", 3_600_000),
+        ("7d", 604_800_000),
+        ("2w", 1_209_600_000),
+        (" 5m ", 300_000),
+    ],
 )
 def test_durations_take_a_unit_or_plain_milliseconds(raw, ms):
     assert parse_duration_ms(raw, "x") == ms
@@ -35,8 +43,12 @@ def test_malformed_durations_are_rejected_naming_the_setting(raw):
 def test_the_defaults_are_the_five_horizons_of_the_issue():
     config = ProfileConfig()
     assert [(h.name, h.length_ms, h.bucket_ms) for h in config.horizons] == [
-        ("10m", 10 * MINUTE_MS, MINUTE_MS), ("1h", HOUR_MS, 5 * MINUTE_MS), ("24h", DAY_MS, HOUR_MS),
-        ("7d", 7 * DAY_MS, 6 * HOUR_MS), ("30d", 30 * DAY_MS, DAY_MS)]
+        ("10m", 10 * MINUTE_MS, MINUTE_MS),
+        ("1h", HOUR_MS, 5 * MINUTE_MS),
+        ("24h", DAY_MS, HOUR_MS),
+        ("7d", 7 * DAY_MS, 6 * HOUR_MS),
+        ("30d", 30 * DAY_MS, DAY_MS),
+    ]
     assert config.engagement_weights["video_play"] == 10.0 and config.engagement_weights["review_read"] == 5.0
     assert (config.tier_basis, config.tier_high_above) == ("sessions_per_week", 5.0)
 
@@ -51,18 +63,20 @@ def test_a_horizon_covers_the_bucket_of_now_and_the_ones_before_it_up_to_its_len
 
 
 def test_a_full_profile_section_is_read():
-    config = ProfileConfig.from_mapping({
-        "horizons": {"5m": {"length": "5m", "bucket": "1m"}, "2d": {"length": "2d", "bucket": "2h"}},
-        "session_gap_ms": "20m",
-        "engagement_weights": {"video_play": 12, "review_read": 4.5},
-        "engagement_half_life_ms": "3d",
-        "tier_basis": "engagement_score",
-        "tier_high_above": 50,
-        "tier_medium_above": 10,
-        "affinity_top_k": 5,
-        "retention_ms": "60d",
-        "max_cart_lines": 20,
-    })
+    config = ProfileConfig.from_mapping(
+        {
+            "horizons": {"5m": {"length": "5m", "bucket": "1m"}, "2d": {"length": "2d", "bucket": "2h"}},
+            "session_gap_ms": "20m",
+            "engagement_weights": {"video_play": 12, "review_read": 4.5},
+            "engagement_half_life_ms": "3d",
+            "tier_basis": "engagement_score",
+            "tier_high_above": 50,
+            "tier_medium_above": 10,
+            "affinity_top_k": 5,
+            "retention_ms": "60d",
+            "max_cart_lines": 20,
+        }
+    )
     assert config.horizons == (Horizon("5m", 5 * MINUTE_MS, MINUTE_MS), Horizon("2d", 2 * DAY_MS, 2 * HOUR_MS))
     assert config.session_gap_ms == 20 * MINUTE_MS
     assert config.engagement_weights == {"video_play": 12, "review_read": 4.5}

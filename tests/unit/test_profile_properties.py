@@ -28,8 +28,13 @@ B = 1_700_006_400_000  # a UTC day boundary, so every bucket width divides it
 assert B % DAY_MS == 0
 USER = "u1"
 
-LARGE_CAPS = dict(max_seen_event_ids=100_000, max_tracked_items=100_000, max_cart_lines=100_000,
-                  max_cart_ops_per_line=100_000, max_bucket_categories=100_000)
+LARGE_CAPS = dict(
+    max_seen_event_ids=100_000,
+    max_tracked_items=100_000,
+    max_cart_lines=100_000,
+    max_cart_ops_per_line=100_000,
+    max_bucket_categories=100_000,
+)
 
 # Short horizons, gap, half-lives, dedup window and retention: lapses, session cuts, dedup expiry
 # and retention resets all happen within a few dozen steps.
@@ -75,16 +80,39 @@ SMALL_SCALE = Scale(
     back_ms=100 * MINUTE_MS,
     gap_min_ms=10 * MINUTE_MS,
     gap_max_ms=3 * HOUR_MS,
-    specials=(MINUTE_MS, 4 * MINUTE_MS, 10 * MINUTE_MS, 10 * MINUTE_MS + 1, 30 * MINUTE_MS, 30 * MINUTE_MS - 1,
-              HOUR_MS, 2 * HOUR_MS, 2 * HOUR_MS - 1, 20 * MINUTE_MS),
+    specials=(
+        MINUTE_MS,
+        4 * MINUTE_MS,
+        10 * MINUTE_MS,
+        10 * MINUTE_MS + 1,
+        30 * MINUTE_MS,
+        30 * MINUTE_MS - 1,
+        HOUR_MS,
+        2 * HOUR_MS,
+        2 * HOUR_MS - 1,
+        20 * MINUTE_MS,
+    ),
 )
 DEFAULT_SCALE = Scale(
     fwd_ms=20 * MINUTE_MS,
     back_ms=2 * HOUR_MS,
     gap_min_ms=HOUR_MS,
     gap_max_ms=12 * DAY_MS,
-    specials=(5 * MINUTE_MS, 10 * MINUTE_MS, 30 * MINUTE_MS, 30 * MINUTE_MS + 1, HOUR_MS, 6 * HOUR_MS, DAY_MS,
-              DAY_MS + 1, 7 * DAY_MS, 7 * DAY_MS - 1, 30 * DAY_MS, 40 * DAY_MS, 40 * DAY_MS - 1),
+    specials=(
+        5 * MINUTE_MS,
+        10 * MINUTE_MS,
+        30 * MINUTE_MS,
+        30 * MINUTE_MS + 1,
+        HOUR_MS,
+        6 * HOUR_MS,
+        DAY_MS,
+        DAY_MS + 1,
+        7 * DAY_MS,
+        7 * DAY_MS - 1,
+        30 * DAY_MS,
+        40 * DAY_MS,
+        40 * DAY_MS - 1,
+    ),
 )
 
 
@@ -209,7 +237,7 @@ def _top_categories_problems(got: list, want: list, affinity: dict[str, float], 
         return vx > vy
 
     for i, x in enumerate(got):
-        for y in got[i + 1:]:
+        for y in got[i + 1 :]:
             if strictly_before(y, x):
                 problems.append(f"top_categories: {y} ({affinity[y]!r}) listed after {x} ({affinity[x]!r})")
     for c in set(affinity) - set(got):
@@ -363,15 +391,26 @@ def test_bucket_coverage_at_the_boundary():
     p.advance(B + 12 * MINUTE_MS).check(events_10m=0, count_page_view_10m=0, events_1h=1, events_24h=1)
     # 1h: at B+59:59.999 bucket(T) = B+55m, B > B-5m; at B+60m, B > B is false (57.5 min old).
     p.advance(B + HOUR_MS - 1).check(events_1h=1)
-    p.advance(B + HOUR_MS).check(events_1h=0, count_page_view_1h=0, events_24h=1, events_30d=1,
-                                 ms_since_last_event=57 * MINUTE_MS + 30 * SECOND_MS)
+    p.advance(B + HOUR_MS).check(
+        events_1h=0,
+        count_page_view_1h=0,
+        events_24h=1,
+        events_30d=1,
+        ms_since_last_event=57 * MINUTE_MS + 30 * SECOND_MS,
+    )
     # Out-of-order events update their own bucket: at T = B+60m, B+55m is covered by 10m
     # (B+55m > B+50m) and 1h (B+55m > B); B+50m only by 1h (B+50m > B+50m is false).
-    p.send(ev("e2", "page_view", B + 55 * MINUTE_MS)).check(clock=B + HOUR_MS, events_10m=1, events_1h=1,
-                                                             ms_since_last_event=5 * MINUTE_MS)
-    p.send(ev("e3", "search", B + 50 * MINUTE_MS)).check(clock=B + HOUR_MS, events_10m=1, events_1h=2,
-                                                          count_search_10m=0, count_search_1h=1,
-                                                          ms_since_last_search=10 * MINUTE_MS)
+    p.send(ev("e2", "page_view", B + 55 * MINUTE_MS)).check(
+        clock=B + HOUR_MS, events_10m=1, events_1h=1, ms_since_last_event=5 * MINUTE_MS
+    )
+    p.send(ev("e3", "search", B + 50 * MINUTE_MS)).check(
+        clock=B + HOUR_MS,
+        events_10m=1,
+        events_1h=2,
+        count_search_10m=0,
+        count_search_1h=1,
+        ms_since_last_search=10 * MINUTE_MS,
+    )
 
 
 def test_dedup_window():
@@ -381,10 +420,12 @@ def test_dedup_window():
     p.send(ev("e1", "page_view", B + HOUR_MS)).check(clock=B, count_page_view_30d=1, ms_since_last_event=0)
     # Another event makes B+24h-1 the latest: B > B-1, the resend is still a duplicate.
     p.send(ev("e2", "page_view", B + DAY_MS - 1)).send(ev("e1", "page_view", B + DAY_MS - 1)).check(
-        count_page_view_30d=2)
+        count_page_view_30d=2
+    )
     # The latest at B+24h: B > B is false, the resend is accepted as a new event.
     p.send(ev("e3", "page_view", B + DAY_MS)).send(ev("e1", "page_view", B + DAY_MS)).check(
-        count_page_view_30d=4, count_page_view_24h=3)
+        count_page_view_30d=4, count_page_view_24h=3
+    )
     # Now its copy at B+24h is within the window: a further resend is a duplicate again.
     p.send(ev("e1", "page_view", B + DAY_MS + 5)).check(count_page_view_30d=4)
 
@@ -394,7 +435,8 @@ def test_timers_do_not_expire_the_dedup_memory():
     # so a resend is a duplicate however far the timers went.
     p = Both(ProfileConfig(dedup_window_ms=HOUR_MS)).send(ev("e1", "purchase", B, price=5.0))
     p.advance(B + 10 * DAY_MS).send(ev("e1", "purchase", B, price=5.0)).check(
-        clock=B + 10 * DAY_MS, lifetime_orders=1, lifetime_spend=5.0)
+        clock=B + 10 * DAY_MS, lifetime_orders=1, lifetime_spend=5.0
+    )
 
 
 def test_derived_sessions_joined_by_a_late_event():
@@ -402,13 +444,27 @@ def test_derived_sessions_joined_by_a_late_event():
     for i, minute in enumerate((0, 10, 50, 55)):
         p.send(ev(f"a{i}", "page_view", B + minute * MINUTE_MS))
     # Runs [B, B+10m] and [B+50m, B+55m] (40 min apart > 30 min gap).
-    p.check(clock=B + 55 * MINUTE_MS, sessions_24h=2, sessions_per_week=2, in_session=1,
-            current_session_start_ms=B + 50 * MINUTE_MS, current_session_events=2,
-            current_session_duration_ms=5 * MINUTE_MS)
+    p.check(
+        clock=B + 55 * MINUTE_MS,
+        sessions_24h=2,
+        sessions_per_week=2,
+        in_session=1,
+        current_session_start_ms=B + 50 * MINUTE_MS,
+        current_session_events=2,
+        current_session_duration_ms=5 * MINUTE_MS,
+    )
     # A late event at B+30m: gaps 10, 20, 20, 5 minutes -> one session.
     p.send(ev("late", "page_view", B + 30 * MINUTE_MS))
-    p.check(clock=B + 55 * MINUTE_MS, sessions_24h=1, sessions_1h=1, sessions_per_week=1, in_session=1,
-            current_session_start_ms=B, current_session_events=5, current_session_duration_ms=55 * MINUTE_MS)
+    p.check(
+        clock=B + 55 * MINUTE_MS,
+        sessions_24h=1,
+        sessions_1h=1,
+        sessions_per_week=1,
+        in_session=1,
+        current_session_start_ms=B,
+        current_session_events=5,
+        current_session_duration_ms=55 * MINUTE_MS,
+    )
     # Exactly session_gap apart stays in the session ("more than session_gap apart" cuts).
     p.send(ev("a4", "page_view", B + 85 * MINUTE_MS))
     p.check(sessions_per_week=1, current_session_events=6, current_session_duration_ms=85 * MINUTE_MS)
@@ -418,12 +474,24 @@ def test_derived_sessions_joined_by_a_late_event():
     # One ms more than the gap: a new derived run; its last event ties with s1's last -> s1 wins.
     t = B + 115 * MINUTE_MS + 1
     p.send(ev("a5", "page_view", t), ev("x1", "page_view", t, session_id="s1"))
-    p.check(clock=t, sessions_per_week=3, sessions_24h=3, in_session=1, current_session_start_ms=B + 100 * MINUTE_MS,
-            current_session_events=2, current_session_duration_ms=15 * MINUTE_MS + 1)
+    p.check(
+        clock=t,
+        sessions_per_week=3,
+        sessions_24h=3,
+        in_session=1,
+        current_session_start_ms=B + 100 * MINUTE_MS,
+        current_session_events=2,
+        current_session_duration_ms=15 * MINUTE_MS + 1,
+    )
     # in_session ends when T - last >= gap.
     p.advance(t + 30 * MINUTE_MS - 1).check(in_session=1, current_session_events=2)
-    p.advance(t + 30 * MINUTE_MS).check(in_session=0, current_session_start_ms=None, current_session_events=None,
-                                        current_session_duration_ms=None, sessions_per_week=3)
+    p.advance(t + 30 * MINUTE_MS).check(
+        in_session=0,
+        current_session_start_ms=None,
+        current_session_events=None,
+        current_session_duration_ms=None,
+        sessions_per_week=3,
+    )
 
 
 def test_cart_fold_with_an_out_of_order_purchase():
@@ -434,9 +502,20 @@ def test_cart_fold_with_an_out_of_order_purchase():
     p.send(ev("c3", "checkout_start", B + 90 * SECOND_MS)).check(checkout_pending=1)  # no purchase yet
     # The purchase at B+2m arrives late: fold order is add p1, purchase (empties), add p2.
     p.send(ev("c4", "purchase", B + 2 * MINUTE_MS, price=20.0))
-    p.check(clock=B + 3 * MINUTE_MS, cart={"p2": (1, 5.5)}, cart_lines=1, cart_items=1, cart_value=5.5,
-            checkout_pending=0, lifetime_orders=1, lifetime_spend=20.0, lifetime_aov=20.0,
-            ms_since_cart_activity=0, ms_since_cart_change=0, ms_since_last_purchase=MINUTE_MS)
+    p.check(
+        clock=B + 3 * MINUTE_MS,
+        cart={"p2": (1, 5.5)},
+        cart_lines=1,
+        cart_items=1,
+        cart_value=5.5,
+        checkout_pending=0,
+        lifetime_orders=1,
+        lifetime_spend=20.0,
+        lifetime_aov=20.0,
+        ms_since_cart_activity=0,
+        ms_since_cart_change=0,
+        ms_since_last_purchase=MINUTE_MS,
+    )
     p.send(ev("c5", "remove_from_cart", B + 4 * MINUTE_MS, product_id="p1", quantity=1))  # not in cart
     p.check(cart={"p2": (1, 5.5)}, cart_value=5.5)
     p.send(ev("c6", "add_to_cart", B + 5 * MINUTE_MS, product_id="p2", quantity=2))  # no price: keeps 5.5
@@ -448,8 +527,9 @@ def test_cart_fold_with_an_out_of_order_purchase():
     # Same event time: arrival order decides. add p3, then purchase -> empty; then add p4 -> p4.
     p.send(ev("c9", "add_to_cart", B + 8 * MINUTE_MS, product_id="p3", price=3.0))
     p.send(ev("c10", "purchase", B + 8 * MINUTE_MS))  # no price: counts 0
-    p.check(cart={}, lifetime_orders=2, lifetime_spend=20.0, lifetime_aov=10.0, orders_10m=2, spend_10m=20.0,
-            aov_10m=10.0)
+    p.check(
+        cart={}, lifetime_orders=2, lifetime_spend=20.0, lifetime_aov=10.0, orders_10m=2, spend_10m=20.0, aov_10m=10.0
+    )
     p.send(ev("c11", "add_to_cart", B + 8 * MINUTE_MS, product_id="p4", price=2.0))
     p.check(cart={"p4": (1, 2.0)}, cart_value=2.0, checkout_pending=0)
     # A line created by an add without a price has unit price 0 (p1's 10.0 went with the purchase).
@@ -482,16 +562,32 @@ def test_a_session_id_reused_after_its_session_was_forgotten_starts_a_new_sessio
     # horizons (the 30d one, day buckets, no longer covers B): a new session.
     p = Both(DEFAULT_40D).send(ev("a", "page_view", B, session_id="s"))
     p.send(ev("b", "page_view", B + 31 * DAY_MS, session_id="s"))
-    p.check(clock=B + 31 * DAY_MS, in_session=1, sessions_per_week=1, sessions_30d=1, events_30d=1,
-            current_session_start_ms=B + 31 * DAY_MS, current_session_events=1, current_session_duration_ms=0)
+    p.check(
+        clock=B + 31 * DAY_MS,
+        in_session=1,
+        sessions_per_week=1,
+        sessions_30d=1,
+        events_30d=1,
+        current_session_start_ms=B + 31 * DAY_MS,
+        current_session_events=1,
+        current_session_duration_ms=0,
+    )
 
 
 def test_a_session_id_reused_while_its_session_is_still_visible_continues_it():
     # 6 days apart: the first event is still within 7 days (and the 7d and 30d horizons): one session.
     p = Both(DEFAULT_40D).send(ev("a", "page_view", B, session_id="s"))
     p.send(ev("b", "page_view", B + 6 * DAY_MS, session_id="s"))
-    p.check(clock=B + 6 * DAY_MS, in_session=1, sessions_per_week=1, sessions_30d=1, events_30d=2,
-            current_session_start_ms=B, current_session_events=2, current_session_duration_ms=6 * DAY_MS)
+    p.check(
+        clock=B + 6 * DAY_MS,
+        in_session=1,
+        sessions_per_week=1,
+        sessions_30d=1,
+        events_30d=2,
+        current_session_start_ms=B,
+        current_session_events=2,
+        current_session_duration_ms=6 * DAY_MS,
+    )
 
 
 def test_tier_thresholds_on_sessions_per_week():
@@ -517,12 +613,35 @@ def test_tier_thresholds_on_engagement_score():
 
 
 EMPTY = dict(
-    ms_since_last_event=None, ms_since_last_purchase=None, ms_since_cart_activity=None, events_30d=0,
-    count_purchase_30d=0, sessions_30d=0, category_views_30d={}, spend_30d=0.0, orders_30d=0, aov_30d=None,
-    lifetime_spend=0.0, lifetime_orders=0, lifetime_aov=None, cart={}, cart_quantity={}, cart_lines=0, cart_items=0,
-    cart_value=0.0, checkout_pending=0, sessions_per_week=0, in_session=0, current_session_start_ms=None,
-    current_session_events=None, current_session_duration_ms=None, engagement_score=0.0,
-    engagement_tier="low", category_affinity={}, top_categories=[], ms_since_viewed_product={},
+    ms_since_last_event=None,
+    ms_since_last_purchase=None,
+    ms_since_cart_activity=None,
+    events_30d=0,
+    count_purchase_30d=0,
+    sessions_30d=0,
+    category_views_30d={},
+    spend_30d=0.0,
+    orders_30d=0,
+    aov_30d=None,
+    lifetime_spend=0.0,
+    lifetime_orders=0,
+    lifetime_aov=None,
+    cart={},
+    cart_quantity={},
+    cart_lines=0,
+    cart_items=0,
+    cart_value=0.0,
+    checkout_pending=0,
+    sessions_per_week=0,
+    in_session=0,
+    current_session_start_ms=None,
+    current_session_events=None,
+    current_session_duration_ms=None,
+    engagement_score=0.0,
+    engagement_tier="low",
+    category_affinity={},
+    top_categories=[],
+    ms_since_viewed_product={},
 )
 
 
@@ -545,5 +664,6 @@ def test_retention_reset():
     p.send(ev("e2", "purchase", t, price=1.0)).check(clock=t, lifetime_orders=1, lifetime_spend=1.0, events_30d=1)
     # An event at or after last + retention drops the old lifetime before it is applied.
     t2 = t + 90 * DAY_MS
-    p.send(ev("e3", "page_view", t2)).check(clock=t2, lifetime_orders=0, events_30d=1, events_10m=1,
-                                             ms_since_last_purchase=None)
+    p.send(ev("e3", "page_view", t2)).check(
+        clock=t2, lifetime_orders=0, events_30d=1, events_10m=1, ms_since_last_purchase=None
+    )

@@ -87,11 +87,14 @@ def test_a_model_swapped_with_a_rewritten_manifest_is_refused_by_the_definitions
         Segmentation.load(definitions, models_dir=models)
 
 
-@pytest.mark.parametrize("pins, message", [
-    ({"churn_risk": "sha256:abc"}, "must be sha256: and 64 lowercase hex digits"),
-    ({"churn_risk": "ab" * 32}, "must be sha256: and 64 lowercase hex digits"),
-    ({"churn_risk": f"sha256:{'0' * 64}", "personas": f"sha256:{'0' * 64}"}, "unknown key 'personas' in models"),
-])
+@pytest.mark.parametrize(
+    "pins, message",
+    [
+        ({"churn_risk": "sha256:abc"}, "must be sha256: and 64 lowercase hex digits"),
+        ({"churn_risk": "ab" * 32}, "must be sha256: and 64 lowercase hex digits"),
+        ({"churn_risk": f"sha256:{'0' * 64}", "personas": f"sha256:{'0' * 64}"}, "unknown key 'personas' in models"),
+    ],
+)
 def test_model_pins_are_checked_when_the_definitions_are_read(models, pins, message):
     with pytest.raises(Exception, match=message):
         parse_definitions(pinned(models, pins), models=ModelRegistry.outputs_of(models))
@@ -106,8 +109,9 @@ def test_pinning_some_of_the_models_read_but_not_all_is_refused(models):
 def test_a_corrupted_onnx_file_is_a_clear_verification_error_not_a_traceback(models):
     onnx_path = models / "churn_risk" / "model.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes()[:200])  # truncated, its manifest hash rewritten to match
-    edit_manifest(models / "churn_risk", lambda m: m.update(onnx_sha256=hashlib.sha256(onnx_path.read_bytes())
-                                                             .hexdigest()))
+    edit_manifest(
+        models / "churn_risk", lambda m: m.update(onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest())
+    )
     with pytest.raises(ModelVerificationError, match="churn_risk: model.onnx is not a model onnxruntime can load"):
         ModelRegistry.load(models, CATALOG, ["churn_risk"])
 
@@ -126,6 +130,7 @@ def test_a_wrong_feature_order_is_refused_by_the_feature_hash(models):
     def swap(manifest):
         v = manifest["vector"]
         v[0], v[1] = v[1], v[0]
+
     edit_manifest(models / "purchase_propensity", swap)
     with pytest.raises(ModelVerificationError, match="purchase_propensity: feature hash mismatch"):
         ModelRegistry.load(models, CATALOG, ["purchase_propensity"])
@@ -139,8 +144,9 @@ def test_changed_feature_code_is_refused_by_the_feature_hash(models, monkeypatch
     with pytest.raises(ModelVerificationError, match="feature hash mismatch"):
         ModelRegistry.load(models, catalog, ["purchase_propensity"])
     # ... and profile settings that change what the features mean (engagement weights).
-    reweighted = FeatureCatalog(ProfileConfig(engagement_weights={**ProfileConfig().engagement_weights,
-                                                                  "video_play": 20.0}))
+    reweighted = FeatureCatalog(
+        ProfileConfig(engagement_weights={**ProfileConfig().engagement_weights, "video_play": 20.0})
+    )
     with pytest.raises(ModelVerificationError, match="feature hash mismatch"):
         ModelRegistry.load(models, reweighted, ["personas"])
     # A change the features do not read leaves the hash alone (no retraining for a refactor).
@@ -173,8 +179,9 @@ def test_the_shipped_manifests_feature_hashes_come_from_the_fixture():
 def test_the_traffic_generator_does_not_change_the_feature_hash(monkeypatch):
     import udfs.shoppers
 
-    vector = FeatureVector([VectorFeature("events_24h"), VectorFeature("ms_since_last_event", "hours", 2160.0)],
-                           CATALOG)
+    vector = FeatureVector(
+        [VectorFeature("events_24h"), VectorFeature("ms_since_last_event", "hours", 2160.0)], CATALOG
+    )
     before = feature_hash(vector)
     other = [UserEvent("x-1", "x", "page_view", scoring.FINGERPRINT_START_MS + HOUR_MS)]
     assert feature_hash(vector, other) != before  # other events would change it ...
@@ -185,9 +192,19 @@ def test_the_traffic_generator_does_not_change_the_feature_hash(monkeypatch):
 def test_the_fingerprint_fixture_round_trips_through_its_writer(tmp_path, monkeypatch):
     import models.train
 
-    written = [UserEvent("u-1", "u", "purchase", scoring.FINGERPRINT_START_MS + 1, session_id="s", price=12.5,
-                         quantity=2, device="mobile"),
-               UserEvent("u-2", "u", "search", scoring.FINGERPRINT_START_MS + HOUR_MS, properties={"query": "q"})]
+    written = [
+        UserEvent(
+            "u-1",
+            "u",
+            "purchase",
+            scoring.FINGERPRINT_START_MS + 1,
+            session_id="s",
+            price=12.5,
+            quantity=2,
+            device="mobile",
+        ),
+        UserEvent("u-2", "u", "search", scoring.FINGERPRINT_START_MS + HOUR_MS, properties={"query": "q"}),
+    ]
     monkeypatch.setattr(models.train, "generate_events", lambda *args, **kwargs: iter(written))
     digest = models.train.write_fingerprint_events(tmp_path / "events.avro")
     monkeypatch.setattr(scoring, "FINGERPRINT_EVENTS_SHA256", digest)
@@ -195,8 +212,9 @@ def test_the_fingerprint_fixture_round_trips_through_its_writer(tmp_path, monkey
 
 
 def test_a_golden_case_that_no_longer_matches_is_refused(models):
-    edit_manifest(models / "purchase_propensity",
-                  lambda m: m["golden"][0].__setitem__("output", m["golden"][0]["output"] + 0.01))
+    edit_manifest(
+        models / "purchase_propensity", lambda m: m["golden"][0].__setitem__("output", m["golden"][0]["output"] + 0.01)
+    )
     with pytest.raises(ModelVerificationError, match="golden case 0 scores"):
         ModelRegistry.load(models, CATALOG, ["purchase_propensity"])
 
@@ -222,20 +240,23 @@ def test_scores_are_the_models_outputs_for_the_profiles_vector(models):
     profile = UserProfile()
     engine = SegmentEngine(parse_definitions("version: v\nsegments:\n  - name: x\n    when: false\n"))
     for i, kind in enumerate(["page_view", "product_view", "add_to_cart", "checkout_start"]):
-        engine.on_event("u", profile, UserEvent(f"e{i}", "u", kind, T0 + i * 60_000, product_id="p", quantity=1,
-                                                 price=30.0))
+        engine.on_event(
+            "u", profile, UserEvent(f"e{i}", "u", kind, T0 + i * 60_000, product_id="p", quantity=1, price=30.0)
+        )
     scores = scorer(profile, profile.clock_ms, lambda name: CATALOG.read(name, profile, profile.clock_ms))
     for name, model in registry.models.items():
         vector = np.array([model.vector.values(profile, profile.clock_ms)], dtype=np.float32)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # as the job's sessions
-        session = onnxruntime.InferenceSession(str(models / name / "model.onnx"), options,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            str(models / name / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
         out = session.run([model.manifest.output_name], {"features": vector})[0]
         expected = float(out[0] if model.manifest.output_index is None else out[0][model.manifest.output_index])
         assert scores[name] == expected
-    assert 0 <= scores["purchase_propensity"] <= 1 and scores["personas"] in range(registry.models["personas"]
-                                                                                    .manifest.clusters)
+    assert 0 <= scores["purchase_propensity"] <= 1 and scores["personas"] in range(
+        registry.models["personas"].manifest.clusters
+    )
     # Three scores from one call of the merged session.
     assert scorer.stats.scored == 3 and scorer.stats.latency.total == 1
 
@@ -246,9 +267,16 @@ def nan_model(directory: Path) -> None:
     x = helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 1])
     y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, [None, 1])
     one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
-    graph = helper.make_graph([helper.make_node("Sub", ["features", "one"], ["shifted"]),
-                               helper.make_node("Sqrt", ["shifted"], ["probability"])],
-                              "nan_model", [x], [y], [one])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["features", "one"], ["shifted"]),
+            helper.make_node("Sqrt", ["shifted"], ["probability"]),
+        ],
+        "nan_model",
+        [x],
+        [y],
+        [one],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     directory.mkdir(parents=True)
@@ -257,9 +285,17 @@ def nan_model(directory: Path) -> None:
     (directory / "model.onnx").write_bytes(data)
     vector = FeatureVector([VectorFeature("cart_items")], CATALOG)
     manifest = ModelManifest(
-        name="nan_model", version="1", kind="probability", onnx_file="model.onnx",
-        onnx_sha256=hashlib.sha256(data).hexdigest(), vector=list(vector.features), feature_hash=feature_hash(vector),
-        input_name="features", input_shape=[None, 1], output_name="probability", output_index=0,
+        name="nan_model",
+        version="1",
+        kind="probability",
+        onnx_file="model.onnx",
+        onnx_sha256=hashlib.sha256(data).hexdigest(),
+        vector=list(vector.features),
+        feature_hash=feature_hash(vector),
+        input_name="features",
+        input_shape=[None, 1],
+        output_name="probability",
+        output_index=0,
         golden=[{"input": [1.0], "output": 0.0}, {"input": [2.0], "output": 1.0}],
     )
     (directory / MANIFEST).write_text(json.dumps(manifest.as_dict()))
@@ -280,14 +316,14 @@ def test_a_model_emitting_nan_is_flagged_and_its_score_dropped(tmp_path):
     assert engine.scorer.stats.out_of_range == 1 and profile.scores == {}
     assert [(t.segment, t.kind, t.scores) for t in out] == [("unscored", "ENTER", {})]
     # Two items: sqrt(1) = 1.0 -> a valid score, the segment enters, the transition records it.
-    out = engine.on_event("u", profile, UserEvent("e2", "u", "add_to_cart", T0 + 1, product_id="p", quantity=2,
-                                                  price=1.0))
+    out = engine.on_event(
+        "u", profile, UserEvent("e2", "u", "add_to_cart", T0 + 1, product_id="p", quantity=2, price=1.0)
+    )
     assert profile.scores == {"nan_model": 1.0}
     assert sorted((t.segment, t.kind) for t in out) == [("scored_high", "ENTER"), ("unscored", "EXIT")]
     assert all(t.scores == {"nan_model": 1.0} for t in out)
     # Four items: sqrt(3) > 1 is outside a probability's range: flagged and dropped as well.
-    engine.on_event("u", profile, UserEvent("e3", "u", "add_to_cart", T0 + 2, product_id="q", quantity=2,
-                                            price=1.0))
+    engine.on_event("u", profile, UserEvent("e3", "u", "add_to_cart", T0 + 2, product_id="q", quantity=2, price=1.0))
     assert engine.scorer.stats.out_of_range == 2 and profile.scores == {}
 
 
@@ -323,8 +359,12 @@ def test_rescore_every_rescores_quiet_users_on_a_timer():
     assert engine.on_event("u", profile, UserEvent("e1", "u", "page_view", T0)) == []
     assert engine.next_change_ms(profile) == T0 + 6 * HOUR_MS
     [enter] = engine.advance_to("u", profile, T0 + 40 * HOUR_MS)
-    assert (enter.kind, enter.event_time, enter.cause, enter.scores) == ("ENTER", T0 + 30 * HOUR_MS, "TIMER",
-                                                                         {"idle": 30 / 48})
+    assert (enter.kind, enter.event_time, enter.cause, enter.scores) == (
+        "ENTER",
+        T0 + 30 * HOUR_MS,
+        "TIMER",
+        {"idle": 30 / 48},
+    )
     assert calls == [T0 + h * HOUR_MS for h in (0, 6, 12, 18, 24, 30, 36)]
     [exit_] = engine.on_event("u", profile, UserEvent("e2", "u", "page_view", T0 + 41 * HOUR_MS))
     assert (exit_.kind, exit_.cause, exit_.scores) == ("EXIT", "EVENT", {"idle": 0.0})

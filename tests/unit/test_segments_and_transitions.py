@@ -243,12 +243,24 @@ def test_transition_id_is_deterministic_and_differs_across_sequence_user_and_seg
     a = transition_id("u1", "active_browser", 1)
     assert a == transition_id("u1", "active_browser", 1)
     assert uuid.UUID(a).version == 5
-    assert len({a, transition_id("u1", "active_browser", 2), transition_id("u2", "active_browser", 1),
-                transition_id("u1", "cart_holder", 1)}) == 4
+    assert (
+        len(
+            {
+                a,
+                transition_id("u1", "active_browser", 2),
+                transition_id("u2", "active_browser", 1),
+                transition_id("u1", "cart_holder", 1),
+            }
+        )
+        == 4
+    )
 
 
-@given(user_id=st.text(min_size=1, max_size=40), segment=st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True),
-       sequence=st.integers(1, 2**62))
+@given(
+    user_id=st.text(min_size=1, max_size=40),
+    segment=st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True),
+    sequence=st.integers(1, 2**62),
+)
 def test_transition_id_is_the_uuid5_of_user_segment_and_sequence(user_id, segment, sequence):
     """The id published since the first release: spelled out for speed, it must stay the same."""
     name = f"{user_id}\x1f{segment}\x1f{sequence}"
@@ -270,8 +282,13 @@ def test_a_transition_record_carries_its_id_reason_and_emitted_at():
     assert record["transition_id"] == transition_id("u1", "active_browser", SEQ0 + 1)
     assert record["emitted_at"] == T0 + 7
     assert record["event_time"] == T0
-    assert record["reason"] == {"rule": "ms_since_last_event < 10m", "features": {"ms_since_last_event": 0.0},
-                                "scores": {}, "labels": {}, "missing": []}
+    assert record["reason"] == {
+        "rule": "ms_since_last_event < 10m",
+        "features": {"ms_since_last_event": 0.0},
+        "scores": {},
+        "labels": {},
+        "missing": [],
+    }
 
 
 def test_transition_records_encode_with_the_segment_transition_schema(catalog):
@@ -402,20 +419,23 @@ def test_replay_without_a_final_watermark_leaves_time_driven_changes_pending(see
     with_watermark, _ = replay_events(engine(), events, T0 + 2 * DAY_MS)
     assert len(with_watermark) > len(without)
     assert with_watermark[: len(without)] == without
-    assert all(t.cause == "TIMER" for t in with_watermark[len(without):])
+    assert all(t.cause == "TIMER" for t in with_watermark[len(without) :])
 
 
 def test_a_late_event_older_than_the_retention_never_moves_the_clock_back():
     """Only reachable with allowed_lateness >= retention (settings refuse it, the core copes): the
     late event's lifetime has already expired when it is applied, so it expires at the clock."""
-    config = ProfileConfig(retention_ms=DAY_MS, horizons=(Horizon("1h", HOUR_MS, 5 * MINUTE_MS),),
-                           dedup_window_ms=MINUTE_MS)
+    config = ProfileConfig(
+        retention_ms=DAY_MS, horizons=(Horizon("1h", HOUR_MS, 5 * MINUTE_MS),), dedup_window_ms=MINUTE_MS
+    )
     e = SegmentEngine(parse_definitions("version: v\nsegments:\n  - name: a\n    when: true\n", profile_config=config))
     p = UserProfile()
     out = e.on_event("u1", p, ev(1, T0)) + e.advance_to("u1", p, T0 + 3 * DAY_MS)
     out += e.on_event("u1", p, ev(2, T0 + 36 * HOUR_MS)) + e.advance_to("u1", p, T0 + 4 * DAY_MS)
     assert [(t.kind, t.event_time - T0, t.rule) for t in out] == [
-        ("ENTER", 0, "true"), ("EXIT", DAY_MS, "profile_retention_expired"),
-        ("ENTER", 3 * DAY_MS, "true"), ("EXIT", 3 * DAY_MS, "profile_retention_expired"),
+        ("ENTER", 0, "true"),
+        ("EXIT", DAY_MS, "profile_retention_expired"),
+        ("ENTER", 3 * DAY_MS, "true"),
+        ("EXIT", 3 * DAY_MS, "profile_retention_expired"),
     ]
     assert p.clock_ms == T0 + 4 * DAY_MS

@@ -182,8 +182,12 @@ def test_an_allowed_lateness_reaching_the_retention_is_rejected(tmp_path):
 
 # --- a hostile settings file: refused at once, naming the file and the line ------------------
 
-LAUGHS = "  - &l0 [" + ", ".join(['"lol"'] * 9) + "]\n" + "".join(
-    f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+LAUGHS = (
+    "  - &l0 ["
+    + ", ".join(['"lol"'] * 9)
+    + "]\n"
+    + "".join(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+)
 
 
 def test_a_billion_laughs_settings_file_is_refused_at_once_naming_its_first_anchor(tmp_path):
@@ -228,11 +232,14 @@ def test_a_settings_file_larger_than_the_bound_is_refused_and_one_at_the_bound_i
         load_settings(path, environ={})
 
 
-@pytest.mark.parametrize("text, line, message", [
-    ("parallelism: 2\nevents_topic: [clicks\n", 3, "invalid YAML"),
-    ("parallelism: 2\njob_name: !!python/name:os.system x\n", 2, "invalid YAML"),
-    ("parallelism: 2\njob_name: caf\xe9\n", 2, "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("parallelism: 2\nevents_topic: [clicks\n", 3, "invalid YAML"),
+        ("parallelism: 2\njob_name: !!python/name:os.system x\n", 2, "invalid YAML"),
+        ("parallelism: 2\njob_name: caf\xe9\n", 2, "not UTF-8"),
+    ],
+)
 def test_a_settings_file_that_is_not_yaml_is_a_settings_error_naming_the_line(tmp_path, text, line, message):
     path = tmp_path / "job.yaml"
     path.write_bytes(text.encode("latin-1"))
@@ -240,10 +247,17 @@ def test_a_settings_file_that_is_not_yaml_is_a_settings_error_naming_the_line(tm
         load_settings(path, environ={})
 
 
-@pytest.mark.parametrize("url, secret", [
-    ("redis://:s3cret@h:1/0", True), ("rediss://app:p%40ss@h/2", True), ("redis://s3cret@h", True),
-    ("redis://h/0?password=s3cret", True), ("redis://h:6379/0", False), ("env:REDIS_VIEW_URL", False),
-])
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("redis://:s3cret@h:1/0", True),
+        ("rediss://app:p%40ss@h/2", True),
+        ("redis://s3cret@h", True),
+        ("redis://h/0?password=s3cret", True),
+        ("redis://h:6379/0", False),
+        ("env:REDIS_VIEW_URL", False),
+    ],
+)
 def test_a_redis_url_with_a_password_is_told_apart_from_one_without_or_a_reference(url, secret):
     """Issue 19: the client warns before shipping a password inside the job (jobs/redis_sink.py)."""
     from jobs.redis_sink import holds_a_secret
@@ -251,12 +265,15 @@ def test_a_redis_url_with_a_password_is_told_apart_from_one_without_or_a_referen
     assert holds_a_secret(url) is secret
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("redis://:p@ss@cache:6379/0", "redis://***@cache:6379/0"),
-    ("redis://cache/0?password=s3cret&db=1", "redis://cache/0?password=***&db=1"),
-    ("rediss://app:x%40y@cache", "rediss://***@cache"),
-    ("env:REDIS_VIEW_URL", "env:REDIS_VIEW_URL"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:p@ss@cache:6379/0", "redis://***@cache:6379/0"),
+        ("redis://cache/0?password=s3cret&db=1", "redis://cache/0?password=***&db=1"),
+        ("rediss://app:x%40y@cache", "rediss://***@cache"),
+        ("env:REDIS_VIEW_URL", "env:REDIS_VIEW_URL"),
+    ],
+)
 def test_the_cli_prints_redis_urls_without_any_form_of_password(url, shown):
     """Issue 19: `segments stack up`, `redis follow` and `redis rebuild` print the URL; they
     printed `?password=` in clear and the tail of a password holding '@'."""
@@ -281,7 +298,12 @@ def test_the_end_to_end_jobs_keep_the_documented_cache_variable_and_drop_job_set
     import subprocess
     import sys
 
-    shown = subprocess.run([sys.executable, "-c", "from jobs.settings import load_settings; "
-                            "print(load_settings().jars_dir)"], env=env, capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parents[2], check=True).stdout.strip()
+    shown = subprocess.run(
+        [sys.executable, "-c", "from jobs.settings import load_settings; print(load_settings().jars_dir)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    ).stdout.strip()
     assert shown == str(tmp_path / "cache" / "jars")

@@ -84,8 +84,11 @@ def test_an_empty_profile_round_trips(state_codec):
 
 
 def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_codec):
-    profile = UserProfile(clock_ms=START_MS, timer_ms=START_MS + 600_000,
-                          products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)})
+    profile = UserProfile(
+        clock_ms=START_MS,
+        timer_ms=START_MS + 600_000,
+        products_viewed={f"p-shoes-{i:03d}": START_MS + i for i in range(40)},
+    )
     payload = state_codec.encode(profile)
     version, clock, timer, body, check = msgpack.unpackb(payload)
     assert version == LAYOUT_VERSION == 5
@@ -97,16 +100,24 @@ def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_co
 
 def _version_4(profile: UserProfile) -> bytes:
     """State as the release before wrote it: one zstd frame of [4, clock, ..., timer, scores, scored_at]."""
-    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(
-        ProfileStateCodec(SchemaCatalog().codec("UserProfileState")).encode(profile))[3]))
+    items = msgpack.unpackb(
+        zstandard.ZstdDecompressor().decompress(
+            msgpack.unpackb(ProfileStateCodec(SchemaCatalog().codec("UserProfileState")).encode(profile))[3]
+        )
+    )
     layout = [4, profile.clock_ms, *items[:17], profile.timer_ms, *items[17:]]
     return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(layout))
 
 
 def test_state_of_layout_version_4_is_still_read(state_codec):
-    profile = UserProfile(clock_ms=START_MS, timer_ms=START_MS + 5, products_viewed={"p-1": START_MS},
-                          memberships={"vip": Membership(True, 3, START_MS)}, scores={"churn_risk": 0.25},
-                          scored_at_ms=START_MS)
+    profile = UserProfile(
+        clock_ms=START_MS,
+        timer_ms=START_MS + 5,
+        products_viewed={"p-1": START_MS},
+        memberships={"vip": Membership(True, 3, START_MS)},
+        scores={"churn_risk": 0.25},
+        scored_at_ms=START_MS,
+    )
     assert state_codec.decode(_version_4(profile)) == profile
 
 
@@ -118,8 +129,7 @@ def test_a_damaged_clock_or_timer_is_a_decode_error(state_codec, field, value):
         state_codec.decode(msgpack.packb(layout))
 
 
-def test_a_step_that_moved_only_the_clock_and_timer_reuses_the_encoded_body_and_every_state_reads_back(
-        state_codec):
+def test_a_step_that_moved_only_the_clock_and_timer_reuses_the_encoded_body_and_every_state_reads_back(state_codec):
     """Generated traffic through the per-user step with its timers, as the job runs it: after every
     step the state read back is the profile (a body kept past a change of the state would not be),
     and the timer steps that found nothing due wrote the body they had before."""
@@ -201,12 +211,16 @@ def test_state_written_by_the_first_state_schema_is_still_read(catalog, state_co
     old.current["UserProfileState"] = json.loads((SCHEMAS_DIR / "history" / "user_profile_state.v1.avsc").read_text())
     v1 = AvroCodec(old, "UserProfileState")
     assert v1.fingerprint != catalog.codec("UserProfileState").fingerprint
-    payload = v1.encode({
-        "clock_ms": START_MS, "last_event_ms": START_MS, "last_cart_activity_ms": None,
-        "cart": {"p": {"quantity": 1, "unit_price": 2.0}},
-        "memberships": {"active_browser": {"member": True, "sequence": 7, "since_ms": START_MS}},
-        "timer_ms": START_MS + 600_000,
-    })
+    payload = v1.encode(
+        {
+            "clock_ms": START_MS,
+            "last_event_ms": START_MS,
+            "last_cart_activity_ms": None,
+            "cart": {"p": {"quantity": 1, "unit_price": 2.0}},
+            "memberships": {"active_browser": {"member": True, "sequence": 7, "since_ms": START_MS}},
+            "timer_ms": START_MS + 600_000,
+        }
+    )
     profile = state_codec.decode(payload)
     assert profile.clock_ms == START_MS
     assert profile.memberships == {"active_browser": Membership(True, 7, START_MS)}
@@ -216,8 +230,15 @@ def test_state_written_by_the_first_state_schema_is_still_read(catalog, state_co
 
 def test_state_written_for_another_record_type_is_rejected(catalog, state_codec):
     payload = catalog.codec("DeadLetter").encode(
-        {"payload": b"", "source_topic": "t", "source_partition": 0, "source_offset": 0,
-         "reason": "r", "message": "m", "detected_at": START_MS}
+        {
+            "payload": b"",
+            "source_topic": "t",
+            "source_partition": 0,
+            "source_offset": 0,
+            "reason": "r",
+            "message": "m",
+            "detected_at": START_MS,
+        }
     )
     with pytest.raises(DecodeError) as err:
         state_codec.decode(payload)

@@ -45,8 +45,18 @@ def test_trained_models_load_verified_and_manifests_carry_what_the_issue_lists(s
     registry = ModelRegistry.load(out, FeatureCatalog(CONFIG))
     assert set(registry.models) == {"purchase_propensity", "churn_risk", "personas"}
     manifest = json.loads((out / "purchase_propensity" / MANIFEST).read_text())
-    for key in ("name", "version", "onnx_sha256", "vector", "feature_hash", "input", "output", "thresholds",
-                "metrics", "golden"):
+    for key in (
+        "name",
+        "version",
+        "onnx_sha256",
+        "vector",
+        "feature_hash",
+        "input",
+        "output",
+        "thresholds",
+        "metrics",
+        "golden",
+    ):
         assert manifest[key], key
     assert [f["name"] for f in manifest["vector"]] == [f.name for f in BEHAVIOUR_VECTOR]
     assert len(manifest["golden"]) >= 10
@@ -77,9 +87,10 @@ def test_a_feature_row_never_depends_on_events_after_its_cutoff(seed, cut_hours,
     # The same rows with the whole log, with the future rewritten (purchases, carts, removals,
     # dropped events), and with extra events just after T.
     assert _rows_at(events, cutoff) == expected
-    rewritten = [replace(e, event_type="purchase", price=999.0) if i % 2 else e
-                 for i, e in enumerate(after) if i % 3]
-    extra = [UserEvent(f"x{i}", u, "add_to_cart", cutoff + 1 + i, product_id="p", quantity=3, price=50.0)
-             for i, (u, _) in enumerate(expected)]
+    rewritten = [replace(e, event_type="purchase", price=999.0) if i % 2 else e for i, e in enumerate(after) if i % 3]
+    extra = [
+        UserEvent(f"x{i}", u, "add_to_cart", cutoff + 1 + i, product_id="p", quantity=3, price=50.0)
+        for i, (u, _) in enumerate(expected)
+    ]
     shuffled = data.draw(st.permutations(rewritten + extra))
     assert _rows_at(before + list(shuffled), cutoff) == expected
