@@ -706,15 +706,6 @@ class Compiler:
             )
         self._check_kinds(left, right, op, node.column)
         test = _OPS[op]
-        lv, rv = left.value, right.value
-
-        def holds(ev):
-            a = lv(ev)
-            if a is None:
-                return False
-            b = rv(ev)
-            return b is not None and test(a, b)
-
         if right.literal and left.feature is not None:
             # The usual `feature op constant`, read straight from the evaluation's cache: it runs
             # for most segments at every evaluation.
@@ -723,6 +714,15 @@ class Compiler:
             def holds(ev):
                 a = ev.cache[feature]
                 return a is not None and test(a, constant)
+        else:
+            lv, rv = left.value, right.value
+
+            def holds(ev):
+                a = lv(ev)
+                if a is None:
+                    return False
+                b = rv(ev)
+                return b is not None and test(a, b)
 
         if right.literal and right.kind == TEXT:
             return holds, left.change

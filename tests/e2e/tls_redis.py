@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from infra.stack import ManagedProcess, free_port, wait_for_port
+from tests.e2e.conftest import self_signed
 
 ACL_USER, ACL_PASSWORD = "app", "app s3cret"
 
@@ -14,27 +15,8 @@ ACL_USER, ACL_PASSWORD = "app", "app s3cret"
 def certificates(directory: Path, host_names: str) -> tuple[Path, Path, Path]:
     """A private CA and a server certificate it signed for `host_names` (an openssl SAN list):
     (ca.pem, server.pem, server.key)."""
-    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    ca, ca_key = self_signed(directory, "test-ca")
+    key, csr, cert = (directory / n for n in ("server.key", "server.csr", "server.pem"))
     subprocess.run(
         [
             "openssl",
