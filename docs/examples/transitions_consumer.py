@@ -113,8 +113,8 @@ def consume(args: argparse.Namespace) -> dict[str, int]:
     counts = {"acted": 0, "repeated": 0}
     try:
         partitions = sorted(consumer.list_topics(args.topic, timeout=10).topics[args.topic].partitions)
-        # assign(), not subscribe(): tansu's group membership does not work (the offsets do); with
-        # Apache Kafka, subscribe() also spreads the partitions over several consumers.
+        # assign(), not subscribe(): on tansu 0.6 a subscribed consumer gets no partitions (the
+        # group's offsets work); with Apache Kafka, subscribe() also spreads the partitions.
         committed = consumer.committed([TopicPartition(args.topic, p) for p in partitions], timeout=10)
         consumer.assign(
             [
