@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
+from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
@@ -30,7 +31,6 @@ from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
 from udfs.transitions import DUPLICATE, LATE, Transition
 
-FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires

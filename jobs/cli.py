@@ -306,7 +306,7 @@ def cmd_validate(args) -> int:
 
 def cmd_backtest(args) -> int:
     from jobs import backtest
-    from jobs.segment_warnings import WarningThresholds, behaviour_warnings
+    from jobs.segment_warnings import behaviour_warnings
     from udfs.definitions import DefinitionError
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
@@ -314,14 +314,18 @@ def cmd_backtest(args) -> int:
     if args.compare_transitions and not args.compare_with:
         print("error: --compare-transitions needs --compare-with", file=sys.stderr)
         return 2
+    settings = _settings(args)
     try:
-        thresholds = WarningThresholds(
-            args.min_members, args.min_share, args.max_overlap, args.max_flap_rate, args.flap_window
+        thresholds = settings.warnings.replace(
+            min_members=args.min_members,
+            min_share=args.min_share,
+            max_overlap=args.max_overlap,
+            max_flap_rate=args.max_flap_rate,
+            flap_window_ms=args.flap_window,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = _settings(args)
     try:
         base = Segmentation.load(args.definitions, settings.profile, settings.models_dir)
         other = (
@@ -383,14 +387,12 @@ def _warning_lines(result, warnings) -> list[str]:
 
 def _duration_ms(text: str) -> int:
     """A CLI duration: milliseconds, or a number with a unit (30s, 10m, 1h, 1d)."""
-    import re
+    from jobs.segment_warnings import duration_ms
 
-    from udfs.profile_config import DURATION_UNITS
-
-    match = re.fullmatch(r"(\d{1,12})(ms|s|m|h|d|w)?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 600000, 30s, 10m or 1h, got {text!r}")
-    return int(match[1]) * DURATION_UNITS[match[2] or "ms"]
+    try:
+        return duration_ms(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_train(args) -> int:
@@ -635,31 +637,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The thresholds' defaults: jobs/segment_warnings.WarningThresholds, or the settings file's
+    # `warnings:` section; a flag given wins over both.
+    p.add_argument("--min-members", type=int, help="warn of a segment with fewer members at its peak (default 10)")
     p.add_argument(
-        "--min-members", type=int, default=10, help="warn of a segment with fewer members at its peak (default 10)"
-    )
-    p.add_argument(
-        "--min-share",
-        type=float,
-        default=0.01,
-        help="... or fewer at its peak than this share of the users with events (default 0.01)",
+        "--min-share", type=float, help="... or fewer than this share of the users with events (default 0.01)"
     )
     p.add_argument(
         "--max-overlap",
         type=float,
-        default=0.9,
         help="warn of two segments whose time-weighted Jaccard index is at least this (default 0.9)",
     )
     p.add_argument(
         "--max-flap-rate",
         type=float,
-        default=0.1,
         help="warn of a segment whose share of entries that are flaps is above this (default 0.1)",
     )
     p.add_argument(
         "--flap-window",
         type=_duration_ms,
-        default="10m",
         help="a re-entry this soon after the same user's exit is a flap (default 10m)",
     )
     p.add_argument("--strict", action="store_true", help=f"exit {WARNINGS_EXIT} if there is any warning")

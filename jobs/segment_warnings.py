@@ -6,20 +6,26 @@ describes both and their thresholds.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from jobs.backtest import FLAP_WINDOW_MS
+from udfs.profile_config import DURATION_UNITS
 from udfs.transitions import Transition
 
 TOO_SMALL = "too_small"
 OVERLAP = "overlap"
 FLAPPING = "flapping"
+FLAP_WINDOW_MS = 10 * 60_000  # the backtest's default: a re-entry sooner than this after an exit is a flap
 
 
 @dataclass(frozen=True)
 class WarningThresholds:
-    """When a backtest warns; the defaults are the CLI's."""
+    """When a backtest warns: the defaults, else the settings file's `warnings:` section, else
+    the command's flags (docs/configuration.md)."""
 
     min_members: int = 10  # at its peak, fewer members than this: too small
     min_share: float = 0.01  # ... or fewer than this share of the users with an event
@@ -38,6 +44,49 @@ class WarningThresholds:
             raise ValueError("max_overlap must be above 0 (at 0 every pair would be warned)")
         if self.flap_window_ms <= 0:
             raise ValueError(f"flap_window_ms must be positive, got {self.flap_window_ms}")
+
+    @classmethod
+    def from_mapping(cls, raw: Any) -> WarningThresholds:
+        """The settings file's `warnings:` section: any of min_members (an integer), min_share,
+        max_overlap, max_flap_rate (numbers from 0 to 1) and flap_window (a duration such as
+        10m, or milliseconds); a ValueError for anything else."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ValueError("warnings must be a mapping of threshold names to values")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "min_members":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"warnings: min_members must be an integer, got {value!r}")
+                values[key] = value
+            elif key in ("min_share", "max_overlap", "max_flap_rate"):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"warnings: {key} must be a number, got {value!r}")
+                values[key] = float(value)
+            elif key == "flap_window":
+                values["flap_window_ms"] = duration_ms(value)
+            else:
+                known = "min_members, min_share, max_overlap, max_flap_rate, flap_window"
+                raise ValueError(f"warnings: unknown threshold {key!r} (known: {known})")
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"warnings: {err}") from None
+
+    def replace(self, **changes: Any) -> WarningThresholds:
+        """These thresholds with some changed (and checked again); None leaves one as it is."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def duration_ms(value: Any) -> int:
+    """A duration as the settings write it: milliseconds, or a number with a unit (30s, 10m, 1h)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"(\d{1,12})(ms|s|m|h|d|w)?", value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"expected a duration such as 600000, 30s, 10m or 1h, got {value!r}")
+    return int(match[1]) * DURATION_UNITS[match[2] or "ms"]
 
 
 @dataclass(frozen=True)

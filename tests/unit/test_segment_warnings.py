@@ -15,7 +15,7 @@ import pytest
 from jobs.backtest import EventLog, run_backtest
 from jobs.cli import main as cli_main
 from jobs.segment_warnings import FLAPPING, OVERLAP, TOO_SMALL, WarningThresholds, behaviour_warnings
-from jobs.settings import SHIPPED_DEFINITIONS
+from jobs.settings import SHIPPED_DEFINITIONS, SettingsError, load_settings
 from tests.conftest import START_MS
 from udfs.definition_warnings import IDENTICAL, NEVER_ENTERED, definition_warnings
 from udfs.definitions import parse_definitions
@@ -319,3 +319,51 @@ def test_the_shipped_definitions_over_a_generated_day_warn_consistently(tmp_path
     assert warned_small == {s for s, f in figures["segments"].items() if f["peak_size"] < least}
     # Each kind shows up on this traffic, so none of the comparisons above is vacuous.
     assert {w["kind"] for w in warnings} == {TOO_SMALL, OVERLAP, FLAPPING}
+
+
+# -- the thresholds in the settings file ------------------------------------------------------------
+
+
+def test_the_settings_files_warnings_section_sets_the_thresholds_and_a_flag_wins(tmp_path, capsys):
+    log, path, config = tmp_path / "log.jsonl", tmp_path / "d.yaml", tmp_path / "settings.yaml"
+    log.write_text("".join(json.dumps(page(f"u{i}", 1, T0).to_record()) + "\n" for i in range(3)))
+    path.write_text(ACTIVE)
+    args = ["backtest", str(path), "--events", str(log), "--quiet", "--until", str(T0 + HOUR_MS), "--strict"]
+    # 3 members at the peak: warned under the default 10, not under the file's 3, again under the flag's 4.
+    config.write_text("job_name: x\n")
+    assert cli_main([*args, "--config", str(config)]) == 3
+    config.write_text("warnings:\n  min_members: 3\n  flap_window: 30s\n")
+    assert cli_main([*args, "--config", str(config)]) == 0
+    assert cli_main([*args, "--config", str(config), "--min-members", "4"]) == 3
+    capsys.readouterr()
+
+
+def test_the_warnings_section_is_read_strictly():
+    assert load_warnings({"flap_window": "30s", "max_overlap": 1}) == WarningThresholds(
+        max_overlap=1.0, flap_window_ms=30_000
+    )
+    for raw, message in [
+        ({"min_member": 3}, "unknown threshold 'min_member'"),
+        ({"min_members": "3"}, "min_members must be an integer"),
+        ({"min_members": True}, "min_members must be an integer"),
+        ({"max_overlap": 2}, "max_overlap must lie between 0 and 1"),
+        ({"flap_window": "ten minutes"}, "expected a duration"),
+        ({"flap_window": 0}, "flap_window_ms must be positive"),
+        ([1, 2], "must be a mapping"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            load_warnings(raw)
+    with pytest.raises(SettingsError, match="SEGMENTS_WARNINGS"):
+        load_settings(environ={"SEGMENTS_WARNINGS": "{}"})
+
+
+def load_warnings(raw) -> WarningThresholds:
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "settings.yaml"
+        path.write_text(yaml.safe_dump({"warnings": raw}))
+        return load_settings(path, environ={}).warnings
