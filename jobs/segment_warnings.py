@@ -155,7 +155,13 @@ def overlaps(stays: dict[str, dict[str, list[tuple[int, int]]]]) -> dict[tuple[s
 
 
 def behaviour_warnings(result, thresholds: WarningThresholds) -> list[BehaviourWarning]:
-    """The warnings of a `jobs.backtest.BacktestResult` (run with the same flap window)."""
+    """The warnings of a `jobs.backtest.BacktestResult`, which counted its flaps with the
+    thresholds' flap window."""
+    if result.flap_window_ms != thresholds.flap_window_ms:
+        raise ValueError(
+            f"the backtest counted flaps within {result.flap_window_ms} ms, the thresholds say "
+            f"{thresholds.flap_window_ms} ms: run it with flap_window_ms={thresholds.flap_window_ms}"
+        )
     out = []
     users = result.users
     defined = set(result.definitions.names)  # not the removed segments whose members only leave

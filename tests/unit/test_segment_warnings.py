@@ -367,3 +367,9 @@ def load_warnings(raw) -> WarningThresholds:
         path = Path(directory) / "settings.yaml"
         path.write_text(yaml.safe_dump({"warnings": raw}))
         return load_settings(path, environ={}).warnings
+
+
+def test_warnings_refuse_a_backtest_that_counted_flaps_with_another_window():
+    result = run_backtest(parse_definitions(ACTIVE), EventLog("log", [page("u", 1, T0)]), T0 + MINUTE_MS)
+    with pytest.raises(ValueError, match="counted flaps within 600000 ms"):
+        behaviour_warnings(result, WarningThresholds(flap_window_ms=MINUTE_MS))
