@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
+from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
@@ -30,7 +31,6 @@ from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
 from udfs.transitions import DUPLICATE, LATE, Transition
 
-FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires
@@ -213,7 +213,7 @@ class SegmentReport:
     final_size: int = 0
     peak_size: int = 0
     median_dwell_ms: float | None = None
-    flaps: int = 0  # re-entries within FLAP_WINDOW_MS of an exit
+    flaps: int = 0  # re-entries less than the flap window (default FLAP_WINDOW_MS) after an exit
 
     @property
     def flap_rate(self) -> float:
@@ -235,6 +235,8 @@ class BacktestResult:
     sizes: dict[str, list[tuple[int, int]]]  # segment -> (time, members) samples
     final_members: dict[str, set[str]]
     overlap: dict[tuple[str, str], int]  # users in both at the end
+    end_ms: int = 0  # where the sizes end: until_ms, or the last transition after a flush
+    flap_window_ms: int = FLAP_WINDOW_MS
 
 
 def run_backtest(
@@ -244,11 +246,13 @@ def run_backtest(
     watermark_lag_ms: int = 5_000,
     allowed_lateness_ms: int = 60_000,
     progress: bool = False,
+    flap_window_ms: int = FLAP_WINDOW_MS,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
     behind the latest event time, as when the job's watermark keeps up) left out; then time
-    passes up to `until_ms` (default: the watermark the job would reach at the end of the log)."""
+    passes up to `until_ms` (default: the watermark the job would reach at the end of the log).
+    A re-entry less than `flap_window_ms` after the same user's exit counts as a flap."""
     from tqdm import tqdm
 
     if isinstance(segmentation, DefinitionSet):
@@ -285,7 +289,7 @@ def run_backtest(
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
         transitions.extend(engine.step_timer(user_id, profile, until_ms).transitions)
-    return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
+    return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
 
 
 def transition_records(transitions: Iterable[Transition]) -> list[dict]:
@@ -314,7 +318,9 @@ def write_transitions(transitions: Iterable[Transition], path: Path) -> int:
     return len(records)
 
 
-def _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions) -> BacktestResult:
+def _report(
+    definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms
+) -> BacktestResult:
     names = list(definitions.names)
     extra = sorted({t.segment for t in transitions} - set(names))  # removed segments still exiting
     reports = {name: SegmentReport(name) for name in [*names, *extra]}
@@ -331,12 +337,12 @@ def _report(definitions, log, until_ms, applied, duplicates, late, profiles, tra
     i = 0
     for sample in samples:
         while i < len(ordered) and ordered[i].event_time <= sample:
-            _count(ordered[i], reports, size, entered_at, exited_at, dwell)
+            _count(ordered[i], reports, size, entered_at, exited_at, dwell, flap_window_ms)
             i += 1
         for name in reports:
             sizes[name].append((sample, size[name]))
     while i < len(ordered):
-        _count(ordered[i], reports, size, entered_at, exited_at, dwell)
+        _count(ordered[i], reports, size, entered_at, exited_at, dwell, flap_window_ms)
         i += 1
     final_members = {name: set() for name in reports}
     for user_id, profile in profiles.items():
@@ -367,6 +373,8 @@ def _report(definitions, log, until_ms, applied, duplicates, late, profiles, tra
         sizes,
         final_members,
         overlap,
+        end,
+        flap_window_ms,
     )
 
 
@@ -390,14 +398,14 @@ def _in_time_order(transitions: list[Transition]) -> list[Transition]:
     return [t for _, _, t in ranked]
 
 
-def _count(t: Transition, reports, size, entered_at, exited_at, dwell) -> None:
+def _count(t: Transition, reports, size, entered_at, exited_at, dwell, flap_window_ms) -> None:
     report, key = reports[t.segment], (t.user_id, t.segment)
     if t.kind == "ENTER":
         report.entries += 1
         size[t.segment] += 1
         report.peak_size = max(report.peak_size, size[t.segment])
         left = exited_at.get(key)
-        if left is not None and t.event_time - left < FLAP_WINDOW_MS:
+        if left is not None and t.event_time - left < flap_window_ms:
             report.flaps += 1
         entered_at[key] = t.event_time
     else:
@@ -492,7 +500,14 @@ def _pair(values) -> str:
     return " -> ".join("-" if v is None else str(v) for v in values)
 
 
-def as_json(result: BacktestResult, diffs: list[SegmentDiff] | None = None) -> dict:
+def as_json(
+    result: BacktestResult,
+    diffs: list[SegmentDiff] | None = None,
+    warnings: list | None = None,
+    compared_warnings: list | None = None,
+) -> dict:
+    """The figures; `warnings` (jobs.segment_warnings.BehaviourWarning) of the run and of the
+    compared run, when given."""
     return {
         "definitions": {
             "source": result.definitions.source,
@@ -522,6 +537,8 @@ def as_json(result: BacktestResult, diffs: list[SegmentDiff] | None = None) -> d
         },
         "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
         "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
+        "warnings": [w.as_json() for w in warnings] if warnings is not None else None,
+        "compared_warnings": [w.as_json() for w in compared_warnings] if compared_warnings is not None else None,
     }
 
 
@@ -573,7 +590,10 @@ def _svg_chart(result: BacktestResult, width: int = 900, height: int = 320) -> s
 
 
 def html_report(
-    result: BacktestResult, other: BacktestResult | None = None, diffs: list[SegmentDiff] | None = None
+    result: BacktestResult,
+    other: BacktestResult | None = None,
+    diffs: list[SegmentDiff] | None = None,
+    warnings: list | None = None,
 ) -> str:
     esc = html.escape
     d = result.definitions
@@ -597,6 +617,8 @@ def html_report(
         f"<th>peak</th><th>median dwell</th><th>flap rate</th></tr>{rows}</table>",
         f"<h2>Overlap at the end</h2><table><tr><th>a</th><th>b</th><th>users in both</th></tr>{overlap}</table>",
     ]
+    if warnings:
+        body.insert(2, "<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w.message)}</li>" for w in warnings) + "</ul>")
     if other is not None and diffs is not None:
         diff_rows = "".join(
             f"<tr><td>{esc(x.name)}</td><td>{_pair(x.entries)}</td><td>{_pair(x.final_size)}</td>"

@@ -258,13 +258,18 @@ def cmd_tail(args) -> int:
     return 0
 
 
+# `--strict` and a warning: the exit status, apart from 1 (errors) and 2 (usage).
+WARNINGS_EXIT = 3
+
+
 def cmd_validate(args) -> int:
+    from udfs.definition_warnings import definition_warnings
     from udfs.definitions import DefinitionError
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
 
     settings = _settings(args)
-    failed = 0
+    failed = warned = 0
     for path in args.files:
         try:
             d = Segmentation.load(path, settings.profile, args.models or settings.models_dir).definitions
@@ -278,6 +283,9 @@ def cmd_validate(args) -> int:
             + (f", exclusive groups: {groups}" if groups else "")
             + (f", model scores: {', '.join(d.models)}" if d.models else "")
         )
+        for warning in definition_warnings(d):
+            warned += 1
+            print(f"warning: {path}:{warning.line}: {' & '.join(warning.segments)}: {warning.message}")
         if args.verbose:
             if d.models:
                 from udfs.scoring import ModelRegistry, manifest_digest
@@ -291,11 +299,14 @@ def cmd_validate(args) -> int:
                 rule = f"when {s.enter.text}" if s.exit is None else f"enter {s.enter.text} / exit {s.exit.text}"
                 dwell = f" (min dwell {s.min_dwell_ms} ms)" if s.min_dwell_ms else ""
                 print(f"  {s.name}: {rule}{dwell}")
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return WARNINGS_EXIT if warned and args.strict else 0
 
 
 def cmd_backtest(args) -> int:
     from jobs import backtest
+    from jobs.segment_warnings import behaviour_warnings
     from udfs.definitions import DefinitionError
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
@@ -304,6 +315,17 @@ def cmd_backtest(args) -> int:
         print("error: --compare-transitions needs --compare-with", file=sys.stderr)
         return 2
     settings = _settings(args)
+    try:
+        thresholds = settings.warnings.replace(
+            min_members=args.min_members,
+            min_share=args.min_share,
+            max_overlap=args.max_overlap,
+            max_flap_rate=args.max_flap_rate,
+            flap_window_ms=args.flap_window,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         base = Segmentation.load(args.definitions, settings.profile, settings.models_dir)
         other = (
@@ -325,26 +347,52 @@ def cmd_backtest(args) -> int:
         watermark_lag_ms=settings.watermark_lag_ms,
         allowed_lateness_ms=settings.allowed_lateness_ms,
         progress=not args.quiet,
+        flap_window_ms=thresholds.flap_window_ms,
     )
     result = backtest.run_backtest(base, log, **options)
-    lines = backtest.summary_lines(result)
-    compared, diffs = None, None
+    warnings = behaviour_warnings(result, thresholds)
+    lines = [*backtest.summary_lines(result), *_warning_lines(result, warnings)]
+    compared, diffs, compared_warnings = None, None, None
     if other is not None:
         compared = backtest.run_backtest(other, log, **options)
+        compared_warnings = behaviour_warnings(compared, thresholds)
         diffs = backtest.compare(result, compared)
-        lines += ["", *backtest.summary_lines(compared), "", *backtest.diff_lines(result, compared, diffs)]
+        lines += [
+            "",
+            *backtest.summary_lines(compared),
+            *_warning_lines(compared, compared_warnings),
+            "",
+            *backtest.diff_lines(result, compared, diffs),
+        ]
     print("\n".join(lines))
     if args.html:
-        Path(args.html).write_text(backtest.html_report(result, compared, diffs), encoding="utf-8")
+        Path(args.html).write_text(backtest.html_report(result, compared, diffs, warnings), encoding="utf-8")
         print(f"chart and tables: {args.html}")
     if args.json:
-        Path(args.json).write_text(json.dumps(backtest.as_json(result, diffs), indent=1))
+        figures = backtest.as_json(result, diffs, warnings, compared_warnings)
+        Path(args.json).write_text(json.dumps(figures, indent=1))
         print(f"figures: {args.json}")
     for path, run in ((args.transitions, result), (args.compare_transitions, compared)):
         if path and run is not None:
             written = backtest.write_transitions(run.transitions, Path(path))
             print(f"transitions of {run.definitions.version}: {written} in {path}")
-    return 0
+    return WARNINGS_EXIT if args.strict and (warnings or compared_warnings) else 0
+
+
+def _warning_lines(result, warnings) -> list[str]:
+    if not warnings:
+        return [f"no over-segmentation warnings for {result.definitions.version}"]
+    return [f"warnings for {result.definitions.version}:", *(f"warning: {w.message}" for w in warnings)]
+
+
+def _duration_ms(text: str) -> int:
+    """A CLI duration: milliseconds, or a number with a unit (30s, 10m, 1h, 1d)."""
+    from jobs.segment_warnings import duration_ms
+
+    try:
+        return duration_ms(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_train(args) -> int:
@@ -565,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("-v", "--verbose", action="store_true", help="list every segment's rule")
     p.add_argument("--models", help="models directory (default: the models_dir setting, else models/)")
+    p.add_argument("--strict", action="store_true", help=f"exit {WARNINGS_EXIT} if there is any warning")
     p.set_defaults(func=cmd_validate)
 
     p = with_config(sub.add_parser("backtest", help="replay an event log through definitions, no cluster"))
@@ -588,6 +637,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The thresholds' defaults: jobs/segment_warnings.WarningThresholds, or the settings file's
+    # `warnings:` section; a flag given wins over both.
+    p.add_argument("--min-members", type=int, help="warn of a segment with fewer members at its peak (default 10)")
+    p.add_argument(
+        "--min-share", type=float, help="... or fewer than this share of the users with events (default 0.01)"
+    )
+    p.add_argument(
+        "--max-overlap",
+        type=float,
+        help="warn of two segments whose time-weighted Jaccard index is at least this (default 0.9)",
+    )
+    p.add_argument(
+        "--max-flap-rate",
+        type=float,
+        help="warn of a segment whose share of entries that are flaps is above this (default 0.1)",
+    )
+    p.add_argument(
+        "--flap-window",
+        type=_duration_ms,
+        help="a re-entry this soon after the same user's exit is a flap (default 10m)",
+    )
+    p.add_argument("--strict", action="store_true", help=f"exit {WARNINGS_EXIT} if there is any warning")
     p.set_defaults(func=cmd_backtest)
 
     p = with_config(sub.add_parser("train", help="train and export the models from generated history"))

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from jobs.kafka_security import KafkaSecurity, KafkaSecurityError
+from jobs.segment_warnings import WarningThresholds
 from udfs.definitions import MAX_YAML_DEPTH
 from udfs.profile_config import ProfileConfig, ProfileConfigError
 
@@ -100,6 +101,9 @@ class JobSettings:
     # about 28 KB of Python memory each at a week of generated traffic). 0 disables the cache.
     profile_cache_users: int = 5_000
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # YAML `profile:` section only
+    # When `segments backtest` warns of over-segmentation (docs/operations.md); YAML `warnings:`
+    # section only, the command's flags win over it.
+    warnings: WarningThresholds = field(default_factory=WarningThresholds)
 
     def __post_init__(self) -> None:
         choices = {
@@ -220,7 +224,7 @@ def load_settings(
     **overrides: Any,
 ) -> JobSettings:
     environ = dict(os.environ if environ is None else environ)
-    # `profile` is the file's section; `kafka` is set through its `kafka_*` fields only.
+    # `profile` and `warnings` are the file's sections; `kafka` is set through its `kafka_*` fields only.
     kinds = {f.name: f.type for f in fields(JobSettings) if f.name != "kafka"}
     kinds |= {f"kafka_{f.name}": "str" for f in fields(KafkaSecurity)}
     values: dict[str, Any] = {}
@@ -237,6 +241,12 @@ def load_settings(
                 except ProfileConfigError as err:
                     raise SettingsError(f"{path}: {err}") from None
                 continue
+            if key == "warnings":
+                try:
+                    values[key] = WarningThresholds.from_mapping(raw)
+                except ValueError as err:
+                    raise SettingsError(f"{path}: {err}") from None
+                continue
             values[key] = _coerce(key, kinds[key], raw)
     if "REDIS_URL" in environ:
         values["redis_url"] = environ["REDIS_URL"]
@@ -244,7 +254,7 @@ def load_settings(
         if not var.startswith(ENV_PREFIX) or var.startswith(TOOLING_ENV_PREFIXES):
             continue
         key = var[len(ENV_PREFIX) :].lower()
-        if key not in kinds or key == "profile":
+        if key not in kinds or key in ("profile", "warnings"):
             raise SettingsError(f"unknown setting in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
     for key, raw in overrides.items():
