@@ -4,7 +4,9 @@ runs, with no cluster, and reports what a definitions file would have done per s
 Logs: JSONL (one UserEvent record per line, as `segments generate --jsonl` writes), an Avro
 object container file of UserEvent records, or a Kafka topic range
 (`kafka://HOST:PORT/TOPIC`, with optional start/end offsets or times). Events are validated as
-the job validates them; the ones it would dead-letter are counted by reason and left out.
+the job validates them; the ones it would dead-letter are counted by reason and left out. For
+definitions with experiments (`holdout(...)`) it also reports each arm's conversion
+(jobs/experiment_report.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+from jobs import experiment_report
+from jobs.experiment_report import ExperimentFigures
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
@@ -34,6 +38,7 @@ FLAP_WINDOW_MS = 10 * 60_000
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires
+CONVERSION_WINDOW_MS = 7 * DAY_MS  # an experiment's conversion: a purchase this long after entering
 
 
 @dataclass
@@ -235,6 +240,7 @@ class BacktestResult:
     sizes: dict[str, list[tuple[int, int]]]  # segment -> (time, members) samples
     final_members: dict[str, set[str]]
     overlap: dict[tuple[str, str], int]  # users in both at the end
+    experiments: dict[str, ExperimentFigures] = field(default_factory=dict)
 
 
 def run_backtest(
@@ -244,11 +250,13 @@ def run_backtest(
     watermark_lag_ms: int = 5_000,
     allowed_lateness_ms: int = 60_000,
     progress: bool = False,
+    conversion_window_ms: int = CONVERSION_WINDOW_MS,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
     behind the latest event time, as when the job's watermark keeps up) left out; then time
-    passes up to `until_ms` (default: the watermark the job would reach at the end of the log)."""
+    passes up to `until_ms` (default: the watermark the job would reach at the end of the log).
+    Experiments count a purchase within `conversion_window_ms` after entering as a conversion."""
     from tqdm import tqdm
 
     if isinstance(segmentation, DefinitionSet):
@@ -285,7 +293,11 @@ def run_backtest(
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
         transitions.extend(engine.step_timer(user_id, profile, until_ms).transitions)
-    return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
+    result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions)
+    result.experiments = experiment_report.experiment_figures(
+        definitions, transitions, log.events, conversion_window_ms
+    )
+    return result
 
 
 def transition_records(transitions: Iterable[Transition]) -> list[dict]:
@@ -472,6 +484,9 @@ def summary_lines(result: BacktestResult) -> list[str]:
         lines.append("overlap at the end (users in both):")
         for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])[:15]:
             lines.append(f"  {a} & {b}: {n}")
+    if result.experiments:
+        window = _duration(next(iter(result.experiments.values())).window_ms)
+        lines += ["", *experiment_report.text_lines(result.experiments, window)]
     return lines
 
 
@@ -521,6 +536,7 @@ def as_json(result: BacktestResult, diffs: list[SegmentDiff] | None = None) -> d
             for name, r in result.segments.items()
         },
         "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
+        "experiments": experiment_report.as_json(result.experiments),
         "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
     }
 
@@ -597,6 +613,10 @@ def html_report(
         f"<th>peak</th><th>median dwell</th><th>flap rate</th></tr>{rows}</table>",
         f"<h2>Overlap at the end</h2><table><tr><th>a</th><th>b</th><th>users in both</th></tr>{overlap}</table>",
     ]
+    if result.experiments:
+        window = _duration(next(iter(result.experiments.values())).window_ms)
+        lines = experiment_report.text_lines(result.experiments, window)
+        body.append(f"<h2>Experiments</h2><pre>{esc(chr(10).join(lines))}</pre>")
     if other is not None and diffs is not None:
         diff_rows = "".join(
             f"<tr><td>{esc(x.name)}</td><td>{_pair(x.entries)}</td><td>{_pair(x.final_size)}</td>"

@@ -18,7 +18,7 @@ from pathlib import Path
 from jobs.committed_log import KafkaAuthenticationError
 from jobs.kafka_security import KafkaSecurityError
 from jobs.settings import SettingsError, load_settings
-from udfs.profile_config import MINUTE_MS
+from udfs.profile_config import MINUTE_MS, parse_duration_ms
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,11 +320,17 @@ def cmd_backtest(args) -> int:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
     until = backtest.FLUSH if args.until == "flush" else (None if args.until == "watermark" else int(args.until))
+    try:
+        window_ms = parse_duration_ms(args.conversion_window, "--conversion-window")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     options = dict(
         until_ms=until,
         watermark_lag_ms=settings.watermark_lag_ms,
         allowed_lateness_ms=settings.allowed_lateness_ms,
         progress=not args.quiet,
+        conversion_window_ms=window_ms,
     )
     result = backtest.run_backtest(base, log, **options)
     lines = backtest.summary_lines(result)
@@ -587,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         "records: Avro container file if it ends in .avro, else JSON lines",
     )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
+    p.add_argument(
+        "--conversion-window",
+        default="7d",
+        help="experiments (holdout(...)): a purchase this long after entering is a conversion (default 7d)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backtest)
 
