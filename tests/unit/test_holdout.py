@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 
 from tests.conftest import START_MS
 from udfs.conditions import Compiler, ConditionError, Evaluation, Holdout, Not, parse_condition
-from udfs.definitions import DefinitionError, parse_definitions
+from udfs.definitions import DefinitionError, load_definitions, parse_definitions
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, arm, control_places, place
 from udfs.features import FeatureCatalog
 from udfs.profile import UserProfile
-from udfs.profile_config import DAY_MS, ProfileConfig
+from udfs.profile_config import DAY_MS, MINUTE_MS, ProfileConfig
 from udfs.transitions import RETENTION_RULE, SegmentEngine
 
 USERS = [f"user-{i}" for i in range(20_000)]
@@ -235,3 +235,23 @@ def test_every_transition_of_a_split_segment_records_the_users_arm_and_others_re
         assert out[1].to_record(0)["arms"] == {"spring_promo": expected_arm}
         assert out[0].to_record(0)["arms"] == {}
     assert min(seen.values()) > 60  # both arms were exercised
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "spring_promo.yaml"
+
+
+def test_the_documented_example_splits_cart_abandoners_into_its_two_arms():
+    definitions = load_definitions(EXAMPLE)
+    assert definitions.experiments == {"spring_promo": Fraction(1, 10)}
+    engine = SegmentEngine(definitions)
+    arms_seen = set()
+    for user in USERS[:60]:
+        profile = UserProfile()
+        out = engine.on_event(user, profile, UserEvent(f"{user}-1", user, "add_to_cart", START_MS, product_id="p"))
+        out += engine.advance_to(user, profile, START_MS + 31 * MINUTE_MS)  # the cart untouched for 30 minutes
+        user_arm = arm("spring_promo", Fraction(1, 10), user)
+        arms_seen.add(user_arm)
+        entered = {t.segment: t.arms for t in out if t.kind == "ENTER"}
+        split = "spring_promo_control" if user_arm == CONTROL else "spring_promo_treatment"
+        assert entered == {"cart_abandoner": {}, split: {"spring_promo": user_arm}}
+    assert arms_seen == {CONTROL, TREATMENT}
