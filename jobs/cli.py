@@ -277,6 +277,7 @@ def cmd_validate(args) -> int:
             f"{path}: ok, version {d.version}, {len(d.segments)} segments, sha256 {d.sha256[:12]}"
             + (f", exclusive groups: {groups}" if groups else "")
             + (f", model scores: {', '.join(d.models)}" if d.models else "")
+            + (f", experiments: {experiments}" if (experiments := _experiments(d)) else "")
         )
         if args.verbose:
             if d.models:
@@ -292,6 +293,10 @@ def cmd_validate(args) -> int:
                 dwell = f" (min dwell {s.min_dwell_ms} ms)" if s.min_dwell_ms else ""
                 print(f"  {s.name}: {rule}{dwell}")
     return 1 if failed else 0
+
+
+def _experiments(definitions) -> str:
+    return ", ".join(f"{name} ({float(share * 100):g}% held out)" for name, share in definitions.experiments.items())
 
 
 def cmd_backtest(args) -> int:

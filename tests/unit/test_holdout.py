@@ -20,6 +20,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jobs.cli import main as cli_main
 from tests.conftest import START_MS
 from udfs.conditions import Compiler, ConditionError, Evaluation, Holdout, Not, parse_condition
 from udfs.definitions import DefinitionError, load_definitions, parse_definitions
@@ -255,3 +256,10 @@ def test_the_documented_example_splits_cart_abandoners_into_its_two_arms():
         split = "spring_promo_control" if user_arm == CONTROL else "spring_promo_treatment"
         assert entered == {"cart_abandoner": {}, split: {"spring_promo": user_arm}}
     assert arms_seen == {CONTROL, TREATMENT}
+
+
+def test_validate_names_the_experiments_and_their_shares(capsys):
+    assert cli_main(["validate", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{EXAMPLE}: ok, version spring-promo-1, 3 segments")
+    assert out.rstrip().endswith(", experiments: spring_promo (10% held out)")
