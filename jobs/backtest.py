@@ -615,8 +615,8 @@ def html_report(
     ]
     if result.experiments:
         window = _duration(next(iter(result.experiments.values())).window_ms)
-        lines = experiment_report.text_lines(result.experiments, window)
-        body.append(f"<h2>Experiments</h2><pre>{esc(chr(10).join(lines))}</pre>")
+        table = "\n".join(experiment_report.text_lines(result.experiments, window))
+        body.append(f"<h2>Experiments</h2><pre>{esc(table)}</pre>")
     if other is not None and diffs is not None:
         diff_rows = "".join(
             f"<tr><td>{esc(x.name)}</td><td>{_pair(x.entries)}</td><td>{_pair(x.final_size)}</td>"

@@ -153,8 +153,8 @@ class SegmentEngine:
             return Step(LATE, [], None, profile.is_empty, False)
         if is_duplicate(profile, event, self.config):
             return Step(DUPLICATE, [], None, False, False)
-        # an event leaves a profile
-        return self._finish(APPLIED, user_id, profile, self._apply(user_id, profile, event), False)
+        transitions = self._apply(user_id, profile, event)
+        return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
 
     def step_timer(self, user_id: str, profile: UserProfile, time_ms: int) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it."""

@@ -186,7 +186,7 @@ def test_a_file_without_experiments_reports_none_and_its_output_is_unchanged(gen
     assert not any(line.startswith("experiment") for line in summary_lines(result))
 
 
-def test_the_text_and_json_outputs_carry_the_figures(tmp_path, capsys):
+def test_the_text_json_and_html_outputs_carry_the_figures(tmp_path, capsys):
     events = generated_log(users=300, seed=3)
     log = tmp_path / "events.jsonl"
     log.write_text("".join(json.dumps(e.to_record()) + "\n" for e in events))
@@ -204,6 +204,8 @@ def test_the_text_and_json_outputs_carry_the_figures(tmp_path, capsys):
             "3d",
             "--json",
             str(out_json),
+            "--html",
+            str(tmp_path / "report.html"),
         ]
     )
     assert code == 0
@@ -214,6 +216,8 @@ def test_the_text_and_json_outputs_carry_the_figures(tmp_path, capsys):
     for arm, (entered, measured, converted) in want.items():
         assert any(line.split()[:4] == [arm, str(entered), str(measured), str(converted)] for line in text.splitlines())
     assert "lift, treatment - control:" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Experiments</h2><pre>experiment cart_promo: control holds out 30% of users" in page
     figures = json.loads(out_json.read_text())["experiments"]["cart_promo"]
     assert figures["share_held_out"] == 0.3 and figures["window_ms"] == WINDOW_MS
     for arm, (entered, measured, converted) in want.items():
