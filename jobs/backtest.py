@@ -4,7 +4,9 @@ runs, with no cluster, and reports what a definitions file would have done per s
 Logs: JSONL (one UserEvent record per line, as `segments generate --jsonl` writes), an Avro
 object container file of UserEvent records, or a Kafka topic range
 (`kafka://HOST:PORT/TOPIC`, with optional start/end offsets or times). Events are validated as
-the job validates them; the ones it would dead-letter are counted by reason and left out.
+the job validates them; the ones it would dead-letter are counted by reason and left out. For
+definitions with experiments (`holdout(...)`) it also reports each arm's conversion
+(jobs/experiment_report.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+from jobs import experiment_report
+from jobs.experiment_report import ExperimentFigures
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
@@ -34,6 +38,7 @@ from udfs.transitions import DUPLICATE, LATE, Transition
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FLUSH = 2**62  # "until the end of time": every pending timer, retention included, fires
+CONVERSION_WINDOW_MS = 7 * DAY_MS  # an experiment's conversion: a purchase this long after entering
 
 
 @dataclass
@@ -237,6 +242,7 @@ class BacktestResult:
     overlap: dict[tuple[str, str], int]  # users in both at the end
     end_ms: int = 0  # where the sizes end: until_ms, or the last transition after a flush
     flap_window_ms: int = FLAP_WINDOW_MS
+    experiments: dict[str, ExperimentFigures] = field(default_factory=dict)
 
 
 def run_backtest(
@@ -247,12 +253,14 @@ def run_backtest(
     allowed_lateness_ms: int = 60_000,
     progress: bool = False,
     flap_window_ms: int = FLAP_WINDOW_MS,
+    conversion_window_ms: int = CONVERSION_WINDOW_MS,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
     behind the latest event time, as when the job's watermark keeps up) left out; then time
     passes up to `until_ms` (default: the watermark the job would reach at the end of the log).
-    A re-entry less than `flap_window_ms` after the same user's exit counts as a flap."""
+    A re-entry less than `flap_window_ms` after the same user's exit counts as a flap.
+    Experiments count a purchase within `conversion_window_ms` after entering as a conversion."""
     from tqdm import tqdm
 
     if isinstance(segmentation, DefinitionSet):
@@ -289,7 +297,11 @@ def run_backtest(
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
         transitions.extend(engine.step_timer(user_id, profile, until_ms).transitions)
-    return _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
+    result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
+    result.experiments = experiment_report.experiment_figures(
+        definitions, transitions, log.events, conversion_window_ms
+    )
+    return result
 
 
 def transition_records(transitions: Iterable[Transition]) -> list[dict]:
@@ -480,6 +492,9 @@ def summary_lines(result: BacktestResult) -> list[str]:
         lines.append("overlap at the end (users in both):")
         for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])[:15]:
             lines.append(f"  {a} & {b}: {n}")
+    if result.experiments:
+        window = _duration(next(iter(result.experiments.values())).window_ms)
+        lines += ["", *experiment_report.text_lines(result.experiments, window)]
     return lines
 
 
@@ -536,6 +551,7 @@ def as_json(
             for name, r in result.segments.items()
         },
         "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
+        "experiments": experiment_report.as_json(result.experiments),
         "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
         "warnings": [w.as_json() for w in warnings] if warnings is not None else None,
         "compared_warnings": [w.as_json() for w in compared_warnings] if compared_warnings is not None else None,
@@ -619,6 +635,10 @@ def html_report(
     ]
     if warnings:
         body.insert(2, "<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w.message)}</li>" for w in warnings) + "</ul>")
+    if result.experiments:
+        window = _duration(next(iter(result.experiments.values())).window_ms)
+        table = "\n".join(experiment_report.text_lines(result.experiments, window))
+        body.append(f"<h2>Experiments</h2><pre>{esc(table)}</pre>")
     if other is not None and diffs is not None:
         diff_rows = "".join(
             f"<tr><td>{esc(x.name)}</td><td>{_pair(x.entries)}</td><td>{_pair(x.final_size)}</td>"

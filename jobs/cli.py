@@ -18,7 +18,7 @@ from pathlib import Path
 from jobs.committed_log import KafkaAuthenticationError
 from jobs.kafka_security import KafkaSecurityError
 from jobs.settings import SettingsError, load_settings
-from udfs.profile_config import MINUTE_MS
+from udfs.profile_config import MINUTE_MS, parse_duration_ms
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,6 +282,7 @@ def cmd_validate(args) -> int:
             f"{path}: ok, version {d.version}, {len(d.segments)} segments, sha256 {d.sha256[:12]}"
             + (f", exclusive groups: {groups}" if groups else "")
             + (f", model scores: {', '.join(d.models)}" if d.models else "")
+            + (f", experiments: {experiments}" if (experiments := _experiments(d)) else "")
         )
         for warning in definition_warnings(d):
             warned += 1
@@ -302,6 +303,10 @@ def cmd_validate(args) -> int:
     if failed:
         return 1
     return WARNINGS_EXIT if warned and args.strict else 0
+
+
+def _experiments(definitions) -> str:
+    return ", ".join(f"{name} ({float(share * 100):g}% held out)" for name, share in definitions.experiments.items())
 
 
 def cmd_backtest(args) -> int:
@@ -342,12 +347,18 @@ def cmd_backtest(args) -> int:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
     until = backtest.FLUSH if args.until == "flush" else (None if args.until == "watermark" else int(args.until))
+    try:
+        window_ms = parse_duration_ms(args.conversion_window, "--conversion-window")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     options = dict(
         until_ms=until,
         watermark_lag_ms=settings.watermark_lag_ms,
         allowed_lateness_ms=settings.allowed_lateness_ms,
         progress=not args.quiet,
         flap_window_ms=thresholds.flap_window_ms,
+        conversion_window_ms=window_ms,
     )
     result = backtest.run_backtest(base, log, **options)
     warnings = behaviour_warnings(result, thresholds)
@@ -636,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
         "records: Avro container file if it ends in .avro, else JSON lines",
     )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
+    p.add_argument(
+        "--conversion-window",
+        default="7d",
+        help="experiments (holdout(...)): a purchase this long after entering is a conversion (default 7d)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     # The thresholds' defaults: jobs/segment_warnings.WarningThresholds, or the settings file's
     # `warnings:` section; a flag given wins over both.

@@ -14,13 +14,14 @@ user's reference for the grammar.
                           | ["not"] "in" (list | operand)]
     operand    := NUMBER | DURATION | STRING | "true" | "false" | "-" NUMBER | "(" or ")"
                 | "missing" "(" reference ")" | "absent" "(" EVENT_TYPE "," DURATION ")"
-                | reference
+                | "holdout" "(" STRING "," PERCENT ")" | reference
     reference  := FEATURE ["[" STRING "]"] | "score" "." MODEL | "segment" "." SEGMENT
     list       := "[" literal ("," literal)* "]"
 
 A comparison involving a missing value (no such event yet, a key not held, a model that did not
 score) is false, so `not (ms_since_last_purchase < 7d)` holds for someone who never purchased;
-`absent(purchase, 7d)` is that, spelled out.
+`absent(purchase, 7d)` is that, spelled out. `holdout("spring_promo", 10%)` holds for the user
+ids in the experiment's control arm (udfs/experiments.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from udfs.events import EVENT_TYPES
+from udfs.experiments import EXPERIMENT_NAME, control_places, place
 from udfs.features import DECAY, DURATION, MAP, NUMBER, RECENCY, STEP, TEXT, TEXT_LIST, FeatureCatalog, FeatureSpec
 from udfs.profile import UserProfile
 from udfs.profile_config import DURATION_UNITS
@@ -42,7 +45,7 @@ MAX_DEPTH = 40  # nesting of parentheses and `not`; keeps the recursive parser f
 MAX_DURATION_MS = 100 * 365 * 86_400_000
 MAX_STEPS = 10_000  # when searching the exact millisecond a decaying value crosses a threshold
 BOOL = "boolean"
-KEYWORDS = {"and", "or", "not", "in", "true", "false", "missing", "absent", "score", "segment"}
+KEYWORDS = {"and", "or", "not", "in", "true", "false", "missing", "absent", "holdout", "score", "segment"}
 
 
 class ConditionError(ValueError):
@@ -58,7 +61,7 @@ class ConditionError(ValueError):
 
 _TOKEN = re.compile(
     r"""(?P<space>\s+)
-      | (?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d|w)?(?![A-Za-z0-9_.])
+      | (?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d|w|%)?(?![A-Za-z0-9_.])
       | (?P<string>"[^"\\\n]*"|'[^'\\\n]*')
       | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
       | (?P<op><=|>=|==|!=|<|>|\(|\)|\[|\]|,|\.|-)
@@ -71,7 +74,7 @@ _TOKEN = re.compile(
 class Token:
     """A token of a condition's text, with the column it starts at for error messages."""
 
-    kind: str  # number | duration | string | name | op | end
+    kind: str  # number | duration | percent | string | name | op | end
     text: str
     column: int
     value: Any = None
@@ -96,7 +99,10 @@ def tokenize(text: str) -> list[Token]:
             continue
         if m.group("number") is not None:
             number = float(m.group("number"))
-            if m.group("unit"):
+            if m.group("unit") == "%":
+                # Exact (a Fraction of the digits as written), so that 12.5% is exactly one eighth.
+                tokens.append(Token("percent", m.group(0), column, Fraction(m.group("number")) / 100))
+            elif m.group("unit"):
                 tokens.append(Token("duration", m.group(0), column, number * DURATION_UNITS[m.group("unit")]))
             else:
                 tokens.append(Token("number", m.group(0), column, number))
@@ -181,6 +187,15 @@ class Absent:
 
     event_type: str
     window_ms: int
+    column: int
+
+
+@dataclass(frozen=True, slots=True)
+class Holdout:
+    """True for the users in an experiment's control arm (`holdout("name", 10%)`)."""
+
+    experiment: str
+    share: Fraction  # of users held out, in (0, 1)
     column: int
 
 
@@ -297,6 +312,10 @@ class _Parser:
 
     def literal(self) -> Literal:
         token = self.peek
+        if token.kind == "percent":
+            raise ConditionError(
+                f'a percentage is only the share of holdout(...), as in holdout("name", {token.text})', token.column
+            )
         negative = False
         if self.at("-"):
             self.take()
@@ -314,7 +333,7 @@ class _Parser:
 
     def operand(self):
         token = self.peek
-        if token.kind in ("number", "duration", "string") or self.at("-", "true", "false"):
+        if token.kind in ("number", "duration", "percent", "string") or self.at("-", "true", "false"):
             return self.literal()
         if self.at("("):
             self.take()
@@ -359,7 +378,34 @@ class _Parser:
                 )
             self.expect(")")
             return Absent(kind.text, int(window.value), token.column)
+        if token.text == "holdout":
+            return self.holdout()
         return self.reference()
+
+    def holdout(self) -> Holdout:
+        column = self.take().column
+        self.expect("(")
+        name = self.take()
+        if name.kind != "string" or not EXPERIMENT_NAME.fullmatch(name.value):
+            raise ConditionError(
+                "holdout(...) takes the experiment's name first, in quotes: 1-64 lowercase letters, digits "
+                f'and _, starting with a letter, such as "spring_promo"; found {self._shown(name)}',
+                name.column,
+            )
+        self.expect(",")
+        share = self.take()
+        if share.kind != "percent":
+            raise ConditionError(
+                f"holdout(...) takes the share of users it holds out second, as a percentage such as 10%; "
+                f"found {self._shown(share)}",
+                share.column,
+            )
+        if not 0 < share.value < 1:
+            raise ConditionError(
+                f"a holdout's share must be more than 0% and less than 100%; found {share.text}", share.column
+            )
+        self.expect(")")
+        return Holdout(name.value, share.value, column)
 
     def reference(self):
         token = self.take()
@@ -412,10 +458,18 @@ class Evaluation:
     """One evaluation instant of one user: feature reads are cached for its duration, and the
     memberships decided so far are visible to segment references."""
 
-    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache", "lapses", "feature")
+    __slots__ = ("profile", "now", "catalog", "scores", "members", "cache", "lapses", "feature", "user_id")
 
-    def __init__(self, profile: UserProfile, now: int, catalog: FeatureCatalog, scores: Mapping[str, float]):
+    def __init__(
+        self,
+        profile: UserProfile,
+        now: int,
+        catalog: FeatureCatalog,
+        scores: Mapping[str, float],
+        user_id: str | None = None,
+    ):
         self.profile = profile
+        self.user_id = user_id  # whose profile it is: what holdout(...) reads (None: not known here)
         self.now = now
         self.catalog = catalog
         self.scores = scores
@@ -487,6 +541,7 @@ class References:
     features: dict[str, Value] = field(default_factory=dict)
     scores: set[str] = field(default_factory=set)
     segments: set[str] = field(default_factory=set)
+    experiments: dict[str, Fraction] = field(default_factory=dict)  # name -> share held out
 
 
 @dataclass(frozen=True)
@@ -586,11 +641,32 @@ class Compiler:
         if isinstance(node, SegmentRef):
             ref = self._operand(node, refs)
             return ref.value, _never
+        if isinstance(node, Holdout):
+            return self._holdout(node, refs), _never  # the user's arm never changes
         if isinstance(node, Literal) and node.kind == BOOL:
             value = node.value
             return (lambda ev: value), _never
         what = self._describe(node)
         raise ConditionError(f"{what} is not a condition: compare it with something, e.g. {what} > 0", _column(node))
+
+    @staticmethod
+    def _holdout(node: Holdout, refs: References) -> Callable[[Evaluation], bool]:
+        name, places = node.experiment, control_places(node.share)
+        known = refs.experiments.setdefault(name, node.share)
+        if known != node.share:
+            raise ConditionError(
+                f"experiment {name!r} is held out at {_percent(known)} and at {_percent(node.share)}: "
+                "one experiment has one share (name a new experiment to change it)",
+                node.column,
+            )
+
+        def holds(ev):
+            user_id = ev.user_id
+            if user_id is None:
+                raise ValueError(f"holdout({name!r}, ...) is evaluated without the user id")
+            return place(name, user_id) < places
+
+        return holds
 
     def _describe(self, node) -> str:
         if isinstance(node, FeatureRef):
@@ -895,6 +971,10 @@ def _decay_crossing(ev: Evaluation, v, at, half_life_ms: int, test, threshold: f
         else:
             return due
     return due
+
+
+def _percent(share: Fraction) -> str:
+    return f"{float(share * 100):g}%"
 
 
 def _column(node) -> int | None:

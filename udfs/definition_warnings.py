@@ -22,6 +22,7 @@ from udfs.conditions import (
     And,
     Compare,
     FeatureRef,
+    Holdout,
     InCondition,
     Literal,
     Missing,
@@ -85,6 +86,8 @@ def canonical(node: Any) -> Canon:
         return ("missing", canonical(node.ref))
     if isinstance(node, Absent):
         return ("absent", node.event_type, node.window_ms)
+    if isinstance(node, Holdout):  # an opaque predicate of the user: equal only to itself
+        return ("holdout", node.experiment, node.share)
     if isinstance(node, Not):
         inner = canonical(node.item)
         return inner[1] if inner[0] == "not" else ("not", inner)

@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -98,6 +99,11 @@ class Segment:
     line: int
 
     @cached_property
+    def experiments(self) -> dict[str, Fraction]:
+        """The experiments its conditions split users by (`holdout(...)`), with their shares."""
+        return {name: share for c in (self.enter, self.exit) if c for name, share in c.references.experiments.items()}
+
+    @cached_property
     def dwell_rule(self) -> str:
         """The rule a transition's reason records while the minimum dwell holds a member in."""
         return f"min_dwell {self.min_dwell_ms} ms"
@@ -163,6 +169,8 @@ class DefinitionSet:
     # model -> sha256 of its manifest.json (which holds the ONNX file's sha256): the models these
     # definitions were validated with; the loader refuses any other (udfs/scoring.py).
     model_pins: dict[str, str] = field(default_factory=dict)
+    # experiment -> the share of users it holds out, for every holdout(...) of the conditions
+    experiments: dict[str, Fraction] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
@@ -537,6 +545,7 @@ class _Builder:
             raw_segments[name] = (fields, entry)
         compiler = Compiler(self.catalog, self.models, set(raw_segments))
         segments = {name: self.segment(name, fields, entry, compiler) for name, (fields, entry) in raw_segments.items()}
+        experiments = self.experiments(segments, raw_segments)
         groups = self.groups(top.get("exclusive_groups"), segments)
         units = self.order(segments, groups, raw_segments)
         models = sorted({m for s in segments.values() for c in (s.enter, s.exit) if c for m in c.references.scores})
@@ -556,7 +565,26 @@ class _Builder:
             tuple(models),
             rescore,
             pins,
+            experiments,
         )
+
+    def experiments(self, segments: dict[str, Segment], raw: dict) -> dict[str, Fraction]:
+        """Every experiment the conditions name, with its one share: the same name held out at
+        two shares would put a user in control for one segment and in treatment for another."""
+        shares: dict[str, tuple[Fraction, str]] = {}
+        for name, segment in segments.items():
+            read = [c.references.experiments for c in (segment.enter, segment.exit) if c is not None]
+            for experiment, share in (item for experiments in read for item in experiments.items()):
+                first = shares.setdefault(experiment, (share, name))
+                if first[0] != share:
+                    self.fail(
+                        f"holds out experiment {experiment!r} at {float(share * 100):g}%, segment "
+                        f"{first[1]!r} at {float(first[0] * 100):g}%: one experiment has one share "
+                        "(name a new experiment to change it)",
+                        raw[name][1],
+                        name,
+                    )
+        return {experiment: share for experiment, (share, _) in shares.items()}
 
     def model_pins(self, node, read: set[str]) -> dict[str, str]:
         """`models: {name: sha256:<64 hex>}`: the manifest digest of each model the conditions

@@ -18,6 +18,7 @@ from typing import Any
 from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features
 from udfs.events import UserEvent
+from udfs.experiments import CONTROL, TREATMENT, control_places, place
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
@@ -57,6 +58,7 @@ class Transition:
     scores: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
+    arms: dict[str, str] = field(default_factory=dict)  # experiment -> CONTROL | TREATMENT
 
     @property
     def transition_id(self) -> str:
@@ -84,6 +86,7 @@ class Transition:
                 "labels": self.labels,
                 "missing": list(self.missing),
             },
+            "arms": dict(self.arms),
         }
 
 
@@ -125,6 +128,13 @@ class SegmentEngine:
         # feature reads and lapses are the expensive part of both).
         self._latest: Evaluation | None = None
         self._scoring_seen = (0, 0)  # the scorer's (skipped, out_of_range) at the latest step
+        # segment -> (experiment, control places) of each holdout its conditions read: the arms
+        # its transitions record.
+        self._experiments = {
+            name: tuple((experiment, control_places(share)) for experiment, share in segment.experiments.items())
+            for name, segment in definitions.segments.items()
+            if segment.experiments
+        }
 
     def is_duplicate(self, profile: UserProfile, event: UserEvent) -> bool:
         """True when the profile has already counted this event (its id seen within the dedup window)."""
@@ -143,7 +153,8 @@ class SegmentEngine:
             return Step(LATE, [], None, profile.is_empty, False)
         if is_duplicate(profile, event, self.config):
             return Step(DUPLICATE, [], None, False, False)
-        return self._finish(APPLIED, profile, self._apply(user_id, profile, event), False)  # an event leaves a profile
+        transitions = self._apply(user_id, profile, event)
+        return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
 
     def step_timer(self, user_id: str, profile: UserProfile, time_ms: int) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it."""
@@ -160,9 +171,11 @@ class SegmentEngine:
             # without pruning).
             prune(profile, self.config)
         profile.next_change_memo = (self, profile.clock_ms, due)
-        return self._finish(TIMER, profile, out, had_events)
+        return self._finish(TIMER, user_id, profile, out, had_events)
 
-    def _finish(self, outcome: str, profile: UserProfile, transitions: list[Transition], had_events: bool) -> Step:
+    def _finish(
+        self, outcome: str, user_id: str, profile: UserProfile, transitions: list[Transition], had_events: bool
+    ) -> Step:
         """The timer to register: only when the next change is due before the pending timer (or
         none is pending). A later due leaves the earlier timer in place: when it fires, the step
         finds nothing due and asks for the next one. This spares the timer service a delete and
@@ -172,7 +185,7 @@ class SegmentEngine:
         if memo is not None and memo[0] is self and memo[1] == profile.clock_ms:
             due = memo[2]  # a timer step that found nothing more due keeps the answer it stopped at
         else:
-            due = self.next_change_ms(profile)
+            due = self.next_change_ms(profile, user_id)
         register = None
         if due is not None and (profile.timer_ms is None or due < profile.timer_ms):
             register = profile.timer_ms = due
@@ -209,7 +222,7 @@ class SegmentEngine:
         self._latest = None
         apply_event(profile, event, self.config)
         prune(profile, self.config)
-        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
+        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
         scorer = self.scorer
         if scorer is not None:
             self._score(scorer, profile, ev)
@@ -232,7 +245,7 @@ class SegmentEngine:
             if memo is not None:  # this engine answered at this very clock, on this very state
                 (due,), memo = memo, None
             else:
-                due = self._next_change_ms(profile)
+                due = self._next_change_ms(profile, user_id)
             if due is None or due > time_ms:
                 break
             # Only a retention expiry can lie behind the clock (a late event older than the
@@ -244,7 +257,7 @@ class SegmentEngine:
             if expiry is not None and expiry <= due:
                 self._expire(user_id, profile, due, out)
             else:
-                ev = Evaluation(profile, due, self.catalog, profile.scores)
+                ev = Evaluation(profile, due, self.catalog, profile.scores, user_id)
                 scorer = self.scorer
                 if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
                     self._latest = None
@@ -275,24 +288,25 @@ class SegmentEngine:
         last = profile.last_event_ms
         return None if last is None else last + self.config.retention_ms
 
-    def next_change_ms(self, profile: UserProfile) -> int | None:
+    def next_change_ms(self, profile: UserProfile, user_id: str | None = None) -> int | None:
         """The one instant the user's timer is set for: the earliest at which a verdict can
         change, or the profile expires.
 
         Adapters ask after every event and timer, and the engine's next call starts by asking
         the same question of the same state (is a change due before the event?): the answer is
         kept on the profile object until that call, which is the only thing that changes it
-        (the timer_ms an adapter writes is not read here)."""
-        due = self._next_change_ms(profile)
+        (the timer_ms an adapter writes is not read here). Definitions with a holdout(...) need
+        the user's id."""
+        due = self._next_change_ms(profile, user_id)
         profile.next_change_memo = (self, profile.clock_ms, due)
         return due
 
-    def _next_change_ms(self, profile: UserProfile) -> int | None:
+    def _next_change_ms(self, profile: UserProfile, user_id: str | None) -> int | None:
         if profile.last_event_ms is None:
             return None
         ev = self._latest
         if ev is None or ev.profile is not profile or ev.now != profile.clock_ms or ev.scores is not profile.scores:
-            ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores)
+            ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
         due = self.definitions.next_change_ms(ev, profile.memberships)
         for other in (self.retention_expiry_ms(profile), self.rescore_due_ms(profile)):
             if other is not None and (due is None or other < due):
@@ -388,7 +402,15 @@ class SegmentEngine:
             scores=dict(profile.scores),
             labels=labels,
             missing=tuple(missing),
+            arms=self._arms(segment, user_id),
         )
+
+    def _arms(self, segment: str, user_id: str) -> dict[str, str]:
+        """The user's arm in each experiment the segment's conditions split by."""
+        experiments = self._experiments.get(segment)
+        if experiments is None:
+            return {}
+        return {name: CONTROL if place(name, user_id) < places else TREATMENT for name, places in experiments}
 
 
 def replay_events(

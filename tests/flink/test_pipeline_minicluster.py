@@ -292,14 +292,27 @@ def test_timers_alone_exit_the_idle_user_enter_the_abandoned_cart_and_expire_the
     assert [r["sequence"] - t0 * 1000 for r in records if r["segment"] == "cart_holder"] == [1, 2]
 
 
-def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
+EXPERIMENT_EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "spring_promo.yaml"
+
+
+@pytest.mark.parametrize(
+    "definitions, least_segments, least_transitions",
+    [("", 13, 1000), (str(EXPERIMENT_EXAMPLE), 3, 200)],
+    ids=["shipped", "experiment"],
+)
+def test_a_backtest_of_a_generated_day_equals_the_live_job(
+    catalog, tmp_path, definitions, least_segments, least_transitions
+):
     """The issue's acceptance: `segments backtest` over a JSONL log of a generated day and the job
-    over the same events (in log order) emit the same transitions, payloads included."""
+    over the same events (in log order) emit the same transitions, payloads included; with an
+    experiment, the same arms on two workers as in the backtest."""
     events = list(generate_events(150, seed=23, start_ms=START_MS, duration_ms=DAY_MS))
     log_file = tmp_path / "day.jsonl"
     log_file.write_text("".join(json.dumps(e.to_record()) + "\n" for e in events))
 
-    settings = load_settings(environ={}, redis_url="", parallelism=1, segment_parallelism=2)
+    settings = load_settings(
+        environ={}, redis_url="", parallelism=1, segment_parallelism=2, definitions_path=definitions
+    )
     segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
     # A bounded input ends with the final watermark: every pending timer fires ("flush").
     result = run_backtest(
@@ -325,10 +338,12 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
         return json.dumps({k: v for k, v in record.items() if k != "emitted_at"}, sort_keys=True)
 
     backtest = [t.to_record(0) for t in result.transitions]
-    assert len(backtest) > 1000
+    assert len(backtest) > least_transitions
     assert sorted(map(comparable, job)) == sorted(map(comparable, backtest))
     # Enough segments took part for the comparison to mean something.
-    assert len({r["segment"] for r in backtest}) >= 13
+    assert len({r["segment"] for r in backtest}) >= least_segments
+    if definitions:
+        assert {arm for r in job for arm in r["arms"].values()} == {"control", "treatment"}
 
 
 def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_user_is_unaffected(catalog, tmp_path):

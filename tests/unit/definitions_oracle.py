@@ -31,6 +31,10 @@ Readings of the spec this oracle takes:
     evaluated until their next accepted event.
   * Within one instant and cause, exits come before entries (docs/definitions.md); the order among exits (or
     among entries) is not specified, so the oracle lists each sorted by segment name.
+  * `holdout("name", P%)` holds when the first 8 bytes of sha256("flink-segments holdout v1",
+    NUL, the name, NUL, the user id), read as a big-endian integer over 2**64, are below P/100
+    (docs/definitions.md, "Experiments"); computed here from the hex digest with exact decimals.
+    A transition records the user's arm in every experiment its segment's conditions name.
   * Scores (`score.X`, from the fake models below) are computed at every accepted event after it
     is applied, and, with `rescore_every: D` in the file, D after the latest scoring while no event
     comes (udfs/transitions.py; docs/definitions.md, `rescore_every`); a rescoring
@@ -44,9 +48,11 @@ rejects the example; thresholds are chosen so that this practically never happen
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import operator
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from hypothesis import strategies as st
 
@@ -161,6 +167,20 @@ class Absent:
 
 
 @dataclass(frozen=True)
+class Holdout:
+    experiment: str
+    percent: str  # as written, without the %
+
+    def text(self) -> str:
+        return f'holdout("{self.experiment}", {self.percent}%)'
+
+
+def in_control(experiment: str, percent: str, user_id: str) -> bool:
+    digest = hashlib.sha256(f"flink-segments holdout v1\0{experiment}\0{user_id}".encode()).hexdigest()
+    return Decimal(int(digest[:16], 16)) * 100 < Decimal(percent) * 2**64  # exact: both sides are integers
+
+
+@dataclass(frozen=True)
 class SegRef:
     name: str
 
@@ -238,6 +258,11 @@ class SegDef:
 
     def conditions(self):
         return (self.enter,) if self.exit is None else (self.enter, self.exit)
+
+    def arms(self, user_id: str) -> tuple[tuple[str, str], ...]:
+        """(experiment, arm) of every holdout its conditions name, sorted."""
+        holdouts = {(n.experiment, n.percent) for c in self.conditions() for n in walk(c) if isinstance(n, Holdout)}
+        return tuple(sorted((e, "control" if in_control(e, p, user_id) else "treatment") for e, p in holdouts))
 
 
 @dataclass(frozen=True)
@@ -343,6 +368,7 @@ class Vocab:
     score_scale_ms: int = 0  # 0: no score.X conditions; else the `fresh` model's time scale
     scores: tuple[float, ...] = (0.21, 0.37, 0.55, 0.62, 0.81)
     rescores: tuple[tuple[int, str], ...] = ()  # rescore_every choices
+    holdouts: tuple[tuple[str, str], ...] = ()  # (experiment, percent as written): one share per name
     dwell_percent: int = 40  # how often a segment gets a min_dwell
 
     @property
@@ -441,6 +467,8 @@ def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
         kinds += ["segment"] * 4
     if vocab.score_scale_ms:
         kinds += ["score"] * 4
+    if vocab.holdouts:
+        kinds += ["holdout"] * 3
     kind = draw(st.sampled_from(kinds))
     horizons = vocab.horizons
     if kind == "recency":
@@ -532,6 +560,8 @@ def atom(draw, vocab: Vocab, refs: tuple[str, ...]):
         return CmpRefs(left, draw(st.sampled_from(CMP_OPS)), right)
     if kind == "segment":
         return SegRef(draw(st.sampled_from(refs)))
+    if kind == "holdout":
+        return Holdout(*draw(st.sampled_from(vocab.holdouts)))
     return Const(draw(st.booleans()))
 
 
@@ -658,8 +688,9 @@ def _near(a: float, b: float) -> bool:
 class Instant:
     """The features at one instant and the memberships decided so far there."""
 
-    def __init__(self, features: dict, config: ProfileConfig, scores: dict[str, float] | None = None):
+    def __init__(self, features: dict, config: ProfileConfig, scores: dict[str, float] | None = None, user_id=""):
         self.f = features
+        self.user_id = user_id
         self.config = config
         self.scores = scores or {}
         self.members: dict[str, bool] = {}
@@ -702,6 +733,8 @@ class Instant:
             return not (since is not None and since < node.window_ms)
         if isinstance(node, SegRef):
             return self.members[node.name]
+        if isinstance(node, Holdout):
+            return in_control(node.experiment, node.percent, self.user_id)
         if isinstance(node, Const):
             return node.value
         if isinstance(node, Not):
@@ -795,6 +828,7 @@ class OTransition:
     cause_event_id: str | None
     sequence: int
     rule: str
+    arms: tuple[tuple[str, str], ...] = ()  # (experiment, arm), sorted
 
 
 @dataclass
@@ -942,6 +976,7 @@ class DefinitionsOracle:
                         None,
                         user.memberships[name].sequence + 1,
                         RETENTION_RULE,
+                        self.defs.segments[name].arms(user_id),
                     )
                 )
             user.memberships = {}
@@ -1023,7 +1058,7 @@ class DefinitionsOracle:
     ) -> list[str]:
         """Decides every segment at `now`, emits the changes (exits first), returns the entered."""
         self.evaluations += 1
-        at = Instant(features, self.config, user.scores)
+        at = Instant(features, self.config, user.scores, user_id)
         changes = decide(self.defs, at, now, user.memberships)
         entered = []
         for name, (member, rule) in sorted(changes.items(), key=lambda e: (e[1][0], e[0])):
@@ -1031,7 +1066,17 @@ class DefinitionsOracle:
             sequence = (previous.sequence if previous is not None else user.sequence_base) + 1
             user.memberships[name] = MState(member, now, sequence)
             self.out.append(
-                OTransition(user_id, name, "ENTER" if member else "EXIT", now, cause, event_id, sequence, rule)
+                OTransition(
+                    user_id,
+                    name,
+                    "ENTER" if member else "EXIT",
+                    now,
+                    cause,
+                    event_id,
+                    sequence,
+                    rule,
+                    self.defs.segments[name].arms(user_id),
+                )
             )
             if member:
                 entered.append(name)

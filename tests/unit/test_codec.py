@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import START_MS
-from udfs.codec import HEADER_SIZE, MAGIC, SCHEMAS_DIR, DecodeError, SchemaCatalog
+from udfs.codec import HEADER_SIZE, MAGIC, SCHEMAS_DIR, DecodeError, SchemaCatalog, schema_fingerprint
 from udfs.events import EVENT_TYPES
 
 SCHEMA_FILES = {
@@ -128,6 +128,7 @@ segment_transition_records = st.fixed_dictionaries(
                 "missing": st.lists(texts, max_size=3),
             }
         ),
+        "arms": st.dictionaries(texts, st.sampled_from(["control", "treatment"]), max_size=2),
     }
 )
 
@@ -187,6 +188,7 @@ def a_transition(**changes) -> dict:
             "labels": {},
             "missing": [],
         },
+        "arms": {},
     }
     return {**record, **changes}
 
@@ -504,3 +506,52 @@ def test_a_negative_index_is_undecodable_in_a_previous_schema_version_too(evolve
     assert codec.decode(header + user_event_body())["event_type"] == "add_to_cart"
     assert reason_of(codec, header + user_event_body(event_type=-1)) == "undecodable"
     assert reason_of(codec, header + user_event_body(session_branch=-1)) == "undecodable"
+
+
+# --- the transition contract's own history --------------------------------------------------
+
+
+def history_schema(file_name: str) -> dict:
+    return json.loads((SCHEMAS_DIR / "history" / file_name).read_text())
+
+
+def without_arms(record: dict) -> dict:
+    """A transition as v2 (before `arms`) wrote it; v1 had no `reason.labels` nor `reason.missing` either."""
+    return {k: v for k, v in record.items() if k != "arms"}
+
+
+@pytest.mark.parametrize("version", ["segment_transition.v1.avsc", "segment_transition.v2.avsc"])
+def test_transitions_written_with_an_earlier_contract_decode_with_their_defaults(catalog, version):
+    old = history_schema(version)
+    old_fields = {f["name"] for f in old["fields"]}
+    assert "arms" not in old_fields
+    record = without_arms(a_transition())
+    reason_fields = {f["name"] for f in next(f for f in old["fields"] if f["name"] == "reason")["type"]["fields"]}
+    record["reason"] = {k: v for k, v in record["reason"].items() if k in reason_fields}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(old), record)
+    payload = MAGIC + schema_fingerprint(old) + body.getvalue()
+    decoded = catalog.codec("SegmentTransition").decode(payload)
+    assert decoded["arms"] == {}
+    assert decoded["reason"]["missing"] == [] and decoded["reason"]["labels"] == {}
+    assert without_arms(decoded)["segment"] == record["segment"]
+
+
+def test_a_transition_with_arms_is_read_by_a_consumer_still_on_the_v2_schema(catalog):
+    """Avro schema resolution, writer = the current contract, reader = v2: the new field is
+    skipped and everything else reads as before, so a consumer need not upgrade first."""
+    record = a_transition(arms={"spring_promo": "control", "winter": "treatment"})
+    payload = catalog.codec("SegmentTransition").encode(record)
+    read = fastavro.schemaless_reader(
+        io.BytesIO(payload[HEADER_SIZE:]),
+        fastavro.parse_schema(catalog.current["SegmentTransition"]),
+        fastavro.parse_schema(history_schema("segment_transition.v2.avsc")),
+    )
+    assert from_apache("SegmentTransition", read) == without_arms(record)  # fastavro gives datetimes too
+
+
+def test_the_current_transition_contract_differs_from_v2_only_by_the_optional_arms_field():
+    current, v2 = schema_json("SegmentTransition"), history_schema("segment_transition.v2.avsc")
+    assert current["fields"][:-1] == v2["fields"]
+    added = current["fields"][-1]
+    assert (added["name"], added["type"], added["default"]) == ("arms", {"type": "map", "values": "string"}, {})

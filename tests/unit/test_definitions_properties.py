@@ -4,13 +4,14 @@ change, for random definitions files and random arrival-ordered event logs (dupl
 out-of-order events, timers firing at random points); plus examples worked out by hand.
 
 The engine is compared transition by transition: user, segment, kind, event_time, cause, the
-cause's event id, sequence and rule, in order (within one instant and cause, exits before entries;
+cause's event id, sequence, rule and arms, in order (within one instant and cause, exits before entries;
 the order among the exits, or among the entries, is not specified and is compared as a set).
-Definitions read features of every family, missing values, absent(), segment references,
-hysteresis, min_dwell, exclusive groups and two fake model scores with rescore_every; the logs end
-with events placed on the instants the definitions' durations point at, so events often land on
-the very millisecond of a time-driven change. Examples whose verdict hangs on float rounding are
-rejected (definitions_oracle.Ambiguous); DEFINITIONS_ORACLE_SCALE=10 runs ten times the examples.
+Definitions read features of every family, missing values, absent(), holdout() (and the arms the
+transitions record), segment references, hysteresis, min_dwell, exclusive groups and two fake model
+scores with rescore_every; the logs end with events placed on the instants the definitions'
+durations point at, so events often land on the very millisecond of a time-driven change. Examples
+whose verdict hangs on float rounding are rejected (definitions_oracle.Ambiguous);
+DEFINITIONS_ORACLE_SCALE=10 runs ten times the examples.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ B = 1_700_006_400_000  # a UTC day boundary (the event generator starts here)
 # Every test here follows this switch (True tests that older engine; the two hand tests at the end
 # pin either reading).
 
+# Experiments for holdout(...): u1 is in control of x1 and exp2 and in treatment of winter and
+# promo_b; u2 in control of winter and exp2.
+HOLDOUTS = (("winter", "60"), ("x1", "30"), ("exp2", "66.6"), ("promo_b", "12.5"))
+
 # Minutes: horizons a = 4 min / 1 min buckets, b = 1 h / 10 min; session gap 10 min; engagement
 # half-life 20 min, affinity 30 min; retention 2 h (so profiles expire within a log). Tier
 # thresholds off the values a sum of integer weights reaches at whole half-lives.
@@ -74,6 +79,7 @@ SMALL_VOCAB = Vocab(
     dwells=((90_000, "90s"), (180_000, "3m"), (600_000, "10m"), (1_800_000, "30m"), (3_600_000, "1h")),
     score_scale_ms=10 * MINUTE_MS,
     rescores=((90_000, "90s"), (300_000, "5m"), (1_200_000, "20m")),
+    holdouts=HOLDOUTS,
 )
 
 # Days: sessions_per_week (7-day marks) as the tier basis, a week-long horizon, retention 10 days.
@@ -120,17 +126,19 @@ WEEKLY_VOCAB = Vocab(
         (7 * DAY_MS, "7d"),
     ),
     dwells=((HOUR_MS, "1h"), (6 * HOUR_MS, "6h"), (DAY_MS, "1d"), (3 * DAY_MS, "3d")),
+    holdouts=HOLDOUTS,
 )
 
 
 # ---------------------------------------------------------------- running both
 
 
-Key = tuple  # (user, segment, kind, event_time, cause, cause_event_id, sequence, rule)
+Key = tuple  # (user, segment, kind, event_time, cause, cause_event_id, sequence, rule, arms)
 
 
 def key(t: Transition | OTransition) -> Key:
-    return (t.user_id, t.segment, t.kind, t.event_time, t.cause, t.cause_event_id, t.sequence, t.rule)
+    arms = t.arms if isinstance(t, OTransition) else tuple(sorted(t.arms.items()))
+    return (t.user_id, t.segment, t.kind, t.event_time, t.cause, t.cause_event_id, t.sequence, t.rule, arms)
 
 
 def normalised(transitions) -> list[Key]:
@@ -189,8 +197,9 @@ def _describe(steps) -> str:
 
 
 def _show(k: Key) -> str:
-    user, segment, kind, at, cause, event_id, sequence, rule = k
-    return f"{user} {segment} {kind} at {_t(at)} {cause}({event_id}) seq+{sequence % 1000} rule={rule!r}"
+    user, segment, kind, at, cause, event_id, sequence, rule, arms = k
+    shown = f"{user} {segment} {kind} at {_t(at)} {cause}({event_id}) seq+{sequence % 1000} rule={rule!r}"
+    return shown + (f" arms={dict(arms)}" if arms else "")
 
 
 MODELS = {m: ModelOutput(m) for m in FAKE_MODELS}  # probabilities in [0, 1]
@@ -599,11 +608,11 @@ segments:
     oracle = normalised(expected_transitions(defs, HAND, steps, B + 2 * DAY_MS, True))
     expiry = B + HOUR_MS + DAY_MS
     expected = [
-        ("u1", "always", "ENTER", B, "EVENT", "p", 1000 * B + 1, "true"),
-        ("u1", "buyer", "ENTER", B, "EVENT", "p", 1000 * B + 1, "lifetime_orders > 0"),
-        ("u1", "always", "EXIT", expiry, "TIMER", None, 1000 * B + 2, "profile_retention_expired"),
-        ("u1", "buyer", "EXIT", expiry, "TIMER", None, 1000 * B + 2, "profile_retention_expired"),
-        ("u1", "always", "ENTER", B + 2 * DAY_MS, "EVENT", "w", 1000 * (B + 2 * DAY_MS) + 1, "true"),
+        ("u1", "always", "ENTER", B, "EVENT", "p", 1000 * B + 1, "true", ()),
+        ("u1", "buyer", "ENTER", B, "EVENT", "p", 1000 * B + 1, "lifetime_orders > 0", ()),
+        ("u1", "always", "EXIT", expiry, "TIMER", None, 1000 * B + 2, "profile_retention_expired", ()),
+        ("u1", "buyer", "EXIT", expiry, "TIMER", None, 1000 * B + 2, "profile_retention_expired", ()),
+        ("u1", "always", "ENTER", B + 2 * DAY_MS, "EVENT", "w", 1000 * (B + 2 * DAY_MS) + 1, "true", ()),
     ]
     assert oracle == expected and engine == expected
 
