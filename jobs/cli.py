@@ -440,6 +440,26 @@ def _utc(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
+def _reading_the_view(command):
+    """Runs a view-reading command; a Redis that cannot be reached or refuses the reads is one
+    line on stderr (the URL without its password) and exit 1, not a traceback."""
+
+    def run(args) -> int:
+        from redis import exceptions as redis_errors
+
+        from infra.stack import redact_url
+
+        try:
+            return command(args)
+        except redis_errors.RedisError as err:
+            settings = _settings(args)
+            print(f"error: Redis at {redact_url(settings.redis_url)}: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_reading_the_view
 def cmd_lookup(args) -> int:
     """A user's current segments, with when and by which rule they entered, from the Redis view."""
     from infra.stack import redact_url
@@ -488,6 +508,7 @@ def cmd_lookup(args) -> int:
     return 0 if known else 1
 
 
+@_reading_the_view
 def cmd_members(args) -> int:
     """A segment's members (streamed, SSCAN), or their number, from the Redis view."""
     from udfs.definitions import DefinitionError

@@ -100,3 +100,39 @@ def test_members_of_a_defined_segment_nobody_is_in_is_empty_and_an_unknown_segme
     captured = capsys.readouterr()
     assert captured.out == "" and "unknown segment 'no_such_segment'" in captured.err
     assert cli.main(["members", "no_such_segment", "--count"]) == 2
+
+
+def test_both_read_as_a_redis_user_allowed_only_the_reads_they_make(view_settings, redis_url, monkeypatch, capsys):
+    """No script is loaded for a lookup: an ACL user with the view's keys and five read commands
+    will do, logged in through the URL as every client of the project does."""
+    write(view_settings, [cart_event("ann", 1, START_MS)])
+    view_settings.client.execute_command(
+        "ACL",
+        "SETUSER",
+        "reader",
+        "on",
+        ">read s3cret",
+        f"~{PREFIX}:*",
+        "+ping",
+        "+hgetall",
+        "+exists",
+        "+sscan",
+        "+scard",
+    )
+    monkeypatch.setenv("REDIS_URL", redis_url.replace("redis://", "redis://reader:read%20s3cret@"))
+    segments = {c.segment for c in view_settings.current_segments("ann")}
+    assert cli.main(["lookup", "ann", "--json"]) == 0
+    assert {s["segment"] for s in json.loads(capsys.readouterr().out)["segments"]} == segments
+    segment = sorted(segments)[0]
+    assert cli.main(["members", segment]) == 0 and capsys.readouterr().out == "ann\n"
+    assert cli.main(["members", segment, "--count"]) == 0 and capsys.readouterr().out == "1\n"
+
+
+def test_an_unreachable_redis_is_one_line_without_the_password(monkeypatch, capsys):
+    from infra.stack import free_port
+
+    monkeypatch.setenv("REDIS_URL", f"redis://app:s3cret@127.0.0.1:{free_port()}/0")
+    assert cli.main(["lookup", "ann"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Redis at redis://***@127.0.0.1:") and "ConnectionError" in err
+    assert "s3cret" not in err and len(err.splitlines()) == 1
