@@ -257,7 +257,8 @@ def load_settings(
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key not in kinds or key == "profile":
-            raise SettingsError(f"{_unknown(key)} in environment variable {var}")
+            reason = _unknown(key) if key in REMOVED_SETTINGS else "unknown setting"
+            raise SettingsError(f"{reason} in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
     for key, raw in overrides.items():
         if key not in kinds and key != "kafka":
