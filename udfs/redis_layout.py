@@ -56,8 +56,8 @@ assert re.fullmatch(r"[a-z_]+", RETENTION_RULE)
 # decides when a member goes, by an EXIT. The retention EXIT that leaves the user holding nothing
 # deletes the sequence hash too: the profile's lifetime is over, and the next one starts with
 # higher sequences (udfs/profile.py: sequence_base). Any other EXIT that leaves nothing keeps
-# the sequence hash as a guard against stale replays for the retention (wall time), so a user
-# with no segment is forgotten no later than their profile (last transition <= last event).
+# the sequence hash as a guard against stale replays for the retention (wall time): the view
+# never sees the user's later events, so no expiry of its own can be tied to the profile's.
 _APPLY_FUNCTION = (
     """
 local function apply(user, seqs, members, segment, kind, sequence, at, user_id, retention_ms, rule)
