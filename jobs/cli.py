@@ -375,6 +375,16 @@ def cmd_redis(args) -> int:
     if not settings.redis_url:
         print("no redis_url configured", file=sys.stderr)
         return 2
+    if args.action == "upgrade":
+        view = RedisSegmentView(
+            settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, writer=False
+        )
+        try:
+            kept = view.upgrade_layout()
+        finally:
+            view.close()
+        print(f"{kept} users in a segment at {redact_url(settings.redis_url)} no longer expire by layout 1's TTL")
+        return 0
     if args.action == "follow":
         from redis import exceptions as redis_errors
 
@@ -726,9 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("redis", help="the Redis view: follow the transitions topic, or rebuild it"))
     p.add_argument(
         "action",
-        choices=["follow", "rebuild"],
+        choices=["follow", "rebuild", "upgrade"],
         help="follow: apply committed transitions as they come, resuming where it left off (the view "
-        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once",
+        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once; "
+        "upgrade: clear the TTL layout 1 gave members' keys",
     )
     p.add_argument(
         "--metrics-port",

@@ -29,6 +29,15 @@ def resolve_redis_url(url: str) -> str:
     return value
 
 
+# Layout 1 to 2 for one user: KEYS user hash, sequence hash. Returns 1 if the user is in a segment.
+_PERSIST_MEMBER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class CurrentSegment:
     """One of a user's current segments as the view holds it."""
@@ -124,6 +133,23 @@ class RedisSegmentView:
 
     def has_members_key(self, segment: str) -> bool:
         return bool(self.client.exists(members_key(self.prefix, segment)))
+
+    def upgrade_layout(self) -> int:
+        """Layout 1 to 2 in place: layout 1 gave every user's keys a TTL from their last
+        transition, which would drop a member's user hash while the member sets keep them. Clears
+        the TTL of every user hash (a user in a segment) and of its sequence hash; a user in no
+        segment keeps the TTL of their sequence hash. Returns how many users it kept. Idempotent,
+        and safe while the job writes: each user's check and PERSISTs are one script, so a user
+        who has just left their last segment keeps the TTL of their sequence hash."""
+        kept = 0
+        start = len(user_key(self.prefix, ""))
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.client.scan_iter(match=user_key(self.prefix, "*"), count=1000, _type="hash"):
+            pipe.eval(_PERSIST_MEMBER_LUA, 2, key, sequence_key(self.prefix, key[start:].decode()))
+            if len(pipe) >= 1000:
+                kept += sum(pipe.execute())
+        kept += sum(pipe.execute())
+        return kept
 
     def clear(self) -> int:
         """Deletes every key of this view's prefix (a rebuild from scratch); returns how many."""

@@ -162,3 +162,28 @@ def test_keys_of_layout_1_lose_their_ttl_at_the_users_next_transition(redis_url)
     view.apply([("old", "cart_holder", "ENTER", 4, 2000, "cart_items > 0")])
     assert view.client.pttl("t:user:old") == -1 and view.client.pttl("t:seq:old") == -1
     assert view.segments_of("old") == {"buyer": (3, 1000), "cart_holder": (4, 2000)}
+
+
+def test_redis_upgrade_clears_layout_1s_ttl_from_members_only(redis_url, monkeypatch, capsys):
+    """`segments redis upgrade`: the keys layout 1 gave a 30-day TTL no longer expire when the user
+    is in a segment; a user in no segment keeps the TTL of their sequence hash."""
+    from jobs import cli
+
+    old = RedisSegmentView(redis_url, "t", retention_ms=0)
+    month = 30 * 24 * 3600
+    for i in range(1_500):  # more than one pipeline's worth
+        old.client.hset(f"t:user:m{i}", "buyer", "3:1000")
+        old.client.hset(f"t:seq:m{i}", "buyer", "3")
+        old.client.sadd("t:members:buyer", f"m{i}")
+        old.client.expire(f"t:user:m{i}", month)
+        old.client.expire(f"t:seq:m{i}", month)
+    old.client.hset("t:seq:gone", "buyer", "4")  # left every segment under layout 1
+    old.client.expire("t:seq:gone", month)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("SEGMENTS_REDIS_KEY_PREFIX", "t")
+
+    assert cli.main(["redis", "upgrade"]) == 0
+    assert capsys.readouterr().out.startswith("1500 users in a segment")
+    assert {old.client.pttl(f"t:{kind}:m{i}") for kind in ("user", "seq") for i in range(1_500)} == {-1}
+    assert 0 < old.client.ttl("t:seq:gone") <= month
+    assert cli.main(["redis", "upgrade"]) == 0 and capsys.readouterr().out.startswith("1500 users")
