@@ -377,7 +377,7 @@ def cmd_redis(args) -> int:
         return 2
     if args.action == "upgrade":
         view = RedisSegmentView(
-            settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, writer=False
+            settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, load_apply_script=False
         )
         try:
             kept = view.upgrade_layout()
@@ -443,7 +443,16 @@ def _view_reader(settings):
     if not settings.redis_url:
         print("no redis_url configured", file=sys.stderr)
         return None
-    return RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, writer=False)
+    return RedisSegmentView(
+        settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, load_apply_script=False
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _utc(ms: int) -> str:
@@ -555,7 +564,8 @@ def cmd_members(args) -> int:
                 out.flush()
         out.flush()
     except BrokenPipeError:  # `segments members big | head`: the reader has seen enough
-        sys.stderr.close()
+        # As Python's docs advise: point stdout at devnull so that the exit flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         view.close()
     return 0
@@ -765,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("members", help="a segment's members, one per line, or --count (Redis view)"))
     p.add_argument("segment")
     p.add_argument("--count", action="store_true", help="print only how many members the segment has")
-    p.add_argument("--batch", type=int, default=1000, help="members fetched per SSCAN round trip")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="members fetched per SSCAN round trip")
     p.set_defaults(func=cmd_members)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))

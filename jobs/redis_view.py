@@ -49,10 +49,10 @@ class CurrentSegment:
 
 
 class RedisSegmentView:
-    def __init__(self, url: str, prefix: str, retention_ms: int, writer: bool = True):
+    def __init__(self, url: str, prefix: str, retention_ms: int, load_apply_script: bool = True):
         """`retention_ms`: the profile retention (settings.profile.retention_ms), how long the
-        sequence guard of a user holding no segment is kept; 0 keeps it for good. A reader
-        (`writer=False`: the lookups) loads no script, so a read-only ACL user will do."""
+        sequence guard of a user holding no segment is kept; 0 keeps it for good. Without
+        `load_apply_script` (the lookups) no script is loaded, so a read-only ACL user will do."""
         self.prefix = prefix
         self.retention_ms = retention_ms
         url = resolve_redis_url(url)
@@ -62,7 +62,7 @@ class RedisSegmentView:
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, **tls)
         self.client.ping()  # fail fast on a bad address, before any record is consumed
         # Loaded here, not at the first write: a Redis user without EVALSHA/SCRIPT fails the writer at once.
-        self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA) if writer else ""
+        self._script_sha = self.client.script_load(APPLY_TRANSITION_LUA) if load_apply_script else ""
 
     def apply(self, transitions: Iterable[ViewTransition]) -> int:
         """Applies (user_id, segment, kind, sequence, event_time_ms[, rule]) in one round trip;
