@@ -62,7 +62,9 @@ class Runner:
         for t in transitions:
             self.committed.append(Committed(0, len(self.committed), t.to_record(0)))
         self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.rule) for t in transitions])
-        if step.drop_state:  # as the job: nothing of the user is kept
+        if step.drop_state:  # as the job: nothing of the user is kept, and no timer asked for
+            assert step.register_timer_ms is None and self.profiles[user_id].timer_ms is None
+            assert self.engine.next_change_ms(self.profiles[user_id]) is None
             del self.profiles[user_id]
             self.dropped.add(user_id)
 
