@@ -1,5 +1,5 @@
-"""`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, and
-`stack up|down|status`."""
+"""`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, lookup,
+members, and `stack up|down|status`."""
 
 from __future__ import annotations
 
@@ -434,6 +434,16 @@ def cmd_redis(args) -> int:
     if not settings.redis_url:
         print("no redis_url configured", file=sys.stderr)
         return 2
+    if args.action == "upgrade":
+        view = RedisSegmentView(
+            settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, load_apply_script=False
+        )
+        try:
+            kept = view.upgrade_layout()
+        finally:
+            view.close()
+        print(f"{kept} users in a segment at {redact_url(settings.redis_url)} no longer expire by layout 1's TTL")
+        return 0
     if args.action == "follow":
         from redis import exceptions as redis_errors
 
@@ -453,7 +463,7 @@ def cmd_redis(args) -> int:
             print("error: Redis refused the follower's credentials", file=sys.stderr)
             return 1
         return 0
-    view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
+    view = RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms)
     # A transaction open at the end of the topic may be being committed right now (its transitions
     # perhaps already in the Redis that was lost): wait that long for its marker.
     open_wait_s = args.open_wait_s
@@ -482,6 +492,141 @@ def cmd_redis(args) -> int:
             "(a job down or restarting?): run the rebuild again once the job runs",
             file=sys.stderr,
         )
+    return 0
+
+
+def _view_reader(settings):
+    """The Redis view for reading, or None (with the reason printed) when no Redis is configured."""
+    from jobs.redis_view import RedisSegmentView
+
+    if not settings.redis_url:
+        print("no redis_url configured", file=sys.stderr)
+        return None
+    return RedisSegmentView(
+        settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, load_apply_script=False
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _reading_the_view(command):
+    """Runs a view-reading command; a Redis that cannot be reached or refuses the reads is one
+    line on stderr (the URL without its password) and exit 1, not a traceback."""
+
+    def run(args) -> int:
+        from redis import exceptions as redis_errors
+
+        from infra.stack import redact_url
+
+        try:
+            return command(args)
+        except redis_errors.RedisError as err:
+            settings = _settings(args)
+            print(f"error: Redis at {redact_url(settings.redis_url)}: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_reading_the_view
+def cmd_lookup(args) -> int:
+    """A user's current segments, with when and by which rule they entered, from the Redis view."""
+    from infra.stack import redact_url
+
+    settings = _settings(args)
+    view = _view_reader(settings)
+    if view is None:
+        return 2
+    try:
+        current = view.current_segments(args.user_id)
+        known = bool(current) or view.holds_user(args.user_id)
+    finally:
+        view.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "user_id": args.user_id,
+                    "known": known,
+                    "segments": [
+                        {
+                            "segment": c.segment,
+                            "entered_at": c.entered_at_ms,
+                            "entered_at_utc": _utc(c.entered_at_ms),
+                            "rule": c.rule or None,
+                            "sequence": c.sequence,
+                        }
+                        for c in current
+                    ],
+                }
+            )
+        )
+    elif current:
+        width = max(len("SEGMENT"), *(len(c.segment) for c in current))
+        print(f"{'SEGMENT':<{width}}  {'ENTERED (UTC)':<24}  RULE")
+        for c in current:
+            print(f"{c.segment:<{width}}  {_utc(c.entered_at_ms):<24}  {c.rule or '(not recorded: layout 1)'}")
+    elif known:
+        print(f"{args.user_id!r} is in no segment")
+    else:
+        print(
+            f"{args.user_id!r} is unknown to the view at {redact_url(settings.redis_url)} (prefix "
+            f"{settings.redis_key_prefix!r}): no transition of theirs, or their profile expired",
+            file=sys.stderr,
+        )
+    return 0 if known else 1
+
+
+@_reading_the_view
+def cmd_members(args) -> int:
+    """A segment's members (streamed, SSCAN), or their number, from the Redis view."""
+    from udfs.definitions import DefinitionError
+    from udfs.scoring import ModelVerificationError
+    from udfs.segmentation import Segmentation
+
+    settings = _settings(args)
+    try:
+        segmentation = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir)
+    except (DefinitionError, ModelVerificationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    defined = set(segmentation.definitions.segments)
+    view = _view_reader(settings)
+    if view is None:
+        return 2
+    try:
+        # A segment the definitions no longer hold may still have members in the view until
+        # each of them is next evaluated (and exits with the rule segment_removed_from_definitions).
+        if args.segment not in defined and not view.has_members_key(args.segment):
+            print(
+                f"error: unknown segment {args.segment!r}: not in {settings.definitions_file()} "
+                f"({', '.join(sorted(defined))}) and not in the view",
+                file=sys.stderr,
+            )
+            return 2
+        if args.count:
+            print(view.member_count(args.segment))
+            return 0
+        out = sys.stdout
+        for n, member in enumerate(view.iter_members(args.segment, args.batch), 1):
+            out.write(member + "\n")
+            if n % args.batch == 0:
+                out.flush()
+        out.flush()
+    except BrokenPipeError:  # `segments members big | head`: the reader has seen enough
+        # As Python's docs advise: point stdout at devnull so that the exit flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        view.close()
     return 0
 
 
@@ -688,9 +833,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("redis", help="the Redis view: follow the transitions topic, or rebuild it"))
     p.add_argument(
         "action",
-        choices=["follow", "rebuild"],
+        choices=["follow", "rebuild", "upgrade"],
         help="follow: apply committed transitions as they come, resuming where it left off (the view "
-        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once",
+        "catches up after Redis was down or came back empty); rebuild: replay the whole topic once; "
+        "upgrade: clear the TTL layout 1 gave members' keys",
     )
     p.add_argument(
         "--metrics-port",
@@ -707,6 +853,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 3 checkpoint intervals, at least 10 s)",
     )
     p.set_defaults(func=cmd_redis)
+
+    p = with_config(sub.add_parser("lookup", help="a user's current segments, entry times and rules (Redis view)"))
+    p.add_argument("user_id")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=cmd_lookup)
+
+    p = with_config(sub.add_parser("members", help="a segment's members, one per line, or --count (Redis view)"))
+    p.add_argument("segment")
+    p.add_argument("--count", action="store_true", help="print only how many members the segment has")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="members fetched per SSCAN round trip")
+    p.set_defaults(func=cmd_members)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
     p.add_argument("--users", type=int, default=2000)

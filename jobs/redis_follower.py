@@ -258,7 +258,7 @@ class ViewFollower:
 
     # -- Redis ---------------------------------------------------------------------------------
 
-    def _transition(self, record) -> tuple[str, str, str, int, int] | None:
+    def _transition(self, record) -> tuple[str, str, str, int, int, str] | None:
         try:
             t = self.codec.decode(record.value)
         except DecodeError as err:  # not the job's (the payload is never logged)
@@ -271,9 +271,9 @@ class ViewFollower:
                 err.reason,
             )
             return None
-        return t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"]
+        return t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"], t["reason"]["rule"]
 
-    def _apply(self, batch: list[tuple[str, str, str, int, int]], offsets: dict[str, int]) -> None:
+    def _apply(self, batch: list[tuple[str, str, str, int, int, str]], offsets: dict[str, int]) -> None:
         """The batch, then the resume offsets, in one script (APPLY_BATCH_LUA: if a transition
         fails, the script stops before the offsets, so they never pass it), under WATCH of the
         offsets: if Redis was emptied meanwhile, nothing is written and the cursors go back to
@@ -281,9 +281,9 @@ class ViewFollower:
         view, prefix = self.view, self.view.prefix
         keys = [self.key]
         args: list = [len(batch)]
-        for user_id, segment, kind, sequence, event_time in batch:
+        for user_id, segment, kind, sequence, event_time, rule in batch:
             keys += [user_key(prefix, user_id), sequence_key(prefix, user_id), members_key(prefix, segment)]
-            args += [segment, kind, sequence, event_time, user_id, view.ttl_s]
+            args += [segment, kind, sequence, event_time, user_id, view.retention_ms, rule]
         for partition, offset in offsets.items():
             args += [partition, offset]
         with view.client.pipeline(transaction=True) as pipe:
@@ -335,12 +335,12 @@ def serve_metrics(figures: FollowerFigures, port: int, host: str = "127.0.0.1") 
     return server
 
 
-def connect_view(url: str, prefix: str, ttl_s: int, stop: threading.Event) -> RedisSegmentView | None:
+def connect_view(url: str, prefix: str, retention_ms: int, stop: threading.Event) -> RedisSegmentView | None:
     """The view, once Redis answers (the follower may start while Redis is down); None if stopped."""
     pause = 0.2
     while not stop.is_set():
         try:
-            return RedisSegmentView(url, prefix, ttl_s)
+            return RedisSegmentView(url, prefix, retention_ms)
         except redis.exceptions.AuthenticationError:
             raise  # waiting does not change credentials
         except REDIS_DOWN:
@@ -357,7 +357,7 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
     figures = FollowerFigures()
     server = serve_metrics(figures, metrics_port, settings.redis_follower_metrics_host) if metrics_port else None
     try:
-        view = connect_view(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s, stop)
+        view = connect_view(settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms, stop)
         if view is None:
             return figures
         follower = ViewFollower(

@@ -43,7 +43,7 @@ def holds_a_secret(url: str) -> bool:
 
 def redis_view_sink(settings: JobSettings):
     """The sink as a PyFlink `Sink` for `DataStream.sink_to`, for a stream whose rows start with
-    user_id, segment, kind, sequence, event_time (jobs.segment_users.TRANSITION_RECORD)."""
+    user_id, segment, kind, sequence, event_time, payload, rule (jobs.segment_users.TRANSITION_RECORD)."""
     from pyflink.datastream.connectors.base import Sink
 
     if holds_a_secret(settings.redis_url):
@@ -58,7 +58,7 @@ def redis_view_sink(settings: JobSettings):
         user_prefix,
         sequence_prefix,
         members_prefix,
-        int(settings.redis_user_ttl_s),
+        int(settings.profile.retention_ms),
         int(settings.redis_retry_ms),
         APPLY_TRANSITION_LUA,
     )

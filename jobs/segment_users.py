@@ -55,9 +55,11 @@ RAW_EVENT = Types.ROW_NAMED(
 KEYED_EVENT = Types.ROW([Types.STRING(), RAW_EVENT])
 USER_EVENT_KEYS_CLASS = "segments.events.UserEventKeys"
 KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
+# The Kafka sink takes user_id and payload; the Redis view's sink the rest (infra/java
+# RedisViewWriter reads the rule at index 6).
 TRANSITION_RECORD = Types.ROW_NAMED(
-    ["user_id", "segment", "kind", "sequence", "event_time", "payload"],
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES],
+    ["user_id", "segment", "kind", "sequence", "event_time", "payload", "rule"],
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES, Types.STRING()],
 )
 DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)  # undecodable, invalid and late events
 # The dead-letter reason of a stored profile the job could not read (keyed by the user, the raw
@@ -309,7 +311,13 @@ class SegmentUsers(KeyedProcessFunction):
         for t in transitions:
             self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
             yield Row(
-                t.user_id, t.segment, t.kind, t.sequence, t.event_time, self.transitions.encode(t.to_record(emitted_at))
+                t.user_id,
+                t.segment,
+                t.kind,
+                t.sequence,
+                t.event_time,
+                self.transitions.encode(t.to_record(emitted_at)),
+                t.rule,
             )
 
 

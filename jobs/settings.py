@@ -35,6 +35,19 @@ class SettingsError(ValueError):
     pass
 
 
+# Settings of earlier releases, and why they went: named in the error instead of "unknown".
+REMOVED_SETTINGS = {
+    "redis_user_ttl_s": "the Redis view now follows the profile retention (profile: retention_ms), see docs/redis.md",
+}
+
+
+def _unknown(key: str) -> str:
+    """The error's reason for a setting that is not one."""
+    if key in REMOVED_SETTINGS:
+        return f"setting {key!r} was removed: {REMOVED_SETTINGS[key]}"
+    return f"unknown setting {key!r}"
+
+
 @dataclass(frozen=True)
 class JobSettings:
     job_name: str = "segment-users"
@@ -50,7 +63,6 @@ class JobSettings:
     kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
     redis_url: str = "redis://127.0.0.1:6379/0"  # empty: no Redis view
     redis_key_prefix: str = "seg"
-    redis_user_ttl_s: int = 30 * 24 * 3600
     parallelism: int = 1
     segment_parallelism: int = 0  # the keyed segmentation operator; 0: same as parallelism
     max_parallelism: int = 128
@@ -234,7 +246,7 @@ def load_settings(
             raise SettingsError(f"{path}: expected a mapping of setting names to values")
         for key, raw in loaded.items():
             if key not in kinds:
-                raise SettingsError(f"{path}: unknown setting {key!r}")
+                raise SettingsError(f"{path}: {_unknown(key)}")
             if key == "profile":
                 try:
                     values[key] = ProfileConfig.from_mapping(raw)
@@ -255,11 +267,12 @@ def load_settings(
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key not in kinds or key in ("profile", "warnings"):
-            raise SettingsError(f"unknown setting in environment variable {var}")
+            reason = _unknown(key) if key in REMOVED_SETTINGS else "unknown setting"
+            raise SettingsError(f"{reason} in environment variable {var}")
         values[key] = _coerce(key, kinds[key], raw)
     for key, raw in overrides.items():
         if key not in kinds and key != "kafka":
-            raise SettingsError(f"unknown setting {key!r}")
+            raise SettingsError(_unknown(key))
         values[key] = raw
     kafka = {key[len("kafka_") :]: values.pop(key) for key in list(values) if key.startswith("kafka_")}
     if kafka:

@@ -39,7 +39,7 @@ class ReferenceLoop:
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         self.engine = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir).engine()
         self.view = (
-            RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.redis_user_ttl_s)
+            RedisSegmentView(settings.redis_url, settings.redis_key_prefix, settings.profile.retention_ms)
             if settings.redis_url
             else None
         )
@@ -161,7 +161,7 @@ class ReferenceLoop:
             self.state[user_id] = self.state_codec.encode(profile).decode("latin-1")
         transitions = step.transitions
         if transitions and self.view is not None:  # one round trip per event or timer, as the job's writer
-            self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in transitions])
+            self.view.apply([(t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.rule) for t in transitions])
         emitted_at = now_ms()
         for t in transitions:
             payload = self.transitions.encode(t.to_record(emitted_at))

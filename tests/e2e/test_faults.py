@@ -360,7 +360,7 @@ def test_faults_lose_nothing_repeat_nothing_and_redis_converges(
         return letters if len(letters) >= len(injected) else None
 
     letters = wait_until(dead_letters, timeout_s=120, interval_s=2, on_timeout=run.cluster_log)
-    view = RedisSegmentView(redis_url, "seg", ttl_s=0)
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
     names = segmentation.definitions.names
     # The job's Redis sink commits when a checkpoint completes, as the Kafka sink does, but in no
     # fixed order with it: wait until the view has caught up with the log (it converges; one that

@@ -176,7 +176,7 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
 
     # Redis holds exactly the memberships the transitions imply (once the job's Redis sink has
     # committed the checkpoint that committed the last of them to Kafka: waited for, not timed) ...
-    view = RedisSegmentView(redis_url, "seg", ttl_s=0)
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
 
     def redis_differences_from_the_core() -> list[str]:
         problems = []
@@ -196,12 +196,20 @@ def check_job_end_to_end(broker, redis_url, start_job, catalog):
         interval_s=0.5,
         on_timeout=lambda: "\n".join(redis_differences_from_the_core()[:10]) + "\n" + job.log_tail(),
     )
+    # ... with the rule each current segment was entered by (the sink's Java writer carries it) ...
+    entered_by = {(t.user_id, t.segment): t.rule for t in expected if t.kind == "ENTER"}
+
+    def rules_in_redis() -> dict[tuple[str, str], str]:
+        return {(u, c.segment): c.rule for u in profiles for c in view.current_segments(u)}
+
+    assert rules_in_redis() == {key: entered_by[key] for key in rules_in_redis()} and rules_in_redis()
     # ... and `segments redis rebuild --flush` brings an emptied view back to the same state; a
     # second rebuild over it applies nothing (every sequence is already there).
+    sink_rules = rules_in_redis()
     assert view.clear() > 0 and view.members("active_browser") == set()
     rebuilt = rebuild_from_topic(view, broker, topics["transitions"], open_wait_s=0)
     assert (rebuilt.read, rebuilt.applied, rebuilt.aborted) == (len(expected), len(expected), 0)
-    assert redis_differences_from_the_core() == []
+    assert redis_differences_from_the_core() == [] and rules_in_redis() == sink_rules
     again = rebuild_from_topic(view, broker, topics["transitions"], open_wait_s=0)
     assert (again.read, again.applied) == (len(expected), 0)
 

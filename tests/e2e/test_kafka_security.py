@@ -290,7 +290,7 @@ def check_job_over_sasl(
                 if t.kind == "ENTER"
                 else members.setdefault(t.segment, set()).discard
             )(t.user_id)
-        view = RedisSegmentView(os.environ["REDIS_VIEW_URL"], "t", ttl_s=0)
+        view = RedisSegmentView(os.environ["REDIS_VIEW_URL"], "t", retention_ms=0)
         wait_until(
             lambda: all(view.members(s) == m for s, m in members.items()) or None,
             timeout_s=60,

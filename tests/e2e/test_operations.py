@@ -135,7 +135,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
 
     # Redis: written by the job's sink once the checkpoint that committed the transitions to Kafka
     # has completed, in no fixed order with the Kafka commit: waited for, not timed.
-    view = RedisSegmentView(redis_url, "seg", ttl_s=0)
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
     wanted = {
         user_id: {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
         for user_id, profile in profiles.items()

@@ -98,9 +98,7 @@ def test_the_follower_applies_committed_transitions_waits_out_redis_and_replays_
     port = free_port()
     redis = start_redis(stack_root, port)
     url = f"redis://127.0.0.1:{port}/0"
-    settings = load_settings(
-        environ={}, bootstrap_servers=broker, redis_url=url, transitions_topic=TOPIC, redis_user_ttl_s=0
-    )
+    settings = load_settings(environ={}, bootstrap_servers=broker, redis_url=url, transitions_topic=TOPIC)
     view = RedisSegmentView(url, settings.redis_key_prefix, 0)
     job = Transitions(broker, codec, "follow-job")
     job.send([("a", "vip", "ENTER", 1, 100), ("b", "vip", "ENTER", 1, 100), ("a", "cart", "ENTER", 1, 110)])

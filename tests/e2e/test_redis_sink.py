@@ -10,6 +10,7 @@ completes) is tests/e2e/test_redis_view.py."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -52,11 +53,24 @@ def jvm():
 
 
 def batch(jvm, *entries):
+    """A committable of (user, segment, kind, sequence, event_time[, rule]) entries (rule "r")."""
     Entry = jvm.segments.redis.TransitionBatch.Entry
     items = jvm.java.util.ArrayList()
-    for user, segment, kind, sequence, event_time in entries:
-        items.add(Entry(user, segment, kind == "ENTER", sequence, event_time))
+    for user, segment, kind, sequence, event_time, *rule in entries:
+        items.add(Entry(user, segment, kind == "ENTER", sequence, event_time, rule[0] if rule else "r"))
     return jvm.segments.redis.TransitionBatch(items)
+
+
+def version_1_bytes(*entries) -> bytes:
+    """A committable as the release before the rule wrote it (TransitionBatch version 1)."""
+
+    def string(s: str) -> bytes:
+        return struct.pack(">i", len(s.encode())) + s.encode()
+
+    out = struct.pack(">i", len(entries))
+    for user, segment, kind, sequence, event_time in entries:
+        out += string(user) + string(segment) + struct.pack(">bqq", kind == "ENTER", sequence, event_time)
+    return out
 
 
 def test_the_committable_survives_its_serializer_and_rejects_what_it_cannot_read(jvm):
@@ -70,20 +84,24 @@ def test_the_committable_survives_its_serializer_and_rejects_what_it_cannot_read
         ("u2", "", "ENTER", 0, 0),
     )
     data = serializer.serialize(original)
-    assert serializer.getVersion() == 1
-    again = serializer.deserialize(1, data)
+    assert serializer.getVersion() == 2
+    again = serializer.deserialize(2, data)
     assert again.equals(original) and again.entries().size() == 3
-    assert str(again.entries().get(1)) == "üser-ß cart_holder EXIT #4611686018427387904 @-1"
+    # No user id in the text: Flink logs committables, and user ids are personal data.
+    assert str(again.entries().get(1)) == "cart_holder EXIT #4611686018427387904 @-1"
     empty = batch(jvm)
-    assert serializer.deserialize(1, serializer.serialize(empty)).equals(empty)
-    with pytest.raises(Py4JJavaError, match="unknown TransitionBatch version 2"):
-        serializer.deserialize(2, data)
+    assert serializer.deserialize(2, serializer.serialize(empty)).equals(empty)
+    # A checkpoint of the release before: its committables are read, their rule unknown.
+    old = serializer.deserialize(1, version_1_bytes(("üser-ß", "vip", "EXIT", 7, 100), ("u2", "cart", "ENTER", 3, 90)))
+    assert old.equals(batch(jvm, ("üser-ß", "vip", "EXIT", 7, 100, ""), ("u2", "cart", "ENTER", 3, 90, "")))
+    with pytest.raises(Py4JJavaError, match="unknown TransitionBatch version 3"):
+        serializer.deserialize(3, data)
     with pytest.raises(Py4JJavaError, match="EOFException|corrupt"):
-        serializer.deserialize(1, bytes(data)[:-3])
+        serializer.deserialize(2, bytes(data)[:-3])
     with pytest.raises(Py4JJavaError, match="trailing bytes"):
-        serializer.deserialize(1, bytes(data) + b"\x00")
+        serializer.deserialize(2, bytes(data) + b"\x00")
     # Short in logs and exception messages (Flink prints committables there).
-    assert str(original).startswith("TransitionBatch{3 transitions, first u1 vip ENTER")
+    assert str(original) == "TransitionBatch{3 transitions, first vip ENTER #1700000000001 @1700000000000}"
 
 
 @pytest.mark.parametrize(
@@ -157,9 +175,7 @@ class CommitterContext:
 
 
 def committer(jvm, redis_url: str, prefix: str = "t", retry_ms: int = 10_000):
-    settings = load_settings(
-        environ={}, redis_url=redis_url, redis_key_prefix=prefix, redis_user_ttl_s=0, redis_retry_ms=retry_ms
-    )
+    settings = load_settings(environ={}, redis_url=redis_url, redis_key_prefix=prefix, redis_retry_ms=retry_ms)
     return redis_view_sink(settings).get_java_function().createCommitter(CommitterContext(jvm))
 
 
@@ -171,13 +187,19 @@ def commit(committer_, *batches) -> list[CommitRequest]:
 
 def test_the_committer_applies_by_sequence_and_a_second_commit_changes_nothing(jvm, redis_url):
     c = committer(jvm, redis_url)
-    first = batch(jvm, ("u1", "vip", "ENTER", 1, 100), ("u1", "cart", "ENTER", 1, 100), ("u2", "vip", "ENTER", 5, 150))
+    first = batch(
+        jvm,
+        ("u1", "vip", "ENTER", 1, 100),
+        ("u1", "cart", "ENTER", 1, 100),
+        ("u2", "vip", "ENTER", 5, 150, "big_spender"),
+    )
     # Out of order within and across committables: the newest sequence wins wherever it comes.
     second = batch(jvm, ("u1", "vip", "EXIT", 2, 200), ("u2", "vip", "EXIT", 4, 140))
     assert [r.outcome for r in commit(c, first, second)] == ["committed", "committed"]
-    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view = RedisSegmentView(redis_url, "t", retention_ms=0)
     assert view.segments_of("u1") == {"cart": (1, 100)} and view.segments_of("u2") == {"vip": (5, 150)}
     assert view.members("vip") == {"u2"} and view.members("cart") == {"u1"}
+    assert [(c.segment, c.rule) for c in view.current_segments("u2")] == [("vip", "big_spender")]
     before = {k: view.client.dump(k) for k in view.client.keys("t:*")}
     commit(c, second, first)  # as after a restore: the restored checkpoint's committables again
     assert {k: view.client.dump(k) for k in view.client.keys("t:*")} == before
@@ -187,7 +209,7 @@ def test_the_committer_applies_by_sequence_and_a_second_commit_changes_nothing(j
 def test_a_commit_after_redis_forgot_the_script_loads_it_and_applies_each_transition_once(jvm, redis_url):
     c = committer(jvm, redis_url)
     commit(c, batch(jvm, ("u0", "vip", "ENTER", 1, 100)))
-    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view = RedisSegmentView(redis_url, "t", retention_ms=0)
     view.client.script_flush()
     stats = view.client.info("commandstats")
     evalsha_before = stats.get("cmdstat_evalsha", {}).get("calls", 0)
@@ -224,8 +246,10 @@ def test_the_committer_logs_in_with_a_password_and_selects_the_database(jvm, tmp
         wait_for_port(port, what="redis-server")
         url = f"redis://:s3cret%20word@127.0.0.1:{port}/3"
         commit(committer(jvm, url), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
-        assert RedisSegmentView(url, "t", ttl_s=0).members("vip") == {"u1"}
-        assert RedisSegmentView(f"redis://:s3cret%20word@127.0.0.1:{port}/0", "t", ttl_s=0).members("vip") == set()
+        assert RedisSegmentView(url, "t", retention_ms=0).members("vip") == {"u1"}
+        assert (
+            RedisSegmentView(f"redis://:s3cret%20word@127.0.0.1:{port}/0", "t", retention_ms=0).members("vip") == set()
+        )
 
         from py4j.protocol import Py4JJavaError
 
@@ -284,7 +308,7 @@ def test_an_unreachable_redis_is_retried_until_the_deadline_then_left_to_the_fol
         [third] = commit(c, batch(jvm, ("u3", "vip", "ENTER", 1, 100)))
         assert third.outcome == "committed"
         # Only what was committed after Redis answered is there: the rest is the follower's.
-        assert RedisSegmentView(f"redis://:s3cret@127.0.0.1:{port}/0", "t", ttl_s=0).members("vip") == {"u3"}
+        assert RedisSegmentView(f"redis://:s3cret@127.0.0.1:{port}/0", "t", retention_ms=0).members("vip") == {"u3"}
     finally:
         c.close()
         server.stop()
@@ -333,12 +357,12 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         url = f"rediss://app:app%20s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
         [request] = commit(committer(jvm, url), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
         assert request.outcome == "committed"
-        view = RedisSegmentView(url, "t", ttl_s=0)
+        view = RedisSegmentView(url, "t", retention_ms=0)
         assert view.members("vip") == {"u1"}
         # The view follower's write (a batch script and its offsets under WATCH) as this user too.
         follower = ViewFollower(view, "127.0.0.1:1", "no-topic")
         follower._cursors = {0: PartitionCursor(0, offset=7)}
-        follower._apply([("u9", "vip", "ENTER", 1, 100)], {"0": 7})
+        follower._apply([("u9", "vip", "ENTER", 1, 100, "r")], {"0": 7})
         assert view.members("vip") == {"u1", "u9"} and view.client.hgetall("t:view:offsets") == {b"0": b"7"}
         # Another CA's certificate: refused at once by both, and for good (not retried).
         other_ca, _, _ = certificates(tmp_path, "DNS:elsewhere")
@@ -347,11 +371,11 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
             commit(committer(jvm, untrusted, retry_ms=60_000), batch(jvm, ("u2", "vip", "ENTER", 1, 100)))
         assert "TLS handshake with Redis" in str(refused.value) and "s3cret" not in str(refused.value)
         with pytest.raises(Exception, match="certificate verify failed"):
-            RedisSegmentView(untrusted, "t", ttl_s=0)
+            RedisSegmentView(untrusted, "t", retention_ms=0)
         # Without TLS the server does not answer at all (no plaintext port). Any error will do: which
         # one redis-py raises depends on how the TLS port drops the plaintext connection.
         with pytest.raises(Exception):  # noqa: B017
-            RedisSegmentView(url.replace("rediss://", "redis://").split("?")[0], "t", ttl_s=0)
+            RedisSegmentView(url.replace("rediss://", "redis://").split("?")[0], "t", retention_ms=0)
     finally:
         server.stop()
     # A certificate the CA signed for another host: the name is checked, by both clients.
@@ -361,6 +385,6 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         with pytest.raises(Py4JJavaError, match="TLS handshake with Redis"):
             commit(committer(jvm, url, retry_ms=60_000), batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
         with pytest.raises(Exception, match="certificate verify failed|match|IP address mismatch"):
-            RedisSegmentView(url, "t", ttl_s=0)
+            RedisSegmentView(url, "t", retention_ms=0)
     finally:
         server.stop()

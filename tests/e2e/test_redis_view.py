@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_newer_sequences_apply_and_older_ones_are_ignored(redis_url):
-    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view = RedisSegmentView(redis_url, "t", retention_ms=0)
     assert view.apply([("u1", "vip", "ENTER", 1, 100), ("u1", "cart", "ENTER", 1, 100)]) == 2
     assert view.apply([("u1", "vip", "EXIT", 2, 200), ("u1", "vip", "ENTER", 1, 100)]) == 1
     assert view.segments_of("u1") == {"cart": (1, 100)}
@@ -22,7 +22,7 @@ def test_newer_sequences_apply_and_older_ones_are_ignored(redis_url):
 
 
 def test_a_batch_sent_after_the_script_was_flushed_is_applied_once(redis_url):
-    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view = RedisSegmentView(redis_url, "t", retention_ms=0)
     view.apply([("u1", "vip", "ENTER", 1, 100)])
     view.client.script_flush()
     assert view.apply([("u1", "vip", "EXIT", 2, 200), ("u2", "vip", "ENTER", 1, 150)]) == 2
@@ -31,7 +31,7 @@ def test_a_batch_sent_after_the_script_was_flushed_is_applied_once(redis_url):
 
 
 def test_each_batch_sends_only_its_evalshas(redis_url):
-    view = RedisSegmentView(redis_url, "t", ttl_s=0)
+    view = RedisSegmentView(redis_url, "t", retention_ms=0)
     view.apply([("u0", "vip", "ENTER", 1, 100)])
 
     def calls() -> dict[str, int]:
@@ -88,7 +88,7 @@ def test_a_transition_reaches_redis_only_after_its_checkpoint_completes(
     job_id = wait_until(lambda: _running_job(rest), timeout_s=120, interval_s=0.5)
     codec = catalog.codec("UserEvent")
     producer = Producer({"bootstrap.servers": broker, "enable.idempotence": True})
-    view = RedisSegmentView(redis_url, "seg", ttl_s=0)
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
     engine_of = Segmentation.load(SHIPPED_DEFINITIONS).engine
 
     def completed_checkpoints() -> set[int]:

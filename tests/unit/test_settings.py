@@ -307,3 +307,13 @@ def test_the_end_to_end_jobs_keep_the_documented_cache_variable_and_drop_job_set
         check=True,
     ).stdout.strip()
     assert shown == str(tmp_path / "cache" / "jars")
+
+
+def test_the_removed_redis_ttl_is_refused_naming_the_retention_that_replaced_it(tmp_path):
+    for load in (
+        lambda: load_settings(write_yaml(tmp_path, "redis_user_ttl_s: 60\n"), environ={}),
+        lambda: load_settings(environ={"SEGMENTS_REDIS_USER_TTL_S": "60"}),
+        lambda: load_settings(environ={}, redis_user_ttl_s=60),
+    ):
+        with pytest.raises(SettingsError, match=r"'redis_user_ttl_s' was removed: .*retention_ms"):
+            load()

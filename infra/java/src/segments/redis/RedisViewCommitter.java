@@ -46,7 +46,7 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
     private final String userKeyPrefix;
     private final String sequenceKeyPrefix;
     private final String membersKeyPrefix;
-    private final String ttl;
+    private final String retentionMillis;
     private final long retryMillis;
     private final String script;
     private final String scriptSha;
@@ -63,13 +63,13 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
     private long lastProbe;
 
     RedisViewCommitter(RedisEndpoint endpoint, String userKeyPrefix, String sequenceKeyPrefix,
-            String membersKeyPrefix, long ttlSeconds, long retryMillis, String script,
+            String membersKeyPrefix, long retentionMillis, long retryMillis, String script,
             SinkCommitterMetricGroup metrics) {
         this.endpoint = endpoint;
         this.userKeyPrefix = userKeyPrefix;
         this.sequenceKeyPrefix = sequenceKeyPrefix;
         this.membersKeyPrefix = membersKeyPrefix;
-        this.ttl = Long.toString(ttlSeconds);
+        this.retentionMillis = Long.toString(retentionMillis);
         this.retryMillis = retryMillis;
         this.script = script;
         this.scriptSha = sha1Hex(script);
@@ -204,7 +204,7 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
             "EVALSHA", scriptSha, "3",
             userKeyPrefix + e.userId, sequenceKeyPrefix + e.userId, membersKeyPrefix + e.segment,
             e.segment, e.enter ? "ENTER" : "EXIT", Long.toString(e.sequence), Long.toString(e.eventTime),
-            e.userId, ttl,
+            e.userId, retentionMillis, e.rule,
         };
     }
 

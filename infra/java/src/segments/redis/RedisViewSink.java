@@ -26,7 +26,8 @@ import org.apache.flink.types.Row;
  * makes them again. Redis therefore never holds a transition the committed log does not.
  *
  * <p>Input: rows whose fields 0..4 are user_id (String), segment (String), kind ("ENTER" or
- * "EXIT"), sequence (Long), event_time (Long, epoch ms); further fields are ignored. The key
+ * "EXIT"), sequence (Long), event_time (Long, epoch ms), and field 6 the rule (String); field 5
+ * (the Kafka payload) is ignored. The key
  * layout and the Lua script come from the Python side (udfs/redis_layout.py), so they are defined
  * once.
  */
@@ -38,7 +39,7 @@ public final class RedisViewSink implements Sink<Row>, SupportsCommitter<Transit
     private final String userKeyPrefix;
     private final String sequenceKeyPrefix;
     private final String membersKeyPrefix;
-    private final long ttlSeconds;
+    private final long retentionMillis;
     private final long retryMillis;
     private final String applyScript;
 
@@ -49,17 +50,18 @@ public final class RedisViewSink implements Sink<Row>, SupportsCommitter<Transit
      * @param userKeyPrefix prefix of a user's segment hash (the user id follows)
      * @param sequenceKeyPrefix prefix of a user's sequence hash (the user id follows)
      * @param membersKeyPrefix prefix of a segment's member set (the segment name follows)
-     * @param ttlSeconds expiry of a user's keys after their last transition (0: none)
+     * @param retentionMillis the profile retention: how long the sequence hash of a user holding no
+     *     segment is kept after its last write (0: for good); members go by their retention EXITs
      * @param retryMillis how long a commit retries an unreachable Redis before it leaves the rest to the view follower
      * @param applyScript the Lua script that applies one transition if its sequence is newer
      */
     public RedisViewSink(String redisUrl, String userKeyPrefix, String sequenceKeyPrefix,
-            String membersKeyPrefix, long ttlSeconds, long retryMillis, String applyScript) {
+            String membersKeyPrefix, long retentionMillis, long retryMillis, String applyScript) {
         this.redisUrl = Objects.requireNonNull(redisUrl);
         this.userKeyPrefix = Objects.requireNonNull(userKeyPrefix);
         this.sequenceKeyPrefix = Objects.requireNonNull(sequenceKeyPrefix);
         this.membersKeyPrefix = Objects.requireNonNull(membersKeyPrefix);
-        this.ttlSeconds = ttlSeconds;
+        this.retentionMillis = retentionMillis;
         this.retryMillis = retryMillis;
         this.applyScript = Objects.requireNonNull(applyScript);
         if (redisUrl.startsWith("env:")) {
@@ -80,7 +82,7 @@ public final class RedisViewSink implements Sink<Row>, SupportsCommitter<Transit
     public Committer<TransitionBatch> createCommitter(CommitterInitContext context) throws IOException {
         return new RedisViewCommitter(
                 RedisEndpoint.parse(RedisEndpoint.resolve(redisUrl)),
-                userKeyPrefix, sequenceKeyPrefix, membersKeyPrefix, ttlSeconds, retryMillis, applyScript,
+                userKeyPrefix, sequenceKeyPrefix, membersKeyPrefix, retentionMillis, retryMillis, applyScript,
                 context.metricGroup());
     }
 
@@ -92,6 +94,6 @@ public final class RedisViewSink implements Sink<Row>, SupportsCommitter<Transit
     /** No URL here: the job graph's description must not carry a password. */
     @Override
     public String toString() {
-        return "RedisViewSink{prefix=" + userKeyPrefix + ", ttl=" + ttlSeconds + " s}";
+        return "RedisViewSink{prefix=" + userKeyPrefix + ", retention=" + retentionMillis + " ms}";
     }
 }

@@ -18,6 +18,9 @@ import org.apache.flink.types.Row;
  */
 final class RedisViewWriter implements CommittingSinkWriter<Row, TransitionBatch> {
 
+    /** The row's rule (jobs/segment_users.py TRANSITION_RECORD: after the Kafka payload). */
+    static final int RULE_FIELD = 6;
+
     private List<TransitionBatch.Entry> pending = new ArrayList<>();
     private final Counter buffered;
 
@@ -38,7 +41,8 @@ final class RedisViewWriter implements CommittingSinkWriter<Row, TransitionBatch
             throw new IllegalArgumentException("transition kind must be ENTER or EXIT, got " + kind);
         }
         pending.add(new TransitionBatch.Entry((String) row.getField(0), (String) row.getField(1), enter,
-                ((Number) row.getField(3)).longValue(), ((Number) row.getField(4)).longValue()));
+                ((Number) row.getField(3)).longValue(), ((Number) row.getField(4)).longValue(),
+                (String) row.getField(RULE_FIELD)));
         buffered.inc();
     }
 

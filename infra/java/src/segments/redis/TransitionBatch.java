@@ -26,13 +26,15 @@ public final class TransitionBatch {
         final boolean enter;
         final long sequence;
         final long eventTime;
+        final String rule; // "" in committables of version 1, which did not carry it
 
-        public Entry(String userId, String segment, boolean enter, long sequence, long eventTime) {
+        public Entry(String userId, String segment, boolean enter, long sequence, long eventTime, String rule) {
             this.userId = Objects.requireNonNull(userId);
             this.segment = Objects.requireNonNull(segment);
             this.enter = enter;
             this.sequence = sequence;
             this.eventTime = eventTime;
+            this.rule = Objects.requireNonNull(rule);
         }
 
         @Override
@@ -42,17 +44,18 @@ public final class TransitionBatch {
             }
             Entry e = (Entry) o;
             return enter == e.enter && sequence == e.sequence && eventTime == e.eventTime
-                    && userId.equals(e.userId) && segment.equals(e.segment);
+                    && userId.equals(e.userId) && segment.equals(e.segment) && rule.equals(e.rule);
         }
 
         @Override
         public int hashCode() {
-            return Objects.hash(userId, segment, enter, sequence, eventTime);
+            return Objects.hash(userId, segment, enter, sequence, eventTime, rule);
         }
 
+        /** No user id: Flink puts committables into log lines, and user ids are personal data. */
         @Override
         public String toString() {
-            return userId + " " + segment + " " + (enter ? "ENTER" : "EXIT") + " #" + sequence + " @" + eventTime;
+            return segment + " " + (enter ? "ENTER" : "EXIT") + " #" + sequence + " @" + eventTime;
         }
     }
 
@@ -84,13 +87,13 @@ public final class TransitionBatch {
     }
 
     /**
-     * Version 1: int count, then per entry: user id and segment (int length + UTF-8 bytes each),
-     * byte kind (1 ENTER, 0 EXIT), long sequence, long event time; big-endian (DataOutput).
-     * Committables live in checkpoints and savepoints: a change of layout needs a new version and
-     * this version kept readable.
+     * Version 2: int count, then per entry: user id and segment (int length + UTF-8 bytes each),
+     * byte kind (1 ENTER, 0 EXIT), long sequence, long event time, then the rule (as the strings);
+     * big-endian (DataOutput). Version 1 is the same without the rule, and stays readable (its
+     * entries get the rule ""): committables live in checkpoints and savepoints.
      */
     public static final class Serializer implements SimpleVersionedSerializer<TransitionBatch> {
-        static final int VERSION = 1;
+        static final int VERSION = 2;
 
         @Override
         public int getVersion() {
@@ -108,6 +111,7 @@ public final class TransitionBatch {
                 out.writeByte(e.enter ? 1 : 0);
                 out.writeLong(e.sequence);
                 out.writeLong(e.eventTime);
+                writeString(out, e.rule);
             }
             out.flush();
             return bytes.toByteArray();
@@ -115,8 +119,8 @@ public final class TransitionBatch {
 
         @Override
         public TransitionBatch deserialize(int version, byte[] serialized) throws IOException {
-            if (version != VERSION) {
-                throw new IOException("unknown TransitionBatch version " + version + " (this code reads " + VERSION + ")");
+            if (version != 1 && version != VERSION) {
+                throw new IOException("unknown TransitionBatch version " + version + " (this code reads 1 to " + VERSION + ")");
             }
             DataInputStream in = new DataInputStream(new ByteArrayInputStream(serialized));
             int count = in.readInt();
@@ -131,7 +135,9 @@ public final class TransitionBatch {
                 if (kind != 0 && kind != 1) {
                     throw new IOException("corrupt TransitionBatch: kind byte " + kind);
                 }
-                entries.add(new Entry(user, segment, kind == 1, in.readLong(), in.readLong()));
+                long sequence = in.readLong();
+                long eventTime = in.readLong();
+                entries.add(new Entry(user, segment, kind == 1, sequence, eventTime, version == 1 ? "" : readString(in)));
             }
             if (in.available() != 0) {
                 throw new IOException("corrupt TransitionBatch: " + in.available() + " trailing bytes");
