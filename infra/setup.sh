@@ -87,4 +87,11 @@ if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null; then
   $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 command -v java >/dev/null || { log "Java 17 is required (java not on PATH)"; exit 1; }
+
+# 5. The core's per-event modules compiled with mypyc (infra/build_core.py, ~1 min on 2 cores), in
+#    place beside their sources; rebuilt only when the sources or the compiler change. udfs runs the
+#    sources instead whenever they differ from what was compiled (docs/performance.md).
+if [ "${SEGMENTS_COMPILE_CORE:-1}" = 1 ]; then
+  "$VENV/bin/python" "$ROOT/infra/build_core.py" 2>&1 | { grep -v "Treating generator comprehension as list" || true; } >&2
+fi
 log "ready: venv=$VENV cache=$CACHE"

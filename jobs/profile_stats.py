@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 
+import udfs
 from jobs.settings import JobSettings
 from udfs.codec import SchemaCatalog
 from udfs.definitions import parse_definitions
@@ -44,7 +45,8 @@ class ProfileStats:
 
     def lines(self) -> list[str]:
         return [
-            f"users {self.users}, events {self.events}, timer steps per event {self.timers_per_event:.2f}",
+            f"core {udfs.CORE}; users {self.users}, events {self.events}, "
+            f"timer steps per event {self.timers_per_event:.2f}",
             f"core (step, timers, state decode + encode): {self.core_us_per_event:.1f} us/event",
             f"same with every profile cached (state encode only): {self.cached_us_per_event:.1f} us/event "
             f"= {self.core_events_per_s:,.0f} events/s",

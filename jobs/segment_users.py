@@ -26,6 +26,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 from pyflink.table.expressions import col
 
+import udfs
 from jobs.flink_environment import create_environment
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
@@ -159,6 +160,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.engine = Segmentation.from_text(
             self.definitions_text, self.definitions_source, self.profile_config, self.files_dir / "models"
         ).engine()
+        log.info("segment users: the core runs %s", udfs.CORE)
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))

@@ -19,7 +19,13 @@ from udfs.profile_config import ProfileConfig, ProfileConfigError
 
 ENV_PREFIX = "SEGMENTS_"
 # Variables with the prefix that configure the tooling (setup, the local stack), not the job.
-TOOLING_ENV_PREFIXES = ("SEGMENTS_CACHE", "SEGMENTS_VENV", "SEGMENTS_STACK_")
+TOOLING_ENV_PREFIXES = (
+    "SEGMENTS_CACHE",
+    "SEGMENTS_VENV",
+    "SEGMENTS_STACK_",
+    "SEGMENTS_COMPILE_CORE",  # infra/setup.sh: 0 to skip compiling the core
+    "SEGMENTS_INTERPRETED_CORE",  # udfs: 1 to run the sources of a compiled core
+)
 DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))
 # The segments shipped with the adapters, read when no `definitions_path` is set. The path is
 # the adapters' to give: the core (udfs/) loads whatever definitions file it is handed.

@@ -17,9 +17,11 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from udfs import PACKAGE_DIR
+
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS_DIR = PACKAGE_DIR.parent / "schemas"
 
 
 class DecodeError(ValueError):

@@ -48,6 +48,7 @@ from udfs.conditions import (
 from udfs.features import FeatureCatalog
 from udfs.profile import Membership
 from udfs.profile_config import DURATION_UNITS, ProfileConfig
+from udfs.yaml_events import EventComposer
 
 MAX_FILE_BYTES = 1_000_000
 MAX_SEGMENTS = 1_000
@@ -374,7 +375,7 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
                     break  # the composer refuses it, as it refused it from the text
             if anchor_line is None and (isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None)):
                 anchor_line = event.start_mark.line + 1
-        root = _EventComposer(events).get_single_node()
+        root = EventComposer(events).get_single_node()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         raise DefinitionError(
@@ -385,29 +386,6 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, int | None]:
     if root is None:
         raise DefinitionError("empty file: expected `version:` and `segments:`", source)
     return root, anchor_line
-
-
-class _EventComposer(yaml.composer.Composer, yaml.resolver.Resolver):
-    """SafeLoader's composer and resolver, reading events already parsed instead of a parser."""
-
-    def __init__(self, events: list[yaml.Event]):
-        yaml.composer.Composer.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
-        self._events = events
-        self._next = 0
-
-    def check_event(self, *choices) -> bool:
-        if self._next == len(self._events):
-            return False
-        return not choices or isinstance(self._events[self._next], choices)
-
-    def peek_event(self) -> yaml.Event | None:
-        return self._events[self._next] if self._next < len(self._events) else None
-
-    def get_event(self) -> yaml.Event | None:
-        event = self.peek_event()
-        self._next += 1
-        return event
 
 
 def _line(node: yaml.Node) -> int:

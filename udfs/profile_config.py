@@ -45,6 +45,13 @@ def parse_duration_ms(raw: Any, what: str) -> int:
     return value
 
 
+def _rebuilt(config: Any) -> tuple[Any, tuple[Any, ...]]:
+    """How a configuration pickles (it travels inside the job's function objects): rebuilt through
+    its constructor, since the compiled core's frozen dataclasses refuse the attribute-by-attribute
+    restore that pickle does by default."""
+    return type(config), tuple(getattr(config, f.name) for f in fields(config))
+
+
 @dataclass(frozen=True, slots=True)
 class Horizon:
     """A sliding window of `length_ms`, kept as `length_ms / bucket_ms` buckets of event time.
@@ -56,6 +63,9 @@ class Horizon:
     name: str
     length_ms: int
     bucket_ms: int
+
+    def __reduce__(self) -> tuple[type[Horizon], tuple[Any, ...]]:
+        return _rebuilt(self)
 
     def bucket_start(self, time_ms: int) -> int:
         """The start of the bucket that holds `time_ms`."""
@@ -112,6 +122,9 @@ TIER_BASES = ("sessions_per_week", "engagement_score")
 class ProfileConfig:
     """The profile's horizons, session gap, weights, thresholds and bounds (the `profile:` settings)."""
 
+    def __reduce__(self) -> tuple[type[ProfileConfig], tuple[Any, ...]]:
+        return _rebuilt(self)
+
     horizons: tuple[Horizon, ...] = DEFAULT_HORIZONS
     # Events of one user further apart than this start a new session (when session_id is absent).
     session_gap_ms: int = 30 * MINUTE_MS
@@ -157,11 +170,12 @@ class ProfileConfig:
                 raise ProfileConfigError(f"horizons.{h.name}: more than 1000 buckets per horizon")
         weight_maps = (("engagement_weights", self.engagement_weights), ("affinity_weights", self.affinity_weights))
         for name, weights in weight_maps:
-            for kind, weight in weights.items():
+            read: Mapping[str, object] = weights  # as read from a settings file: checked here
+            for kind, weight in read.items():
                 if kind not in EVENT_TYPES:
                     raise ProfileConfigError(f"{name}: unknown event type {kind!r} (known: {', '.join(EVENT_TYPES)})")
                 number = isinstance(weight, int | float) and not isinstance(weight, bool)
-                if not number or not math.isfinite(weight) or weight < 0:
+                if not isinstance(weight, int | float) or not number or not math.isfinite(weight) or weight < 0:
                     raise ProfileConfigError(f"{name}.{kind}: must be a finite number >= 0, got {weight!r}")
         if self.tier_basis not in TIER_BASES:
             raise ProfileConfigError(f"tier_basis must be one of {TIER_BASES}, got {self.tier_basis!r}")

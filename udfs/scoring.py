@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from mypy_extensions import mypyc_attr
+
+from udfs import PACKAGE_DIR
 from udfs.conditions import ModelOutput
 from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, FeatureCatalog
@@ -39,7 +42,7 @@ GOLDEN_TOLERANCE = 1e-4  # probabilities; cluster ids must match exactly
 # edits that change nothing (comments, refactors) keep it, and so does a change to the traffic
 # generator (the fixture was generated once, by models.train.write_fingerprint_events). The file's
 # sha256 is pinned here: a changed fixture is an error, never a silent change of every hash.
-FINGERPRINT_EVENTS = Path(__file__).resolve().parent / "fingerprint_events.avro"
+FINGERPRINT_EVENTS = PACKAGE_DIR / "fingerprint_events.avro"
 FINGERPRINT_EVENTS_SHA256 = "cc5e9243cd34dfeeda00022908bd6bf36cde81590d648d5bc143eedc28c45e81"
 FINGERPRINT_START_MS = 1_600_000_000_000
 FINGERPRINT_INSTANTS = tuple(FINGERPRINT_START_MS + DAY_MS * d + 7 * HOUR_MS for d in (1, 2, 4, 8))
@@ -58,6 +61,7 @@ def _read_fixture(path: Path) -> bytes | OSError:
 _FINGERPRINT_BYTES = _read_fixture(FINGERPRINT_EVENTS)
 
 
+@mypyc_attr(native_class=False)
 class ModelVerificationError(RuntimeError):
     """A model that does not match its manifest or the running feature code: the job must not start."""
 

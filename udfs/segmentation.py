@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from udfs import PACKAGE_DIR
 from udfs.definitions import DefinitionSet, load_definitions, parse_definitions
 from udfs.profile_config import ProfileConfig
 from udfs.scoring import ModelRegistry, Scorer
 from udfs.transitions import SegmentEngine
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODELS_DIR = PACKAGE_DIR.parent / "models"
 
 
 @dataclass

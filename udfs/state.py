@@ -200,7 +200,7 @@ class ProfileStateCodec:
         clock_ms, timer_ms = profile.clock_ms, profile.timer_ms
         return self._packer.pack([LAYOUT_VERSION, clock_ms, timer_ms, body, _instants_check(clock_ms, timer_ms)])
 
-    def decode(self, data: bytes | None) -> UserProfile:
+    def decode(self, data: bytes | bytearray | memoryview | None) -> UserProfile:
         """The profile that state bytes hold, of this or an earlier layout; an empty profile for None."""
         if data is None:
             return UserProfile()

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import udfs
 from jobs.bench import PROJECT_ROOT, log, now_ms
 from jobs.bench.load import generated_events, preload
 from jobs.bench.processes import BenchStack, machine_info
@@ -238,6 +239,7 @@ def run(args) -> int:
         "took_s": time.time() - started,
         "machine": machine,
         "settings": {
+            "core": udfs.CORE,  # the job's workers import the same files: they run the same build
             "definitions_version": definitions.version,
             "segments": len(definitions.segments),
             "models": ", ".join(definitions.models) or "none",

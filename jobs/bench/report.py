@@ -307,7 +307,8 @@ def format_report(report: dict) -> str:
         f"segments bench, {report['started_at']} (took {report['took_s']:.0f} s)",
         f"machine: {m['cores']} cores ({m['cpu_model']}), {m['ram_gb']} GB RAM, Python {m['python']}, {m['java']}; "
         f"load average {m['load_average_at_start']:.2f} at start",
-        f"job: definitions {s['definitions_version']} ({s['segments']} segments, models: {s['models']}), "
+        f"job: core {s.get('core', 'interpreted')}, definitions {s['definitions_version']} "
+        f"({s['segments']} segments, models: {s['models']}), "
         f"checkpoint interval {s['checkpoint_interval_ms']:,} ms, state backend {s['state_backend']}, "
         f"profile cache {s['profile_cache_users']:,} users, watermark lag {s['watermark_lag_ms']:,} ms",
         "",

@@ -409,11 +409,13 @@ def test_flink_deployment_runs_the_module_and_code_that_segments_submit_ships(fl
     assert option["-pym"] == "jobs.segment_users"
     assert (ROOT / (option["-pym"].replace(".", "/") + ".py")).is_file()
     # The shipped directory is where the image holds the code the CLI ships.
+    copies = dockerfile_copies(dockerfile)
     destinations = {
-        sources[0].rstrip("/"): dest.rstrip("/")
-        for sources, dest, staged in dockerfile_copies(dockerfile)
-        if not staged and len(sources) == 1
+        sources[0].rstrip("/"): dest.rstrip("/") for sources, dest, staged in copies if not staged and len(sources) == 1
     }
+    # udfs/ is compiled in a build stage and reaches the image from there (COPY --from).
+    from_stages = {sources[0].rstrip("/"): dest.rstrip("/") for sources, dest, staged in copies if staged}
+    destinations = {source: from_stages.get(dest, dest) for source, dest in destinations.items()}
     for package in ("udfs", "jobs", "schemas", "models"):
         assert destinations[package] == f"{option['-pyfs']}/{package}", f"{package}/ is not under -pyfs"
     conf = flink_deployment["spec"]["flinkConfiguration"]
