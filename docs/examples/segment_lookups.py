@@ -1,7 +1,7 @@
 """Looking up the Redis view of current memberships with redis-py (docs/consumers.md explains
 the keys; udfs/redis_layout.py defines them). The prefix is the job's `redis_key_prefix` setting.
 
-    {prefix}:user:{user_id}     hash: segment -> "<sequence>:<entered_at_ms>", the user's current segments
+    {prefix}:user:{user_id}     hash: segment -> "<sequence>:<entered_at_ms>:<rule>", the user's current segments
     {prefix}:members:{segment}  set: the user ids in the segment now
     {prefix}:seq:{user_id}      hash: segment -> the last applied sequence (kept after an EXIT)
 """
@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import redis
 
 
-def segments_of(r: redis.Redis, user_id: str, prefix: str = "seg") -> dict[str, tuple[int, int]]:
-    """The user's current segments: segment -> (sequence of the ENTER, entered at, epoch ms)."""
+def segments_of(r: redis.Redis, user_id: str, prefix: str = "seg") -> dict[str, tuple[int, int, str]]:
+    """The user's current segments: segment -> (sequence of the ENTER, entered at in epoch ms,
+    the rule that let the user in; "" for a value written before the view kept the rule)."""
     out = {}
     for segment, value in r.hgetall(f"{prefix}:user:{user_id}").items():
-        sequence, entered_at = value.decode().split(":")
-        out[segment.decode()] = (int(sequence), int(entered_at))
+        sequence, entered_at, *rule = value.decode().split(":", 2)  # the rule may hold ":"
+        out[segment.decode()] = (int(sequence), int(entered_at), rule[0] if rule else "")
     return out
 
 

@@ -81,15 +81,17 @@ def run_consumer(broker: str, db: Path, *extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def final_memberships(records: list[dict]) -> dict[tuple[str, str], tuple[int, int]]:
-    """(user, segment) -> (sequence, event_time) of the ENTER of each membership still open: per
-    (user, segment), the transition with the highest sequence decides."""
+def final_memberships(records: list[dict]) -> dict[tuple[str, str], tuple[int, int, str]]:
+    """(user, segment) -> (sequence, event_time, rule) of the ENTER of each membership still open:
+    per (user, segment), the transition with the highest sequence decides."""
     last: dict[tuple[str, str], dict] = {}
     for r in records:
         key = (r["user_id"], r["segment"])
         if key not in last or r["sequence"] > last[key]["sequence"]:
             last[key] = r
-    return {key: (r["sequence"], r["event_time"]) for key, r in last.items() if r["kind"] == "ENTER"}
+    return {
+        key: (r["sequence"], r["event_time"], r["reason"]["rule"]) for key, r in last.items() if r["kind"] == "ENTER"
+    }
 
 
 def test_the_example_consumer_acts_once_per_committed_transition_and_the_lookups_read_the_view(
@@ -118,7 +120,7 @@ def test_the_example_consumer_acts_once_per_committed_transition_and_the_lookups
         processed = [row[0] for row in conn.execute("SELECT transition_id FROM processed")]
         memberships = {(u, s): since for u, s, since in conn.execute("SELECT * FROM memberships")}
     assert sorted(processed) == sorted(r["transition_id"] for r in committed)
-    assert memberships == {key: at for key, (_, at) in final_memberships(committed).items()}
+    assert memberships == {key: at for key, (_, at, _) in final_memberships(committed).items()}
 
     # Read again from the beginning: every record is a repeat, nothing is acted on twice.
     again = run_consumer(broker, db, "--from-beginning")
@@ -131,7 +133,7 @@ def test_the_example_consumer_acts_once_per_committed_transition_and_the_lookups
         assert conn.execute("SELECT count(*) FROM processed").fetchone()[0] == len(records)
         memberships = {(u, s): since for u, s, since in conn.execute("SELECT * FROM memberships")}
     expected = final_memberships(records)
-    assert memberships == {key: at for key, (_, at) in expected.items()}
+    assert memberships == {key: at for key, (_, at, _) in expected.items()}
 
     # The Redis view as `segments redis rebuild` writes it from the committed topic, read with
     # the guide's lookups.
