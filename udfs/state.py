@@ -10,7 +10,8 @@ them beside the body it encoded before (kept in `profile.derived` until the stat
 rewritten after every step, and fastavro's writer took ~300 us for a week-old profile. MessagePack
 holds only plain values (no code, no class names), so a value decodes to the same profile in any
 Python release, and a damaged one is an error, never a profile. State written by earlier releases
-is still read: the layout of version 4 (one zstd frame of the whole array), and Avro (plain, or in
+is still read: the layout of version 5 (the same without the context), of version 4 (one zstd
+frame of the whole array), and Avro (plain, or in
 a zstd frame; schemas/user_profile_state.avsc and schemas/history), through schema resolution.
 Changing the layout means a new version number and a reader for the old one, kept here."""
 
@@ -93,8 +94,12 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Far above any bounded profile (ProfileConfig's caps keep a week-old one near 4 KB before zstd).
 MAX_STATE_BYTES = 64 << 20
-LAYOUT_VERSION = 5  # 4: the same items in one zstd frame; the Avro schemas of earlier state were 1-3
-BODY_ITEMS = 19
+# 7: version 5's body and the context (three items more). 5: the body without them. 4: version 5's
+# items in one zstd frame. 6 was a layout reverted before any release; never to be reused. The
+# Avro schemas of earlier state were 1-3.
+LAYOUT_VERSION = 7
+BODY_ITEMS = 22
+BODY_ITEMS_BY_VERSION = {5: 19, LAYOUT_VERSION: BODY_ITEMS}
 
 
 def _body(p: UserProfile) -> list:
@@ -135,6 +140,9 @@ def _body(p: UserProfile) -> list:
         {name: (m.member, m.sequence, m.since_ms) for name, m in p.memberships.items()},
         p.scores,
         p.scored_at_ms,
+        p.context,
+        p.touch,
+        p.first_seen,
     ]
 
 
@@ -215,17 +223,23 @@ class ProfileStateCodec:
         return self._checked(self._from_current, self._unpack(data))
 
     def _from_current(self, v: list) -> UserProfile:
-        if not isinstance(v, list) or len(v) != 5 or v[0] != LAYOUT_VERSION:
+        """Layout LAYOUT_VERSION, or 5 (which had no context: the profile starts without it)."""
+        if not isinstance(v, list) or len(v) != 5 or v[0] not in BODY_ITEMS_BY_VERSION:
             shown = v[0] if isinstance(v, list) and v else type(v).__name__
             raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
-        _, clock_ms, timer_ms, body, check = v
+        version, clock_ms, timer_ms, body, check = v
         if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
             raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
         items = self._unpack(self._decompress(body))
-        if not isinstance(items, list) or len(items) != BODY_ITEMS:
+        if not isinstance(items, list) or len(items) != BODY_ITEMS_BY_VERSION[version]:
             raise DecodeError("undecodable", "profile state: malformed body")
-        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])
-        profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
+        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:19]])
+        if version == LAYOUT_VERSION:
+            context, touch, first_seen = items[19:]
+            profile.context = {kind: (held[0], held[1]) for kind, held in context.items()}
+            profile.touch = None if touch is None else (touch[0], touch[1], touch[2], touch[3])
+            profile.first_seen = None if first_seen is None else (first_seen[0], first_seen[1])
+            profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
         return profile
 
     def _decompress(self, frame: bytes) -> bytes:

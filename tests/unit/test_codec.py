@@ -82,6 +82,8 @@ def from_apache(record_name: str, record: dict) -> dict:
 
 texts = st.text(st.characters(codec="utf-8"), max_size=24)  # any unicode but lone surrogates
 # Within what datetime can hold, so Apache avro can turn them into datetime and back.
+# The fields version 2 of UserEvent added (schemas/history/user_event.v1.avsc is version 1).
+CONTEXT_FIELDS = ("referrer", "utm_source", "utm_medium", "utm_campaign", "country", "timezone")
 timestamps = st.integers(min_value=-(2**40), max_value=2**47)
 finite_doubles = st.floats(allow_nan=False, allow_infinity=False)
 
@@ -103,6 +105,7 @@ user_event_records = st.fixed_dictionaries(
         "quantity": optional(st.integers(*INT32)),
         "device": optional(texts),
         "properties": st.dictionaries(texts, texts, max_size=5),
+        **{name: optional(texts) for name in CONTEXT_FIELDS},
     }
 )
 
@@ -163,6 +166,7 @@ def a_user_event(**changes) -> dict:
         "quantity": 2,
         "device": "mobile",
         "properties": {"query": "schuhe grün"},
+        **dict.fromkeys(CONTEXT_FIELDS),
     }
     return {**record, **changes}
 
@@ -374,6 +378,7 @@ def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
         + session
         + b"\x00" * 5
         + b"\x00"
+        + b"\x00" * len(CONTEXT_FIELDS)
     )
 
 
@@ -446,7 +451,7 @@ def test_any_bytes_at_all_decode_to_a_dict_or_raise_decode_error(catalog, payloa
 # --- schema evolution -----------------------------------------------------------------------
 
 ADDED_FIELDS = [
-    {"name": "referrer", "type": ["null", "string"], "default": None},
+    {"name": "page_language", "type": ["null", "string"], "default": None},
     {"name": "channel", "type": "string", "default": "web"},
 ]
 
@@ -472,19 +477,19 @@ def test_a_payload_from_the_previous_schema_decodes_with_the_new_one_filling_def
     old_payload = old.codec("UserEvent").encode(a_user_event())
     new_codec = new.codec("UserEvent")
     assert old_payload[:HEADER_SIZE] != new_codec.header
-    assert new_codec.decode(old_payload) == {**a_user_event(), "referrer": None, "channel": "web"}
+    assert new_codec.decode(old_payload) == {**a_user_event(), "page_language": None, "channel": "web"}
 
 
 def test_the_evolved_schema_writes_and_reads_its_own_new_fields(evolved_catalogs):
     _, new = evolved_catalogs
     codec = new.codec("UserEvent")
-    record = {**a_user_event(), "referrer": "newsletter", "channel": "app"}
+    record = {**a_user_event(), "page_language": "de", "channel": "app"}
     assert codec.decode(codec.encode(record)) == record
 
 
 def test_a_payload_from_a_newer_schema_is_unknown_to_an_older_reader(evolved_catalogs):
     old, new = evolved_catalogs
-    new_payload = new.codec("UserEvent").encode({**a_user_event(), "referrer": None, "channel": "web"})
+    new_payload = new.codec("UserEvent").encode({**a_user_event(), "page_language": None, "channel": "web"})
     assert reason_of(old.codec("UserEvent"), new_payload) == "unknown_schema"
 
 
@@ -504,3 +509,25 @@ def test_a_negative_index_is_undecodable_in_a_previous_schema_version_too(evolve
     assert codec.decode(header + user_event_body())["event_type"] == "add_to_cart"
     assert reason_of(codec, header + user_event_body(event_type=-1)) == "undecodable"
     assert reason_of(codec, header + user_event_body(session_branch=-1)) == "undecodable"
+
+
+def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(catalog, tmp_path):
+    """schemas/history/user_event.v1.avsc, as producers before the context fields write it."""
+    v1_dir = tmp_path / "v1"
+    v1_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "user_event.v1.avsc", v1_dir / "user_event.avsc")
+    v1 = SchemaCatalog(v1_dir).codec("UserEvent")
+    record = {k: v for k, v in a_user_event().items() if k not in CONTEXT_FIELDS}
+    payload = v1.encode(record)
+    current = catalog.codec("UserEvent")
+    assert payload[:HEADER_SIZE] != current.header
+    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS)}
+    # Version 2 is version 1 with the context fields appended, each an optional string defaulting to null.
+    v1_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())["fields"]
+    v2_fields = schema_json("UserEvent")["fields"]
+
+    def shape(fields: list[dict]) -> list[tuple]:
+        return [(f["name"], f["type"], f.get("default")) for f in fields]
+
+    assert shape(v2_fields[: len(v1_fields)]) == shape(v1_fields)
+    assert shape(v2_fields[len(v1_fields) :]) == [(name, ["null", "string"], None) for name in CONTEXT_FIELDS]
