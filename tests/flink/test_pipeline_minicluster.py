@@ -383,7 +383,7 @@ def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalo
 def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_cannot_key(catalog, tmp_path):
     from jobs.java_operators import OperatorsJarMissing, java_class
     from jobs.segment_users import USER_EVENT_KEYS_CLASS, user_event_headers
-    from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog
+    from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog, schema_fingerprint
 
     settings = load_settings(environ={}, redis_url="")
     create_environment(settings)
@@ -392,7 +392,12 @@ def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_canno
     with pytest.raises(OperatorsJarMissing, match="segments.events.NoSuchOperator is not in"):
         java_class(settings, "segments.events.NoSuchOperator")
 
-    assert user_event_headers(catalog) == catalog.codec("UserEvent").header
+    # The shipped versions: the current one and schemas/history/user_event.v1.avsc.
+    v1 = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())
+    shipped = user_event_headers(catalog)
+    assert sorted(shipped[i : i + 10] for i in (0, 10)) == sorted(
+        [catalog.codec("UserEvent").header, MAGIC + schema_fingerprint(v1)]
+    )
     schema = json.loads((SCHEMAS_DIR / "user_event.avsc").read_text())
     (tmp_path / "history").mkdir()
     for path in SCHEMAS_DIR.glob("*.avsc"):
