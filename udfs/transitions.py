@@ -57,6 +57,7 @@ class Transition:
     scores: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
+    provisional: bool = False  # of a cold-start segment (docs/definitions.md)
 
     @property
     def transition_id(self) -> str:
@@ -83,6 +84,7 @@ class Transition:
                 "scores": self.scores,
                 "labels": self.labels,
                 "missing": list(self.missing),
+                "provisional": self.provisional,
             },
         }
 
@@ -319,6 +321,7 @@ class SegmentEngine:
                         RETENTION_RULE,
                         idle,
                         profile,
+                        (segment := self.definitions.segments.get(name)) is not None and segment.provisional,
                     )
                 )
         profile.reset()
@@ -349,12 +352,16 @@ class SegmentEngine:
                 rule, values = REMOVED_RULE, {}
             else:
                 rule, values = verdict.rule, condition_features(verdict.condition, ev)
+            segment = self.definitions.segments.get(name)  # None: a segment no longer defined
+            provisional = segment is not None and segment.provisional
             out.append(
-                self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile)
+                self._transition(
+                    user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile, provisional
+                )
             )
 
     def _transition(
-        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile
+        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile, provisional
     ) -> Transition:
         features: dict[str, float] = {}
         labels: dict[str, str] = {}
@@ -388,6 +395,7 @@ class SegmentEngine:
             scores=dict(profile.scores),
             labels=labels,
             missing=tuple(missing),
+            provisional=provisional,
         )
 
 

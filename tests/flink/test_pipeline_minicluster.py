@@ -329,6 +329,12 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(catalog, tmp_path):
     assert sorted(map(comparable, job)) == sorted(map(comparable, backtest))
     # Enough segments took part for the comparison to mean something.
     assert len({r["segment"] for r in backtest}) >= 13
+    # The cold-start segments among them (issue 20.2), every transition of theirs and only theirs
+    # marked provisional, in the job's records as in the backtest's.
+    cold_start = {"new_paid_mobile_visitor", "new_from_newsletter", "new_from_search"}
+    assert {r["segment"] for r in job if r["reason"]["provisional"]} == cold_start
+    assert all(r["reason"]["provisional"] == (r["segment"] in cold_start) for r in job)
+    assert result.provisional.users > 0
 
 
 def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_user_is_unaffected(catalog, tmp_path):

@@ -129,6 +129,7 @@ segment_transition_records = st.fixed_dictionaries(
                 "scores": st.dictionaries(texts, finite_doubles, max_size=4),
                 "labels": st.dictionaries(texts, texts, max_size=3),
                 "missing": st.lists(texts, max_size=3),
+                "provisional": st.booleans(),
             }
         ),
     }
@@ -190,6 +191,7 @@ def a_transition(**changes) -> dict:
             "scores": {},
             "labels": {},
             "missing": [],
+            "provisional": False,
         },
     }
     return {**record, **changes}
@@ -531,3 +533,16 @@ def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(cata
 
     assert shape(v2_fields[: len(v1_fields)]) == shape(v1_fields)
     assert shape(v2_fields[len(v1_fields) :]) == [(name, ["null", "string"], None) for name in CONTEXT_FIELDS]
+
+
+def test_a_transition_of_the_previous_schema_decodes_as_not_provisional(catalog, tmp_path):
+    """schemas/history/segment_transition.v2.avsc, as releases before cold-start segments wrote it."""
+    v2_dir = tmp_path / "v2"
+    v2_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "segment_transition.v2.avsc", v2_dir / "segment_transition.avsc")
+    record = a_transition()
+    previous = {**record, "reason": {k: v for k, v in record["reason"].items() if k != "provisional"}}
+    payload = SchemaCatalog(v2_dir).codec("SegmentTransition").encode(previous)
+    current = catalog.codec("SegmentTransition")
+    assert payload[:HEADER_SIZE] != current.header
+    assert current.decode(payload) == {**previous, "reason": {**previous["reason"], "provisional": False}}
