@@ -777,15 +777,22 @@ class _Builder:
 
 
 def _until_established(when: Condition, ends: Condition) -> Condition:
-    """A provisional segment's condition, `(when) and not (ends)`, as the compiler builds an `and`
-    and a `not`: it may change when either part may."""
+    """A provisional segment's condition, `(when) and not (ends)`. It is false while `when` is,
+    whatever `ends` does, so it may change only when `when` may; while both hold, only when
+    `ends` may; else when either may. (So a user the segment is not for costs no more than its
+    `when`, and `ends` is read only for those it may be for.)"""
     when_holds, ends_holds, when_change, ends_change = when.holds, ends.holds, when.next_change, ends.next_change
 
     def holds(ev: Evaluation) -> bool:
         return bool(when_holds(ev) and not ends_holds(ev))
 
     def next_change(ev: Evaluation) -> int | None:
-        a, b = when_change(ev), ends_change(ev)
+        if not when_holds(ev):
+            return when_change(ev)
+        b = ends_change(ev)
+        if ends_holds(ev):
+            return b
+        a = when_change(ev)
         if a is None:
             return b
         return a if b is None or a <= b else b
