@@ -777,10 +777,12 @@ class _Builder:
 
 
 def _until_established(when: Condition, ends: Condition) -> Condition:
-    """A provisional segment's condition, `(when) and not (ends)`. It is false while `when` is,
-    whatever `ends` does, so it may change only when `when` may; while both hold, only when
-    `ends` may; else when either may. (So a user the segment is not for costs no more than its
-    `when`, and `ends` is read only for those it may be for.)"""
+    """A provisional segment's condition, `(when) and not (ends)`.
+
+    It is false while `when` is, whatever `ends` does, so it may change only when `when` may;
+    while both hold, only when `ends` may; else when either may. So a user the segment is not for
+    costs no more than its `when`, and `ends` is read only for those it may be for.
+    """
     when_holds, ends_holds, when_change, ends_change = when.holds, ends.holds, when.next_change, ends.next_change
 
     def holds(ev: Evaluation) -> bool:
