@@ -175,13 +175,21 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     got = sorted((c[1], c[2], c[3], c[4], c[5]) for c in collected if c[0] == "T")
     want = sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     # Every shipped segment moves by time alone here (churn_risk_high through the 6-hourly
-    # rescoring), except cart_holder, which only events change, and the two personas, whose
-    # clusters need weeks of history.
+    # rescoring, the cold-start ones a day after a user was first seen), except cart_holder,
+    # which only events change, the two personas, whose clusters need weeks of history, and
+    # new_paid_mobile_visitor, whose members in this traffic all leave at an event (a second
+    # session, a purchase) within their first day.
     by_time = {t.segment for t in expected if t.cause == "TIMER" and t.rule != RETENTION_RULE}
     assert by_time == set(engine.definitions.names) - {
         "cart_holder",
         "big_spender_persona",
         "browsing_not_buying_persona",
+        "new_paid_mobile_visitor",
+    }
+    assert {t.segment for t in expected if t.provisional} == {
+        "new_paid_mobile_visitor",
+        "new_from_newsletter",
+        "new_from_search",
     }
     assert got == want
     # Every payload decodes to the record the core produced, apart from the wall-clock emit time.
