@@ -19,6 +19,8 @@ _DEVICE_CLASS = {name: name for name in DEVICE_CLASSES}
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 # What first_touch_source is when the first event carried neither a campaign source nor a referrer.
 DIRECT = "direct"
+# ... and what it is for a user whose profile was stored before the context was kept.
+UNKNOWN_SOURCE = "unknown"
 
 MAX_CAMPAIGN_LENGTH = 64
 MAX_REFERRER_LENGTH = 2048

@@ -26,6 +26,7 @@ import msgpack
 import zstandard
 
 from udfs.codec import MAGIC, AvroCodec, DecodeError
+from udfs.context import UNKNOWN_SOURCE
 from udfs.events import EVENT_TYPES
 from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
 
@@ -153,6 +154,13 @@ def _instants_check(clock_ms: int, timer_ms: int | None) -> int:
     return zlib.crc32(_INSTANTS.pack(clock_ms, timer_ms is None, timer_ms or 0))
 
 
+def _first_seen_before_context(sequence_base: int, last_by_type: dict) -> tuple[int, str] | None:
+    """What a profile stored before the context (layout 5, 4, Avro) says of when the user was
+    first seen: the lifetime's first event, which its sequence base is 1000 times, of a source
+    not recorded. So an upgrade does not make every user with history new (docs/features.md)."""
+    return (sequence_base // 1000, UNKNOWN_SOURCE) if last_by_type else None
+
+
 def _from_layout(v: list) -> UserProfile:
     if not isinstance(v, list) or not v or v[0] != 4 or len(v) != 22:
         shown = v[0] if isinstance(v, list) and v else type(v).__name__
@@ -169,6 +177,7 @@ def _from_layout(v: list) -> UserProfile:
     return UserProfile(
         clock_ms=v[1],
         sequence_base=v[2],
+        first_seen=_first_seen_before_context(v[2], v[3]),
         last_by_type=v[3],
         buckets=buckets,
         lifetime_spend=v[5],
@@ -313,6 +322,7 @@ class ProfileStateCodec:
         return UserProfile(
             clock_ms=r["clock_ms"],
             sequence_base=r["sequence_base"],
+            first_seen=_first_seen_before_context(r["sequence_base"], r["last_by_type"]),
             last_by_type=r["last_by_type"],
             buckets={ring["width_ms"]: _buckets(ring) for ring in r["rings"]},
             lifetime_spend=r["lifetime_spend"],

@@ -130,6 +130,7 @@ def test_state_of_layout_version_5_is_still_read_without_context_and_written_aga
     decoded = state_codec.decode(version_5)
     assert decoded == profile
     assert ENCODED_BODY not in decoded.derived  # a version 5 body is never written back beside a 7
+    assert decoded.first_seen is None  # no event: nothing was seen
     assert msgpack.unpackb(state_codec.encode(decoded))[0] == 7
     # A version 7 body is not read as a 5, nor a 5 as a 7.
     check = _instants_check(START_MS, START_MS + 5)
@@ -304,3 +305,25 @@ def test_profiles_built_by_replaying_generated_traffic_round_trip(state_codec):
     assert any(p.cart() for p in replayed.values())
     for profile in replayed.values():
         assert state_codec.decode(state_codec.encode(profile)) == profile
+
+
+def test_a_profile_stored_before_the_context_was_first_seen_at_its_lifetimes_first_event_from_an_unknown_source(
+    state_codec,
+):
+    """docs/features.md: an upgrade does not make a user with history new. The lifetime's first
+    event is at START_MS - 5 days (its sequence base is 1000 times that); the latest at START_MS."""
+    from dataclasses import replace
+
+    from udfs.state import _instants_check
+
+    first = START_MS - 5 * DAY_MS
+    profile = UserProfile(clock_ms=START_MS, sequence_base=first * 1000, last_by_type={"page_view": START_MS})
+    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(state_codec.encode(profile))[3]))
+    body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
+    version_5 = msgpack.packb([5, START_MS, None, body, _instants_check(START_MS, None)])
+    expected = replace(profile, first_seen=(first, "unknown"))
+    assert state_codec.decode(version_5) == expected
+    assert state_codec.decode(_version_4(profile)) == expected
+    assert state_codec.decode(state_codec.avro(profile)) == expected
+    # Read in the current layout, the profile as it is: none for none.
+    assert state_codec.decode(state_codec.encode(profile)).first_seen is None
