@@ -158,3 +158,28 @@ def test_a_device_is_one_of_four_classes(device, expected):
 def test_the_compiler_checks_context_features_like_the_others(condition, message):
     with pytest.raises(DefinitionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_definitions(f"version: t\nsegments:\n  - name: s\n    when: '{condition}'\n")
+
+
+def test_the_shipped_behavioural_segments_do_not_see_the_context():
+    """Issue 20's exactness: the shipped definitions' segments that are not provisional give the
+    same transitions over generated traffic with its context and with every context field taken
+    out (the model segments left out: they read none of it either, but need the models)."""
+    from dataclasses import replace
+
+    from jobs.profile_stats import without_models
+    from jobs.settings import SHIPPED_DEFINITIONS
+    from udfs.shoppers import generate_events
+    from udfs.transitions import replay_events
+
+    definitions = parse_definitions(without_models(SHIPPED_DEFINITIONS.read_bytes()))
+    behavioural = {name for name, s in definitions.segments.items() if not s.provisional}
+    with_context = list(generate_events(60, 3, ms("2026-06-01T00:00:00+00:00"), 2 * 86_400_000))
+    context = dict.fromkeys(("referrer", "utm_source", "utm_medium", "utm_campaign", "country", "timezone"))
+    without = [replace(e, device=None, **context) for e in with_context]
+    assert any(e.utm_medium for e in with_context) and not any(e.device or e.country for e in without)
+    runs = []
+    for events in (with_context, without):
+        out, _ = replay_events(SegmentEngine(definitions), events, until_ms=2**62)
+        runs.append([t.to_record(0) for t in out if t.segment in behavioural])
+    assert len(runs[0]) > 500
+    assert runs[0] == runs[1]
