@@ -226,6 +226,19 @@ class SegmentReport:
 
 
 @dataclass
+class ProvisionalReport:
+    """How long users stay provisional: a member of at least one provisional (cold-start) segment.
+    A user's time is the sum of the spans in which they were (usually one, from the first event)."""
+
+    users: int = 0  # provisional at some point
+    left: int = 0  # of those, no longer provisional at the end
+    still: int = 0  # provisional at the end (their time is not in the figures below)
+    median_ms: float | None = None  # time provisional of the users who left
+    p90_ms: float | None = None
+    max_ms: int | None = None
+
+
+@dataclass
 class BacktestResult:
     definitions: DefinitionSet
     log_source: str
@@ -243,6 +256,7 @@ class BacktestResult:
     end_ms: int = 0  # where the sizes end: until_ms, or the last transition after a flush
     flap_window_ms: int = FLAP_WINDOW_MS
     experiments: dict[str, ExperimentFigures] = field(default_factory=dict)
+    provisional: ProvisionalReport = field(default_factory=ProvisionalReport)
 
 
 def run_backtest(
@@ -387,7 +401,34 @@ def _report(
         overlap,
         end,
         flap_window_ms,
+        provisional=_provisional(ordered),
     )
+
+
+def _provisional(ordered: list[Transition]) -> ProvisionalReport:
+    """From the transitions in time order: each user's time in at least one provisional segment."""
+    inside: Counter = Counter()  # user -> provisional segments they are in
+    since: dict[str, int] = {}  # user -> when they became provisional (the current span)
+    spent: Counter = Counter()  # user -> time provisional in the spans that ended
+    for t in ordered:
+        if not t.provisional:
+            continue
+        if t.kind == "ENTER":
+            if inside[t.user_id] == 0:
+                since[t.user_id] = t.event_time
+            inside[t.user_id] += 1
+        elif inside[t.user_id] > 0:
+            inside[t.user_id] -= 1
+            if inside[t.user_id] == 0:
+                spent[t.user_id] += t.event_time - since.pop(t.user_id)
+    still = len(since)
+    left = sorted(spent[user] for user in spent if user not in since)
+    report = ProvisionalReport(users=len(spent.keys() | since.keys()), left=len(left), still=still)
+    if left:
+        report.median_ms = statistics.median(left)
+        report.p90_ms = statistics.quantiles(left, n=10, method="inclusive")[-1] if len(left) > 1 else left[0]
+        report.max_ms = left[-1]
+    return report
 
 
 def _in_time_order(transitions: list[Transition]) -> list[Transition]:
@@ -488,6 +529,12 @@ def summary_lines(result: BacktestResult) -> list[str]:
             f"{r.name:28} {r.entries:8d} {r.exits:8d} {r.final_size:7d} {r.peak_size:7d} "
             f"{_duration(r.median_dwell_ms):>10} {r.flap_rate:9.3f}"
         )
+    p = result.provisional
+    if p.users:
+        lines.append(
+            f"provisional (cold start): {p.users} users; {p.left} left after a median {_duration(p.median_ms)}, "
+            f"p90 {_duration(p.p90_ms)}, max {_duration(p.max_ms)}; {p.still} still provisional at the end"
+        )
     if result.overlap:
         lines.append("overlap at the end (users in both):")
         for (a, b), n in sorted(result.overlap.items(), key=lambda e: -e[1])[:15]:
@@ -552,6 +599,7 @@ def as_json(
         },
         "overlap": [{"a": a, "b": b, "users": n} for (a, b), n in sorted(result.overlap.items())],
         "experiments": experiment_report.as_json(result.experiments),
+        "provisional": result.provisional.__dict__,
         "diff": [d.__dict__ for d in diffs] if diffs is not None else None,
         "warnings": [w.as_json() for w in warnings] if warnings is not None else None,
         "compared_warnings": [w.as_json() for w in compared_warnings] if compared_warnings is not None else None,

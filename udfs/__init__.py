@@ -20,10 +20,11 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The per-event modules, compiled together (mypyc calls across them natively). Not compiled: codec
-# (fastavro does its work), shoppers (the traffic generator), redis_layout, yaml_events (a
-# subclass of PyYAML's Python classes, which mypyc cannot compile).
+# (fastavro does its work), shoppers (the traffic generator), redis_layout, definition_warnings
+# (`validate` alone), yaml_events (a subclass of PyYAML's Python classes, which mypyc cannot compile).
 COMPILED_MODULES = (
     "conditions",
+    "context",
     "definitions",
     "events",
     "experiments",

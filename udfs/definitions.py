@@ -43,6 +43,7 @@ from udfs.conditions import (
     FeatureRef,
     Literal,
     ModelOutput,
+    References,
     ScoreRef,
 )
 from udfs.features import FeatureCatalog
@@ -98,6 +99,9 @@ class Segment:
     exit: Condition | None  # None: leave when `enter` stops holding
     min_dwell_ms: int
     line: int
+    # A cold-start segment: its `enter` is `(when) and not (<the file's cold_start ends_when>)`,
+    # and each of its transitions says so in its reason.
+    provisional: bool = False
 
     @cached_property
     def experiments(self) -> dict[str, Fraction]:
@@ -172,6 +176,8 @@ class DefinitionSet:
     model_pins: dict[str, str] = field(default_factory=dict)
     # experiment -> the share of users it holds out, for every holdout(...) of the conditions
     experiments: dict[str, Fraction] = field(default_factory=dict)
+    # The file's `cold_start: ends_when`: once it holds, a user leaves the provisional segments.
+    cold_start_ends: Condition | None = None
 
     def __post_init__(self) -> None:
         # Precomputed walk order: (group or None, segments of the unit) per unit.
@@ -419,6 +425,7 @@ class _Builder:
         self.catalog = catalog
         self.models = models
         self.condition_chars = 0  # of the conditions compiled so far
+        self.cold_start_ends: Condition | None = None  # the file's cold_start: ends_when, once compiled
 
     def fail(
         self,
@@ -474,7 +481,7 @@ class _Builder:
         top = self.mapping(
             root,
             "the definitions file",
-            {"version", "description", "segments", "exclusive_groups", "rescore_every", "models"},
+            {"version", "description", "segments", "exclusive_groups", "rescore_every", "models", "cold_start"},
             {"version", "segments"},
         )
         version_node = top["version"]
@@ -507,7 +514,7 @@ class _Builder:
             fields = self.mapping(
                 entry,
                 "a segment",
-                {"name", "description", "when", "enter", "exit", "min_dwell"},
+                {"name", "description", "when", "enter", "exit", "min_dwell", "provisional"},
                 {"name"},
                 segment=_name_of(entry),
             )
@@ -522,6 +529,7 @@ class _Builder:
                 self.fail(f"defined twice (first on line {_line(raw_segments[name][1])})", entry, name)
             raw_segments[name] = (fields, entry)
         compiler = Compiler(self.catalog, self.models, set(raw_segments))
+        self.cold_start_ends = self.cold_start(top["cold_start"], compiler) if "cold_start" in top else None
         segments = {name: self.segment(name, fields, entry, compiler) for name, (fields, entry) in raw_segments.items()}
         experiments = self.experiments(segments, raw_segments)
         groups = self.groups(top.get("exclusive_groups"), segments)
@@ -544,6 +552,7 @@ class _Builder:
             rescore,
             pins,
             experiments,
+            self.cold_start_ends,
         )
 
     def experiments(self, segments: dict[str, Segment], raw: dict) -> dict[str, Fraction]:
@@ -563,6 +572,14 @@ class _Builder:
                         name,
                     )
         return {experiment: share for experiment, (share, _) in shares.items()}
+
+    def cold_start(self, node, compiler: Compiler) -> Condition:
+        """`cold_start: {ends_when: C}`: the condition under which a user has history enough for
+        the behavioural segments, and leaves the provisional ones."""
+        fields = self.mapping(node, "cold_start", {"description", "ends_when"}, {"ends_when"})
+        if "description" in fields:
+            self.text(fields["description"], "description")
+        return self.condition(fields["ends_when"], None, compiler)
 
     def model_pins(self, node, read: set[str]) -> dict[str, str]:
         """`models: {name: sha256:<64 hex>}`: the manifest digest of each model the conditions
@@ -592,9 +609,23 @@ class _Builder:
         if "min_dwell" in fields:
             dwell = self.duration(fields["min_dwell"], "min_dwell", name)
         description = self.text(fields["description"], "description", name) if "description" in fields else ""
-        return Segment(name, description, enter, exit_, dwell, _line(entry))
+        provisional = "provisional" in fields and self.flag(fields["provisional"], "provisional", name)
+        if provisional:
+            if "when" not in fields:
+                self.fail("a provisional segment is given with `when` (it leaves by the cold start rule)", entry, name)
+            if self.cold_start_ends is None:
+                self.fail("provisional needs the file's cold_start: ends_when, the rule it leaves by", entry, name)
+            enter = _until_established(enter, self.cold_start_ends)
+        return Segment(name, description, enter, exit_, dwell, _line(entry), provisional)
 
-    def condition(self, node, segment: str, compiler: Compiler) -> Condition:
+    def flag(self, node, what: str, segment: str | None) -> bool:
+        """A YAML true or false."""
+        self.check_tag(node, segment)
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool"):
+            self.fail(f"{what} must be true or false", node, segment)
+        return node.value.lower() in ("true", "yes", "on")
+
+    def condition(self, node, segment: str | None, compiler: Compiler) -> Condition:
         self.check_tag(node, segment)
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
             return compiler.constant(node.value.lower() in ("true", "yes", "on"))
@@ -749,6 +780,37 @@ class _Builder:
                     state[id(target)] = "visiting"
                     stack.append((target, iter(depends(target))))
         return tuple(ordered)
+
+
+def _until_established(when: Condition, ends: Condition) -> Condition:
+    """A provisional segment's condition, `(when) and not (ends)`.
+
+    It is false while `when` is, whatever `ends` does, so it may change only when `when` may;
+    while both hold, only when `ends` may; else when either may. So a user the segment is not for
+    costs no more than its `when`, and `ends` is read only for those it may be for.
+    """
+    when_holds, ends_holds, when_change, ends_change = when.holds, ends.holds, when.next_change, ends.next_change
+
+    def holds(ev: Evaluation) -> bool:
+        return bool(when_holds(ev) and not ends_holds(ev))
+
+    def next_change(ev: Evaluation) -> int | None:
+        if not when_holds(ev):
+            return when_change(ev)
+        b = ends_change(ev)
+        if ends_holds(ev):
+            return b
+        a = when_change(ev)
+        if a is None:
+            return b
+        return a if b is None or a <= b else b
+
+    refs = References(
+        {**when.references.features, **ends.references.features},
+        when.references.scores | ends.references.scores,
+        when.references.segments | ends.references.segments,
+    )
+    return Condition(f"({when.text}) and not ({ends.text})", holds, next_change, refs)
 
 
 def _threshold_interval(node: Compare | None):

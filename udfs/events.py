@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from udfs.codec import DecodeError
+from udfs.context import campaign_value, country_code, referrer_host, timezone_name
 
 EVENT_TYPES = (
     "page_view",
@@ -41,6 +43,14 @@ class UserEvent:
     quantity: int | None = None
     device: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
+    # Context (user_event.avsc v2, or the property of the same name), normalised by
+    # event_from_record: a referrer's host, lower-case campaign values, an upper-case country.
+    referrer: str | None = None
+    utm_source: str | None = None
+    utm_medium: str | None = None
+    utm_campaign: str | None = None
+    country: str | None = None
+    timezone: str | None = None
 
     def to_record(self) -> dict:
         """The event as the Avro record of `user_event.avsc`."""
@@ -56,7 +66,45 @@ class UserEvent:
             "quantity": self.quantity,
             "device": self.device,
             "properties": dict(self.properties),
+            "referrer": self.referrer,
+            "utm_source": self.utm_source,
+            "utm_medium": self.utm_medium,
+            "utm_campaign": self.utm_campaign,
+            "country": self.country,
+            "timezone": self.timezone,
         }
+
+
+# Each context field, what it must be, and how it is normalised (udfs/context.py).
+_CONTEXT_RULES: tuple[tuple[str, str, Callable[[str], str | None]], ...] = (
+    ("referrer", "a URL or host name of at most 2048 characters", referrer_host),
+    ("utm_source", "1-64 letters, digits, spaces, _ . + -", campaign_value),
+    ("utm_medium", "1-64 letters, digits, spaces, _ . + -", campaign_value),
+    ("utm_campaign", "1-64 letters, digits, spaces, _ . + -", campaign_value),
+    ("country", "two letters", country_code),
+    ("timezone", "an IANA timezone name the tz database knows", timezone_name),
+)
+
+
+def _context(record: dict, properties: dict[str, str]) -> list[str | None]:
+    """The context values in _CONTEXT_RULES' order: from the declared field, else from the
+    property of the same name. A declared field that breaks its rule makes the event a dead
+    letter; a property that does is ignored (properties were always free-form); a blank one is
+    absent."""
+    values: list[str | None] = []
+    for name, rule, normalise in _CONTEXT_RULES:
+        raw = record.get(name)
+        value = None
+        if raw is not None:
+            value = normalise(raw)
+            if value is None and raw.strip():
+                raise DecodeError("invalid_field", f"{name} is not {rule}")
+        if value is None and properties:
+            held = properties.get(name)
+            if held is not None:
+                value = normalise(held)
+        values.append(value)
+    return values
 
 
 def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEvent:
@@ -90,6 +138,8 @@ def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEven
             raise DecodeError("invalid_field", f"{event_type} without product_id")
         if quantity is not None and quantity <= 0:
             raise DecodeError("invalid_field", f"{event_type} with quantity {quantity}")
+    properties = record.get("properties") or {}
+    referrer, utm_source, utm_medium, utm_campaign, country, timezone = _context(record, properties)
     return UserEvent(
         event_id=event_id,
         user_id=user_id,
@@ -101,5 +151,11 @@ def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEven
         price=price,
         quantity=quantity,
         device=record.get("device"),
-        properties=record.get("properties") or {},
+        properties=properties,
+        referrer=referrer,
+        utm_source=utm_source,
+        utm_medium=utm_medium,
+        utm_campaign=utm_campaign,
+        country=country,
+        timezone=timezone,
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from udfs.context import DAY_S, DEVICE_CLASSES, HOUR_S, WEEKDAYS, local_hour, local_weekday, next_boundary_ms
 from udfs.events import CART_EVENT_TYPES, EVENT_TYPES
 from udfs.profile import EVENT_INDEX, WEEK_MS, Bucket, Session, UserProfile, decay
 from udfs.profile_config import Horizon, ProfileConfig
@@ -222,6 +223,7 @@ class FeatureCatalog:
         self._lifetime_and_cart()
         self._sessions()
         self._interest()
+        self._context()
         if set(self.specs) != set(self.readers):
             raise AssertionError(f"features without a spec: {sorted(set(self.readers) ^ set(self.specs))}")
 
@@ -466,6 +468,44 @@ class FeatureCatalog:
         spec["category_affinity"] = FeatureSpec(MAP, DECAY, half_life_ms=config.affinity_half_life_ms)
         spec["top_categories"] = FeatureSpec(TEXT_LIST)
         spec["ms_since_viewed_product"] = FeatureSpec(MAP, RECENCY, value_kind=DURATION, missing_key=None)
+
+    def _context(self) -> None:
+        r, lapses, spec = self.readers, self.lapses, self.specs
+
+        def latest(kind: str) -> Reader:
+            def read(p: UserProfile, t: int) -> str | None:
+                held = p.context.get(kind)
+                return None if held is None else held[1]
+
+            return read
+
+        for kind in ("device", "country", "referrer"):
+            r[kind] = latest(kind)
+            spec[kind] = FeatureSpec(TEXT, nullable=True, choices=DEVICE_CLASSES if kind == "device" else ())
+
+        # The latest touch's values; "" is a value that touch did not carry.
+        r["utm_source"] = lambda p, t: None if p.touch is None else p.touch[1] or None
+        r["utm_medium"] = lambda p, t: None if p.touch is None else p.touch[2] or None
+        r["utm_campaign"] = lambda p, t: None if p.touch is None else p.touch[3] or None
+        for name in ("utm_source", "utm_medium", "utm_campaign"):
+            spec[name] = FeatureSpec(TEXT, nullable=True)
+        r["first_touch_source"] = lambda p, t: None if p.first_seen is None else p.first_seen[1]
+        spec["first_touch_source"] = FeatureSpec(TEXT, nullable=True)
+        r["ms_since_first_seen"] = lambda p, t: None if p.first_seen is None else t - p.first_seen[0]
+        spec["ms_since_first_seen"] = FeatureSpec(DURATION, RECENCY, nullable=True)
+
+        def zone(p: UserProfile) -> str | None:
+            held = p.context.get("timezone")
+            return None if held is None else held[1]
+
+        # Read at the evaluation instant in the latest timezone the user's events gave (UTC when
+        # none); they step at local hour and day boundaries, which are their lapses.
+        r["local_hour"] = lambda p, t: local_hour(t, zone(p))
+        lapses["local_hour"] = lambda p, t: next_boundary_ms(t, zone(p), HOUR_S)
+        spec["local_hour"] = FeatureSpec(NUMBER)
+        r["local_weekday"] = lambda p, t: local_weekday(t, zone(p))
+        lapses["local_weekday"] = lambda p, t: next_boundary_ms(t, zone(p), DAY_S)
+        spec["local_weekday"] = FeatureSpec(TEXT, choices=WEEKDAYS)
 
 
 def decays_below_ms(value: float, as_of_ms: int, half_life_ms: int, threshold: float, now_ms: int) -> int | None:

@@ -12,6 +12,7 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field, fields
 
+from udfs.context import DIRECT, device_class
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile_config import MINUTE_MS, WEEK_MS, ProfileConfig
 
@@ -102,6 +103,15 @@ class UserProfile:
     timer_ms: int | None = None
     scores: dict[str, float] = field(default_factory=dict)  # model scores as of scored_at_ms
     scored_at_ms: int | None = None  # the latest accepted event, or the latest rescoring timer
+    # Context (docs/features.md): "device", "country", "timezone", "referrer" -> (time, value) of
+    # the latest event that carried one (on a tie the greater value, so arrival order never matters).
+    context: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # The latest event with a campaign value: (time, utm_source, utm_medium, utm_campaign), "" for
+    # one it did not carry; ties as above.
+    touch: tuple[int, str, str, str] | None = None
+    # The lifetime's earliest event: (time, its source: utm_source, else referrer host, else
+    # "direct"); on a tie the lesser source.
+    first_seen: tuple[int, str] | None = None
     # Not state: when `prune` last ran on this object (a restored profile is pruned on first use).
     pruned_at_ms: int = field(default=-(2**62), compare=False, repr=False)
     # Not state: (engine, clock_ms, instant) of an engine's latest `next_change_ms` answer for
@@ -241,6 +251,7 @@ def apply_event(profile: UserProfile, event: UserEvent, config: ProfileConfig) -
     _add_to_session(profile, event, config)
     _apply_to_cart(profile, event, config)
     _add_decayed_interest(profile, event, config)
+    _note_context(profile, event)
 
 
 # Every 10 minutes of event time: once a minute, an active user's profile was scanned at most
@@ -433,3 +444,35 @@ def _add_decayed_interest(profile: UserProfile, event: UserEvent, config: Profil
         affinity[event.category] = affinity.get(event.category, 0.0) + decay(weight, age, config.affinity_half_life_ms)
         if len(affinity) > config.max_tracked_items:
             del affinity[min(affinity, key=lambda k: (affinity[k], k))]
+
+
+def _note_context(profile: UserProfile, event: UserEvent) -> None:
+    """Keeps the context the event carries where it is the latest (or, for first_seen, the
+    earliest) by event time; the values are already bounded (udfs/context.py)."""
+    ts = event.timestamp
+    first = profile.first_seen
+    if first is None or ts <= first[0]:
+        source = event.utm_source or event.referrer or DIRECT
+        if first is None or ts < first[0] or source < first[1]:
+            profile.first_seen = (ts, source)
+    context = profile.context
+    if event.device is not None:
+        device = device_class(event.device)
+        if device is not None:
+            _keep_latest(context, "device", ts, device)
+    if event.country is not None:
+        _keep_latest(context, "country", ts, event.country)
+    if event.timezone is not None:
+        _keep_latest(context, "timezone", ts, event.timezone)
+    if event.referrer is not None:
+        _keep_latest(context, "referrer", ts, event.referrer)
+    if event.utm_source is not None or event.utm_medium is not None or event.utm_campaign is not None:
+        touch = (ts, event.utm_source or "", event.utm_medium or "", event.utm_campaign or "")
+        if profile.touch is None or touch > profile.touch:
+            profile.touch = touch
+
+
+def _keep_latest(context: dict[str, tuple[int, str]], kind: str, ts: int, value: str) -> None:
+    held = context.get(kind)
+    if held is None or ts > held[0] or (ts == held[0] and value > held[1]):
+        context[kind] = (ts, value)

@@ -16,6 +16,26 @@ from udfs.profile_config import MINUTE_MS
 
 CATEGORIES = ("shoes", "outerwear", "electronics", "books", "kitchen", "toys", "beauty", "sports")
 DEVICES = ("mobile", "desktop", "tablet")
+# (country, timezone, weight) of the generated shoppers.
+PLACES = (
+    ("DE", "Europe/Berlin", 0.3),
+    ("FR", "Europe/Paris", 0.2),
+    ("GB", "Europe/London", 0.2),
+    ("US", "America/New_York", 0.15),
+    ("US", "America/Los_Angeles", 0.1),
+    ("IN", "Asia/Kolkata", 0.05),
+)
+# How a session starts: (utm_source, utm_medium, utm_campaign, referrer, weight); direct visits
+# carry none. A user's first session is drawn from all of them, later ones mostly direct.
+LANDINGS = (
+    (None, None, None, None, 0.35),
+    (None, None, None, "www.google.com", 0.2),
+    ("google", "cpc", "spring_sale", "www.google.com", 0.15),
+    ("facebook", "paid_social", "spring_sale", "m.facebook.com", 0.1),
+    ("newsletter", "email", "weekly", None, 0.1),
+    (None, None, None, "blog.example.org", 0.1),
+)
+RETURN_DIRECT = 0.6  # a later session is a direct visit this often
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,11 @@ def _user_events(user_index: int, seed: int, start_ms: int, end_ms: int) -> Iter
     persona = persona_of(user_index, seed)
     user_id = user_id_of(user_index)
     device = rng.choice(DEVICES)
+    # Context from a stream of its own, so the events' other fields are what they were before it.
+    context_rng = random.Random(f"{seed}/context/{user_index}")
+    country, timezone, _ = context_rng.choices(PLACES, weights=[p[2] for p in PLACES])[0]
+    landing_weights = [landing[4] for landing in LANDINGS]
+    landing: tuple = LANDINGS[0]
     favourite = rng.sample(CATEGORIES, 2)
     horizon = end_ms
     if persona.churn_after_days is not None:
@@ -68,8 +93,10 @@ def _user_events(user_index: int, seed: int, start_ms: int, end_ms: int) -> Iter
     session_no = 0
 
     def event(kind: str, ts: int, **fields) -> UserEvent:
-        nonlocal seq
+        nonlocal seq, landing
         seq += 1
+        source, medium, campaign, referrer, _ = landing
+        landing = LANDINGS[0]  # the landing's values go with the session's first event only
         return UserEvent(
             event_id=f"{user_id}-{seq:07d}",
             user_id=user_id,
@@ -78,10 +105,18 @@ def _user_events(user_index: int, seed: int, start_ms: int, end_ms: int) -> Iter
             session_id=f"{user_id}-s{session_no}",
             device=device,
             **fields,
+            referrer=referrer,
+            utm_source=source,
+            utm_medium=medium,
+            utm_campaign=campaign,
+            country=country,
+            timezone=timezone,
         )
 
     while t < horizon:
         session_no += 1
+        if session_no == 1 or context_rng.random() >= RETURN_DIRECT:
+            landing = context_rng.choices(LANDINGS, weights=landing_weights)[0]
         cart: dict[str, float] = {}
         steps = rng.randint(*persona.session_events)
         for _ in range(steps):

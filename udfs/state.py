@@ -10,7 +10,8 @@ them beside the body it encoded before (kept in `profile.derived` until the stat
 rewritten after every step, and fastavro's writer took ~300 us for a week-old profile. MessagePack
 holds only plain values (no code, no class names), so a value decodes to the same profile in any
 Python release, and a damaged one is an error, never a profile. State written by earlier releases
-is still read: the layout of version 4 (one zstd frame of the whole array), and Avro (plain, or in
+is still read: the layout of version 5 (the same without the context), of version 4 (one zstd
+frame of the whole array), and Avro (plain, or in
 a zstd frame; schemas/user_profile_state.avsc and schemas/history), through schema resolution.
 Changing the layout means a new version number and a reader for the old one, kept here."""
 
@@ -25,6 +26,7 @@ import msgpack
 import zstandard
 
 from udfs.codec import MAGIC, AvroCodec, DecodeError
+from udfs.context import UNKNOWN_SOURCE
 from udfs.events import EVENT_TYPES
 from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
 
@@ -93,8 +95,12 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Far above any bounded profile (ProfileConfig's caps keep a week-old one near 4 KB before zstd).
 MAX_STATE_BYTES = 64 << 20
-LAYOUT_VERSION = 5  # 4: the same items in one zstd frame; the Avro schemas of earlier state were 1-3
-BODY_ITEMS = 19
+# 7: version 5's body and the context (three items more). 5: the body without them. 4: version 5's
+# items in one zstd frame. 6 was a layout reverted before any release; never to be reused. The
+# Avro schemas of earlier state were 1-3.
+LAYOUT_VERSION = 7
+BODY_ITEMS = 22
+BODY_ITEMS_BY_VERSION = {5: 19, LAYOUT_VERSION: BODY_ITEMS}
 
 
 def _body(p: UserProfile) -> list:
@@ -135,6 +141,9 @@ def _body(p: UserProfile) -> list:
         {name: (m.member, m.sequence, m.since_ms) for name, m in p.memberships.items()},
         p.scores,
         p.scored_at_ms,
+        p.context,
+        p.touch,
+        p.first_seen,
     ]
 
 
@@ -143,6 +152,13 @@ _INSTANTS = struct.Struct("<q?q")
 
 def _instants_check(clock_ms: int, timer_ms: int | None) -> int:
     return zlib.crc32(_INSTANTS.pack(clock_ms, timer_ms is None, timer_ms or 0))
+
+
+def _first_seen_before_context(sequence_base: int, last_by_type: dict) -> tuple[int, str] | None:
+    """What a profile stored before the context (layout 5, 4, Avro) says of when the user was
+    first seen: the lifetime's first event, which its sequence base is 1000 times, of a source
+    not recorded. So an upgrade does not make every user with history new (docs/features.md)."""
+    return (sequence_base // 1000, UNKNOWN_SOURCE) if last_by_type else None
 
 
 def _from_layout(v: list) -> UserProfile:
@@ -161,6 +177,7 @@ def _from_layout(v: list) -> UserProfile:
     return UserProfile(
         clock_ms=v[1],
         sequence_base=v[2],
+        first_seen=_first_seen_before_context(v[2], v[3]),
         last_by_type=v[3],
         buckets=buckets,
         lifetime_spend=v[5],
@@ -215,17 +232,23 @@ class ProfileStateCodec:
         return self._checked(self._from_current, self._unpack(data))
 
     def _from_current(self, v: list) -> UserProfile:
-        if not isinstance(v, list) or len(v) != 5 or v[0] != LAYOUT_VERSION:
+        """Layout LAYOUT_VERSION, or 5 (which had no context: the profile starts without it)."""
+        if not isinstance(v, list) or len(v) != 5 or v[0] not in BODY_ITEMS_BY_VERSION:
             shown = v[0] if isinstance(v, list) and v else type(v).__name__
             raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
-        _, clock_ms, timer_ms, body, check = v
+        version, clock_ms, timer_ms, body, check = v
         if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
             raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
         items = self._unpack(self._decompress(body))
-        if not isinstance(items, list) or len(items) != BODY_ITEMS:
+        if not isinstance(items, list) or len(items) != BODY_ITEMS_BY_VERSION[version]:
             raise DecodeError("undecodable", "profile state: malformed body")
-        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:]])
-        profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
+        profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:19]])
+        if version == LAYOUT_VERSION:
+            context, touch, first_seen = items[19:]
+            profile.context = {kind: (held[0], held[1]) for kind, held in context.items()}
+            profile.touch = None if touch is None else (touch[0], touch[1], touch[2], touch[3])
+            profile.first_seen = None if first_seen is None else (first_seen[0], first_seen[1])
+            profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
         return profile
 
     def _decompress(self, frame: bytes) -> bytes:
@@ -299,6 +322,7 @@ class ProfileStateCodec:
         return UserProfile(
             clock_ms=r["clock_ms"],
             sequence_base=r["sequence_base"],
+            first_seen=_first_seen_before_context(r["sequence_base"], r["last_by_type"]),
             last_by_type=r["last_by_type"],
             buckets={ring["width_ms"]: _buckets(ring) for ring in r["rings"]},
             lifetime_spend=r["lifetime_spend"],

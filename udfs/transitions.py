@@ -59,6 +59,7 @@ class Transition:
     labels: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     arms: dict[str, str] = field(default_factory=dict)  # experiment -> CONTROL | TREATMENT
+    provisional: bool = False  # of a cold-start segment (docs/definitions.md)
 
     @property
     def transition_id(self) -> str:
@@ -85,6 +86,7 @@ class Transition:
                 "scores": self.scores,
                 "labels": self.labels,
                 "missing": list(self.missing),
+                "provisional": self.provisional,
             },
             "arms": dict(self.arms),
         }
@@ -333,6 +335,7 @@ class SegmentEngine:
                         RETENTION_RULE,
                         idle,
                         profile,
+                        (segment := self.definitions.segments.get(name)) is not None and segment.provisional,
                     )
                 )
         profile.reset()
@@ -363,12 +366,16 @@ class SegmentEngine:
                 rule, values = REMOVED_RULE, {}
             else:
                 rule, values = verdict.rule, condition_features(verdict.condition, ev)
+            segment = self.definitions.segments.get(name)  # None: a segment no longer defined
+            provisional = segment is not None and segment.provisional
             out.append(
-                self._transition(user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile)
+                self._transition(
+                    user_id, name, member, sequence, now_ms, cause, cause_event_id, rule, values, profile, provisional
+                )
             )
 
     def _transition(
-        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile
+        self, user_id, segment, member, sequence, now_ms, cause, cause_event_id, rule, values, profile, provisional
     ) -> Transition:
         features: dict[str, float] = {}
         labels: dict[str, str] = {}
@@ -403,6 +410,7 @@ class SegmentEngine:
             labels=labels,
             missing=tuple(missing),
             arms=self._arms(segment, user_id),
+            provisional=provisional,
         )
 
     def _arms(self, segment: str, user_id: str) -> dict[str, str]:

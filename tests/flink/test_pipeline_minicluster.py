@@ -175,13 +175,21 @@ def test_job_emits_the_transitions_and_features_the_core_computes(parallelism, c
     got = sorted((c[1], c[2], c[3], c[4], c[5]) for c in collected if c[0] == "T")
     want = sorted((t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
     # Every shipped segment moves by time alone here (churn_risk_high through the 6-hourly
-    # rescoring), except cart_holder, which only events change, and the two personas, whose
-    # clusters need weeks of history.
+    # rescoring, the cold-start ones a day after a user was first seen), except cart_holder,
+    # which only events change, the two personas, whose clusters need weeks of history, and
+    # new_paid_mobile_visitor, whose members in this traffic all leave at an event (a second
+    # session, a purchase) within their first day.
     by_time = {t.segment for t in expected if t.cause == "TIMER" and t.rule != RETENTION_RULE}
     assert by_time == set(engine.definitions.names) - {
         "cart_holder",
         "big_spender_persona",
         "browsing_not_buying_persona",
+        "new_paid_mobile_visitor",
+    }
+    assert {t.segment for t in expected if t.provisional} == {
+        "new_paid_mobile_visitor",
+        "new_from_newsletter",
+        "new_from_search",
     }
     assert got == want
     # Every payload decodes to the record the core produced, apart from the wall-clock emit time.
@@ -344,6 +352,13 @@ def test_a_backtest_of_a_generated_day_equals_the_live_job(
     assert len({r["segment"] for r in backtest}) >= least_segments
     if definitions:
         assert {arm for r in job for arm in r["arms"].values()} == {"control", "treatment"}
+    else:
+        # The shipped cold-start segments among them (issue 20.2), every transition of theirs and
+        # only theirs marked provisional, in the job's records as in the backtest's.
+        cold_start = {"new_paid_mobile_visitor", "new_from_newsletter", "new_from_search"}
+        assert {r["segment"] for r in job if r["reason"]["provisional"]} == cold_start
+        assert all(r["reason"]["provisional"] == (r["segment"] in cold_start) for r in job)
+        assert result.provisional.users > 0
 
 
 def test_a_stored_profile_the_job_cannot_read_is_quarantined_and_every_other_user_is_unaffected(catalog, tmp_path):
@@ -398,7 +413,7 @@ def test_a_model_that_fails_verification_stops_the_job_before_it_is_built(catalo
 def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_cannot_key(catalog, tmp_path):
     from jobs.java_operators import OperatorsJarMissing, java_class
     from jobs.segment_users import USER_EVENT_KEYS_CLASS, user_event_headers
-    from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog
+    from udfs.codec import MAGIC, SCHEMAS_DIR, SchemaCatalog, schema_fingerprint
 
     settings = load_settings(environ={}, redis_url="")
     create_environment(settings)
@@ -407,7 +422,12 @@ def test_the_java_keying_reads_every_user_event_version_and_refuses_one_it_canno
     with pytest.raises(OperatorsJarMissing, match="segments.events.NoSuchOperator is not in"):
         java_class(settings, "segments.events.NoSuchOperator")
 
-    assert user_event_headers(catalog) == catalog.codec("UserEvent").header
+    # The shipped versions: the current one and schemas/history/user_event.v1.avsc.
+    v1 = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())
+    shipped = user_event_headers(catalog)
+    assert sorted(shipped[i : i + 10] for i in (0, 10)) == sorted(
+        [catalog.codec("UserEvent").header, MAGIC + schema_fingerprint(v1)]
+    )
     schema = json.loads((SCHEMAS_DIR / "user_event.avsc").read_text())
     (tmp_path / "history").mkdir()
     for path in SCHEMAS_DIR.glob("*.avsc"):

@@ -23,11 +23,19 @@ Readings taken where the spec is not explicit (also listed in the test module's 
     when the event arrived (spec: no horizon covers its last event, which is at least 7 days and
     at least session_gap before the clock): then the event starts a new session with that id.
   * lifetime_spend / spend_<h> are 0.0 with no purchases; aov None.
+  * Context: a value (device class, country, timezone, referrer) is the one of the latest event
+    carrying it, the greater value on a time tie; the campaign values come together from the
+    latest event with any of them (the greatest (source, medium, campaign) on a tie, "" for one
+    it lacks); first_touch_source is the source (utm_source, else referrer, else "direct") of the
+    earliest event, the least on a tie. Local time is read with the standard library's datetime
+    in the latest timezone, UTC without one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from udfs.events import EVENT_TYPES, UserEvent
 from udfs.profile import WEEK_MS
@@ -289,6 +297,44 @@ def features_of(accepted: list[Accepted], config: ProfileConfig, now_ms: int) ->
         for p, t in latest_view.items()
         if any(covered(t, T, h.length_ms, h.bucket_ms) for h in config.horizons)
     }
+    f.update(context_features(E, T))
+    return f
+
+
+def device_class_of(device: str) -> str | None:
+    """docs/features.md: desktop, mobile and tablet in any case, other for anything else, none when blank."""
+    cleaned = device.strip().lower()
+    if not cleaned:
+        return None
+    return cleaned if cleaned in ("desktop", "mobile", "tablet") else "other"
+
+
+def context_features(E: list[UserEvent], T: int) -> dict:
+    """The context features at T from the events of the lifetime up to T."""
+    f: dict = {}
+
+    def latest(values: list[tuple[int, str]]) -> str | None:
+        return max(values)[1] if values else None
+
+    devices = [(e.timestamp, c) for e in E if e.device is not None and (c := device_class_of(e.device)) is not None]
+    f["device"] = latest(devices)
+    f["country"] = latest([(e.timestamp, e.country) for e in E if e.country is not None])
+    f["referrer"] = latest([(e.timestamp, e.referrer) for e in E if e.referrer is not None])
+    zone = latest([(e.timestamp, e.timezone) for e in E if e.timezone is not None])
+    touches = [
+        (e.timestamp, e.utm_source or "", e.utm_medium or "", e.utm_campaign or "")
+        for e in E
+        if (e.utm_source, e.utm_medium, e.utm_campaign) != (None, None, None)
+    ]
+    touch = max(touches) if touches else None
+    for i, name in enumerate(("utm_source", "utm_medium", "utm_campaign"), start=1):
+        f[name] = touch[i] or None if touch else None
+    firsts = [(e.timestamp, e.utm_source or e.referrer or "direct") for e in E]
+    f["first_touch_source"] = min(firsts)[1] if firsts else None
+    f["ms_since_first_seen"] = T - min(firsts)[0] if firsts else None
+    local = datetime.fromtimestamp(T // 1000, UTC if zone is None else ZoneInfo(zone))
+    f["local_hour"] = local.hour
+    f["local_weekday"] = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")[local.weekday()]
     return f
 
 

@@ -82,6 +82,8 @@ def from_apache(record_name: str, record: dict) -> dict:
 
 texts = st.text(st.characters(codec="utf-8"), max_size=24)  # any unicode but lone surrogates
 # Within what datetime can hold, so Apache avro can turn them into datetime and back.
+# The fields version 2 of UserEvent added (schemas/history/user_event.v1.avsc is version 1).
+CONTEXT_FIELDS = ("referrer", "utm_source", "utm_medium", "utm_campaign", "country", "timezone")
 timestamps = st.integers(min_value=-(2**40), max_value=2**47)
 finite_doubles = st.floats(allow_nan=False, allow_infinity=False)
 
@@ -103,6 +105,7 @@ user_event_records = st.fixed_dictionaries(
         "quantity": optional(st.integers(*INT32)),
         "device": optional(texts),
         "properties": st.dictionaries(texts, texts, max_size=5),
+        **{name: optional(texts) for name in CONTEXT_FIELDS},
     }
 )
 
@@ -126,6 +129,7 @@ segment_transition_records = st.fixed_dictionaries(
                 "scores": st.dictionaries(texts, finite_doubles, max_size=4),
                 "labels": st.dictionaries(texts, texts, max_size=3),
                 "missing": st.lists(texts, max_size=3),
+                "provisional": st.booleans(),
             }
         ),
         "arms": st.dictionaries(texts, st.sampled_from(["control", "treatment"]), max_size=2),
@@ -164,6 +168,7 @@ def a_user_event(**changes) -> dict:
         "quantity": 2,
         "device": "mobile",
         "properties": {"query": "schuhe grün"},
+        **dict.fromkeys(CONTEXT_FIELDS),
     }
     return {**record, **changes}
 
@@ -187,6 +192,7 @@ def a_transition(**changes) -> dict:
             "scores": {},
             "labels": {},
             "missing": [],
+            "provisional": False,
         },
         "arms": {},
     }
@@ -376,6 +382,7 @@ def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
         + session
         + b"\x00" * 5
         + b"\x00"
+        + b"\x00" * len(CONTEXT_FIELDS)
     )
 
 
@@ -448,7 +455,7 @@ def test_any_bytes_at_all_decode_to_a_dict_or_raise_decode_error(catalog, payloa
 # --- schema evolution -----------------------------------------------------------------------
 
 ADDED_FIELDS = [
-    {"name": "referrer", "type": ["null", "string"], "default": None},
+    {"name": "page_language", "type": ["null", "string"], "default": None},
     {"name": "channel", "type": "string", "default": "web"},
 ]
 
@@ -474,19 +481,19 @@ def test_a_payload_from_the_previous_schema_decodes_with_the_new_one_filling_def
     old_payload = old.codec("UserEvent").encode(a_user_event())
     new_codec = new.codec("UserEvent")
     assert old_payload[:HEADER_SIZE] != new_codec.header
-    assert new_codec.decode(old_payload) == {**a_user_event(), "referrer": None, "channel": "web"}
+    assert new_codec.decode(old_payload) == {**a_user_event(), "page_language": None, "channel": "web"}
 
 
 def test_the_evolved_schema_writes_and_reads_its_own_new_fields(evolved_catalogs):
     _, new = evolved_catalogs
     codec = new.codec("UserEvent")
-    record = {**a_user_event(), "referrer": "newsletter", "channel": "app"}
+    record = {**a_user_event(), "page_language": "de", "channel": "app"}
     assert codec.decode(codec.encode(record)) == record
 
 
 def test_a_payload_from_a_newer_schema_is_unknown_to_an_older_reader(evolved_catalogs):
     old, new = evolved_catalogs
-    new_payload = new.codec("UserEvent").encode({**a_user_event(), "referrer": None, "channel": "web"})
+    new_payload = new.codec("UserEvent").encode({**a_user_event(), "page_language": None, "channel": "web"})
     assert reason_of(old.codec("UserEvent"), new_payload) == "unknown_schema"
 
 
@@ -516,8 +523,10 @@ def history_schema(file_name: str) -> dict:
 
 
 def without_arms(record: dict) -> dict:
-    """A transition as v2 (before `arms`) wrote it; v1 had no `reason.labels` nor `reason.missing` either."""
-    return {k: v for k, v in record.items() if k != "arms"}
+    """A transition as v2 (before `arms` and `reason.provisional`) wrote it; v1 had no
+    `reason.labels` nor `reason.missing` either."""
+    reason = {k: v for k, v in record["reason"].items() if k != "provisional"}
+    return {k: v for k, v in record.items() if k != "arms"} | {"reason": reason}
 
 
 @pytest.mark.parametrize("version", ["segment_transition.v1.avsc", "segment_transition.v2.avsc"])
@@ -550,8 +559,55 @@ def test_a_transition_with_arms_is_read_by_a_consumer_still_on_the_v2_schema(cat
     assert from_apache("SegmentTransition", read) == without_arms(record)  # fastavro gives datetimes too
 
 
-def test_the_current_transition_contract_differs_from_v2_only_by_the_optional_arms_field():
-    current, v2 = schema_json("SegmentTransition"), history_schema("segment_transition.v2.avsc")
-    assert current["fields"][:-1] == v2["fields"]
-    added = current["fields"][-1]
+def test_the_transition_contract_adds_arms_in_v3_and_the_provisional_reason_in_v4():
+    current = schema_json("SegmentTransition")
+    v2, v3 = history_schema("segment_transition.v2.avsc"), history_schema("segment_transition.v3.avsc")
+    assert v3["fields"][:-1] == v2["fields"]
+    added = v3["fields"][-1]
     assert (added["name"], added["type"], added["default"]) == ("arms", {"type": "map", "values": "string"}, {})
+
+    def reason_fields(schema: dict) -> list[dict]:
+        return next(f for f in schema["fields"] if f["name"] == "reason")["type"]["fields"]
+
+    def without_reason(schema: dict) -> list[dict]:
+        return [f for f in schema["fields"] if f["name"] != "reason"]
+
+    assert without_reason(current) == without_reason(v3)
+    assert reason_fields(current)[:-1] == reason_fields(v3)
+    provisional = reason_fields(current)[-1]
+    assert (provisional["name"], provisional["type"], provisional["default"]) == ("provisional", "boolean", False)
+
+
+def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(catalog, tmp_path):
+    """schemas/history/user_event.v1.avsc, as producers before the context fields write it."""
+    v1_dir = tmp_path / "v1"
+    v1_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "user_event.v1.avsc", v1_dir / "user_event.avsc")
+    v1 = SchemaCatalog(v1_dir).codec("UserEvent")
+    record = {k: v for k, v in a_user_event().items() if k not in CONTEXT_FIELDS}
+    payload = v1.encode(record)
+    current = catalog.codec("UserEvent")
+    assert payload[:HEADER_SIZE] != current.header
+    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS)}
+    # Version 2 is version 1 with the context fields appended, each an optional string defaulting to null.
+    v1_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())["fields"]
+    v2_fields = schema_json("UserEvent")["fields"]
+
+    def shape(fields: list[dict]) -> list[tuple]:
+        return [(f["name"], f["type"], f.get("default")) for f in fields]
+
+    assert shape(v2_fields[: len(v1_fields)]) == shape(v1_fields)
+    assert shape(v2_fields[len(v1_fields) :]) == [(name, ["null", "string"], None) for name in CONTEXT_FIELDS]
+
+
+def test_a_transition_of_the_previous_schema_decodes_as_not_provisional(catalog, tmp_path):
+    """schemas/history/segment_transition.v3.avsc, as releases before cold-start segments wrote it."""
+    v3_dir = tmp_path / "v3"
+    v3_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "segment_transition.v3.avsc", v3_dir / "segment_transition.avsc")
+    record = a_transition(arms={"spring_promo": "control"})
+    previous = {**record, "reason": {k: v for k, v in record["reason"].items() if k != "provisional"}}
+    payload = SchemaCatalog(v3_dir).codec("SegmentTransition").encode(previous)
+    current = catalog.codec("SegmentTransition")
+    assert payload[:HEADER_SIZE] != current.header
+    assert current.decode(payload) == {**previous, "reason": {**previous["reason"], "provisional": False}}

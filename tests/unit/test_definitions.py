@@ -128,8 +128,11 @@ SHOP = load_definitions(SHIPPED_DEFINITIONS, models=ModelRegistry.outputs_of(DEF
 
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
     shop = Segmentation.load(SHIPPED_DEFINITIONS).definitions
-    assert shop.version == "shop-5"
+    assert shop.version == "shop-6"
     assert shop.names == (
+        "new_paid_mobile_visitor",
+        "new_from_newsletter",
+        "new_from_search",
         "active_browser",
         "cart_holder",
         "cart_abandoner",
@@ -800,6 +803,7 @@ def test_a_transition_reason_records_the_rule_as_written_features_labels_missing
         "scores": {},
         "labels": {},
         "missing": ["ms_since_last_purchase"],
+        "provisional": False,
     }
     [left] = [t for t in run.event(ev(3, A + 2 * MINUTE_MS, "purchase", price=20.0)) if t.segment == "cart_no_purchase"]
     assert (left.kind, left.rule) == ("EXIT", "not (absent(purchase, 7d)   and cart_items>0)")

@@ -14,6 +14,7 @@ from udfs.codec import DecodeError
 from udfs.events import EVENT_TYPES, MAX_ID_LENGTH, MIN_EVENT_TIME_MS, UserEvent, event_from_record
 
 NOW = START_MS
+CONTEXT_FIELDS = ("referrer", "utm_source", "utm_medium", "utm_campaign", "country", "timezone")
 MAX_FUTURE = 24 * 3600 * 1000
 
 
@@ -150,8 +151,9 @@ def test_a_valid_record_passes_and_round_trips_through_to_record():
         quantity=1,
         device="mobile",
         properties={"referrer": "newsletter"},
+        referrer="newsletter",  # the property of that name, read as the context field (a bare host)
     )
-    assert event.to_record() == record
+    assert event.to_record() == {**record, **dict.fromkeys(CONTEXT_FIELDS), "referrer": "newsletter"}
 
 
 def test_a_record_with_only_the_required_fields_gets_none_and_empty_properties():
@@ -166,6 +168,7 @@ def test_a_record_with_only_the_required_fields_gets_none_and_empty_properties()
         "quantity": None,
         "device": None,
         "properties": {},
+        **dict.fromkeys(CONTEXT_FIELDS),
     }
 
 
@@ -189,4 +192,93 @@ valid_records = st.fixed_dictionaries(
 
 @given(record=valid_records)
 def test_every_valid_record_is_accepted_and_round_trips(record):
-    assert accept(record).to_record() == record
+    assert accept(record).to_record() == {**record, **dict.fromkeys(CONTEXT_FIELDS)}
+
+
+# --- context (docs/contract.md, docs/features.md "Context") ------------------------------------
+
+
+def context_of(event: UserEvent) -> dict:
+    return {name: getattr(event, name) for name in CONTEXT_FIELDS}
+
+
+def test_declared_context_fields_are_normalised():
+    event = accept(
+        a_record(
+            properties={},
+            referrer="https://Someone:secret@WWW.Example.COM:8443/search?q=boots",
+            utm_source=" Google ",
+            utm_medium="CPC",
+            utm_campaign="Spring Sale-2026",
+            country="fr",
+            timezone="America/Argentina/Buenos_Aires",
+        )
+    )
+    assert context_of(event) == {
+        "referrer": "www.example.com",  # the host alone: no path, query, port or user information
+        "utm_source": "google",
+        "utm_medium": "cpc",
+        "utm_campaign": "spring sale-2026",
+        "country": "FR",
+        "timezone": "America/Argentina/Buenos_Aires",
+    }
+
+
+def test_a_context_property_is_read_when_the_field_is_absent_or_blank_and_the_field_wins():
+    properties = {"utm_source": "Newsletter", "country": "de", "timezone": "Asia/Kolkata", "referrer": "a.example"}
+    event = accept(a_record(properties=properties, utm_source="facebook", country="  ", timezone=None))
+    assert context_of(event) == {
+        "referrer": "a.example",
+        "utm_source": "facebook",
+        "utm_medium": None,
+        "utm_campaign": None,
+        "country": "DE",
+        "timezone": "Asia/Kolkata",
+    }
+    assert event.properties == properties  # kept as sent
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("utm_source", "someone@example.com"),  # no e-mail addresses
+        ("utm_campaign", "https://x.example/a"),  # nor URLs
+        ("utm_medium", "c" * 65),
+        ("utm_medium", "-cpc"),
+        ("country", "FRA"),
+        ("country", "F1"),
+        ("timezone", "Mars/Olympus_Mons"),
+        ("timezone", "../../etc/passwd"),
+        ("timezone", "localtime"),  # the machine's zone, not the shopper's
+        ("timezone", "Europe/Paris" + " " * 60 + "x"),
+        ("referrer", "https://[::1/"),
+        ("referrer", "no host here"),
+        ("referrer", "https://example.com/" + "a" * 2048),
+    ],
+)
+def test_a_declared_context_field_that_breaks_its_rule_is_invalid_and_its_value_not_in_the_message(field, value):
+    with pytest.raises(DecodeError) as err:
+        accept(a_record(**{field: value}))
+    assert err.value.reason == "invalid_field"
+    assert field in err.value.message and value.strip() not in err.value.message
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("utm_source", "someone@example.com"),
+        ("country", "France"),
+        ("timezone", "Mars/Olympus_Mons"),
+        ("referrer", "?"),
+    ],
+)
+def test_a_context_property_that_breaks_its_rule_is_ignored_and_the_event_accepted(field, value):
+    event = accept(a_record(properties={field: value, "query": "boots"}))
+    assert getattr(event, field) is None
+    assert event.properties == {field: value, "query": "boots"}
+
+
+@pytest.mark.parametrize("value", [64, 63])
+def test_a_campaign_value_of_64_characters_is_accepted(value):
+    text = "a" * value
+    assert accept(a_record(utm_campaign=text.upper())).utm_campaign == text

@@ -56,6 +56,19 @@ DEFAULT_40D = ProfileConfig(retention_ms=40 * DAY_MS, **LARGE_CAPS)
 DEFAULT = ProfileConfig(**LARGE_CAPS)
 
 PRODUCTS = ("p1", "p2", "p3", "p4")
+# Context as event_from_record leaves it (normalised), but the device as sent (the profile classes it).
+CONTEXTS = st.fixed_dictionaries(
+    {
+        "device": st.sampled_from([None, "mobile", "Desktop", "tablet", "smart-tv", " "]),
+        "referrer": st.sampled_from([None, "a.example", "b.example"]),
+        "utm_source": st.sampled_from([None, "google", "newsletter"]),
+        "utm_medium": st.sampled_from([None, "cpc", "email"]),
+        "utm_campaign": st.none() | st.sampled_from(["spring", "summer"]),
+        "country": st.sampled_from([None, "FR", "IN"]),
+        # A half-hour offset, and zones with summer time (Lord Howe's moves by 30 minutes)
+        "timezone": st.sampled_from([None, "Europe/Paris", "Asia/Kolkata", "America/New_York", "Australia/Lord_Howe"]),
+    }
+)
 CATEGORIES = ("c1", "c2", "c3")
 SESSIONS = ("s1", "s2", "s3")
 
@@ -203,6 +216,7 @@ def event_logs(draw, scale: Scale, config: ProfileConfig):
                 category=draw(st.none() | st.sampled_from(CATEGORIES)),
                 price=price,
                 quantity=draw(st.none() | st.integers(1, 3)),
+                **draw(st.just({}) | CONTEXTS),
             )
         sent.append(event)
         gen_clock = max(gen_clock, event.timestamp)

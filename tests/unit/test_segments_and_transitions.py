@@ -288,6 +288,7 @@ def test_a_transition_record_carries_its_id_reason_and_emitted_at():
         "scores": {},
         "labels": {},
         "missing": [],
+        "provisional": False,
     }
 
 

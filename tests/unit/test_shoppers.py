@@ -72,3 +72,32 @@ def test_every_generated_event_encodes_as_a_user_event_and_passes_validation(cat
         record = codec.decode(codec.encode(event.to_record()))
         assert record == event.to_record()
         assert event_from_record(record, now_ms=now, max_future_ms=0) == event
+
+
+def test_the_context_leaves_every_other_field_as_the_generator_gave_it_before_the_context():
+    """The context comes from a random stream of its own: the fields of user_event.avsc v1 are
+    those of the generator before it (sha256 of their repr, computed with that generator)."""
+    import hashlib
+
+    events = list(generate_events(200, 42, 1_780_000_000_000, 2 * DAY_MS))
+    v1_fields = [
+        (e.event_id, e.user_id, e.event_type, e.timestamp, e.session_id, e.product_id)
+        + (e.category, e.price, e.quantity, e.device, e.properties)
+        for e in events
+    ]
+    digest = hashlib.sha256(repr(v1_fields).encode()).hexdigest()
+    assert (len(events), digest) == (6492, "574cebb6a5921d605e83ac2884391c4f7f70350a271f48210075297217f589f2")
+
+
+def test_every_event_carries_a_country_and_timezone_and_a_sessions_first_event_its_landing(a_day_of_300_users):
+    sessions: dict[str, list] = defaultdict(list)
+    for event in a_day_of_300_users:
+        assert event.country is not None and event.timezone is not None
+        sessions[event.session_id].append(event)
+    landings = defaultdict(int)
+    for events in sessions.values():
+        first, *rest = events
+        assert all((e.referrer, e.utm_source, e.utm_medium, e.utm_campaign) == (None,) * 4 for e in rest)
+        landings[first.utm_medium or ("referred" if first.referrer else "direct")] += 1
+    assert set(landings) == {"direct", "referred", "cpc", "paid_social", "email"}
+    assert landings["direct"] > len(sessions) / 3  # later sessions are mostly direct visits

@@ -1,6 +1,6 @@
 """The profile's keyed-state form: a versioned MessagePack array of the clock, the pending timer and
 a zstd frame of the rest, exact and compact; a step that moved only the clock and the timer reuses
-the frame; the layout of version 4 and the Avro state of earlier releases still read."""
+the frame; the layouts of versions 5 and 4 and the Avro state of earlier releases still read."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ profiles = st.builds(
     seen_event_ids=st.dictionaries(INT64, INT64, max_size=5),
     memberships=st.dictionaries(names, st.builds(Membership, st.booleans(), INT64, INT64), max_size=6),
     timer_ms=st.none() | INT64,
+    context=st.dictionaries(st.sampled_from(["device", "country", "timezone", "referrer"]), st.tuples(INT64, names)),
+    touch=st.none() | st.tuples(INT64, names, names, names),
+    first_seen=st.none() | st.tuples(INT64, names),
 )
 
 
@@ -91,7 +94,7 @@ def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_co
     )
     payload = state_codec.encode(profile)
     version, clock, timer, body, check = msgpack.unpackb(payload)
-    assert version == LAYOUT_VERSION == 5
+    assert version == LAYOUT_VERSION == 7
     assert (clock, timer) == (START_MS, START_MS + 600_000) and isinstance(check, int)
     items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
     assert items[5] == profile.products_viewed
@@ -105,8 +108,59 @@ def _version_4(profile: UserProfile) -> bytes:
             msgpack.unpackb(ProfileStateCodec(SchemaCatalog().codec("UserProfileState")).encode(profile))[3]
         )
     )
-    layout = [4, profile.clock_ms, *items[:17], profile.timer_ms, *items[17:]]
+    layout = [4, profile.clock_ms, *items[:17], profile.timer_ms, *items[17:19]]
     return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(layout))
+
+
+def test_state_of_layout_version_5_is_still_read_without_context_and_written_again_as_7(state_codec):
+    from udfs.state import _instants_check
+
+    profile = UserProfile(
+        clock_ms=START_MS,
+        timer_ms=START_MS + 5,
+        products_viewed={"p-1": START_MS},
+        memberships={"vip": Membership(True, 3, START_MS)},
+        scores={"churn_risk": 0.25},
+        scored_at_ms=START_MS,
+    )
+    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(state_codec.encode(profile))[3]))
+    assert items[19:] == [{}, None, None]  # the context of a profile without it
+    body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
+    version_5 = msgpack.packb([5, START_MS, START_MS + 5, body, _instants_check(START_MS, START_MS + 5)])
+    decoded = state_codec.decode(version_5)
+    assert decoded == profile
+    assert ENCODED_BODY not in decoded.derived  # a version 5 body is never written back beside a 7
+    assert decoded.first_seen is None  # no event: nothing was seen
+    assert msgpack.unpackb(state_codec.encode(decoded))[0] == 7
+    # A version 7 body is not read as a 5, nor a 5 as a 7.
+    check = _instants_check(START_MS, START_MS + 5)
+    body_7 = msgpack.unpackb(state_codec.encode(profile))[3]
+    for version, wrong_body in ((5, body_7), (7, body)):
+        with pytest.raises(DecodeError, match="malformed body"):
+            state_codec.decode(msgpack.packb([version, START_MS, START_MS + 5, wrong_body, check]))
+
+
+def test_the_reverted_layout_6_is_not_read(state_codec):
+    """Version 6 was a layout reverted before any release: the number stays unused."""
+    from udfs.state import _instants_check
+
+    layout = msgpack.unpackb(state_codec.encode(UserProfile(clock_ms=START_MS)))
+    layout[0] = 6
+    assert _instants_check(START_MS, None) == layout[4]
+    with pytest.raises(DecodeError, match="unknown layout 6"):
+        state_codec.decode(msgpack.packb(layout))
+
+
+def test_the_context_round_trips_as_the_profile_holds_it(state_codec):
+    profile = UserProfile(
+        clock_ms=START_MS,
+        context={"device": (START_MS, "mobile"), "timezone": (START_MS - 1, "Asia/Kolkata")},
+        touch=(START_MS, "google", "", "spring"),
+        first_seen=(START_MS - 9, "direct"),
+    )
+    decoded = state_codec.decode(state_codec.encode(profile))
+    assert decoded == profile
+    assert isinstance(decoded.touch, tuple) and isinstance(decoded.context["device"], tuple)
 
 
 def test_state_of_layout_version_4_is_still_read(state_codec):
@@ -251,3 +305,25 @@ def test_profiles_built_by_replaying_generated_traffic_round_trip(state_codec):
     assert any(p.cart() for p in replayed.values())
     for profile in replayed.values():
         assert state_codec.decode(state_codec.encode(profile)) == profile
+
+
+def test_a_profile_stored_before_the_context_was_first_seen_at_its_lifetimes_first_event_from_an_unknown_source(
+    state_codec,
+):
+    """docs/features.md: an upgrade does not make a user with history new. The lifetime's first
+    event is at START_MS - 5 days (its sequence base is 1000 times that); the latest at START_MS."""
+    from dataclasses import replace
+
+    from udfs.state import _instants_check
+
+    first = START_MS - 5 * DAY_MS
+    profile = UserProfile(clock_ms=START_MS, sequence_base=first * 1000, last_by_type={"page_view": START_MS})
+    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(state_codec.encode(profile))[3]))
+    body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
+    version_5 = msgpack.packb([5, START_MS, None, body, _instants_check(START_MS, None)])
+    expected = replace(profile, first_seen=(first, "unknown"))
+    assert state_codec.decode(version_5) == expected
+    assert state_codec.decode(_version_4(profile)) == expected
+    assert state_codec.decode(state_codec.avro(profile)) == expected
+    # Read in the current layout, the profile as it is: none for none.
+    assert state_codec.decode(state_codec.encode(profile)).first_seen is None
