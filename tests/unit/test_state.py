@@ -4,6 +4,7 @@ the frame; the layouts of versions 5 and 4 and the Avro state of earlier release
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 
@@ -13,14 +14,23 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.unit.basic_definitions import basic_definitions
 from udfs.codec import SCHEMAS_DIR, AvroCodec, DecodeError, SchemaCatalog
 from udfs.events import EVENT_TYPES
 from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
 from udfs.profile_config import DAY_MS
+from udfs.segmentation import Segmentation
 from udfs.shoppers import generate_events
-from udfs.state import LAYOUT_VERSION, ProfileStateCodec
+from udfs.state import (
+    LAYOUT_VERSION,
+    STATE_DICTIONARY,
+    STATE_DICTIONARY_SHA256,
+    ProfileStateCodec,
+    state_body,
+    state_dictionary,
+)
 from udfs.transitions import SegmentEngine, replay_events
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -96,15 +106,39 @@ def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_co
     version, clock, timer, body, check = msgpack.unpackb(payload)
     assert version == LAYOUT_VERSION == 7
     assert (clock, timer) == (START_MS, START_MS + 600_000) and isinstance(check, int)
-    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
+    dictionary = state_dictionary()
+    assert zstandard.get_frame_parameters(body).dict_id == dictionary.dict_id() != 0
+    items = msgpack.unpackb(zstandard.ZstdDecompressor(dict_data=dictionary).decompress(body))
     assert items[5] == profile.products_viewed
     assert len(body) < len(msgpack.packb(items)) * 0.7  # the repeated id prefixes and time stamps compress
+
+
+def test_the_state_dictionary_is_the_pinned_one_or_no_codec_starts():
+    data = STATE_DICTIONARY.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == STATE_DICTIONARY_SHA256
+    assert state_dictionary(data).dict_id() == state_dictionary().dict_id()
+    with pytest.raises(RuntimeError, match="not the one of layout 7"):
+        state_dictionary(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(RuntimeError, match="unreadable"):
+        state_dictionary(FileNotFoundError("gone"))
+
+
+def test_the_dictionary_makes_a_week_old_profile_smaller_than_a_plain_frame(state_codec):
+    """What the dictionary is for, on a profile it was not trained on (another seed)."""
+    profile = UserProfile()
+    engine = Segmentation.load(SHIPPED_DEFINITIONS).engine()
+    for event in generate_events(1, 99, START_MS, 7 * DAY_MS):
+        engine.step_event(event.user_id, profile, event)
+    packed = msgpack.packb(state_body(profile), use_bin_type=True)
+    with_dictionary = msgpack.unpackb(state_codec.encode(profile))[3]
+    plain = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(packed)
+    assert len(with_dictionary) < 0.9 * len(plain)
 
 
 def _version_4(profile: UserProfile) -> bytes:
     """State as the release before wrote it: one zstd frame of [4, clock, ..., timer, scores, scored_at]."""
     items = msgpack.unpackb(
-        zstandard.ZstdDecompressor().decompress(
+        zstandard.ZstdDecompressor(dict_data=state_dictionary()).decompress(
             msgpack.unpackb(ProfileStateCodec(SchemaCatalog().codec("UserProfileState")).encode(profile))[3]
         )
     )
@@ -123,7 +157,11 @@ def test_state_of_layout_version_5_is_still_read_without_context_and_written_aga
         scores={"churn_risk": 0.25},
         scored_at_ms=START_MS,
     )
-    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(state_codec.encode(profile))[3]))
+    items = msgpack.unpackb(
+        zstandard.ZstdDecompressor(dict_data=state_dictionary()).decompress(
+            msgpack.unpackb(state_codec.encode(profile))[3]
+        )
+    )
     assert items[19:] == [{}, None, None]  # the context of a profile without it
     body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
     version_5 = msgpack.packb([5, START_MS, START_MS + 5, body, _instants_check(START_MS, START_MS + 5)])
@@ -135,8 +173,9 @@ def test_state_of_layout_version_5_is_still_read_without_context_and_written_aga
     # A version 7 body is not read as a 5, nor a 5 as a 7.
     check = _instants_check(START_MS, START_MS + 5)
     body_7 = msgpack.unpackb(state_codec.encode(profile))[3]
-    for version, wrong_body in ((5, body_7), (7, body)):
-        with pytest.raises(DecodeError, match="malformed body"):
+    # (A 7 body under a 5 is refused already at its frame, compressed with layout 7's dictionary.)
+    for version, wrong_body, reason in ((5, body_7, "Dictionary mismatch"), (7, body, "malformed body")):
+        with pytest.raises(DecodeError, match=reason):
             state_codec.decode(msgpack.packb([version, START_MS, START_MS + 5, wrong_body, check]))
 
 
@@ -318,7 +357,11 @@ def test_a_profile_stored_before_the_context_was_first_seen_at_its_lifetimes_fir
 
     first = START_MS - 5 * DAY_MS
     profile = UserProfile(clock_ms=START_MS, sequence_base=first * 1000, last_by_type={"page_view": START_MS})
-    items = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(msgpack.unpackb(state_codec.encode(profile))[3]))
+    items = msgpack.unpackb(
+        zstandard.ZstdDecompressor(dict_data=state_dictionary()).decompress(
+            msgpack.unpackb(state_codec.encode(profile))[3]
+        )
+    )
     body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
     version_5 = msgpack.packb([5, START_MS, None, body, _instants_check(START_MS, None)])
     expected = replace(profile, first_seen=(first, "unknown"))
