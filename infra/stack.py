@@ -7,6 +7,7 @@ to `<stack dir>/logs`. Ports come from `StackPorts` (flags or SEGMENTS_STACK_* v
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,9 +56,18 @@ class StackPorts:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now. Held open together while they are picked: the kernel may
+    hand the port of a socket just closed to the next bind, and two services given one port
+    fail strangely (the second cannot listen, and its clients reach the first)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_for_port(port: int, timeout_s: float = 30.0, what: str = "service") -> None:

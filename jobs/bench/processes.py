@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from infra.stack import ManagedProcess, create_topics, free_port, start_broker, start_redis
+from infra.stack import ManagedProcess, create_topics, free_ports, start_broker, start_redis
 from jobs.bench import PROJECT_ROOT
 
 
@@ -207,7 +207,7 @@ class BenchStack:
 
     def __init__(self, root: Path):
         self.root = root
-        self.broker_port, self.redis_port = free_port(), free_port()
+        self.broker_port, self.redis_port = free_ports(2)
         self.redis = None
         self.broker = start_broker(root, self.broker_port)
         try:

@@ -15,6 +15,7 @@ from infra.stack import (
     ManagedProcess,
     StackPorts,
     free_port,
+    free_ports,
     start_broker,
     start_flink_cluster,
     start_redis,
@@ -126,7 +127,7 @@ def secured_broker(stack_root, monkeypatch, request):
         tls_files.append(str(client_cert))
     users = stack_root / "sasl-users.json"
     users.write_text(json.dumps({SecuredBroker.username: SecuredBroker.password}))
-    broker_port, gate_port = free_port(), free_port()
+    broker_port, gate_port = free_ports(2)
     broker = start_broker(stack_root, broker_port, advertised_port=gate_port)
     gate = ManagedProcess("sasl-gate", stack_root)
     gate.start(
