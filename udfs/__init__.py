@@ -19,6 +19,18 @@ from pathlib import Path
 # module's directory.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
+
+def read_at_import(path: Path) -> bytes | OSError:
+    """A data file's bytes, or the error that kept it unread, for a module to read when it is
+    imported: in PyFlink's thread mode a worker's interpreter keeps the modules of the first job's
+    python-dist directory, which Flink deletes when that job ends (see jobs/shipped_files.py), so a
+    file read later could be gone. The error is raised where the bytes are needed."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e
+
+
 # The per-event modules, compiled together (mypyc calls across them natively). Not compiled: codec
 # (fastavro does its work), shoppers (the traffic generator), redis_layout, definition_warnings
 # (`validate` alone), yaml_events (a subclass of PyYAML's Python classes, which mypyc cannot compile).

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from mypy_extensions import mypyc_attr
 
-from udfs import PACKAGE_DIR
+from udfs import PACKAGE_DIR, read_at_import
 from udfs.conditions import ModelOutput
 from udfs.events import UserEvent
 from udfs.features import DURATION, NUMBER, FeatureCatalog
@@ -48,17 +48,7 @@ FINGERPRINT_START_MS = 1_600_000_000_000
 FINGERPRINT_INSTANTS = tuple(FINGERPRINT_START_MS + DAY_MS * d + 7 * HOUR_MS for d in (1, 2, 4, 8))
 
 
-def _read_fixture(path: Path) -> bytes | OSError:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        return e
-
-
-# Read when the module is imported: in PyFlink's thread mode a worker's interpreter keeps this
-# module from the first job's python-dist directory, which Flink deletes when that job ends (see
-# jobs/shipped_files.py), so a file read later could be gone.
-_FINGERPRINT_BYTES = _read_fixture(FINGERPRINT_EVENTS)
+_FINGERPRINT_BYTES = read_at_import(FINGERPRINT_EVENTS)  # see read_at_import: not later
 
 
 @mypyc_attr(native_class=False)

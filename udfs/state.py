@@ -26,7 +26,7 @@ from array import array
 import msgpack
 import zstandard
 
-from udfs import PACKAGE_DIR
+from udfs import PACKAGE_DIR, read_at_import
 from udfs.codec import MAGIC, AvroCodec, DecodeError
 from udfs.context import UNKNOWN_SOURCE
 from udfs.events import EVENT_TYPES
@@ -112,16 +112,7 @@ STATE_DICTIONARY = PACKAGE_DIR / "state_dictionary.zstd"
 STATE_DICTIONARY_SHA256 = "3ac74c4fc791bc0ee04b18a68fc9f1a7f1732dcdb6f03840a4d0f33d32e1a863"
 
 
-def _read_dictionary() -> bytes | OSError:
-    try:
-        return STATE_DICTIONARY.read_bytes()
-    except OSError as e:
-        return e
-
-
-# Read when the module is imported, as udfs.scoring reads its fixture (see there: in thread mode
-# the files shipped with the first job can be gone when a later one starts).
-_DICTIONARY_BYTES = _read_dictionary()
+_DICTIONARY_BYTES = read_at_import(STATE_DICTIONARY)  # see read_at_import: not later
 
 
 def state_dictionary(data: bytes | OSError = _DICTIONARY_BYTES) -> zstandard.ZstdCompressionDict:
@@ -271,7 +262,9 @@ class ProfileStateCodec:
         version, clock_ms, timer_ms, body, check = v
         if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
             raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
-        items = self._unpack(self._decompress(body, self._dictionary_decompressor if version == 7 else None))
+        items = self._unpack(
+            self._decompress(body, self._dictionary_decompressor if version == LAYOUT_VERSION else None)
+        )
         if not isinstance(items, list) or len(items) != BODY_ITEMS_BY_VERSION[version]:
             raise DecodeError("undecodable", "profile state: malformed body")
         profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:19]])
