@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -217,22 +217,55 @@ class DefinitionSet:
             for group, segments in self._plan
             for s in segments[:1]
         )
+        # What can change each unit's verdict other than time passing (its next change covers
+        # that): an event of one of `types` (None: of any type), new scores (`scored`), or a
+        # segment it references changing (`refs`). A step re-decides only the units it reaches,
+        # and works out the next change again only for those; the others' verdicts and next
+        # changes stand (docs/architecture.md, "Incremental evaluation").
+        self._reach = tuple(_reach(segments, self.catalog) for _, segments in self._plan)
+        self._unit_names = tuple(tuple(s.name for s in segments) for _, segments in self._plan)
+
+    def reached(self, dues: Sequence[int | None], now: int, event_type: str | None, scored: bool) -> list[bool]:
+        """Which units an evaluation at `now` must decide again, given each unit's next change
+        as of the latest evaluation: those due by now, those an event of `event_type` (None: a
+        timer) can change, and with `scored` those reading scores. `changes` adds the units whose
+        referenced segments change on the way."""
+        return [
+            (due is not None and due <= now)
+            or (scored and reads_scores)
+            or (event_type is not None and (types is None or event_type in types))
+            for due, (types, reads_scores, _) in zip(dues, self._reach, strict=True)
+        ]
 
     @property
     def names(self) -> tuple[str, ...]:
         """The segments' names, in the order of the file."""
         return tuple(self.segments)
 
-    def changes(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> list[tuple[str, Verdict | None]]:
+    def changes(
+        self, ev: Evaluation, memberships: Mapping[str, Membership], reached: list[bool] | None = None
+    ) -> list[tuple[str, Verdict | None]]:
         """The segments whose membership at `ev.now` differs from `memberships`, with the verdict
         that decided each, in evaluation order after the members of
         segments no longer defined (verdict None); `ev.members` gets every segment's membership.
-        No verdict is built for a segment whose membership stays."""
+        No verdict is built for a segment whose membership stays. With `reached` (see `reached`),
+        only those units are decided, and the units that read a segment that changed; they are
+        marked in `reached`, and the others keep their memberships."""
         out: list[tuple[str, Verdict | None]] = [
             (name, None) for name, m in memberships.items() if m.member and name not in self.segments
         ]
         members, now = ev.members, ev.now
-        for group, name, min_dwell_ms, enter, leave, entered, left in self._diff_plan:
+        changed: set[str] = set()
+        for unit, (group, name, min_dwell_ms, enter, leave, entered, left) in enumerate(self._diff_plan):
+            if reached is not None and not reached[unit]:
+                refs = self._reach[unit][2]
+                if not (refs and not changed.isdisjoint(refs)):
+                    for held in self._unit_names[unit]:
+                        m = memberships.get(held)
+                        members[held] = m is not None and m.member
+                    continue
+                reached[unit] = True
+            decided = len(out)
             if group is None:
                 current = memberships.get(name)
                 if current is not None and current.member:
@@ -252,14 +285,31 @@ class DefinitionSet:
                     current = memberships.get(name)
                     if verdict.member != (current is not None and current.member):
                         out.append((name, verdict))
+            for name, _ in out[decided:]:
+                changed.add(name)
         return out
 
     def next_change_ms(self, ev: Evaluation, memberships: Mapping[str, Membership]) -> int | None:
         """The earliest instant after `ev.now` at which a verdict may change with no event."""
-        earliest: int | None = None
-        due: int | None
+        return earliest(self.unit_dues(ev, memberships))
+
+    def unit_dues(
+        self,
+        ev: Evaluation,
+        memberships: Mapping[str, Membership],
+        dues: Sequence[int | None] | None = None,
+        reached: Sequence[bool] | None = None,
+    ) -> list[int | None]:
+        """Each unit's next change after `ev.now` with no event: worked out for the units in
+        `reached`, or for every unit without it; the others' are taken from `dues`."""
+        out: list[int | None] = []
         now = ev.now
-        for grouped, segments in self._changes:
+        for unit, (grouped, segments) in enumerate(self._changes):
+            if dues is not None and reached is not None and not reached[unit]:
+                out.append(dues[unit])
+                continue
+            unit_due: int | None = None
+            due: int | None
             for name, min_dwell_ms, enter_change, exit_change in segments:
                 m = memberships.get(name)
                 if m is not None and m.member:
@@ -267,13 +317,14 @@ class DefinitionSet:
                     if due <= now:
                         due = exit_change(ev)
                     elif grouped:
-                        earliest = due if earliest is None or due < earliest else earliest
+                        unit_due = due if unit_due is None or due < unit_due else unit_due
                         break  # the group holds still until then
                 else:
                     due = enter_change(ev)
-                if due is not None and (earliest is None or due < earliest):
-                    earliest = due
-        return earliest if earliest is None or earliest < MAX_TIME_MS else None
+                if due is not None and (unit_due is None or due < unit_due):
+                    unit_due = due
+            out.append(unit_due)
+        return out
 
     @staticmethod
     def _decide_group(group: ExclusiveGroup, ev: Evaluation, memberships: Mapping[str, Membership]) -> dict:
@@ -308,6 +359,38 @@ class DefinitionSet:
 
 def _ordered(unit) -> tuple[Segment, ...]:
     return unit.segments if isinstance(unit, ExclusiveGroup) else (unit,)
+
+
+def earliest(dues: Sequence[int | None]) -> int | None:
+    """The earliest of the units' next changes (None: none before the end of time)."""
+    first: int | None = None
+    for due in dues:
+        if due is not None and (first is None or due < first):
+            first = due
+    return first if first is None or first < MAX_TIME_MS else None
+
+
+def _reach(
+    segments: tuple[Segment, ...], catalog: FeatureCatalog
+) -> tuple[frozenset[str] | None, bool, frozenset[str]]:
+    """(the event types that can change a feature the unit reads, None: any; whether it reads
+    scores; the segments it references)."""
+    types: set[str] | None = set()
+    reads_scores = False
+    refs: set[str] = set()
+    for s in segments:
+        for c in (s.enter, s.exit):
+            if c is None:
+                continue
+            reads_scores = reads_scores or bool(c.references.scores)
+            refs |= c.references.segments
+            for label in c.references.features:
+                changed_by = catalog.specs[label.split("[", 1)[0]].changed_by  # a map's label: name[key]
+                if changed_by is None:
+                    types = None
+                elif types is not None:
+                    types |= changed_by
+    return (None if types is None else frozenset(types)), reads_scores, frozenset(refs)
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 from udfs.context import DAY_S, DEVICE_CLASSES, HOUR_S, WEEKDAYS, local_hour, local_weekday, next_boundary_ms
 from udfs.events import CART_EVENT_TYPES, EVENT_TYPES
-from udfs.profile import EVENT_INDEX, WEEK_MS, Bucket, Session, UserProfile, decay
+from udfs.profile import CART_CHANGING_TYPES, EVENT_INDEX, WEEK_MS, Bucket, Session, UserProfile, decay
 from udfs.profile_config import Horizon, ProfileConfig
 
 Reader = Callable[[UserProfile, int], Any]
@@ -42,6 +42,11 @@ class FeatureSpec:
     # A STEP value that never rises while no event comes (windowed counts: events only leave the
     # window): a comparison it cannot flip by falling needs no timer.
     falls_only: bool = False
+    # The event types whose application can change the value or its course in time (None: any
+    # type). What lets a step re-decide only the segments an event can reach (udfs/definitions.py):
+    # a feature outside the set follows the same course in time after such an event as before it.
+    # Conservative on purpose: a type listed that cannot change the value costs a re-decision.
+    changed_by: frozenset[str] | None = None
 
 
 def _since(p: UserProfile, now: int, types: Iterable[str]) -> int | None:
@@ -259,8 +264,11 @@ class FeatureCatalog:
             r[f"ms_since_last_{kind}"] = since_last
         r["ms_since_cart_activity"] = lambda p, t: _since(p, t, CART_ACTIVITY_TYPES)
         r["ms_since_cart_change"] = lambda p, t: _since(p, t, CART_EVENT_TYPES)
+        changed_by = {f"ms_since_last_{kind}": frozenset((kind,)) for kind in EVENT_TYPES}
+        changed_by["ms_since_cart_activity"] = frozenset(CART_ACTIVITY_TYPES)
+        changed_by["ms_since_cart_change"] = frozenset(CART_EVENT_TYPES)
         for name in r:
-            self.specs[name] = FeatureSpec(DURATION, RECENCY, nullable=True)
+            self.specs[name] = FeatureSpec(DURATION, RECENCY, nullable=True, changed_by=changed_by.get(name))
 
     def _windowed(self, h: Horizon) -> None:
         r, lapses, n = self.readers, self.lapses, h.name
@@ -330,11 +338,18 @@ class FeatureCatalog:
         r[f"aov_{n}"] = aov
         for name in set(r) - before - set(lapses):
             lapses[name] = bucket_lapse
-        for name in set(r) - before:
-            self.specs[name] = FeatureSpec(NUMBER, falls_only=True)  # counts of what is still in the window
-        self.specs[f"spend_{n}"] = FeatureSpec(NUMBER)  # a float sum: no order argument made for it
-        self.specs[f"aov_{n}"] = FeatureSpec(NUMBER, nullable=True)
-        self.specs[f"category_views_{n}"] = FeatureSpec(MAP, falls_only=True)
+        viewed, purchased = frozenset(("product_view",)), frozenset(("purchase",))
+        changed_by: dict[str, frozenset[str] | None] = {f"count_{kind}_{n}": frozenset((kind,)) for kind in EVENT_TYPES}
+        for name in (f"distinct_products_viewed_{n}", f"distinct_categories_viewed_{n}", f"category_views_{n}"):
+            changed_by[name] = viewed
+        for name in (f"spend_{n}", f"orders_{n}", f"aov_{n}"):
+            changed_by[name] = purchased
+        for name in set(r) - before:  # counts of what is still in the window
+            self.specs[name] = FeatureSpec(NUMBER, falls_only=True, changed_by=changed_by.get(name))
+        # a float sum: no order argument made for it
+        self.specs[f"spend_{n}"] = FeatureSpec(NUMBER, changed_by=purchased)
+        self.specs[f"aov_{n}"] = FeatureSpec(NUMBER, nullable=True, changed_by=purchased)
+        self.specs[f"category_views_{n}"] = FeatureSpec(MAP, falls_only=True, changed_by=viewed)
 
     def _lifetime_and_cart(self) -> None:
         r = self.readers
@@ -353,11 +368,16 @@ class FeatureCatalog:
         r["checkout_pending"] = checkout_pending
         r["cart_quantity"] = lambda p, t: {k: line.quantity for k, line in p.cart().items()}
         self.key_readers["cart_quantity"] = lambda p, t, key: line.quantity if (line := p.cart().get(key)) else 0
-        for name in ("lifetime_spend", "lifetime_orders", "cart_lines", "cart_items", "cart_value", "checkout_pending"):
-            self.specs[name] = FeatureSpec(NUMBER)
-        self.specs["lifetime_aov"] = FeatureSpec(NUMBER, nullable=True)
-        self.specs["cart_quantity"] = FeatureSpec(MAP)
-        self.specs["cart"] = FeatureSpec(MAP, value_kind="quantity and unit price")  # not for conditions
+        purchased, cart = frozenset(("purchase",)), frozenset(CART_CHANGING_TYPES)
+        for name in ("lifetime_spend", "lifetime_orders"):
+            self.specs[name] = FeatureSpec(NUMBER, changed_by=purchased)
+        for name in ("cart_lines", "cart_items", "cart_value"):
+            self.specs[name] = FeatureSpec(NUMBER, changed_by=cart)
+        self.specs["checkout_pending"] = FeatureSpec(NUMBER, changed_by=frozenset(("checkout_start", "purchase")))
+        self.specs["lifetime_aov"] = FeatureSpec(NUMBER, nullable=True, changed_by=purchased)
+        self.specs["cart_quantity"] = FeatureSpec(MAP, changed_by=cart)
+        # not for conditions
+        self.specs["cart"] = FeatureSpec(MAP, value_kind="quantity and unit price", changed_by=cart)
 
     def _sessions(self) -> None:
         r, lapses, gap = self.readers, self.lapses, self.config.session_gap_ms
@@ -467,7 +487,9 @@ class FeatureCatalog:
         spec["engagement_tier"] = FeatureSpec(TEXT, choices=("high", "medium", "low"))
         spec["category_affinity"] = FeatureSpec(MAP, DECAY, half_life_ms=config.affinity_half_life_ms)
         spec["top_categories"] = FeatureSpec(TEXT_LIST)
-        spec["ms_since_viewed_product"] = FeatureSpec(MAP, RECENCY, value_kind=DURATION, missing_key=None)
+        spec["ms_since_viewed_product"] = FeatureSpec(
+            MAP, RECENCY, value_kind=DURATION, missing_key=None, changed_by=frozenset(("product_view",))
+        )
 
     def _context(self) -> None:
         r, lapses, spec = self.readers, self.lapses, self.specs

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from udfs.conditions import Evaluation
-from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features
+from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features, earliest
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, control_places, place
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
@@ -165,14 +165,14 @@ class SegmentEngine:
             profile.timer_ms = None  # it has fired (timers fire in time order, so every earlier one too)
         had_events = bool(profile.last_by_type)
         body = profile.derived.get(ENCODED_BODY)
-        out, due = self._advance(user_id, profile, time_ms, self._take_memo(profile))
+        out, due, dues = self._advance(user_id, profile, time_ms, self._take_memo(profile))
         if body is None or profile.derived.get(ENCODED_BODY) is not body:
             # Never changes a result, so `due` stands. Left to the next step that changes the state
             # anyway when this one changed only the clock and the timer: so the body encoded
             # before is written again as it was (the size stays bounded: no step adds anything
             # without pruning).
             prune(profile, self.config)
-        profile.next_change_memo = (self, profile.clock_ms, due)
+        profile.next_change_memo = (self, profile.clock_ms, due, dues)
         return self._finish(TIMER, user_id, profile, out, had_events)
 
     def _finish(
@@ -215,12 +215,13 @@ class SegmentEngine:
         # passes T, i.e. after every event at T that is not late). The retention is the
         # exception: a profile silent for exactly retention_ms has expired, and the event starts
         # a new lifetime.
-        out, _ = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
+        out, _, dues = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
         if event.timestamp > profile.clock_ms:
             profile.clock_ms = event.timestamp
             if self.retention_expiry_ms(profile) == event.timestamp:
                 self._expire(user_id, profile, event.timestamp, out)
                 profile.clock_ms = event.timestamp
+                dues = None
         self._latest = None
         apply_event(profile, event, self.config)
         prune(profile, self.config)
@@ -228,28 +229,32 @@ class SegmentEngine:
         scorer = self.scorer
         if scorer is not None:
             self._score(scorer, profile, ev)
-        self._diff(user_id, profile, ev, "EVENT", event.event_id, out)
+        reached = None if dues is None else self.definitions.reached(dues, ev.now, event.event_type, scorer is not None)
+        self._diff(user_id, profile, ev, "EVENT", event.event_id, out, reached)
+        due, dues = self._next_change(profile, user_id, dues, reached)
+        profile.next_change_memo = (self, profile.clock_ms, due, dues)
         return out
 
-    def _take_memo(self, profile: UserProfile) -> tuple[int | None] | None:
+    def _take_memo(self, profile: UserProfile) -> tuple[int | None, list[int | None] | None] | None:
         memo, profile.next_change_memo = profile.next_change_memo, None
         if memo is not None and memo[0] is self and memo[1] == profile.clock_ms:
-            return (memo[2],)
+            return memo[2], memo[3]
         return None
 
     def _advance(
-        self, user_id: str, profile: UserProfile, time_ms: int, memo: tuple[int | None] | None
-    ) -> tuple[list[Transition], int | None]:
+        self,
+        user_id: str,
+        profile: UserProfile,
+        time_ms: int,
+        memo: tuple[int | None, list[int | None] | None] | None,
+    ) -> tuple[list[Transition], int | None, list[int | None] | None]:
         """The time-driven transitions up to `time_ms`, and the next change after it: the instant
-        the walk stopped at, which nothing between the last evaluation and `time_ms` can move."""
+        the walk stopped at, which nothing between the last evaluation and `time_ms` can move,
+        with each unit's next change (None: not worked out)."""
         out: list[Transition] = []
-        while True:
-            if memo is not None:  # this engine answered at this very clock, on this very state
-                (due,), memo = memo, None
-            else:
-                due = self._next_change_ms(profile, user_id)
-            if due is None or due > time_ms:
-                break
+        # `memo`: this engine answered at this very clock, on this very state.
+        due, dues = memo if memo is not None else self._next_change(profile, user_id, None, None)
+        while due is not None and due <= time_ms:
             # Only a retention expiry can lie behind the clock (a late event older than the
             # retention, applied after the clock passed its expiry): it happens now, and the clock
             # never goes back.
@@ -258,16 +263,21 @@ class SegmentEngine:
             profile.clock_ms = due
             if expiry is not None and expiry <= due:
                 self._expire(user_id, profile, due, out)
-            else:
-                ev = Evaluation(profile, due, self.catalog, profile.scores, user_id)
-                scorer = self.scorer
-                if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
-                    self._latest = None
-                    self._score(scorer, profile, ev)
-                self._diff(user_id, profile, ev, "TIMER", None, out)
+                due, dues = self._next_change(profile, user_id, None, None)
+                continue
+            ev = Evaluation(profile, due, self.catalog, profile.scores, user_id)
+            scorer = self.scorer
+            scored = False
+            if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
+                scored = True
+                self._latest = None
+                self._score(scorer, profile, ev)
+            reached = None if dues is None else self.definitions.reached(dues, due, None, scored)
+            self._diff(user_id, profile, ev, "TIMER", None, out, reached)
+            due, dues = self._next_change(profile, user_id, dues, reached)
         if time_ms > profile.clock_ms:
             profile.clock_ms = time_ms
-        return out, due
+        return out, due, dues
 
     def _score(self, scorer: ScoreFunction, profile: UserProfile, ev: Evaluation) -> None:
         """The models read their vectors through `ev`'s feature cache, which the conditions
@@ -299,21 +309,30 @@ class SegmentEngine:
         kept on the profile object until that call, which is the only thing that changes it
         (the timer_ms an adapter writes is not read here). Definitions with a holdout(...) need
         the user's id."""
-        due = self._next_change_ms(profile, user_id)
-        profile.next_change_memo = (self, profile.clock_ms, due)
+        due, dues = self._next_change(profile, user_id, None, None)
+        profile.next_change_memo = (self, profile.clock_ms, due, dues)
         return due
 
-    def _next_change_ms(self, profile: UserProfile, user_id: str | None) -> int | None:
+    def _next_change(
+        self,
+        profile: UserProfile,
+        user_id: str | None,
+        dues: list[int | None] | None,
+        reached: list[bool] | None,
+    ) -> tuple[int | None, list[int | None] | None]:
+        """The next change and each unit's: worked out again for the `reached` units of the
+        evaluation just made (every unit without `dues`), the others' kept from `dues`."""
         if profile.last_event_ms is None:
-            return None
+            return None, None
         ev = self._latest
         if ev is None or ev.profile is not profile or ev.now != profile.clock_ms or ev.scores is not profile.scores:
             ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
-        due = self.definitions.next_change_ms(ev, profile.memberships)
+        dues = self.definitions.unit_dues(ev, profile.memberships, dues, reached)
+        due = earliest(dues)
         for other in (self.retention_expiry_ms(profile), self.rescore_due_ms(profile)):
             if other is not None and (due is None or other < due):
                 due = other
-        return due
+        return due, dues
 
     def features(self, profile: UserProfile, now_ms: int) -> dict:
         """Every feature of the profile at `now_ms`, by name."""
@@ -348,10 +367,11 @@ class SegmentEngine:
         cause: str,
         cause_event_id: str | None,
         out: list[Transition],
+        reached: list[bool] | None = None,
     ) -> None:
         self._latest = ev
         now_ms = ev.now
-        changed = self.definitions.changes(ev, profile.memberships)
+        changed = self.definitions.changes(ev, profile.memberships, reached)
         if not changed:
             return
         profile.body_changed()
