@@ -44,7 +44,9 @@ from jobs.committed_log import (
     partition_leaders,
 )
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
+from jobs.live_view import last_exits, queue_tally, tally
 from jobs.redis_view import RedisSegmentView
+from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.redis_layout import APPLY_BATCH_LUA, members_key, sequence_key, user_key
 
@@ -101,8 +103,10 @@ class ViewFollower:
         topic: str,
         poll_s: float = 0.2,
         security: KafkaSecurity = PLAINTEXT,
+        flap_window_ms: int = FLAP_WINDOW_MS,
     ):
         self.view = view
+        self.flap_window_ms = flap_window_ms  # the live view's flaps (jobs/live_view.py)
         self.bootstrap_servers = bootstrap_servers
         self.security = security
         self.topic = topic
@@ -277,8 +281,11 @@ class ViewFollower:
         """The batch, then the resume offsets, in one script (APPLY_BATCH_LUA: if a transition
         fails, the script stops before the offsets, so they never pass it), under WATCH of the
         offsets: if Redis was emptied meanwhile, nothing is written and the cursors go back to
-        where Redis says (the beginning). EVAL, not EVALSHA: no script cache to have lost."""
+        where Redis says (the beginning). EVAL, not EVALSHA: no script cache to have lost. The
+        live view's tallies of the batch (jobs/live_view.py) go in the same transaction, so each
+        committed transition is counted once, as far as the offsets go."""
         view, prefix = self.view, self.view.prefix
+        tallied = [(user_id, segment, kind, event_time) for user_id, segment, kind, _, event_time, _ in batch]
         keys = [self.key]
         args: list = [len(batch)]
         for user_id, segment, kind, sequence, event_time, rule in batch:
@@ -291,11 +298,15 @@ class ViewFollower:
                 pipe.watch(self.key)
                 if self._offsets_expected and not pipe.exists(self.key):
                     raise WatchError("the offsets are gone")
+                counted = tally(
+                    tallied, last_exits(pipe, prefix, tallied), self.flap_window_ms, int(time.time() * 1000)
+                )
                 pipe.multi()
                 # Redis's EVAL of the fixed script constant: the transitions travel as its KEYS and
                 # ARGV (data), never as script text.
                 pipe.eval(APPLY_BATCH_LUA, len(keys), *keys, *args)
-                [applied] = pipe.execute()
+                queue_tally(pipe, prefix, counted, self.flap_window_ms)
+                applied = pipe.execute()[0]
             except WatchError:  # emptied, or another writer of the offsets: place the cursors again
                 self._positioned = False
                 return
@@ -361,7 +372,11 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
         if view is None:
             return figures
         follower = ViewFollower(
-            view, settings.bootstrap_servers, settings.transitions_topic, security=settings.kafka_security()
+            view,
+            settings.bootstrap_servers,
+            settings.transitions_topic,
+            security=settings.kafka_security(),
+            flap_window_ms=settings.warnings.flap_window_ms,
         )
         follower.figures = figures
         try:
