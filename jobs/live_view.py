@@ -355,8 +355,7 @@ def live_warnings(figures: LiveFigures, defined: Iterable[str], min_members: int
                 {
                     "kind": "too_small",
                     "segments": [s.segment],
-                    "message": f"{s.segment}: too small to act on: {s.members} members now; warned below "
-                    f"{min_members}",
+                    "message": f"{s.segment}: too small to act on: {s.members} members now; warned below {min_members}",
                 }
             )
         if s.flaps and s.flap_rate > max_flap_rate:

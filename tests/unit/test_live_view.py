@@ -78,7 +78,11 @@ def test_the_flaps_do_not_depend_on_how_the_transitions_are_batched():
 
 
 def test_the_latency_of_each_transition_lands_in_its_bucket():
-    batch = [("ann", "cart", "ENTER", T0 - 2_000), ("bob", "cart", "ENTER", T0 - 400), ("cy", "cart", "EXIT", T0 - 2 * 3_600_000)]
+    batch = [
+        ("ann", "cart", "ENTER", T0 - 2_000),
+        ("bob", "cart", "ENTER", T0 - 400),
+        ("cy", "cart", "EXIT", T0 - 2 * 3_600_000),
+    ]
     counted = tally(batch, {}, WINDOW, now_ms=T0)
     latency = {k: v for k, v in counted.increments.items() if k.startswith("latency")}
     assert latency == {
