@@ -639,6 +639,9 @@ def cmd_dashboard(args) -> int:
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
 
+    if args.sample_every < 100:
+        print(f"error: --sample-every must be at least 100 ms, got {args.sample_every}", file=sys.stderr)
+        return 2
     settings = _settings(args)
     try:
         definitions = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir).definitions

@@ -21,7 +21,6 @@ the backtest's definition (jobs/backtest.py), so a live flap rate and a backtest
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -368,8 +367,3 @@ def live_warnings(figures: LiveFigures, defined: Iterable[str], min_members: int
                 }
             )
     return out
-
-
-def finite(value: float) -> float | None:
-    """JSON has no NaN or infinity."""
-    return value if math.isfinite(value) else None
