@@ -60,6 +60,7 @@ class PageReader(HTMLParser):
         self.movers: list[tuple[str, int, str]] = []
         self.warnings: list[tuple[str, str]] = []
         self.status = ""
+        self.lines: dict[str, int] = {}  # segment -> points of its line on the chart
         self._row: str | None = None
         self._cell: str | None = None
         self._item: dict | None = None
@@ -75,6 +76,8 @@ class PageReader(HTMLParser):
             self._item = {**a, "text": ""}
         elif tag == "p" and a.get("id") == "status":
             self._in_status = True
+        elif tag == "polyline":
+            self.lines[a["data-segment"]] = len(a["points"].split())
 
     def handle_endtag(self, tag):
         if tag == "tr":
@@ -206,6 +209,10 @@ def test_the_dashboard_page_shows_the_member_sets_the_top_mover_and_the_warnings
         assert page.sizes == in_redis
         assert page.movers[0][:2] == ("carters", 10)
         assert "2 → 12" in page.movers[0][2]
+        # One line a segment that had members, a point a sample (`impossible` never had any).
+        shown_samples = int(page.status.split("; ")[1].split()[0])  # "updated ...; N size samples"
+        assert 2 <= shown_samples <= len(size_history(view.client, PREFIX))  # the sampler goes on
+        assert page.lines == {"browsers": shown_samples, "carters": shown_samples}
         assert ("browsers", 2) in [m[:2] for m in page.movers]
         warned = set(page.warnings)
         assert ("never_entered", "impossible") in warned, page.warnings

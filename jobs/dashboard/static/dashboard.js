@@ -43,12 +43,20 @@ function drawChart(history, segments) {
   for (const sample of history) for (const n of Object.values(sample.sizes)) top = Math.max(top, n);
   const x = (t) => pad + ((t - t0) / (t1 - t0)) * (width - 2 * pad);
   const y = (n) => height - pad - (n / top) * (height - 2 * pad);
-  const axis = document.createElementNS(SVG, "text");
-  axis.setAttribute("x", 2);
-  axis.setAttribute("y", pad - 8);
-  axis.textContent = `max ${top}`;
-  svg.append(axis);
-  segments.forEach((s, i) => {
+  const label = (text, xAt, anchor) => {
+    const node = document.createElementNS(SVG, "text");
+    node.setAttribute("x", xAt);
+    node.setAttribute("y", anchor === "top" ? pad - 8 : height - 8);
+    if (anchor === "end") node.setAttribute("text-anchor", "end");
+    node.textContent = text;
+    svg.append(node);
+  };
+  label(`max ${top}`, 2, "top");
+  label(new Date(t0).toISOString().slice(0, 16).replace("T", " "), pad, "start");
+  label(`${new Date(t1).toISOString().slice(0, 16).replace("T", " ")} UTC`, width - pad, "end");
+  // Only the segments that had members at some sample: a flat line at zero says nothing.
+  const drawn = segments.filter((s) => history.some((sample) => (sample.sizes[s.segment] || 0) > 0));
+  drawn.forEach((s, i) => {
     const colour = COLOURS[i % COLOURS.length];
     const points = history.map((sample) => `${x(sample.t).toFixed(1)},${y(sample.sizes[s.segment] || 0).toFixed(1)}`);
     const line = document.createElementNS(SVG, "polyline");
