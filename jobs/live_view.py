@@ -7,9 +7,10 @@ Where each figure comes from:
   only from committed transitions (docs/redis.md): no counter of ours, nothing to reset;
 * **entries, exits, flaps and the event latency** are tallied by the view follower
   (jobs/redis_follower.py) from the committed transitions topic, in the same Redis transaction
-  as its resume offsets: each committed transition is counted once, and a restart of the follower
-  resumes counting where the offsets say. A Redis emptied (or flushed) loses the tallies with the
-  offsets, and the follower's replay of the topic counts everything again;
+  as its resume offsets, with the positions (partition, offset) it counted: a transition read
+  again (a restart resumes at the first record of a transaction still open, so the records after
+  it are read again) is not counted again. A Redis emptied (or flushed) loses the tallies with
+  the offsets, and the follower's replay of the topic counts everything again;
 * **size history** is sampled by `segments dashboard` into a bounded Redis list, so the page's
   chart starts where it left off after a restart of the dashboard.
 
@@ -42,6 +43,13 @@ TallyTransition = tuple[str, str, str, int]
 def counters_key(prefix: str) -> str:
     """The hash of the follower's tallies: entries:SEG, exits:SEG, flaps:SEG, latency buckets."""
     return f"{prefix}:live:counters"
+
+
+def counted_key(prefix: str, partition: int) -> str:
+    """The sorted set of the offsets of the partition's transitions already tallied, at or above
+    the follower's stored resume offset: what a follower that reads them again (after a restart,
+    or a batch Redis refused) must not count twice."""
+    return f"{prefix}:live:counted:{partition}"
 
 
 def recent_exits_key(prefix: str, segment: str) -> str:
@@ -121,6 +129,18 @@ def entering(batch: Iterable[TallyTransition]) -> dict[str, list[str]]:
 # -- the follower's side: read before its transaction, write inside it ----------------------------
 
 
+def already_counted(client, prefix: str, positions: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of the (partition, offset) positions, those tallied before: one ZMSCORE per partition."""
+    by_partition: dict[int, list[int]] = defaultdict(list)
+    for partition, offset in positions:
+        by_partition[partition].append(offset)
+    out = set()
+    for partition, offsets in by_partition.items():
+        scores = client.zmscore(counted_key(prefix, partition), offsets)
+        out.update((partition, o) for o, s in zip(offsets, scores, strict=True) if s is not None)
+    return out
+
+
 def last_exits(client, prefix: str, batch: Sequence[TallyTransition]) -> dict[tuple[str, str], int]:
     """The stored last exits of the users `batch` lets in: one ZMSCORE per segment. Read outside
     the follower's MULTI: the follower is the only writer of these keys (one follower per view)."""
@@ -131,9 +151,25 @@ def last_exits(client, prefix: str, batch: Sequence[TallyTransition]) -> dict[tu
     return out
 
 
-def queue_tally(pipe, prefix: str, counted: Tally, flap_window_ms: int) -> None:
+def queue_tally(
+    pipe,
+    prefix: str,
+    counted: Tally,
+    flap_window_ms: int,
+    positions: Sequence[tuple[int, int]],
+    stored_offsets: Mapping[int, int],
+) -> None:
     """Queues the tally's writes on the follower's MULTI pipeline, beside its offsets: the
-    counters, the exits to remember and the pruning of the ones too old to make a flap."""
+    counters, the positions counted, the exits to remember, and the pruning of the positions
+    below the resume offsets already stored (never read again) and of the exits too old to make
+    a flap."""
+    by_partition: dict[int, dict[str, int]] = defaultdict(dict)
+    for partition, offset in positions:
+        by_partition[partition][str(offset)] = offset
+    for partition, offsets in by_partition.items():
+        pipe.zadd(counted_key(prefix, partition), offsets)
+    for partition, offset in stored_offsets.items():
+        pipe.zremrangebyscore(counted_key(prefix, partition), "-inf", f"({offset}")
     if counted.increments:
         key = counters_key(prefix)
         for name, n in counted.increments.items():

@@ -180,8 +180,9 @@ def wait_for_sample(view: RedisSegmentView, sizes: dict[str, int], timeout_s: fl
 def committed(follower: ViewFollower, transitions: list[tuple[str, str, str, int]], now_ms: int) -> None:
     """Committed transitions applied the way the view follower applies the topic's (its batch
     script, its live tallies, its offsets); (user, segment, kind, sequence)."""
-    batch = [(u, s, k, seq, now_ms - 1000, "test_rule") for u, s, k, seq in transitions]
-    follower._apply(batch, {"0": follower.figures.read + len(batch)})
+    first = follower.figures.read  # the next offset of the one partition, as if read from it
+    batch = [(u, s, k, seq, now_ms - 1000, "test_rule", 0, first + i) for i, (u, s, k, seq) in enumerate(transitions)]
+    follower._apply(batch, {"0": first + len(batch)})
 
 
 def test_the_dashboard_page_shows_the_member_sets_the_top_mover_and_the_warnings(

@@ -2,7 +2,8 @@
 /metrics) against a real broker and a real redis-server: the view follower reads committed
 transitions from the topic and tallies them in Redis; the exporter's text is checked against
 what the test produced (committed only), across a restart of the follower and a replay into an
-emptied Redis."""
+emptied Redis; a restart that reads committed records again behind an open transaction, and a
+batch Redis refused, count nothing twice."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from redis.exceptions import ResponseError
 
 from infra.stack import create_topics, free_port
 from jobs.dashboard.server import Dashboard, serve
@@ -18,7 +20,7 @@ from jobs.live_view import EXPORTED_METRICS
 from jobs.redis_follower import ViewFollower
 from jobs.redis_view import RedisSegmentView
 from jobs.segment_warnings import WarningThresholds
-from tests.e2e.test_redis_follower import Transitions
+from tests.e2e.test_redis_follower import Transitions, record
 from udfs.definitions import parse_definitions
 
 pytestmark = pytest.mark.e2e
@@ -119,6 +121,38 @@ def test_the_exporter_shows_member_sets_and_the_committed_transitions_tallies(br
         assert value("segments_segment_members", "cart") == 2
         assert samples[("segments_transition_latency_seconds_count", "")] == 9
 
+        # A transaction left open holds every follower's resume offset before it: a restarted
+        # follower reads the committed records after it again, and counts none of them twice.
+        other = Transitions(broker, codec, "live-job-2", TOPIC)
+        other.producer.begin_transaction()
+        for user in ("fay", "gus"):
+            other.producer.produce(TOPIC, record(codec, user, "vip", "ENTER", 1, now), key=user.encode())
+        other.producer.flush(30)
+        job.send([(u, "vip", "ENTER", 1, now) for u in ("hal", "ian", "jo", "kim")])
+        follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        _, samples = scrape(port)
+        assert value("segments_segment_entries_total", "vip") == 1 + 4
+        other.producer.commit_transaction(30)
+        follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        _, samples = scrape(port)
+        assert value("segments_segment_entries_total", "vip") == 1 + 4 + 2
+        assert value("segments_segment_members", "vip") == 7
+
+        # A batch Redis refuses (a key of the wrong type) is applied again once the key is fixed:
+        # counted once.
+        view.client.set(f"{PREFIX}:seq:poison", "not a hash")
+        job.send([("lee", "cart", "ENTER", 1, now), ("poison", "cart", "ENTER", 1, now)])
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        view.client.delete(f"{PREFIX}:seq:poison")
+        follow_to_the_end(ViewFollower(view, broker, TOPIC))
+        _, samples = scrape(port)
+        assert view.members("cart") == {"ann", "bob", "lee", "poison"}
+        assert value("segments_segment_entries_total", "cart") == 5 + 2
+        assert samples[("segments_transition_latency_seconds_count", "")] == 9 + 6 + 2
+
         # Redis emptied: the follower replays the topic and counts it all again, once.
         view.client.flushdb()
         follow_to_the_end(ViewFollower(view, broker, TOPIC))
@@ -127,6 +161,7 @@ def test_the_exporter_shows_member_sets_and_the_committed_transitions_tallies(br
             for segment in ("cart", "vip"):
                 assert again[(name, f'{{segment="{segment}"}}')] == samples[(name, f'{{segment="{segment}"}}')]
         assert again[("segments_segment_flaps_total", '{segment="cart"}')] == 2
+        assert again[("segments_transition_latency_seconds_count", "")] == 17
     finally:
         server.shutdown()
         view.close()
