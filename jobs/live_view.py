@@ -179,6 +179,8 @@ def queue_tally(
         key = recent_exits_key(prefix, segment)
         pipe.zadd(key, users)
         pipe.zremrangebyscore(key, "-inf", f"({oldest_kept}")
+        # A segment nobody leaves any more keeps no user ids: the set goes as a whole, in wall time.
+        pipe.pexpire(key, flap_window_ms + EXIT_MARGIN_MS)
 
 
 # -- reading the figures --------------------------------------------------------------------------

@@ -107,6 +107,8 @@ def test_the_exporter_shows_member_sets_and_the_committed_transitions_tallies(br
         assert buckets['{le="+Inf"}'] == samples[("segments_transition_latency_seconds_count", "")] == 7
         assert buckets['{le="300"}'] == 1 and buckets['{le="3600"}'] == 7
         assert buckets['{le="0.25"}'] == 0
+        # The exits kept for the flap check (user ids) go by themselves: window + margin, wall time.
+        assert 0 < view.client.pttl(f"{PREFIX}:live:exits:cart") <= WarningThresholds().flap_window_ms + 60 * MIN
 
         # The follower restarted: it resumes at its offsets, so nothing is counted twice, and the
         # exit it stored in Redis before makes bob's re-entry after a restart a flap.
