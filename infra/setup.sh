@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the job and the tests need, idempotently: the venv with pinned packages, the
 # Flink Kafka connector jars and the tansu broker binary (sha256-verified, cached outside git),
-# and a redis-server binary. Safe to run again; it only does what is missing.
+# a redis-server binary and chromium (the dashboard's browser test). Safe to run again; it only does what is missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SEGMENTS_VENV:-$ROOT/.venv}"
@@ -87,6 +87,15 @@ if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null; then
   $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 command -v java >/dev/null || { log "Java 17 is required (java not on PATH)"; exit 1; }
+
+# 4b. chromium: tests/e2e/test_dashboard_browser.py loads `segments dashboard` in Debian's headless
+#     chromium, and fails without it. SEGMENTS_INSTALL_CHROMIUM=0 skips this (e.g. a machine that
+#     only runs the job).
+if [ "${SEGMENTS_INSTALL_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null; then
+  log "installing chromium from Debian's archive (the dashboard's browser test)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 # 5. The core's per-event modules compiled with mypyc (infra/build_core.py, ~1 min on 2 cores), in
 #    place beside their sources; rebuilt only when the sources or the compiler change. udfs runs the

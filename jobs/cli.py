@@ -1,5 +1,5 @@
 """`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, lookup,
-members, and `stack up|down|status`."""
+members, dashboard, and `stack up|down|status`."""
 
 from __future__ import annotations
 
@@ -630,6 +630,55 @@ def cmd_members(args) -> int:
     return 0
 
 
+@_reading_the_view
+def cmd_dashboard(args) -> int:
+    """The live view's page, JSON and Prometheus figures (jobs/dashboard/server.py) until Ctrl-C."""
+    from infra.stack import redact_url
+    from jobs.dashboard.server import Dashboard, serve
+    from udfs.definitions import DefinitionError
+    from udfs.scoring import ModelVerificationError
+    from udfs.segmentation import Segmentation
+
+    if args.sample_every < 100:
+        print(f"error: --sample-every must be at least 100 ms, got {args.sample_every}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    try:
+        definitions = Segmentation.load(settings.definitions_file(), settings.profile, settings.models_dir).definitions
+    except (DefinitionError, ModelVerificationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    view = _view_reader(settings)
+    if view is None:
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dashboard = Dashboard(
+        view.client,
+        settings.redis_key_prefix,
+        definitions,
+        settings.warnings,
+        sample_s=args.sample_every / 1000,
+        keep_samples=args.history,
+        window_ms=args.window,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = serve(dashboard, args.host, args.port)
+    print(
+        f"dashboard of {redact_url(settings.redis_url)} at http://{args.host}:{args.port}/ "
+        f"(Prometheus: /metrics; Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        dashboard.run_sampler(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        view.close()
+    return 0
+
+
 def cmd_profile_stats(args) -> int:
     from jobs.profile_stats import measure
 
@@ -864,6 +913,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", action="store_true", help="print only how many members the segment has")
     p.add_argument("--batch", type=_positive_int, default=1000, help="members fetched per SSCAN round trip")
     p.set_defaults(func=cmd_members)
+
+    p = with_config(sub.add_parser("dashboard", help="the live view: a web page and Prometheus figures (Redis view)"))
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8090, help="the page at /, its JSON at /api/live, /metrics")
+    p.add_argument(
+        "--sample-every", type=_duration_ms, default=60_000, help="how often segment sizes are sampled (default 1m)"
+    )
+    p.add_argument(
+        "--history", type=_positive_int, default=1440, help="size samples kept in Redis (default 1440: a day)"
+    )
+    p.add_argument("--window", type=_duration_ms, default=3_600_000, help="the top movers' window (default 1h)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = with_config(sub.add_parser("profile-stats", help="state bytes per user and core cost per event"))
     p.add_argument("--users", type=int, default=2000)

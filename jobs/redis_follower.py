@@ -44,13 +44,18 @@ from jobs.committed_log import (
     partition_leaders,
 )
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
+from jobs.live_view import already_counted, last_exits, queue_tally, tally
 from jobs.redis_view import RedisSegmentView
+from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.redis_layout import APPLY_BATCH_LUA, members_key, sequence_key, user_key
 
 log = logging.getLogger("segments.redis_follower")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# A committed transition as the follower applies it: user_id, segment, kind, sequence,
+# event_time_ms, rule, and where it was read (partition, offset) for the live view's tally.
+FollowedTransition = tuple[str, str, str, int, int, str, int, int]
 BATCH = 1000
 CHECK_EVERY_S = 1.0
 
@@ -101,8 +106,10 @@ class ViewFollower:
         topic: str,
         poll_s: float = 0.2,
         security: KafkaSecurity = PLAINTEXT,
+        flap_window_ms: int = FLAP_WINDOW_MS,
     ):
         self.view = view
+        self.flap_window_ms = flap_window_ms  # the live view's flaps (jobs/live_view.py)
         self.bootstrap_servers = bootstrap_servers
         self.security = security
         self.topic = topic
@@ -258,7 +265,7 @@ class ViewFollower:
 
     # -- Redis ---------------------------------------------------------------------------------
 
-    def _transition(self, record) -> tuple[str, str, str, int, int, str] | None:
+    def _transition(self, record) -> FollowedTransition | None:
         try:
             t = self.codec.decode(record.value)
         except DecodeError as err:  # not the job's (the payload is never logged)
@@ -271,17 +278,29 @@ class ViewFollower:
                 err.reason,
             )
             return None
-        return t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"], t["reason"]["rule"]
+        return (
+            t["user_id"],
+            t["segment"],
+            t["kind"],
+            t["sequence"],
+            t["event_time"],
+            t["reason"]["rule"],
+            record.partition,
+            record.offset,
+        )
 
-    def _apply(self, batch: list[tuple[str, str, str, int, int, str]], offsets: dict[str, int]) -> None:
+    def _apply(self, batch: list[FollowedTransition], offsets: dict[str, int]) -> None:
         """The batch, then the resume offsets, in one script (APPLY_BATCH_LUA: if a transition
         fails, the script stops before the offsets, so they never pass it), under WATCH of the
         offsets: if Redis was emptied meanwhile, nothing is written and the cursors go back to
-        where Redis says (the beginning). EVAL, not EVALSHA: no script cache to have lost."""
+        where Redis says (the beginning). EVAL, not EVALSHA: no script cache to have lost. The
+        live view's tallies of the batch (jobs/live_view.py) go in the same transaction, with the
+        positions they counted: a transition read again is not counted again."""
         view, prefix = self.view, self.view.prefix
+        positions = [(partition, offset) for *_, partition, offset in batch]
         keys = [self.key]
         args: list = [len(batch)]
-        for user_id, segment, kind, sequence, event_time, rule in batch:
+        for user_id, segment, kind, sequence, event_time, rule, _, _ in batch:
             keys += [user_key(prefix, user_id), sequence_key(prefix, user_id), members_key(prefix, segment)]
             args += [segment, kind, sequence, event_time, user_id, view.retention_ms, rule]
         for partition, offset in offsets.items():
@@ -291,11 +310,18 @@ class ViewFollower:
                 pipe.watch(self.key)
                 if self._offsets_expected and not pipe.exists(self.key):
                     raise WatchError("the offsets are gone")
+                seen = already_counted(pipe, prefix, positions)
+                tallied = [(t[0], t[1], t[2], t[4]) for t in batch if (t[6], t[7]) not in seen]
+                counted = tally(
+                    tallied, last_exits(pipe, prefix, tallied), self.flap_window_ms, int(time.time() * 1000)
+                )
                 pipe.multi()
                 # Redis's EVAL of the fixed script constant: the transitions travel as its KEYS and
                 # ARGV (data), never as script text.
                 pipe.eval(APPLY_BATCH_LUA, len(keys), *keys, *args)
-                [applied] = pipe.execute()
+                stored = {int(p): o for p, o in self._written.items()}
+                queue_tally(pipe, prefix, counted, self.flap_window_ms, positions, stored)
+                applied = pipe.execute()[0]
             except WatchError:  # emptied, or another writer of the offsets: place the cursors again
                 self._positioned = False
                 return
@@ -361,7 +387,11 @@ def follow(settings, stop: threading.Event, metrics_port: int | None = None) -> 
         if view is None:
             return figures
         follower = ViewFollower(
-            view, settings.bootstrap_servers, settings.transitions_topic, security=settings.kafka_security()
+            view,
+            settings.bootstrap_servers,
+            settings.transitions_topic,
+            security=settings.kafka_security(),
+            flap_window_ms=settings.warnings.flap_window_ms,
         )
         follower.figures = figures
         try:

@@ -24,6 +24,7 @@ TOOLING_ENV_PREFIXES = (
     "SEGMENTS_VENV",
     "SEGMENTS_STACK_",
     "SEGMENTS_COMPILE_CORE",  # infra/setup.sh: 0 to skip compiling the core
+    "SEGMENTS_INSTALL_CHROMIUM",  # infra/setup.sh: 0 to skip installing chromium (the browser test)
     "SEGMENTS_INTERPRETED_CORE",  # udfs: 1 to run the sources of a compiled core
 )
 DEFAULT_CACHE = Path(os.environ.get("SEGMENTS_CACHE", Path.home() / ".cache" / "segments"))

@@ -7,6 +7,7 @@ trusts. What they would do when run is not tested here."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -504,3 +505,108 @@ def test_every_segments_variable_is_a_setting_or_a_tooling_variable(
                 named += 1
         load_settings(environ=variables)  # raises on an unknown variable or a bad value
     assert named >= 5
+
+
+# --- the live view: Prometheus and Grafana in compose ---------------------------------------------
+
+GRAFANA = INFRA / "grafana"
+# Flink's own metrics of the Kafka source that the dashboard reads (the Kafka connector's
+# documented operator metrics), beside the ones the job's operators register.
+FLINK_SOURCE_METRICS = {"pendingRecords"}
+
+
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """container path -> host path of the service's bind mounts (relative to the compose file)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            out[target] = (COMPOSE_FILE.parent / source).resolve()
+    return out
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the project's own endpoints serve: the live view's (`segments
+    dashboard`) and the view follower's, from their text."""
+    from jobs.live_view import LiveFigures, SegmentFigures
+    from jobs.redis_follower import FollowerFigures
+
+    texts = [
+        LiveFigures([SegmentFigures("s", 1, 1, 1, 1)], {"1": 1}, 1, 1).prometheus(),
+        FollowerFigures(lag={0: 1}).prometheus(),
+    ]
+    return {
+        line.split("{")[0].split(" ")[0] for text in texts for line in text.splitlines() if not line.startswith("#")
+    }
+
+
+def job_operator_metrics() -> set[str]:
+    """The metric names the job's Python operators register (jobs/segment_users.py)."""
+    source = (ROOT / "jobs" / "segment_users.py").read_text()
+    return set(re.findall(r'\.counter\("(\w+)"\)', source))
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((GRAFANA / "dashboards" / "segments.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_are_exported():
+    exported = exported_metric_names()
+    operators = job_operator_metrics()
+    assert {"dead_letters", "late_events"} <= operators
+    queried = {name for expr in dashboard_queries() for name in re.findall(r"\b(?:segments|flink)_\w+", expr)}
+    for name in queried:
+        if name.startswith("flink_taskmanager_job_task_operator_"):
+            metric = name[len("flink_taskmanager_job_task_operator_") :]
+            assert metric in operators | FLINK_SOURCE_METRICS, f"{name}: no operator registers {metric}"
+        else:
+            assert name in exported, f"the dashboard queries {name}, which nothing exports"
+    # Every live-view figure is on the dashboard, and documented.
+    from jobs.live_view import EXPORTED_METRICS
+
+    metrics_doc = (ROOT / "docs" / "metrics.md").read_text()
+    for family in EXPORTED_METRICS:
+        assert any(q.startswith(family) for q in queried), f"{family} is on no panel"
+        assert f"`{family}" in metrics_doc, f"{family} is not in docs/metrics.md"
+
+
+def test_compose_provisions_prometheus_and_grafana_with_the_dashboard(services):
+    # Grafana: the provisioning directory, the dashboards where its provider looks, the data source.
+    grafana = bind_mounts(services["grafana"])
+    assert grafana["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    [provider] = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "segments.yml").read_text())["providers"]
+    assert (grafana[provider["options"]["path"]] / "segments.json").is_file()
+    [source] = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlparse(source["url"])
+    assert url.hostname == "prometheus" and url.port in published_ports(services["prometheus"])
+    dashboard = json.loads((GRAFANA / "dashboards" / "segments.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]}, "the panels must use the provisioned data source"
+    # Prometheus: its configuration file scrapes every service that serves figures, at its port.
+    mounts = bind_mounts(services["prometheus"])
+    [(config_path, config_file)] = [(target, host) for target, host in mounts.items() if target.endswith(".yml")]
+    assert f"--config.file={config_path}" in services["prometheus"]["command"]
+    targets = {
+        t
+        for job in yaml.safe_load(config_file.read_text())["scrape_configs"]
+        for c in job["static_configs"]
+        for t in c["targets"]
+    }
+    command = services["dashboard"]["command"]
+    assert command[:2] == ["segments", "dashboard"]
+    option = dict(zip(command[2::2], command[3::2], strict=True))
+    assert option["--host"] == "0.0.0.0"
+    follower = load_settings(environ=settings_variables(compose_environment(services["redis-follower"])))
+    reporter_port = flink_properties(services["jobmanager"])["metrics.reporter.prom.port"]
+    assert targets == {
+        f"dashboard:{option['--port']}",
+        f"redis-follower:{follower.redis_follower_metrics_port}",
+        f"jobmanager:{reporter_port}",
+        f"taskmanager:{reporter_port}",
+    }
+    # The dashboard reads the Redis the job writes.
+    shown = load_settings(environ=settings_variables(compose_environment(services["dashboard"])))
+    submitted = load_settings(environ=settings_variables(compose_environment(services["submit"])))
+    assert (shown.redis_url, shown.redis_key_prefix) == (submitted.redis_url, submitted.redis_key_prefix)
+    assert int(option["--port"]) in published_ports(services["dashboard"])
