@@ -252,8 +252,14 @@ class SegmentEngine:
         the walk stopped at, which nothing between the last evaluation and `time_ms` can move,
         with each unit's next change (None: not worked out)."""
         out: list[Transition] = []
-        # `memo`: this engine answered at this very clock, on this very state.
-        due, dues = memo if memo is not None else self._next_change(profile, user_id, None, None)
+        # `memo`: this engine answered at this very clock, on this very state. Units' next changes
+        # are only kept from an evaluation that decided every unit or kept it from one: without
+        # them, the next evaluation decides every unit (the stored memberships may be another
+        # engine's: other definitions, or a profile read back from state).
+        if memo is not None:
+            due, dues = memo
+        else:
+            due, dues = self._next_change(profile, user_id, None, None)[0], None
         while due is not None and due <= time_ms:
             # Only a retention expiry can lie behind the clock (a late event older than the
             # retention, applied after the clock passed its expiry): it happens now, and the clock
@@ -309,8 +315,9 @@ class SegmentEngine:
         kept on the profile object until that call, which is the only thing that changes it
         (the timer_ms an adapter writes is not read here). Definitions with a holdout(...) need
         the user's id."""
-        due, dues = self._next_change(profile, user_id, None, None)
-        profile.next_change_memo = (self, profile.clock_ms, due, dues)
+        due = self._next_change(profile, user_id, None, None)[0]
+        # No units' next changes kept: nothing says this engine has decided them on this state.
+        profile.next_change_memo = (self, profile.clock_ms, due, None)
         return due
 
     def _next_change(
