@@ -418,6 +418,8 @@ def cmd_train(args) -> int:
         seed=args.seed,
         version=args.version,
         config=settings.profile,
+        clv_users=args.clv_users,
+        clv_days=args.clv_days,
         progress=lambda line: print(f"[train] {line}", flush=True),
     )
     for line in report.lines():
@@ -875,6 +877,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=1200)
     p.add_argument("--days", type=int, default=36, help="history length (the churn label needs 14 days ahead)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--clv-users", type=int, default=600, help="users of the clv_30d model's own history")
+    p.add_argument(
+        "--clv-days", type=int, default=100, help="its length (30 days of warm-up, 30-day labels around the split)"
+    )
     p.add_argument("--version", default="1", help="recorded in the manifests and in transitions")
     p.add_argument("--out", default=str(PROJECT_ROOT / "models"))
     p.set_defaults(func=cmd_train)

@@ -42,6 +42,11 @@ PURCHASE_HORIZON_MS = DAY_MS
 CHURN_HORIZON_MS = 14 * DAY_MS
 GOLDEN_CASES = 12
 ACTIVE_WITHIN_HOURS = 7 * 24.0
+# The CLV model's history (models/clv.py): 30 days of warm-up, 30 days of label on each side of
+# the time split's boundary and a few cut-offs on each side: longer than the classifiers', so it
+# is generated on its own from the same seed, for fewer users (the memory of 1200 x 100 days).
+CLV_USERS = 600
+CLV_DAYS = 100
 
 # The vector of the two classifiers: recency, frequency, monetary, cart and engagement signals.
 BEHAVIOUR_VECTOR = (
@@ -136,7 +141,7 @@ def _export(pipeline, name: str, n_features: int, classifier=None) -> bytes:
     ).SerializeToString()
 
 
-def _onnx_outputs(onnx_bytes: bytes, x: np.ndarray, output: str) -> np.ndarray:
+def onnx_outputs(onnx_bytes: bytes, x: np.ndarray, output: str) -> np.ndarray:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -182,7 +187,7 @@ def _classifier(
     probabilities = pipeline.predict_proba(x[test])[:, 1]
     holdout_auc = float(roc_auc_score(y[test], probabilities))
     onnx_bytes = _export(pipeline, name, x.shape[1], classifier)
-    exported = _onnx_outputs(onnx_bytes, x[test], "probabilities")[:, 1]
+    exported = onnx_outputs(onnx_bytes, x[test], "probabilities")[:, 1]
     drift = float(np.max(np.abs(exported - probabilities)))
     if drift > 1e-4:
         raise RuntimeError(f"{name}: the ONNX export disagrees with scikit-learn by {drift}")
@@ -237,7 +242,7 @@ def _personas(
     pipeline = Pipeline([("scale", StandardScaler()), ("kmeans", kmeans)]).fit(x)
     labels = pipeline.predict(x)
     onnx_bytes = _export(pipeline, "personas", x.shape[1])
-    exported = _onnx_outputs(onnx_bytes, x, "label")
+    exported = onnx_outputs(onnx_bytes, x, "label")
     agreement = float(np.mean(exported == labels))
     if agreement < 0.999:
         raise RuntimeError(f"personas: the ONNX export agrees with scikit-learn on only {agreement:.2%} of rows")
@@ -318,6 +323,15 @@ class TrainingReport:
                     f"({metrics['cv_folds']} folds by user, {metrics['train_rows']} rows), positive rate "
                     f"{metrics['positive_rate_train']:.3f}"
                 )
+            elif m.kind == "regression":
+                out.append(
+                    f"{m.name} v{m.version}: holdout MAE {metrics['holdout_mae']:.2f}, RMSE "
+                    f"{metrics['holdout_rmse']:.2f} against the last-30-days baseline's MAE "
+                    f"{metrics['baseline_mae']:.2f}, RMSE {metrics['baseline_rmse']:.2f} (time split, "
+                    f"{metrics['holdout_rows']} rows, mean spend {metrics['holdout_mean_spend']:.2f}; trained on "
+                    f"{metrics['train_rows']} rows of {metrics['history_users']} users x {metrics['history_days']} "
+                    f"days); range [{m.valid_range[0]:g}, {m.valid_range[1]:g}]"
+                )
             else:
                 by_k = ", ".join(f"k={k}: {v:.3f}" for k, v in metrics["silhouette_by_k"].items())
                 out.append(f"{m.name} v{m.version}: k={m.clusters} by silhouette ({by_k})")
@@ -336,6 +350,8 @@ def train(
     seed: int = 1,
     version: str = "1",
     config: ProfileConfig | None = None,
+    clv_users: int = CLV_USERS,
+    clv_days: int = CLV_DAYS,
     progress: Callable[[str], None] = lambda _: None,
 ) -> TrainingReport:
     config = config or ProfileConfig()
@@ -412,7 +428,19 @@ def train(
     manifest, onnx_bytes = _personas(x, personas, feature_hash(personas), seed, version)
     _write_model(out_dir, manifest, onnx_bytes)
     manifests.append(manifest)
-    return TrainingReport(manifests, len(events), users)
+    event_count = len(events)
+    del events  # the CLV history is generated next: one history in memory at a time
+
+    from models.clv import CLV_NAME, train_and_export  # models.clv reads this module's helpers
+
+    progress(f"training {CLV_NAME} on {clv_users} users x {clv_days} days (seed {seed})")
+    clv_events = list(generate_events(clv_users, seed, START_MS, clv_days * DAY_MS))
+    manifest, onnx_bytes = train_and_export(
+        clv_events, START_MS, clv_days, CUTOFF_HOUR, catalog, seed, version, GOLDEN_CASES
+    )
+    _write_model(out_dir, manifest, onnx_bytes)
+    manifests.append(manifest)
+    return TrainingReport(manifests, event_count, users)
 
 
 # How the fingerprint's events (udfs/fingerprint_events.avro) were generated.

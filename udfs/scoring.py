@@ -3,7 +3,8 @@ profile, and an ONNX session scores it. Loading verifies every model before anyt
 
 A manifest (`models/<name>/manifest.json`, written by `segments train` or by hand for a model you
 bring) declares the vector (feature, transform, what to do when it has no value), the feature
-hash, the ONNX file's sha256, the input and output to use, the score's range, thresholds,
+hash, the ONNX file's sha256, the input and output to use, the score's range (declared per model:
+a probability's is [0, 1], a regression's is its manifest's `range`), thresholds,
 training metrics and a golden set. `ModelRegistry.load` refuses a model whose file hash, feature
 hash (the running feature code, fingerprinted by its behaviour) or golden outputs do not match,
 with an error that says which and why. docs/models.md is the reference.
@@ -35,7 +36,8 @@ from udfs.profile_config import DAY_MS, HOUR_MS
 
 MANIFEST = "manifest.json"
 TRANSFORMS = ("identity", "log1p", "hours")
-GOLDEN_TOLERANCE = 1e-4  # probabilities; cluster ids must match exactly
+GOLDEN_TOLERANCE = 1e-4  # probabilities; relative for regressions; cluster ids must match exactly
+KINDS = ("probability", "regression", "cluster")
 # The behavioural fingerprint of the feature code: a fixed history of events checked into the
 # repository (FINGERPRINT_EVENTS, an Avro object container file of UserEvent records), read at
 # fixed instants. Any change to what a vector feature computes changes the values, hence the hash;
@@ -214,7 +216,7 @@ class ModelManifest:
 
     name: str
     version: str
-    kind: str  # probability | cluster
+    kind: str  # probability | regression | cluster
     onnx_file: str
     onnx_sha256: str
     vector: list[VectorFeature]
@@ -229,6 +231,9 @@ class ModelManifest:
     golden: list[dict] = field(default_factory=list)  # {"input": [...], "output": x}
     summaries: list[dict] = field(default_factory=list)  # cluster descriptions
     description: str = ""
+    # [low, high] of a valid score: a probability's defaults to [0, 1] (a declared one must lie
+    # within it); a regression declares its own; a cluster model's is its cluster ids.
+    score_range: tuple[float, float] | None = None
 
     @classmethod
     def read(cls, path: Path) -> ModelManifest:
@@ -257,11 +262,20 @@ class ModelManifest:
                 golden=raw.get("golden", []),
                 summaries=raw.get("summaries", []),
                 description=raw.get("description", ""),
+                score_range=_score_range(raw.get("range")),
             )
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ModelVerificationError(f"{path}: manifest field missing or malformed: {err}") from None
-        if manifest.kind not in ("probability", "cluster"):
-            raise ModelVerificationError(f"{path}: kind must be probability or cluster, got {manifest.kind!r}")
+        if manifest.kind not in KINDS:
+            raise ModelVerificationError(f"{path}: kind must be one of {', '.join(KINDS)}, got {manifest.kind!r}")
+        if manifest.kind == "regression" and manifest.score_range is None:
+            raise ModelVerificationError(f"{path}: a regression model declares its range: [low, high]")
+        if manifest.kind == "probability" and manifest.score_range is not None:
+            low, high = manifest.score_range
+            if low < 0.0 or high > 1.0:
+                raise ModelVerificationError(f"{path}: a probability's range lies within [0, 1], got [{low}, {high}]")
+        if manifest.kind == "cluster" and manifest.score_range is not None:
+            raise ModelVerificationError(f"{path}: a cluster model's range is its cluster ids: declare clusters")
         if manifest.kind == "cluster" and not (isinstance(manifest.clusters, int) and manifest.clusters >= 2):
             raise ModelVerificationError(f"{path}: a cluster model declares clusters >= 2")
         if Path(manifest.onnx_file).name != manifest.onnx_file:
@@ -286,11 +300,38 @@ class ModelManifest:
             "metrics": self.metrics,
             "golden": self.golden,
             "summaries": self.summaries,
+            **({} if self.score_range is None else {"range": list(self.score_range)}),
         }
+
+    @property
+    def valid_range(self) -> tuple[float, float]:
+        """[low, high] of a valid score (for a cluster model, its first and last cluster id)."""
+        if self.kind == "cluster":
+            return 0.0, float((self.clusters or 1) - 1)
+        return self.score_range or (0.0, 1.0)
 
     def output(self) -> ModelOutput:
         """What conditions may read of this model: a score, or a cluster among named clusters."""
-        return ModelOutput(self.name, clusters=self.clusters) if self.kind == "cluster" else ModelOutput(self.name)
+        if self.kind == "cluster":
+            return ModelOutput(self.name, clusters=self.clusters)
+        low, high = self.valid_range
+        return ModelOutput(self.name, low=low, high=high)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _score_range(raw: Any) -> tuple[float, float] | None:
+    """A manifest's `range`: [low, high], finite, low < high; absent is None."""
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and len(raw) == 2 and all(_is_number(v) for v in raw)):
+        raise ValueError(f"range must be [low, high], got {raw!r}")
+    low, high = float(raw[0]), float(raw[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"range must be finite with low < high, got {raw!r}")
+    return low, high
 
 
 def import_on_a_python_thread(name: str):
@@ -494,11 +535,18 @@ def _check_golden(model: LoadedModel) -> None:
                 f"model {m.name}: golden input {i} has {len(values)} values, the vector {len(model.vector.features)}"
             )
         got, want = model.score_vector(values), float(case["output"])
-        ok = got == want if m.kind == "cluster" else abs(got - want) <= GOLDEN_TOLERANCE
-        if not ok:
+        # A regression's output is in its own unit (currency for clv_30d): relative tolerance.
+        tolerance = {"cluster": 0.0, "regression": GOLDEN_TOLERANCE * max(1.0, abs(want))}.get(m.kind, GOLDEN_TOLERANCE)
+        if not abs(got - want) <= tolerance:
             raise ModelVerificationError(
-                f"model {m.name}: golden case {i} scores {got!r}, the manifest expects "
-                f"{want!r} (tolerance {GOLDEN_TOLERANCE if m.kind != 'cluster' else 0})"
+                f"model {m.name}: golden case {i} scores {got!r}, the manifest expects {want!r} "
+                f"(tolerance {tolerance:g})"
+            )
+        low, high = m.valid_range
+        if not low <= want <= high:
+            raise ModelVerificationError(
+                f"model {m.name}: golden case {i} expects {want!r}, outside the manifest's range [{low:g}, {high:g}]: "
+                "the declared range does not hold the model's own outputs"
             )
 
 
@@ -613,11 +661,11 @@ class Scorer:
         self.registry = registry
         self.merged = MergedSession(registry.models)
         self.stats = ScoringStats()
-        # Taken out of the plan once: each distinct vector, and per output its model's name and
-        # cluster count (None: a probability in [0, 1]).
+        # Taken out of the plan once: each distinct vector, and per output its model's name,
+        # whether its score is a cluster id (a whole number) and its valid range (the manifest's).
         self._vectors = tuple({key: model.vector for key, model in self.merged.plan}.items())
         self._outputs = tuple(
-            (model.manifest.name, model.manifest.clusters if model.manifest.kind == "cluster" else None)
+            (model.manifest.name, model.manifest.kind == "cluster", *model.manifest.valid_range)
             for _, model in self.merged.plan
         )
 
@@ -644,13 +692,11 @@ class Scorer:
                 stats.latency.record((time.perf_counter_ns() - started) / 1000)
         scores: dict[str, float] = {}
         isfinite = math.isfinite
-        for (name, clusters), score in zip(self._outputs, raw, strict=True):
+        for (name, whole, low, high), score in zip(self._outputs, raw, strict=True):
             if score is None:
                 stats.skipped += 1
                 continue
-            valid = isfinite(score) and (
-                0.0 <= score <= 1.0 if clusters is None else score == int(score) and 0 <= score < clusters
-            )
+            valid = isfinite(score) and low <= score <= high and (not whole or score == int(score))
             if not valid:
                 stats.out_of_range += 1
                 continue

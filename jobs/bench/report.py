@@ -230,7 +230,7 @@ def figures(results: dict, checkpoint_interval_ms: int, cores: int) -> list[dict
             f"{state['timers_per_event']:.2f} timer steps per event; {state['users']:,} users x {state['days']:g} days"
         )
         row(
-            "in-memory core (per-user step, timers, state encode), 3 models: events/s",
+            "in-memory core (per-user step, timers, state encode), the shipped models: events/s",
             state["core_events_per_s"],
             fmt(state["core_events_per_s"]),
             ">= 8,000",

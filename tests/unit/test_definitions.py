@@ -128,7 +128,7 @@ SHOP = load_definitions(SHIPPED_DEFINITIONS, models=ModelRegistry.outputs_of(DEF
 
 def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme():
     shop = Segmentation.load(SHIPPED_DEFINITIONS).definitions
-    assert shop.version == "shop-6"
+    assert shop.version == "shop-7"
     assert shop.names == (
         "new_paid_mobile_visitor",
         "new_from_newsletter",
@@ -146,6 +146,7 @@ def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme(
         "highly_engaged",
         "likely_buyer",
         "churn_risk_high",
+        "high_value",
         "big_spender_persona",
         "browsing_not_buying_persona",
         "tier_high",
@@ -160,7 +161,7 @@ def test_the_shipped_definitions_load_with_the_segments_and_group_of_the_readme(
         DAY_MS,
     )
     assert shop.segments["cart_abandoner"].enter.text == "cart_items > 0 and ms_since_cart_activity >= 30m"
-    assert shop.models == ("churn_risk", "personas", "purchase_propensity")
+    assert shop.models == ("churn_risk", "clv_30d", "personas", "purchase_propensity")
     assert shop.rescore_every_ms == 6 * 3_600_000
     # referenced segments are decided before the segments that read them
     order = [u.name for u in shop.units]

@@ -56,7 +56,12 @@ def edit_manifest(directory: Path, change) -> None:
 
 
 def test_untouched_models_load(models):
-    assert set(ModelRegistry.load(models, CATALOG).models) == {"purchase_propensity", "churn_risk", "personas"}
+    assert set(ModelRegistry.load(models, CATALOG).models) == {
+        "purchase_propensity",
+        "churn_risk",
+        "personas",
+        "clv_30d",
+    }
 
 
 def test_a_changed_onnx_file_is_refused_by_its_hash(models):
@@ -170,7 +175,7 @@ def test_the_shipped_manifests_feature_hashes_come_from_the_fixture():
     from udfs.segmentation import DEFAULT_MODELS_DIR
 
     manifests = sorted(DEFAULT_MODELS_DIR.glob(f"*/{MANIFEST}"))
-    assert len(manifests) == 3
+    assert [p.parent.name for p in manifests] == ["churn_risk", "clv_30d", "personas", "purchase_propensity"]
     for path in manifests:
         manifest = ModelManifest.read(path)
         assert feature_hash(FeatureVector(manifest.vector, CATALOG)) == manifest.feature_hash, path.parent.name
@@ -257,8 +262,8 @@ def test_scores_are_the_models_outputs_for_the_profiles_vector(models):
     assert 0 <= scores["purchase_propensity"] <= 1 and scores["personas"] in range(
         registry.models["personas"].manifest.clusters
     )
-    # Three scores from one call of the merged session.
-    assert scorer.stats.scored == 3 and scorer.stats.latency.total == 1
+    # Four scores from one call of the merged session.
+    assert scorer.stats.scored == 4 and scorer.stats.latency.total == 1
 
 
 def nan_model(directory: Path) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.train import BEHAVIOUR_VECTOR, DAY_MS, HOUR_MS, START_MS, point_in_time_rows
+from tests.unit.conftest import CLV_USERS
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile_config import ProfileConfig
@@ -28,7 +29,7 @@ MIN_SILHOUETTE = 0.35
 def test_trained_models_beat_chance_on_the_time_split_and_clusters_separate(small_models):
     _, report = small_models
     by_name = {m.name: m for m in report.manifests}
-    assert set(by_name) == {"purchase_propensity", "churn_risk", "personas"}
+    assert set(by_name) == {"purchase_propensity", "churn_risk", "personas", "clv_30d"}
     assert by_name["purchase_propensity"].metrics["holdout_roc_auc"] > MIN_PROPENSITY_AUC
     assert by_name["churn_risk"].metrics["holdout_roc_auc"] > MIN_CHURN_AUC
     personas = by_name["personas"]
@@ -43,7 +44,7 @@ def test_trained_models_beat_chance_on_the_time_split_and_clusters_separate(smal
 def test_trained_models_load_verified_and_manifests_carry_what_the_issue_lists(small_models):
     out, _ = small_models
     registry = ModelRegistry.load(out, FeatureCatalog(CONFIG))
-    assert set(registry.models) == {"purchase_propensity", "churn_risk", "personas"}
+    assert set(registry.models) == {"purchase_propensity", "churn_risk", "personas", "clv_30d"}
     manifest = json.loads((out / "purchase_propensity" / MANIFEST).read_text())
     for key in (
         "name",
@@ -66,9 +67,12 @@ def test_training_is_reproducible_from_the_seed(small_models, tmp_path):
     from models.train import train
 
     out, _ = small_models
-    again = train(tmp_path, users=150, days=36, seed=3)
+    again = train(tmp_path, users=150, days=36, seed=3, clv_users=CLV_USERS)
+    assert {m.name for m in again.manifests} == {"purchase_propensity", "churn_risk", "personas", "clv_30d"}
     for m in again.manifests:
         assert (tmp_path / m.name / "model.onnx").read_bytes() == (out / m.name / "model.onnx").read_bytes()
+    # The CLV manifest too: its errors, range and golden set come from the same seed.
+    assert (tmp_path / "clv_30d" / MANIFEST).read_bytes() == (out / "clv_30d" / MANIFEST).read_bytes()
 
 
 def _rows_at(events, cutoff):
