@@ -30,10 +30,10 @@ from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
+from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, Transition
 
 SIZE_SAMPLES = 120
@@ -295,6 +295,7 @@ class BacktestResult:
     flap_window_ms: int = FLAP_WINDOW_MS
     experiments: dict[str, ExperimentFigures] = field(default_factory=dict)
     provisional: ProvisionalReport = field(default_factory=ProvisionalReport)
+    log_requests: list[UserRequest] = field(default_factory=list)  # the privacy requests replayed
     buried: int = 0  # events older than their user's erasure, arriving after it: not applied
     withheld: int = 0  # events of users without consent to segmentation: not applied
 
@@ -347,7 +348,9 @@ def run_backtest(
             step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
         else:
-            step = engine.step_event(user_id, profile, record, latest - watermark_lag_ms - 1 - allowed_lateness_ms, state)
+            step = engine.step_event(
+                user_id, profile, record, latest - watermark_lag_ms - 1 - allowed_lateness_ms, state
+            )
             if step.outcome == LATE:
                 late += 1
             elif step.outcome == DUPLICATE:
@@ -366,7 +369,7 @@ def run_backtest(
     for user_id, profile in profiles.items():
         transitions.extend(engine.step_timer(user_id, profile, until_ms, privacy[user_id]).transitions)
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
-    result.buried, result.withheld = buried, withheld
+    result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms
     )
@@ -577,6 +580,14 @@ def summary_lines(result: BacktestResult) -> list[str]:
         f"definitions {d.source} version {d.version} (sha256 {d.sha256[:12]})",
         f"events {result.log_source}: {result.events_applied} applied, {result.duplicates} duplicates, "
         f"{result.late} too late, rejected: {rejected}; {result.users} users; until {result.until_ms}",
+        *(
+            [
+                f"privacy: {len(result.log_requests)} requests; {result.buried} events older than their user's "
+                f"erasure, {result.withheld} without consent to segmentation, not applied"
+            ]
+            if result.log_requests or result.withheld
+            else []
+        ),
         f"{'segment':28} {'entries':>8} {'exits':>8} {'final':>7} {'peak':>7} {'med dwell':>10} {'flap rate':>9}",
     ]
     for r in result.segments.values():

@@ -86,6 +86,7 @@ class PrivacyState:
     tombstone_until_ms: int | None = None
 
     def allows(self, purpose: str, default: bool) -> bool:
+        """Whether the user has consented to `purpose`: their record, else the default."""
         record = self.consent.get(purpose)
         return default if record is None else record[0]
 

@@ -193,9 +193,7 @@ class SegmentEngine:
         transitions = self._apply(user_id, profile, event, scoring)
         return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
 
-    def step_timer(
-        self, user_id: str, profile: UserProfile, time_ms: int, privacy: PrivacyState | None = None
-    ) -> Step:
+    def step_timer(self, user_id: str, profile: UserProfile, time_ms: int, privacy: PrivacyState | None = None) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it.
         An erasure's tombstone whose time is up goes from the user's `privacy` record."""
         scoring = True
