@@ -24,6 +24,9 @@ PURPOSES = (SEGMENTATION, PERSONALISATION, SCORING)
 # apply script deletes the user's keys on them, as on the retention's EXIT).
 ERASURE_RULE = "user_erased"
 CONSENT_RULE = "consent_withdrawn"
+# The rule of the EXITs from the segments that read a model score when scoring consent goes (their
+# hysteresis would otherwise keep the user in: a missing score satisfies no exit condition).
+SCORING_CONSENT_RULE = "scoring_consent_withdrawn"
 
 _LAYOUT_VERSION = 1
 

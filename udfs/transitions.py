@@ -24,6 +24,7 @@ from udfs.privacy import (
     ERASE,
     ERASURE_RULE,
     SCORING,
+    SCORING_CONSENT_RULE,
     SEGMENTATION,
     PrivacyState,
     UserRequest,
@@ -287,8 +288,37 @@ class SegmentEngine:
                 profile.scores = ev.scores = {}
                 profile.scored_at_ms = None
                 profile.body_changed()
+                self._leave_scored(user_id, profile, now_ms, request.request_id, out)
             self._diff(user_id, profile, ev, "CONSENT", request.request_id, out)
         return self._finish(CONSENTED, user_id, profile, out, False)
+
+    def _leave_scored(
+        self, user_id: str, profile: UserProfile, now_ms: int, request_id: str, out: list[Transition]
+    ) -> None:
+        """EXITs every segment the user is in whose conditions read a model score (cause CONSENT):
+        made from profiling the user withdrew from, and a missing score meets no exit condition."""
+        for name, segment in self.definitions.segments.items():
+            membership = profile.memberships.get(name)
+            reads_scores = any(c is not None and c.references.scores for c in (segment.enter, segment.exit))
+            if membership is None or not membership.member or not reads_scores:
+                continue
+            sequence = membership.sequence + 1
+            profile.memberships[name] = Membership(False, sequence, now_ms)
+            out.append(
+                self._transition(
+                    user_id,
+                    name,
+                    False,
+                    sequence,
+                    now_ms,
+                    "CONSENT",
+                    request_id,
+                    SCORING_CONSENT_RULE,
+                    {},
+                    profile,
+                    segment.provisional,
+                )
+            )
 
     def _leave_all(
         self,

@@ -18,6 +18,7 @@ from udfs.privacy import (
     ERASURE_RULE,
     PERSONALISATION,
     SCORING,
+    SCORING_CONSENT_RULE,
     SEGMENTATION,
     PrivacyState,
     UserRequest,
@@ -154,7 +155,7 @@ def test_without_a_consent_record_the_default_decides():
 
 def scored_engine(calls: list[int]) -> SegmentEngine:
     definitions = parse_definitions(
-        "version: v\nsegments:\n  - name: likely\n    when: score.propensity > 0.5\n"
+        "version: v\nsegments:\n  - name: likely\n    enter: score.propensity > 0.7\n    exit: score.propensity < 0.5\n"
         "  - name: seen\n    when: ms_since_last_event < 1h\n",
         models={"propensity": ModelOutput("propensity")},
     )
@@ -173,7 +174,14 @@ def test_without_scoring_consent_no_model_runs_and_model_segments_see_scores_mis
     assert {t.segment for t in entered} == {"likely", "seen"} and calls == [T0]
     step = engine.step_request("u1", profile, privacy, consent(T0 + 5, SCORING, False), LATENESS)
     [left] = step.transitions
-    assert (left.segment, left.kind, left.cause, left.event_time) == ("likely", "EXIT", "CONSENT", T0 + 5)
+    # A missing score meets no exit condition: the hysteresis alone would keep the user in.
+    assert (left.segment, left.kind, left.cause, left.event_time, left.rule) == (
+        "likely",
+        "EXIT",
+        "CONSENT",
+        T0 + 5,
+        SCORING_CONSENT_RULE,
+    )
     assert profile.scores == {} and not step.drop_state
     engine.step_event("u1", profile, ev(2, T0 + 6), privacy=privacy)
     assert calls == [T0] and profile.scores == {}
