@@ -520,7 +520,8 @@ def build_pipeline(
             .name(DECODE_REQUESTS.name)
             .uid(DECODE_REQUESTS.uid)
         )
-        j_keyed_events = j_keyed_events.union(j_keyed_requests)
+        # union is varargs in Java: PyFlink's wrapper builds the array.
+        j_keyed_events = DataStream(j_keyed_events).union(DataStream(j_keyed_requests))._j_data_stream
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
     if settings.idle_timeout_ms:
         watermarks = watermarks.with_idleness(Duration.of_millis(settings.idle_timeout_ms))

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from infra.stack import create_topics
 from jobs.committed_log import read_topic
@@ -134,11 +134,12 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     # Under traffic: the other users' second half flows while the requests are made.
     sender = threading.Thread(target=run.produce_paced, args=(others_second, 100))
     sender.start()
+    probe = UncommittedProbe(broker, run.topics["transitions"], victim, catalog)
     for r in requests:
         requester.produce("privacy-requests", key=r.user_id.encode(), value=request_codec.encode(r.to_record()))
     assert requester.flush(30) == 0
     # The job has made the erasure's transitions (in its open transaction) ...
-    wait_for_uncommitted_erasure(broker, run.topics["transitions"], victim, catalog)
+    probe.wait_for_erasure()
     # ... and loses them with the TaskManager before their checkpoint completes.
     run.kill_taskmanager()
     sender.join()
@@ -214,28 +215,32 @@ def wait_until_committed(run: FaultRun, ids: set[str]) -> list[Committed]:
     return wait_until(done, timeout_s=300, interval_s=2, on_timeout=run.cluster_log)
 
 
-def wait_for_uncommitted_erasure(broker: str, topic: str, user_id: str, catalog) -> None:
-    """Until the topic shows an ERASURE transition of the user to a read_uncommitted reader."""
-    codec = catalog.codec("SegmentTransition")
-    consumer = Consumer(
-        {
-            "bootstrap.servers": broker,
-            "group.id": f"privacy-probe-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_uncommitted",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            record = codec.decode(msg.value())
-            if record["user_id"] == user_id and record["cause"] == "ERASURE":
-                return
-        raise AssertionError("the job made no ERASURE transition within 120 s")
-    finally:
-        consumer.close()
+class UncommittedProbe:
+    """Reads the transitions topic as read_uncommitted from its beginning, assigned (no group
+    join, so it sees the job's open transaction within a poll), for an ERASURE of one user."""
+
+    def __init__(self, broker: str, topic: str, user_id: str, catalog):
+        self.codec = catalog.codec("SegmentTransition")
+        self.key = user_id.encode()
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": broker,
+                "group.id": "privacy-probe",
+                "isolation.level": "read_uncommitted",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+
+    def wait_for_erasure(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for msg in self.consumer.consume(1000, 0.1):
+                    if msg.error() or msg.key() != self.key:
+                        continue
+                    if self.codec.decode(msg.value())["cause"] == "ERASURE":
+                        return
+            raise AssertionError(f"the job made no ERASURE transition within {timeout_s:.0f} s")
+        finally:
+            self.consumer.close()
