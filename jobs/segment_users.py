@@ -222,6 +222,13 @@ class SegmentUsers(KeyedProcessFunction):
             yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
             return
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
+        if (
+            event.timestamp < late_before
+            and self.privacy_requests
+            and self._load_privacy(user_id).buries(event.timestamp)
+        ):
+            yield DEAD_LETTERS, self._buried(value)  # late too, but its payload must not be kept
+            return
         if event.timestamp < late_before:
             self.late_events.inc()
             yield (
@@ -243,20 +250,7 @@ class SegmentUsers(KeyedProcessFunction):
             self.duplicate_events.inc()
             return
         if step.outcome == BURIED:
-            self.buried_events.inc()
-            yield (
-                DEAD_LETTERS,
-                dead_letter_row(
-                    self.dead_letters,
-                    b"",
-                    value[3],
-                    value[4],
-                    value[5],
-                    ERASED_USER,
-                    "event time before its user's erasure: not applied (payload not kept)",
-                    self.max_event_bytes,
-                ),
-            )
+            yield DEAD_LETTERS, self._buried(value)
             return
         if step.outcome == WITHHELD:  # no consent to segmentation: nothing of the event is kept
             self.withheld_events.inc()
@@ -264,6 +258,20 @@ class SegmentUsers(KeyedProcessFunction):
         if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
         yield from self._commit(ctx, user_id, profile, step, event.event_id)
+
+    def _buried(self, value) -> Row:
+        """The dead letter of an event older than its user's erasure: where it was, not what."""
+        self.buried_events.inc()
+        return dead_letter_row(
+            self.dead_letters,
+            b"",
+            value[3],
+            value[4],
+            value[5],
+            ERASED_USER,
+            "event time before its user's erasure: not applied (payload not kept)",
+            self.max_event_bytes,
+        )
 
     def _dead_letter(self, value, reason: str, message: str) -> Row:
         return dead_letter_row(
