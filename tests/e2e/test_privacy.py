@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from infra.stack import create_topics
+from jobs.backtest import read_requests
 from jobs.committed_log import read_topic
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import SHIPPED_DEFINITIONS
@@ -85,8 +86,8 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
         profiles_then, [u for u in active if u not in (victim, withdrawn)], lambda name: name == "likely_buyer"
     )
     held = {victim, withdrawn, scored}
-    requests = [
-        UserRequest("erase-1", victim, ERASE, erased_at, "e2e"),
+    # As a consent platform writes them; the erasure comes from `segments forget` below.
+    consents = [
         UserRequest("consent-1", withdrawn, CONSENT, erased_at, "e2e", SEGMENTATION, False),
         UserRequest("consent-2", scored, CONSENT, erased_at, "e2e", SCORING, False),
     ]
@@ -100,11 +101,6 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
         for p in range(PARTITIONS)
     ]
     final_watermark = sentinels[0].timestamp - WATERMARK_LAG_MS - 1
-    arrival = [*first, *requests, *others_second, buried, *held_second, comeback, *sentinels]
-    expected, profiles, privacy = core_replay(segmentation, arrival, final_watermark)
-    causes = {(t.user_id, t.cause) for t in expected}
-    assert {(victim, "ERASURE"), (withdrawn, "CONSENT"), (scored, "CONSENT")} <= causes
-    assert not privacy[victim].consent and privacy[victim].erased_at_ms is None  # the tombstone lapsed
 
     run = FaultRun(
         broker,
@@ -135,14 +131,22 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     sender = threading.Thread(target=run.produce_paced, args=(others_second, 100))
     sender.start()
     probe = UncommittedProbe(broker, run.topics["transitions"], victim, catalog)
-    for r in requests:
+    for r in consents:
         requester.produce("privacy-requests", key=r.user_id.encode(), value=request_codec.encode(r.to_record()))
     assert requester.flush(30) == 0
+    said = run.segments("forget", victim, "--at", str(erased_at))
+    erasure = UserRequest(said.split()[2], victim, ERASE, erased_at, "segments-cli")
+    requests = [*consents, erasure]
     # The job has made the erasure's transitions (in its open transaction) ...
     probe.wait_for_erasure()
     # ... and loses them with the TaskManager before their checkpoint completes.
     run.kill_taskmanager()
     sender.join()
+    arrival = [*first, *requests, *others_second, buried, *held_second, comeback, *sentinels]
+    expected, profiles, privacy = core_replay(segmentation, arrival, final_watermark)
+    causes = {(t.user_id, t.cause) for t in expected}
+    assert {(victim, "ERASURE"), (withdrawn, "CONSENT"), (scored, "CONSENT")} <= causes
+    assert not privacy[victim].consent and privacy[victim].erased_at_ms is None  # the tombstone lapsed
     erasure_ids = {t.transition_id for t in expected if t.cause == "ERASURE"}
     wait_until_committed(run, erasure_ids)
     run.produce_events([buried, *held_second, comeback])
@@ -182,7 +186,7 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     audit_codec = catalog.codec("ErasureAudit")
     audits = [audit_codec.decode(r.value) for r in audit_log.committed]
     assert [(a["request_id"], a["user_hash"], a["requested_at"]) for a in audits] == [
-        ("erase-1", user_hash(victim), erased_at)
+        (erasure.request_id, user_hash(victim), erased_at)
     ]
     assert "profile" in audits[0]["erased"] and all(victim.encode() not in r.value for r in audit_log.committed)
     assert len(audit_log.aborted) >= 1  # the first attempt's record, aborted with its transaction
@@ -203,6 +207,11 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     assert all(s > erased_at * 1000 for s in old_sequences), "a sequence of the erased lifetime is left"
     after_comeback = {name for name, m in profiles[victim].memberships.items() if m.member}
     assert set(view.segments_of(victim)) == after_comeback
+
+    # The backtest reads the same requests back from the topic.
+    replayed, rejected = read_requests(f"kafka://{broker}/privacy-requests")
+    assert sorted(replayed, key=lambda r: r.request_id) == sorted(requests, key=lambda r: r.request_id)
+    assert not rejected
 
 
 def wait_until_committed(run: FaultRun, ids: set[str]) -> list[Committed]:

@@ -254,3 +254,26 @@ def test_the_backtest_replays_requests_as_the_core_does():
     assert (users[0], "ERASURE") in causes and (users[1], "CONSENT") in causes
     assert result.buried == 1
     assert not any(t.user_id == users[1] and t.event_time > middle for t in result.transitions)
+
+
+def test_privacy_settings_the_topics_the_project_creates_and_forget_without_a_topic():
+    from jobs.privacy_requests import erase_request, produce_request
+    from jobs.settings import JobSettings, SettingsError
+
+    plain = JobSettings()
+    assert not plain.privacy_requests and set(plain.topic_partitions(3)) == {
+        "shopper-events",
+        "segment-transitions",
+        "segment-dead-letters",
+    }
+    assert plain.topic_configs() == {"segment-dead-letters": {"retention.ms": str(7 * 24 * HOUR_MS)}}
+    on = JobSettings(requests_topic="requests", dead_letter_retention_ms=HOUR_MS)
+    assert (
+        on.privacy_requests and on.topic_partitions(3)["requests"] == 3 and on.topic_partitions(3)["erasure-audit"] == 1
+    )
+    assert on.topic_configs()["segment-dead-letters"]["retention.ms"] == str(HOUR_MS)
+    assert JobSettings(consent_default="withheld").privacy_requests
+    with pytest.raises(SettingsError, match="consent_default"):
+        JobSettings(consent_default="maybe")
+    with pytest.raises(ValueError, match="requests_topic is not set"):
+        produce_request(plain, erase_request("u1"))
