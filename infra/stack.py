@@ -193,14 +193,20 @@ def start_redis(root: Path, port: int) -> ManagedProcess:
     return redis
 
 
-def create_topics(bootstrap: str, partitions: dict[str, int], client_config: dict | None = None) -> None:
-    """Creates the topics with explicit partition counts; existing ones are left as they are.
+def create_topics(
+    bootstrap: str,
+    partitions: dict[str, int],
+    client_config: dict | None = None,
+    configs: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """Creates the topics with explicit partition counts and the given topic configurations (e.g.
+    the dead-letter topic's retention.ms); existing ones are left as they are.
     `client_config`: librdkafka security properties (KafkaSecurity.librdkafka_config)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap, **(client_config or {})})
     existing = admin.list_topics(timeout=10).topics
-    wanted = [NewTopic(t, n, 1) for t, n in partitions.items() if t not in existing]
+    wanted = [NewTopic(t, n, 1, config=(configs or {}).get(t, {})) for t, n in partitions.items() if t not in existing]
     for future in admin.create_topics(wanted).values() if wanted else []:
         future.result(timeout=30)
 
@@ -373,14 +379,18 @@ def stop_flink_cluster(root: Path) -> None:
 
 
 def up(
-    ports: StackPorts, with_flink: bool = False, partitions: dict[str, int] | None = None, taskmanagers: int = 1
+    ports: StackPorts,
+    with_flink: bool = False,
+    partitions: dict[str, int] | None = None,
+    taskmanagers: int = 1,
+    topic_configs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, str]:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
     start_broker(root, ports.broker)
     bootstrap = f"127.0.0.1:{ports.broker}"
     if partitions:
-        create_topics(bootstrap, partitions)
+        create_topics(bootstrap, partitions, configs=topic_configs)
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
         start_redis(root, ports.redis)

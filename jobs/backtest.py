@@ -30,10 +30,11 @@ from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
+from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import DUPLICATE, LATE, Transition
+from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -43,11 +44,13 @@ CONVERSION_WINDOW_MS = 7 * DAY_MS  # an experiment's conversion: a purchase this
 
 @dataclass
 class EventLog:
-    """Valid events in log order (per user, the order the job sees them) and what was left out."""
+    """Valid events in log order (per user, the order the job sees them) and what was left out,
+    and the privacy requests (erasure, consent) of the requests topic, if one was read."""
 
     source: str
     events: list[UserEvent]
     rejected: Counter = field(default_factory=Counter)  # dead-letter reason -> count
+    requests: list[UserRequest] = field(default_factory=list)
 
     @property
     def max_event_ms(self) -> int | None:
@@ -112,6 +115,34 @@ def read_kafka_range(
     """`kafka://HOST:PORT/TOPIC`, from `start` to `end` (exclusive) on every partition: each a
     plain offset (`1200`) or an event time (`t=1700000000000`, resolved with offsets_for_times);
     by default from the beginning to the end offsets at the time of reading."""
+    return _accept(_kafka_records(url, "UserEvent", start, end, max_event_bytes, security), url)
+
+
+def read_requests(
+    url: str, start: str | None = None, end: str | None = None, security: KafkaSecurity = PLAINTEXT
+) -> tuple[list[UserRequest], Counter]:
+    """The privacy requests of a requests topic range (as read_kafka_range), and the invalid ones
+    by dead-letter reason: the job would dead-letter those too."""
+    requests: list[UserRequest] = []
+    rejected: Counter = Counter()
+    for record in _kafka_records(url, "UserRequest", start, end, None, security):
+        try:
+            if isinstance(record, DecodeError):
+                raise record
+            requests.append(request_from_record(record))
+        except DecodeError as err:
+            rejected[err.reason] += 1
+    return requests, rejected
+
+
+def _kafka_records(
+    url: str,
+    record_name: str,
+    start: str | None,
+    end: str | None,
+    max_bytes: int | None,
+    security: KafkaSecurity,
+) -> Iterator[dict | DecodeError]:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
     parsed = urlparse(url)
@@ -128,7 +159,7 @@ def read_kafka_range(
             **security.librdkafka_config(),
         }
     )
-    codec = SchemaCatalog().codec("UserEvent", max_event_bytes)
+    codec = SchemaCatalog().codec(record_name, max_bytes)
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
@@ -184,8 +215,7 @@ def read_kafka_range(
         consumer.close()
     # The job reads the partitions side by side; a user's events are all on one partition, so
     # any interleaving gives the same transitions. Merge by time, as the job roughly sees them.
-    merged = heapq.merge(*per_partition.values(), key=lambda r: 0 if isinstance(r, DecodeError) else r["timestamp"])
-    return _accept(merged, url)
+    return heapq.merge(*per_partition.values(), key=lambda r: 0 if isinstance(r, DecodeError) else r["timestamp"])
 
 
 def read_events(
@@ -208,6 +238,14 @@ def read_events(
 
 
 # -- replay ------------------------------------------------------------------------------------
+
+
+def in_arrival_order(log: EventLog) -> Iterator[UserEvent | UserRequest]:
+    """The log's events in log order with its requests placed among them by event time (a
+    request after the events of the same instant): the order the job sees them when the
+    requests topic is read as it is produced."""
+    requests = sorted(log.requests, key=lambda r: r.timestamp)
+    return heapq.merge(log.events, requests, key=lambda r: r.timestamp)
 
 
 @dataclass
@@ -257,6 +295,9 @@ class BacktestResult:
     flap_window_ms: int = FLAP_WINDOW_MS
     experiments: dict[str, ExperimentFigures] = field(default_factory=dict)
     provisional: ProvisionalReport = field(default_factory=ProvisionalReport)
+    log_requests: list[UserRequest] = field(default_factory=list)  # the privacy requests replayed
+    buried: int = 0  # events older than their user's erasure, arriving after it: not applied
+    withheld: int = 0  # events of users without consent to segmentation: not applied
 
 
 def run_backtest(
@@ -268,6 +309,7 @@ def run_backtest(
     progress: bool = False,
     flap_window_ms: int = FLAP_WINDOW_MS,
     conversion_window_ms: int = CONVERSION_WINDOW_MS,
+    consent_default: bool = True,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
@@ -281,12 +323,14 @@ def run_backtest(
         segmentation = Segmentation(segmentation, None)
     definitions = segmentation.definitions
     engine = segmentation.engine()
+    engine.consent_default = consent_default
     profiles: dict[str, UserProfile] = {}
+    privacy: dict[str, PrivacyState] = {}
     transitions: list[Transition] = []
-    duplicates = late = applied = 0
+    duplicates = late = applied = buried = withheld = 0
     latest = None
     bar = tqdm(
-        log.events,
+        in_arrival_order(log),
         desc=f"backtest {definitions.version}",
         unit="ev",
         disable=not progress,
@@ -294,24 +338,38 @@ def run_backtest(
         smoothing=0.1,
         mininterval=0.2,
     )
-    for event in bar:
-        latest = event.timestamp if latest is None else max(latest, event.timestamp)
-        profile = profiles.setdefault(event.user_id, UserProfile())
-        step = engine.step_event(event.user_id, profile, event, latest - watermark_lag_ms - 1 - allowed_lateness_ms)
-        if step.outcome == LATE:
-            late += 1
-            if step.drop_state:  # a user whose only event was late has no profile
-                del profiles[event.user_id]
-        elif step.outcome == DUPLICATE:
-            duplicates += 1
-        else:
-            applied += 1
+    for record in bar:
+        user_id = record.user_id
+        latest = record.timestamp if latest is None else max(latest, record.timestamp)
+        profile = profiles.setdefault(user_id, UserProfile())
+        state = privacy.setdefault(user_id, PrivacyState())
+        if isinstance(record, UserRequest):
+            # The job's tombstone lasts its allowed lateness; so does this one.
+            step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
+        else:
+            step = engine.step_event(
+                user_id, profile, record, latest - watermark_lag_ms - 1 - allowed_lateness_ms, state
+            )
+            if step.outcome == LATE:
+                late += 1
+            elif step.outcome == DUPLICATE:
+                duplicates += 1
+            elif step.outcome == BURIED:
+                buried += 1
+            elif step.outcome == WITHHELD:
+                withheld += 1
+            else:
+                applied += 1
+                transitions.extend(step.transitions)
+        if step.drop_state:  # e.g. a user whose only event was late, or who was erased, has no profile
+            del profiles[user_id]
     if until_ms is None:
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
-        transitions.extend(engine.step_timer(user_id, profile, until_ms).transitions)
+        transitions.extend(engine.step_timer(user_id, profile, until_ms, privacy[user_id]).transitions)
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
+    result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms
     )
@@ -522,6 +580,14 @@ def summary_lines(result: BacktestResult) -> list[str]:
         f"definitions {d.source} version {d.version} (sha256 {d.sha256[:12]})",
         f"events {result.log_source}: {result.events_applied} applied, {result.duplicates} duplicates, "
         f"{result.late} too late, rejected: {rejected}; {result.users} users; until {result.until_ms}",
+        *(
+            [
+                f"privacy: {len(result.log_requests)} requests; {result.buried} events older than their user's "
+                f"erasure, {result.withheld} without consent to segmentation, not applied"
+            ]
+            if result.log_requests or result.withheld
+            else []
+        ),
         f"{'segment':28} {'entries':>8} {'exits':>8} {'final':>7} {'peak':>7} {'med dwell':>10} {'flap rate':>9}",
     ]
     for r in result.segments.values():

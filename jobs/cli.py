@@ -1,5 +1,5 @@
 """`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, lookup,
-members, dashboard, and `stack up|down|status`."""
+members, dashboard, forget, consent, and `stack up|down|status`."""
 
 from __future__ import annotations
 
@@ -37,11 +37,8 @@ def cmd_stack(args) -> int:
             ports,
             with_flink=args.flink,
             taskmanagers=args.taskmanagers,
-            partitions={
-                settings.events_topic: args.partitions,
-                settings.transitions_topic: args.partitions,
-                settings.dead_letter_topic: 1,
-            },
+            partitions=settings.topic_partitions(args.partitions),
+            topic_configs=settings.topic_configs(),
         )
         print(
             f"stack up: broker {info['bootstrap_servers']}, redis {stack.redact_url(info['redis_url'])}"
@@ -234,6 +231,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_forget(args) -> int:
+    from jobs.privacy_requests import erase_request, produce_request
+
+    settings = _settings(args)
+    request = erase_request(args.user_id, args.at)
+    try:
+        produce_request(settings, request)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"erasure request {request.request_id} sent to {settings.requests_topic}")
+    return 0
+
+
+def cmd_consent(args) -> int:
+    from jobs.privacy_requests import consent_request, produce_request
+
+    settings = _settings(args)
+    request = consent_request(args.user_id, args.purpose.upper(), args.choice == "grant", args.at)
+    try:
+        produce_request(settings, request)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"consent request {request.request_id} sent to {settings.requests_topic}")
+    return 0
+
+
 def cmd_tail(args) -> int:
     from jobs.transitions_reader import follow_transitions
 
@@ -343,6 +368,9 @@ def cmd_backtest(args) -> int:
         log = backtest.read_events(
             args.events, args.start, args.end, settings.max_event_bytes, settings.kafka_security()
         )
+        if args.requests:
+            log.requests, rejected = backtest.read_requests(args.requests, security=settings.kafka_security())
+            log.rejected.update({f"request {reason}": n for reason, n in rejected.items()})
     except (OSError, ValueError) as err:
         print(f"error: cannot read events: {err}", file=sys.stderr)
         return 1
@@ -359,6 +387,7 @@ def cmd_backtest(args) -> int:
         progress=not args.quiet,
         flap_window_ms=thresholds.flap_window_ms,
         conversion_window_ms=window_ms,
+        consent_default=settings.consent_default == "granted",
     )
     result = backtest.run_backtest(base, log, **options)
     warnings = behaviour_warnings(result, thresholds)
@@ -696,9 +725,7 @@ def cmd_demo(args) -> int:
 
     ports = stack.StackPorts.from_env()
     settings = _settings(args)
-    info = stack.up(
-        ports, partitions={settings.events_topic: 2, settings.transitions_topic: 2, settings.dead_letter_topic: 1}
-    )
+    info = stack.up(ports, partitions=settings.topic_partitions(2), topic_configs=settings.topic_configs())
     env = dict(os.environ, SEGMENTS_BOOTSTRAP_SERVERS=info["bootstrap_servers"], REDIS_URL=info["redis_url"])
     logs = stack.stack_dir() / "logs"
     me = [sys.executable, "-m", "jobs.cli"]
@@ -834,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="let time pass to: `watermark` (what the job reaches: last event time - "
         "watermark_lag_ms - 1), `flush` (every pending timer), or epoch ms",
     )
+    p.add_argument(
+        "--requests",
+        help="kafka://HOST:PORT/TOPIC of privacy requests (erasure, consent), replayed among the events "
+        "by event time (the whole topic)",
+    )
     p.add_argument("--compare-with", help="another definitions file: report both and the diff")
     p.add_argument("--html", help="write the chart and tables to this HTML file")
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -913,6 +945,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_id")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.set_defaults(func=cmd_lookup)
+
+    p = with_config(sub.add_parser("forget", help="request a user's erasure (written to the requests topic)"))
+    p.add_argument("user_id")
+    p.add_argument("--at", type=int, help="the request's event time, epoch ms (default: now)")
+    p.set_defaults(func=cmd_forget)
+
+    p = with_config(sub.add_parser("consent", help="give or withdraw a user's consent to a purpose"))
+    p.add_argument("user_id")
+    p.add_argument("purpose", choices=["segmentation", "personalisation", "scoring"])
+    p.add_argument("choice", choices=["grant", "withdraw"])
+    p.add_argument("--at", type=int, help="the request's event time, epoch ms (default: now)")
+    p.set_defaults(func=cmd_consent)
 
     p = with_config(sub.add_parser("members", help="a segment's members, one per line, or --count (Redis view)"))
     p.add_argument("segment")

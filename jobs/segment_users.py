@@ -34,10 +34,11 @@ from jobs.shipped_files import ShippedFiles
 from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.latency import LatencyHistogram
+from udfs.privacy import PrivacyState, decode_privacy, encode_privacy, request_from_record, user_hash
 from udfs.profile import UserProfile
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
-from udfs.transitions import DUPLICATE, Step
+from udfs.transitions import BURIED, DUPLICATE, ERASED, WITHHELD, Step
 
 log = logging.getLogger("segments.job")
 
@@ -63,6 +64,11 @@ TRANSITION_RECORD = Types.ROW_NAMED(
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES, Types.STRING()],
 )
 DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)  # undecodable, invalid and late events
+# One ErasureAudit record per erasure, keyed by the user id's hash (docs/privacy.md).
+ERASURE_AUDIT = OutputTag("erasure-audit", KEYED_RECORD)
+# The dead-letter reason of an event older than its user's erasure (dead-lettered without its
+# payload: what it held is what was erased).
+ERASED_USER = "erased_user"
 # The dead-letter reason of a stored profile the job could not read (keyed by the user, the raw
 # state as the payload); the user starts afresh.
 QUARANTINED_STATE = "quarantined_state"
@@ -79,11 +85,13 @@ class Operator:
 
 # Stable uids: savepoints map state to operators by these; never change one without a migration.
 DECODE = Operator("Decode user events", "decode-user-events")  # reads key and time; the keyed function checks
+DECODE_REQUESTS = Operator("Decode user requests", "decode-user-requests")  # the same, of privacy requests
 EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
 SEGMENT = Operator("Segment users", "segment-users")
 # The Redis view's two-phase-commit sink (its writer and committer; jobs/redis_sink.py).
 REDIS_VIEW = Operator("Redis view", "redis-view")
 PROFILE_STATE = "user-profile"
+PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
 
 
 def now_ms() -> int:
@@ -147,6 +155,9 @@ class SegmentUsers(KeyedProcessFunction):
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
+        self.privacy_requests = settings.privacy_requests
+        self.requests_topic = settings.requests_topic
+        self.consent_default = settings.consent_default == "granted"
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
@@ -160,6 +171,9 @@ class SegmentUsers(KeyedProcessFunction):
         self.engine = Segmentation.from_text(
             self.definitions_text, self.definitions_source, self.profile_config, self.files_dir / "models"
         ).engine()
+        self.engine.consent_default = self.consent_default
+        self.requests = catalog.codec("UserRequest", max_bytes=self.max_event_bytes)
+        self.audit = catalog.codec("ErasureAudit")
         log.info("segment users: the core runs %s", udfs.CORE)
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
@@ -168,6 +182,9 @@ class SegmentUsers(KeyedProcessFunction):
         # This instance is the only writer of its keys' state, and a restore or rescale builds a
         # new instance, so an entry can never be stale; it only saves the decode.
         self.profile_cache: OrderedDict[str, UserProfile] = OrderedDict()
+        # The users' privacy records, the same way (only with settings.privacy_requests).
+        self.privacy_state = runtime_context.get_state(ValueStateDescriptor(PRIVACY_STATE, Types.STRING()))
+        self.privacy_cache: OrderedDict[str, PrivacyState] = OrderedDict()
         metrics = runtime_context.get_metrics_group()
         self.dead_letters_out = metrics.counter("dead_letters")
         self.late_events = metrics.counter("late_events")
@@ -177,6 +194,10 @@ class SegmentUsers(KeyedProcessFunction):
         self.transitions_out = metrics.counter("transitions_out")
         self.scoring_skipped = metrics.counter("scoring_skipped")
         self.scores_out_of_range = metrics.counter("scores_out_of_range")
+        self.users_erased = metrics.counter("users_erased")
+        self.consent_changes = metrics.counter("consent_changes")
+        self.buried_events = metrics.counter("erased_user_events")
+        self.withheld_events = metrics.counter("consent_withheld_events")
         scorer = self.engine.scorer
         # Transitions per segment and kind, as metric groups: segment.<name>.enter / .exit
         self.metrics = metrics
@@ -189,6 +210,9 @@ class SegmentUsers(KeyedProcessFunction):
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         user_id, payload = value[0], value[2]
+        if self.requests_topic and value[3] == self.requests_topic:
+            yield from self._process_request(value, ctx)
+            return
         try:
             event = event_from_record(self.events.decode(payload), now_ms(), self.max_future_ms)
             if event.user_id != user_id:  # the Java keying could not read it the way Avro does
@@ -198,6 +222,13 @@ class SegmentUsers(KeyedProcessFunction):
             yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
             return
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
+        if (
+            event.timestamp < late_before
+            and self.privacy_requests
+            and self._load_privacy(user_id).buries(event.timestamp)
+        ):
+            yield DEAD_LETTERS, self._buried(value)  # late too, but its payload must not be kept
+            return
         if event.timestamp < late_before:
             self.late_events.inc()
             yield (
@@ -213,13 +244,34 @@ class SegmentUsers(KeyedProcessFunction):
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
-        step = self.engine.step_event(user_id, profile, event)
+        privacy = self._load_privacy(user_id) if self.privacy_requests else None
+        step = self.engine.step_event(user_id, profile, event, privacy=privacy)
         if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
+            return
+        if step.outcome == BURIED:
+            yield DEAD_LETTERS, self._buried(value)
+            return
+        if step.outcome == WITHHELD:  # no consent to segmentation: nothing of the event is kept
+            self.withheld_events.inc()
             return
         if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
         yield from self._commit(ctx, user_id, profile, step, event.event_id)
+
+    def _buried(self, value) -> Row:
+        """The dead letter of an event older than its user's erasure: where it was, not what."""
+        self.buried_events.inc()
+        return dead_letter_row(
+            self.dead_letters,
+            b"",
+            value[3],
+            value[4],
+            value[5],
+            ERASED_USER,
+            "event time before its user's erasure: not applied (payload not kept)",
+            self.max_event_bytes,
+        )
 
     def _dead_letter(self, value, reason: str, message: str) -> Row:
         return dead_letter_row(
@@ -231,7 +283,78 @@ class SegmentUsers(KeyedProcessFunction):
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
-        yield from self._commit(ctx, user_id, profile, self.engine.step_timer(user_id, profile, timestamp), None)
+        if self.privacy_requests:
+            privacy = self._load_privacy(user_id)
+            tombstone = privacy.tombstone_until_ms
+            step = self.engine.step_timer(user_id, profile, timestamp, privacy)
+            if privacy.tombstone_until_ms != tombstone:  # the erasure's tombstone has lapsed
+                self._store_privacy(user_id, privacy)
+        else:
+            step = self.engine.step_timer(user_id, profile, timestamp)
+        yield from self._commit(ctx, user_id, profile, step, None)
+
+    def _process_request(self, value, ctx: KeyedProcessFunction.Context):
+        """A privacy request: applied at its event time by the core, however late it comes (an
+        erasure is never dropped); an ERASE also writes its audit record."""
+        user_id = value[0]
+        try:
+            request = request_from_record(self.requests.decode(value[2]))
+            if request.user_id != user_id:
+                raise DecodeError("undecodable", "user_id could not be read as UTF-8 ahead of the decode")
+        except DecodeError as err:
+            self.dead_letters_out.inc()
+            yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
+            return
+        profile, quarantined = self._load_profile(user_id)
+        if quarantined is not None:
+            yield DEAD_LETTERS, quarantined
+        privacy = self._load_privacy(user_id)
+        step = self.engine.step_request(user_id, profile, privacy, request, self.allowed_lateness_ms)
+        if step.delete_timer_ms is not None:
+            ctx.timer_service().delete_event_time_timer(step.delete_timer_ms)
+        self._store_privacy(user_id, privacy)
+        if step.outcome == ERASED:
+            self.users_erased.inc()
+            hashed = user_hash(user_id)
+            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(step.erased))
+            record = {
+                "request_id": request.request_id,
+                "user_hash": hashed,
+                "requested_at": request.timestamp,
+                "erased_at": now_ms(),
+                "source": request.source,
+                "erased": list(step.erased),
+                "definitions_version": self.engine.definitions_version,
+            }
+            yield ERASURE_AUDIT, Row(hashed, self.audit.encode(record))
+        else:
+            self.consent_changes.inc()
+        yield from self._commit(ctx, user_id, profile, step, request.request_id)
+
+    def _load_privacy(self, user_id: str) -> PrivacyState:
+        """The user's privacy record. A damaged one is an error that stops the job: dropping it
+        would forget a withdrawn consent or an erasure's tombstone."""
+        privacy = self.privacy_cache.get(user_id)
+        if privacy is not None:
+            self.privacy_cache.move_to_end(user_id)
+            return privacy
+        stored = self.privacy_state.value()
+        privacy = decode_privacy(None if stored is None else stored.encode("latin-1"))
+        self._cache_privacy(user_id, privacy)
+        return privacy
+
+    def _store_privacy(self, user_id: str, privacy: PrivacyState) -> None:
+        if privacy.is_empty:
+            self.privacy_state.clear()
+        else:
+            self.privacy_state.update(encode_privacy(privacy).decode("latin-1"))
+        self._cache_privacy(user_id, privacy)
+
+    def _cache_privacy(self, user_id: str, privacy: PrivacyState) -> None:
+        if self.profile_cache_users:
+            self.privacy_cache[user_id] = privacy
+            if len(self.privacy_cache) > self.profile_cache_users:
+                self.privacy_cache.popitem(last=False)
 
     def close(self):
         shutil.rmtree(self.files_dir, ignore_errors=True)
@@ -328,40 +451,52 @@ class PipelineOutputs:
     transitions: DataStream  # TRANSITION_RECORD
     dead_letters: DataStream  # KEYED_RECORD: undecodable, invalid and late events
     profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
+    erasure_audit: DataStream  # KEYED_RECORD: one ErasureAudit per erasure
 
 
-# The fields UserEventKeys reads, in the order every readable UserEvent version must start with.
-KEYED_PREFIX = (("event_id", "string"), ("user_id", "string"), ("event_type", "enum"), ("timestamp", "long"))
+# The fields UserEventKeys reads, in the order every readable version of the records it keys must
+# start with: user events, and privacy requests, whose first fields have the same types.
+KEYED_PREFIXES = {
+    "UserEvent": (("event_id", "string"), ("user_id", "string"), ("event_type", "enum"), ("timestamp", "long")),
+    "UserRequest": (("request_id", "string"), ("user_id", "string"), ("kind", "enum"), ("timestamp", "long")),
+}
 
 
-def user_event_headers(catalog: SchemaCatalog) -> bytes:
+def user_event_headers(catalog: SchemaCatalog, record_name: str = "UserEvent") -> bytes:
     """The single-object headers (magic and fingerprint, 10 bytes each, concatenated) of every
-    UserEvent version the catalog reads, for UserEventKeys. A version that does not start with
-    KEYED_PREFIX is refused here, before anything runs: the Java keying would not find its key."""
+    version of `record_name` the catalog reads, for UserEventKeys. A version that does not start
+    with its KEYED_PREFIXES entry is refused here, before anything runs: the Java keying would not
+    find its key."""
     headers = []
+    expected = KEYED_PREFIXES[record_name]
     for fingerprint, known in sorted(catalog.by_fingerprint.items()):
-        if known.full_name != catalog.codec("UserEvent").full_name:
+        if known.full_name != catalog.codec(record_name).full_name:
             continue
         prefix = tuple(
             (f["name"], f["type"] if isinstance(f["type"], str) else f["type"].get("type"))
-            for f in known.parsed["fields"][: len(KEYED_PREFIX)]
+            for f in known.parsed["fields"][: len(expected)]
         )
-        if prefix != KEYED_PREFIX:
+        if prefix != expected:
             raise ValueError(
-                f"UserEvent version {fingerprint.hex()} starts with {prefix}, not {KEYED_PREFIX}: "
+                f"{record_name} version {fingerprint.hex()} starts with {prefix}, not {expected}: "
                 "infra/java segments.events.UserEventKeys must learn to read its key and time"
             )
         headers.append(MAGIC + fingerprint)
     return b"".join(headers)
 
 
-def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_function=None) -> PipelineOutputs:
+def build_pipeline(
+    raw_records: DataStream, settings: JobSettings, keyed_function=None, raw_requests: DataStream | None = None
+) -> PipelineOutputs:
     """`raw_records` (RAW_RECORD rows) must run at `settings.parallelism`, like every operator up to
     key_by: then each connection is forward and a partition's order (which keeps a user's events in
     order, producers key by user) survives to the keyed function (`SegmentUsers`, or what
     `keyed_function(settings, segmentation)` builds: the bench's floor job). Up to key_by all of it
     is Java (UserEventKeys, Flink's watermark generator, PyFlink's selector of (key, value) rows),
-    so the keyed function is the only Python under its TaskManager's interpreter lock."""
+    so the keyed function is the only Python under its TaskManager's interpreter lock.
+    `raw_requests` (RAW_RECORD rows of settings.requests_topic, the same parallelism): privacy
+    requests, keyed by the same Java operator and unioned with the events before the watermark
+    generator, so a quiet requests topic never holds the watermark back."""
     from pyflink.datastream.data_stream import KeyedStream
     from pyflink.java_gateway import get_gateway
 
@@ -379,6 +514,22 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
         .name(DECODE.name)
         .uid(DECODE.uid)
     )
+    if raw_requests is not None:
+        j_keyed_requests = (
+            raw_requests._j_data_stream.process(
+                keys_class(
+                    user_event_headers(SchemaCatalog(), "UserRequest"),
+                    MIN_EVENT_TIME_MS,
+                    settings.max_future_ms,
+                    settings.max_event_bytes,
+                ),
+                KEYED_EVENT.get_java_type_info(),
+            )
+            .name(DECODE_REQUESTS.name)
+            .uid(DECODE_REQUESTS.uid)
+        )
+        # union is varargs in Java: PyFlink's wrapper builds the array.
+        j_keyed_events = DataStream(j_keyed_events).union(DataStream(j_keyed_requests))._j_data_stream
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(settings.watermark_lag_ms))
     if settings.idle_timeout_ms:
         watermarks = watermarks.with_idleness(Duration.of_millis(settings.idle_timeout_ms))
@@ -412,6 +563,7 @@ def build_pipeline(raw_records: DataStream, settings: JobSettings, keyed_functio
         transitions=transitions,
         dead_letters=transitions.get_side_output(DEAD_LETTERS),
         profile_snapshots=transitions.get_side_output(PROFILE_SNAPSHOTS),
+        erasure_audit=transitions.get_side_output(ERASURE_AUDIT),
     )
 
 
@@ -422,7 +574,12 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
     t_env.execute_sql(kafka_table_ddl("transitions_out", settings.transitions_topic, settings, sink=True))
     t_env.execute_sql(kafka_table_ddl("dead_letters_out", settings.dead_letter_topic, settings, sink=True))
     raw = t_env.to_data_stream(t_env.from_path("events_in"))
-    outputs = build_pipeline(raw, settings, keyed_function)
+    raw_requests = None
+    if settings.requests_topic:
+        t_env.execute_sql(kafka_table_ddl("requests_in", settings.requests_topic, settings, sink=False))
+        t_env.execute_sql(kafka_table_ddl("erasure_audit_out", settings.audit_topic, settings, sink=True))
+        raw_requests = t_env.to_data_stream(t_env.from_path("requests_in"))
+    outputs = build_pipeline(raw, settings, keyed_function, raw_requests)
     transitions = outputs.transitions
     statements = t_env.create_statement_set()
     statements.add_insert(
@@ -430,6 +587,8 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
         t_env.from_data_stream(transitions).select(col("user_id").alias("key"), col("payload")),
     )
     statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
+    if raw_requests is not None:
+        statements.add_insert("erasure_audit_out", t_env.from_data_stream(outputs.erasure_audit))
     statements.attach_as_datastream()
     if settings.redis_url:
         # Redis only from committed transitions: applied once the checkpoint holding them completes.

@@ -62,6 +62,17 @@ class JobSettings:
     events_topic: str = "shopper-events"
     transitions_topic: str = "segment-transitions"
     dead_letter_topic: str = "segment-dead-letters"
+    # Privacy requests (erasure, consent; schemas/user_request.avsc, docs/privacy.md): read from
+    # this topic when set (empty: no requests are read), with the audit trail of each erasure
+    # written to audit_topic.
+    requests_topic: str = ""
+    audit_topic: str = "erasure-audit"
+    # Whether a user with no consent record for a purpose has consented: granted (today's
+    # behaviour: segmentation and scoring run) or withheld (nothing runs until consent is given).
+    consent_default: str = "granted"
+    # The dead-letter topic's retention.ms, set when the project creates the topic (its records
+    # carry raw payloads, which an erasure cannot reach: docs/privacy.md).
+    dead_letter_retention_ms: int = 7 * 24 * 3600 * 1000
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
     # Kafka client security for every client (the job's source and sinks, generate, tail, the
@@ -131,6 +142,7 @@ class JobSettings:
             "state_backend": {"hashmap", "rocksdb"},
             "timer_service": {"rocksdb", "heap"},
             "restart_strategy": {"exponential-delay", "fixed-delay", "none"},
+            "consent_default": {"granted", "withheld"},
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -157,6 +169,23 @@ class JobSettings:
 
     def kafka_security(self) -> KafkaSecurity:
         return self.kafka
+
+    @property
+    def privacy_requests(self) -> bool:
+        """True when the job keeps per-user privacy records: requests are read, or consent is not
+        assumed (without either, every user has consented and nothing needs keeping)."""
+        return bool(self.requests_topic) or self.consent_default != "granted"
+
+    def topic_partitions(self, partitions: int) -> dict[str, int]:
+        """The topics the project creates for these settings, with their partition counts."""
+        topics = {self.events_topic: partitions, self.transitions_topic: partitions, self.dead_letter_topic: 1}
+        if self.requests_topic:
+            topics.update({self.requests_topic: partitions, self.audit_topic: 1})
+        return topics
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Topic configurations the project sets when it creates the topics."""
+        return {self.dead_letter_topic: {"retention.ms": str(self.dead_letter_retention_ms)}}
 
     def definitions_file(self) -> Path:
         return Path(self.definitions_path) if self.definitions_path else SHIPPED_DEFINITIONS

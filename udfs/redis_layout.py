@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from udfs.privacy import CONSENT_RULE, ERASURE_RULE
 from udfs.transitions import RETENTION_RULE
 
 LAYOUT_VERSION = 2
@@ -44,8 +45,13 @@ def parse_membership(value: str) -> tuple[int, int, str]:
     return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else ""
 
 
-# The rule is spliced into the script as a Lua string literal: it must need no escaping.
-assert re.fullmatch(r"[a-z_]+", RETENTION_RULE)
+# The EXITs that end a profile's lifetime: the retention ran out, the user was erased, or withdrew
+# consent to segmentation. The last of them deletes every key of the user; the next lifetime
+# starts with higher sequences.
+LIFETIME_END_RULES = (RETENTION_RULE, ERASURE_RULE, CONSENT_RULE)
+# The rules are spliced into the script as Lua string literals: they must need no escaping.
+assert all(re.fullmatch(r"[a-z_]+", rule) for rule in LIFETIME_END_RULES)
+_ENDS_LIFETIME = " or ".join(f"rule == '{rule}'" for rule in LIFETIME_END_RULES)
 
 # Applies a transition only if its sequence is newer than the last applied one for (user,
 # segment): replays after a restore, or a rebuild racing the live job, can never move the view
@@ -53,11 +59,12 @@ assert re.fullmatch(r"[a-z_]+", RETENTION_RULE)
 # event_time_ms, user_id, retention_ms, rule. Returns 1 if applied, 0 if stale.
 #
 # Expiry: a user holding a segment has no TTL (PERSIST also clears layout 1's): only the core
-# decides when a member goes, by an EXIT. The retention EXIT that leaves the user holding nothing
-# deletes the sequence hash too: the profile's lifetime is over, and the next one starts with
-# higher sequences (udfs/profile.py: sequence_base). Any other EXIT that leaves nothing keeps
-# the sequence hash as a guard against stale replays for the retention (wall time): the view
-# never sees the user's later events, so no expiry of its own can be tied to the profile's.
+# decides when a member goes, by an EXIT. A lifetime-ending EXIT (retention, erasure, withdrawn
+# consent) that leaves the user holding nothing deletes the sequence hash too: the profile's
+# lifetime is over, and the next one starts with higher sequences (udfs/profile.py:
+# sequence_base). Any other EXIT that leaves nothing keeps the sequence hash as a guard against
+# stale replays for the retention (wall time): the view never sees the user's later events, so no
+# expiry of its own can be tied to the profile's.
 _APPLY_FUNCTION = (
     """
 local function apply(user, seqs, members, segment, kind, sequence, at, user_id, retention_ms, rule)
@@ -75,9 +82,9 @@ local function apply(user, seqs, members, segment, kind, sequence, at, user_id, 
   if redis.call('EXISTS', user) == 1 then
     redis.call('PERSIST', user)
     redis.call('PERSIST', seqs)
-  elseif rule == '"""
-    + RETENTION_RULE
-    + """' then
+  elseif """
+    + _ENDS_LIFETIME
+    + """ then
     redis.call('DEL', seqs)
   elseif tonumber(retention_ms) > 0 then
     redis.call('PEXPIRE', seqs, retention_ms)

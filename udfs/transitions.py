@@ -19,6 +19,16 @@ from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features, earliest
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, control_places, place
+from udfs.privacy import (
+    CONSENT_RULE,
+    ERASE,
+    ERASURE_RULE,
+    SCORING,
+    SCORING_CONSENT_RULE,
+    SEGMENTATION,
+    PrivacyState,
+    UserRequest,
+)
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
@@ -48,8 +58,8 @@ class Transition:
     segment: str
     kind: str  # ENTER | EXIT
     event_time: int
-    cause: str  # EVENT | TIMER
-    cause_event_id: str | None
+    cause: str  # EVENT | TIMER | ERASURE | CONSENT
+    cause_event_id: str | None  # the event's id; an ERASURE's or CONSENT's: the request's id
     sequence: int
     definitions_version: str
     model_version: str | None
@@ -93,6 +103,9 @@ class Transition:
 
 
 APPLIED, DUPLICATE, LATE, TIMER = "applied", "duplicate", "late", "timer"
+# Events not applied for privacy: older than the user's erasure (while its tombstone lasts), or of
+# a user without consent to segmentation. Outcomes of step_request: ERASED, CONSENTED.
+BURIED, WITHHELD, ERASED, CONSENTED = "buried", "withheld", "erased", "consented"
 
 
 @dataclass(slots=True)
@@ -106,6 +119,10 @@ class Step:
     expired: bool  # this step ended the user's lifetime (the retention ran out)
     scores_skipped: int = 0  # model scorings skipped: a vector feature had no value and no impute
     scores_out_of_range: int = 0  # scores dropped: NaN, infinite or outside the model's range
+    # An erasure or a withdrawn consent emptied the profile: the pending timer at this instant
+    # can go (another one left in place from before fires on an empty profile and does nothing).
+    delete_timer_ms: int | None = None
+    erased: tuple[str, ...] = ()  # an erasure's audit: `profile`, `consent`, `segment:NAME`...
 
 
 # Model scores of a profile at an instant; the third argument reads a feature's value at that
@@ -130,6 +147,9 @@ class SegmentEngine:
         # feature reads and lapses are the expensive part of both).
         self._latest: Evaluation | None = None
         self._scoring_seen = (0, 0)  # the scorer's (skipped, out_of_range) at the latest step
+        # Whether a user with no consent record for a purpose has consented (docs/privacy.md);
+        # runners set it from the settings' consent_default.
+        self.consent_default = True
         # segment -> (experiment, control places) of each holdout its conditions read: the arms
         # its transitions record.
         self._experiments = {
@@ -146,26 +166,49 @@ class SegmentEngine:
     #    calls, and all it needs back ---------------------------------------------------------------
 
     def step_event(
-        self, user_id: str, profile: UserProfile, event: UserEvent, late_before_ms: int | None = None
+        self,
+        user_id: str,
+        profile: UserProfile,
+        event: UserEvent,
+        late_before_ms: int | None = None,
+        privacy: PrivacyState | None = None,
     ) -> Step:
         """One event of one user: late (its time is before `late_before_ms`, the runner's
         watermark minus the allowed lateness), a duplicate, or applied with the transitions it
-        causes (after those that time alone caused before its timestamp)."""
+        causes (after those that time alone caused before its timestamp). With the user's
+        `privacy` record: buried (older than their erasure) or withheld (no consent to
+        segmentation) are not applied; without consent to scoring no model runs."""
         if late_before_ms is not None and event.timestamp < late_before_ms:
             return Step(LATE, [], None, profile.is_empty, False)
+        scoring = True
+        if privacy is not None:
+            if privacy.buries(event.timestamp):
+                return Step(BURIED, [], None, profile.is_empty, False)
+            if not privacy.allows(SEGMENTATION, self.consent_default):
+                return Step(WITHHELD, [], None, profile.is_empty, False)
+            scoring = privacy.allows(SCORING, self.consent_default)
+        elif not self.consent_default:
+            return Step(WITHHELD, [], None, profile.is_empty, False)
         if is_duplicate(profile, event, self.config):
             return Step(DUPLICATE, [], None, False, False)
-        transitions = self._apply(user_id, profile, event)
+        transitions = self._apply(user_id, profile, event, scoring)
         return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
 
-    def step_timer(self, user_id: str, profile: UserProfile, time_ms: int) -> Step:
-        """Event time reached `time_ms` (a timer fired): every time-driven change due up to it."""
+    def step_timer(self, user_id: str, profile: UserProfile, time_ms: int, privacy: PrivacyState | None = None) -> Step:
+        """Event time reached `time_ms` (a timer fired): every time-driven change due up to it.
+        An erasure's tombstone whose time is up goes from the user's `privacy` record."""
+        scoring = True
+        if privacy is not None:
+            until = privacy.tombstone_until_ms
+            if until is not None and until <= time_ms:
+                privacy.erased_at_ms = privacy.tombstone_until_ms = None
+            scoring = privacy.allows(SCORING, self.consent_default)
         pending = profile.timer_ms
         if pending is not None and pending <= time_ms:
             profile.timer_ms = None  # it has fired (timers fire in time order, so every earlier one too)
         had_events = bool(profile.last_by_type)
         body = profile.derived.get(ENCODED_BODY)
-        out, due, dues = self._advance(user_id, profile, time_ms, self._take_memo(profile))
+        out, due, dues = self._advance(user_id, profile, time_ms, self._take_memo(profile), scoring)
         if body is None or profile.derived.get(ENCODED_BODY) is not body:
             # Never changes a result, so `due` stands. Left to the next step that changes the state
             # anyway when this one changed only the clock and the timer: so the body encoded
@@ -199,6 +242,118 @@ class SegmentEngine:
             self._scoring_seen = (stats.skipped, stats.out_of_range)
         return step
 
+    def step_request(
+        self, user_id: str, profile: UserProfile, privacy: PrivacyState, request: UserRequest, tombstone_ms: int
+    ) -> Step:
+        """A privacy request of one user, at its event time (time-driven changes due before it
+        first, as for an event). ERASE: every segment EXITs (cause ERASURE), the profile and the
+        consent records go, and for `tombstone_ms` after the request's instant (the runner's
+        allowed lateness: after it, the runner drops such events as late) a tombstone buries
+        the user's older events. CONSENT: the record changes; a withdrawn segmentation EXITs
+        every segment (cause CONSENT) and empties the profile; scoring given or withdrawn
+        scores again or drops the scores, and the segments reading them follow (cause CONSENT)."""
+        scoring = privacy.allows(SCORING, self.consent_default)
+        out, _, _ = self._advance(user_id, profile, request.timestamp - 1, self._take_memo(profile), scoring)
+        if request.timestamp > profile.clock_ms:
+            profile.clock_ms = request.timestamp
+        self._latest = None
+        now_ms, pending = profile.clock_ms, profile.timer_ms
+        if request.kind == ERASE:
+            erased = [] if profile.is_empty else ["profile"]
+            if privacy.consent:
+                erased.append("consent")
+            exits = self._leave_all(user_id, profile, now_ms, "ERASURE", request.request_id, ERASURE_RULE, out)
+            erased.extend(f"segment:{name}" for name in exits)
+            privacy.consent.clear()
+            privacy.erased_at_ms = request.timestamp
+            privacy.tombstone_until_ms = request.timestamp + tombstone_ms
+            return Step(ERASED, out, privacy.tombstone_until_ms, True, False, 0, 0, pending, tuple(erased))
+        purpose, granted = request.purpose, bool(request.granted)
+        before = privacy.allows(SEGMENTATION, self.consent_default), scoring
+        if purpose is not None:
+            if granted == self.consent_default:
+                privacy.consent.pop(purpose, None)
+            else:
+                privacy.consent[purpose] = (granted, request.timestamp)
+        segmenting = privacy.allows(SEGMENTATION, self.consent_default)
+        scoring = privacy.allows(SCORING, self.consent_default)
+        if before[0] and not segmenting:
+            self._leave_all(user_id, profile, now_ms, "CONSENT", request.request_id, CONSENT_RULE, out)
+            return Step(CONSENTED, out, None, True, False, 0, 0, pending)
+        if segmenting and before[1] != scoring and profile.last_event_ms is not None:
+            ev = Evaluation(profile, now_ms, self.catalog, profile.scores, user_id)
+            if scoring and self.scorer is not None:
+                self._score(self.scorer, profile, ev)
+            elif not scoring:
+                profile.scores = ev.scores = {}
+                profile.scored_at_ms = None
+                profile.body_changed()
+                self._leave_scored(user_id, profile, now_ms, request.request_id, out)
+            self._diff(user_id, profile, ev, "CONSENT", request.request_id, out)
+        return self._finish(CONSENTED, user_id, profile, out, False)
+
+    def _leave_scored(
+        self, user_id: str, profile: UserProfile, now_ms: int, request_id: str, out: list[Transition]
+    ) -> None:
+        """EXITs every segment the user is in whose conditions read a model score (cause CONSENT):
+        made from profiling the user withdrew from, and a missing score meets no exit condition."""
+        for name, segment in self.definitions.segments.items():
+            membership = profile.memberships.get(name)
+            reads_scores = any(c is not None and c.references.scores for c in (segment.enter, segment.exit))
+            if membership is None or not membership.member or not reads_scores:
+                continue
+            sequence = membership.sequence + 1
+            profile.memberships[name] = Membership(False, sequence, now_ms)
+            out.append(
+                self._transition(
+                    user_id,
+                    name,
+                    False,
+                    sequence,
+                    now_ms,
+                    "CONSENT",
+                    request_id,
+                    SCORING_CONSENT_RULE,
+                    {},
+                    profile,
+                    segment.provisional,
+                )
+            )
+
+    def _leave_all(
+        self,
+        user_id: str,
+        profile: UserProfile,
+        now_ms: int,
+        cause: str,
+        request_id: str,
+        rule: str,
+        out: list[Transition],
+    ) -> list[str]:
+        """EXITs every segment the user is in, with no feature nor score (the user asked that
+        nothing more be made of their data), and empties the profile. Returns the segments left."""
+        left = [name for name, membership in profile.memberships.items() if membership.member]
+        memberships = profile.memberships
+        profile.reset()
+        for name in left:
+            segment = self.definitions.segments.get(name)
+            out.append(
+                self._transition(
+                    user_id,
+                    name,
+                    False,
+                    memberships[name].sequence + 1,
+                    now_ms,
+                    cause,
+                    request_id,
+                    rule,
+                    {},
+                    profile,
+                    segment is not None and segment.provisional,
+                )
+            )
+        return left
+
     def on_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
         """The transitions of `step_event` (a duplicate changes nothing)."""
         return self.step_event(user_id, profile, event).transitions
@@ -209,13 +364,13 @@ class SegmentEngine:
         exits every segment and the profile is emptied (`profile.is_empty`: delete its state)."""
         return self.step_timer(user_id, profile, time_ms).transitions
 
-    def _apply(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
+    def _apply(self, user_id: str, profile: UserProfile, event: UserEvent, scoring: bool) -> list[Transition]:
         # Changes due strictly before the event come first; one due at its very timestamp is
         # decided with the event (as in Flink, where a timer at T fires only once the watermark
         # passes T, i.e. after every event at T that is not late). The retention is the
         # exception: a profile silent for exactly retention_ms has expired, and the event starts
         # a new lifetime.
-        out, _, dues = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile))
+        out, _, dues = self._advance(user_id, profile, event.timestamp - 1, self._take_memo(profile), scoring)
         if event.timestamp > profile.clock_ms:
             profile.clock_ms = event.timestamp
             if self.retention_expiry_ms(profile) == event.timestamp:
@@ -227,9 +382,10 @@ class SegmentEngine:
         prune(profile, self.config)
         ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
         scorer = self.scorer
-        if scorer is not None:
+        if scorer is not None and scoring:
             self._score(scorer, profile, ev)
-        reached = None if dues is None else self.definitions.reached(dues, ev.now, event.event_type, scorer is not None)
+        scored = scorer is not None and scoring
+        reached = None if dues is None else self.definitions.reached(dues, ev.now, event.event_type, scored)
         self._diff(user_id, profile, ev, "EVENT", event.event_id, out, reached)
         due, dues = self._next_change(profile, user_id, dues, reached)
         profile.next_change_memo = (self, profile.clock_ms, due, dues)
@@ -247,6 +403,7 @@ class SegmentEngine:
         profile: UserProfile,
         time_ms: int,
         memo: tuple[int | None, list[int | None] | None] | None,
+        scoring: bool = True,
     ) -> tuple[list[Transition], int | None, list[int | None] | None]:
         """The time-driven transitions up to `time_ms`, and the next change after it: the instant
         the walk stopped at, which nothing between the last evaluation and `time_ms` can move,
@@ -274,7 +431,8 @@ class SegmentEngine:
             ev = Evaluation(profile, due, self.catalog, profile.scores, user_id)
             scorer = self.scorer
             scored = False
-            if scorer is not None and due == self.rescore_due_ms(profile):  # never due without a scorer
+            # Never due without a scorer, nor without consent to scoring (no scoring instant).
+            if scorer is not None and scoring and due == self.rescore_due_ms(profile):
                 scored = True
                 self._latest = None
                 self._score(scorer, profile, ev)

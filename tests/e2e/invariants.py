@@ -56,7 +56,12 @@ def repeated_or_out_of_sequence(committed: Sequence[Committed]) -> list[str]:
             if r["kind"] != want_kind:
                 problems.append(f"{user} {segment}: transition {i + 1} is {r['kind']}, expected {want_kind}")
                 break
-            if i and r["sequence"] != records[i - 1]["sequence"] + 1:
+            # A new lifetime (after the retention, an erasure or a withdrawn consent) starts with
+            # an ENTER at 1000 x its first event's time + 1, above every earlier sequence.
+            new_lifetime = (
+                r["kind"] == "ENTER" and r["sequence"] % 1000 == 1 and r["sequence"] > records[i - 1]["sequence"]
+            )
+            if i and r["sequence"] != records[i - 1]["sequence"] + 1 and not new_lifetime:
                 problems.append(f"{user} {segment}: sequence {r['sequence']} follows {records[i - 1]['sequence']}")
                 break
     return problems

@@ -560,7 +560,7 @@ def test_a_transition_with_arms_is_read_by_a_consumer_still_on_the_v2_schema(cat
 
 
 def test_the_transition_contract_adds_arms_in_v3_and_the_provisional_reason_in_v4():
-    current = schema_json("SegmentTransition")
+    current = history_schema("segment_transition.v4.avsc")
     v2, v3 = history_schema("segment_transition.v2.avsc"), history_schema("segment_transition.v3.avsc")
     assert v3["fields"][:-1] == v2["fields"]
     added = v3["fields"][-1]
@@ -611,3 +611,30 @@ def test_a_transition_of_the_previous_schema_decodes_as_not_provisional(catalog,
     current = catalog.codec("SegmentTransition")
     assert payload[:HEADER_SIZE] != current.header
     assert current.decode(payload) == {**previous, "reason": {**previous["reason"], "provisional": False}}
+
+
+def test_v5_adds_the_privacy_and_merge_causes_with_a_default_for_readers_of_later_symbols(catalog):
+    """v5 is v4 with the cause enum extended (ERASURE, CONSENT, MERGE) and given the default EVENT:
+    a v5 reader resolves a symbol added after it to EVENT instead of failing. A v4 reader has no
+    such default: consumers upgrade to v5 before the job emits the new causes (docs/contract.md)."""
+    current, v4 = schema_json("SegmentTransition"), history_schema("segment_transition.v4.avsc")
+
+    def cause(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
+
+    def without_cause(schema: dict) -> list[dict]:
+        return [f for f in schema["fields"] if f["name"] != "cause"]
+
+    assert without_cause(current) == without_cause(v4)
+    assert cause(current)["symbols"] == ["EVENT", "TIMER", "ERASURE", "CONSENT", "MERGE"]
+    assert cause(current)["default"] == "EVENT"
+    erased = {**a_transition(), "cause": "ERASURE"}
+    codec = catalog.codec("SegmentTransition")
+    assert codec.decode(codec.encode(erased))["cause"] == "ERASURE"
+    later = json.loads(json.dumps(current))
+    cause(later)["symbols"].append("SOMETHING_NEW")
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(later), {**erased, "cause": "SOMETHING_NEW"})
+    body.seek(0)
+    read = fastavro.schemaless_reader(body, fastavro.parse_schema(later), fastavro.parse_schema(current))
+    assert read["cause"] == "EVENT"

@@ -134,3 +134,27 @@ def test_dead_letters_exactly_the_injected_ones(run):
         "unexpected dead letter late (7 bytes)",
         "a valid event was dead-lettered as late",
     ]
+
+
+def test_a_new_lifetime_s_first_enter_may_jump_but_no_other_transition_may(run):
+    """After an EXIT, an ENTER at 1000 x a later first event's time + 1 is a new profile lifetime
+    (after the retention, an erasure or a withdrawn consent); a jump to any other sequence is not."""
+    _, committed, _ = run
+    enter = next(c for c in committed if c.record["kind"] == "ENTER")
+    pair = [
+        c
+        for c in committed
+        if c.record["user_id"] == enter.record["user_id"] and c.record["segment"] == enter.record["segment"]
+    ]
+    exit_ = next(c for c in pair if c.record["kind"] == "EXIT")
+    last = pair[pair.index(exit_)]
+    base = (last.record["event_time"] + 3_600_000) * 1000
+
+    def after(sequence: int) -> list:
+        again = replace(
+            last, offset=10_000, record={**last.record, "kind": "ENTER", "sequence": sequence, "transition_id": "later"}
+        )
+        return [*pair[: pair.index(exit_) + 1], again]
+
+    assert repeated_or_out_of_sequence(after(base + 1)) == []
+    assert any("follows" in p for p in repeated_or_out_of_sequence(after(base + 2)))

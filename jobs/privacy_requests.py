@@ -1,0 +1,54 @@
+"""`segments forget` and `segments consent`: a privacy request (udfs/privacy.UserRequest) written to
+the requests topic, keyed by the user id, as a consent platform would write it. The job applies it
+(docs/privacy.md); this only produces it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from jobs.settings import JobSettings
+from udfs.codec import SchemaCatalog
+from udfs.privacy import CONSENT, ERASE, UserRequest, user_hash
+
+SOURCE = "segments-cli"
+
+
+def erase_request(user_id: str, at_ms: int | None = None) -> UserRequest:
+    return UserRequest(str(uuid.uuid4()), user_id, ERASE, _now_ms() if at_ms is None else at_ms, SOURCE)
+
+
+def consent_request(user_id: str, purpose: str, granted: bool, at_ms: int | None = None) -> UserRequest:
+    return UserRequest(
+        str(uuid.uuid4()), user_id, CONSENT, _now_ms() if at_ms is None else at_ms, SOURCE, purpose, granted
+    )
+
+
+def produce_request(settings: JobSettings, request: UserRequest) -> None:
+    """Writes the request (idempotent producer, waits for the broker's acknowledgement)."""
+    from confluent_kafka import Producer
+
+    if not settings.requests_topic:
+        raise ValueError("requests_topic is not set: the job reads no privacy requests (docs/privacy.md)")
+    codec = SchemaCatalog().codec("UserRequest")
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "enable.idempotence": True,
+            **settings.kafka_security().librdkafka_config(),
+        }
+    )
+    errors: list[str] = []
+    producer.produce(
+        settings.requests_topic,
+        key=request.user_id.encode(),
+        value=codec.encode(request.to_record()),
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err is not None else None,
+    )
+    if producer.flush(30) != 0 or errors:
+        # The id is personal data: the error names its hash only.
+        raise RuntimeError(f"request for user {user_hash(request.user_id)[:16]} not delivered: {errors or 'timeout'}")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
