@@ -94,8 +94,10 @@ def identify_from_record(record: dict, now_ms: int, max_future_ms: int) -> Ident
 
 
 def merge_profiles(known: UserProfile, anonymous: UserProfile, config: ProfileConfig) -> None:
-    """Folds `anonymous` into `known` in place (`anonymous` is left as it was). The rules, part by
-    part (the union is "the known id's events, then the anonymous id's", as late arrivals):
+    """Folds `anonymous` into `known` in place; `anonymous` is left as it was.
+
+    The rules, part by part (the union is "the known id's events, then the anonymous id's", as
+    late arrivals):
 
     * clock: the later of the two; recency (latest event by type, latest view by item): the later.
     * windowed counts, spend and category views: added bucket by bucket (both use the same

@@ -12,13 +12,14 @@ import hashlib
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, control_places, place
+from udfs.identity import MERGED_RULE, Identify, merge_profiles
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
@@ -48,7 +49,7 @@ class Transition:
     segment: str
     kind: str  # ENTER | EXIT
     event_time: int
-    cause: str  # EVENT | TIMER
+    cause: str  # EVENT | TIMER | MERGE (of an identity merge, udfs/identity.py)
     cause_event_id: str | None
     sequence: int
     definitions_version: str
@@ -93,6 +94,9 @@ class Transition:
 
 
 APPLIED, DUPLICATE, LATE, TIMER = "applied", "duplicate", "late", "timer"
+# The transition cause of an identity merge: the anonymous id's EXITs and the known id's
+# re-evaluation (segment_transition.avsc v5).
+MERGE = "MERGE"
 
 
 @dataclass(slots=True)
@@ -106,6 +110,16 @@ class Step:
     expired: bool  # this step ended the user's lifetime (the retention ran out)
     scores_skipped: int = 0  # model scorings skipped: a vector feature had no value and no impute
     scores_out_of_range: int = 0  # scores dropped: NaN, infinite or outside the model's range
+
+
+@dataclass(slots=True)
+class FoldOut:
+    """What an identify tells the runner at the anonymous id: the step (its EXITs, cause MERGE;
+    its state is then empty) and the profile to fold into the known id (None when the anonymous
+    id held no event: nothing to fold)."""
+
+    step: Step
+    folded: UserProfile | None
 
 
 # Model scores of a profile at an instant; the third argument reads a feature's value at that
@@ -157,6 +171,78 @@ class SegmentEngine:
             return Step(DUPLICATE, [], None, False, False)
         transitions = self._apply(user_id, profile, event)
         return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
+
+    def step_fold_out(
+        self, user_id: str, profile: UserProfile, identify: Identify, late_before_ms: int | None = None
+    ) -> FoldOut:
+        """An identify at the anonymous id `user_id`: time advances to the identify's timestamp
+        (as for an event), the id EXITs every segment it is in (cause MERGE), and its profile is
+        handed back to fold into the known id's, leaving this one empty. The runner keeps the
+        alias ("merged into the known id", udfs/identity.py) and sends the fold on."""
+        ts = identify.timestamp
+        if late_before_ms is not None and ts < late_before_ms:
+            return FoldOut(Step(LATE, [], None, profile.is_empty, False), None)
+        out = self._advance_to_instant(user_id, profile, ts)
+        for name, membership in profile.memberships.items():
+            if membership.member:
+                segment = self.definitions.segments.get(name)
+                out.append(
+                    self._transition(
+                        user_id,
+                        name,
+                        False,
+                        membership.sequence + 1,
+                        profile.clock_ms,
+                        MERGE,
+                        identify.event_id,
+                        MERGED_RULE,
+                        {},
+                        profile,
+                        segment is not None and segment.provisional,
+                    )
+                )
+        folded = None
+        if profile.last_by_type:
+            folded = UserProfile()
+            for f in fields(UserProfile):
+                setattr(folded, f.name, getattr(profile, f.name))
+            folded.memberships, folded.timer_ms, folded.scores, folded.scored_at_ms = {}, None, {}, None
+            folded.derived, folded.next_change_memo = {}, None
+        profile.reset()  # new objects: the folded profile keeps the old ones
+        return FoldOut(self._finish(APPLIED, user_id, profile, out, False), folded)
+
+    def step_fold_in(self, user_id: str, profile: UserProfile, folded: UserProfile, cause_event_id: str) -> Step:
+        """An anonymous id's profile (from `step_fold_out`) arrives at the known id `user_id`:
+        time advances to the later of the two clocks, the profiles merge (udfs/identity.py), and
+        the merged profile is scored and evaluated once, its transitions caused by MERGE with
+        the identify's id."""
+        out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms))
+        merge_profiles(profile, folded, self.config)
+        prune(profile, self.config)
+        expiry = self.retention_expiry_ms(profile)
+        if expiry is not None and expiry <= profile.clock_ms:  # both sides had gone quiet for the retention
+            clock = profile.clock_ms
+            self._expire(user_id, profile, clock, out)
+            profile.clock_ms = clock
+        else:
+            ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
+            scorer = self.scorer
+            if scorer is not None:
+                self._score(scorer, profile, ev)
+            self._diff(user_id, profile, ev, MERGE, cause_event_id, out)
+        return self._finish(APPLIED, user_id, profile, out, False)
+
+    def _advance_to_instant(self, user_id: str, profile: UserProfile, ts: int) -> list[Transition]:
+        """What an event at `ts` does before it applies (`_apply`): the changes due strictly
+        before it, then the clock at `ts`, the profile expired when it lapses exactly then."""
+        out, _ = self._advance(user_id, profile, ts - 1, self._take_memo(profile))
+        if ts > profile.clock_ms:
+            profile.clock_ms = ts
+            if self.retention_expiry_ms(profile) == ts:
+                self._expire(user_id, profile, ts, out)
+                profile.clock_ms = ts
+        self._latest = None
+        return out
 
     def step_timer(self, user_id: str, profile: UserProfile, time_ms: int) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it."""

@@ -572,10 +572,39 @@ def test_the_transition_contract_adds_arms_in_v3_and_the_provisional_reason_in_v
     def without_reason(schema: dict) -> list[dict]:
         return [f for f in schema["fields"] if f["name"] != "reason"]
 
-    assert without_reason(current) == without_reason(v3)
-    assert reason_fields(current)[:-1] == reason_fields(v3)
-    provisional = reason_fields(current)[-1]
+    v4 = history_schema("segment_transition.v4.avsc")
+    assert without_reason(v4) == without_reason(v3)
+    assert reason_fields(v4)[:-1] == reason_fields(v3)
+    assert reason_fields(current) == reason_fields(v4)
+    provisional = reason_fields(v4)[-1]
     assert (provisional["name"], provisional["type"], provisional["default"]) == ("provisional", "boolean", False)
+
+
+def test_the_transition_contract_v5_adds_causes_with_a_default():
+    """v5 (issue 18): the cause gains ERASURE, CONSENT and MERGE, in that order, and a default
+    so that a reader of v5 reads a cause added later as EVENT; nothing else changes."""
+    current, v4 = schema_json("SegmentTransition"), history_schema("segment_transition.v4.avsc")
+
+    def cause(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
+
+    assert [f for f in current["fields"] if f["name"] != "cause"] == [f for f in v4["fields"] if f["name"] != "cause"]
+    assert cause(v4)["symbols"] == ["EVENT", "TIMER"]
+    assert cause(current)["symbols"] == ["EVENT", "TIMER", "ERASURE", "CONSENT", "MERGE"]
+    assert cause(current)["default"] == "EVENT"
+
+
+def test_a_merge_transition_round_trips_and_a_v4_transition_still_decodes(catalog, tmp_path):
+    codec = catalog.codec("SegmentTransition")
+    merged = a_transition(cause="MERGE")
+    assert codec.decode(codec.encode(merged)) == merged
+    v4_dir = tmp_path / "v4"
+    v4_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "segment_transition.v4.avsc", v4_dir / "segment_transition.avsc")
+    previous = a_transition(cause="TIMER")
+    payload = SchemaCatalog(v4_dir).codec("SegmentTransition").encode(previous)
+    assert payload[:HEADER_SIZE] != codec.header
+    assert codec.decode(payload) == previous
 
 
 def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(catalog, tmp_path):
