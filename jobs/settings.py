@@ -61,6 +61,10 @@ class JobSettings:
     events_topic: str = "shopper-events"
     transitions_topic: str = "segment-transitions"
     dead_letter_topic: str = "segment-dead-letters"
+    # The job's own feedback topic for identity merges (folds and forwarded events, written
+    # exactly-once and read back read_committed); it carries profiles: keep its retention short.
+    # Empty: no identity merge (identify records are dead letters, identity_merge_off).
+    identity_topic: str = ""
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
     # Kafka client security for every client (the job's source and sinks, generate, tail, the

@@ -106,6 +106,7 @@ user_event_records = st.fixed_dictionaries(
         "device": optional(texts),
         "properties": st.dictionaries(texts, texts, max_size=5),
         **{name: optional(texts) for name in CONTEXT_FIELDS},
+        "known_user_id": optional(texts),
     }
 )
 
@@ -169,6 +170,7 @@ def a_user_event(**changes) -> dict:
         "device": "mobile",
         "properties": {"query": "schuhe grün"},
         **dict.fromkeys(CONTEXT_FIELDS),
+        "known_user_id": None,
     }
     return {**record, **changes}
 
@@ -383,6 +385,7 @@ def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
         + b"\x00" * 5
         + b"\x00"
         + b"\x00" * len(CONTEXT_FIELDS)
+        + b"\x00"  # known_user_id (v3)
     )
 
 
@@ -393,7 +396,7 @@ def test_the_hand_written_user_event_body_is_what_the_codec_writes(catalog):
     assert codec.decode(codec.header + user_event_body(session_branch=0)) == {**record, "session_id": None}
 
 
-@pytest.mark.parametrize("index", [-1, -2, -10, -11, 10, 2**31, -(2**63)])
+@pytest.mark.parametrize("index", [-1, -2, -11, -12, 11, 2**31, -(2**63)])
 def test_an_enum_index_outside_the_symbols_is_undecodable_negative_ones_too(catalog, index):
     # fastavro's compiled reader wraps a negative index around: -1 read the last symbol.
     codec = catalog.codec("UserEvent")
@@ -613,20 +616,35 @@ def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(cata
     v1_dir.mkdir()
     shutil.copy(SCHEMAS_DIR / "history" / "user_event.v1.avsc", v1_dir / "user_event.avsc")
     v1 = SchemaCatalog(v1_dir).codec("UserEvent")
-    record = {k: v for k, v in a_user_event().items() if k not in CONTEXT_FIELDS}
+    record = {k: v for k, v in a_user_event().items() if k not in (*CONTEXT_FIELDS, "known_user_id")}
     payload = v1.encode(record)
     current = catalog.codec("UserEvent")
     assert payload[:HEADER_SIZE] != current.header
-    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS)}
+    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS), "known_user_id": None}
     # Version 2 is version 1 with the context fields appended, each an optional string defaulting to null.
     v1_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())["fields"]
-    v2_fields = schema_json("UserEvent")["fields"]
+    v2_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v2.avsc").read_text())["fields"]
 
     def shape(fields: list[dict]) -> list[tuple]:
         return [(f["name"], f["type"], f.get("default")) for f in fields]
 
     assert shape(v2_fields[: len(v1_fields)]) == shape(v1_fields)
     assert shape(v2_fields[len(v1_fields) :]) == [(name, ["null", "string"], None) for name in CONTEXT_FIELDS]
+
+
+def test_user_event_version_3_adds_the_identify_type_and_the_known_user_id():
+    """Issue 18: the event type enum gains `identify` at its end (the indices of v2 keep their
+    meaning) and a last optional field carries the known id; nothing else changes."""
+    v2, v3 = history_schema("user_event.v2.avsc"), schema_json("UserEvent")
+
+    def event_type(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "event_type")["type"]
+
+    assert event_type(v3)["symbols"] == [*event_type(v2)["symbols"], "identify"]
+    same = [f for f in v3["fields"][:-1] if f["name"] != "event_type"]
+    assert same == [f for f in v2["fields"] if f["name"] != "event_type"]
+    added = v3["fields"][-1]
+    assert (added["name"], added["type"], added["default"]) == ("known_user_id", ["null", "string"], None)
 
 
 def test_a_transition_of_the_previous_schema_decodes_as_not_provisional(catalog, tmp_path):

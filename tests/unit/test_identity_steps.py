@@ -215,3 +215,23 @@ def test_backtest_an_identify_in_the_other_direction_takes_the_profile_back_with
     result = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
     assert result.final_members["active_browser"] == {ANON}
     assert not result.rejected
+
+
+def test_feedback_records_round_trip_through_the_user_event_contract(catalog):
+    """The fold and the forwarded event the job writes to its feedback topic are UserEvent v3
+    records keyed (user_id) by the receiving id, and read back to the same fold and event."""
+    from jobs.identity_feedback import fold_of, fold_record, forwarded_record, hops_of
+    from udfs.events import event_from_record
+    from udfs.identity import is_identify
+
+    codec = catalog.codec("UserEvent")
+    profile_bytes = bytes(range(256)) * 3
+    record = codec.decode(codec.encode(fold_record("i1", T0, ANON, KNOWN, 2, profile_bytes)))
+    assert record["user_id"] == KNOWN and is_identify(record)
+    fold = fold_of(record)
+    assert (fold.identify_event_id, fold.timestamp, fold.source_id, fold.hops) == ("i1", T0, ANON, 2)
+    assert fold.profile_bytes == profile_bytes
+    original = cart_add("a9", ANON, T0, "p1", 1, 3.0)
+    forwarded = event_from_record(codec.decode(codec.encode(forwarded_record(original, KNOWN, 1))), T0, 0)
+    assert forwarded.user_id == KNOWN and hops_of(forwarded) == 1 and hops_of(original) == 0
+    assert (forwarded.event_id, forwarded.product_id, forwarded.quantity) == ("a9", "p1", 1)
