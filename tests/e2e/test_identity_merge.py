@@ -8,10 +8,14 @@ known user races the fold, which is the one thing the backtest cannot reproduce)
 
 from __future__ import annotations
 
-import pytest
-from confluent_kafka import Producer
+import os
+import signal
+import time
 
-from infra.stack import create_topics
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from infra.stack import create_topics, start_taskmanager, taskmanager_pids
 from jobs.backtest import read_events, run_backtest
 from jobs.committed_log import read_topic
 from tests.conftest import START_MS
@@ -49,6 +53,79 @@ def cart(event_id: str, user: str, ts: int, product: str) -> UserEvent:
 
 
 def test_an_identify_folds_the_anonymous_profile_into_the_known_users(broker, redis_url, run_job, catalog, tmp_path):
+    check_identity_merge(broker, redis_url, run_job, catalog, tmp_path, checkpoint_interval_ms=1000)
+
+
+@pytest.mark.cluster
+def test_a_taskmanager_killed_between_the_identify_and_its_checkpoint_merges_once(
+    broker, redis_url, submit_job, catalog, tmp_path, stack_root
+):
+    """The identify has been processed (its EXITs are in an open transaction) and no checkpoint
+    has committed it when the TaskManager dies: the job restores the anonymous id's state from
+    the checkpoint before, the feedback record is never visible, the identify is read again, and
+    the merge happens exactly once (the final comparison with the backtest counts every
+    transition)."""
+
+    def kill_before_the_commit(topics: dict[str, str]) -> None:
+        wait_until(
+            lambda: any(
+                t["user_id"] == ANON and t["cause"] == "MERGE" for t in uncommitted(broker, topics["transitions"])
+            ),
+            timeout_s=240,
+            interval_s=0.2,
+        )
+        committed_merges = [  # the identify's id is the MERGE transitions' cause_event_id
+            r for r in read_topic(broker, topics["transitions"]).committed if b"identify-1" in r.value
+        ]
+        assert not committed_merges, "the checkpoint came first: the kill would not be between"
+        pids = taskmanager_pids(stack_root)
+        assert pids, "no TaskManager to kill"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not taskmanager_pids(stack_root), timeout_s=30, interval_s=0.2)
+        start_taskmanager(stack_root)
+
+    check_identity_merge(
+        broker,
+        redis_url,
+        submit_job,
+        catalog,
+        tmp_path,
+        checkpoint_interval_ms=20_000,
+        after_identify=kill_before_the_commit,
+    )
+
+
+def uncommitted(broker: str, topic: str) -> list[dict]:
+    """Every transition in the topic, those of open transactions too (read_uncommitted)."""
+    reader = apache_reader("segment_transition.avsc")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": broker,
+            "group.id": f"uncommitted-{time.monotonic_ns()}",
+            "isolation.level": "read_uncommitted",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])  # no group join: one partition
+        out = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                if out:
+                    break
+                continue
+            if message.error() is None:
+                out.append(apache_decode(reader, message.value()))
+        return out
+    finally:
+        consumer.close()
+
+
+def check_identity_merge(broker, redis_url, start_job, catalog, tmp_path, checkpoint_interval_ms, after_identify=None):
     topics = {"events": "id-events", "transitions": "id-transitions", "dlq": "id-dlq", "identity": "id-feedback"}
     create_topics(broker, dict.fromkeys(topics.values(), 1))  # one partition: the log's order is the backtest's
     definitions = tmp_path / "merge.yaml"
@@ -62,11 +139,11 @@ def test_an_identify_folds_the_anonymous_profile_into_the_known_users(broker, re
             producer.produce(topics["events"], key=record["user_id"].encode(), value=codec.encode(record))
         assert producer.flush(30) == 0
 
-    job = run_job(
+    job = start_job(
         bootstrap_servers=broker,
         redis_url=redis_url,
         parallelism=1,
-        checkpoint_interval_ms=1000,
+        checkpoint_interval_ms=checkpoint_interval_ms,
         watermark_lag_ms=WATERMARK_LAG_MS,
         events_topic=topics["events"],
         transitions_topic=topics["transitions"],
@@ -98,6 +175,8 @@ def test_an_identify_folds_the_anonymous_profile_into_the_known_users(broker, re
         cart("k2", KNOWN, T + 2 * MINUTE_MS, "p2").to_record(),
         identify,
     )
+    if after_identify is not None:
+        after_identify(topics)
     got = wait_for(lambda ts: any(t["user_id"] == KNOWN and t["cause"] == "MERGE" for t in ts), "the merge")
     anonymous_exits = [t for t in got if t["user_id"] == ANON and t["kind"] == "EXIT"]
     assert {t["segment"] for t in anonymous_exits} == {"active_browser", "cart_holder"}
