@@ -327,6 +327,9 @@ class SegmentUsers(KeyedProcessFunction):
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
         step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id)
+        if step.outcome == DUPLICATE:
+            self.duplicate_events.inc()
+            return
         yield from self._commit(ctx, user_id, profile, step, fold.identify_event_id)
 
     def _alias(self) -> Alias | None:

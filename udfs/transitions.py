@@ -20,7 +20,7 @@ from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, control_places, place
 from udfs.identity import MERGED_RULE, Identify, merge_profiles
-from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
+from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, event_id_hash, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
 
@@ -215,9 +215,18 @@ class SegmentEngine:
         """An anonymous id's profile (from `step_fold_out`) arrives at the known id `user_id`:
         time advances to the later of the two clocks, the profiles merge (udfs/identity.py), and
         the merged profile is scored and evaluated once, its transitions caused by MERGE with
-        the identify's id."""
+        the identify's id. The identify's id joins the dedup memory like an event's: a fold
+        delivered twice (a broker that hands read_committed readers an aborted transaction's
+        records, a replay) is a DUPLICATE, not counted twice."""
+        seen_key = event_id_hash(cause_event_id)
+        seen_at, last = profile.seen_event_ids.get(seen_key), profile.last_event_ms
+        if seen_at is not None and last is not None and seen_at > last - self.config.dedup_window_ms:
+            return Step(DUPLICATE, [], None, False, False)
         out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms))
         merge_profiles(profile, folded, self.config)
+        profile.seen_event_ids[seen_key] = folded.clock_ms  # the fold's instant: the identify's, or later
+        if len(profile.seen_event_ids) > self.config.max_seen_event_ids:
+            del profile.seen_event_ids[next(iter(profile.seen_event_ids))]
         prune(profile, self.config)
         expiry = self.retention_expiry_ms(profile)
         if expiry is not None and expiry <= profile.clock_ms:  # both sides had gone quiet for the retention

@@ -16,7 +16,7 @@ from udfs.events import UserEvent
 from udfs.identity import MAX_ID_LENGTH, MERGED_RULE, Alias, Identify, forward_target, identify_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, MINUTE_MS
-from udfs.transitions import APPLIED, LATE, MERGE, SegmentEngine
+from udfs.transitions import APPLIED, DUPLICATE, LATE, MERGE, SegmentEngine
 
 T0 = START_MS
 ANON, KNOWN = "anon-1", "known-1"
@@ -79,6 +79,17 @@ def test_fold_in_at_an_unknown_user_enters_what_the_anonymous_profile_held_cause
     # The known id's timer is registered for the next lapse: active_browser, 10 minutes after the event.
     assert step.register_timer_ms == T0 + 10 * MINUTE_MS
     assert not step.drop_state
+
+
+def test_a_fold_delivered_twice_is_counted_once():
+    engine = SegmentEngine(basic_definitions())
+    anonymous, _ = feed(engine, ANON, [cart_add("a1", ANON, T0, "p1", 2, 10.0)])
+    fold = engine.step_fold_out(ANON, anonymous, Identify("i1", ANON, KNOWN, T0 + MINUTE_MS))
+    known, _ = feed(engine, KNOWN, [cart_add("k1", KNOWN, T0, "p2", 1, 1.0)])
+    assert engine.step_fold_in(KNOWN, known, fold.folded, "i1").outcome == APPLIED
+    again = engine.step_fold_in(KNOWN, known, fold.folded, "i1")
+    assert (again.outcome, again.transitions) == (DUPLICATE, [])
+    assert engine.features(known, T0 + MINUTE_MS)["cart_items"] == 3
 
 
 def test_fold_in_gives_the_profile_of_both_ids_events_applied_to_one_user():
