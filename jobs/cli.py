@@ -41,6 +41,9 @@ def cmd_stack(args) -> int:
                 settings.events_topic: args.partitions,
                 settings.transitions_topic: args.partitions,
                 settings.dead_letter_topic: 1,
+                # The identity merge's feedback topic, when the settings name one: the job's
+                # source does not wait for a missing topic.
+                **({settings.identity_topic: args.partitions} if settings.identity_topic else {}),
             },
         )
         print(
