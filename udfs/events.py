@@ -73,7 +73,6 @@ class UserEvent:
             "utm_campaign": self.utm_campaign,
             "country": self.country,
             "timezone": self.timezone,
-            "known_user_id": None,  # of identify records only (udfs/identity.py)
         }
 
 
