@@ -6,7 +6,9 @@ object container file of UserEvent records, or a Kafka topic range
 (`kafka://HOST:PORT/TOPIC`, with optional start/end offsets or times). Events are validated as
 the job validates them; the ones it would dead-letter are counted by reason and left out. For
 definitions with experiments (`holdout(...)`) it also reports each arm's conversion
-(jobs/experiment_report.py).
+(jobs/experiment_report.py). Identify records (udfs/identity.py) fold the anonymous id's profile
+into the known id's when they are replayed, as the job does once the fold has come back through
+its feedback topic (docs/architecture.md, "Identity merge across keys").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +32,7 @@ from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
+from udfs.identity import MAX_ALIAS_HOPS, Alias, Identify, forward_target, identify_from_record, is_identify
 from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
@@ -51,6 +54,8 @@ class EventLog:
     events: list[UserEvent]
     rejected: Counter = field(default_factory=Counter)  # dead-letter reason -> count
     requests: list[UserRequest] = field(default_factory=list)
+    # Identify records, each with the number of events before it in the log: it is replayed there.
+    identifies: list[tuple[int, Identify]] = field(default_factory=list)
 
     @property
     def max_event_ms(self) -> int | None:
@@ -64,7 +69,10 @@ def _accept(records: Iterable[dict | DecodeError], source: str) -> EventLog:
             log.rejected[record.reason] += 1
             continue
         try:
-            log.events.append(event_from_record(record, sys.maxsize // 2, 0))
+            if is_identify(record):
+                log.identifies.append((len(log.events), identify_from_record(record, sys.maxsize // 2, 0)))
+            else:
+                log.events.append(event_from_record(record, sys.maxsize // 2, 0))
         except DecodeError as err:
             log.rejected[err.reason] += 1
         except (KeyError, TypeError, ValueError):
@@ -329,6 +337,16 @@ def run_backtest(
     transitions: list[Transition] = []
     duplicates = late = applied = buried = withheld = 0
     latest = None
+    identities = _Identities(engine, profiles, transitions)
+    identifies = list(reversed(log.identifies))  # popped in log order
+
+    def replay_identifies(before_position: int) -> None:
+        nonlocal latest, late
+        while identifies and identifies[-1][0] <= before_position:
+            identify = identifies.pop()[1]
+            latest = identify.timestamp if latest is None else max(latest, identify.timestamp)
+            late += identities.identify(identify, latest - watermark_lag_ms - 1 - allowed_lateness_ms)
+
     bar = tqdm(
         in_arrival_order(log),
         desc=f"backtest {definitions.version}",
@@ -338,18 +356,28 @@ def run_backtest(
         smoothing=0.1,
         mininterval=0.2,
     )
+    position = 0  # events replayed so far: identify records are placed between events
     for record in bar:
-        user_id = record.user_id
         latest = record.timestamp if latest is None else max(latest, record.timestamp)
-        profile = profiles.setdefault(user_id, UserProfile())
-        state = privacy.setdefault(user_id, PrivacyState())
         if isinstance(record, UserRequest):
+            user_id = record.user_id
+            profile = profiles.setdefault(user_id, UserProfile())
+            state = privacy.setdefault(user_id, PrivacyState())
             # The job's tombstone lasts its allowed lateness; so does this one.
             step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
         else:
+            replay_identifies(position)
+            position += 1
+            routed = identities.route(record)
+            if routed is None:
+                continue
+            user_id = routed
+            event = record if routed == record.user_id else replace(record, user_id=routed)
+            profile = profiles.setdefault(user_id, UserProfile())
+            state = privacy.setdefault(user_id, PrivacyState())
             step = engine.step_event(
-                user_id, profile, record, latest - watermark_lag_ms - 1 - allowed_lateness_ms, state
+                user_id, profile, event, latest - watermark_lag_ms - 1 - allowed_lateness_ms, state
             )
             if step.outcome == LATE:
                 late += 1
@@ -363,17 +391,84 @@ def run_backtest(
                 applied += 1
                 transitions.extend(step.transitions)
         if step.drop_state:  # e.g. a user whose only event was late, or who was erased, has no profile
-            del profiles[user_id]
+            profiles.pop(user_id, None)
+    replay_identifies(position)  # those after the last event
     if until_ms is None:
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
-        transitions.extend(engine.step_timer(user_id, profile, until_ms, privacy[user_id]).transitions)
+        state = privacy.setdefault(user_id, PrivacyState())  # a known id folded into has none yet
+        transitions.extend(engine.step_timer(user_id, profile, until_ms, state).transitions)
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
     result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
+    result.rejected = log.rejected + identities.rejected
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms
     )
     return result
+
+
+class _Identities:
+    """The job's identity merge, replayed (docs/architecture.md, "Identity merge across keys"):
+    the same per-user fold steps, with the fold delivered at once where the job sends it through
+    its feedback topic, and the aliases the job keeps per anonymous id."""
+
+    def __init__(self, engine, profiles: dict[str, UserProfile], transitions: list[Transition]):
+        self.engine = engine
+        self.retention_ms = engine.config.retention_ms
+        self.profiles = profiles
+        self.transitions = transitions
+        self.aliases: dict[str, Alias] = {}
+        self.rejected: Counter = Counter()  # the job's dead-letter reasons for identifies and forwards
+
+    def identify(self, identify: Identify, late_before_ms: int) -> int:
+        """Folds the anonymous id into the known id; 1 when the identify was too late, else 0."""
+        anonymous = identify.anonymous_id
+        alias = self.aliases.get(anonymous)
+        if alias is not None and identify.timestamp < alias.until_ms:
+            if alias.known_id != identify.known_id:  # already merged into another user
+                self.rejected["identity_conflict"] += 1
+            return 0  # a resent identify: the merge is done
+        profile = self.profiles.pop(anonymous, None) or UserProfile()
+        fold = self.engine.step_fold_out(anonymous, profile, identify, late_before_ms)
+        if fold.step.outcome == LATE:
+            if not profile.is_empty:
+                self.profiles[anonymous] = profile
+            return 1
+        self.transitions.extend(fold.step.transitions)
+        self.aliases[anonymous] = Alias(identify.known_id, identify.timestamp + self.retention_ms)
+        if fold.folded is None:
+            return 0
+        source, target = anonymous, identify.known_id
+        for _ in range(MAX_ALIAS_HOPS + 1):
+            alias = self.aliases.get(target)
+            if alias is None or identify.timestamp >= alias.until_ms:
+                break
+            if alias.known_id == source:  # the fold comes back from where this id went: it takes it in
+                del self.aliases[target]
+                break
+            source, target = target, alias.known_id
+        else:
+            self.rejected["identity_loop"] += 1
+            return 0
+        known = self.profiles.setdefault(target, UserProfile())
+        self.transitions.extend(self.engine.step_fold_in(target, known, fold.folded, identify.event_id).transitions)
+        return 0
+
+    def route(self, event: UserEvent) -> str | None:
+        """The id whose profile counts the event: its own, or where its aliases lead (None: they
+        loop, and the event is a dead letter)."""
+        user_id = event.user_id
+        for _ in range(MAX_ALIAS_HOPS + 1):
+            alias = self.aliases.get(user_id)
+            if alias is None:
+                return user_id
+            target = forward_target(alias, event.timestamp, self.retention_ms)
+            if target is None:  # the alias has run out: the id is its own again
+                del self.aliases[user_id]
+                return user_id
+            user_id = target
+        self.rejected["identity_loop"] += 1
+        return None
 
 
 def transition_records(transitions: Iterable[Transition]) -> list[dict]:

@@ -28,17 +28,19 @@ from pyflink.table.expressions import col
 
 import udfs
 from jobs.flink_environment import create_environment
+from jobs.identity_feedback import fold_of, fold_record, forwarded_record, hops_of
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
 from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
+from udfs.identity import MAX_ALIAS_HOPS, Alias, forward_target, identify_from_record, is_identify
 from udfs.latency import LatencyHistogram
 from udfs.privacy import PrivacyState, decode_privacy, encode_privacy, request_from_record, user_hash
 from udfs.profile import UserProfile
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
-from udfs.transitions import BURIED, DUPLICATE, ERASED, WITHHELD, Step
+from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Step
 
 log = logging.getLogger("segments.job")
 
@@ -75,6 +77,8 @@ QUARANTINED_STATE = "quarantined_state"
 # A user's state after every event (with its id) and timer (id None), when the settings enable it.
 PROFILE_SNAPSHOT = Types.ROW_NAMED(["user_id", "cause_event_id", "payload"], [Types.STRING(), Types.STRING(), BYTES])
 PROFILE_SNAPSHOTS = OutputTag("profile-snapshots", PROFILE_SNAPSHOT)
+# Folds and forwarded events for another key, to the identity feedback topic (jobs/identity_feedback.py).
+IDENTITY_FEEDBACK = OutputTag("identity-feedback", KEYED_RECORD)
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,19 @@ class Operator:
 DECODE = Operator("Decode user events", "decode-user-events")  # reads key and time; the keyed function checks
 DECODE_REQUESTS = Operator("Decode user requests", "decode-user-requests")  # the same, of privacy requests
 EVENT_TIME = Operator("Event time and watermarks", "event-time-watermarks")
+# The identity feedback topic's records, keyed and timed like the events (idle most of the time).
+DECODE_FEEDBACK = Operator("Decode identity feedback", "decode-identity-feedback")
+FEEDBACK_TIME = Operator("Identity feedback event time", "identity-feedback-event-time")
+# How long the feedback topic may be silent before its watermark stops holding the events' back.
+FEEDBACK_IDLE_MS = 1_000
 SEGMENT = Operator("Segment users", "segment-users")
 # The Redis view's two-phase-commit sink (its writer and committer; jobs/redis_sink.py).
 REDIS_VIEW = Operator("Redis view", "redis-view")
 PROFILE_STATE = "user-profile"
 PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
+# An anonymous id merged into a known one: "known id" + US + "until (ms)" (udfs/identity.Alias).
+ALIAS_STATE = "identity-alias"
+ALIAS_SEPARATOR = "\x1f"
 
 
 def now_ms() -> int:
@@ -158,11 +170,13 @@ class SegmentUsers(KeyedProcessFunction):
         self.privacy_requests = settings.privacy_requests
         self.requests_topic = settings.requests_topic
         self.consent_default = settings.consent_default == "granted"
+        self.identity_topic = settings.identity_topic
 
     def open(self, runtime_context: RuntimeContext):
         self.files_dir = self.files.materialize()
         catalog = SchemaCatalog(self.files_dir / "schemas")
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
+        self.feedback = catalog.codec("UserEvent")  # a fold carries a whole profile: no event's cap
         self.transitions = catalog.codec("SegmentTransition")
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
@@ -178,6 +192,8 @@ class SegmentUsers(KeyedProcessFunction):
         # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
         # turns byte-array state into a tuple of ints and fails on an empty one.
         self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
+        self.alias_state = runtime_context.get_state(ValueStateDescriptor(ALIAS_STATE, Types.STRING()))
+        self.retention_ms = self.engine.config.retention_ms
         # Decoded profiles of recently seen users, written through to the state on every change.
         # This instance is the only writer of its keys' state, and a restore or rescale builds a
         # new instance, so an entry can never be stale; it only saves the decode.
@@ -192,6 +208,8 @@ class SegmentUsers(KeyedProcessFunction):
         self.profiles_expired = metrics.counter("profiles_expired")
         self.profiles_quarantined = metrics.counter("profiles_quarantined")
         self.transitions_out = metrics.counter("transitions_out")
+        self.identity_merges = metrics.counter("identity_merges")
+        self.identity_forwards = metrics.counter("identity_forwards")
         self.scoring_skipped = metrics.counter("scoring_skipped")
         self.scores_out_of_range = metrics.counter("scores_out_of_range")
         self.users_erased = metrics.counter("users_erased")
@@ -213,23 +231,30 @@ class SegmentUsers(KeyedProcessFunction):
         if self.requests_topic and value[3] == self.requests_topic:
             yield from self._process_request(value, ctx)
             return
+        fed_back = bool(self.identity_topic) and value[3] == self.identity_topic
         try:
-            event = event_from_record(self.events.decode(payload), now_ms(), self.max_future_ms)
-            if event.user_id != user_id:  # the Java keying could not read it the way Avro does
+            record = (self.feedback if fed_back else self.events).decode(payload)
+            if record.get("user_id") != user_id:  # the Java keying could not read it the way Avro does
                 raise DecodeError("undecodable", "user_id could not be read as UTF-8 ahead of the decode")
+            if is_identify(record):
+                if not self.identity_topic:
+                    raise DecodeError("identity_merge_off", "an identify record, and no identity_topic is set")
+                if fed_back:
+                    yield from self._fold_in(ctx, user_id, record, value)
+                else:
+                    identify = identify_from_record(record, now_ms(), self.max_future_ms)
+                    yield from self._fold_out(ctx, user_id, identify, value)
+                return
+            event = event_from_record(record, now_ms(), self.max_future_ms)
         except DecodeError as err:
             self.dead_letters_out.inc()
             yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
             return
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
-        if (
-            event.timestamp < late_before
-            and self.privacy_requests
-            and self._load_privacy(user_id).buries(event.timestamp)
-        ):
-            yield DEAD_LETTERS, self._buried(value)  # late too, but its payload must not be kept
-            return
-        if event.timestamp < late_before:
+        if not fed_back and event.timestamp < late_before:  # a fed-back event was checked where it was sent
+            if self.privacy_requests and self._load_privacy(user_id).buries(event.timestamp):
+                yield DEAD_LETTERS, self._buried(value)  # late too, but its payload must not be kept
+                return
             self.late_events.inc()
             yield (
                 DEAD_LETTERS,
@@ -241,6 +266,20 @@ class SegmentUsers(KeyedProcessFunction):
                 ),
             )
             return
+        alias = self._alias()
+        if alias is not None:
+            target = forward_target(alias, event.timestamp, self.retention_ms)
+            if target is not None:
+                hops = hops_of(event) + 1
+                if hops > MAX_ALIAS_HOPS:
+                    self.dead_letters_out.inc()
+                    yield DEAD_LETTERS, self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop")
+                    return
+                self._store_alias(ctx, alias)
+                self.identity_forwards.inc()
+                yield IDENTITY_FEEDBACK, Row(target, self.feedback.encode(forwarded_record(event, target, hops)))
+                return
+            self.alias_state.clear()  # it ran out: the id is its own again
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
@@ -273,6 +312,84 @@ class SegmentUsers(KeyedProcessFunction):
             self.max_event_bytes,
         )
 
+    def _fold_out(self, ctx, user_id: str, identify, value):
+        """An identify at the anonymous id: EXIT, hand the profile to the known id through the
+        feedback topic, keep the alias (docs/architecture.md, "Identity merge across keys")."""
+        alias = self._alias()
+        if alias is not None and identify.timestamp < alias.until_ms:
+            if alias.known_id != identify.known_id:
+                self.dead_letters_out.inc()
+                yield DEAD_LETTERS, self._dead_letter(value, "identity_conflict", "the id is merged into another user")
+            return  # a resent identify: the merge is done
+        late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
+        profile, quarantined = self._load_profile(user_id)
+        if quarantined is not None:
+            yield DEAD_LETTERS, quarantined
+        fold = self.engine.step_fold_out(user_id, profile, identify, late_before)
+        if fold.step.outcome == LATE:
+            self.late_events.inc()
+            yield DEAD_LETTERS, self._dead_letter(value, "late", "the identify is behind the watermark")
+            return
+        self._store_alias(ctx, Alias(identify.known_id, identify.timestamp + self.retention_ms))
+        yield from self._commit(ctx, user_id, profile, fold.step, identify.event_id)
+        if fold.folded is not None:
+            self.identity_merges.inc()
+            record = fold_record(
+                identify.event_id,
+                identify.timestamp,
+                user_id,
+                identify.known_id,
+                0,
+                self.state_codec.encode(fold.folded),
+            )
+            yield IDENTITY_FEEDBACK, Row(identify.known_id, self.feedback.encode(record))
+
+    def _fold_in(self, ctx, user_id: str, record: dict, value):
+        """A fold from the feedback topic: merge it here, or pass it along this id's alias."""
+        try:
+            fold = fold_of(record)
+            folded = self.state_codec.decode(fold.profile_bytes)
+        except (KeyError, ValueError) as err:
+            raise DecodeError("undecodable", f"identity fold: {type(err).__name__}") from None
+        alias = self._alias()
+        if alias is not None and fold.timestamp < alias.until_ms:
+            if alias.known_id != fold.source_id:  # this id went elsewhere: the profile follows
+                if fold.hops + 1 > MAX_ALIAS_HOPS:
+                    self.dead_letters_out.inc()
+                    yield DEAD_LETTERS, self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop")
+                    return
+                forwarded = fold_record(
+                    fold.identify_event_id,
+                    fold.timestamp,
+                    user_id,
+                    alias.known_id,
+                    fold.hops + 1,
+                    fold.profile_bytes,
+                )
+                yield IDENTITY_FEEDBACK, Row(alias.known_id, self.feedback.encode(forwarded))
+                return
+            self.alias_state.clear()  # the fold comes back from where this id went: it takes it in
+        profile, quarantined = self._load_profile(user_id)
+        if quarantined is not None:
+            yield DEAD_LETTERS, quarantined
+        step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id)
+        if step.outcome == DUPLICATE:
+            self.duplicate_events.inc()
+            return
+        yield from self._commit(ctx, user_id, profile, step, fold.identify_event_id)
+
+    def _alias(self) -> Alias | None:
+        stored = self.alias_state.value()
+        if stored is None:
+            return None
+        known_id, until = stored.rsplit(ALIAS_SEPARATOR, 1)
+        return Alias(known_id, int(until))
+
+    def _store_alias(self, ctx, alias: Alias) -> None:
+        """Kept, and cleared by a timer at its end (on_timer) if nothing extends it."""
+        self.alias_state.update(f"{alias.known_id}{ALIAS_SEPARATOR}{alias.until_ms}")
+        ctx.timer_service().register_event_time_timer(alias.until_ms)
+
     def _dead_letter(self, value, reason: str, message: str) -> Row:
         return dead_letter_row(
             self.dead_letters, value[2], value[3], value[4], value[5], reason, message, self.max_event_bytes
@@ -280,6 +397,9 @@ class SegmentUsers(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
+        alias = self._alias()
+        if alias is not None and timestamp >= alias.until_ms:
+            self.alias_state.clear()
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
@@ -450,6 +570,7 @@ class SegmentUsers(KeyedProcessFunction):
 class PipelineOutputs:
     transitions: DataStream  # TRANSITION_RECORD
     dead_letters: DataStream  # KEYED_RECORD: undecodable, invalid and late events
+    identity_feedback: DataStream  # KEYED_RECORD: folds and forwarded events for another key
     profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
     erasure_audit: DataStream  # KEYED_RECORD: one ErasureAudit per erasure
 
@@ -486,7 +607,11 @@ def user_event_headers(catalog: SchemaCatalog, record_name: str = "UserEvent") -
 
 
 def build_pipeline(
-    raw_records: DataStream, settings: JobSettings, keyed_function=None, raw_requests: DataStream | None = None
+    raw_records: DataStream,
+    settings: JobSettings,
+    keyed_function=None,
+    raw_requests: DataStream | None = None,
+    feedback_records: DataStream | None = None,
 ) -> PipelineOutputs:
     """`raw_records` (RAW_RECORD rows) must run at `settings.parallelism`, like every operator up to
     key_by: then each connection is forward and a partition's order (which keeps a user's events in
@@ -496,7 +621,9 @@ def build_pipeline(
     so the keyed function is the only Python under its TaskManager's interpreter lock.
     `raw_requests` (RAW_RECORD rows of settings.requests_topic, the same parallelism): privacy
     requests, keyed by the same Java operator and unioned with the events before the watermark
-    generator, so a quiet requests topic never holds the watermark back."""
+    generator, so a quiet requests topic never holds the watermark back.
+    `feedback_records` (RAW_RECORD rows of the identity feedback topic) are keyed and timed the
+    same way, with idleness of their own, and join the events before key_by."""
     from pyflink.datastream.data_stream import KeyedStream
     from pyflink.java_gateway import get_gateway
 
@@ -540,6 +667,27 @@ def build_pipeline(
         .name(EVENT_TIME.name)
         .uid(EVENT_TIME.uid)
     )
+    if feedback_records is not None:
+        j_feedback = (
+            feedback_records._j_data_stream.process(
+                # No size cap: a fold carries a profile; the topic is the job's own.
+                keys_class(user_event_headers(SchemaCatalog()), MIN_EVENT_TIME_MS, settings.max_future_ms, 2**31 - 1),
+                KEYED_EVENT.get_java_type_info(),
+            )
+            .name(DECODE_FEEDBACK.name)
+            .uid(DECODE_FEEDBACK.uid)
+        )
+        feedback_watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
+            Duration.of_millis(settings.watermark_lag_ms)
+        ).with_idleness(Duration.of_millis(FEEDBACK_IDLE_MS))
+        j_feedback_timed = (
+            j_feedback.assignTimestampsAndWatermarks(
+                feedback_watermarks._j_watermark_strategy.withTimestampAssigner(keys_class.EventTime())
+            )
+            .name(FEEDBACK_TIME.name)
+            .uid(FEEDBACK_TIME.uid)
+        )
+        j_timed = DataStream(j_timed).union(DataStream(j_feedback_timed))._j_data_stream
     j_keyed = j_timed.keyBy(gateway.jvm.KeyByKeySelector(), Types.ROW([Types.STRING()]).get_java_type_info())
     keyed = KeyedStream(j_keyed, RAW_EVENT, DataStream(j_timed))
     # Definitions and models checked here, before anything is submitted or consumed.
@@ -562,6 +710,7 @@ def build_pipeline(
     return PipelineOutputs(
         transitions=transitions,
         dead_letters=transitions.get_side_output(DEAD_LETTERS),
+        identity_feedback=transitions.get_side_output(IDENTITY_FEEDBACK),
         profile_snapshots=transitions.get_side_output(PROFILE_SNAPSHOTS),
         erasure_audit=transitions.get_side_output(ERASURE_AUDIT),
     )
@@ -579,7 +728,12 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
         t_env.execute_sql(kafka_table_ddl("requests_in", settings.requests_topic, settings, sink=False))
         t_env.execute_sql(kafka_table_ddl("erasure_audit_out", settings.audit_topic, settings, sink=True))
         raw_requests = t_env.to_data_stream(t_env.from_path("requests_in"))
-    outputs = build_pipeline(raw, settings, keyed_function, raw_requests)
+    feedback = None
+    if settings.identity_topic:
+        t_env.execute_sql(kafka_table_ddl("identity_in", settings.identity_topic, settings, sink=False))
+        t_env.execute_sql(kafka_table_ddl("identity_out", settings.identity_topic, settings, sink=True))
+        feedback = t_env.to_data_stream(t_env.from_path("identity_in"))
+    outputs = build_pipeline(raw, settings, keyed_function, raw_requests, feedback)
     transitions = outputs.transitions
     statements = t_env.create_statement_set()
     statements.add_insert(
@@ -589,6 +743,8 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
     statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
     if raw_requests is not None:
         statements.add_insert("erasure_audit_out", t_env.from_data_stream(outputs.erasure_audit))
+    if feedback is not None:
+        statements.add_insert("identity_out", t_env.from_data_stream(outputs.identity_feedback))
     statements.attach_as_datastream()
     if settings.redis_url:
         # Redis only from committed transitions: applied once the checkpoint holding them completes.

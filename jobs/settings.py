@@ -73,6 +73,10 @@ class JobSettings:
     # The dead-letter topic's retention.ms, set when the project creates the topic (its records
     # carry raw payloads, which an erasure cannot reach: docs/privacy.md).
     dead_letter_retention_ms: int = 7 * 24 * 3600 * 1000
+    # The job's own feedback topic for identity merges (folds and forwarded events, written
+    # exactly-once and read back read_committed); it carries profiles: keep its retention short.
+    # Empty: no identity merge (identify records are dead letters, identity_merge_off).
+    identity_topic: str = ""
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
     # Kafka client security for every client (the job's source and sinks, generate, tail, the
@@ -181,6 +185,8 @@ class JobSettings:
         topics = {self.events_topic: partitions, self.transitions_topic: partitions, self.dead_letter_topic: 1}
         if self.requests_topic:
             topics.update({self.requests_topic: partitions, self.audit_topic: 1})
+        if self.identity_topic:  # the job's source does not wait for a missing topic
+            topics[self.identity_topic] = partitions
         return topics
 
     def topic_configs(self) -> dict[str, dict[str, str]]:

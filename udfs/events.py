@@ -22,6 +22,7 @@ EVENT_TYPES = (
     "wishlist_add",
 )
 CART_EVENT_TYPES = frozenset({"add_to_cart", "remove_from_cart"})
+_EVENT_TYPE_SET = frozenset(EVENT_TYPES)
 
 # 2000-01-01T00:00:00Z: anything earlier is a unit mistake (seconds for ms) or a default value.
 MIN_EVENT_TIME_MS = 946_684_800_000
@@ -133,6 +134,8 @@ def event_from_record(record: dict, now_ms: int, max_future_ms: int) -> UserEven
         raise DecodeError("invalid_field", "price is negative, NaN or infinite")
     quantity = record.get("quantity")
     event_type = record["event_type"]
+    if event_type not in _EVENT_TYPE_SET:  # an identify record (udfs/identity.py) is not an event
+        raise DecodeError("invalid_field", f"{event_type} is not an event type")
     if event_type in CART_EVENT_TYPES:
         if not record.get("product_id"):
             raise DecodeError("invalid_field", f"{event_type} without product_id")

@@ -173,6 +173,11 @@ def vectors_at(
             yield user_id, instant, vector.values(profiles[user_id], instant)
 
 
+def _without_known_id(record: dict[str, Any]) -> dict[str, Any]:
+    record.pop("known_user_id", None)
+    return record
+
+
 def fingerprint_events(data: bytes | OSError | None = None) -> list[UserEvent]:
     """The fingerprint history: the events of FINGERPRINT_EVENTS (read at import), after checking
     the file's sha256 against FINGERPRINT_EVENTS_SHA256. `data` replaces the file's bytes (tests)."""
@@ -194,8 +199,12 @@ def fingerprint_events(data: bytes | OSError | None = None) -> list[UserEvent]:
     epoch, ms = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
     # Records of a record schema are dicts (fastavro types them as any Avro value).
     records = cast("Iterable[dict[str, Any]]", fastavro.reader(io.BytesIO(data)))
-    # fastavro reads timestamp-millis as an aware datetime: back to int ms, exactly.
-    return [UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms}) for record in records]
+    # fastavro reads timestamp-millis as an aware datetime: back to int ms, exactly. A file
+    # written with UserEvent v3 also has known_user_id (of identify records; null on events).
+    return [
+        UserEvent(**{**record, "timestamp": (record["timestamp"] - epoch) // ms})
+        for record in map(_without_known_id, records)
+    ]
 
 
 def feature_hash(vector: FeatureVector, events: Iterable[UserEvent] | None = None) -> str:

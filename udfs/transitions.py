@@ -12,13 +12,14 @@ import hashlib
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from udfs.conditions import Evaluation
 from udfs.definitions import REMOVED_RULE, DefinitionSet, condition_features, earliest
 from udfs.events import UserEvent
 from udfs.experiments import CONTROL, TREATMENT, control_places, place
+from udfs.identity import MERGED_RULE, Identify, merge_profiles
 from udfs.privacy import (
     CONSENT_RULE,
     ERASE,
@@ -29,7 +30,7 @@ from udfs.privacy import (
     PrivacyState,
     UserRequest,
 )
-from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, is_duplicate, prune
+from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, event_id_hash, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
 
@@ -58,7 +59,7 @@ class Transition:
     segment: str
     kind: str  # ENTER | EXIT
     event_time: int
-    cause: str  # EVENT | TIMER | ERASURE | CONSENT
+    cause: str  # EVENT | TIMER | ERASURE | CONSENT | MERGE (an identity merge, udfs/identity.py)
     cause_event_id: str | None  # the event's id; an ERASURE's or CONSENT's: the request's id
     sequence: int
     definitions_version: str
@@ -106,6 +107,9 @@ APPLIED, DUPLICATE, LATE, TIMER = "applied", "duplicate", "late", "timer"
 # Events not applied for privacy: older than the user's erasure (while its tombstone lasts), or of
 # a user without consent to segmentation. Outcomes of step_request: ERASED, CONSENTED.
 BURIED, WITHHELD, ERASED, CONSENTED = "buried", "withheld", "erased", "consented"
+# The transition cause of an identity merge: the anonymous id's EXITs and the known id's
+# re-evaluation (segment_transition.avsc v5).
+MERGE = "MERGE"
 
 
 @dataclass(slots=True)
@@ -123,6 +127,16 @@ class Step:
     # can go (another one left in place from before fires on an empty profile and does nothing).
     delete_timer_ms: int | None = None
     erased: tuple[str, ...] = ()  # an erasure's audit: `profile`, `consent`, `segment:NAME`...
+
+
+@dataclass(slots=True)
+class FoldOut:
+    """What an identify tells the runner at the anonymous id: the step (its EXITs, cause MERGE;
+    its state is then empty) and the profile to fold into the known id (None when the anonymous
+    id held no event: nothing to fold)."""
+
+    step: Step
+    folded: UserProfile | None
 
 
 # Model scores of a profile at an instant; the third argument reads a feature's value at that
@@ -193,6 +207,87 @@ class SegmentEngine:
             return Step(DUPLICATE, [], None, False, False)
         transitions = self._apply(user_id, profile, event, scoring)
         return self._finish(APPLIED, user_id, profile, transitions, False)  # an event leaves a profile
+
+    def step_fold_out(
+        self, user_id: str, profile: UserProfile, identify: Identify, late_before_ms: int | None = None
+    ) -> FoldOut:
+        """An identify at the anonymous id `user_id`: time advances to the identify's timestamp
+        (as for an event), the id EXITs every segment it is in (cause MERGE), and its profile is
+        handed back to fold into the known id's, leaving this one empty. The runner keeps the
+        alias ("merged into the known id", udfs/identity.py) and sends the fold on."""
+        ts = identify.timestamp
+        if late_before_ms is not None and ts < late_before_ms:
+            return FoldOut(Step(LATE, [], None, profile.is_empty, False), None)
+        out = self._advance_to_instant(user_id, profile, ts)
+        for name, membership in profile.memberships.items():
+            if membership.member:
+                segment = self.definitions.segments.get(name)
+                out.append(
+                    self._transition(
+                        user_id,
+                        name,
+                        False,
+                        membership.sequence + 1,
+                        profile.clock_ms,
+                        MERGE,
+                        identify.event_id,
+                        MERGED_RULE,
+                        {},
+                        profile,
+                        segment is not None and segment.provisional,
+                    )
+                )
+        folded = None
+        if profile.last_by_type:
+            folded = UserProfile()
+            for f in fields(UserProfile):
+                setattr(folded, f.name, getattr(profile, f.name))
+            folded.memberships, folded.timer_ms, folded.scores, folded.scored_at_ms = {}, None, {}, None
+            folded.derived, folded.next_change_memo = {}, None
+        profile.reset()  # new objects: the folded profile keeps the old ones
+        return FoldOut(self._finish(APPLIED, user_id, profile, out, False), folded)
+
+    def step_fold_in(self, user_id: str, profile: UserProfile, folded: UserProfile, cause_event_id: str) -> Step:
+        """An anonymous id's profile (from `step_fold_out`) arrives at the known id `user_id`:
+        time advances to the later of the two clocks, the profiles merge (udfs/identity.py), and
+        the merged profile is scored and evaluated once, its transitions caused by MERGE with
+        the identify's id. The identify's id joins the dedup memory like an event's: a fold
+        delivered twice (a broker that hands read_committed readers an aborted transaction's
+        records, a replay) is a DUPLICATE, not counted twice."""
+        seen_key = event_id_hash(cause_event_id)
+        seen_at, last = profile.seen_event_ids.get(seen_key), profile.last_event_ms
+        if seen_at is not None and last is not None and seen_at > last - self.config.dedup_window_ms:
+            return Step(DUPLICATE, [], None, False, False)
+        out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms))
+        merge_profiles(profile, folded, self.config)
+        profile.seen_event_ids[seen_key] = folded.clock_ms  # the fold's instant: the identify's, or later
+        if len(profile.seen_event_ids) > self.config.max_seen_event_ids:
+            del profile.seen_event_ids[next(iter(profile.seen_event_ids))]
+        prune(profile, self.config)
+        expiry = self.retention_expiry_ms(profile)
+        if expiry is not None and expiry <= profile.clock_ms:  # both sides had gone quiet for the retention
+            clock = profile.clock_ms
+            self._expire(user_id, profile, clock, out)
+            profile.clock_ms = clock
+        else:
+            ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
+            scorer = self.scorer
+            if scorer is not None:
+                self._score(scorer, profile, ev)
+            self._diff(user_id, profile, ev, MERGE, cause_event_id, out)
+        return self._finish(APPLIED, user_id, profile, out, False)
+
+    def _advance_to_instant(self, user_id: str, profile: UserProfile, ts: int) -> list[Transition]:
+        """What an event at `ts` does before it applies (`_apply`): the changes due strictly
+        before it, then the clock at `ts`, the profile expired when it lapses exactly then."""
+        out, _, _ = self._advance(user_id, profile, ts - 1, self._take_memo(profile))
+        if ts > profile.clock_ms:
+            profile.clock_ms = ts
+            if self.retention_expiry_ms(profile) == ts:
+                self._expire(user_id, profile, ts, out)
+                profile.clock_ms = ts
+        self._latest = None
+        return out
 
     def step_timer(self, user_id: str, profile: UserProfile, time_ms: int, privacy: PrivacyState | None = None) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it.

@@ -106,6 +106,7 @@ user_event_records = st.fixed_dictionaries(
         "device": optional(texts),
         "properties": st.dictionaries(texts, texts, max_size=5),
         **{name: optional(texts) for name in CONTEXT_FIELDS},
+        "known_user_id": optional(texts),
     }
 )
 
@@ -169,6 +170,7 @@ def a_user_event(**changes) -> dict:
         "device": "mobile",
         "properties": {"query": "schuhe grün"},
         **dict.fromkeys(CONTEXT_FIELDS),
+        "known_user_id": None,
     }
     return {**record, **changes}
 
@@ -383,6 +385,7 @@ def user_event_body(event_type: int = 2, session_branch: int = 1) -> bytes:
         + b"\x00" * 5
         + b"\x00"
         + b"\x00" * len(CONTEXT_FIELDS)
+        + b"\x00"  # known_user_id (v3)
     )
 
 
@@ -393,7 +396,7 @@ def test_the_hand_written_user_event_body_is_what_the_codec_writes(catalog):
     assert codec.decode(codec.header + user_event_body(session_branch=0)) == {**record, "session_id": None}
 
 
-@pytest.mark.parametrize("index", [-1, -2, -10, -11, 10, 2**31, -(2**63)])
+@pytest.mark.parametrize("index", [-1, -2, -11, -12, 11, 2**31, -(2**63)])
 def test_an_enum_index_outside_the_symbols_is_undecodable_negative_ones_too(catalog, index):
     # fastavro's compiled reader wraps a negative index around: -1 read the last symbol.
     codec = catalog.codec("UserEvent")
@@ -572,10 +575,39 @@ def test_the_transition_contract_adds_arms_in_v3_and_the_provisional_reason_in_v
     def without_reason(schema: dict) -> list[dict]:
         return [f for f in schema["fields"] if f["name"] != "reason"]
 
-    assert without_reason(current) == without_reason(v3)
-    assert reason_fields(current)[:-1] == reason_fields(v3)
-    provisional = reason_fields(current)[-1]
+    v4 = history_schema("segment_transition.v4.avsc")
+    assert without_reason(v4) == without_reason(v3)
+    assert reason_fields(v4)[:-1] == reason_fields(v3)
+    assert reason_fields(current) == reason_fields(v4)
+    provisional = reason_fields(v4)[-1]
     assert (provisional["name"], provisional["type"], provisional["default"]) == ("provisional", "boolean", False)
+
+
+def test_the_transition_contract_v5_adds_causes_with_a_default():
+    """v5 (issue 18): the cause gains ERASURE, CONSENT and MERGE, in that order, and a default
+    so that a reader of v5 reads a cause added later as EVENT; nothing else changes."""
+    current, v4 = schema_json("SegmentTransition"), history_schema("segment_transition.v4.avsc")
+
+    def cause(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
+
+    assert [f for f in current["fields"] if f["name"] != "cause"] == [f for f in v4["fields"] if f["name"] != "cause"]
+    assert cause(v4)["symbols"] == ["EVENT", "TIMER"]
+    assert cause(current)["symbols"] == ["EVENT", "TIMER", "ERASURE", "CONSENT", "MERGE"]
+    assert cause(current)["default"] == "EVENT"
+
+
+def test_a_merge_transition_round_trips_and_a_v4_transition_still_decodes(catalog, tmp_path):
+    codec = catalog.codec("SegmentTransition")
+    merged = a_transition(cause="MERGE")
+    assert codec.decode(codec.encode(merged)) == merged
+    v4_dir = tmp_path / "v4"
+    v4_dir.mkdir()
+    shutil.copy(SCHEMAS_DIR / "history" / "segment_transition.v4.avsc", v4_dir / "segment_transition.avsc")
+    previous = a_transition(cause="TIMER")
+    payload = SchemaCatalog(v4_dir).codec("SegmentTransition").encode(previous)
+    assert payload[:HEADER_SIZE] != codec.header
+    assert codec.decode(payload) == previous
 
 
 def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(catalog, tmp_path):
@@ -584,20 +616,35 @@ def test_a_payload_of_the_shipped_version_1_decodes_with_the_context_absent(cata
     v1_dir.mkdir()
     shutil.copy(SCHEMAS_DIR / "history" / "user_event.v1.avsc", v1_dir / "user_event.avsc")
     v1 = SchemaCatalog(v1_dir).codec("UserEvent")
-    record = {k: v for k, v in a_user_event().items() if k not in CONTEXT_FIELDS}
+    record = {k: v for k, v in a_user_event().items() if k not in (*CONTEXT_FIELDS, "known_user_id")}
     payload = v1.encode(record)
     current = catalog.codec("UserEvent")
     assert payload[:HEADER_SIZE] != current.header
-    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS)}
+    assert current.decode(payload) == {**record, **dict.fromkeys(CONTEXT_FIELDS), "known_user_id": None}
     # Version 2 is version 1 with the context fields appended, each an optional string defaulting to null.
     v1_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v1.avsc").read_text())["fields"]
-    v2_fields = schema_json("UserEvent")["fields"]
+    v2_fields = json.loads((SCHEMAS_DIR / "history" / "user_event.v2.avsc").read_text())["fields"]
 
     def shape(fields: list[dict]) -> list[tuple]:
         return [(f["name"], f["type"], f.get("default")) for f in fields]
 
     assert shape(v2_fields[: len(v1_fields)]) == shape(v1_fields)
     assert shape(v2_fields[len(v1_fields) :]) == [(name, ["null", "string"], None) for name in CONTEXT_FIELDS]
+
+
+def test_user_event_version_3_adds_the_identify_type_and_the_known_user_id():
+    """Issue 18: the event type enum gains `identify` at its end (the indices of v2 keep their
+    meaning) and a last optional field carries the known id; nothing else changes."""
+    v2, v3 = history_schema("user_event.v2.avsc"), schema_json("UserEvent")
+
+    def event_type(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "event_type")["type"]
+
+    assert event_type(v3)["symbols"] == [*event_type(v2)["symbols"], "identify"]
+    same = [f for f in v3["fields"][:-1] if f["name"] != "event_type"]
+    assert same == [f for f in v2["fields"] if f["name"] != "event_type"]
+    added = v3["fields"][-1]
+    assert (added["name"], added["type"], added["default"]) == ("known_user_id", ["null", "string"], None)
 
 
 def test_a_transition_of_the_previous_schema_decodes_as_not_provisional(catalog, tmp_path):

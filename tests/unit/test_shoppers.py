@@ -70,7 +70,7 @@ def test_every_generated_event_encodes_as_a_user_event_and_passes_validation(cat
     now = START_MS + DAY_MS
     for event in a_day_of_300_users:
         record = codec.decode(codec.encode(event.to_record()))
-        assert record == event.to_record()
+        assert record == {**event.to_record(), "known_user_id": None}  # v3's field, of identify records only
         assert event_from_record(record, now_ms=now, max_future_ms=0) == event
 
 
