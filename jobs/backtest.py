@@ -337,7 +337,7 @@ def run_backtest(
     transitions: list[Transition] = []
     duplicates = late = applied = buried = withheld = 0
     latest = None
-    identities = _Identities(engine, profiles, transitions)
+    identities = _Identities(engine, profiles, transitions, privacy)
     identifies = list(reversed(log.identifies))  # popped in log order
 
     def replay_identifies(before_position: int) -> None:
@@ -412,8 +412,15 @@ class _Identities:
     the same per-user fold steps, with the fold delivered at once where the job sends it through
     its feedback topic, and the aliases the job keeps per anonymous id."""
 
-    def __init__(self, engine, profiles: dict[str, UserProfile], transitions: list[Transition]):
+    def __init__(
+        self,
+        engine,
+        profiles: dict[str, UserProfile],
+        transitions: list[Transition],
+        privacy: dict[str, PrivacyState],
+    ):
         self.engine = engine
+        self.privacy = privacy  # the known ids' privacy records: a fold is withheld or buried as an event
         self.retention_ms = engine.config.retention_ms
         self.profiles = profiles
         self.transitions = transitions
@@ -451,7 +458,11 @@ class _Identities:
             self.rejected["identity_loop"] += 1
             return 0
         known = self.profiles.setdefault(target, UserProfile())
-        self.transitions.extend(self.engine.step_fold_in(target, known, fold.folded, identify.event_id).transitions)
+        state = self.privacy.setdefault(target, PrivacyState())
+        step = self.engine.step_fold_in(target, known, fold.folded, identify.event_id, state)
+        self.transitions.extend(step.transitions)
+        if step.drop_state:
+            self.profiles.pop(target, None)
         return 0
 
     def route(self, event: UserEvent) -> str | None:

@@ -372,9 +372,16 @@ class SegmentUsers(KeyedProcessFunction):
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
             yield DEAD_LETTERS, quarantined
-        step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id)
+        privacy = self._load_privacy(user_id) if self.privacy_requests else None
+        step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id, privacy)
         if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
+            return
+        if step.outcome == BURIED:  # older than the known user's erasure: not kept
+            self.buried_events.inc()
+            return
+        if step.outcome == WITHHELD:  # no consent to segmentation at the known id: not kept
+            self.withheld_events.inc()
             return
         yield from self._commit(ctx, user_id, profile, step, fold.identify_event_id)
 

@@ -247,18 +247,37 @@ class SegmentEngine:
         profile.reset()  # new objects: the folded profile keeps the old ones
         return FoldOut(self._finish(APPLIED, user_id, profile, out, False), folded)
 
-    def step_fold_in(self, user_id: str, profile: UserProfile, folded: UserProfile, cause_event_id: str) -> Step:
+    def step_fold_in(
+        self,
+        user_id: str,
+        profile: UserProfile,
+        folded: UserProfile,
+        cause_event_id: str,
+        privacy: PrivacyState | None = None,
+    ) -> Step:
         """An anonymous id's profile (from `step_fold_out`) arrives at the known id `user_id`:
         time advances to the later of the two clocks, the profiles merge (udfs/identity.py), and
         the merged profile is scored and evaluated once, its transitions caused by MERGE with
         the identify's id. The identify's id joins the dedup memory like an event's: a fold
         delivered twice (a broker that hands read_committed readers an aborted transaction's
-        records, a replay) is a DUPLICATE, not counted twice."""
+        records, a replay) is a DUPLICATE, not counted twice. With the known user's `privacy`
+        record, the fold is what an event would be: buried when it is older than their erasure,
+        withheld without their consent to segmentation (the anonymous profile is not kept), and
+        not scored without their consent to scoring."""
         seen_key = event_id_hash(cause_event_id)
         seen_at, last = profile.seen_event_ids.get(seen_key), profile.last_event_ms
         if seen_at is not None and last is not None and seen_at > last - self.config.dedup_window_ms:
             return Step(DUPLICATE, [], None, False, False)
-        out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms))
+        scoring = True
+        if privacy is not None:
+            if privacy.buries(folded.clock_ms):
+                return Step(BURIED, [], None, profile.is_empty, False)
+            if not privacy.allows(SEGMENTATION, self.consent_default):
+                return Step(WITHHELD, [], None, profile.is_empty, False)
+            scoring = privacy.allows(SCORING, self.consent_default)
+        elif not self.consent_default:
+            return Step(WITHHELD, [], None, profile.is_empty, False)
+        out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms), scoring)
         merge_profiles(profile, folded, self.config)
         profile.seen_event_ids[seen_key] = folded.clock_ms  # the fold's instant: the identify's, or later
         if len(profile.seen_event_ids) > self.config.max_seen_event_ids:
@@ -272,15 +291,17 @@ class SegmentEngine:
         else:
             ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
             scorer = self.scorer
-            if scorer is not None:
+            if scorer is not None and scoring:
                 self._score(scorer, profile, ev)
             self._diff(user_id, profile, ev, MERGE, cause_event_id, out)
         return self._finish(APPLIED, user_id, profile, out, False)
 
-    def _advance_to_instant(self, user_id: str, profile: UserProfile, ts: int) -> list[Transition]:
+    def _advance_to_instant(
+        self, user_id: str, profile: UserProfile, ts: int, scoring: bool = True
+    ) -> list[Transition]:
         """What an event at `ts` does before it applies (`_apply`): the changes due strictly
         before it, then the clock at `ts`, the profile expired when it lapses exactly then."""
-        out, _, _ = self._advance(user_id, profile, ts - 1, self._take_memo(profile))
+        out, _, _ = self._advance(user_id, profile, ts - 1, self._take_memo(profile), scoring)
         if ts > profile.clock_ms:
             profile.clock_ms = ts
             if self.retention_expiry_ms(profile) == ts:

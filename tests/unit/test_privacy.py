@@ -277,3 +277,46 @@ def test_privacy_settings_the_topics_the_project_creates_and_forget_without_a_to
         JobSettings(consent_default="maybe")
     with pytest.raises(ValueError, match="requests_topic is not set"):
         produce_request(plain, erase_request("u1"))
+
+
+def test_an_identity_fold_is_held_to_the_known_users_privacy_as_an_event_is():
+    """A fold brings the anonymous id's history to the known user: it must not get past what
+    the known user asked (a withdrawn consent, an erasure's tombstone, no scoring)."""
+    from udfs.identity import Identify
+
+    def folded_cart(engine: SegmentEngine, at: int) -> UserProfile:
+        anonymous = UserProfile()
+        engine.step_event("anon", anonymous, ev(1, at, "add_to_cart", user="anon", product_id="p", quantity=1, price=5))
+        fold = engine.step_fold_out("anon", anonymous, Identify(f"i-{at}", "anon", "u1", at + 1))
+        assert fold.folded is not None
+        return fold.folded
+
+    engine = SegmentEngine(basic_definitions())
+    # No consent to segmentation at the known id: the fold is withheld, nothing is kept or entered.
+    profile, privacy = UserProfile(), PrivacyState()
+    engine.step_request("u1", profile, privacy, consent(T0, SEGMENTATION, False), LATENESS)
+    step = engine.step_fold_in("u1", profile, folded_cart(engine, T0 + 10), "i-1", privacy)
+    assert (step.outcome, step.transitions, profile.is_empty) == (WITHHELD, [], True)
+    # Erased after the anonymous history: a fold of it arriving later is buried.
+    profile, privacy = UserProfile(), PrivacyState()
+    engine.step_event("u1", profile, ev(2, T0), privacy=privacy)
+    folded = folded_cart(engine, T0 + 10)
+    engine.step_request("u1", profile, privacy, erase(T0 + 20), LATENESS)
+    step = engine.step_fold_in("u1", profile, folded, "i-2", privacy)
+    assert (step.outcome, step.transitions, profile.is_empty) == (BURIED, [], True)
+    # With consent, the same fold enters the known user (the control: the two above can fail).
+    profile, privacy = UserProfile(), PrivacyState()
+    step = engine.step_fold_in("u1", profile, folded_cart(engine, T0 + 10), "i-3", privacy)
+    assert {t.segment for t in step.transitions} == {"active_browser", "cart_holder"}
+    # No consent to scoring at the known id: the fold is merged and evaluated, no model runs.
+    calls: list[int] = []
+    scored = scored_engine(calls)
+    profile, privacy = UserProfile(), PrivacyState()
+    scored.step_request("u1", profile, privacy, consent(T0, SCORING, False), LATENESS)
+    anonymous = UserProfile()
+    scored.step_event("anon", anonymous, ev(3, T0 + 10, user="anon"))
+    calls.clear()
+    fold = scored.step_fold_out("anon", anonymous, Identify("i-4", "anon", "u1", T0 + 11))
+    assert fold.folded is not None
+    step = scored.step_fold_in("u1", profile, fold.folded, "i-4", privacy)
+    assert [t.segment for t in step.transitions] == ["seen"] and calls == [] and profile.scores == {}
