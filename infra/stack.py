@@ -280,13 +280,23 @@ def prepare_flink_home(root: Path, ports: StackPorts, task_slots: int = 2) -> Pa
     return home
 
 
+# What pyflink sets in its own process's environment once it has run a job there (a MiniCluster in
+# thread mode): FLINK_LIB_DIR, FLINK_OPT_DIR and FLINK_PLUGINS_DIR would point a child's scripts at
+# the wheel's lib/ (no flink-python there) instead of a home's, and PYFLINK_GATEWAY_DISABLED makes a
+# child's pyflink refuse to start its gateway ("launching the PythonGatewayServer during Python UDF
+# execution"): `segments run` started by a process that ran a job before fails at once.
+PYFLINK_PROCESS_VARIABLES = ("FLINK_LIB_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR", "PYFLINK_GATEWAY_DISABLED")
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment for a child that runs Flink or pyflink of its own."""
+    return {k: v for k, v in os.environ.items() if k not in PYFLINK_PROCESS_VARIABLES}
+
+
 def flink_env(root: Path) -> dict[str, str]:
     from jobs.flink_environment import python_worker_path
 
-    # pyflink sets FLINK_LIB_DIR, FLINK_OPT_DIR and FLINK_PLUGINS_DIR in its process's environment
-    # when it starts a MiniCluster; inherited, they would point the scripts at the wheel's lib/
-    # (no flink-python there) instead of this home's.
-    env = {k: v for k, v in os.environ.items() if k not in ("FLINK_LIB_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR")}
+    env = child_environment()
     env.update(
         FLINK_HOME=str(flink_home(root)),
         FLINK_CONF_DIR=str(flink_home(root) / "conf"),

@@ -14,6 +14,7 @@ import pytest
 from infra.stack import (
     ManagedProcess,
     StackPorts,
+    child_environment,
     free_port,
     free_ports,
     start_broker,
@@ -191,7 +192,7 @@ def job_environment(stack_root: Path, name: str, settings: dict) -> dict[str, st
     with the tooling's (SEGMENTS_CACHE, where setup put the connector jars; SEGMENTS_VENV)."""
     env = {
         k: v
-        for k, v in os.environ.items()
+        for k, v in child_environment().items()
         if not (k.startswith("SEGMENTS_") and k not in KEPT_TOOLING_VARIABLES) and k != "REDIS_URL"
     }
     env.update({f"SEGMENTS_{k.upper()}": str(v) for k, v in settings.items()})
