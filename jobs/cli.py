@@ -232,30 +232,29 @@ def cmd_generate(args) -> int:
 
 
 def cmd_forget(args) -> int:
-    from jobs.privacy_requests import erase_request, produce_request
+    from jobs.privacy_requests import erase_request
 
-    settings = _settings(args)
-    request = erase_request(args.user_id, args.at)
-    try:
-        produce_request(settings, request)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"erasure request {request.request_id} sent to {settings.requests_topic}")
-    return 0
+    return _send_request(args, "erasure", erase_request(args.user_id, args.at))
 
 
 def cmd_consent(args) -> int:
-    from jobs.privacy_requests import consent_request, produce_request
+    from jobs.privacy_requests import consent_request
+
+    return _send_request(
+        args, "consent", consent_request(args.user_id, args.purpose.upper(), args.choice == "grant", args.at)
+    )
+
+
+def _send_request(args, what: str, request) -> int:
+    from jobs.privacy_requests import produce_request
 
     settings = _settings(args)
-    request = consent_request(args.user_id, args.purpose.upper(), args.choice == "grant", args.at)
     try:
         produce_request(settings, request)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"consent request {request.request_id} sent to {settings.requests_topic}")
+    print(f"{what} request {request.request_id} sent to {settings.requests_topic}")
     return 0
 
 

@@ -194,15 +194,9 @@ class SegmentEngine:
         segmentation) are not applied; without consent to scoring no model runs."""
         if late_before_ms is not None and event.timestamp < late_before_ms:
             return Step(LATE, [], None, profile.is_empty, False)
-        scoring = True
-        if privacy is not None:
-            if privacy.buries(event.timestamp):
-                return Step(BURIED, [], None, profile.is_empty, False)
-            if not privacy.allows(SEGMENTATION, self.consent_default):
-                return Step(WITHHELD, [], None, profile.is_empty, False)
-            scoring = privacy.allows(SCORING, self.consent_default)
-        elif not self.consent_default:
-            return Step(WITHHELD, [], None, profile.is_empty, False)
+        refused, scoring = self._privacy_verdict(privacy, event.timestamp)
+        if refused is not None:
+            return Step(refused, [], None, profile.is_empty, False)
         if is_duplicate(profile, event, self.config):
             return Step(DUPLICATE, [], None, False, False)
         transitions = self._apply(user_id, profile, event, scoring)
@@ -268,15 +262,9 @@ class SegmentEngine:
         seen_at, last = profile.seen_event_ids.get(seen_key), profile.last_event_ms
         if seen_at is not None and last is not None and seen_at > last - self.config.dedup_window_ms:
             return Step(DUPLICATE, [], None, False, False)
-        scoring = True
-        if privacy is not None:
-            if privacy.buries(folded.clock_ms):
-                return Step(BURIED, [], None, profile.is_empty, False)
-            if not privacy.allows(SEGMENTATION, self.consent_default):
-                return Step(WITHHELD, [], None, profile.is_empty, False)
-            scoring = privacy.allows(SCORING, self.consent_default)
-        elif not self.consent_default:
-            return Step(WITHHELD, [], None, profile.is_empty, False)
+        refused, scoring = self._privacy_verdict(privacy, folded.clock_ms)
+        if refused is not None:
+            return Step(refused, [], None, profile.is_empty, False)
         out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms), scoring)
         merge_profiles(profile, folded, self.config)
         profile.seen_event_ids[seen_key] = folded.clock_ms  # the fold's instant: the identify's, or later
@@ -295,6 +283,17 @@ class SegmentEngine:
                 self._score(scorer, profile, ev)
             self._diff(user_id, profile, ev, MERGE, cause_event_id, out)
         return self._finish(APPLIED, user_id, profile, out, False)
+
+    def _privacy_verdict(self, privacy: PrivacyState | None, time_ms: int) -> tuple[str | None, bool]:
+        """What the user's `privacy` record says of what happened at `time_ms`: BURIED (older than
+        their erasure) or WITHHELD (no consent to segmentation), else None; and whether to score."""
+        if privacy is None:
+            return (None, True) if self.consent_default else (WITHHELD, False)
+        if privacy.buries(time_ms):
+            return BURIED, False
+        if not privacy.allows(SEGMENTATION, self.consent_default):
+            return WITHHELD, False
+        return None, privacy.allows(SCORING, self.consent_default)
 
     def _advance_to_instant(
         self, user_id: str, profile: UserProfile, ts: int, scoring: bool = True
