@@ -362,7 +362,7 @@ def test_the_sink_and_the_view_speak_tls_verify_the_certificate_and_the_host_and
         # The view follower's write (a batch script and its offsets under WATCH) as this user too.
         follower = ViewFollower(view, "127.0.0.1:1", "no-topic")
         follower._cursors = {0: PartitionCursor(0, offset=7)}
-        follower._apply([("u9", "vip", "ENTER", 1, 100, "r")], {"0": 7})
+        follower._apply([("u9", "vip", "ENTER", 1, 100, "r", 0, 6)], {"0": 7})  # read at partition 0, offset 6
         assert view.members("vip") == {"u1", "u9"} and view.client.hgetall("t:view:offsets") == {b"0": b"7"}
         # Another CA's certificate: refused at once by both, and for good (not retried).
         other_ca, _, _ = certificates(tmp_path, "DNS:elsewhere")
