@@ -22,10 +22,12 @@ the backtest's definition (jobs/backtest.py), so a live flap rate and a backtest
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from udfs.redis_layout import members_key
 
@@ -405,3 +407,14 @@ def live_warnings(figures: LiveFigures, defined: Iterable[str], min_members: int
                 }
             )
     return out
+
+
+def serve_on_thread(handler: type[BaseHTTPRequestHandler], host: str, port: int, what: str) -> ThreadingHTTPServer:
+    """An HTTP server for `handler` on a daemon thread of its own (the follower's metrics, the
+    dashboard); SystemExit naming `what` if it cannot listen."""
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as err:
+        raise SystemExit(f"{what} cannot listen on {host}:{port}: {err.strerror}") from None
+    threading.Thread(target=server.serve_forever, name=f"{handler.__name__}-http", daemon=True).start()
+    return server

@@ -44,7 +44,7 @@ from jobs.committed_log import (
     partition_leaders,
 )
 from jobs.kafka_security import PLAINTEXT, KafkaSecurity
-from jobs.live_view import already_counted, last_exits, queue_tally, tally
+from jobs.live_view import already_counted, last_exits, queue_tally, serve_on_thread, tally
 from jobs.redis_view import RedisSegmentView
 from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
@@ -353,12 +353,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
 def serve_metrics(figures: FollowerFigures, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     handler = type("FollowerMetrics", (_MetricsHandler,), {"figures": figures})
-    try:
-        server = ThreadingHTTPServer((host, port), handler)
-    except OSError as err:
-        raise SystemExit(f"the follower's metrics endpoint cannot listen on {host}:{port}: {err.strerror}") from None
-    threading.Thread(target=server.serve_forever, name="redis-follower-metrics", daemon=True).start()
-    return server
+    return serve_on_thread(handler, host, port, "the follower's metrics endpoint")
 
 
 def connect_view(url: str, prefix: str, retention_ms: int, stop: threading.Event) -> RedisSegmentView | None:

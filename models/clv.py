@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.train import NEVER_HOURS, onnx_outputs, point_in_time_rows
+from models.train import NEVER_HOURS, golden_set, onnx_outputs, point_in_time_rows
 from udfs.events import UserEvent
 from udfs.features import FeatureCatalog
 from udfs.profile_config import DAY_MS, HOUR_MS
@@ -212,9 +212,7 @@ def train_and_export(
     drift = float(np.max(np.abs(exported - predicted)))
     if drift > 1e-4 * max(1.0, float(np.max(np.abs(predicted)))):
         raise RuntimeError(f"{CLV_NAME}: the ONNX export disagrees with scikit-learn by {drift}")
-    x_held_out = data.rows[held_out]
-    picked = np.random.default_rng(seed).choice(len(x_held_out), size=min(golden_cases, len(x_held_out)), replace=False)
-    golden = [{"input": [float(v) for v in x_held_out[i]], "output": float(exported[i])} for i in sorted(picked)]
+    golden = golden_set(data.rows[held_out], exported, seed, golden_cases, float)
     manifest = ModelManifest(
         name=CLV_NAME,
         version=version,

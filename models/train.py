@@ -148,6 +148,13 @@ def onnx_outputs(onnx_bytes: bytes, x: np.ndarray, output: str) -> np.ndarray:
     return session.run([output], {"features": x.astype(np.float32)})[0]
 
 
+def golden_set(rows, outputs, seed: int, cases: int, output_type) -> list[dict]:
+    """Up to `cases` rows picked by `seed`, in row order, each with the exported model's output
+    (as `output_type`): the manifest's golden set, which every worker checks the model against."""
+    picked = np.random.default_rng(seed).choice(len(rows), size=min(cases, len(rows)), replace=False)
+    return [{"input": [float(v) for v in rows[i]], "output": output_type(outputs[i])} for i in sorted(picked)]
+
+
 def _write_model(out_dir: Path, manifest: ModelManifest, onnx_bytes: bytes) -> None:
     directory = out_dir / manifest.name
     directory.mkdir(parents=True, exist_ok=True)
@@ -191,8 +198,7 @@ def _classifier(
     drift = float(np.max(np.abs(exported - probabilities)))
     if drift > 1e-4:
         raise RuntimeError(f"{name}: the ONNX export disagrees with scikit-learn by {drift}")
-    golden_rows = np.random.default_rng(seed).choice(len(x[test]), size=min(GOLDEN_CASES, len(x[test])), replace=False)
-    golden = [{"input": [float(v) for v in x[test][i]], "output": float(exported[i])} for i in sorted(golden_rows)]
+    golden = golden_set(x[test], exported, seed, GOLDEN_CASES, float)
     manifest = ModelManifest(
         name=name,
         version=version,
@@ -246,8 +252,7 @@ def _personas(
     agreement = float(np.mean(exported == labels))
     if agreement < 0.999:
         raise RuntimeError(f"personas: the ONNX export agrees with scikit-learn on only {agreement:.2%} of rows")
-    golden_rows = np.random.default_rng(seed).choice(len(x), size=min(GOLDEN_CASES, len(x)), replace=False)
-    golden = [{"input": [float(v) for v in x[i]], "output": int(exported[i])} for i in sorted(golden_rows)]
+    golden = golden_set(x, exported, seed, GOLDEN_CASES, int)
     manifest = ModelManifest(
         name="personas",
         version=version,

@@ -213,24 +213,9 @@ class SegmentEngine:
         if late_before_ms is not None and ts < late_before_ms:
             return FoldOut(Step(LATE, [], None, profile.is_empty, False), None)
         out = self._advance_to_instant(user_id, profile, ts)
-        for name, membership in profile.memberships.items():
-            if membership.member:
-                segment = self.definitions.segments.get(name)
-                out.append(
-                    self._transition(
-                        user_id,
-                        name,
-                        False,
-                        membership.sequence + 1,
-                        profile.clock_ms,
-                        MERGE,
-                        identify.event_id,
-                        MERGED_RULE,
-                        {},
-                        profile,
-                        segment is not None and segment.provisional,
-                    )
-                )
+        self._exit_members(
+            user_id, profile.memberships, profile, profile.clock_ms, MERGE, identify.event_id, MERGED_RULE, {}, out
+        )
         folded = None
         if profile.last_by_type:
             folded = UserProfile()
@@ -447,27 +432,9 @@ class SegmentEngine:
     ) -> list[str]:
         """EXITs every segment the user is in, with no feature nor score (the user asked that
         nothing more be made of their data), and empties the profile. Returns the segments left."""
-        left = [name for name, membership in profile.memberships.items() if membership.member]
         memberships = profile.memberships
-        profile.reset()
-        for name in left:
-            segment = self.definitions.segments.get(name)
-            out.append(
-                self._transition(
-                    user_id,
-                    name,
-                    False,
-                    memberships[name].sequence + 1,
-                    now_ms,
-                    cause,
-                    request_id,
-                    rule,
-                    {},
-                    profile,
-                    segment is not None and segment.provisional,
-                )
-            )
-        return left
+        profile.reset()  # first: the EXITs then carry no score
+        return self._exit_members(user_id, memberships, profile, now_ms, cause, request_id, rule, {}, out)
 
     def on_event(self, user_id: str, profile: UserProfile, event: UserEvent) -> list[Transition]:
         """The transitions of `step_event` (a duplicate changes nothing)."""
@@ -620,8 +587,28 @@ class SegmentEngine:
 
     def _expire(self, user_id: str, profile: UserProfile, now_ms: int, out: list[Transition]) -> None:
         idle = {"ms_since_last_event": float(self.config.retention_ms)}
-        for name, membership in profile.memberships.items():
+        self._exit_members(user_id, profile.memberships, profile, now_ms, "TIMER", None, RETENTION_RULE, idle, out)
+        profile.reset()
+
+    def _exit_members(
+        self,
+        user_id: str,
+        memberships: Mapping[str, Membership],
+        profile: UserProfile,
+        now_ms: int,
+        cause: str,
+        cause_event_id: str | None,
+        rule: str,
+        values: Mapping[str, object],
+        out: list[Transition],
+    ) -> list[str]:
+        """An EXIT of every segment of `memberships` the user is in, with the scores `profile`
+        holds (the retention's, a merge's, an erasure's or a withdrawn consent's); their names."""
+        left = []
+        for name, membership in memberships.items():
             if membership.member:
+                segment = self.definitions.segments.get(name)
+                provisional = segment is not None and segment.provisional
                 out.append(
                     self._transition(
                         user_id,
@@ -629,15 +616,16 @@ class SegmentEngine:
                         False,
                         membership.sequence + 1,
                         now_ms,
-                        "TIMER",
-                        None,
-                        RETENTION_RULE,
-                        idle,
+                        cause,
+                        cause_event_id,
+                        rule,
+                        values,
                         profile,
-                        (segment := self.definitions.segments.get(name)) is not None and segment.provisional,
+                        provisional,
                     )
                 )
-        profile.reset()
+                left.append(name)
+        return left
 
     def _diff(
         self,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from jobs.live_view import live_warnings, read_figures, record_sample, size_history, top_movers
+from jobs.live_view import live_warnings, read_figures, record_sample, serve_on_thread, size_history, top_movers
 from jobs.segment_warnings import WarningThresholds
 from udfs.definition_warnings import definition_warnings
 from udfs.definitions import DefinitionSet
@@ -129,9 +129,4 @@ class _Handler(BaseHTTPRequestHandler):
 def serve(dashboard: Dashboard, host: str, port: int) -> ThreadingHTTPServer:
     """Starts the HTTP server on a thread of its own; SystemExit if it cannot listen."""
     handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard})
-    try:
-        server = ThreadingHTTPServer((host, port), handler)
-    except OSError as err:
-        raise SystemExit(f"the dashboard cannot listen on {host}:{port}: {err.strerror}") from None
-    threading.Thread(target=server.serve_forever, name="dashboard-http", daemon=True).start()
-    return server
+    return serve_on_thread(handler, host, port, "the dashboard")
