@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,13 +31,14 @@ from jobs.kafka_security import PLAINTEXT, KafkaSecurity
 from jobs.segment_warnings import FLAP_WINDOW_MS
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
+from udfs.deployments import ControlRecord, DeployedEngine, DeploymentStatus, timeline_of
 from udfs.events import UserEvent, event_from_record
 from udfs.identity import MAX_ALIAS_HOPS, Alias, Identify, forward_target, identify_from_record, is_identify
 from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, Transition
+from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, SegmentEngine, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -306,6 +307,10 @@ class BacktestResult:
     log_requests: list[UserRequest] = field(default_factory=list)  # the privacy requests replayed
     buried: int = 0  # events older than their user's erasure, arriving after it: not applied
     withheld: int = 0  # events of users without consent to segmentation: not applied
+    # With live deployments (udfs/deployments.py): what each control record was made of, and
+    # the candidates' transitions (the job's shadow output).
+    deployments: list[DeploymentStatus] = field(default_factory=list)
+    shadow_transitions: list[Transition] = field(default_factory=list)
 
 
 def run_backtest(
@@ -318,23 +323,34 @@ def run_backtest(
     flap_window_ms: int = FLAP_WINDOW_MS,
     conversion_window_ms: int = CONVERSION_WINDOW_MS,
     consent_default: bool = True,
+    deployments: Sequence[ControlRecord] = (),
+    models_dir: str | Path | None = None,
 ) -> BacktestResult:
     """Replays `log` as the job would: per user in log order, duplicates ignored, events the
     job would find too late (more than `allowed_lateness_ms` behind a watermark `watermark_lag_ms`
     behind the latest event time, as when the job's watermark keeps up) left out; then time
     passes up to `until_ms` (default: the watermark the job would reach at the end of the log).
     A re-entry less than `flap_window_ms` after the same user's exit counts as a flap.
-    Experiments count a purchase within `conversion_window_ms` after entering as a conversion."""
+    Experiments count a purchase within `conversion_window_ms` after entering as a conversion.
+    `deployments` (control records, validated against `models_dir`, the job's models directory)
+    switch versions at their instants as the job does (docs/deployments.md); the job's sweep
+    timers need no replaying, since when a user is visited never changes a transition."""
     from tqdm import tqdm
 
     if isinstance(segmentation, DefinitionSet):
         segmentation = Segmentation(segmentation, None)
     definitions = segmentation.definitions
-    engine = segmentation.engine()
+    engine: SegmentEngine | DeployedEngine = segmentation.engine()
+    statuses: list[DeploymentStatus] = []
+    if deployments:
+        timeline = timeline_of(segmentation, deployments, definitions.catalog.config, models_dir)
+        statuses = list(timeline.decided.values())
+        engine = DeployedEngine(timeline)
     engine.consent_default = consent_default
     profiles: dict[str, UserProfile] = {}
     privacy: dict[str, PrivacyState] = {}
     transitions: list[Transition] = []
+    shadow: list[Transition] = []
     duplicates = late = applied = buried = withheld = 0
     latest = None
     identities = _Identities(engine, profiles, transitions, privacy)
@@ -366,6 +382,7 @@ def run_backtest(
             # The job's tombstone lasts its allowed lateness; so does this one.
             step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
+            shadow.extend(step.shadow_transitions)
         else:
             replay_identifies(position)
             position += 1
@@ -390,6 +407,7 @@ def run_backtest(
             else:
                 applied += 1
                 transitions.extend(step.transitions)
+                shadow.extend(step.shadow_transitions)
         if step.drop_state:  # e.g. a user whose only event was late, or who was erased, has no profile
             profiles.pop(user_id, None)
     replay_identifies(position)  # those after the last event
@@ -397,9 +415,12 @@ def run_backtest(
         until_ms = (latest or 0) - watermark_lag_ms - 1
     for user_id, profile in profiles.items():
         state = privacy.setdefault(user_id, PrivacyState())  # a known id folded into has none yet
-        transitions.extend(engine.step_timer(user_id, profile, until_ms, state).transitions)
+        step = engine.step_timer(user_id, profile, until_ms, state)
+        transitions.extend(step.transitions)
+        shadow.extend(step.shadow_transitions)
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
     result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
+    result.deployments, result.shadow_transitions = statuses, shadow
     result.rejected = log.rejected + identities.rejected
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms

@@ -1,5 +1,6 @@
 """`segments`: run, submit, generate, tail, demo, validate, backtest, train, profile-stats, lookup,
-members, dashboard, forget, consent, and `stack up|down|status`."""
+members, dashboard, forget, consent, deploy, promote, rollback, deployments, shadow-report, and
+`stack up|down|status`."""
 
 from __future__ import annotations
 
@@ -258,6 +259,107 @@ def _send_request(args, what: str, request) -> int:
     return 0
 
 
+def _instant_ms(text: str) -> int:
+    """An instant on the command line: epoch milliseconds, or an ISO 8601 time (UTC unless it says)."""
+    from datetime import UTC, datetime
+
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epoch ms or an ISO 8601 time, got {text!r}") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def cmd_deploy(args) -> int:
+    from jobs.deployment_control import deploy_record
+    from udfs.deployments import DeploymentError, validate
+
+    settings = _settings(args)
+    try:
+        control = deploy_record(args.definitions, args.models, args.shadow, args.at)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    # The job validates it again (and says so on the status topic); a file that fails here would fail there.
+    try:
+        refusal = validate(control, settings.profile, settings.models_dir or None)
+    except DeploymentError as err:
+        refusal = str(err)
+    if refusal is not None:
+        print(f"error: refused: {refusal}", file=sys.stderr)
+        return 1
+    return _send_control(args, settings, control)
+
+
+def cmd_promote(args) -> int:
+    from jobs.deployment_control import action_record
+    from udfs.deployments import PROMOTE, ROLLBACK
+
+    return _send_control(
+        args, _settings(args), action_record(PROMOTE if args.command == "promote" else ROLLBACK, args.at)
+    )
+
+
+def _send_control(args, settings, control) -> int:
+    from jobs.deployment_control import produce_control, write_control
+
+    what = control.action.lower() + (f" ({control.mode.lower()})" if control.mode else "")
+    if args.output:
+        write_control(Path(args.output), control)
+        print(f"{what} {control.deployment_id} at {_utc(control.effective_at)} written to {args.output}")
+        return 0
+    try:
+        produce_control(settings, control)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{what} {control.deployment_id} at {_utc(control.effective_at)} sent to {settings.control_topic}")
+    print(f"the job's verdict: segments deployments (status topic {settings.deployment_status_topic})")
+    return 0
+
+
+def cmd_deployments(args) -> int:
+    from jobs.deployment_control import read_records
+    from udfs.deployments import ACCEPTED
+
+    settings = _settings(args)
+    statuses = read_records(settings, settings.deployment_status_topic, "DeploymentStatus")
+    accepted = [s for s in statuses if s["status"] == ACCEPTED]
+    current = accepted[-1] if accepted else None
+    if current is None:
+        print("active: the start-up definitions")
+    else:
+        print(f"active: {current['active_version'] or 'the start-up definitions'} from {_utc(current['effective_at'])}")
+        print(f"shadow: {current['shadow_version'] or 'none'}")
+    for s in statuses:
+        what = s["action"] + (f" {s['mode']}" if s["mode"] else "")
+        if s["status"] == ACCEPTED:
+            detail = f"active {s['active_version']}" + (
+                f", shadow {s['shadow_version']}" if s["shadow_version"] else ""
+            )
+        else:
+            detail = s["reason"] or ""
+        print(f"{_utc(s['effective_at'])}  {s['status']:8} {what:15} {s['deployment_id']}  {detail}")
+    return 0
+
+
+def cmd_shadow_report(args) -> int:
+    from jobs.deployment_control import shadow_report
+
+    settings = _settings(args)
+    end = args.end if args.end is not None else 2**62
+    report = shadow_report(settings, args.start or 0, end)
+    print(f"{'segment':24} {'both':>7} {'active':>7} {'shadow':>7} {'agree':>6} {'flips a':>8} {'flips s':>8}")
+    for a in report.values():
+        print(
+            f"{a.segment:24} {a.both:7} {a.only_active:7} {a.only_shadow:7} {a.agreement:6.1%} "
+            f"{a.active_flip_rate:8.1%} {a.shadow_flip_rate:8.1%}"
+        )
+    return 0
+
+
 def cmd_tail(args) -> int:
     from jobs.transitions_reader import follow_transitions
 
@@ -337,6 +439,7 @@ def cmd_backtest(args) -> int:
     from jobs import backtest
     from jobs.segment_warnings import behaviour_warnings
     from udfs.definitions import DefinitionError
+    from udfs.deployments import DeploymentError, read_deployments_file
     from udfs.scoring import ModelVerificationError
     from udfs.segmentation import Segmentation
 
@@ -388,7 +491,16 @@ def cmd_backtest(args) -> int:
         conversion_window_ms=window_ms,
         consent_default=settings.consent_default == "granted",
     )
-    result = backtest.run_backtest(base, log, **options)
+    try:
+        deployments = read_deployments_file(args.deployments) if args.deployments else ()
+    except (OSError, DeploymentError) as err:
+        print(f"error: cannot read deployments: {err}", file=sys.stderr)
+        return 1
+    result = backtest.run_backtest(
+        base, log, **options, deployments=deployments, models_dir=settings.models_dir or None
+    )
+    for status in result.deployments:
+        print(f"deployment {status.deployment_id}: {status.status}" + (f" ({status.reason})" if status.reason else ""))
     warnings = behaviour_warnings(result, thresholds)
     lines = [*backtest.summary_lines(result), *_warning_lines(result, warnings)]
     compared, diffs, compared_warnings = None, None, None
@@ -415,6 +527,9 @@ def cmd_backtest(args) -> int:
         if path and run is not None:
             written = backtest.write_transitions(run.transitions, Path(path))
             print(f"transitions of {run.definitions.version}: {written} in {path}")
+    if args.shadow_transitions:
+        written = backtest.write_transitions(result.shadow_transitions, Path(args.shadow_transitions))
+        print(f"shadow transitions: {written} in {args.shadow_transitions}")
     return WARNINGS_EXIT if args.strict and (warnings or compared_warnings) else 0
 
 
@@ -875,6 +990,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare-transitions", help="the same for the --compare-with definitions")
     p.add_argument(
+        "--deployments",
+        help="a deployments file (JSON lines of control records, as `segments deploy --output` writes): "
+        "versions switch at their instants as in the job (docs/deployments.md)",
+    )
+    p.add_argument("--shadow-transitions", help="with --deployments: write the shadow's transitions to this file")
+    p.add_argument(
         "--conversion-window",
         default="7d",
         help="experiments (holdout(...)): a purchase this long after entering is a conversion (default 7d)",
@@ -956,6 +1077,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("choice", choices=["grant", "withdraw"])
     p.add_argument("--at", type=int, help="the request's event time, epoch ms (default: now)")
     p.set_defaults(func=cmd_consent)
+
+    p = with_config(sub.add_parser("deploy", help="deploy a definitions file live, active or in shadow"))
+    p.add_argument("definitions", help="segment definitions file")
+    p.add_argument("--models", help="a models directory whose models travel with the deployment")
+    p.add_argument("--shadow", action="store_true", help="run it in shadow beside the active version")
+    p.add_argument("--at", type=_instant_ms, help="event-time instant it applies from: epoch ms or ISO (default: now)")
+    p.add_argument("--output", help="append the control record to this deployments file instead of sending it")
+    p.set_defaults(func=cmd_deploy)
+    for name, what in (
+        ("promote", "make the candidate in shadow active"),
+        ("rollback", "return to the previous version"),
+    ):
+        p = with_config(sub.add_parser(name, help=what))
+        p.add_argument("--at", type=_instant_ms, help="event-time instant: epoch ms or ISO (default: now)")
+        p.add_argument("--output", help="append the control record to this deployments file instead of sending it")
+        p.set_defaults(func=cmd_promote)
+    p = with_config(sub.add_parser("deployments", help="what is active, in shadow, refused (the status topic)"))
+    p.set_defaults(func=cmd_deployments)
+    p = with_config(sub.add_parser("shadow-report", help="agreement per segment of the active and shadow outputs"))
+    p.add_argument("--start", type=_instant_ms, help="window start, event time (default: the beginning)")
+    p.add_argument("--end", type=_instant_ms, help="window end, event time, exclusive (default: no end)")
+    p.set_defaults(func=cmd_shadow_report)
 
     p = with_config(sub.add_parser("members", help="a segment's members, one per line, or --count (Redis view)"))
     p.add_argument("segment")

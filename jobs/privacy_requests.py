@@ -26,28 +26,35 @@ def consent_request(user_id: str, purpose: str, granted: bool, at_ms: int | None
 
 def produce_request(settings: JobSettings, request: UserRequest) -> None:
     """Writes the request (idempotent producer, waits for the broker's acknowledgement)."""
-    from confluent_kafka import Producer
-
     if not settings.requests_topic:
         raise ValueError("requests_topic is not set: the job reads no privacy requests (docs/privacy.md)")
     codec = SchemaCatalog().codec("UserRequest")
+    errors = deliver_one(settings, settings.requests_topic, request.user_id.encode(), codec.encode(request.to_record()))
+    if errors:
+        # The id is personal data: the error names its hash only.
+        raise RuntimeError(f"request for user {user_hash(request.user_id)[:16]} not delivered: {errors}")
+
+
+def deliver_one(settings: JobSettings, topic: str, key: bytes, value: bytes, extra: dict | None = None) -> list[str]:
+    """Writes one record (idempotent producer) and waits for the broker's acknowledgement; the
+    delivery errors, or ["timeout"] (empty: delivered). `extra`: more librdkafka settings."""
+    from confluent_kafka import Producer
+
     producer = Producer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "enable.idempotence": True,
+            **(extra or {}),
             **settings.kafka_security().librdkafka_config(),
         }
     )
     errors: list[str] = []
     producer.produce(
-        settings.requests_topic,
-        key=request.user_id.encode(),
-        value=codec.encode(request.to_record()),
-        on_delivery=lambda err, _msg: errors.append(str(err)) if err is not None else None,
+        topic, key=key, value=value, on_delivery=lambda err, _msg: errors.append(str(err)) if err is not None else None
     )
-    if producer.flush(30) != 0 or errors:
-        # The id is personal data: the error names its hash only.
-        raise RuntimeError(f"request for user {user_hash(request.user_id)[:16]} not delivered: {errors or 'timeout'}")
+    if producer.flush(60) != 0 and not errors:
+        errors.append("timeout")
+    return errors
 
 
 def _now_ms() -> int:

@@ -77,6 +77,16 @@ class JobSettings:
     # exactly-once and read back read_committed); it carries profiles: keep its retention short.
     # Empty: no identity merge (identify records are dead letters, identity_merge_off).
     identity_topic: str = ""
+    # Live deployments (docs/deployments.md): control records (deploy, promote, roll back) read
+    # from control_topic when set (empty: none, and the job graph is unchanged); what the job
+    # made of each to deployment_status_topic; a candidate in shadow's transitions to shadow_topic.
+    control_topic: str = ""
+    deployment_status_topic: str = "segment-deployments"
+    shadow_topic: str = "segment-shadow-transitions"
+    # With a control topic: every user with state keeps a timer at most this long (event time)
+    # after their latest step, at a phase hashed from their id, so that a deployment reaches
+    # quiet users within it, spread evenly over it (one timer step per user per interval). 0: off.
+    deployment_sweep_ms: int = 3_600_000
     consumer_group: str = "segments-job"
     startup_mode: str = "earliest-offset"
     # Kafka client security for every client (the job's source and sinks, generate, tail, the
@@ -187,11 +197,16 @@ class JobSettings:
             topics.update({self.requests_topic: partitions, self.audit_topic: 1})
         if self.identity_topic:  # the job's source does not wait for a missing topic
             topics[self.identity_topic] = partitions
+        if self.control_topic:  # one partition: every subtask reads the deployments in one order
+            topics.update({self.control_topic: 1, self.deployment_status_topic: 1, self.shadow_topic: partitions})
         return topics
 
     def topic_configs(self) -> dict[str, dict[str, str]]:
         """Topic configurations the project sets when it creates the topics."""
-        return {self.dead_letter_topic: {"retention.ms": str(self.dead_letter_retention_ms)}}
+        configs = {self.dead_letter_topic: {"retention.ms": str(self.dead_letter_retention_ms)}}
+        if self.control_topic:  # a job started afresh rebuilds the timeline from every record
+            configs[self.control_topic] = {"retention.ms": "-1"}
+        return configs
 
     def definitions_file(self) -> Path:
         return Path(self.definitions_path) if self.definitions_path else SHIPPED_DEFINITIONS

@@ -71,6 +71,18 @@ class Membership:
     since_ms: int
 
 
+@dataclass(slots=True)
+class ShadowState:
+    """A candidate deployed in shadow (udfs/deployments.py), on this profile: its own memberships,
+    scores and clock beside the active version's, kept in state so they survive restarts."""
+
+    deployment: str  # the id of the control record that started the shadow
+    clock_ms: int
+    memberships: dict[str, Membership] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    scored_at_ms: int | None = None
+
+
 # The key in `UserProfile.derived` of the state codec's encoded body (all of the state but the
 # clock and the pending timer; udfs/state.py): kept until the state changes, so a step that moved
 # only those two does not encode the rest again.
@@ -112,6 +124,10 @@ class UserProfile:
     # The lifetime's earliest event: (time, its source: utm_source, else referrer host, else
     # "direct"); on a tie the lesser source.
     first_seen: tuple[int, str] | None = None
+    # The latest live deployment applied to the profile (udfs/deployments.py): the id of its
+    # control record; None: the definitions the job started with.
+    deployment: str | None = None
+    shadow: ShadowState | None = None  # the candidate in shadow, when one runs
     # Not state: when `prune` last ran on this object (a restored profile is pruned on first use).
     pruned_at_ms: int = field(default=-(2**62), compare=False, repr=False)
     # Not state: (engine, clock_ms, instant) of an engine's latest `next_change_ms` answer for

@@ -10,7 +10,8 @@ them beside the body it encoded before (kept in `profile.derived` until the stat
 rewritten after every step, and fastavro's writer took ~300 us for a week-old profile. MessagePack
 holds only plain values (no code, no class names), so a value decodes to the same profile in any
 Python release, and a damaged one is an error, never a profile. State written by earlier releases
-is still read: the layout of version 5 (the same without the context), of version 4 (one zstd
+is still read: the layout of version 7 (the same without the deployment and the shadow), of
+version 5 (the same without the context), of version 4 (one zstd
 frame of the whole array), and Avro (plain, or in
 a zstd frame; schemas/user_profile_state.avsc and schemas/history), through schema resolution.
 Changing the layout means a new version number and a reader for the old one, kept here."""
@@ -30,7 +31,7 @@ from udfs import PACKAGE_DIR, read_at_import
 from udfs.codec import MAGIC, AvroCodec, DecodeError
 from udfs.context import UNKNOWN_SOURCE
 from udfs.events import EVENT_TYPES
-from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, UserProfile
+from udfs.profile import ENCODED_BODY, Bucket, CartOp, Membership, Session, ShadowState, UserProfile
 
 _UNSIGNED = {1: "B", 2: "H", 4: "I"}  # array typecodes by item size
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -97,14 +98,17 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Far above any bounded profile (ProfileConfig's caps keep a week-old one near 4 KB before zstd).
 MAX_STATE_BYTES = 64 << 20
-# 7: version 5's body and the context (three items more). 5: the body without them. 4: version 5's
+# 8: version 7's body and the live deployment applied and the shadow's state (two items more;
+# udfs/deployments.py), compressed with version 7's dictionary. 7: version 5's body and the
+# context (three items more). 5: the body without them. 4: version 5's
 # items in one zstd frame. 6 was a layout reverted before any release; never to be reused. The
 # Avro schemas of earlier state were 1-3.
-LAYOUT_VERSION = 7
-BODY_ITEMS = 22
-BODY_ITEMS_BY_VERSION = {5: 19, LAYOUT_VERSION: BODY_ITEMS}
+LAYOUT_VERSION = 8
+BODY_ITEMS = 24
+BODY_ITEMS_BY_VERSION = {5: 19, 7: 22, LAYOUT_VERSION: BODY_ITEMS}
+DICTIONARY_LAYOUTS = (7, LAYOUT_VERSION)  # the layouts whose bodies are compressed with the dictionary
 
-# Layout 7's bodies are compressed with this dictionary (jobs/state_dictionary.py trained it on the
+# Layout 7's (and 8's) bodies are compressed with this dictionary (jobs/state_dictionary.py trained it on the
 # bodies of a generated week): a body of ~3 KB compresses to a quarter less and faster, since the
 # field names, keys and time stamps every profile repeats are in the dictionary rather than in each
 # frame. It is part of the layout: never changed, only replaced together with a new layout version.
@@ -165,7 +169,25 @@ def state_body(p: UserProfile) -> list:
         p.context,
         p.touch,
         p.first_seen,
+        p.deployment,
+        _shadow(p.shadow),
     ]
+
+
+def _shadow(shadow: ShadowState | None) -> list | None:
+    if shadow is None:
+        return None
+    memberships = {name: (m.member, m.sequence, m.since_ms) for name, m in shadow.memberships.items()}
+    return [shadow.deployment, shadow.clock_ms, memberships, shadow.scores, shadow.scored_at_ms]
+
+
+def _shadow_from(v: list | None) -> ShadowState | None:
+    if v is None:
+        return None
+    deployment, clock_ms, memberships, scores, scored_at_ms = v
+    return ShadowState(
+        deployment, clock_ms, {name: Membership(*m) for name, m in memberships.items()}, scores, scored_at_ms
+    )
 
 
 _INSTANTS = struct.Struct("<q?q")
@@ -255,7 +277,8 @@ class ProfileStateCodec:
         return self._checked(self._from_current, self._unpack(data))
 
     def _from_current(self, v: list) -> UserProfile:
-        """Layout LAYOUT_VERSION, or 5 (which had no context: the profile starts without it)."""
+        """Layout LAYOUT_VERSION, 7 (no deployment: the profile has the start-up definitions' state),
+        or 5 (which had no context either: the profile starts without it)."""
         if not isinstance(v, list) or len(v) != 5 or v[0] not in BODY_ITEMS_BY_VERSION:
             shown = v[0] if isinstance(v, list) and v else type(v).__name__
             raise DecodeError("unknown_schema", f"profile state: unknown layout {shown!r}")
@@ -263,16 +286,18 @@ class ProfileStateCodec:
         if not isinstance(body, bytes) or check != _instants_check(clock_ms, timer_ms):
             raise DecodeError("undecodable", "profile state: the clock and timer do not match their check")
         items = self._unpack(
-            self._decompress(body, self._dictionary_decompressor if version == LAYOUT_VERSION else None)
+            self._decompress(body, self._dictionary_decompressor if version in DICTIONARY_LAYOUTS else None)
         )
         if not isinstance(items, list) or len(items) != BODY_ITEMS_BY_VERSION[version]:
             raise DecodeError("undecodable", "profile state: malformed body")
         profile = _from_layout([4, clock_ms, *items[:17], timer_ms, *items[17:19]])
-        if version == LAYOUT_VERSION:
-            context, touch, first_seen = items[19:]
+        if version in DICTIONARY_LAYOUTS:
+            context, touch, first_seen = items[19:22]
             profile.context = {kind: (held[0], held[1]) for kind, held in context.items()}
             profile.touch = None if touch is None else (touch[0], touch[1], touch[2], touch[3])
             profile.first_seen = None if first_seen is None else (first_seen[0], first_seen[1])
+        if version == LAYOUT_VERSION:
+            profile.deployment, profile.shadow = items[22], _shadow_from(items[23])
             profile.derived[ENCODED_BODY] = body  # exactly what was read: unchanged until the state changes
         return profile
 

@@ -59,8 +59,11 @@ class Transition:
     segment: str
     kind: str  # ENTER | EXIT
     event_time: int
-    cause: str  # EVENT | TIMER | ERASURE | CONSENT | MERGE (an identity merge, udfs/identity.py)
-    cause_event_id: str | None  # the event's id; an ERASURE's or CONSENT's: the request's id
+    # EVENT | TIMER | ERASURE | CONSENT | MERGE (an identity merge, udfs/identity.py) | DEPLOYMENT
+    # (a live deployment switched versions, udfs/deployments.py)
+    cause: str
+    # the event's id; an ERASURE's or CONSENT's: the request's id; a DEPLOYMENT's: the control record's
+    cause_event_id: str | None
     sequence: int
     definitions_version: str
     model_version: str | None
@@ -110,6 +113,9 @@ BURIED, WITHHELD, ERASED, CONSENTED = "buried", "withheld", "erased", "consented
 # The transition cause of an identity merge: the anonymous id's EXITs and the known id's
 # re-evaluation (segment_transition.avsc v5).
 MERGE = "MERGE"
+# The transition cause of a live deployment: the switch to another version at its instant
+# (segment_transition.avsc v6; udfs/deployments.py).
+DEPLOYMENT = "DEPLOYMENT"
 
 
 @dataclass(slots=True)
@@ -127,6 +133,8 @@ class Step:
     # can go (another one left in place from before fires on an empty profile and does nothing).
     delete_timer_ms: int | None = None
     erased: tuple[str, ...] = ()  # an erasure's audit: `profile`, `consent`, `segment:NAME`...
+    # A candidate in shadow's transitions (udfs/deployments.py): for the shadow output only.
+    shadow_transitions: list[Transition] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -341,6 +349,65 @@ class SegmentEngine:
             step.scores_skipped, step.scores_out_of_range = stats.skipped - skipped, stats.out_of_range - out_of_range
             self._scoring_seen = (stats.skipped, stats.out_of_range)
         return step
+
+    # -- live deployments (udfs/deployments.py): a version switch, and a candidate in shadow ---------
+
+    def take_over(
+        self,
+        previous: SegmentEngine,
+        user_id: str,
+        profile: UserProfile,
+        instant_ms: int,
+        deployment_id: str,
+        scoring: bool = True,
+    ) -> list[Transition]:
+        """This engine's version replaces `previous`'s for the user at `instant_ms` (or at the
+        user's clock, when it is already past): `previous` first brings the profile there as an
+        event at that instant would (the changes due strictly before it), then every unit is
+        decided again with this version (cause DEPLOYMENT, the control record's id): segments it
+        no longer defines EXIT (REMOVED_RULE), added ones enter, a changed threshold enters or
+        exits. A different model version scores the profile again at the instant."""
+        out = previous._advance_to_instant(user_id, profile, instant_ms, scoring)
+        profile.next_change_memo = None  # no unit's next change holds for other definitions
+        if profile.last_event_ms is None:
+            return out
+        ev = Evaluation(profile, profile.clock_ms, self.catalog, profile.scores, user_id)
+        if self.model_version != previous.model_version:
+            if self.scorer is not None and scoring:
+                self._score(self.scorer, profile, ev)
+            elif profile.scores:
+                profile.scores = ev.scores = {}
+                profile.scored_at_ms = None
+                profile.body_changed()
+        self._diff(user_id, profile, ev, DEPLOYMENT, deployment_id, out)
+        return out
+
+    def shadow_advance(
+        self, user_id: str, view: UserProfile, time_ms: int, before: bool, scoring: bool
+    ) -> list[Transition]:
+        """A candidate in shadow on `view` (the profile with the shadow's memberships, scores and
+        clock): the time-driven changes up to `time_ms` (`before`: strictly before it, the clock
+        then at it, as for an event at `time_ms`)."""
+        if before:
+            return self._advance_to_instant(user_id, view, time_ms, scoring)
+        out, _, _ = self._advance(user_id, view, time_ms, None, scoring)
+        return out
+
+    def shadow_evaluate(
+        self, user_id: str, view: UserProfile, cause: str, cause_event_id: str | None, scoring: bool
+    ) -> list[Transition]:
+        """A candidate in shadow decides every unit on `view` at its clock (after an event, or at
+        the shadow's start), scoring first; the next change it waits for is `next_change_ms`."""
+        self._latest = None
+        view.next_change_memo = None
+        out: list[Transition] = []
+        if view.last_event_ms is None:
+            return out
+        ev = Evaluation(view, view.clock_ms, self.catalog, view.scores, user_id)
+        if self.scorer is not None and scoring:
+            self._score(self.scorer, view, ev)
+        self._diff(user_id, view, ev, cause, cause_event_id, out)
+        return out
 
     def step_request(
         self, user_id: str, profile: UserProfile, privacy: PrivacyState, request: UserRequest, tombstone_ms: int

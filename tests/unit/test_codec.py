@@ -586,7 +586,7 @@ def test_the_transition_contract_adds_arms_in_v3_and_the_provisional_reason_in_v
 def test_the_transition_contract_v5_adds_causes_with_a_default():
     """v5 (issue 18): the cause gains ERASURE, CONSENT and MERGE, in that order, and a default
     so that a reader of v5 reads a cause added later as EVENT; nothing else changes."""
-    current, v4 = schema_json("SegmentTransition"), history_schema("segment_transition.v4.avsc")
+    current, v4 = history_schema("segment_transition.v5.avsc"), history_schema("segment_transition.v4.avsc")
 
     def cause(schema: dict) -> dict:
         return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
@@ -664,7 +664,7 @@ def test_v5_adds_the_privacy_and_merge_causes_with_a_default_for_readers_of_late
     """v5 is v4 with the cause enum extended (ERASURE, CONSENT, MERGE) and given the default EVENT:
     a v5 reader resolves a symbol added after it to EVENT instead of failing. A v4 reader has no
     such default: consumers upgrade to v5 before the job emits the new causes (docs/contract.md)."""
-    current, v4 = schema_json("SegmentTransition"), history_schema("segment_transition.v4.avsc")
+    current, v4 = history_schema("segment_transition.v5.avsc"), history_schema("segment_transition.v4.avsc")
 
     def cause(schema: dict) -> dict:
         return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
@@ -684,4 +684,23 @@ def test_v5_adds_the_privacy_and_merge_causes_with_a_default_for_readers_of_late
     fastavro.schemaless_writer(body, fastavro.parse_schema(later), {**erased, "cause": "SOMETHING_NEW"})
     body.seek(0)
     read = fastavro.schemaless_reader(body, fastavro.parse_schema(later), fastavro.parse_schema(current))
+    assert read["cause"] == "EVENT"
+
+
+def test_the_transition_contract_v6_adds_the_deployment_cause_at_the_end():
+    """v6 (issue 17, docs/deployments.md): the cause gains DEPLOYMENT after v5's symbols, the
+    default stays EVENT (a v5 reader reads DEPLOYMENT as EVENT); nothing else changes."""
+    current, v5 = schema_json("SegmentTransition"), history_schema("segment_transition.v5.avsc")
+
+    def cause(schema: dict) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == "cause")["type"]
+
+    assert [f for f in current["fields"] if f["name"] != "cause"] == [f for f in v5["fields"] if f["name"] != "cause"]
+    assert cause(current)["symbols"] == [*cause(v5)["symbols"], "DEPLOYMENT"]
+    assert cause(current)["default"] == "EVENT"
+    switched = {**a_transition(), "cause": "DEPLOYMENT", "cause_event_id": "deployment-1"}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(current), switched)
+    body.seek(0)
+    read = fastavro.schemaless_reader(body, fastavro.parse_schema(current), fastavro.parse_schema(v5))
     assert read["cause"] == "EVENT"

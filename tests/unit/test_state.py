@@ -104,7 +104,7 @@ def test_state_is_the_version_the_instants_and_a_zstd_frame_of_the_rest(state_co
     )
     payload = state_codec.encode(profile)
     version, clock, timer, body, check = msgpack.unpackb(payload)
-    assert version == LAYOUT_VERSION == 7
+    assert version == LAYOUT_VERSION == 8
     assert (clock, timer) == (START_MS, START_MS + 600_000) and isinstance(check, int)
     dictionary = state_dictionary()
     assert zstandard.get_frame_parameters(body).dict_id == dictionary.dict_id() != 0
@@ -146,7 +146,7 @@ def _version_4(profile: UserProfile) -> bytes:
     return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(layout))
 
 
-def test_state_of_layout_version_5_is_still_read_without_context_and_written_again_as_7(state_codec):
+def test_state_of_layout_version_5_is_still_read_without_context_and_written_again_in_the_current_layout(state_codec):
     from udfs.state import _instants_check
 
     profile = UserProfile(
@@ -162,14 +162,15 @@ def test_state_of_layout_version_5_is_still_read_without_context_and_written_aga
             msgpack.unpackb(state_codec.encode(profile))[3]
         )
     )
-    assert items[19:] == [{}, None, None]  # the context of a profile without it
+    assert items[19:22] == [{}, None, None]  # the context of a profile without it
+    assert items[22:] == [None, None]  # no live deployment applied, no shadow (layout 8)
     body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(msgpack.packb(items[:19]))
     version_5 = msgpack.packb([5, START_MS, START_MS + 5, body, _instants_check(START_MS, START_MS + 5)])
     decoded = state_codec.decode(version_5)
     assert decoded == profile
     assert ENCODED_BODY not in decoded.derived  # a version 5 body is never written back beside a 7
     assert decoded.first_seen is None  # no event: nothing was seen
-    assert msgpack.unpackb(state_codec.encode(decoded))[0] == 7
+    assert msgpack.unpackb(state_codec.encode(decoded))[0] == LAYOUT_VERSION
     # A version 7 body is not read as a 5, nor a 5 as a 7.
     check = _instants_check(START_MS, START_MS + 5)
     body_7 = msgpack.unpackb(state_codec.encode(profile))[3]
