@@ -19,7 +19,7 @@ import tempfile
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from udfs.definitions import DefinitionError
@@ -687,8 +687,8 @@ class DeployedEngine:
         """The profile as the candidate sees it: the same events, its own memberships, scores and
         clock. A shallow copy: the engine's steps replace these fields, never change the events'."""
         view = UserProfile()
-        for name in UserProfile.__dataclass_fields__:
-            setattr(view, name, getattr(profile, name))
+        for f in fields(UserProfile):
+            setattr(view, f.name, getattr(profile, f.name))
         view.memberships, view.scores, view.scored_at_ms = state.memberships, state.scores, state.scored_at_ms
         view.clock_ms = state.clock_ms
         view.derived, view.next_change_memo, view.timer_ms, view.shadow = {}, None, None, None
