@@ -207,6 +207,18 @@ def _declared_version(text: bytes) -> str | None:
     return match.group(1).decode(errors="replace") if match else None
 
 
+def decision_text(control: ControlRecord, refusal: str | None) -> str:
+    """A control record and its validation's verdict as one text value (the job's broadcast state
+    holds these, by the order they were decided in)."""
+    return json.dumps({"control": control.to_json(), "refusal": refusal}, sort_keys=True)
+
+
+def decision_from_text(text: str) -> tuple[ControlRecord, str | None]:
+    """What `decision_text` made."""
+    value = json.loads(text)
+    return control_from_json(value["control"]), value["refusal"]
+
+
 # -- validation: what start-up checks, on the deployment's definitions and models ---------------------
 
 

@@ -441,3 +441,15 @@ def test_shadow_agreement_counts_pairs_entered_by_both_by_one_and_flips():
     assert (s.active_entries, s.active_flips, s.shadow_flips) == (3, 1, 0)
     assert s.agreement == pytest.approx(1 / 3) and s.active_flip_rate == pytest.approx(1 / 3)
     assert "x" not in report  # outside the window
+
+
+def test_a_decision_survives_its_broadcast_state_text_and_rebuilds_the_same_timeline():
+    from udfs.deployments import decision_from_text, decision_text
+
+    decisions = [(c, validate(c)) for c in SCHEDULE]
+    restored = [decision_from_text(decision_text(c, r)) for c, r in decisions]
+    assert restored == decisions
+    first, again = timeline(), Timeline(STARTUP, load_segmentation)
+    for (c, r), (c2, r2) in zip(decisions, restored, strict=True):
+        assert first.decide(c, r) == again.decide(c2, r2)
+    assert first.entries == again.entries
