@@ -247,7 +247,7 @@ def test_a_step_asks_for_a_timer_at_the_sweep_when_nothing_earlier_is_due():
 
 # -- visit independence: the property the switch is built for ----------------------------------------
 
-EVENTS = list(generate_events(12, seed=7, start_ms=START_MS, duration_ms=6 * HOUR_MS))
+EVENTS = list(generate_events(40, seed=7, start_ms=START_MS, duration_ms=6 * HOUR_MS))
 SCHEDULE = (
     deploy("d2", START_MS + HOUR_MS),
     deploy("s3", START_MS + 2 * HOUR_MS, V3, SHADOW),
@@ -453,3 +453,56 @@ def test_a_decision_survives_its_broadcast_state_text_and_rebuilds_the_same_time
     for (c, r), (c2, r2) in zip(decisions, restored, strict=True):
         assert first.decide(c, r) == again.decide(c2, r2)
     assert first.entries == again.entries
+
+
+def run_on_registered_timers(engine: DeployedEngine, events: list[UserEvent], until: int) -> tuple[dict, dict]:
+    """As the job runs: each step's `register_timer_ms` registers a timer (one per user and
+    instant), timers fire in time order once event time passes them (a timer at T after the events
+    at T). Checks after every step that keeps state that a timer is pending at most the sweep
+    after the user's clock: the bound within which a deployment reaches a quiet user."""
+    import heapq
+
+    profiles: dict[str, UserProfile] = {}
+    registered: set[tuple[int, str]] = set()
+    heap: list[tuple[int, str]] = []
+    out, shadow = defaultdict(list), defaultdict(list)
+
+    def commit(user: str, profile: UserProfile, step) -> None:
+        out[user].extend(step.transitions)
+        shadow[user].extend(step.shadow_transitions)
+        if step.delete_timer_ms is not None:
+            registered.discard((step.delete_timer_ms, user))
+        if step.register_timer_ms is not None and (step.register_timer_ms, user) not in registered:
+            registered.add((step.register_timer_ms, user))
+            heapq.heappush(heap, (step.register_timer_ms, user))
+        if step.drop_state:
+            profiles.pop(user, None)
+            return
+        profiles[user] = profile
+        pending = min((t for t, u in registered if u == user), default=None)
+        assert pending is not None and pending <= profile.clock_ms + engine.sweep_ms, (user, pending, profile.clock_ms)
+
+    def fire(limit: int) -> None:
+        while heap and heap[0][0] <= limit:
+            at, user = heapq.heappop(heap)
+            if (at, user) not in registered:
+                continue
+            registered.discard((at, user))
+            profile = profiles.get(user) or UserProfile()
+            commit(user, profile, engine.step_timer(user, profile, at))
+
+    for event in events:
+        fire(event.timestamp - 1)
+        profile = profiles.get(event.user_id) or UserProfile()
+        commit(event.user_id, profile, engine.step_event(event.user_id, profile, event))
+    fire(until)
+    return dict(out), dict(shadow)
+
+
+@pytest.mark.parametrize("sweep_ms", [10 * MINUTE_MS, HOUR_MS])
+def test_on_the_timers_the_steps_register_every_user_is_visited_within_the_sweep_and_nothing_changes(sweep_ms):
+    until = START_MS + 8 * HOUR_MS
+    baseline = run(DeployedEngine(timeline(*SCHEDULE)), EVENTS, {}, until)
+    got = run_on_registered_timers(DeployedEngine(timeline(*SCHEDULE), sweep_ms=sweep_ms), EVENTS, until)
+    assert records(got[0]) == records(baseline[0])
+    assert records(got[1]) == records(baseline[1])
