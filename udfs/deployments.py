@@ -417,6 +417,17 @@ class Timeline:
         self.decided[control.deployment_id] = status
         return status
 
+    def admit(self, control: ControlRecord) -> tuple[DeploymentStatus, str | None]:
+        """Validates the record (a DEPLOY's version loaded as at start-up) and decides it: its
+        status, and its validation's refusal (None: it validated) for those deciding it after."""
+        refusal, loaded = None, None
+        if control.action == DEPLOY and control.deployment_id not in self.decided:
+            try:
+                loaded = self._loader(control)
+            except DeploymentError as err:
+                refusal = str(err)
+        return self.decide(control, refusal, loaded), refusal
+
     def _latest(self) -> tuple[str, str | None, tuple[str, ...]]:
         if not self.entries:
             return STARTUP, None, ()
@@ -457,13 +468,7 @@ def timeline_of(
 
     timeline = Timeline(startup, load)
     for control in controls:
-        loaded, refusal = None, None
-        if control.action == DEPLOY and control.deployment_id not in timeline.decided:
-            try:
-                loaded = load(control)
-            except DeploymentError as err:
-                refusal = str(err)
-        timeline.decide(control, refusal, loaded)
+        timeline.admit(control)
     return timeline
 
 

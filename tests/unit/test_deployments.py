@@ -506,3 +506,26 @@ def test_on_the_timers_the_steps_register_every_user_is_visited_within_the_sweep
     got = run_on_registered_timers(DeployedEngine(timeline(*SCHEDULE), sweep_ms=sweep_ms), EVENTS, until)
     assert records(got[0]) == records(baseline[0])
     assert records(got[1]) == records(baseline[1])
+
+
+# -- the job's engine-free side (jobs/deployment_stream.py) -----------------------------------------
+
+
+def test_the_validator_refuses_with_a_status_broadcasts_the_decision_and_dead_letters_the_unreadable():
+    from jobs.deployment_stream import BroadcastTimeline, ControlValidator
+
+    catalog = SchemaCatalog()
+    validator = ControlValidator(STARTUP, catalog, None, None)
+    codec, statuses = catalog.codec("Deployment"), catalog.codec("DeploymentStatus")
+    broken = deploy("bad", START_MS, "version: v9\nsegments: [")
+    verdicts = [validator.verdict(codec.encode(c.to_record()), 0, 7) for c in (*SCHEDULE, broken)]
+    decoded = [statuses.decode(v.status) for v in verdicts]
+    assert [d["status"] for d in decoded] == [ACCEPTED] * 4 + [REFUSED]
+    assert decoded[-1]["reason"] and decoded[-1]["decided_at"] == 7
+    unreadable = validator.verdict(b"not avro", 0, 7)
+    assert unreadable.decision is None and unreadable.dead_letter[0] == "bad_magic"
+    # A keyed subtask rebuilds the same timeline from the decisions, whatever order the state lists them in.
+    keyed = BroadcastTimeline(STARTUP, None, None, HOUR_MS, True)
+    engine = keyed.rebuild(reversed(list(enumerate(v.decision for v in verdicts))))
+    assert engine.timeline.entries == validator.timeline.entries
+    assert engine.sweep_ms == HOUR_MS
