@@ -12,6 +12,7 @@ from pathlib import Path
 
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.deployments import (
+    ACCEPTED,
     DeployedEngine,
     DeploymentError,
     Timeline,
@@ -35,6 +36,8 @@ class Verdict:
     decision: str | None
     status: bytes | None
     dead_letter: tuple[str, str] | None = None
+    deployment_id: str | None = None  # the status record's key
+    accepted: bool = False
 
 
 class ControlValidator:
@@ -67,7 +70,18 @@ class ControlValidator:
             return Verdict(None, None, ("invalid_deployment", str(err)))
         status, refusal = self.timeline.admit(control)
         log.info("deployment %s (%s): %s", control.deployment_id, control.action, status.status)
-        return Verdict(decision_text(control, refusal), self.statuses.encode(status.to_record(now_ms)))
+        return Verdict(
+            decision_text(control, refusal),
+            self.statuses.encode(status.to_record(now_ms)),
+            None,
+            control.deployment_id,
+            status.status == ACCEPTED,
+        )
+
+    def restore(self, decisions: Iterable[str]) -> None:
+        """The decisions made before a restart (the operator's state), decided again in order."""
+        for text in decisions:
+            self.timeline.decide(*decision_from_text(text))
 
 
 class BroadcastTimeline:

@@ -54,19 +54,21 @@ class ActiveVersionPerUser(KeyedBroadcastProcessFunction):
 
 class AfterEverySubtaskStoredTheDeployment(MapFunction):
     """Holds the keyed input back until every subtask of the broadcast function has left its
-    marker: the two inputs of a connected operator are otherwise read in no fixed order."""
+    marker (`markers_expected` of them: one per subtask and broadcast element): the two inputs of
+    a connected operator are otherwise read in no fixed order."""
 
-    def __init__(self, markers: str):
+    def __init__(self, markers: str, markers_expected: int = PARALLELISM):
         self.markers = markers
+        self.expected = markers_expected
         self.released = False
 
     def map(self, value):
         deadline = time.monotonic() + WAIT_FOR_BROADCAST_S
         while not self.released:
-            if len(list(Path(self.markers).iterdir())) >= PARALLELISM:
+            if len(list(Path(self.markers).iterdir())) >= self.expected:
                 self.released = True
             elif time.monotonic() > deadline:
-                raise TimeoutError(f"the broadcast element did not reach {PARALLELISM} subtasks")
+                raise TimeoutError(f"the broadcast elements did not reach every subtask ({self.expected} markers)")
             else:
                 time.sleep(0.05)
         return value

@@ -1,0 +1,113 @@
+"""The control stream's Flink side (docs/deployments.md, "Job wiring"): the validation operator,
+run once for the job (one key, parallelism 1), and the broadcast of its accepted decisions. The
+logic is jobs/deployment_stream.py's; these classes only move values between it and Flink.
+
+Not yet connected to the keyed function (jobs/segment_users.py): that waits for its output path's
+restructuring; `control_decisions` is what the wiring calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyflink.common import Row, Types
+from pyflink.datastream import DataStream, KeyedProcessFunction, OutputTag, RuntimeContext
+from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor
+
+from jobs.deployment_stream import ControlValidator
+from jobs.settings import JobSettings
+from jobs.shipped_files import ShippedFiles
+from udfs.codec import SchemaCatalog
+from udfs.scoring import ModelRegistry
+from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
+
+BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
+# A control topic record as its source gives it: the Kafka timestamp is the instant of a record
+# without effective_at.
+CONTROL_RECORD = Types.ROW_NAMED(
+    ["payload", "src_timestamp", "src_partition", "src_offset"], [BYTES, Types.LONG(), Types.INT(), Types.LONG()]
+)
+KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
+# An accepted decision, numbered in the order it was decided (the broadcast state's key).
+DECISION = Types.ROW_NAMED(["order", "decision"], [Types.LONG(), Types.STRING()])
+# The keyed function's broadcast state: order -> decision text (udfs/deployments.decision_text).
+DECISIONS = MapStateDescriptor("deployment-decisions", Types.LONG(), Types.STRING())
+DEPLOYMENT_STATUS = OutputTag("deployment-status", KEYED_RECORD)  # DeploymentStatus, keyed by deployment id
+CONTROL_DEAD_LETTERS = OutputTag("control-dead-letters", KEYED_RECORD)  # unreadable control records
+VALIDATE_UID, VALIDATE_NAME = "validate-deployments", "Validate deployments"  # stable: savepoints use it
+CONTROL_KEY = "control"  # every control record under one key: one validator, one order
+
+
+def job_models(models_dir: str | None) -> tuple[str, ...]:
+    """Every model of the job's models directory: a deployment may read any of them without
+    bundling it, so with a control topic the workers get them all."""
+    return tuple(ModelRegistry.discover(Path(models_dir) if models_dir else DEFAULT_MODELS_DIR))
+
+
+class ValidateDeployments(KeyedProcessFunction):
+    """Validates each control record as at start-up and decides it (jobs/deployment_stream.py):
+    the status record to DEPLOYMENT_STATUS, an accepted decision on the main output for the
+    broadcast. The decisions made are kept in state, so a restored job decides the records after
+    its checkpoint against the same timeline."""
+
+    def __init__(self, settings: JobSettings, segmentation: Segmentation):
+        self.definitions_text = segmentation.definitions.text
+        self.definitions_source = segmentation.definitions.source
+        self.files = ShippedFiles.of_job(settings.models_dir, job_models(settings.models_dir))
+        self.profile_config = settings.profile
+        self.max_event_bytes = settings.max_event_bytes
+        self.control_topic = settings.control_topic
+
+    def open(self, runtime_context: RuntimeContext):
+        files_dir = self.files.materialize()
+        catalog = SchemaCatalog(files_dir / "schemas")
+        models = files_dir / "models"
+        startup = Segmentation.from_text(self.definitions_text, self.definitions_source, self.profile_config, models)
+        self.validator = ControlValidator(startup, catalog, self.profile_config, models)
+        self.dead_letters = catalog.codec("DeadLetter")
+        self.decided = runtime_context.get_list_state(ListStateDescriptor("deployment-decisions", Types.STRING()))
+        self.restored = False
+        metrics = runtime_context.get_metrics_group()
+        self.accepted = metrics.counter("deployments_accepted")
+        self.refused = metrics.counter("deployments_refused")
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        from jobs.segment_users import dead_letter_row, now_ms
+
+        if not self.restored:
+            self.validator.restore(self.decided.get())
+            self.restored = True
+        payload = bytes(value[0])
+        verdict = self.validator.verdict(payload, value[1], now_ms())
+        if verdict.dead_letter is not None:
+            reason, message = verdict.dead_letter
+            yield (
+                CONTROL_DEAD_LETTERS,
+                dead_letter_row(
+                    self.dead_letters, payload, self.control_topic, value[2], value[3], reason, message, 1 << 20
+                ),
+            )
+            return
+        yield DEPLOYMENT_STATUS, Row(verdict.deployment_id, verdict.status)
+        if verdict.accepted:
+            self.accepted.inc()
+            self.decided.add(verdict.decision)
+            yield Row(len(list(self.decided.get())) - 1, verdict.decision)
+        else:
+            self.refused.inc()
+
+
+def control_decisions(control_records: DataStream, settings: JobSettings, segmentation: Segmentation):
+    """(the accepted decisions, broadcast with DECISIONS; the status records; the dead letters) of
+    a stream of CONTROL_RECORD rows."""
+    decisions = (
+        control_records.key_by(lambda _: CONTROL_KEY, key_type=Types.STRING())
+        .process(ValidateDeployments(settings, segmentation), output_type=DECISION)
+        .name(VALIDATE_NAME)
+        .uid(VALIDATE_UID)
+        .set_parallelism(1)
+    )
+    return (
+        decisions.broadcast(DECISIONS),
+        decisions.get_side_output(DEPLOYMENT_STATUS),
+        decisions.get_side_output(CONTROL_DEAD_LETTERS),
+    )
