@@ -1,0 +1,119 @@
+"""Issue 17's commands against a real broker (tansu), before the job reads the control topic (the
+job's wiring is not done yet: docs/deployments.md): `segments deploy`, `promote` and `rollback`
+write control records that decode to what was asked; the validation operator's logic
+(jobs/deployment_stream.py) decides them from the topic; `segments deployments` reads its status
+records back; `segments shadow-report` summarizes the transitions and shadow topics."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import Producer
+
+from infra.stack import create_topics
+from jobs.cli import main as cli_main
+from jobs.committed_log import committed_records
+from jobs.deployment_stream import ControlValidator
+from jobs.settings import load_settings
+from tests.conftest import START_MS
+from tests.unit.basic_definitions import basic_yaml
+from udfs.codec import SchemaCatalog
+from udfs.deployments import control_from_record
+from udfs.profile_config import HOUR_MS
+from udfs.segmentation import Segmentation
+from udfs.transitions import Transition
+
+pytestmark = pytest.mark.e2e
+
+TOPICS = {"control": 1, "deployment-status": 1, "transitions": 2, "shadow": 2}
+
+
+@pytest.fixture
+def settings_env(broker, monkeypatch):
+    create_topics(broker, TOPICS)
+    for name, value in {
+        "BOOTSTRAP_SERVERS": broker,
+        "CONTROL_TOPIC": "control",
+        "DEPLOYMENT_STATUS_TOPIC": "deployment-status",
+        "TRANSITIONS_TOPIC": "transitions",
+        "SHADOW_TOPIC": "shadow",
+        "REDIS_URL": "",
+    }.items():
+        monkeypatch.setenv(f"SEGMENTS_{name}", value)
+    return load_settings()
+
+
+def test_deploy_promote_rollback_reach_the_control_topic_and_deployments_reads_the_verdicts(
+    settings_env, tmp_path, capsys
+):
+    v2 = tmp_path / "v2.yaml"
+    v2.write_text(basic_yaml(active_window="5m").replace("basic-1", "v2"))
+    v3 = tmp_path / "v3.yaml"
+    v3.write_text(basic_yaml(abandon_after="10m").replace("basic-1", "v3"))
+    assert cli_main(["deploy", str(v2), "--at", str(START_MS + HOUR_MS)]) == 0
+    assert cli_main(["deploy", str(v3), "--shadow", "--at", str(START_MS + 2 * HOUR_MS)]) == 0
+    assert cli_main(["promote", "--at", str(START_MS + 3 * HOUR_MS)]) == 0
+    assert cli_main(["rollback", "--at", str(START_MS + 2 * HOUR_MS)]) == 0  # before the promote: refused
+    capsys.readouterr()
+
+    records = list(committed_records(settings_env.bootstrap_servers, "control"))
+    codec = SchemaCatalog().codec("Deployment")
+    controls = [control_from_record(codec.decode(r.value)) for r in records]  # the CLI stamps the instant
+    assert [(c.action, c.mode, c.definitions_version) for c in controls] == [
+        ("DEPLOY", "ACTIVE", "v2"),
+        ("DEPLOY", "SHADOW", "v3"),
+        ("PROMOTE", None, None),
+        ("ROLLBACK", None, None),
+    ]
+    assert [r.key.decode() for r in records] == [c.deployment_id for c in controls]
+
+    # What the job's validation operator writes for them, to the status topic.
+    validator = ControlValidator(
+        Segmentation.from_text(basic_yaml().encode(), "basic.yaml"), SchemaCatalog(), None, None
+    )
+    status_out = Producer({"bootstrap.servers": settings_env.bootstrap_servers})
+    for r in records:
+        verdict = validator.verdict(r.value, 0, 0)
+        status_out.produce("deployment-status", key=verdict.deployment_id.encode(), value=verdict.status)
+    assert status_out.flush(30) == 0
+
+    assert cli_main(["deployments"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["active: v3 from 2023-11-15T01:13:20.000Z", "shadow: none"]
+    assert [line.split()[1] for line in out[2:]] == ["ACCEPTED", "ACCEPTED", "ACCEPTED", "REFUSED"]
+    assert "before the latest deployment" in out[-1]
+
+
+def test_a_broken_file_is_refused_before_it_reaches_the_topic(settings_env, tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: v9\nsegments:\n  - name: x\n    when: no_such_feature > 1\n")
+    assert cli_main(["deploy", str(broken)]) == 1
+    assert "no_such_feature" in capsys.readouterr().err
+    assert list(committed_records(settings_env.bootstrap_servers, "control")) == []
+
+
+def test_shadow_report_compares_the_two_topics_over_a_window(settings_env, capsys):
+    codec = SchemaCatalog().codec("SegmentTransition")
+
+    def transition(user: str, kind: str, at: int, sequence: int, version: str) -> bytes:
+        t = Transition(user, "active_browser", kind, at, "EVENT", "e", sequence, version, None, "r", {})
+        return codec.encode(t.to_record(0))
+
+    out = Producer({"bootstrap.servers": settings_env.bootstrap_servers})
+    for user in ("a", "b"):
+        out.produce("transitions", key=user.encode(), value=transition(user, "ENTER", START_MS, 1, "v1"))
+    out.produce("shadow", key=b"a", value=transition("a", "ENTER", START_MS, 1, "v2"))
+    out.produce("shadow", key=b"c", value=transition("c", "ENTER", START_MS, 1, "v2"))
+    out.produce("shadow", key=b"c", value=transition("c", "EXIT", START_MS + 1, 2, "v2"))
+    out.produce("shadow", key=b"c", value=transition("c", "ENTER", START_MS + 2, 3, "v2"))
+    assert out.flush(30) == 0
+    assert cli_main(["shadow-report", "--start", str(START_MS), "--end", str(START_MS + HOUR_MS)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == [
+        "active_browser",
+        "1",
+        "1",
+        "1",
+        "33.3%",
+        "0.0%",
+        "33.3%",
+    ]  # c re-entered: 1 of 3 entries
