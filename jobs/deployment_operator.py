@@ -111,3 +111,33 @@ def control_decisions(control_records: DataStream, settings: JobSettings, segmen
         decisions.get_side_output(DEPLOYMENT_STATUS),
         decisions.get_side_output(CONTROL_DEAD_LETTERS),
     )
+
+
+def _epoch_ms(timestamp) -> int:
+    """The Kafka timestamp as PyFlink hands a TIMESTAMP_LTZ over: in thread mode the Java Instant
+    itself (through PEMJA), in process mode PyFlink's Instant."""
+    for method in ("toEpochMilli", "to_epoch_milli"):
+        to_ms = getattr(timestamp, method, None)
+        if to_ms is not None:
+            return int(to_ms())
+    return int(timestamp.timestamp() * 1000)
+
+
+def attach_control(t_env, statements, settings: JobSettings, segmentation: Segmentation):
+    """The control topic's source and the status topic's sink (exactly-once) on the job's table
+    environment and statement set: the broadcast of accepted decisions, and the dead letters of
+    unreadable control records (for the job's dead-letter sink)."""
+    from jobs.kafka_tables import control_table_ddl, kafka_table_ddl
+
+    t_env.execute_sql(control_table_ddl("control_in", settings))
+    t_env.execute_sql(kafka_table_ddl("deployment_status_out", settings.deployment_status_topic, settings, sink=True))
+    control = (
+        t_env.to_data_stream(t_env.from_path("control_in"))
+        .map(lambda r: Row(r[0], _epoch_ms(r[1]), r[2], r[3]), output_type=CONTROL_RECORD)
+        .name("Control records")
+        .uid("control-records")
+        .set_parallelism(1)
+    )
+    broadcast, statuses, dead_letters = control_decisions(control, settings, segmentation)
+    statements.add_insert("deployment_status_out", t_env.from_data_stream(statuses))
+    return broadcast, dead_letters

@@ -6,15 +6,19 @@ records back; `segments shadow-report` summarizes the transitions and shadow top
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from confluent_kafka import Producer
 
-from infra.stack import create_topics
+from infra.stack import ManagedProcess, create_topics
 from jobs.cli import main as cli_main
 from jobs.committed_log import committed_records
 from jobs.deployment_stream import ControlValidator
 from jobs.settings import load_settings
 from tests.conftest import START_MS
+from tests.e2e.conftest import job_environment, wait_until
 from tests.unit.basic_definitions import basic_yaml
 from udfs.codec import SchemaCatalog
 from udfs.deployments import control_from_record
@@ -23,6 +27,8 @@ from udfs.segmentation import Segmentation
 from udfs.transitions import Transition
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOPICS = {"control": 1, "deployment-status": 1, "transitions": 2, "shadow": 2}
 
@@ -117,3 +123,66 @@ def test_shadow_report_compares_the_two_topics_over_a_window(settings_env, capsy
         "0.0%",
         "33.3%",
     ]  # c re-entered: 1 of 3 entries
+
+
+def test_the_jobs_control_path_decides_each_record_once_and_commits_the_statuses(settings_env, stack_root, tmp_path):
+    """The control topic's source, the validation operator and the status topic's exactly-once
+    sink (jobs/deployment_operator.attach_control) as a MiniCluster job against the broker: a
+    deployment sent by `segments deploy`, one without effective_at (the Kafka timestamp is its
+    instant), a broken one, and an unreadable record."""
+    from udfs.deployments import ACTIVE, DEPLOY, ControlRecord
+
+    v2 = tmp_path / "v2.yaml"
+    v2.write_text(basic_yaml(active_window="5m").replace("basic-1", "v2"))
+    assert cli_main(["deploy", str(v2), "--at", str(START_MS + HOUR_MS)]) == 0
+    codec = SchemaCatalog().codec("Deployment")
+    v3 = basic_yaml(abandon_after="10m").replace("basic-1", "v3")
+    stampless = ControlRecord("no-instant", DEPLOY, 0, ACTIVE, v3.encode(), "v3").to_record()
+    stampless["effective_at"] = None
+    broken = ControlRecord("broken", DEPLOY, START_MS, ACTIVE, b"version: v9\nsegments: [", None)
+    out = Producer({"bootstrap.servers": settings_env.bootstrap_servers})
+    record_time = START_MS + 5 * HOUR_MS
+    out.produce("control", key=b"no-instant", value=codec.encode(stampless), timestamp=record_time)
+    out.produce("control", key=b"broken", value=codec.encode(broken.to_record()))
+    out.produce("control", key=b"garbage", value=b"not a control record")
+    assert out.flush(30) == 0
+    create_topics(settings_env.bootstrap_servers, {settings_env.dead_letter_topic: 1})
+    definitions = tmp_path / "basic.yaml"
+    definitions.write_text(basic_yaml())
+    job = ManagedProcess("control-path", stack_root)
+    job.start(
+        [sys.executable, "-m", "tests.e2e.control_path_job"],
+        env=job_environment(
+            stack_root,
+            "control-path",
+            {
+                "bootstrap_servers": settings_env.bootstrap_servers,
+                "control_topic": "control",
+                "deployment_status_topic": "deployment-status",
+                "definitions_path": str(definitions),
+                "redis_url": "",
+                "checkpoint_interval_ms": 1000,
+                "restart_strategy": "none",  # a failure ends the process, and the test with its log
+            },
+        ),
+        cwd=REPO,
+    )
+    status_codec = SchemaCatalog().codec("DeploymentStatus")
+    try:
+
+        def statuses():
+            assert job.running(), job.log_tail(60)
+            found = list(committed_records(settings_env.bootstrap_servers, settings_env.deployment_status_topic))
+            return [status_codec.decode(r.value) for r in found] if len(found) >= 3 else None
+
+        decided = wait_until(statuses, 300, on_timeout=job.log_tail)
+        dead_topic = settings_env.dead_letter_topic
+        dead = wait_until(lambda: list(committed_records(settings_env.bootstrap_servers, dead_topic)), 300)
+    finally:
+        job.stop()
+    assert [(s["status"], s["effective_at"], s["active_version"]) for s in decided] == [
+        ("ACCEPTED", START_MS + HOUR_MS, "v2"),
+        ("ACCEPTED", record_time, "v3"),
+        ("REFUSED", START_MS, None),
+    ]
+    assert [SchemaCatalog().codec("DeadLetter").decode(r.value)["reason"] for r in dead] == ["bad_magic"]
