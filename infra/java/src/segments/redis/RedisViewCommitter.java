@@ -203,7 +203,7 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
         return new String[] {
             "EVALSHA", scriptSha, "3",
             userKeyPrefix + e.userId, sequenceKeyPrefix + e.userId, membersKeyPrefix + e.segment,
-            e.segment, e.enter ? "ENTER" : "EXIT", Long.toString(e.sequence), Long.toString(e.eventTime),
+            e.segment, e.kind(), Long.toString(e.sequence), Long.toString(e.eventTime),
             e.userId, retentionMillis, e.rule,
         };
     }
