@@ -299,6 +299,10 @@ def test_privacy_settings_the_topics_the_project_creates_and_forget_without_a_to
         on.privacy_requests and on.topic_partitions(3)["requests"] == 3 and on.topic_partitions(3)["erasure-audit"] == 1
     )
     assert on.topic_configs()["segment-dead-letters"]["retention.ms"] == str(HOUR_MS)
+    assert on.topic_configs()["erasure-audit"] == {"retention.ms": "-1"}  # the audit trail is kept
+    merging = JobSettings(identity_topic="identity", identity_retention_ms=HOUR_MS)
+    assert merging.topic_configs()["identity"] == {"retention.ms": str(HOUR_MS)}
+    assert merging.topic_partitions(3)["identity"] == 3
     assert JobSettings(consent_default="withheld").privacy_requests
     with pytest.raises(SettingsError, match="consent_default"):
         JobSettings(consent_default="maybe")
