@@ -38,7 +38,7 @@ from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, Transition
+from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -367,6 +367,8 @@ def run_backtest(
             # The job's tombstone lasts its allowed lateness; so does this one.
             step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
+            if step.outcome == ERASED:  # the job erases the id's alias too: its later events are its own
+                identities.aliases.pop(user_id, None)
         else:
             replay_identifies(position)
             position += 1

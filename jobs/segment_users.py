@@ -105,6 +105,8 @@ PROFILE_STATE = "user-profile"
 PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
 # An anonymous id merged into a known one: "known id" + US + "until (ms)" (udfs/identity.Alias).
 ALIAS_STATE = "identity-alias"
+# What an erasure's audit record names when it removed the id's alias (docs/privacy.md).
+ERASED_ALIAS = "identity_alias"
 ALIAS_SEPARATOR = "\x1f"
 
 
@@ -444,15 +446,19 @@ class SegmentUsers(KeyedProcessFunction):
         self._store_privacy(user_id, privacy)
         if step.outcome == ERASED:
             self.users_erased.inc()
+            erased = list(step.erased)
+            if self.alias_state.value() is not None:  # the link to the id this one was merged into
+                self.alias_state.clear()
+                erased.append(ERASED_ALIAS)
             hashed = user_hash(user_id)
-            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(step.erased))
+            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(erased))
             record = {
                 "request_id": request.request_id,
                 "user_hash": hashed,
                 "requested_at": request.timestamp,
                 "erased_at": now_ms(),
                 "source": request.source,
-                "erased": list(step.erased),
+                "erased": erased,
                 "definitions_version": self.engine.definitions_version,
             }
             yield ERASURE_AUDIT, Row(hashed, self.audit.encode(record))

@@ -14,6 +14,7 @@ from tests.unit.test_profile_properties import feature_problems
 from udfs.codec import DecodeError
 from udfs.events import UserEvent
 from udfs.identity import MAX_ID_LENGTH, MERGED_RULE, Alias, Identify, forward_target, identify_from_record
+from udfs.privacy import ERASE, UserRequest
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, MINUTE_MS
 from udfs.transitions import APPLIED, DUPLICATE, LATE, MERGE, SegmentEngine, replay_events
@@ -274,3 +275,17 @@ def test_replay_events_applies_identifies_as_the_backtest_does():
     assert ANON not in profiles and len(profiles[KNOWN].seen_event_ids) == 5
     _, without_a3 = replay_events(SegmentEngine(basic_definitions()), interleaved[:4])
     assert len(without_a3[KNOWN].seen_event_ids) == 4
+
+
+def test_erasing_a_merged_anonymous_id_erases_its_link_and_its_later_events_are_its_own():
+    """A request names one id: erasing the anonymous id removes its alias (the link to the known
+    id is personal data of both), as the job removes the keyed state `identity-alias`."""
+    events = [event("a1", ANON, "page_view", T0), event("k1", KNOWN, "page_view", T0 + 1)]
+    later = [event("a2", ANON, "page_view", T0 + 3000), event("a3", ANON, "page_view", T0 + 5000)]
+    log = EventLog("log", events + later)
+    log.identifies = [(2, Identify("i1", ANON, KNOWN, T0 + 2000))]
+    merged = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
+    assert merged.final_members["active_browser"] == {KNOWN}  # a2 and a3 forwarded to the known id
+    log.requests = [UserRequest("r1", ANON, ERASE, T0 + 4000, "test")]
+    erased = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
+    assert erased.final_members["active_browser"] == {KNOWN, ANON}  # a3 is the anonymous id's own
