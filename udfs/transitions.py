@@ -127,9 +127,10 @@ class Step:
     # can go (another one left in place from before fires on an empty profile and does nothing).
     delete_timer_ms: int | None = None
     erased: tuple[str, ...] = ()  # an erasure's audit: `profile`, `consent`, `segment:NAME`...
-    # An erasure: the Redis view deletes every entry of the user up to this sequence, segments the
-    # user no longer holds included (the EXITs reach only those they hold). Not a transition: the
-    # runner sends it to the view alone (docs/redis.md, "Erasure marker").
+    # An erasure or a withdrawn consent to segmentation: the Redis view deletes every entry of the
+    # user up to this sequence, segments the user no longer holds included (the EXITs reach only
+    # those they hold). Not a transition: the runner sends it to the view alone (docs/redis.md,
+    # "Erasure marker").
     erase_view_up_to: int | None = None
 
 
@@ -366,9 +367,7 @@ class SegmentEngine:
             erased = [] if profile.is_empty else ["profile"]
             if privacy.consent:
                 erased.append("consent")
-            # Above every sequence of the erased lifetime (its EXITs included) and of earlier ones,
-            # below those of a return at or after the request (udfs/profile.py: sequence_base).
-            erase_up_to = max([request.timestamp * 1000] + [m.sequence + 1 for m in profile.memberships.values()])
+            erase_up_to = self._view_bound(profile, request.timestamp)
             exits = self._leave_all(user_id, profile, now_ms, "ERASURE", request.request_id, ERASURE_RULE, out)
             erased.extend(f"segment:{name}" for name in exits)
             privacy.consent.clear()
@@ -385,8 +384,9 @@ class SegmentEngine:
         segmenting = privacy.allows(SEGMENTATION, self.consent_default)
         scoring = privacy.allows(SCORING, self.consent_default)
         if before[0] and not segmenting:
+            erase_up_to = self._view_bound(profile, request.timestamp)
             self._leave_all(user_id, profile, now_ms, "CONSENT", request.request_id, CONSENT_RULE, out)
-            return Step(CONSENTED, out, None, True, False, 0, 0, pending)
+            return Step(CONSENTED, out, None, True, False, 0, 0, pending, (), erase_up_to)
         if segmenting and before[1] != scoring and profile.last_event_ms is not None:
             ev = Evaluation(profile, now_ms, self.catalog, profile.scores, user_id)
             if scoring and self.scorer is not None:
@@ -398,6 +398,13 @@ class SegmentEngine:
                 self._leave_scored(user_id, profile, now_ms, request.request_id, out)
             self._diff(user_id, profile, ev, "CONSENT", request.request_id, out)
         return self._finish(CONSENTED, user_id, profile, out, False)
+
+    @staticmethod
+    def _view_bound(profile: UserProfile, request_ms: int) -> int:
+        """The Redis view's erasure bound of a lifetime ending at a request: above every sequence
+        of it (its EXITs included) and of earlier ones, below those of a return at or after the
+        request (udfs/profile.py: sequence_base)."""
+        return max([request_ms * 1000] + [m.sequence + 1 for m in profile.memberships.values()])
 
     def _leave_scored(
         self, user_id: str, profile: UserProfile, now_ms: int, request_id: str, out: list[Transition]

@@ -129,9 +129,12 @@ def test_an_erasure_tells_the_view_to_delete_every_sequence_of_the_erased_lifeti
     assert quiet_step.transitions == [] and quiet_step.erase_view_up_to == (T0 + HOUR_MS) * 1000
     unknown = engine.step_request("u3", UserProfile(), PrivacyState(), erase(T0, "u3"), LATENESS)
     assert unknown.erase_view_up_to == T0 * 1000
-    # Only an erasure deletes the view's entries: a consent change goes by its EXITs.
-    consent_step = engine.step_request("u2", UserProfile(), PrivacyState(), consent(T0, SEGMENTATION, False, "u2"), 0)
-    assert consent_step.erase_view_up_to is None
+    # A withdrawn consent to segmentation ends the lifetime too: the view keeps nothing but the
+    # choice (in the job's state). Other consent changes go by their EXITs alone.
+    withdrawn = engine.step_request("u4", UserProfile(), PrivacyState(), consent(T0, SEGMENTATION, False, "u4"), 0)
+    assert withdrawn.erase_view_up_to == T0 * 1000
+    scoring_only = engine.step_request("u4", UserProfile(), PrivacyState(), consent(T0, SCORING, False, "u4"), 0)
+    assert scoring_only.erase_view_up_to is None
 
 
 def test_time_driven_changes_before_the_request_come_first_as_for_an_event():
