@@ -38,6 +38,7 @@ from udfs.identity import MAX_ALIAS_HOPS, Alias, forward_target, identify_from_r
 from udfs.latency import LatencyHistogram
 from udfs.privacy import PrivacyState, decode_privacy, encode_privacy, request_from_record, user_hash
 from udfs.profile import UserProfile
+from udfs.redis_layout import ERASE_VIEW_KIND
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
 from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Step
@@ -60,7 +61,8 @@ KEYED_EVENT = Types.ROW([Types.STRING(), RAW_EVENT])
 USER_EVENT_KEYS_CLASS = "segments.events.UserEventKeys"
 KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
 # The Kafka sink takes user_id and payload; the Redis view's sink the rest (infra/java
-# RedisViewWriter reads the rule at index 6).
+# RedisViewWriter reads the rule at index 6). kind is ENTER, EXIT or ERASE_VIEW_KIND: an erasure
+# marker, for the Redis view only.
 TRANSITION_RECORD = Types.ROW_NAMED(
     ["user_id", "segment", "kind", "sequence", "event_time", "payload", "rule"],
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES, Types.STRING()],
@@ -108,6 +110,8 @@ TEXT_PROFILE_STATE = "user-profile"
 PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
 # An anonymous id merged into a known one: "known id" + US + "until (ms)" (udfs/identity.Alias).
 ALIAS_STATE = "identity-alias"
+# What an erasure's audit record names when it removed the id's alias (docs/privacy.md).
+ERASED_ALIAS = "identity_alias"
 ALIAS_SEPARATOR = "\x1f"
 
 
@@ -459,21 +463,29 @@ class SegmentUsers(KeyedProcessFunction):
         self._store_privacy(user_id, privacy)
         if step.outcome == ERASED:
             self.users_erased.inc()
+            erased = list(step.erased)
+            if self.alias_state.value() is not None:  # the link to the id this one was merged into
+                self.alias_state.clear()
+                erased.append(ERASED_ALIAS)
             hashed = user_hash(user_id)
-            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(step.erased))
+            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(erased))
             record = {
                 "request_id": request.request_id,
                 "user_hash": hashed,
                 "requested_at": request.timestamp,
                 "erased_at": now_ms(),
                 "source": request.source,
-                "erased": list(step.erased),
+                "erased": erased,
                 "definitions_version": self.engine.definitions_version,
             }
             out.keyed(ERASURE_AUDIT, hashed, self.audit.encode(record))
         else:
             self.consent_changes.inc()
         self._commit(ctx, user_id, profile, step, request.request_id, out)
+        if step.erase_view_up_to is not None:
+            # After the EXITs: the Redis view's sink deletes what they do not reach (docs/redis.md,
+            # "Erasure marker"); attach_connectors keeps it out of the transitions topic.
+            out.erase_view(user_id, step.erase_view_up_to, request.timestamp)
 
     def _load_privacy(self, user_id: str) -> PrivacyState:
         """The user's privacy record. A damaged one is an error that stops the job: dropping it
@@ -787,7 +799,9 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
     statements = t_env.create_statement_set()
     statements.add_insert(
         "transitions_out",
-        t_env.from_data_stream(transitions).select(col("user_id").alias("key"), col("payload")),
+        t_env.from_data_stream(transitions)
+        .where(col("kind") != ERASE_VIEW_KIND)  # erasure markers are for the Redis view only
+        .select(col("user_id").alias("key"), col("payload")),
     )
     statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
     if raw_requests is not None:

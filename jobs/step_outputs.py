@@ -12,7 +12,9 @@ transition counters in Java, off the keyed thread.
 The layout, big-endian, item after item to the end of the array:
 
     item        := kind:u8 body
-    TRANSITION  := user_id:str segment:str enter:u8 sequence:i64 event_time:i64 payload:bytes rule:str
+    TRANSITION  := user_id:str segment:str kind:u8 sequence:i64 event_time:i64 payload:bytes rule:str
+                   (kind 0 EXIT, 1 ENTER, 2 an erasure marker for the Redis view: segment "",
+                   the sequence up to which the user's entries go, payload and rule empty)
     SNAPSHOT    := user_id:str cause_event_id:str? payload:bytes
     keyed kinds := key:str? payload:bytes
     str         := length:i32 UTF-8 (length -1: null, where marked ?)
@@ -33,7 +35,8 @@ ERASURE_AUDIT = 5
 KEYED_KINDS = (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT)
 
 _LENGTH = struct.Struct(">i")
-_TRANSITION_FIXED = struct.Struct(">Bqqi")  # enter, sequence, event_time, payload length
+_TRANSITION_FIXED = struct.Struct(">Bqqi")  # kind, sequence, event_time, payload length
+ERASE_VIEW = 2  # a TRANSITION item's kind byte for an erasure marker (0 EXIT, 1 ENTER)
 _NULL = _LENGTH.pack(-1)
 
 
@@ -65,6 +68,17 @@ class StepOutputs:
             + _TRANSITION_FIXED.pack(enter, sequence, event_time, len(payload))
             + payload
             + _text(rule)
+        )
+
+    def erase_view(self, user_id: str, up_to_sequence: int, event_time: int) -> None:
+        """The Redis view's erasure marker (docs/redis.md), a transition row of kind ERASE that
+        only the view's sink takes."""
+        self.parts.append(
+            b"\x01"
+            + _text(user_id)
+            + _text("")
+            + _TRANSITION_FIXED.pack(ERASE_VIEW, up_to_sequence, event_time, 0)
+            + _text("")
         )
 
     def snapshot(self, user_id: str, cause_event_id: str | None, payload: bytes) -> None:

@@ -44,3 +44,14 @@ def test_an_exit_has_its_flag_clear_and_the_keyed_kinds_follow_the_java_side_out
     assert out.frame()[1 + 4 + 1 + 4 + 1] == 0
     # SplitStepOutputs: kind 3 + i goes to the i-th keyed tag, in jobs.segment_users.KEYED_OUTPUTS' order.
     assert KEYED_KINDS == (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT) == (3, 4, 5)
+
+
+def test_the_erasure_marker_is_a_transition_item_of_kind_two_with_no_segment_payload_or_rule():
+    out = StepOutputs()
+    out.erase_view("u", 7, 9)
+    assert out.frame() == (
+        b"\x01\x00\x00\x00\x01u\x00\x00\x00\x00\x02"
+        + (7).to_bytes(8, "big")
+        + (9).to_bytes(8, "big")
+        + b"\x00\x00\x00\x00\x00\x00\x00\x00"
+    )

@@ -33,6 +33,11 @@ public final class SplitStepOutputs extends ProcessFunction<byte[], Row> {
     static final byte TRANSITION = 1;
     static final byte SNAPSHOT = 2;
     static final byte FIRST_KEYED = 3;
+    // A transition item's kind byte indexes these: the view's erasure marker goes to the Redis
+    // view's sink only (attach_connectors filters it out of the transitions topic).
+    private static final String[] KINDS = {"EXIT", "ENTER", "ERASE"};
+    private static final byte ENTER = 1;
+    private static final byte ERASE_VIEW = 2;
 
     private final String[] segments;
     private final OutputTag<Row> snapshots;
@@ -70,14 +75,16 @@ public final class SplitStepOutputs extends ProcessFunction<byte[], Row> {
             if (kind == TRANSITION) {
                 String userId = string(in);
                 String segment = string(in);
-                boolean enter = in.get() == 1;
+                byte transitionKind = in.get();
                 long sequence = in.getLong();
                 long eventTime = in.getLong();
                 byte[] payload = bytes(in);
                 String rule = string(in);
-                transitionsOut.inc();
-                counters(segment)[enter ? 0 : 1].inc();
-                out.collect(Row.of(userId, segment, enter ? "ENTER" : "EXIT", sequence, eventTime, payload, rule));
+                if (transitionKind != ERASE_VIEW) {
+                    transitionsOut.inc();
+                    counters(segment)[transitionKind == ENTER ? 0 : 1].inc();
+                }
+                out.collect(Row.of(userId, segment, KINDS[transitionKind], sequence, eventTime, payload, rule));
             } else if (kind == SNAPSHOT) {
                 String userId = string(in);
                 String cause = string(in);
