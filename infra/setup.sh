@@ -84,7 +84,7 @@ fi
 if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null; then
   log "installing redis-server from Debian's archive"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 command -v java >/dev/null || { log "Java 17 is required (java not on PATH)"; exit 1; }
 
@@ -94,7 +94,7 @@ command -v java >/dev/null || { log "Java 17 is required (java not on PATH)"; ex
 if [ "${SEGMENTS_INSTALL_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null; then
   log "installing chromium from Debian's archive (the dashboard's browser test)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
 # 5. The core's per-event modules compiled with mypyc (infra/build_core.py, ~1 min on 2 cores), in

@@ -33,12 +33,13 @@ from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.deployments import ControlRecord, DeployedEngine, DeploymentStatus, timeline_of
 from udfs.events import UserEvent, event_from_record
-from udfs.identity import MAX_ALIAS_HOPS, Alias, Identify, forward_target, identify_from_record, is_identify
+from udfs.identity import Identify, identify_from_record, is_identify
+from udfs.identity_replay import IdentityReplay
 from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, SegmentEngine, Transition
+from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, SegmentEngine, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -353,7 +354,7 @@ def run_backtest(
     shadow: list[Transition] = []
     duplicates = late = applied = buried = withheld = 0
     latest = None
-    identities = _Identities(engine, profiles, transitions, privacy)
+    identities = IdentityReplay(engine, profiles, transitions, privacy)
     identifies = list(reversed(log.identifies))  # popped in log order
 
     def replay_identifies(before_position: int) -> None:
@@ -383,10 +384,12 @@ def run_backtest(
             step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
             transitions.extend(step.transitions)
             shadow.extend(step.shadow_transitions)
+            if step.outcome == ERASED:  # the job erases the id's alias too: its later events are its own
+                identities.aliases.pop(user_id, None)
         else:
             replay_identifies(position)
             position += 1
-            routed = identities.route(record)
+            routed = identities.route(record.user_id, record.timestamp)
             if routed is None:
                 continue
             user_id = routed
@@ -426,81 +429,6 @@ def run_backtest(
         definitions, transitions, log.events, conversion_window_ms
     )
     return result
-
-
-class _Identities:
-    """The job's identity merge, replayed (docs/architecture.md, "Identity merge across keys"):
-    the same per-user fold steps, with the fold delivered at once where the job sends it through
-    its feedback topic, and the aliases the job keeps per anonymous id."""
-
-    def __init__(
-        self,
-        engine,
-        profiles: dict[str, UserProfile],
-        transitions: list[Transition],
-        privacy: dict[str, PrivacyState],
-    ):
-        self.engine = engine
-        self.privacy = privacy  # the known ids' privacy records: a fold is withheld or buried as an event
-        self.retention_ms = engine.config.retention_ms
-        self.profiles = profiles
-        self.transitions = transitions
-        self.aliases: dict[str, Alias] = {}
-        self.rejected: Counter = Counter()  # the job's dead-letter reasons for identifies and forwards
-
-    def identify(self, identify: Identify, late_before_ms: int) -> int:
-        """Folds the anonymous id into the known id; 1 when the identify was too late, else 0."""
-        anonymous = identify.anonymous_id
-        alias = self.aliases.get(anonymous)
-        if alias is not None and identify.timestamp < alias.until_ms:
-            if alias.known_id != identify.known_id:  # already merged into another user
-                self.rejected["identity_conflict"] += 1
-            return 0  # a resent identify: the merge is done
-        profile = self.profiles.pop(anonymous, None) or UserProfile()
-        fold = self.engine.step_fold_out(anonymous, profile, identify, late_before_ms)
-        if fold.step.outcome == LATE:
-            if not profile.is_empty:
-                self.profiles[anonymous] = profile
-            return 1
-        self.transitions.extend(fold.step.transitions)
-        self.aliases[anonymous] = Alias(identify.known_id, identify.timestamp + self.retention_ms)
-        if fold.folded is None:
-            return 0
-        source, target = anonymous, identify.known_id
-        for _ in range(MAX_ALIAS_HOPS + 1):
-            alias = self.aliases.get(target)
-            if alias is None or identify.timestamp >= alias.until_ms:
-                break
-            if alias.known_id == source:  # the fold comes back from where this id went: it takes it in
-                del self.aliases[target]
-                break
-            source, target = target, alias.known_id
-        else:
-            self.rejected["identity_loop"] += 1
-            return 0
-        known = self.profiles.setdefault(target, UserProfile())
-        state = self.privacy.setdefault(target, PrivacyState())
-        step = self.engine.step_fold_in(target, known, fold.folded, identify.event_id, state)
-        self.transitions.extend(step.transitions)
-        if step.drop_state:
-            self.profiles.pop(target, None)
-        return 0
-
-    def route(self, event: UserEvent) -> str | None:
-        """The id whose profile counts the event: its own, or where its aliases lead (None: they
-        loop, and the event is a dead letter)."""
-        user_id = event.user_id
-        for _ in range(MAX_ALIAS_HOPS + 1):
-            alias = self.aliases.get(user_id)
-            if alias is None:
-                return user_id
-            target = forward_target(alias, event.timestamp, self.retention_ms)
-            if target is None:  # the alias has run out: the id is its own again
-                del self.aliases[user_id]
-                return user_id
-            user_id = target
-        self.rejected["identity_loop"] += 1
-        return None
 
 
 def transition_records(transitions: Iterable[Transition]) -> list[dict]:

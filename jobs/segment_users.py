@@ -14,11 +14,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pyflink.common import Duration, Row, Types, WatermarkStrategy
+from pyflink.common import Duration, Types, WatermarkStrategy
 from pyflink.datastream import (
     DataStream,
     KeyedProcessFunction,
-    OutputTag,
     RuntimeContext,
     StreamExecutionEnvironment,
 )
@@ -32,12 +31,14 @@ from jobs.identity_feedback import fold_of, fold_record, forwarded_record, hops_
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
+from jobs.step_outputs import ERASURE_AUDIT, IDENTITY_FEEDBACK, StepOutputs
 from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.identity import MAX_ALIAS_HOPS, Alias, forward_target, identify_from_record, is_identify
 from udfs.latency import LatencyHistogram
 from udfs.privacy import PrivacyState, decode_privacy, encode_privacy, request_from_record, user_hash
 from udfs.profile import UserProfile
+from udfs.redis_layout import ERASE_VIEW_KIND
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
 from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Step
@@ -60,14 +61,17 @@ KEYED_EVENT = Types.ROW([Types.STRING(), RAW_EVENT])
 USER_EVENT_KEYS_CLASS = "segments.events.UserEventKeys"
 KEYED_RECORD = Types.ROW_NAMED(["key", "payload"], [Types.STRING(), BYTES])
 # The Kafka sink takes user_id and payload; the Redis view's sink the rest (infra/java
-# RedisViewWriter reads the rule at index 6).
+# RedisViewWriter reads the rule at index 6). kind is ENTER, EXIT or ERASE_VIEW_KIND: an erasure
+# marker, for the Redis view only.
 TRANSITION_RECORD = Types.ROW_NAMED(
     ["user_id", "segment", "kind", "sequence", "event_time", "payload", "rule"],
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), BYTES, Types.STRING()],
 )
-DEAD_LETTERS = OutputTag("dead-letters", KEYED_RECORD)  # undecodable, invalid and late events
-# One ErasureAudit record per erasure, keyed by the user id's hash (docs/privacy.md).
-ERASURE_AUDIT = OutputTag("erasure-audit", KEYED_RECORD)
+# The side outputs of the Java operator that splits each step's outputs (jobs/step_outputs.py):
+# dead letters (undecodable, invalid and late events), folds and forwarded events for another key
+# (to the identity feedback topic, jobs/identity_feedback.py), one ErasureAudit record per erasure
+# keyed by the user id's hash (docs/privacy.md); in step_outputs.KEYED_KINDS order.
+KEYED_OUTPUTS = ("dead-letters", "identity-feedback", "erasure-audit")
 # The dead-letter reason of an event older than its user's erasure (dead-lettered without its
 # payload: what it held is what was erased).
 ERASED_USER = "erased_user"
@@ -76,9 +80,8 @@ ERASED_USER = "erased_user"
 QUARANTINED_STATE = "quarantined_state"
 # A user's state after every event (with its id) and timer (id None), when the settings enable it.
 PROFILE_SNAPSHOT = Types.ROW_NAMED(["user_id", "cause_event_id", "payload"], [Types.STRING(), Types.STRING(), BYTES])
-PROFILE_SNAPSHOTS = OutputTag("profile-snapshots", PROFILE_SNAPSHOT)
-# Folds and forwarded events for another key, to the identity feedback topic (jobs/identity_feedback.py).
-IDENTITY_FEEDBACK = OutputTag("identity-feedback", KEYED_RECORD)
+PROFILE_SNAPSHOTS = "profile-snapshots"
+SPLIT_STEP_OUTPUTS_CLASS = "segments.steps.SplitStepOutputs"
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,18 @@ FEEDBACK_TIME = Operator("Identity feedback event time", "identity-feedback-even
 # How long the feedback topic may be silent before its watermark stops holding the events' back.
 FEEDBACK_IDLE_MS = 1_000
 SEGMENT = Operator("Segment users", "segment-users")
+SPLIT = Operator("Split step outputs", "split-step-outputs")
 # The Redis view's two-phase-commit sink (its writer and committer; jobs/redis_sink.py).
 REDIS_VIEW = Operator("Redis view", "redis-view")
-PROFILE_STATE = "user-profile"
+PROFILE_STATE = "user-profile-bytes"
+# Where the releases before 2026-12-08 kept the profile, as latin-1 text: read when a user has no
+# PROFILE_STATE yet, cleared, and written as bytes at that step.
+TEXT_PROFILE_STATE = "user-profile"
 PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
 # An anonymous id merged into a known one: "known id" + US + "until (ms)" (udfs/identity.Alias).
 ALIAS_STATE = "identity-alias"
+# What an erasure's audit record names when it removed the id's alias (docs/privacy.md).
+ERASED_ALIAS = "identity_alias"
 ALIAS_SEPARATOR = "\x1f"
 
 
@@ -110,7 +119,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, message, max_bytes, key=None) -> Row:
+def dead_letter_row(
+    dlq_codec, payload, topic, partition, offset, reason, message, max_bytes, key=None
+) -> tuple[str | None, bytes]:
+    """A dead letter as (key, DeadLetter record)."""
     if payload is not None and len(payload) > max_bytes:
         message = f"{message}; payload truncated to its first {max_bytes} bytes"
         payload = payload[:max_bytes]
@@ -123,7 +135,7 @@ def dead_letter_row(dlq_codec, payload, topic, partition, offset, reason, messag
         "message": message,
         "detected_at": now_ms(),
     }
-    return Row(key, dlq_codec.encode(record))
+    return key, dlq_codec.encode(record)
 
 
 class LatencyMetrics:
@@ -189,9 +201,13 @@ class SegmentUsers(KeyedProcessFunction):
         self.requests = catalog.codec("UserRequest", max_bytes=self.max_event_bytes)
         self.audit = catalog.codec("ErasureAudit")
         log.info("segment users: the core runs %s", udfs.CORE)
-        # A STRING holding the Avro bytes as latin-1 (one char per byte): PyFlink's thread mode
-        # turns byte-array state into a tuple of ints and fails on an empty one.
-        self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.STRING()))
+        # Bytes through PyFlink's pickled-bytes type (the value in state is the pickle of one
+        # bytes object): written in less than half the time of the same bytes as latin-1 text,
+        # which PyFlink passes to Java as a string and Flink serialises char by char
+        # (docs/architecture.md, "Profile state"). A primitive byte array is no option: PyFlink's
+        # thread mode turns it into a tuple of ints, one per byte, and fails on an empty one.
+        self.profile_state = runtime_context.get_state(ValueStateDescriptor(PROFILE_STATE, Types.PICKLED_BYTE_ARRAY()))
+        self.text_profile_state = runtime_context.get_state(ValueStateDescriptor(TEXT_PROFILE_STATE, Types.STRING()))
         self.alias_state = runtime_context.get_state(ValueStateDescriptor(ALIAS_STATE, Types.STRING()))
         self.retention_ms = self.engine.config.retention_ms
         # Decoded profiles of recently seen users, written through to the state on every change.
@@ -207,7 +223,6 @@ class SegmentUsers(KeyedProcessFunction):
         self.duplicate_events = metrics.counter("duplicate_events")
         self.profiles_expired = metrics.counter("profiles_expired")
         self.profiles_quarantined = metrics.counter("profiles_quarantined")
-        self.transitions_out = metrics.counter("transitions_out")
         self.identity_merges = metrics.counter("identity_merges")
         self.identity_forwards = metrics.counter("identity_forwards")
         self.scoring_skipped = metrics.counter("scoring_skipped")
@@ -217,19 +232,24 @@ class SegmentUsers(KeyedProcessFunction):
         self.buried_events = metrics.counter("erased_user_events")
         self.withheld_events = metrics.counter("consent_withheld_events")
         scorer = self.engine.scorer
-        # Transitions per segment and kind, as metric groups: segment.<name>.enter / .exit
-        self.metrics = metrics
-        self.segment_counters: dict[str, tuple] = {}
-        for name in self.engine.definitions.names:
-            self._segment_counters(name)
         self.inference_latency = (
             None if scorer is None else LatencyMetrics(metrics, "inference_latency", scorer.stats.latency)
         )
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        out = StepOutputs()
+        self._process_event(value, ctx, out)
+        return (out.frame(),) if out.parts else ()
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        out = StepOutputs()
+        self._process_timer(timestamp, ctx, out)
+        return (out.frame(),) if out.parts else ()
+
+    def _process_event(self, value, ctx: KeyedProcessFunction.Context, out: StepOutputs) -> None:
         user_id, payload = value[0], value[2]
         if self.requests_topic and value[3] == self.requests_topic:
-            yield from self._process_request(value, ctx)
+            self._process_request(value, ctx, out)
             return
         fed_back = bool(self.identity_topic) and value[3] == self.identity_topic
         try:
@@ -240,24 +260,23 @@ class SegmentUsers(KeyedProcessFunction):
                 if not self.identity_topic:
                     raise DecodeError("identity_merge_off", "an identify record, and no identity_topic is set")
                 if fed_back:
-                    yield from self._fold_in(ctx, user_id, record, value)
+                    self._fold_in(ctx, user_id, record, value, out)
                 else:
                     identify = identify_from_record(record, now_ms(), self.max_future_ms)
-                    yield from self._fold_out(ctx, user_id, identify, value)
+                    self._fold_out(ctx, user_id, identify, value, out)
                 return
             event = event_from_record(record, now_ms(), self.max_future_ms)
         except DecodeError as err:
             self.dead_letters_out.inc()
-            yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
+            out.dead_letter(self._dead_letter(value, err.reason, err.message))
             return
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
         if not fed_back and event.timestamp < late_before:  # a fed-back event was checked where it was sent
             if self.privacy_requests and self._load_privacy(user_id).buries(event.timestamp):
-                yield DEAD_LETTERS, self._buried(value)  # late too, but its payload must not be kept
+                out.dead_letter(self._buried(value))  # late too, but its payload must not be kept
                 return
             self.late_events.inc()
-            yield (
-                DEAD_LETTERS,
+            out.dead_letter(
                 self._dead_letter(
                     value,
                     "late",
@@ -273,32 +292,32 @@ class SegmentUsers(KeyedProcessFunction):
                 hops = hops_of(event) + 1
                 if hops > MAX_ALIAS_HOPS:
                     self.dead_letters_out.inc()
-                    yield DEAD_LETTERS, self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop")
+                    out.dead_letter(self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop"))
                     return
                 self._store_alias(ctx, alias)
                 self.identity_forwards.inc()
-                yield IDENTITY_FEEDBACK, Row(target, self.feedback.encode(forwarded_record(event, target, hops)))
+                out.keyed(IDENTITY_FEEDBACK, target, self.feedback.encode(forwarded_record(event, target, hops)))
                 return
             self.alias_state.clear()  # it ran out: the id is its own again
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
-            yield DEAD_LETTERS, quarantined
+            out.dead_letter(quarantined)
         privacy = self._load_privacy(user_id) if self.privacy_requests else None
         step = self.engine.step_event(user_id, profile, event, privacy=privacy)
         if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
             return
         if step.outcome == BURIED:
-            yield DEAD_LETTERS, self._buried(value)
+            out.dead_letter(self._buried(value))
             return
         if step.outcome == WITHHELD:  # no consent to segmentation: nothing of the event is kept
             self.withheld_events.inc()
             return
         if self.inference_latency is not None:
             self.inference_latency.maybe_publish()
-        yield from self._commit(ctx, user_id, profile, step, event.event_id)
+        self._commit(ctx, user_id, profile, step, event.event_id, out)
 
-    def _buried(self, value) -> Row:
+    def _buried(self, value) -> tuple[str | None, bytes]:
         """The dead letter of an event older than its user's erasure: where it was, not what."""
         self.buried_events.inc()
         return dead_letter_row(
@@ -312,26 +331,26 @@ class SegmentUsers(KeyedProcessFunction):
             self.max_event_bytes,
         )
 
-    def _fold_out(self, ctx, user_id: str, identify, value):
+    def _fold_out(self, ctx, user_id: str, identify, value, out: StepOutputs) -> None:
         """An identify at the anonymous id: EXIT, hand the profile to the known id through the
         feedback topic, keep the alias (docs/architecture.md, "Identity merge across keys")."""
         alias = self._alias()
         if alias is not None and identify.timestamp < alias.until_ms:
             if alias.known_id != identify.known_id:
                 self.dead_letters_out.inc()
-                yield DEAD_LETTERS, self._dead_letter(value, "identity_conflict", "the id is merged into another user")
+                out.dead_letter(self._dead_letter(value, "identity_conflict", "the id is merged into another user"))
             return  # a resent identify: the merge is done
         late_before = ctx.timer_service().current_watermark() - self.allowed_lateness_ms
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
-            yield DEAD_LETTERS, quarantined
+            out.dead_letter(quarantined)
         fold = self.engine.step_fold_out(user_id, profile, identify, late_before)
         if fold.step.outcome == LATE:
             self.late_events.inc()
-            yield DEAD_LETTERS, self._dead_letter(value, "late", "the identify is behind the watermark")
+            out.dead_letter(self._dead_letter(value, "late", "the identify is behind the watermark"))
             return
         self._store_alias(ctx, Alias(identify.known_id, identify.timestamp + self.retention_ms))
-        yield from self._commit(ctx, user_id, profile, fold.step, identify.event_id)
+        self._commit(ctx, user_id, profile, fold.step, identify.event_id, out)
         if fold.folded is not None:
             self.identity_merges.inc()
             record = fold_record(
@@ -342,9 +361,9 @@ class SegmentUsers(KeyedProcessFunction):
                 0,
                 self.state_codec.encode(fold.folded),
             )
-            yield IDENTITY_FEEDBACK, Row(identify.known_id, self.feedback.encode(record))
+            out.keyed(IDENTITY_FEEDBACK, identify.known_id, self.feedback.encode(record))
 
-    def _fold_in(self, ctx, user_id: str, record: dict, value):
+    def _fold_in(self, ctx, user_id: str, record: dict, value, out: StepOutputs) -> None:
         """A fold from the feedback topic: merge it here, or pass it along this id's alias."""
         try:
             fold = fold_of(record)
@@ -356,7 +375,7 @@ class SegmentUsers(KeyedProcessFunction):
             if alias.known_id != fold.source_id:  # this id went elsewhere: the profile follows
                 if fold.hops + 1 > MAX_ALIAS_HOPS:
                     self.dead_letters_out.inc()
-                    yield DEAD_LETTERS, self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop")
+                    out.dead_letter(self._dead_letter(value, "identity_loop", "the aliases of the ids form a loop"))
                     return
                 forwarded = fold_record(
                     fold.identify_event_id,
@@ -366,12 +385,12 @@ class SegmentUsers(KeyedProcessFunction):
                     fold.hops + 1,
                     fold.profile_bytes,
                 )
-                yield IDENTITY_FEEDBACK, Row(alias.known_id, self.feedback.encode(forwarded))
+                out.keyed(IDENTITY_FEEDBACK, alias.known_id, self.feedback.encode(forwarded))
                 return
             self.alias_state.clear()  # the fold comes back from where this id went: it takes it in
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
-            yield DEAD_LETTERS, quarantined
+            out.dead_letter(quarantined)
         privacy = self._load_privacy(user_id) if self.privacy_requests else None
         step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id, privacy)
         if step.outcome == DUPLICATE:
@@ -383,9 +402,11 @@ class SegmentUsers(KeyedProcessFunction):
         if step.outcome == WITHHELD:  # no consent to segmentation at the known id: not kept
             self.withheld_events.inc()
             return
-        yield from self._commit(ctx, user_id, profile, step, fold.identify_event_id)
+        self._commit(ctx, user_id, profile, step, fold.identify_event_id, out)
 
     def _alias(self) -> Alias | None:
+        if not self.identity_topic:  # no merges: no alias to read (a state read per event and timer)
+            return None
         stored = self.alias_state.value()
         if stored is None:
             return None
@@ -397,19 +418,19 @@ class SegmentUsers(KeyedProcessFunction):
         self.alias_state.update(f"{alias.known_id}{ALIAS_SEPARATOR}{alias.until_ms}")
         ctx.timer_service().register_event_time_timer(alias.until_ms)
 
-    def _dead_letter(self, value, reason: str, message: str) -> Row:
+    def _dead_letter(self, value, reason: str, message: str) -> tuple[str | None, bytes]:
         return dead_letter_row(
             self.dead_letters, value[2], value[3], value[4], value[5], reason, message, self.max_event_bytes
         )
 
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+    def _process_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext, out: StepOutputs) -> None:
         user_id = ctx.get_current_key()
         alias = self._alias()
         if alias is not None and timestamp >= alias.until_ms:
             self.alias_state.clear()
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
-            yield DEAD_LETTERS, quarantined
+            out.dead_letter(quarantined)
         if self.privacy_requests:
             privacy = self._load_privacy(user_id)
             tombstone = privacy.tombstone_until_ms
@@ -418,9 +439,9 @@ class SegmentUsers(KeyedProcessFunction):
                 self._store_privacy(user_id, privacy)
         else:
             step = self.engine.step_timer(user_id, profile, timestamp)
-        yield from self._commit(ctx, user_id, profile, step, None)
+        self._commit(ctx, user_id, profile, step, None, out)
 
-    def _process_request(self, value, ctx: KeyedProcessFunction.Context):
+    def _process_request(self, value, ctx: KeyedProcessFunction.Context, out: StepOutputs) -> None:
         """A privacy request: applied at its event time by the core, however late it comes (an
         erasure is never dropped); an ERASE also writes its audit record."""
         user_id = value[0]
@@ -430,11 +451,11 @@ class SegmentUsers(KeyedProcessFunction):
                 raise DecodeError("undecodable", "user_id could not be read as UTF-8 ahead of the decode")
         except DecodeError as err:
             self.dead_letters_out.inc()
-            yield DEAD_LETTERS, self._dead_letter(value, err.reason, err.message)
+            out.dead_letter(self._dead_letter(value, err.reason, err.message))
             return
         profile, quarantined = self._load_profile(user_id)
         if quarantined is not None:
-            yield DEAD_LETTERS, quarantined
+            out.dead_letter(quarantined)
         privacy = self._load_privacy(user_id)
         step = self.engine.step_request(user_id, profile, privacy, request, self.allowed_lateness_ms)
         if step.delete_timer_ms is not None:
@@ -442,21 +463,29 @@ class SegmentUsers(KeyedProcessFunction):
         self._store_privacy(user_id, privacy)
         if step.outcome == ERASED:
             self.users_erased.inc()
+            erased = list(step.erased)
+            if self.alias_state.value() is not None:  # the link to the id this one was merged into
+                self.alias_state.clear()
+                erased.append(ERASED_ALIAS)
             hashed = user_hash(user_id)
-            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(step.erased))
+            log.info("erased user %s (request %s): %d items", hashed[:16], request.request_id, len(erased))
             record = {
                 "request_id": request.request_id,
                 "user_hash": hashed,
                 "requested_at": request.timestamp,
                 "erased_at": now_ms(),
                 "source": request.source,
-                "erased": list(step.erased),
+                "erased": erased,
                 "definitions_version": self.engine.definitions_version,
             }
-            yield ERASURE_AUDIT, Row(hashed, self.audit.encode(record))
+            out.keyed(ERASURE_AUDIT, hashed, self.audit.encode(record))
         else:
             self.consent_changes.inc()
-        yield from self._commit(ctx, user_id, profile, step, request.request_id)
+        self._commit(ctx, user_id, profile, step, request.request_id, out)
+        if step.erase_view_up_to is not None:
+            # After the EXITs: the Redis view's sink deletes what they do not reach (docs/redis.md,
+            # "Erasure marker"); attach_connectors keeps it out of the transitions topic.
+            out.erase_view(user_id, step.erase_view_up_to, request.timestamp)
 
     def _load_privacy(self, user_id: str) -> PrivacyState:
         """The user's privacy record. A damaged one is an error that stops the job: dropping it
@@ -486,24 +515,19 @@ class SegmentUsers(KeyedProcessFunction):
     def close(self):
         shutil.rmtree(self.files_dir, ignore_errors=True)
 
-    def _segment_counters(self, segment: str) -> tuple:
-        counters = self.segment_counters.get(segment)
-        if counters is None:  # also a segment removed from the definitions, exiting its members
-            group = self.metrics.add_group("segment", segment)
-            counters = self.segment_counters[segment] = (group.counter("enter"), group.counter("exit"))
-        return counters
-
-    def _load_profile(self, user_id: str) -> tuple[UserProfile, Row | None]:
+    def _load_profile(self, user_id: str) -> tuple[UserProfile, tuple[str | None, bytes] | None]:
         """The user's profile, and the dead letter of a stored value that could not be read."""
         cache = self.profile_cache
         profile = cache.get(user_id)
         if profile is not None:
             cache.move_to_end(user_id)
             return profile, None
-        stored = self.profile_state.value()
+        stored, unreadable = self._stored_profile()
         quarantined = None
         try:
-            profile = self.state_codec.decode(None if stored is None else self._stored_bytes(stored))
+            if unreadable is not None:
+                raise DecodeError("undecodable", unreadable)
+            profile = self.state_codec.decode(stored)
         except DecodeError as err:
             # One user's unreadable state (damaged, or written by a release that is newer than
             # this one) must not stop the job for everyone: it goes to the dead letters whole,
@@ -512,7 +536,7 @@ class SegmentUsers(KeyedProcessFunction):
             log.warning("profile state quarantined (%s): the user starts afresh", err.reason)
             quarantined = dead_letter_row(
                 self.dead_letters,
-                self._stored_bytes(stored, strict=False),
+                stored,
                 "",
                 None,
                 None,
@@ -529,16 +553,27 @@ class SegmentUsers(KeyedProcessFunction):
                 cache.popitem(last=False)
         return profile, quarantined
 
-    @staticmethod
-    def _stored_bytes(stored: str, strict: bool = True) -> bytes:
+    def _stored_profile(self) -> tuple[bytes | None, str | None]:
+        """The stored profile's bytes (None: nothing stored), and why they cannot be a value this
+        job wrote (None when they can)."""
         try:
-            return stored.encode("latin-1")
-        except UnicodeEncodeError:  # not a value this job wrote (one char per byte)
-            if strict:
-                raise DecodeError("undecodable", "profile state: not one byte per character") from None
-            return stored.encode("utf-8", "surrogatepass")
+            stored = self.profile_state.value()
+        except Exception as err:  # PyFlink unpickles the value: one it cannot unpickle is not ours
+            return b"", f"profile state: not a pickled byte string ({type(err).__name__})"
+        if stored is not None:
+            return (stored, None) if isinstance(stored, bytes) else (b"", "profile state: not a byte string")
+        text = self.text_profile_state.value()
+        if text is None:
+            return None, None
+        self.text_profile_state.clear()  # carried over: this step writes PROFILE_STATE
+        try:
+            return text.encode("latin-1"), None
+        except UnicodeEncodeError:  # not a value a release wrote (one char per byte)
+            return text.encode("utf-8", "surrogatepass"), "profile state: not one byte per character"
 
-    def _commit(self, ctx, user_id: str, profile: UserProfile, step: Step, cause_event_id: str | None):
+    def _commit(
+        self, ctx, user_id: str, profile: UserProfile, step: Step, cause_event_id: str | None, out: StepOutputs
+    ) -> None:
         if step.register_timer_ms is not None:
             ctx.timer_service().register_event_time_timer(step.register_timer_ms)
         if step.scores_skipped:
@@ -552,23 +587,22 @@ class SegmentUsers(KeyedProcessFunction):
             self.profile_cache.pop(user_id, None)
         else:
             encoded = self.state_codec.encode(profile)
-            self.profile_state.update(encoded.decode("latin-1"))
+            self.profile_state.update(encoded)
             if self.emit_profile_snapshots:
-                yield PROFILE_SNAPSHOTS, Row(user_id, cause_event_id, encoded)
+                out.snapshot(user_id, cause_event_id, encoded)
         transitions = step.transitions
         if not transitions:
             return
-        self.transitions_out.inc(len(transitions))  # each inc() is a call into the JVM
         emitted_at = now_ms()
+        encode = self.transitions.encode
         for t in transitions:
-            self._segment_counters(t.segment)[0 if t.kind == "ENTER" else 1].inc()
-            yield Row(
+            out.transition(
                 t.user_id,
                 t.segment,
-                t.kind,
+                t.kind == "ENTER",
                 t.sequence,
                 t.event_time,
-                self.transitions.encode(t.to_record(emitted_at)),
+                encode(t.to_record(emitted_at)),
                 t.rule,
             )
 
@@ -708,18 +742,38 @@ def build_pipeline(
         len(definitions.segments),
         segmentation.registry.version if segmentation.registry else "none",
     )
-    transitions = (
-        keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=TRANSITION_RECORD)
+    parallelism = settings.segment_parallelism or settings.parallelism
+    steps = (
+        keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=BYTES)
         .name(SEGMENT.name)
         .uid(SEGMENT.uid)
-        .set_parallelism(settings.segment_parallelism or settings.parallelism)
+        .set_parallelism(parallelism)
     )
+    output_tag = gateway.jvm.org.apache.flink.util.OutputTag
+    snapshots = output_tag(PROFILE_SNAPSHOTS, PROFILE_SNAPSHOT.get_java_type_info())
+    keyed_tags = [output_tag(name, KEYED_RECORD.get_java_type_info()) for name in KEYED_OUTPUTS]
+    j_keyed_tags = gateway.new_array(output_tag, len(keyed_tags))
+    for i, tag in enumerate(keyed_tags):
+        j_keyed_tags[i] = tag
+    j_segments = gateway.new_array(gateway.jvm.String, len(definitions.names))
+    for i, name in enumerate(definitions.names):
+        j_segments[i] = name
+    j_split = (
+        steps._j_data_stream.process(
+            java_class(settings, SPLIT_STEP_OUTPUTS_CLASS)(j_segments, snapshots, j_keyed_tags),
+            TRANSITION_RECORD.get_java_type_info(),
+        )
+        .name(SPLIT.name)
+        .uid(SPLIT.uid)
+        .setParallelism(parallelism)
+    )
+    dead_letters, identity_feedback, erasure_audit = (DataStream(j_split.getSideOutput(tag)) for tag in keyed_tags)
     return PipelineOutputs(
-        transitions=transitions,
-        dead_letters=transitions.get_side_output(DEAD_LETTERS),
-        identity_feedback=transitions.get_side_output(IDENTITY_FEEDBACK),
-        profile_snapshots=transitions.get_side_output(PROFILE_SNAPSHOTS),
-        erasure_audit=transitions.get_side_output(ERASURE_AUDIT),
+        transitions=DataStream(j_split),
+        dead_letters=dead_letters,
+        identity_feedback=identity_feedback,
+        profile_snapshots=DataStream(j_split.getSideOutput(snapshots)),
+        erasure_audit=erasure_audit,
     )
 
 
@@ -745,7 +799,9 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
     statements = t_env.create_statement_set()
     statements.add_insert(
         "transitions_out",
-        t_env.from_data_stream(transitions).select(col("user_id").alias("key"), col("payload")),
+        t_env.from_data_stream(transitions)
+        .where(col("kind") != ERASE_VIEW_KIND)  # erasure markers are for the Redis view only
+        .select(col("user_id").alias("key"), col("payload")),
     )
     statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
     if raw_requests is not None:

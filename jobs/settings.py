@@ -77,6 +77,10 @@ class JobSettings:
     # exactly-once and read back read_committed); it carries profiles: keep its retention short.
     # Empty: no identity merge (identify records are dead letters, identity_merge_off).
     identity_topic: str = ""
+    # The feedback topic's retention.ms, set when the project creates it: short, for its folds
+    # carry profiles, but longer than any stop of the job (a restore reads the folds sent before
+    # the checkpoint again; a fold deleted unread loses the anonymous profile it carried).
+    identity_retention_ms: int = 24 * 3600 * 1000
     # Live deployments (docs/deployments.md): control records (deploy, promote, roll back) read
     # from control_topic when set (empty: none, and the job graph is unchanged); what the job
     # made of each to deployment_status_topic; a candidate in shadow's transitions to shadow_topic.
@@ -202,8 +206,15 @@ class JobSettings:
         return topics
 
     def topic_configs(self) -> dict[str, dict[str, str]]:
-        """Topic configurations the project sets when it creates the topics."""
+        """Topic configurations the project sets when it creates the topics (docs/privacy.md):
+        dead letters and folds carry personal data an erasure cannot reach, and go after their
+        retention; the audit trail of erasures (hashes only) is kept. The requests topic's
+        retention is the operator's: a backtest replays the erasures it still holds."""
         configs = {self.dead_letter_topic: {"retention.ms": str(self.dead_letter_retention_ms)}}
+        if self.requests_topic:
+            configs[self.audit_topic] = {"retention.ms": "-1"}
+        if self.identity_topic:
+            configs[self.identity_topic] = {"retention.ms": str(self.identity_retention_ms)}
         if self.control_topic:  # a job started afresh rebuilds the timeline from every record
             configs[self.control_topic] = {"retention.ms": "-1"}
         return configs

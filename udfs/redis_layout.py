@@ -22,6 +22,9 @@ from udfs.privacy import CONSENT_RULE, ERASURE_RULE
 from udfs.transitions import RETENTION_RULE
 
 LAYOUT_VERSION = 2
+# The kind of an erasure marker: a row of the view's input that is no transition (the job keeps it
+# out of the transitions topic) and deletes the user's entries (the apply script below).
+ERASE_VIEW_KIND = "ERASE"
 
 
 def user_key(prefix: str, user_id: str) -> str:
@@ -65,9 +68,33 @@ _ENDS_LIFETIME = " or ".join(f"rule == '{rule}'" for rule in LIFETIME_END_RULES)
 # sequence_base). Any other EXIT that leaves nothing keeps the sequence hash as a guard against
 # stale replays for the retention (wall time): the view never sees the user's later events, so no
 # expiry of its own can be tied to the profile's.
+#
+# An erasure marker (kind ERASE, segment "", so the members key is the members prefix): deletes
+# every entry of the user whose sequence is at most the marker's, in both hashes and the member
+# sets, whether the user holds the segment or not (a user in no segment keeps a sequence hash no
+# EXIT deletes). Idempotent; a return after the erasure has higher sequences and stays. The member
+# set keys are built here from the prefix: the view is not meant for Redis Cluster.
 _APPLY_FUNCTION = (
     """
+local function erase(user, seqs, members_prefix, up_to, user_id)
+  for _, hash in ipairs({seqs, user}) do
+    local entries = redis.call('HGETALL', hash)
+    for i = 1, #entries, 2 do
+      local segment = entries[i]
+      if tonumber(string.match(entries[i + 1], '^%d+')) <= up_to then
+        redis.call('HDEL', user, segment)
+        redis.call('HDEL', seqs, segment)
+        redis.call('SREM', members_prefix .. segment, user_id)
+      end
+    end
+  end
+  return 1
+end
+
 local function apply(user, seqs, members, segment, kind, sequence, at, user_id, retention_ms, rule)
+  if kind == '"""
+    + ERASE_VIEW_KIND
+    + """' then return erase(user, seqs, members, tonumber(sequence), user_id) end
   local last = tonumber(redis.call('HGET', seqs, segment) or '0')
   local seq = tonumber(sequence)
   if seq <= last then return 0 end

@@ -12,7 +12,7 @@ import hashlib
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from udfs.conditions import Evaluation
@@ -133,6 +133,11 @@ class Step:
     # can go (another one left in place from before fires on an empty profile and does nothing).
     delete_timer_ms: int | None = None
     erased: tuple[str, ...] = ()  # an erasure's audit: `profile`, `consent`, `segment:NAME`...
+    # An erasure or a withdrawn consent to segmentation: the Redis view deletes every entry of the
+    # user up to this sequence, segments the user no longer holds included (the EXITs reach only
+    # those they hold). Not a transition: the runner sends it to the view alone (docs/redis.md,
+    # "Erasure marker").
+    erase_view_up_to: int | None = None
     # A candidate in shadow's transitions (udfs/deployments.py): for the shadow output only.
     shadow_transitions: list[Transition] = field(default_factory=list)
 
@@ -429,12 +434,13 @@ class SegmentEngine:
             erased = [] if profile.is_empty else ["profile"]
             if privacy.consent:
                 erased.append("consent")
+            erase_up_to = self._view_bound(profile, request.timestamp)
             exits = self._leave_all(user_id, profile, now_ms, "ERASURE", request.request_id, ERASURE_RULE, out)
             erased.extend(f"segment:{name}" for name in exits)
             privacy.consent.clear()
             privacy.erased_at_ms = request.timestamp
             privacy.tombstone_until_ms = request.timestamp + tombstone_ms
-            return Step(ERASED, out, privacy.tombstone_until_ms, True, False, 0, 0, pending, tuple(erased))
+            return Step(ERASED, out, privacy.tombstone_until_ms, True, False, 0, 0, pending, tuple(erased), erase_up_to)
         purpose, granted = request.purpose, bool(request.granted)
         before = privacy.allows(SEGMENTATION, self.consent_default), scoring
         if purpose is not None:
@@ -445,8 +451,9 @@ class SegmentEngine:
         segmenting = privacy.allows(SEGMENTATION, self.consent_default)
         scoring = privacy.allows(SCORING, self.consent_default)
         if before[0] and not segmenting:
+            erase_up_to = self._view_bound(profile, request.timestamp)
             self._leave_all(user_id, profile, now_ms, "CONSENT", request.request_id, CONSENT_RULE, out)
-            return Step(CONSENTED, out, None, True, False, 0, 0, pending)
+            return Step(CONSENTED, out, None, True, False, 0, 0, pending, (), erase_up_to)
         if segmenting and before[1] != scoring and profile.last_event_ms is not None:
             ev = Evaluation(profile, now_ms, self.catalog, profile.scores, user_id)
             if scoring and self.scorer is not None:
@@ -458,6 +465,13 @@ class SegmentEngine:
                 self._leave_scored(user_id, profile, now_ms, request.request_id, out)
             self._diff(user_id, profile, ev, "CONSENT", request.request_id, out)
         return self._finish(CONSENTED, user_id, profile, out, False)
+
+    @staticmethod
+    def _view_bound(profile: UserProfile, request_ms: int) -> int:
+        """The Redis view's erasure bound of a lifetime ending at a request: above every sequence
+        of it (its EXITs included) and of earlier ones, below those of a return at or after the
+        request (udfs/profile.py: sequence_base)."""
+        return max([request_ms * 1000] + [m.sequence + 1 for m in profile.memberships.values()])
 
     def _leave_scored(
         self, user_id: str, profile: UserProfile, now_ms: int, request_id: str, out: list[Transition]
@@ -777,15 +791,28 @@ class SegmentEngine:
 
 
 def replay_events(
-    engine: SegmentEngine, events: Sequence[UserEvent], until_ms: int | None = None
+    engine: SegmentEngine, events: Sequence[UserEvent | Identify], until_ms: int | None = None
 ) -> tuple[list[Transition], dict[str, UserProfile]]:
     """Brings every user through `events` in the given order, then lets time pass up to `until_ms`
-    (the final watermark), as the job does. The expected output for tests and the backtest."""
+    (the final watermark), as the job does. The expected output for tests and the backtest.
+    An identify record folds the anonymous id into the known id and sends its later events there
+    (udfs/identity_replay.py: the backtest's merge, the fold delivered at once)."""
+    # Here, not at the top: udfs.identity_replay imports this module.
+    from udfs.identity_replay import IdentityReplay
+
     profiles: dict[str, UserProfile] = {}
     out: list[Transition] = []
-    for event in events:
-        profile = profiles.setdefault(event.user_id, UserProfile())
-        out.extend(engine.step_event(event.user_id, profile, event).transitions)
+    identities = IdentityReplay(engine, profiles, out, {})
+    for record in events:
+        if isinstance(record, Identify):
+            identities.identify(record)
+            continue
+        user_id = identities.route(record.user_id, record.timestamp)
+        if user_id is None:  # the aliases loop: the job dead-letters the event
+            continue
+        event = record if user_id == record.user_id else replace(record, user_id=user_id)
+        profile = profiles.setdefault(user_id, UserProfile())
+        out.extend(engine.step_event(user_id, profile, event).transitions)
     if until_ms is not None:
         for user_id, profile in profiles.items():
             out.extend(engine.step_timer(user_id, profile, until_ms).transitions)

@@ -21,9 +21,10 @@ from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from jobs.flink_environment import create_environment
-from jobs.segment_users import DEAD_LETTERS, attach_connectors, dead_letter_row, now_ms
+from jobs.segment_users import attach_connectors, dead_letter_row, now_ms
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
+from jobs.step_outputs import StepOutputs
 from udfs.codec import DecodeError, SchemaCatalog
 from udfs.events import event_from_record
 from udfs.profile_config import MINUTE_MS
@@ -68,11 +69,12 @@ class KeyedFloor(KeyedProcessFunction):
         self.vectors = (
             {} if self.merged is None else {key: [0.5] * len(model.vector.features) for key, model in self.merged.plan}
         )
-        self.filler = "x" * (self.state_bytes - PENDING_DIGITS)
+        self.filler = b"x" * (self.state_bytes - PENDING_DIGITS)
         catalog = SchemaCatalog(self.files_dir / "schemas")
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
         self.dead_letters = catalog.codec("DeadLetter")
-        self.state = runtime_context.get_state(ValueStateDescriptor(FLOOR_STATE, Types.STRING()))
+        # The job's state type (jobs/segment_users.SegmentUsers.profile_state).
+        self.state = runtime_context.get_state(ValueStateDescriptor(FLOOR_STATE, Types.PICKLED_BYTE_ARRAY()))
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         # The job's decode and check, then its lateness check (which is how the bench's end markers
@@ -80,8 +82,7 @@ class KeyedFloor(KeyedProcessFunction):
         try:
             event = event_from_record(self.events.decode(value[2]), now_ms(), self.max_future_ms)
         except DecodeError as err:
-            yield (
-                DEAD_LETTERS,
+            yield self._dead_letter(
                 dead_letter_row(
                     self.dead_letters,
                     value[2],
@@ -95,8 +96,7 @@ class KeyedFloor(KeyedProcessFunction):
             )
             return
         if event.timestamp < ctx.timer_service().current_watermark() - self.allowed_lateness_ms:
-            yield (
-                DEAD_LETTERS,
+            yield self._dead_letter(
                 dead_letter_row(
                     self.dead_letters,
                     value[2],
@@ -116,11 +116,17 @@ class KeyedFloor(KeyedProcessFunction):
         if pending == NO_TIMER and self.timer:
             pending = event.timestamp + TIMER_AHEAD_MS
             ctx.timer_service().register_event_time_timer(pending)
-        self.state.update(f"{pending:0{PENDING_DIGITS}d}{self.filler}")
+        self.state.update(b"%0*d" % (PENDING_DIGITS, pending) + self.filler)
+
+    @staticmethod
+    def _dead_letter(letter: tuple[str | None, bytes]) -> bytes:
+        out = StepOutputs()  # what the job's keyed function yields: one frame per step
+        out.dead_letter(letter)
+        return out.frame()
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         self.state.value()
-        self.state.update(f"{NO_TIMER:0{PENDING_DIGITS}d}{self.filler}")
+        self.state.update(b"%0*d" % (PENDING_DIGITS, NO_TIMER) + self.filler)
         return iter(())
 
     def close(self):

@@ -85,11 +85,17 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     scored = member_at(
         profiles_then, [u for u in active if u not in (victim, withdrawn)], lambda name: name == "likely_buyer"
     )
+    # A user in no segment whom the view still holds: the sequence hash a user leaving a segment
+    # keeps (an EXIT that is no lifetime end: here, of a segment since removed from the
+    # definitions; the shipped ones put every user with a profile in a tier). No EXIT reaches it;
+    # the erasure marker must delete it.
+    quiet = "quiet-erased"
     held = {victim, withdrawn, scored}
-    # As a consent platform writes them; the erasure comes from `segments forget` below.
+    # As a consent platform writes them; the victim's erasure comes from `segments forget` below.
     consents = [
         UserRequest("consent-1", withdrawn, CONSENT, erased_at, "e2e", SEGMENTATION, False),
         UserRequest("consent-2", scored, CONSENT, erased_at, "e2e", SCORING, False),
+        UserRequest("erase-quiet", quiet, ERASE, erased_at, "e2e"),
     ]
     others_second = [e for e in second if e.user_id not in held]
     held_second = [e for e in second if e.user_id in held]
@@ -131,6 +137,8 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     sender = threading.Thread(target=run.produce_paced, args=(others_second, 100))
     sender.start()
     probe = UncommittedProbe(broker, run.topics["transitions"], victim, catalog)
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
+    view.client.hset(f"seg:seq:{quiet}", "retired_segment", str(erased_at * 1000 - 5))
     for r in consents:
         requester.produce("privacy-requests", key=r.user_id.encode(), value=request_codec.encode(r.to_record()))
     assert requester.flush(30) == 0
@@ -147,6 +155,7 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     causes = {(t.user_id, t.cause) for t in expected}
     assert {(victim, "ERASURE"), (withdrawn, "CONSENT"), (scored, "CONSENT")} <= causes
     assert not privacy[victim].consent and privacy[victim].erased_at_ms is None  # the tombstone lapsed
+    assert not [t for t in expected if t.user_id == quiet]  # nothing to EXIT
     erasure_ids = {t.transition_id for t in expected if t.cause == "ERASURE"}
     wait_until_committed(run, erasure_ids)
     run.produce_events([buried, *held_second, comeback])
@@ -185,10 +194,11 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
     audit_log = read_topic(broker, "privacy-audit")
     audit_codec = catalog.codec("ErasureAudit")
     audits = [audit_codec.decode(r.value) for r in audit_log.committed]
-    assert [(a["request_id"], a["user_hash"], a["requested_at"]) for a in audits] == [
-        (erasure.request_id, user_hash(victim), erased_at)
-    ]
-    assert "profile" in audits[0]["erased"] and all(victim.encode() not in r.value for r in audit_log.committed)
+    assert sorted((a["request_id"], a["user_hash"], a["requested_at"]) for a in audits) == sorted(
+        [(erasure.request_id, user_hash(victim), erased_at), ("erase-quiet", user_hash(quiet), erased_at)]
+    )
+    assert "profile" in next(a["erased"] for a in audits if a["request_id"] == erasure.request_id)
+    assert all(u.encode() not in r.value for r in audit_log.committed for u in (victim, quiet))
     assert len(audit_log.aborted) >= 1  # the first attempt's record, aborted with its transaction
 
     # The buried event: dead-lettered without its payload; the job never applied it (the core did not).
@@ -197,12 +207,13 @@ def test_erasure_and_consent_under_traffic_survive_a_taskmanager_kill_before_the
 
     # Redis: the view equals the log, and nothing of the erased and withdrawn users' first
     # lifetimes is left (the victim's comeback is a new lifetime with its own keys).
-    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
     deadline = time.monotonic() + 120
     while redis_differences(committed, view, segmentation.definitions.names) and time.monotonic() < deadline:
         time.sleep(2)
     assert not redis_differences(committed, view, segmentation.definitions.names)
     assert not list(view.client.scan_iter(match=f"seg:*:{withdrawn}"))
+    # The user erased in no segment: in no key any more.
+    assert not list(view.client.scan_iter(match=f"seg:*:{quiet}"))
     old_sequences = {int(v) for v in view.client.hvals(f"seg:seq:{victim}")}
     assert all(s > erased_at * 1000 for s in old_sequences), "a sequence of the erased lifetime is left"
     after_comeback = {name for name, m in profiles[victim].memberships.items() if m.member}

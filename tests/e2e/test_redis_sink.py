@@ -25,6 +25,7 @@ from jobs.redis_sink import redis_view_sink
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import load_settings
 from tests.e2e.tls_redis import certificates, tls_redis
+from udfs.redis_layout import ERASE_VIEW_KIND
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +54,15 @@ def jvm():
 
 
 def batch(jvm, *entries):
-    """A committable of (user, segment, kind, sequence, event_time[, rule]) entries (rule "r")."""
+    """A committable of (user, segment, kind, sequence, event_time[, rule]) entries (rule "r");
+    kind ERASE makes an erasure marker (segment "", sequence the last one it deletes)."""
     Entry = jvm.segments.redis.TransitionBatch.Entry
     items = jvm.java.util.ArrayList()
     for user, segment, kind, sequence, event_time, *rule in entries:
-        items.add(Entry(user, segment, kind == "ENTER", sequence, event_time, rule[0] if rule else "r"))
+        if kind == ERASE_VIEW_KIND:
+            items.add(Entry.erasure(user, sequence, event_time))
+        else:
+            items.add(Entry(user, segment, kind == "ENTER", sequence, event_time, rule[0] if rule else "r"))
     return jvm.segments.redis.TransitionBatch(items)
 
 
@@ -82,26 +87,36 @@ def test_the_committable_survives_its_serializer_and_rejects_what_it_cannot_read
         ("u1", "vip", "ENTER", 1_700_000_000_001, 1_700_000_000_000),
         ("üser-ß", "cart_holder", "EXIT", 2**62, -1),
         ("u2", "", "ENTER", 0, 0),
+        ("u1", "", ERASE_VIEW_KIND, 1_700_000_000_999, 1_700_000_000_000),
     )
     data = serializer.serialize(original)
-    assert serializer.getVersion() == 2
-    again = serializer.deserialize(2, data)
-    assert again.equals(original) and again.entries().size() == 3
+    assert serializer.getVersion() == 3
+    again = serializer.deserialize(3, data)
+    assert again.equals(original) and again.entries().size() == 4
+    assert str(again.entries().get(3)) == " ERASE #1700000000999 @1700000000000"
+    # A marker is not the EXIT of a segment named "" with the same numbers.
+    exit_instead = batch(jvm, ("u1", "", "EXIT", 1_700_000_000_999, 1_700_000_000_000, ""))
+    assert not exit_instead.entries().get(0).equals(again.entries().get(3))
     # No user id in the text: Flink logs committables, and user ids are personal data.
     assert str(again.entries().get(1)) == "cart_holder EXIT #4611686018427387904 @-1"
     empty = batch(jvm)
-    assert serializer.deserialize(2, serializer.serialize(empty)).equals(empty)
+    assert serializer.deserialize(3, serializer.serialize(empty)).equals(empty)
+    # A checkpoint of version 2 (no erasure marker): read as it was; a kind 2 byte is not one of its.
+    without_marker = batch(jvm, ("u1", "vip", "ENTER", 5, 100))
+    assert serializer.deserialize(2, serializer.serialize(without_marker)).equals(without_marker)
+    with pytest.raises(Py4JJavaError, match="kind byte 2"):
+        serializer.deserialize(2, data)
     # A checkpoint of the release before: its committables are read, their rule unknown.
     old = serializer.deserialize(1, version_1_bytes(("üser-ß", "vip", "EXIT", 7, 100), ("u2", "cart", "ENTER", 3, 90)))
     assert old.equals(batch(jvm, ("üser-ß", "vip", "EXIT", 7, 100, ""), ("u2", "cart", "ENTER", 3, 90, "")))
-    with pytest.raises(Py4JJavaError, match="unknown TransitionBatch version 3"):
-        serializer.deserialize(3, data)
+    with pytest.raises(Py4JJavaError, match="unknown TransitionBatch version 4"):
+        serializer.deserialize(4, data)
     with pytest.raises(Py4JJavaError, match="EOFException|corrupt"):
-        serializer.deserialize(2, bytes(data)[:-3])
+        serializer.deserialize(3, bytes(data)[:-3])
     with pytest.raises(Py4JJavaError, match="trailing bytes"):
-        serializer.deserialize(2, bytes(data) + b"\x00")
+        serializer.deserialize(3, bytes(data) + b"\x00")
     # Short in logs and exception messages (Flink prints committables there).
-    assert str(original) == "TransitionBatch{3 transitions, first vip ENTER #1700000000001 @1700000000000}"
+    assert str(original) == "TransitionBatch{4 transitions, first vip ENTER #1700000000001 @1700000000000}"
 
 
 @pytest.mark.parametrize(
@@ -203,6 +218,39 @@ def test_the_committer_applies_by_sequence_and_a_second_commit_changes_nothing(j
     before = {k: view.client.dump(k) for k in view.client.keys("t:*")}
     commit(c, second, first)  # as after a restore: the restored checkpoint's committables again
     assert {k: view.client.dump(k) for k in view.client.keys("t:*")} == before
+    c.close()
+
+
+def test_an_erasure_marker_deletes_every_entry_of_its_user_held_or_not_and_leaves_a_later_return(jvm, redis_url):
+    c = committer(jvm, redis_url, prefix="e")
+    before = batch(
+        jvm,
+        ("held", "vip", "ENTER", 1001, 1),
+        ("held", "cart", "ENTER", 1001, 1),
+        ("held", "cart", "EXIT", 1002, 2),  # not a lifetime end: its sequence hash entry stays
+        ("quiet", "vip", "ENTER", 1001, 1),
+        ("quiet", "vip", "EXIT", 1002, 2),  # holds nothing now, but `e:seq:quiet` stays
+        ("other", "vip", "ENTER", 1001, 1),
+    )
+    erasures = batch(
+        jvm,
+        ("held", "", ERASE_VIEW_KIND, 5000, 5),
+        ("quiet", "", ERASE_VIEW_KIND, 5000, 5),
+        ("quiet", "cart", "ENTER", 6001, 6),  # the user comes back after the erasure
+    )
+    commit(c, before)
+    view = RedisSegmentView(redis_url, "e", retention_ms=0)
+    assert view.client.exists("e:seq:quiet") and not view.client.exists("e:user:quiet")
+    commit(c, erasures)
+    assert sorted(view.client.keys("e:*held*")) == [] and view.segments_of("held") == {}
+    assert view.members("vip") == {"other"} and view.members("cart") == {"quiet"}
+    assert view.segments_of("quiet") == {"cart": (6001, 6)}
+    assert view.client.hgetall("e:seq:quiet") == {b"cart": b"6001"}
+    # A restore commits the restored checkpoint's committables again, in order: nothing changes,
+    # and the return (a sequence above the marker's) stays.
+    state = {k: view.client.dump(k) for k in view.client.keys("e:*")}
+    commit(c, before, erasures)
+    assert {k: view.client.dump(k) for k in view.client.keys("e:*")} == state
     c.close()
 
 

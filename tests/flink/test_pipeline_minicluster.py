@@ -59,7 +59,8 @@ class AppendToFile(FlatMapFunction):
 
 
 # What the state of two users holds before their first event (see StateDamagedBeforehand): bytes
-# no release wrote, and the layout of a release newer than this one.
+# no release wrote (in the profile state), and the layout of a release newer than this one (in the
+# latin-1 text state of the releases before 2026-12-08, which is read when the other is empty).
 DAMAGED_STATE = {"damaged": "\x95\x05garbage", "from-the-future": "\x95\x63\x00\xc0\xc4\x00\x00"}
 
 
@@ -70,8 +71,11 @@ class StateDamagedBeforehand(SegmentUsers):
 
     def process_element(self, value, ctx):
         damaged = DAMAGED_STATE.get(value[0])
-        if damaged is not None and self.profile_state.value() is None:
-            self.profile_state.update(damaged)
+        if damaged is not None and self.profile_state.value() is None and self.text_profile_state.value() is None:
+            if value[0] == "damaged":
+                self.profile_state.update(damaged.encode("latin-1"))
+            else:
+                self.text_profile_state.update(damaged)
         yield from super().process_element(value, ctx)
 
 

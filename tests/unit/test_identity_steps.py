@@ -14,9 +14,10 @@ from tests.unit.test_profile_properties import feature_problems
 from udfs.codec import DecodeError
 from udfs.events import UserEvent
 from udfs.identity import MAX_ID_LENGTH, MERGED_RULE, Alias, Identify, forward_target, identify_from_record
+from udfs.privacy import ERASE, UserRequest
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, MINUTE_MS
-from udfs.transitions import APPLIED, DUPLICATE, LATE, MERGE, SegmentEngine
+from udfs.transitions import APPLIED, DUPLICATE, LATE, MERGE, SegmentEngine, replay_events
 
 T0 = START_MS
 ANON, KNOWN = "anon-1", "known-1"
@@ -246,3 +247,45 @@ def test_feedback_records_round_trip_through_the_user_event_contract(catalog):
     forwarded = event_from_record(codec.decode(codec.encode(forwarded_record(original, KNOWN, 1))), T0, 0)
     assert forwarded.user_id == KNOWN and hops_of(forwarded) == 1 and hops_of(original) == 0
     assert (forwarded.event_id, forwarded.product_id, forwarded.quantity) == ("a9", "p1", 1)
+
+
+def test_replay_events_applies_identifies_as_the_backtest_does():
+    """replay_events and the backtest share the merge (udfs/identity_replay.py): the anonymous
+    id's profile goes to the known id at the identify, later anonymous events follow it, and an
+    identify of an id already merged elsewhere changes nothing."""
+    events = [
+        event("a1", ANON, "page_view", T0),
+        cart_add("a2", ANON, T0 + 1000, "p1", 2, 5.0),
+        event("k1", KNOWN, "page_view", T0 + 2000),
+        cart_add("a3", ANON, T0 + 4000, "p2", 1, 1.0),
+    ]
+    identifies = [(3, Identify("i1", ANON, KNOWN, T0 + 3000)), (4, Identify("i2", ANON, "someone-else", T0 + 5000))]
+    log = EventLog("log", list(events))
+    log.identifies = list(identifies)
+    backtest = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
+    interleaved = events[:3] + [identifies[0][1], events[3], identifies[1][1]]
+    replayed, profiles = replay_events(SegmentEngine(basic_definitions()), interleaved, until_ms=T0 + 6000)
+    assert [t.to_record(0) for t in replayed] == [t.to_record(0) for t in backtest.transitions]
+    assert {(t.user_id, t.segment, t.kind, t.cause) for t in replayed if t.cause == MERGE} >= {
+        (ANON, "cart_holder", "EXIT", MERGE),
+        (KNOWN, "cart_holder", "ENTER", MERGE),
+    }
+    # a3, sent after the merge under the anonymous id, counted for the known id: its events k1,
+    # a1 and a2 (folded), the identify i1 (a fold's dedup entry) and a3 (forwarded).
+    assert ANON not in profiles and len(profiles[KNOWN].seen_event_ids) == 5
+    _, without_a3 = replay_events(SegmentEngine(basic_definitions()), interleaved[:4])
+    assert len(without_a3[KNOWN].seen_event_ids) == 4
+
+
+def test_erasing_a_merged_anonymous_id_erases_its_link_and_its_later_events_are_its_own():
+    """A request names one id: erasing the anonymous id removes its alias (the link to the known
+    id is personal data of both), as the job removes the keyed state `identity-alias`."""
+    events = [event("a1", ANON, "page_view", T0), event("k1", KNOWN, "page_view", T0 + 1)]
+    later = [event("a2", ANON, "page_view", T0 + 3000), event("a3", ANON, "page_view", T0 + 5000)]
+    log = EventLog("log", events + later)
+    log.identifies = [(2, Identify("i1", ANON, KNOWN, T0 + 2000))]
+    merged = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
+    assert merged.final_members["active_browser"] == {KNOWN}  # a2 and a3 forwarded to the known id
+    log.requests = [UserRequest("r1", ANON, ERASE, T0 + 4000, "test")]
+    erased = run_backtest(basic_definitions(), log, until_ms=T0 + 6000)
+    assert erased.final_members["active_browser"] == {KNOWN, ANON}  # a3 is the anonymous id's own

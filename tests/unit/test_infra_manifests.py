@@ -279,13 +279,58 @@ def test_compose_submission_settings_point_at_the_compose_services(services):
     assert rest_port in published_ports(services["jobmanager"])
 
 
+def created_topics(script: str) -> dict[str, tuple[int, dict[str, str]]]:
+    """The `create_topic NAME PARTITIONS [--config KEY=VALUE]...` lines of a topics script."""
+    created = {}
+    for name, partitions, rest in re.findall(r"^\s*create_topic (\S+) (\d+)(.*)$", script, re.MULTILINE):
+        words = shlex.split(rest)
+        assert words[::2] == ["--config"] * (len(words) // 2) and len(words) % 2 == 0, rest
+        created[name] = (int(partitions), dict(word.split("=", 1) for word in words[1::2]))
+    return created
+
+
+def assert_creates_the_topics_of(settings: JobSettings, script: str) -> None:
+    """Every topic the job reads or writes with these settings, with the partitions and the
+    configurations the project gives it (jobs/settings.py topic_partitions, topic_configs)."""
+    assert settings.requests_topic and settings.identity_topic, "privacy requests and identity merge configured"
+    created = created_topics(script)
+    wanted = settings.topic_partitions(settings.parallelism)
+    configs = settings.topic_configs()
+    assert {name: partitions for name, (partitions, _) in created.items()} == wanted
+    assert {name: config for name, (_, config) in created.items()} == {name: configs.get(name, {}) for name in wanted}
+
+
 def test_compose_creates_the_jobs_topics(services):
     settings = load_settings(environ=settings_variables(compose_environment(services["submit"])))
-    script = compose_value(" ".join(services["topics"]["command"]))
-    created = dict(re.findall(r"^\s*create_topic (\S+) (\d+)\s*$", script, re.MULTILINE))
-    assert set(created) == {settings.events_topic, settings.transitions_topic, settings.dead_letter_topic}
-    assert int(created[settings.events_topic]) == settings.parallelism, "one source subtask per partition"
+    assert_creates_the_topics_of(settings, compose_value(" ".join(services["topics"]["command"])))
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_kubernetes_creates_the_jobs_topics(k8s_documents, flink_deployment):
+    settings = load_settings(environ=settings_variables(k8s_container_env(k8s_documents, flink_deployment)))
+    [job] = [doc for doc in k8s_documents if doc.get("kind") == "Job" and doc["metadata"]["name"] == "segments-topics"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    script = " ".join(container["args"])
+    assert f"--bootstrap-server {settings.bootstrap_servers} " in script
+    assert_creates_the_topics_of(settings, script)
+
+
+def test_a_missing_topic_or_retention_fails_the_manifest_check():
+    settings = JobSettings(requests_topic="user-requests", identity_topic="identity-feedback", parallelism=2)
+    script = """
+        create_topic shopper-events 2
+        create_topic segment-transitions 2
+        create_topic segment-dead-letters 1 --config retention.ms=604800000
+        create_topic user-requests 2
+        create_topic erasure-audit 1 --config retention.ms=-1
+        create_topic identity-feedback 2 --config retention.ms=86400000
+    """
+    assert_creates_the_topics_of(settings, script)
+    for line in script.strip().splitlines():
+        with pytest.raises(AssertionError):
+            assert_creates_the_topics_of(settings, script.replace(line, ""))
+    with pytest.raises(AssertionError):
+        assert_creates_the_topics_of(settings, script.replace(" --config retention.ms=86400000", ""))
 
 
 def test_compose_flink_cluster_configuration(compose, services):

@@ -107,6 +107,36 @@ def test_erasing_an_unknown_user_erases_nothing_and_says_so():
     assert (step.transitions, step.erased, step.drop_state) == ([], (), True)
 
 
+def test_an_erasure_tells_the_view_to_delete_every_sequence_of_the_erased_lifetime_and_none_of_a_return():
+    """The erasure marker's bound (Step.erase_view_up_to): at or above every sequence the user had,
+    held segment or not (a user in no segment emits no EXIT, yet the view keeps their sequences),
+    and below every sequence of a return at or after the request."""
+    engine, profile, privacy = SegmentEngine(basic_definitions()), UserProfile(), PrivacyState()
+    entered = in_cart(engine, profile, privacy)
+    # Ten minutes later active_browser has lapsed; the user is still in cart_holder.
+    engine.step_timer("u1", profile, T0 + 20 * MINUTE_MS, privacy)
+    step = engine.step_request("u1", profile, privacy, erase(T0 + 25 * MINUTE_MS), LATENESS)
+    emitted = [t.sequence for t in entered + step.transitions]
+    assert step.erase_view_up_to is not None and step.erase_view_up_to >= max(emitted)
+    back = engine.step_event("u1", profile, ev(3, T0 + 25 * MINUTE_MS), privacy=privacy)
+    assert back.transitions and all(t.sequence > step.erase_view_up_to for t in back.transitions)
+    # A user in no segment, and one the job holds nothing of: a marker all the same.
+    quiet, quiet_privacy = UserProfile(), PrivacyState()
+    engine.step_event("u2", quiet, ev(1, T0, "page_view", user="u2"), privacy=quiet_privacy)
+    engine.step_timer("u2", quiet, T0 + 20 * MINUTE_MS, quiet_privacy)  # active_browser lapsed
+    assert not any(m.member for m in quiet.memberships.values())
+    quiet_step = engine.step_request("u2", quiet, quiet_privacy, erase(T0 + HOUR_MS, "u2"), LATENESS)
+    assert quiet_step.transitions == [] and quiet_step.erase_view_up_to == (T0 + HOUR_MS) * 1000
+    unknown = engine.step_request("u3", UserProfile(), PrivacyState(), erase(T0, "u3"), LATENESS)
+    assert unknown.erase_view_up_to == T0 * 1000
+    # A withdrawn consent to segmentation ends the lifetime too: the view keeps nothing but the
+    # choice (in the job's state). Other consent changes go by their EXITs alone.
+    withdrawn = engine.step_request("u4", UserProfile(), PrivacyState(), consent(T0, SEGMENTATION, False, "u4"), 0)
+    assert withdrawn.erase_view_up_to == T0 * 1000
+    scoring_only = engine.step_request("u4", UserProfile(), PrivacyState(), consent(T0, SCORING, False, "u4"), 0)
+    assert scoring_only.erase_view_up_to is None
+
+
 def test_time_driven_changes_before_the_request_come_first_as_for_an_event():
     """active_browser lapses 10 minutes after the event and cart_abandoner starts 30 minutes after
     it: an erasure an hour later first emits those TIMER transitions (as the job's timers would
@@ -272,6 +302,10 @@ def test_privacy_settings_the_topics_the_project_creates_and_forget_without_a_to
         on.privacy_requests and on.topic_partitions(3)["requests"] == 3 and on.topic_partitions(3)["erasure-audit"] == 1
     )
     assert on.topic_configs()["segment-dead-letters"]["retention.ms"] == str(HOUR_MS)
+    assert on.topic_configs()["erasure-audit"] == {"retention.ms": "-1"}  # the audit trail is kept
+    merging = JobSettings(identity_topic="identity", identity_retention_ms=HOUR_MS)
+    assert merging.topic_configs()["identity"] == {"retention.ms": str(HOUR_MS)}
+    assert merging.topic_partitions(3)["identity"] == 3
     assert JobSettings(consent_default="withheld").privacy_requests
     with pytest.raises(SettingsError, match="consent_default"):
         JobSettings(consent_default="maybe")

@@ -22,7 +22,9 @@ import org.slf4j.LoggerFactory;
  * per transition, pipelined in chunks. Idempotent: the script applies a transition only if its
  * sequence is newer than the one stored for (user, segment), so committing a committable again
  * after a restore (Flink does, for the restored checkpoint's committables) changes nothing, and
- * the order of the transitions does not matter either.
+ * the order of the transitions does not matter either. An erasure marker (an entry of kind ERASE)
+ * deletes the user's entries up to its sequence; it is applied in its place in the committable,
+ * after the user's ERASURE EXITs and before a later return (chunks go out in order).
  *
  * <p>Redis unreachable (connection refused or lost, timeouts, LOADING/BUSY replies): retried with
  * a growing pause for up to retryMillis, then the committable is left to the view follower
@@ -203,7 +205,7 @@ final class RedisViewCommitter implements Committer<TransitionBatch> {
         return new String[] {
             "EVALSHA", scriptSha, "3",
             userKeyPrefix + e.userId, sequenceKeyPrefix + e.userId, membersKeyPrefix + e.segment,
-            e.segment, e.enter ? "ENTER" : "EXIT", Long.toString(e.sequence), Long.toString(e.eventTime),
+            e.segment, e.kind(), Long.toString(e.sequence), Long.toString(e.eventTime),
             e.userId, retentionMillis, e.rule,
         };
     }

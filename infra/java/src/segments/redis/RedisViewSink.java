@@ -25,9 +25,10 @@ import org.apache.flink.types.Row;
  * after that checkpoint is gone, as are the Kafka records of the aborted transaction: the replay
  * makes them again. Redis therefore never holds a transition the committed log does not.
  *
- * <p>Input: rows whose fields 0..4 are user_id (String), segment (String), kind ("ENTER" or
- * "EXIT"), sequence (Long), event_time (Long, epoch ms), and field 6 the rule (String); field 5
- * (the Kafka payload) is ignored. The key
+ * <p>Input: rows whose fields 0..4 are user_id (String), segment (String), kind ("ENTER", "EXIT",
+ * or "ERASE": an erasure marker, segment "", deleting the user's entries up to its sequence),
+ * sequence (Long), event_time (Long, epoch ms), and field 6 the rule (String); field 5 (the Kafka
+ * payload) is ignored. The key
  * layout and the Lua script come from the Python side (udfs/redis_layout.py), so they are defined
  * once.
  */

@@ -32,17 +32,19 @@ final class RedisViewWriter implements CommittingSinkWriter<Row, TransitionBatch
     public void write(Row row, Context context) {
         // Fields read at once: with object reuse the row may be overwritten after this call.
         String kind = (String) row.getField(2);
-        boolean enter;
-        if ("ENTER".equals(kind)) {
-            enter = true;
-        } else if ("EXIT".equals(kind)) {
-            enter = false;
+        String userId = (String) row.getField(0);
+        long sequence = ((Number) row.getField(3)).longValue();
+        long eventTime = ((Number) row.getField(4)).longValue();
+        if ("ERASE".equals(kind)) {
+            // An erasure marker (udfs/redis_layout.py ERASE_VIEW_KIND): in the batch in its place,
+            // after the user's erasure EXITs, before anything of a later return.
+            pending.add(TransitionBatch.Entry.erasure(userId, sequence, eventTime));
+        } else if ("ENTER".equals(kind) || "EXIT".equals(kind)) {
+            pending.add(new TransitionBatch.Entry(userId, (String) row.getField(1), "ENTER".equals(kind), sequence,
+                    eventTime, (String) row.getField(RULE_FIELD)));
         } else {
-            throw new IllegalArgumentException("transition kind must be ENTER or EXIT, got " + kind);
+            throw new IllegalArgumentException("transition kind must be ENTER, EXIT or ERASE, got " + kind);
         }
-        pending.add(new TransitionBatch.Entry((String) row.getField(0), (String) row.getField(1), enter,
-                ((Number) row.getField(3)).longValue(), ((Number) row.getField(4)).longValue(),
-                (String) row.getField(RULE_FIELD)));
         buffered.inc();
     }
 

@@ -19,22 +19,42 @@ import org.apache.flink.core.io.SimpleVersionedSerializer;
  */
 public final class TransitionBatch {
 
-    /** One transition as the Redis view needs it. */
+    /**
+     * One transition as the Redis view needs it, or an erasure marker: delete every entry of the
+     * user up to {@code sequence} (segment "", not enter; udfs/redis_layout.py).
+     */
     public static final class Entry {
         final String userId;
         final String segment;
         final boolean enter;
+        final boolean erase;
         final long sequence;
         final long eventTime;
         final String rule; // "" in committables of version 1, which did not carry it
 
         public Entry(String userId, String segment, boolean enter, long sequence, long eventTime, String rule) {
+            this(userId, segment, enter, false, sequence, eventTime, rule);
+        }
+
+        private Entry(String userId, String segment, boolean enter, boolean erase, long sequence, long eventTime,
+                String rule) {
             this.userId = Objects.requireNonNull(userId);
             this.segment = Objects.requireNonNull(segment);
             this.enter = enter;
+            this.erase = erase;
             this.sequence = sequence;
             this.eventTime = eventTime;
             this.rule = Objects.requireNonNull(rule);
+        }
+
+        /** The erasure marker of a user: every entry of theirs up to {@code upTo} goes. */
+        public static Entry erasure(String userId, long upTo, long eventTime) {
+            return new Entry(userId, "", false, true, upTo, eventTime, "");
+        }
+
+        /** The apply script's kind argument. */
+        String kind() {
+            return erase ? "ERASE" : enter ? "ENTER" : "EXIT";
         }
 
         @Override
@@ -43,19 +63,19 @@ public final class TransitionBatch {
                 return false;
             }
             Entry e = (Entry) o;
-            return enter == e.enter && sequence == e.sequence && eventTime == e.eventTime
+            return enter == e.enter && erase == e.erase && sequence == e.sequence && eventTime == e.eventTime
                     && userId.equals(e.userId) && segment.equals(e.segment) && rule.equals(e.rule);
         }
 
         @Override
         public int hashCode() {
-            return Objects.hash(userId, segment, enter, sequence, eventTime, rule);
+            return Objects.hash(userId, segment, enter, erase, sequence, eventTime, rule);
         }
 
         /** No user id: Flink puts committables into log lines, and user ids are personal data. */
         @Override
         public String toString() {
-            return segment + " " + (enter ? "ENTER" : "EXIT") + " #" + sequence + " @" + eventTime;
+            return segment + " " + kind() + " #" + sequence + " @" + eventTime;
         }
     }
 
@@ -87,13 +107,17 @@ public final class TransitionBatch {
     }
 
     /**
-     * Version 2: int count, then per entry: user id and segment (int length + UTF-8 bytes each),
-     * byte kind (1 ENTER, 0 EXIT), long sequence, long event time, then the rule (as the strings);
-     * big-endian (DataOutput). Version 1 is the same without the rule, and stays readable (its
-     * entries get the rule ""): committables live in checkpoints and savepoints.
+     * Version 3: int count, then per entry: user id and segment (int length + UTF-8 bytes each),
+     * byte kind (1 ENTER, 0 EXIT, 2 an erasure marker), long sequence, long event time, then the
+     * rule (as the strings); big-endian (DataOutput). Version 2 is the same without erasure
+     * markers, version 1 without the rule either; both stay readable (version 1's entries get the
+     * rule ""): committables live in checkpoints and savepoints.
      */
     public static final class Serializer implements SimpleVersionedSerializer<TransitionBatch> {
-        static final int VERSION = 2;
+        static final int VERSION = 3;
+        private static final byte EXIT = 0;
+        private static final byte ENTER = 1;
+        private static final byte ERASE = 2;
 
         @Override
         public int getVersion() {
@@ -108,7 +132,7 @@ public final class TransitionBatch {
             for (Entry e : batch.entries) {
                 writeString(out, e.userId);
                 writeString(out, e.segment);
-                out.writeByte(e.enter ? 1 : 0);
+                out.writeByte(e.erase ? ERASE : e.enter ? ENTER : EXIT);
                 out.writeLong(e.sequence);
                 out.writeLong(e.eventTime);
                 writeString(out, e.rule);
@@ -119,7 +143,7 @@ public final class TransitionBatch {
 
         @Override
         public TransitionBatch deserialize(int version, byte[] serialized) throws IOException {
-            if (version != 1 && version != VERSION) {
+            if (version < 1 || version > VERSION) {
                 throw new IOException("unknown TransitionBatch version " + version + " (this code reads 1 to " + VERSION + ")");
             }
             DataInputStream in = new DataInputStream(new ByteArrayInputStream(serialized));
@@ -132,12 +156,13 @@ public final class TransitionBatch {
                 String user = readString(in);
                 String segment = readString(in);
                 byte kind = in.readByte();
-                if (kind != 0 && kind != 1) {
+                if (kind != EXIT && kind != ENTER && !(kind == ERASE && version >= 3)) {
                     throw new IOException("corrupt TransitionBatch: kind byte " + kind);
                 }
                 long sequence = in.readLong();
                 long eventTime = in.readLong();
-                entries.add(new Entry(user, segment, kind == 1, sequence, eventTime, version == 1 ? "" : readString(in)));
+                String rule = version == 1 ? "" : readString(in);
+                entries.add(new Entry(user, segment, kind == ENTER, kind == ERASE, sequence, eventTime, rule));
             }
             if (in.available() != 0) {
                 throw new IOException("corrupt TransitionBatch: " + in.available() + " trailing bytes");
