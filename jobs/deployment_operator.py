@@ -1,9 +1,7 @@
-"""The control stream's Flink side (docs/deployments.md, "Job wiring"): the validation operator,
-run once for the job (one key, parallelism 1), and the broadcast of its accepted decisions. The
-logic is jobs/deployment_stream.py's; these classes only move values between it and Flink.
-
-Not yet connected to the keyed function (jobs/segment_users.py): that waits for its output path's
-restructuring; `control_decisions` is what the wiring calls."""
+"""The control stream's Flink side (docs/deployments.md, "Job wiring"): the control topic's source,
+the validation operator, run once for the job (one key, parallelism 1), and the broadcast of its
+accepted decisions to the keyed function (jobs/segment_users.DeployedSegmentUsers). The logic is
+jobs/deployment_stream.py's; these classes only move values between it and Flink."""
 
 from __future__ import annotations
 
@@ -80,12 +78,10 @@ class ValidateDeployments(KeyedProcessFunction):
         verdict = self.validator.verdict(payload, value[1], now_ms())
         if verdict.dead_letter is not None:
             reason, message = verdict.dead_letter
-            yield (
-                CONTROL_DEAD_LETTERS,
-                dead_letter_row(
-                    self.dead_letters, payload, self.control_topic, value[2], value[3], reason, message, 1 << 20
-                ),
+            key, letter = dead_letter_row(
+                self.dead_letters, payload, self.control_topic, value[2], value[3], reason, message, 1 << 20
             )
+            yield CONTROL_DEAD_LETTERS, Row(key, letter)
             return
         yield DEPLOYMENT_STATUS, Row(verdict.deployment_id, verdict.status)
         if verdict.accepted:
@@ -123,21 +119,28 @@ def _epoch_ms(timestamp) -> int:
     return int(timestamp.timestamp() * 1000)
 
 
-def attach_control(t_env, statements, settings: JobSettings, segmentation: Segmentation):
-    """The control topic's source and the status topic's sink (exactly-once) on the job's table
-    environment and statement set: the broadcast of accepted decisions, and the dead letters of
-    unreadable control records (for the job's dead-letter sink)."""
-    from jobs.kafka_tables import control_table_ddl, kafka_table_ddl
+def control_source(t_env, settings: JobSettings) -> DataStream:
+    """The control topic's records as CONTROL_RECORD rows, on the job's table environment."""
+    from jobs.kafka_tables import control_table_ddl
 
     t_env.execute_sql(control_table_ddl("control_in", settings))
-    t_env.execute_sql(kafka_table_ddl("deployment_status_out", settings.deployment_status_topic, settings, sink=True))
-    control = (
+    return (
         t_env.to_data_stream(t_env.from_path("control_in"))
         .map(lambda r: Row(r[0], _epoch_ms(r[1]), r[2], r[3]), output_type=CONTROL_RECORD)
         .name("Control records")
         .uid("control-records")
         .set_parallelism(1)
     )
-    broadcast, statuses, dead_letters = control_decisions(control, settings, segmentation)
+
+
+def attach_control(t_env, statements, settings: JobSettings, segmentation: Segmentation):
+    """The control topic's source and the status topic's sink (exactly-once) on a table
+    environment and statement set, alone: the broadcast of accepted decisions, and the dead
+    letters of unreadable control records (tests/e2e/control_path_job.py; the job's wiring is
+    jobs/segment_users.attach_connectors)."""
+    from jobs.kafka_tables import kafka_table_ddl
+
+    t_env.execute_sql(kafka_table_ddl("deployment_status_out", settings.deployment_status_topic, settings, sink=True))
+    broadcast, statuses, dead_letters = control_decisions(control_source(t_env, settings), settings, segmentation)
     statements.add_insert("deployment_status_out", t_env.from_data_stream(statuses))
     return broadcast, dead_letters

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pyflink.common import Duration, Types, WatermarkStrategy
 from pyflink.datastream import (
     DataStream,
+    KeyedBroadcastProcessFunction,
     KeyedProcessFunction,
     RuntimeContext,
     StreamExecutionEnvironment,
@@ -26,12 +27,14 @@ from pyflink.table import StreamTableEnvironment
 from pyflink.table.expressions import col
 
 import udfs
+from jobs.deployment_operator import DECISIONS, control_decisions, control_source, job_models
+from jobs.deployment_stream import BroadcastTimeline
 from jobs.flink_environment import create_environment
 from jobs.identity_feedback import fold_of, fold_record, forwarded_record, hops_of
 from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
-from jobs.step_outputs import ERASURE_AUDIT, IDENTITY_FEEDBACK, StepOutputs
+from jobs.step_outputs import ERASURE_AUDIT, IDENTITY_FEEDBACK, SHADOW_TRANSITION, StepOutputs
 from udfs.codec import MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.identity import MAX_ALIAS_HOPS, Alias, forward_target, identify_from_record, is_identify
@@ -71,7 +74,8 @@ TRANSITION_RECORD = Types.ROW_NAMED(
 # dead letters (undecodable, invalid and late events), folds and forwarded events for another key
 # (to the identity feedback topic, jobs/identity_feedback.py), one ErasureAudit record per erasure
 # keyed by the user id's hash (docs/privacy.md); in step_outputs.KEYED_KINDS order.
-KEYED_OUTPUTS = ("dead-letters", "identity-feedback", "erasure-audit")
+# A candidate in shadow's transitions go to the shadow topic (docs/deployments.md).
+KEYED_OUTPUTS = ("dead-letters", "identity-feedback", "erasure-audit", "shadow-transitions")
 # The dead-letter reason of an event older than its user's erasure (dead-lettered without its
 # payload: what it held is what was erased).
 ERASED_USER = "erased_user"
@@ -174,8 +178,12 @@ class SegmentUsers(KeyedProcessFunction):
         # and are compiled again in open(): compiled closures are not shipped.
         self.definitions_text = segmentation.definitions.text
         self.definitions_source = segmentation.definitions.source
-        # Schemas and the models the definitions read, by value (see ShippedFiles).
-        self.files = ShippedFiles.of_job(settings.models_dir, segmentation.definitions.models)
+        # Schemas and the models the definitions read, by value (see ShippedFiles); with live
+        # deployments every model of the directory (a deployment may read any of them).
+        self.control_topic = settings.control_topic
+        self.deployment_sweep_ms = settings.deployment_sweep_ms
+        models = job_models(settings.models_dir) if self.control_topic else segmentation.definitions.models
+        self.files = ShippedFiles.of_job(settings.models_dir, models)
         self.profile_config = settings.profile
         self.emit_profile_snapshots = settings.emit_profile_snapshots
         self.profile_cache_users = settings.profile_cache_users
@@ -194,10 +202,20 @@ class SegmentUsers(KeyedProcessFunction):
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         # Models verified again where they run (file hashes, this worker's feature code, golden
         # sets): a worker whose code or files differ from the client's stops here.
-        self.engine = Segmentation.from_text(
+        startup = Segmentation.from_text(
             self.definitions_text, self.definitions_source, self.profile_config, self.files_dir / "models"
-        ).engine()
+        )
+        self.engine = startup.engine()
         self.engine.consent_default = self.consent_default
+        # Live deployments: the timeline rebuilt from broadcast state when first needed
+        # (DeployedSegmentUsers); its DeployedEngine then takes the steps.
+        self.deployments = (
+            BroadcastTimeline(
+                startup, self.profile_config, self.files_dir / "models", self.deployment_sweep_ms, self.consent_default
+            )
+            if self.control_topic
+            else None
+        )
         self.requests = catalog.codec("UserRequest", max_bytes=self.max_event_bytes)
         self.audit = catalog.codec("ErasureAudit")
         log.info("segment users: the core runs %s", udfs.CORE)
@@ -590,6 +608,10 @@ class SegmentUsers(KeyedProcessFunction):
             self.profile_state.update(encoded)
             if self.emit_profile_snapshots:
                 out.snapshot(user_id, cause_event_id, encoded)
+        if step.shadow_transitions:
+            emitted_at = now_ms()
+            for t in step.shadow_transitions:
+                out.keyed(SHADOW_TRANSITION, t.user_id, self.transitions.encode(t.to_record(emitted_at)))
         transitions = step.transitions
         if not transitions:
             return
@@ -607,6 +629,29 @@ class SegmentUsers(KeyedProcessFunction):
             )
 
 
+class DeployedSegmentUsers(SegmentUsers, KeyedBroadcastProcessFunction):
+    """SegmentUsers connected to the control stream's broadcast (docs/deployments.md): each
+    accepted decision goes into broadcast state and the timeline; each event and timer is stepped
+    by the DeployedEngine of the timeline, rebuilt from the broadcast state (readable only through
+    the contexts) the first time one needs it after open."""
+
+    def process_broadcast_element(self, value, ctx):
+        ctx.get_broadcast_state(DECISIONS).put(value[0], value[1])
+        self.deployments.add(value[1])
+        return ()
+
+    def _deployed(self, ctx) -> None:
+        self.engine = self.deployments.engine or self.deployments.rebuild(ctx.get_broadcast_state(DECISIONS).items())
+
+    def process_element(self, value, ctx):
+        self._deployed(ctx)
+        return super().process_element(value, ctx)
+
+    def on_timer(self, timestamp: int, ctx):
+        self._deployed(ctx)
+        return super().on_timer(timestamp, ctx)
+
+
 @dataclass
 class PipelineOutputs:
     transitions: DataStream  # TRANSITION_RECORD
@@ -614,6 +659,9 @@ class PipelineOutputs:
     identity_feedback: DataStream  # KEYED_RECORD: folds and forwarded events for another key
     profile_snapshots: DataStream  # PROFILE_SNAPSHOT, empty unless settings.emit_profile_snapshots
     erasure_audit: DataStream  # KEYED_RECORD: one ErasureAudit per erasure
+    shadow_transitions: DataStream  # KEYED_RECORD: a candidate in shadow's (docs/deployments.md)
+    deployment_status: DataStream | None = None  # KEYED_RECORD: DeploymentStatus, with a control stream
+    control_dead_letters: DataStream | None = None  # KEYED_RECORD: unreadable control records
 
 
 # The fields UserEventKeys reads, in the order every readable version of the records it keys must
@@ -653,6 +701,7 @@ def build_pipeline(
     keyed_function=None,
     raw_requests: DataStream | None = None,
     feedback_records: DataStream | None = None,
+    control_records: DataStream | None = None,
 ) -> PipelineOutputs:
     """`raw_records` (RAW_RECORD rows) must run at `settings.parallelism`, like every operator up to
     key_by: then each connection is forward and a partition's order (which keeps a user's events in
@@ -664,7 +713,10 @@ def build_pipeline(
     requests, keyed by the same Java operator and unioned with the events before the watermark
     generator, so a quiet requests topic never holds the watermark back.
     `feedback_records` (RAW_RECORD rows of the identity feedback topic) are keyed and timed the
-    same way, with idleness of their own, and join the events before key_by."""
+    same way, with idleness of their own, and join the events before key_by.
+    `control_records` (jobs/deployment_operator.CONTROL_RECORD rows of settings.control_topic):
+    live deployments, validated once and broadcast to the keyed function (DeployedSegmentUsers).
+    Without them the keyed function is the one without deployments: the graph is unchanged."""
     from pyflink.datastream.data_stream import KeyedStream
     from pyflink.java_gateway import get_gateway
 
@@ -743,12 +795,14 @@ def build_pipeline(
         segmentation.registry.version if segmentation.registry else "none",
     )
     parallelism = settings.segment_parallelism or settings.parallelism
-    steps = (
-        keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=BYTES)
-        .name(SEGMENT.name)
-        .uid(SEGMENT.uid)
-        .set_parallelism(parallelism)
-    )
+    deployment_status = control_dead_letters = None
+    if control_records is None:
+        steps = keyed.process((keyed_function or SegmentUsers)(settings, segmentation), output_type=BYTES)
+    else:
+        decisions, deployment_status, control_dead_letters = control_decisions(control_records, settings, segmentation)
+        deployed = (keyed_function or DeployedSegmentUsers)(settings, segmentation)
+        steps = keyed.connect(decisions).process(deployed, output_type=BYTES)
+    steps = steps.name(SEGMENT.name).uid(SEGMENT.uid).set_parallelism(parallelism)
     output_tag = gateway.jvm.org.apache.flink.util.OutputTag
     snapshots = output_tag(PROFILE_SNAPSHOTS, PROFILE_SNAPSHOT.get_java_type_info())
     keyed_tags = [output_tag(name, KEYED_RECORD.get_java_type_info()) for name in KEYED_OUTPUTS]
@@ -767,13 +821,18 @@ def build_pipeline(
         .uid(SPLIT.uid)
         .setParallelism(parallelism)
     )
-    dead_letters, identity_feedback, erasure_audit = (DataStream(j_split.getSideOutput(tag)) for tag in keyed_tags)
+    dead_letters, identity_feedback, erasure_audit, shadow = (
+        DataStream(j_split.getSideOutput(tag)) for tag in keyed_tags
+    )
     return PipelineOutputs(
         transitions=DataStream(j_split),
         dead_letters=dead_letters,
         identity_feedback=identity_feedback,
         profile_snapshots=DataStream(j_split.getSideOutput(snapshots)),
         erasure_audit=erasure_audit,
+        shadow_transitions=shadow,
+        deployment_status=deployment_status,
+        control_dead_letters=control_dead_letters,
     )
 
 
@@ -794,9 +853,18 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
         t_env.execute_sql(kafka_table_ddl("identity_in", settings.identity_topic, settings, sink=False))
         t_env.execute_sql(kafka_table_ddl("identity_out", settings.identity_topic, settings, sink=True))
         feedback = t_env.to_data_stream(t_env.from_path("identity_in"))
-    outputs = build_pipeline(raw, settings, keyed_function, raw_requests, feedback)
+    control = None
+    if settings.control_topic:
+        t_env.execute_sql(kafka_table_ddl("deployment_status_out", settings.deployment_status_topic, settings, True))
+        t_env.execute_sql(kafka_table_ddl("shadow_out", settings.shadow_topic, settings, sink=True))
+        control = control_source(t_env, settings)
+    outputs = build_pipeline(raw, settings, keyed_function, raw_requests, feedback, control)
     transitions = outputs.transitions
     statements = t_env.create_statement_set()
+    if outputs.deployment_status is not None and outputs.control_dead_letters is not None:
+        statements.add_insert("deployment_status_out", t_env.from_data_stream(outputs.deployment_status))
+        statements.add_insert("shadow_out", t_env.from_data_stream(outputs.shadow_transitions))
+        statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.control_dead_letters))
     statements.add_insert(
         "transitions_out",
         t_env.from_data_stream(transitions)

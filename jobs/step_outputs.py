@@ -30,9 +30,10 @@ SNAPSHOT = 2
 DEAD_LETTER = 3
 IDENTITY_FEEDBACK = 4
 ERASURE_AUDIT = 5
+SHADOW_TRANSITION = 6  # a candidate in shadow's transition (docs/deployments.md), keyed by user id
 # The side outputs of keyed records, in kind order from DEAD_LETTER: the Java operator's
 # constructor takes their tags in this order.
-KEYED_KINDS = (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT)
+KEYED_KINDS = (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT, SHADOW_TRANSITION)
 
 _LENGTH = struct.Struct(">i")
 _TRANSITION_FIXED = struct.Struct(">Bqqi")  # kind, sequence, event_time, payload length

@@ -529,6 +529,11 @@ class DeployedEngine:
         for engine in self._engines.values():
             engine.consent_default = value
 
+    @property
+    def definitions_version(self) -> str:
+        """The definitions version active after the latest deployment (an erasure's audit)."""
+        return self.engine(self.timeline.active_at(len(self.timeline.entries) - 1)).definitions_version
+
     def engine(self, version: str) -> SegmentEngine:
         """The engine of a version (built the first time; kept, with its scorer, after)."""
         engine = self._engines.get(version)
