@@ -861,17 +861,18 @@ def attach_connectors(env: StreamExecutionEnvironment, settings: JobSettings, ke
     outputs = build_pipeline(raw, settings, keyed_function, raw_requests, feedback, control)
     transitions = outputs.transitions
     statements = t_env.create_statement_set()
+    dead_letters = outputs.dead_letters
     if outputs.deployment_status is not None and outputs.control_dead_letters is not None:
         statements.add_insert("deployment_status_out", t_env.from_data_stream(outputs.deployment_status))
         statements.add_insert("shadow_out", t_env.from_data_stream(outputs.shadow_transitions))
-        statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.control_dead_letters))
+        dead_letters = dead_letters.union(outputs.control_dead_letters)  # one sink per topic (its transactional ids)
     statements.add_insert(
         "transitions_out",
         t_env.from_data_stream(transitions)
         .where(col("kind") != ERASE_VIEW_KIND)  # erasure markers are for the Redis view only
         .select(col("user_id").alias("key"), col("payload")),
     )
-    statements.add_insert("dead_letters_out", t_env.from_data_stream(outputs.dead_letters))
+    statements.add_insert("dead_letters_out", t_env.from_data_stream(dead_letters))
     if raw_requests is not None:
         statements.add_insert("erasure_audit_out", t_env.from_data_stream(outputs.erasure_audit))
     if feedback is not None:

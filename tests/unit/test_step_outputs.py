@@ -2,7 +2,8 @@
 splitter (infra/java segments.steps.SplitStepOutputs) reads it: the flink tier proves the two agree
 end to end; this pins the layout both sides are written against."""
 
-from jobs.step_outputs import DEAD_LETTER, ERASURE_AUDIT, IDENTITY_FEEDBACK, KEYED_KINDS, StepOutputs
+from jobs.segment_users import KEYED_OUTPUTS
+from jobs.step_outputs import DEAD_LETTER, ERASURE_AUDIT, IDENTITY_FEEDBACK, KEYED_KINDS, SHADOW_TRANSITION, StepOutputs
 
 
 def test_a_step_with_nothing_to_say_yields_no_frame():
@@ -43,7 +44,8 @@ def test_an_exit_has_its_flag_clear_and_the_keyed_kinds_follow_the_java_side_out
     out.transition("u", "s", False, 1, 0, b"", "r")
     assert out.frame()[1 + 4 + 1 + 4 + 1] == 0
     # SplitStepOutputs: kind 3 + i goes to the i-th keyed tag, in jobs.segment_users.KEYED_OUTPUTS' order.
-    assert KEYED_KINDS == (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT) == (3, 4, 5)
+    assert KEYED_KINDS == (DEAD_LETTER, IDENTITY_FEEDBACK, ERASURE_AUDIT, SHADOW_TRANSITION) == (3, 4, 5, 6)
+    assert len(KEYED_OUTPUTS) == len(KEYED_KINDS)
 
 
 def test_the_erasure_marker_is_a_transition_item_of_kind_two_with_no_segment_payload_or_rule():
