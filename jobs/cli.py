@@ -325,7 +325,10 @@ def cmd_deployments(args) -> int:
     from udfs.deployments import ACCEPTED
 
     settings = _settings(args)
-    statuses = read_records(settings, settings.deployment_status_topic, "DeploymentStatus")
+    # By instant: the timeline's order (the status topic's order is not, with parallel writers).
+    statuses = sorted(
+        read_records(settings, settings.deployment_status_topic, "DeploymentStatus"), key=lambda s: s["effective_at"]
+    )
     accepted = [s for s in statuses if s["status"] == ACCEPTED]
     current = accepted[-1] if accepted else None
     if current is None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyflink.common import Row, Types
+from pyflink.common import Duration, Row, Types, WatermarkStrategy
+from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import DataStream, KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor
 
@@ -92,11 +93,30 @@ class ValidateDeployments(KeyedProcessFunction):
             self.refused.inc()
 
 
+CONTROL_IDLE_S = 1  # how soon a control stream without records stops counting for the watermark
+
+
+class AtTheEndOfTime(TimestampAssigner):
+    """Every control record at the end of event time: what the control stream says of the
+    watermark never holds back the events' (a deployment carries its own instant)."""
+
+    def extract_timestamp(self, value, record_timestamp: int) -> int:
+        return 2**63 - 1
+
+
 def control_decisions(control_records: DataStream, settings: JobSettings, segmentation: Segmentation):
     """(the accepted decisions, broadcast with DECISIONS; the status records; the dead letters) of
     a stream of CONTROL_RECORD rows."""
+    # The broadcast side must never hold the keyed function's watermark (the lesser of its two
+    # inputs') back: idle until the first record, then at the end of time.
+    watermarks = (
+        WatermarkStrategy.for_monotonous_timestamps()
+        .with_timestamp_assigner(AtTheEndOfTime())
+        .with_idleness(Duration.of_seconds(CONTROL_IDLE_S))
+    )
     decisions = (
-        control_records.key_by(lambda _: CONTROL_KEY, key_type=Types.STRING())
+        control_records.assign_timestamps_and_watermarks(watermarks)
+        .key_by(lambda _: CONTROL_KEY, key_type=Types.STRING())
         .process(ValidateDeployments(settings, segmentation), output_type=DECISION)
         .name(VALIDATE_NAME)
         .uid(VALIDATE_UID)

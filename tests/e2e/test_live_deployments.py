@@ -122,6 +122,7 @@ def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives
         return found if len(found) >= 4 else None
 
     decided = wait_until(statuses, 300, 2.0)
+    decided.sort(key=lambda s: s["effective_at"])  # the status topic has one writer per sink subtask
     assert [(s["action"], s["status"]) for s in decided] == [
         ("DEPLOY", "ACCEPTED"),
         ("DEPLOY", "ACCEPTED"),
@@ -167,8 +168,18 @@ def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives
         records = read_topic(broker, topic).committed
         return records if len(records) >= count else None
 
-    got = wait_until(lambda: committed(TOPICS["transitions"], len(expected)), 300, 2.0, job.log_tail)
-    got_shadow = wait_until(lambda: committed(TOPICS["shadow"], len(expected_shadow)), 300, 2.0, job.log_tail)
+    def difference(topic: str, wanted: list[str]):
+        def say() -> str:
+            have = sorted(comparable(transition_codec.decode(r.value)) for r in read_topic(broker, topic).committed)
+            missing, extra = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
+            return f"{topic}: {len(have)} committed, {len(wanted)} expected\nmissing {missing[:3]}\nextra {extra[:3]}"
+
+        return say
+
+    main, shadow = TOPICS["transitions"], TOPICS["shadow"]
+    got = wait_until(lambda: committed(main, len(expected)), 300, 2.0, difference(main, expected))
+    wanted = expected_shadow
+    got_shadow = wait_until(lambda: committed(shadow, len(wanted)), 300, 2.0, difference(shadow, wanted))
     assert sorted(comparable(transition_codec.decode(r.value)) for r in got) == expected
     assert sorted(comparable(transition_codec.decode(r.value)) for r in got_shadow) == expected_shadow
     removed = [t for t in result.transitions if t.rule == "segment_removed_from_definitions"]
