@@ -1,7 +1,7 @@
 """A job of the control path alone (jobs/deployment_operator.attach_control: the control topic,
 the validation operator, the status topic and the dead letters), with the settings of its
-SEGMENTS_* variables, for tests/e2e/test_deployment_commands.py: the keyed function does not read
-the control topic yet (docs/deployments.md, "Job wiring")."""
+SEGMENTS_* variables, for tests/e2e/test_deployment_commands.py: the control path's own
+behaviour, without events."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Issue 17's commands against a real broker (tansu), before the job reads the control topic (the
-job's wiring is not done yet: docs/deployments.md): `segments deploy`, `promote` and `rollback`
+"""Issue 17's commands against a real broker (tansu), without the job (tests/e2e/test_live_deployments.py
+runs it): `segments deploy`, `promote` and `rollback`
 write control records that decode to what was asked; the validation operator's logic
 (jobs/deployment_stream.py) decides them from the topic; `segments deployments` reads its status
 records back; `segments shadow-report` summarizes the transitions and shadow topics."""

@@ -18,6 +18,7 @@ from jobs.committed_log import read_topic
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
 from tests.unit.basic_definitions import basic_yaml
+from tests.unit.test_deployments import V2, V3  # v2 adds, removes and changes a segment
 from udfs.codec import SchemaCatalog
 from udfs.deployments import ACTIVE, DEPLOY, ControlRecord, control_from_record
 from udfs.events import UserEvent
@@ -37,13 +38,6 @@ TOPICS = {
     "status": "segment-deployments",
     "shadow": "segment-shadow-transitions",
 }
-V2 = (
-    basic_yaml(active_window="5m")
-    .replace("basic-1", "v2")
-    .replace('  - name: highly_engaged\n    when: engagement_tier == "high"\n', "")
-    .replace("segments:\n", "segments:\n  - name: long_browser\n    when: ms_since_last_event < 40m\n")
-)
-V3 = basic_yaml(abandon_after="10m").replace("basic-1", "v3")
 
 
 def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives(
