@@ -85,8 +85,9 @@ def test_deploy_promote_rollback_reach_the_control_topic_and_deployments_reads_t
     assert cli_main(["deployments"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["active: v3 from 2023-11-15T01:13:20.000Z", "shadow: none"]
-    assert [line.split()[1] for line in out[2:]] == ["ACCEPTED", "ACCEPTED", "ACCEPTED", "REFUSED"]
-    assert "before the latest deployment" in out[-1]
+    # By instant: the rollback (2 h, refused: before the promote's 3 h) before the promote.
+    assert [line.split()[1] for line in out[2:]] == ["ACCEPTED", "ACCEPTED", "REFUSED", "ACCEPTED"]
+    assert "before the latest deployment" in out[4]
 
 
 def test_a_broken_file_is_refused_before_it_reaches_the_topic(settings_env, tmp_path, capsys):
