@@ -41,6 +41,7 @@ from udfs.profile import UserProfile
 from udfs.redis_layout import ERASE_VIEW_KIND
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
+from udfs.transition_avro import TransitionWriter
 from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Step
 
 log = logging.getLogger("segments.job")
@@ -190,6 +191,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
         self.feedback = catalog.codec("UserEvent")  # a fold carries a whole profile: no event's cap
         self.transitions = catalog.codec("SegmentTransition")
+        self.transition_writer = TransitionWriter(catalog.current["SegmentTransition"])
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         # Models verified again where they run (file hashes, this worker's feature code, golden
@@ -594,7 +596,7 @@ class SegmentUsers(KeyedProcessFunction):
         if not transitions:
             return
         emitted_at = now_ms()
-        encode = self.transitions.encode
+        header, body = self.transitions.header, self.transition_writer.body
         for t in transitions:
             out.transition(
                 t.user_id,
@@ -602,7 +604,7 @@ class SegmentUsers(KeyedProcessFunction):
                 t.kind == "ENTER",
                 t.sequence,
                 t.event_time,
-                encode(t.to_record(emitted_at)),
+                header + body(t, emitted_at),
                 t.rule,
             )
 

@@ -47,6 +47,7 @@ COMPILED_MODULES = (
     "scoring",
     "segmentation",
     "state",
+    "transition_avro",
     "transitions",
 )
 # Written by infra/build_core.py: the digest of the sources it compiled (first line).
