@@ -38,6 +38,7 @@ COMPILED_MODULES = (
     "conditions",
     "context",
     "definitions",
+    "event_avro",
     "events",
     "experiments",
     "features",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from udfs.avro_layout import check_layout
 from udfs.transitions import Transition
 
 _DOUBLE = struct.Struct("<d")
@@ -38,36 +39,6 @@ REASON_LAYOUT: tuple[tuple[str, str], ...] = (
     ("missing", "array<string>"),
     ("provisional", "boolean"),
 )
-
-
-class TransitionLayoutError(ValueError):
-    """The schema's fields are not the ones this writer writes."""
-
-
-def _type_name(avro_type: object) -> str:
-    if isinstance(avro_type, str):
-        return avro_type
-    if isinstance(avro_type, list):
-        return "|".join(_type_name(t) for t in avro_type)
-    if isinstance(avro_type, dict):
-        kind = str(avro_type["type"])
-        if kind == "map":
-            return f"map<{_type_name(avro_type['values'])}>"
-        if kind == "array":
-            return f"array<{_type_name(avro_type['items'])}>"
-        if kind in ("long", "int", "string") and "logicalType" in avro_type:
-            return kind  # timestamp-millis: written as its long
-        return kind
-    raise TransitionLayoutError(f"unexpected Avro type {avro_type!r}")
-
-
-def _check(fields: list, layout: tuple[tuple[str, str], ...], where: str) -> None:
-    found = tuple((str(f["name"]), _type_name(f["type"])) for f in fields)
-    if found != layout:
-        raise TransitionLayoutError(
-            f"{where}: the schema's fields {found} are not the layout udfs/transition_avro.py writes {layout}: "
-            "update the writer with the schema"
-        )
 
 
 def _long(out: bytearray, value: int) -> None:
@@ -116,9 +87,9 @@ class TransitionWriter:
 
     def __init__(self, schema: dict) -> None:
         fields = schema["fields"]
-        _check(fields, LAYOUT, "SegmentTransition")
+        check_layout(fields, LAYOUT, "SegmentTransition")
         by_name = {str(f["name"]): f for f in fields}
-        _check(by_name["reason"]["type"]["fields"], REASON_LAYOUT, "SegmentTransition.reason")
+        check_layout(by_name["reason"]["type"]["fields"], REASON_LAYOUT, "SegmentTransition.reason")
         self.kinds: dict[str, int] = {s: i for i, s in enumerate(by_name["kind"]["type"]["symbols"])}
         self.causes: dict[str, int] = {s: i for i, s in enumerate(by_name["cause"]["type"]["symbols"])}
 
