@@ -33,12 +33,12 @@ from udfs.codec import DecodeError, SchemaCatalog
 from udfs.definitions import DefinitionSet
 from udfs.events import UserEvent, event_from_record
 from udfs.identity import Identify, identify_from_record, is_identify
-from udfs.identity_replay import IdentityReplay
+from udfs.identity_replay import Erasure, IdentityReplay
 from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Transition
+from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -307,6 +307,7 @@ class BacktestResult:
     log_requests: list[UserRequest] = field(default_factory=list)  # the privacy requests replayed
     buried: int = 0  # events older than their user's erasure, arriving after it: not applied
     withheld: int = 0  # events of users without consent to segmentation: not applied
+    erasures: list[Erasure] = field(default_factory=list)  # the job's audit records, fanned-out ones too
 
 
 def run_backtest(
@@ -361,14 +362,9 @@ def run_backtest(
     for record in bar:
         latest = record.timestamp if latest is None else max(latest, record.timestamp)
         if isinstance(record, UserRequest):
-            user_id = record.user_id
-            profile = profiles.setdefault(user_id, UserProfile())
-            state = privacy.setdefault(user_id, PrivacyState())
-            # The job's tombstone lasts its allowed lateness; so does this one.
-            step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
-            transitions.extend(step.transitions)
-            if step.outcome == ERASED:  # the job erases the id's alias too: its later events are its own
-                identities.aliases.pop(user_id, None)
+            # The job's tombstone lasts its allowed lateness; so does this one. An erasure erases
+            # the ids folded into the user too (the job's fan-out), and each erased id's alias.
+            identities.request(record, allowed_lateness_ms)
         else:
             replay_identifies(position)
             position += 1
@@ -393,8 +389,8 @@ def run_backtest(
             else:
                 applied += 1
                 transitions.extend(step.transitions)
-        if step.drop_state:  # e.g. a user whose only event was late, or who was erased, has no profile
-            profiles.pop(user_id, None)
+            if step.drop_state:  # e.g. a user whose only event was late has no profile
+                profiles.pop(user_id, None)
     replay_identifies(position)  # those after the last event
     if until_ms is None:
         until_ms = (latest or 0) - watermark_lag_ms - 1
@@ -403,6 +399,7 @@ def run_backtest(
         transitions.extend(engine.step_timer(user_id, profile, until_ms, state).transitions)
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
     result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
+    result.erasures = identities.erasures
     result.rejected = log.rejected + identities.rejected
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms
