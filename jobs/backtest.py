@@ -34,12 +34,12 @@ from udfs.definitions import DefinitionSet
 from udfs.deployments import ControlRecord, DeployedEngine, DeploymentStatus, timeline_of
 from udfs.events import UserEvent, event_from_record
 from udfs.identity import Identify, identify_from_record, is_identify
-from udfs.identity_replay import IdentityReplay
+from udfs.identity_replay import Erasure, IdentityReplay
 from udfs.privacy import PrivacyState, UserRequest, request_from_record
 from udfs.profile import UserProfile
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from udfs.segmentation import Segmentation
-from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, SegmentEngine, Transition
+from udfs.transitions import BURIED, DUPLICATE, LATE, WITHHELD, SegmentEngine, Transition
 
 SIZE_SAMPLES = 120
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -312,6 +312,7 @@ class BacktestResult:
     # the candidates' transitions (the job's shadow output).
     deployments: list[DeploymentStatus] = field(default_factory=list)
     shadow_transitions: list[Transition] = field(default_factory=list)
+    erasures: list[Erasure] = field(default_factory=list)  # the job's audit records, fanned-out ones too
 
 
 def run_backtest(
@@ -377,15 +378,9 @@ def run_backtest(
     for record in bar:
         latest = record.timestamp if latest is None else max(latest, record.timestamp)
         if isinstance(record, UserRequest):
-            user_id = record.user_id
-            profile = profiles.setdefault(user_id, UserProfile())
-            state = privacy.setdefault(user_id, PrivacyState())
-            # The job's tombstone lasts its allowed lateness; so does this one.
-            step = engine.step_request(user_id, profile, state, record, allowed_lateness_ms)
-            transitions.extend(step.transitions)
-            shadow.extend(step.shadow_transitions)
-            if step.outcome == ERASED:  # the job erases the id's alias too: its later events are its own
-                identities.aliases.pop(user_id, None)
+            # The job's tombstone lasts its allowed lateness; so does this one. An erasure erases
+            # the ids folded into the user too (the job's fan-out), and each erased id's alias.
+            identities.request(record, allowed_lateness_ms)
         else:
             replay_identifies(position)
             position += 1
@@ -411,8 +406,8 @@ def run_backtest(
                 applied += 1
                 transitions.extend(step.transitions)
                 shadow.extend(step.shadow_transitions)
-        if step.drop_state:  # e.g. a user whose only event was late, or who was erased, has no profile
-            profiles.pop(user_id, None)
+            if step.drop_state:  # e.g. a user whose only event was late has no profile
+                profiles.pop(user_id, None)
     replay_identifies(position)  # those after the last event
     if until_ms is None:
         until_ms = (latest or 0) - watermark_lag_ms - 1
@@ -424,6 +419,7 @@ def run_backtest(
     result = _report(definitions, log, until_ms, applied, duplicates, late, profiles, transitions, flap_window_ms)
     result.log_requests, result.buried, result.withheld = log.requests, buried, withheld
     result.deployments, result.shadow_transitions = statuses, shadow
+    result.erasures = identities.erasures
     result.rejected = log.rejected + identities.rejected
     result.experiments = experiment_report.experiment_figures(
         definitions, transitions, log.events, conversion_window_ms

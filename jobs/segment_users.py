@@ -35,15 +35,24 @@ from jobs.kafka_tables import kafka_table_ddl
 from jobs.settings import JobSettings, load_settings
 from jobs.shipped_files import ShippedFiles
 from jobs.step_outputs import ERASURE_AUDIT, IDENTITY_FEEDBACK, SHADOW_TRANSITION, StepOutputs
-from udfs.codec import MAGIC, DecodeError, SchemaCatalog
+from udfs.codec import HEADER_SIZE, MAGIC, DecodeError, SchemaCatalog
 from udfs.events import MIN_EVENT_TIME_MS, event_from_record
 from udfs.identity import MAX_ALIAS_HOPS, Alias, forward_target, identify_from_record, is_identify
 from udfs.latency import LatencyHistogram
-from udfs.privacy import PrivacyState, decode_privacy, encode_privacy, request_from_record, user_hash
+from udfs.privacy import (
+    ERASED_ALIAS,
+    PrivacyState,
+    UserRequest,
+    decode_privacy,
+    encode_privacy,
+    request_from_record,
+    user_hash,
+)
 from udfs.profile import UserProfile
 from udfs.redis_layout import ERASE_VIEW_KIND
 from udfs.segmentation import Segmentation
 from udfs.state import ProfileStateCodec
+from udfs.transition_avro import TransitionWriter
 from udfs.transitions import BURIED, DUPLICATE, ERASED, LATE, WITHHELD, Step
 
 log = logging.getLogger("segments.job")
@@ -114,8 +123,6 @@ TEXT_PROFILE_STATE = "user-profile"
 PRIVACY_STATE = "user-privacy"  # udfs/privacy.PrivacyState, when settings.privacy_requests
 # An anonymous id merged into a known one: "known id" + US + "until (ms)" (udfs/identity.Alias).
 ALIAS_STATE = "identity-alias"
-# What an erasure's audit record names when it removed the id's alias (docs/privacy.md).
-ERASED_ALIAS = "identity_alias"
 ALIAS_SEPARATOR = "\x1f"
 
 
@@ -198,6 +205,7 @@ class SegmentUsers(KeyedProcessFunction):
         self.events = catalog.codec("UserEvent", max_bytes=self.max_event_bytes)
         self.feedback = catalog.codec("UserEvent")  # a fold carries a whole profile: no event's cap
         self.transitions = catalog.codec("SegmentTransition")
+        self.transition_writer = TransitionWriter(catalog.current["SegmentTransition"])
         self.dead_letters = catalog.codec("DeadLetter")
         self.state_codec = ProfileStateCodec(catalog.codec("UserProfileState"))
         # Models verified again where they run (file hashes, this worker's feature code, golden
@@ -217,6 +225,11 @@ class SegmentUsers(KeyedProcessFunction):
             else None
         )
         self.requests = catalog.codec("UserRequest", max_bytes=self.max_event_bytes)
+        # The headers of the UserRequest versions: on the feedback topic, the erasure of an id
+        # folded into an erased user (the rest there are UserEvent records).
+        self.request_headers = frozenset(
+            MAGIC + fp for fp, known in catalog.by_fingerprint.items() if known.full_name == self.requests.full_name
+        )
         self.audit = catalog.codec("ErasureAudit")
         log.info("segment users: the core runs %s", udfs.CORE)
         # Bytes through PyFlink's pickled-bytes type (the value in state is the pickle of one
@@ -270,6 +283,9 @@ class SegmentUsers(KeyedProcessFunction):
             self._process_request(value, ctx, out)
             return
         fed_back = bool(self.identity_topic) and value[3] == self.identity_topic
+        if fed_back and bytes(payload[:HEADER_SIZE]) in self.request_headers:
+            self._process_request(value, ctx, out)
+            return
         try:
             record = (self.feedback if fed_back else self.events).decode(payload)
             if record.get("user_id") != user_id:  # the Java keying could not read it the way Avro does
@@ -410,15 +426,16 @@ class SegmentUsers(KeyedProcessFunction):
         if quarantined is not None:
             out.dead_letter(quarantined)
         privacy = self._load_privacy(user_id) if self.privacy_requests else None
-        step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id, privacy)
+        step = self.engine.step_fold_in(user_id, profile, folded, fold.identify_event_id, privacy, fold.source_id)
         if step.outcome == DUPLICATE:
             self.duplicate_events.inc()
             return
-        if step.outcome == BURIED:  # older than the known user's erasure: not kept
-            self.buried_events.inc()
-            return
-        if step.outcome == WITHHELD:  # no consent to segmentation at the known id: not kept
-            self.withheld_events.inc()
+        if privacy is not None:  # it remembers the id folded in, which this user's erasure erases too
+            self._store_privacy(user_id, privacy)
+        if step.outcome in (BURIED, WITHHELD):  # older than the known user's erasure, or no consent: not kept
+            (self.buried_events if step.outcome == BURIED else self.withheld_events).inc()
+            if step.register_timer_ms is not None:  # when the folded id is to be forgotten
+                ctx.timer_service().register_event_time_timer(step.register_timer_ms)
             return
         self._commit(ctx, user_id, profile, step, fold.identify_event_id, out)
 
@@ -451,9 +468,9 @@ class SegmentUsers(KeyedProcessFunction):
             out.dead_letter(quarantined)
         if self.privacy_requests:
             privacy = self._load_privacy(user_id)
-            tombstone = privacy.tombstone_until_ms
+            held = privacy.tombstone_until_ms, len(privacy.folded)
             step = self.engine.step_timer(user_id, profile, timestamp, privacy)
-            if privacy.tombstone_until_ms != tombstone:  # the erasure's tombstone has lapsed
+            if (privacy.tombstone_until_ms, len(privacy.folded)) != held:  # a tombstone or folded ids forgotten
                 self._store_privacy(user_id, privacy)
         else:
             step = self.engine.step_timer(user_id, profile, timestamp)
@@ -461,7 +478,9 @@ class SegmentUsers(KeyedProcessFunction):
 
     def _process_request(self, value, ctx: KeyedProcessFunction.Context, out: StepOutputs) -> None:
         """A privacy request: applied at its event time by the core, however late it comes (an
-        erasure is never dropped); an ERASE also writes its audit record."""
+        erasure is never dropped); an ERASE also writes its audit record, and sends the erasures
+        of the ids folded into the user to them through the feedback topic (from there, one of
+        those comes back here)."""
         user_id = value[0]
         try:
             request = request_from_record(self.requests.decode(value[2]))
@@ -476,6 +495,8 @@ class SegmentUsers(KeyedProcessFunction):
             out.dead_letter(quarantined)
         privacy = self._load_privacy(user_id)
         step = self.engine.step_request(user_id, profile, privacy, request, self.allowed_lateness_ms)
+        if step.outcome == DUPLICATE:  # a fanned-out erasure of an id already erased since
+            return
         if step.delete_timer_ms is not None:
             ctx.timer_service().delete_event_time_timer(step.delete_timer_ms)
         self._store_privacy(user_id, privacy)
@@ -497,6 +518,7 @@ class SegmentUsers(KeyedProcessFunction):
                 "definitions_version": self.engine.definitions_version,
             }
             out.keyed(ERASURE_AUDIT, hashed, self.audit.encode(record))
+            self._fan_out(step.fan_out, out)
         else:
             self.consent_changes.inc()
         self._commit(ctx, user_id, profile, step, request.request_id, out)
@@ -504,6 +526,12 @@ class SegmentUsers(KeyedProcessFunction):
             # After the EXITs: the Redis view's sink deletes what they do not reach (docs/redis.md,
             # "Erasure marker"); attach_connectors keeps it out of the transitions topic.
             out.erase_view(user_id, step.erase_view_up_to, request.timestamp)
+
+    def _fan_out(self, requests: tuple[UserRequest, ...], out: StepOutputs) -> None:
+        """Each id folded into an erased user gets its erasure through the feedback topic, which
+        crosses keys exactly-once (docs/privacy.md, "A request names one id")."""
+        for request in requests:
+            out.keyed(IDENTITY_FEEDBACK, request.user_id, self.requests.encode(request.to_record()))
 
     def _load_privacy(self, user_id: str) -> PrivacyState:
         """The user's privacy record. A damaged one is an error that stops the job: dropping it
@@ -616,7 +644,7 @@ class SegmentUsers(KeyedProcessFunction):
         if not transitions:
             return
         emitted_at = now_ms()
-        encode = self.transitions.encode
+        header, body = self.transitions.header, self.transition_writer.body
         for t in transitions:
             out.transition(
                 t.user_id,
@@ -624,7 +652,7 @@ class SegmentUsers(KeyedProcessFunction):
                 t.kind == "ENTER",
                 t.sequence,
                 t.event_time,
-                encode(t.to_record(emitted_at)),
+                header + body(t, emitted_at),
                 t.rule,
             )
 
@@ -763,8 +791,14 @@ def build_pipeline(
     if feedback_records is not None:
         j_feedback = (
             feedback_records._j_data_stream.process(
-                # No size cap: a fold carries a profile; the topic is the job's own.
-                keys_class(user_event_headers(SchemaCatalog()), MIN_EVENT_TIME_MS, settings.max_future_ms, 2**31 - 1),
+                # No size cap: a fold carries a profile; the topic is the job's own. Its records:
+                # folds and forwarded events, and the erasures of ids folded into erased users.
+                keys_class(
+                    user_event_headers(SchemaCatalog()) + user_event_headers(SchemaCatalog(), "UserRequest"),
+                    MIN_EVENT_TIME_MS,
+                    settings.max_future_ms,
+                    2**31 - 1,
+                ),
                 KEYED_EVENT.get_java_type_info(),
             )
             .name(DECODE_FEEDBACK.name)

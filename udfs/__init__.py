@@ -38,6 +38,7 @@ COMPILED_MODULES = (
     "conditions",
     "context",
     "definitions",
+    "event_avro",
     "events",
     "experiments",
     "features",
@@ -47,6 +48,7 @@ COMPILED_MODULES = (
     "scoring",
     "segmentation",
     "state",
+    "transition_avro",
     "transitions",
 )
 # Written by infra/build_core.py: the digest of the sources it compiled (first line).

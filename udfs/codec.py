@@ -18,6 +18,8 @@ import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from udfs import PACKAGE_DIR
+from udfs.avro_layout import AvroLayoutError
+from udfs.event_avro import UserEventReader
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10
@@ -141,6 +143,7 @@ class AvroCodec:
         self._reader = _strict(_parsed(schema))  # what a payload of the current version is read with
         self._resolver = _parsed(schema)  # what an older version's payload is resolved into
         self._catalog = catalog
+        self._fast_reader = _fast_reader(self.full_name, schema)
 
     def encode(self, record: dict) -> bytes:
         """The record as single-object encoding: the header (marker and fingerprint), then the Avro body."""
@@ -169,6 +172,11 @@ class AvroCodec:
             raise DecodeError("unknown_schema", f"writer schema fingerprint {fp.hex()} is not known")
         if known.full_name != self.full_name:
             raise DecodeError("wrong_schema", f"payload is a {known.full_name}, expected {self.full_name}")
+        if fp == self.fingerprint and self._fast_reader is not None:
+            try:
+                return self._fast_reader.read(payload if type(payload) is bytes else bytes(payload), HEADER_SIZE)
+            except (ValueError, IndexError) as exc:  # BodyError, invalid UTF-8
+                raise DecodeError("undecodable", f"body does not match its schema ({type(exc).__name__})") from None
         body = io.BytesIO(payload)
         body.seek(HEADER_SIZE)
         try:
@@ -181,3 +189,15 @@ class AvroCodec:
         if body.tell() != len(payload):
             raise DecodeError("undecodable", f"{len(payload) - body.tell()} trailing bytes after the record")
         return record  # type: ignore[return-value]  # a record schema's value is a dict; fastavro types any Avro value
+
+
+def _fast_reader(full_name: str, schema: dict) -> UserEventReader | None:
+    """The compiled reader of the current UserEvent version (udfs/event_avro.py), None for any
+    other record, or for a UserEvent schema whose fields it does not read (then fastavro reads it;
+    tests/unit/test_event_avro.py fails on the shipped schema if that ever happens)."""
+    if full_name != "segments.v1.UserEvent":
+        return None
+    try:
+        return UserEventReader(schema)
+    except AvroLayoutError:
+        return None

@@ -5,17 +5,31 @@ The job's cross-key protocol reduces to this in a single process: the fold the j
 its feedback topic is delivered at once, and the alias it keeps in the anonymous id's keyed state
 is a dict entry. Both runners call the same per-user steps as the job (`step_fold_out`,
 `step_fold_in`), so their transitions are the job's for a log in which each fold reaches the known
-id before that id's next record (the feedback topic's delay is the only difference).
+id before that id's next record (the feedback topic's delay is the only difference). An erasure
+of a user erases the ids folded into them the same way: the requests the job sends through its
+feedback topic are applied at once.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 
 from udfs.identity import MAX_ALIAS_HOPS, Alias, Identify, forward_target
-from udfs.privacy import PrivacyState
+from udfs.privacy import ERASED_ALIAS, PrivacyState, UserRequest, user_hash
 from udfs.profile import UserProfile
-from udfs.transitions import LATE, SegmentEngine, Transition
+from udfs.transitions import ERASED, LATE, SegmentEngine, Transition
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What the job's audit record of an erasure says, but for its wall-clock `erased_at`."""
+
+    request_id: str
+    user_hash: str
+    requested_at: int
+    source: str
+    erased: tuple[str, ...]
 
 
 class IdentityReplay:
@@ -36,6 +50,7 @@ class IdentityReplay:
         self.transitions = transitions
         self.aliases: dict[str, Alias] = {}
         self.rejected: Counter = Counter()  # the job's dead-letter reasons for identifies and forwards
+        self.erasures: list[Erasure] = []  # the job's audit records, in the order it writes them
 
     def identify(self, identify: Identify, late_before_ms: int | None = None) -> int:
         """Folds the anonymous id into the known id; 1 when the identify was too late, else 0."""
@@ -69,7 +84,7 @@ class IdentityReplay:
             return 0
         known = self.profiles.setdefault(target, UserProfile())
         state = self.privacy.setdefault(target, PrivacyState())
-        step = self.engine.step_fold_in(target, known, fold.folded, identify.event_id, state)
+        step = self.engine.step_fold_in(target, known, fold.folded, identify.event_id, state, source)
         self.transitions.extend(step.transitions)
         if step.drop_state:
             self.profiles.pop(target, None)
@@ -89,3 +104,27 @@ class IdentityReplay:
             user_id = target
         self.rejected["identity_loop"] += 1
         return None
+
+    def request(self, request: UserRequest, tombstone_ms: int) -> None:
+        """Applies a privacy request as the job does (`step_request`, the alias of an erased id
+        erased with it), then the erasures it fans out to the ids folded into the user, each
+        before the next record of the log, and theirs in turn."""
+        pending = deque([request])
+        while pending:
+            request = pending.popleft()
+            user_id = request.user_id
+            profile = self.profiles.setdefault(user_id, UserProfile())
+            state = self.privacy.setdefault(user_id, PrivacyState())
+            step = self.engine.step_request(user_id, profile, state, request, tombstone_ms)
+            self.transitions.extend(step.transitions)
+            if step.drop_state:
+                self.profiles.pop(user_id, None)
+            if step.outcome != ERASED:
+                continue
+            erased = step.erased
+            if self.aliases.pop(user_id, None) is not None:  # its later events are its own again
+                erased += (ERASED_ALIAS,)
+            self.erasures.append(
+                Erasure(request.request_id, user_hash(user_id), request.timestamp, request.source, erased)
+            )
+            pending.extend(step.fan_out)

@@ -3,8 +3,9 @@
 A `UserRequest` comes from the requests topic (schemas/user_request.avsc) or `segments forget`;
 SegmentEngine.step_request (udfs/transitions.py) applies it, so the job and the backtest give it
 the same meaning. `PrivacyState` is the per-user record the runner keeps beside the profile: the
-consent records that differ from the default, and, for a bounded time after an erasure, the
-tombstone that keeps the user's older events from rebuilding a profile (docs/privacy.md).
+consent records that differ from the default, for a bounded time after an erasure the tombstone
+that keeps the user's older events from rebuilding a profile, and the anonymous ids folded into
+the user, which the user's erasure erases too (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -27,8 +28,19 @@ CONSENT_RULE = "consent_withdrawn"
 # The rule of the EXITs from the segments that read a model score when scoring consent goes (their
 # hysteresis would otherwise keep the user in: a missing score satisfies no exit condition).
 SCORING_CONSENT_RULE = "scoring_consent_withdrawn"
+# What an erasure's audit record names when it removed the id's alias (keyed state of the runner:
+# the id was merged into another user).
+ERASED_ALIAS = "identity_alias"
 
-_LAYOUT_VERSION = 1
+# 1: (version, erased_at, until, consent); 2: and the folded-in ids. Both are read.
+_LAYOUT_VERSION = 2
+# How many ids folded into one user the record remembers (the oldest forgotten first): an
+# erasure reaches those (docs/privacy.md, "A request names one id").
+MAX_FOLDED_IDS = 64
+# The source of an erasure fanned out to an id folded into an erased user: this, then the source
+# of the request it came from (once per hop: the count bounds a chain, MAX_FAN_OUT_HOPS).
+FAN_OUT_SOURCE = "folded-into-erased:"
+MAX_FAN_OUT_HOPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +90,34 @@ def user_hash(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()
 
 
+def fan_out_hops(request: UserRequest) -> int:
+    """How many erasures this one was fanned out through (0: asked for this id itself)."""
+    hops, source = 0, request.source
+    while source.startswith(FAN_OUT_SOURCE):
+        hops, source = hops + 1, source[len(FAN_OUT_SOURCE) :]
+    return hops
+
+
+def fanned_out_erasure(request: UserRequest, folded_id: str) -> UserRequest:
+    """The erasure of `folded_id`, folded into the user `request` erases: the same instant, the
+    request's id with the folded id's hash (bounded like any request id), a source that says so."""
+    suffix = "+" + user_hash(folded_id)[:16]
+    request_id = request.request_id[: MAX_ID_LENGTH - len(suffix)] + suffix
+    return UserRequest(request_id, folded_id, ERASE, request.timestamp, FAN_OUT_SOURCE + request.source)
+
+
 @dataclass(slots=True)
 class PrivacyState:
     """One user's privacy record. `consent`: purpose -> (granted, since_ms), only where it differs
     from the default (the default honours the rest). `erased_at_ms`: the instant of the latest
-    erasure while its tombstone lasts, until `tombstone_until_ms`."""
+    erasure while its tombstone lasts, until `tombstone_until_ms`. `folded`: anonymous id ->
+    until when its alias links it to this user (at least), oldest fold first, at most
+    MAX_FOLDED_IDS."""
 
     consent: dict[str, tuple[bool, int]] = field(default_factory=dict)
     erased_at_ms: int | None = None
     tombstone_until_ms: int | None = None
+    folded: dict[str, int] = field(default_factory=dict)
 
     def allows(self, purpose: str, default: bool) -> bool:
         """Whether the user has consented to `purpose`: their record, else the default."""
@@ -96,18 +127,36 @@ class PrivacyState:
     @property
     def is_empty(self) -> bool:
         """True when nothing needs keeping: delete the stored record."""
-        return not self.consent and self.erased_at_ms is None
+        return not self.consent and self.erased_at_ms is None and not self.folded
 
     def buries(self, event_time_ms: int) -> bool:
         """True when an event at this time belongs to an erased past and must not be applied."""
         erased = self.erased_at_ms
         return erased is not None and event_time_ms < erased
 
+    def remember_fold(self, folded_id: str, until_ms: int) -> None:
+        """`folded_id` was folded into this user, its alias lasting until `until_ms`."""
+        folded = self.folded
+        until_ms = max(until_ms, folded.pop(folded_id, until_ms))
+        folded[folded_id] = until_ms  # the latest fold last: the cap forgets the oldest
+        if len(folded) > MAX_FOLDED_IDS:
+            del folded[next(iter(folded))]
+
+    def forget_folds_until(self, time_ms: int) -> None:
+        """Forgets the folded ids whose alias has run out by `time_ms`."""
+        self.folded = {folded_id: until for folded_id, until in self.folded.items() if until > time_ms}
+
+    def next_fold_expiry_ms(self) -> int | None:
+        """When the next folded id is to be forgotten (None: none is remembered)."""
+        return min(self.folded.values(), default=None)
+
 
 def encode_privacy(state: PrivacyState) -> bytes:
-    """The record's keyed-state form: a MessagePack array (version, erased_at, until, consent)."""
+    """The record's keyed-state form: a MessagePack array (version, erased_at, until, consent,
+    folded), folded as [id, until] pairs, oldest fold first."""
     consent = [[purpose, granted, since] for purpose, (granted, since) in sorted(state.consent.items())]
-    packed: bytes = msgpack.packb([_LAYOUT_VERSION, state.erased_at_ms, state.tombstone_until_ms, consent])
+    folded = [[folded_id, until] for folded_id, until in state.folded.items()]
+    packed: bytes = msgpack.packb([_LAYOUT_VERSION, state.erased_at_ms, state.tombstone_until_ms, consent, folded])
     return packed
 
 
@@ -116,14 +165,24 @@ def decode_privacy(stored: bytes | None) -> PrivacyState:
     if stored is None:
         return PrivacyState()
     try:
-        version, erased_at, until, consent = msgpack.unpackb(stored)
-        if version != _LAYOUT_VERSION:
+        unpacked = msgpack.unpackb(stored)
+        version = unpacked[0]
+        if version == 1:  # written before the folded ids were kept
+            _, erased_at, until, consent = unpacked
+            folded = []
+        elif version == _LAYOUT_VERSION:
+            _, erased_at, until, consent, folded = unpacked
+        else:
             raise DecodeError("undecodable", f"privacy state layout {version} is not known")
         state = PrivacyState({}, erased_at, until)
         for purpose, granted, since in consent:
             if purpose not in PURPOSES or not isinstance(granted, bool) or not isinstance(since, int):
                 raise DecodeError("undecodable", "privacy state: a consent record is malformed")
             state.consent[purpose] = (granted, since)
+        for folded_id, folded_until in folded:
+            if not isinstance(folded_id, str) or not isinstance(folded_until, int):
+                raise DecodeError("undecodable", "privacy state: a folded id is malformed")
+            state.folded[folded_id] = folded_until
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises many types on damaged input; all mean the same

@@ -24,15 +24,21 @@ from udfs.privacy import (
     CONSENT_RULE,
     ERASE,
     ERASURE_RULE,
+    MAX_FAN_OUT_HOPS,
     SCORING,
     SCORING_CONSENT_RULE,
     SEGMENTATION,
     PrivacyState,
     UserRequest,
+    fan_out_hops,
+    fanned_out_erasure,
 )
 from udfs.profile import ENCODED_BODY, Membership, UserProfile, apply_event, event_id_hash, is_duplicate, prune
 
 RETENTION_RULE = "profile_retention_expired"
+# What an erasure's audit lists when the user's privacy record remembered ids folded into them:
+# each is erased too (Step.fan_out), and the record forgets them.
+ERASED_FOLDS = "identity_folds"
 
 TRANSITION_ID_NAMESPACE = uuid.UUID("6c1f3f0e-8a57-4f3b-9a34-5e4b8d0c2a11")
 
@@ -138,6 +144,9 @@ class Step:
     # those they hold). Not a transition: the runner sends it to the view alone (docs/redis.md,
     # "Erasure marker").
     erase_view_up_to: int | None = None
+    # An erasure of a user into whom anonymous ids were folded: the erasure of each (the runner
+    # delivers them to those ids, at the same instant; docs/privacy.md, "A request names one id").
+    fan_out: tuple[UserRequest, ...] = ()
     # A candidate in shadow's transitions (udfs/deployments.py): for the shadow output only.
     shadow_transitions: list[Transition] = field(default_factory=list)
 
@@ -246,6 +255,7 @@ class SegmentEngine:
         folded: UserProfile,
         cause_event_id: str,
         privacy: PrivacyState | None = None,
+        folded_from: str | None = None,
     ) -> Step:
         """An anonymous id's profile (from `step_fold_out`) arrives at the known id `user_id`:
         time advances to the later of the two clocks, the profiles merge (udfs/identity.py), and
@@ -255,14 +265,18 @@ class SegmentEngine:
         records, a replay) is a DUPLICATE, not counted twice. With the known user's `privacy`
         record, the fold is what an event would be: buried when it is older than their erasure,
         withheld without their consent to segmentation (the anonymous profile is not kept), and
-        not scored without their consent to scoring."""
+        not scored without their consent to scoring. The record remembers `folded_from`, the id
+        whose alias now leads here, whatever the verdict: the user's erasure erases it too."""
         seen_key = event_id_hash(cause_event_id)
         seen_at, last = profile.seen_event_ids.get(seen_key), profile.last_event_ms
         if seen_at is not None and last is not None and seen_at > last - self.config.dedup_window_ms:
             return Step(DUPLICATE, [], None, False, False)
+        if privacy is not None and folded_from is not None:
+            # The alias lasts the retention after the identify; the fold's clock is that instant or later.
+            privacy.remember_fold(folded_from, folded.clock_ms + self.config.retention_ms)
         refused, scoring = self._privacy_verdict(privacy, folded.clock_ms)
         if refused is not None:
-            return Step(refused, [], None, profile.is_empty, False)
+            return self._fold_timer(Step(refused, [], None, profile.is_empty, False), privacy)
         out = self._advance_to_instant(user_id, profile, max(profile.clock_ms, folded.clock_ms), scoring)
         merge_profiles(profile, folded, self.config)
         profile.seen_event_ids[seen_key] = folded.clock_ms  # the fold's instant: the identify's, or later
@@ -280,7 +294,16 @@ class SegmentEngine:
             if scorer is not None and scoring:
                 self._score(scorer, profile, ev)
             self._diff(user_id, profile, ev, MERGE, cause_event_id, out)
-        return self._finish(APPLIED, user_id, profile, out, False)
+        return self._fold_timer(self._finish(APPLIED, user_id, profile, out, False), privacy)
+
+    @staticmethod
+    def _fold_timer(step: Step, privacy: PrivacyState | None) -> Step:
+        """A user with no profile left and ids folded into them remembered: a timer when the
+        first of those is to be forgotten (with a profile, its own timers lead to its expiry)."""
+        due = None if privacy is None or not step.drop_state else privacy.next_fold_expiry_ms()
+        if due is not None and (step.register_timer_ms is None or due < step.register_timer_ms):
+            step.register_timer_ms = due
+        return step
 
     def _privacy_verdict(self, privacy: PrivacyState | None, time_ms: int) -> tuple[str | None, bool]:
         """What the user's `privacy` record says of what happened at `time_ms`: BURIED (older than
@@ -309,7 +332,9 @@ class SegmentEngine:
 
     def step_timer(self, user_id: str, profile: UserProfile, time_ms: int, privacy: PrivacyState | None = None) -> Step:
         """Event time reached `time_ms` (a timer fired): every time-driven change due up to it.
-        An erasure's tombstone whose time is up goes from the user's `privacy` record."""
+        An erasure's tombstone whose time is up goes from the user's `privacy` record, and, once
+        the user has no profile, the ids folded into them whose aliases have run out (an alias
+        outlives the fold only by the events it forwards here, which keep this profile alive)."""
         scoring = True
         if privacy is not None:
             until = privacy.tombstone_until_ms
@@ -329,7 +354,10 @@ class SegmentEngine:
             # without pruning).
             prune(profile, self.config)
         profile.next_change_memo = (self, profile.clock_ms, due, dues)
-        return self._finish(TIMER, user_id, profile, out, had_events)
+        step = self._finish(TIMER, user_id, profile, out, had_events)
+        if privacy is not None and privacy.folded and profile.is_empty:
+            privacy.forget_folds_until(time_ms)
+        return self._fold_timer(step, privacy)
 
     def _finish(
         self, outcome: str, user_id: str, profile: UserProfile, transitions: list[Transition], had_events: bool
@@ -423,7 +451,12 @@ class SegmentEngine:
         allowed lateness: after it, the runner drops such events as late) a tombstone buries
         the user's older events. CONSENT: the record changes; a withdrawn segmentation EXITs
         every segment (cause CONSENT) and empties the profile; scoring given or withdrawn
-        scores again or drops the scores, and the segments reading them follow (cause CONSENT)."""
+        scores again or drops the scores, and the segments reading them follow (cause CONSENT).
+        An ERASE also erases the ids folded into the user (`Step.fan_out`); one that was itself
+        fanned out, reaching an id already erased at or after its instant, is a DUPLICATE (two
+        ids folded into each other)."""
+        if request.kind == ERASE and fan_out_hops(request) and (privacy.erased_at_ms or -1) >= request.timestamp:
+            return Step(DUPLICATE, [], None, profile.is_empty, False)
         scoring = privacy.allows(SCORING, self.consent_default)
         out, _, _ = self._advance(user_id, profile, request.timestamp - 1, self._take_memo(profile), scoring)
         if request.timestamp > profile.clock_ms:
@@ -440,7 +473,25 @@ class SegmentEngine:
             privacy.consent.clear()
             privacy.erased_at_ms = request.timestamp
             privacy.tombstone_until_ms = request.timestamp + tombstone_ms
-            return Step(ERASED, out, privacy.tombstone_until_ms, True, False, 0, 0, pending, tuple(erased), erase_up_to)
+            fan_out: tuple[UserRequest, ...] = ()
+            if privacy.folded:
+                erased.append(ERASED_FOLDS)
+                if fan_out_hops(request) < MAX_FAN_OUT_HOPS:  # beyond: a chain this long is a loop
+                    fan_out = tuple(fanned_out_erasure(request, folded_id) for folded_id in privacy.folded)
+                privacy.folded = {}
+            return Step(
+                ERASED,
+                out,
+                privacy.tombstone_until_ms,
+                True,
+                False,
+                0,
+                0,
+                pending,
+                tuple(erased),
+                erase_up_to,
+                fan_out,
+            )
         purpose, granted = request.purpose, bool(request.granted)
         before = privacy.allows(SEGMENTATION, self.consent_default), scoring
         if purpose is not None:

@@ -4,7 +4,10 @@ anonymous id EXITs its segments with cause MERGE, the known user enters what the
 ids' events qualifies for, later anonymous events count for the known user, and the committed
 transitions are exactly the backtest's over the same log (the fold travels through the job's
 feedback topic; each phase is produced once the one before it is committed, so no event of the
-known user races the fold, which is the one thing the backtest cannot reproduce)."""
+known user races the fold, which is the one thing the backtest cannot reproduce). Then the known
+user is erased: the erasure reaches the anonymous id folded into them through the same feedback
+topic (docs/privacy.md, "A request names one id"), which keeps nothing of it: no alias (its later
+events are its own), no Redis entry, its older events buried, one audit record."""
 
 from __future__ import annotations
 
@@ -13,16 +16,18 @@ import signal
 import time
 
 import pytest
+import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from infra.stack import create_topics, start_taskmanager, taskmanager_pids
-from jobs.backtest import read_events, run_backtest
+from jobs.backtest import read_events, read_requests, run_backtest
 from jobs.committed_log import read_topic
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_job_end_to_end import apache_decode, apache_reader, millis
 from udfs.definitions import parse_definitions
 from udfs.events import UserEvent
+from udfs.privacy import ERASE, FAN_OUT_SOURCE, UserRequest, user_hash
 from udfs.profile_config import DAY_MS, MINUTE_MS
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +131,14 @@ def uncommitted(broker: str, topic: str) -> list[dict]:
 
 
 def check_identity_merge(broker, redis_url, start_job, catalog, tmp_path, checkpoint_interval_ms, after_identify=None):
-    topics = {"events": "id-events", "transitions": "id-transitions", "dlq": "id-dlq", "identity": "id-feedback"}
+    topics = {
+        "events": "id-events",
+        "transitions": "id-transitions",
+        "dlq": "id-dlq",
+        "identity": "id-feedback",
+        "requests": "id-requests",
+        "audit": "id-audit",
+    }
     create_topics(broker, dict.fromkeys(topics.values(), 1))  # one partition: the log's order is the backtest's
     definitions = tmp_path / "merge.yaml"
     definitions.write_text(DEFINITIONS)
@@ -149,6 +161,8 @@ def check_identity_merge(broker, redis_url, start_job, catalog, tmp_path, checkp
         transitions_topic=topics["transitions"],
         dead_letter_topic=topics["dlq"],
         identity_topic=topics["identity"],
+        requests_topic=topics["requests"],
+        audit_topic=topics["audit"],
         definitions_path=str(definitions),
         transactional_id_prefix="id-e2e",
         redis_follower=False,
@@ -199,18 +213,69 @@ def check_identity_merge(broker, redis_url, start_job, catalog, tmp_path, checkp
         t for t in got if t["user_id"] == ANON and t["kind"] == "ENTER" and millis(t["event_time"]) > T + MINUTE_MS
     ]
 
-    # Phase 3: a day later every time-driven change has fired; the job's transitions are the backtest's.
-    produce(UserEvent("sentinel-1", "sentinel", "page_view", T + 2 * DAY_MS).to_record())
-    result = run_backtest(
-        parse_definitions(DEFINITIONS, str(definitions)),
-        read_events(f"kafka://{broker}/{topics['events']}"),
-        watermark_lag_ms=WATERMARK_LAG_MS,
+    # Phase 3: the known user is erased; the erasure reaches the anonymous id folded into them.
+    erased_at = T + 5 * MINUTE_MS
+    erasure = UserRequest("forget-known-7", KNOWN, ERASE, erased_at, "e2e")
+    producer.produce(
+        topics["requests"], key=KNOWN.encode(), value=catalog.codec("UserRequest").encode(erasure.to_record())
     )
+    assert producer.flush(30) == 0
+    audit_codec = catalog.codec("ErasureAudit")
+
+    def audits() -> list[dict]:
+        job.assert_alive()
+        return [audit_codec.decode(r.value) for r in read_topic(broker, topics["audit"]).committed]
+
+    fanned_out_id = f"{erasure.request_id}+{user_hash(ANON)[:16]}"
+    got_audits = wait_until(
+        lambda: (lambda a: a if any(r["request_id"] == fanned_out_id for r in a) else None)(audits()),
+        timeout_s=180,
+        interval_s=2,
+        on_timeout=lambda: "waiting for the anonymous id's erasure\n" + job.log_tail(),
+    )
+    by_user = {a["user_hash"]: a for a in got_audits}
+    assert sorted(a["user_hash"] for a in got_audits) == sorted([user_hash(KNOWN), user_hash(ANON)])  # each once
+    assert "identity_folds" in by_user[user_hash(KNOWN)]["erased"]
+    anonymous_audit = by_user[user_hash(ANON)]
+    assert (anonymous_audit["request_id"], anonymous_audit["requested_at"], anonymous_audit["source"]) == (
+        fanned_out_id,
+        erased_at,
+        FAN_OUT_SOURCE + "e2e",
+    )
+    assert "identity_alias" in anonymous_audit["erased"]
+    # Nothing of either id is left in the Redis view (the erasure markers of both committed).
+    redis_client = redis.Redis.from_url(redis_url)
+    wait_until(
+        lambda: not [k for u in (ANON, KNOWN) for k in redis_client.scan_iter(match=f"seg:*:{u}")],
+        timeout_s=120,
+        interval_s=1,
+        on_timeout=lambda: f"Redis keys left: {sorted(redis_client.scan_iter(match='seg:*'))}",
+    )
+    # An older event of the anonymous id is buried there (no alias sends it on); a later one is
+    # its own: a new profile, not the known user's.
+    produce(UserEvent("a4", ANON, "page_view", erased_at - 30_000).to_record())
+    produce(UserEvent("a5", ANON, "page_view", T + 6 * MINUTE_MS).to_record())
+    got = wait_for(
+        lambda ts: any(t["user_id"] == ANON and t["cause_event_id"] == "a5" for t in ts), "the anonymous id's return"
+    )
+    assert [(t["segment"], t["kind"]) for t in got if t["cause_event_id"] == "a5"] == [("active_browser", "ENTER")]
+    assert [t["user_id"] for t in got if t["cause"] == "ERASURE"] == [KNOWN] * 4  # the anonymous id was in none
+
+    # Phase 4: a day later every time-driven change has fired; the job's transitions are the backtest's.
+    produce(UserEvent("sentinel-1", "sentinel", "page_view", T + 2 * DAY_MS).to_record())
+    log = read_events(f"kafka://{broker}/{topics['events']}")
+    log.requests, _ = read_requests(f"kafka://{broker}/{topics['requests']}")
+    result = run_backtest(parse_definitions(DEFINITIONS, str(definitions)), log, watermark_lag_ms=WATERMARK_LAG_MS)
+    assert [(e.request_id, e.user_hash) for e in result.erasures] == [
+        (erasure.request_id, user_hash(KNOWN)),
+        (fanned_out_id, user_hash(ANON)),
+    ]
     want = sorted(
         (t.user_id, t.segment, t.kind, t.sequence, t.event_time, t.cause, t.cause_event_id, t.rule)
         for t in result.transitions
     )
-    assert ("known-7", "cart_holder", "EXIT") not in {w[:3] for w in want}  # the merged cart stays
+    # The merged cart stays until the erasure.
+    assert [w[5] for w in want if w[:3] == (KNOWN, "cart_holder", "EXIT")] == ["ERASURE"]
     got = wait_for(lambda ts: len(ts) >= len(want), "the day's timers")
     assert (
         sorted(
@@ -228,5 +293,5 @@ def check_identity_merge(broker, redis_url, start_job, catalog, tmp_path, checkp
         )
         == want
     )
-    dead = read_topic(broker, topics["dlq"]).committed
-    assert dead == [], "nothing was dead-lettered"
+    dead = [catalog.codec("DeadLetter").decode(r.value) for r in read_topic(broker, topics["dlq"]).committed]
+    assert [(d["reason"], d["payload"]) for d in dead] == [("erased_user", b"")], "only the buried event"
