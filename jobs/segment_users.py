@@ -636,15 +636,13 @@ class SegmentUsers(KeyedProcessFunction):
             self.profile_state.update(encoded)
             if self.emit_profile_snapshots:
                 out.snapshot(user_id, cause_event_id, encoded)
-        if step.shadow_transitions:
-            emitted_at = now_ms()
-            for t in step.shadow_transitions:
-                out.keyed(SHADOW_TRANSITION, t.user_id, self.transitions.encode(t.to_record(emitted_at)))
         transitions = step.transitions
-        if not transitions:
+        if not transitions and not step.shadow_transitions:
             return
         emitted_at = now_ms()
         header, body = self.transitions.header, self.transition_writer.body
+        for t in step.shadow_transitions:
+            out.keyed(SHADOW_TRANSITION, t.user_id, header + body(t, emitted_at))
         for t in transitions:
             out.transition(
                 t.user_id,
