@@ -324,14 +324,15 @@ def test_an_unreachable_redis_is_retried_until_the_deadline_then_left_to_the_fol
     waiting the whole retry time (the committer runs on the task's thread); once Redis answers,
     commits apply again."""
     port = free_port()  # nothing listens there yet
-    c = committer(jvm, f"redis://:s3cret@127.0.0.1:{port}/0", retry_ms=1500)
+    c = committer(jvm, f"redis://:s3cret@127.0.0.1:{port}/0", retry_ms=4000)
     started = time.monotonic()
     [first] = commit(c, batch(jvm, ("u1", "vip", "ENTER", 1, 100)))
-    assert time.monotonic() - started >= 1.5
+    assert time.monotonic() - started >= 4.0
     assert first.outcome.startswith("failed (known)") and "s3cret" not in first.outcome
     started = time.monotonic()
     [second] = commit(c, batch(jvm, ("u2", "vip", "ENTER", 1, 100)))
-    assert time.monotonic() - started < 1.0 and second.outcome.startswith("failed (known)")
+    # once, not for the retry time again (room for a busy machine, well under the 4 s)
+    assert time.monotonic() - started < 3.0 and second.outcome.startswith("failed (known)")
     server = ManagedProcess("redis-late", tmp_path)
     server.start(
         [

@@ -197,7 +197,7 @@ def test_a_billion_laughs_settings_file_is_refused_at_once_naming_its_first_anch
     started = time.perf_counter()
     with pytest.raises(SettingsError) as err:
         load_settings(path, environ={})
-    assert time.perf_counter() - started < 1
+    assert time.perf_counter() - started < 10  # not the > 60 s of printing the value (a busy CI machine is slow)
     assert str(err.value) == f"{path}:3: YAML anchors and aliases are not allowed in a settings file"
 
 
