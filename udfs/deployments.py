@@ -620,11 +620,12 @@ class DeployedEngine:
         folded: UserProfile,
         cause_event_id: str,
         privacy: PrivacyState | None = None,
+        folded_from: str | None = None,
     ) -> Step:
         """`SegmentEngine.step_fold_in` after the deployments due by the fold's time (the shadow
         decides the merged profile at its next step)."""
         progress = self._catch_up(user_id, profile, folded.clock_ms, self._scoring(privacy))
-        step = progress.engine.step_fold_in(user_id, profile, folded, cause_event_id, privacy)
+        step = progress.engine.step_fold_in(user_id, profile, folded, cause_event_id, privacy, folded_from)
         return self._finish(user_id, profile, step, progress)
 
     def _scoring(self, privacy: PrivacyState | None) -> bool:

@@ -2,7 +2,8 @@
 events flow, `segments deploy` sends v2 (adds a segment, removes one, changes a threshold), a
 broken file is refused at the job with its reason on the status topic, v3 runs in shadow, and
 `segments rollback` returns to the start-up version; the committed transitions and the shadow
-topic equal `run_backtest` of the same events with the same control records."""
+topic equal `run_backtest` of the same events with the same control records, and the Redis view
+equals the replay of the committed transitions (the segments v2 added and removed included)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from infra.stack import create_topics
 from jobs.backtest import EventLog, run_backtest
 from jobs.cli import main as cli_main
 from jobs.committed_log import read_topic
+from jobs.redis_view import RedisSegmentView
 from tests.conftest import START_MS
 from tests.e2e.conftest import wait_until
+from tests.e2e.invariants import Committed, redis_differences
 from tests.unit.basic_definitions import basic_yaml
 from tests.unit.test_deployments import V2, V3  # v2 adds, removes and changes a segment
 from udfs.codec import SchemaCatalog
@@ -41,7 +44,7 @@ TOPICS = {
 
 
 def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives(
-    broker, run_job, catalog, tmp_path, monkeypatch, capsys
+    broker, redis_url, run_job, catalog, tmp_path, monkeypatch, capsys
 ):
     create_topics(
         broker,
@@ -73,7 +76,7 @@ def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives
     definitions.write_text(basic_yaml())
     settings = {
         "bootstrap_servers": broker,
-        "redis_url": "",
+        "redis_url": redis_url,
         "parallelism": PARTITIONS,
         "checkpoint_interval_ms": 2000,
         "watermark_lag_ms": WATERMARK_LAG_MS,
@@ -178,3 +181,25 @@ def test_deploy_shadow_and_rollback_under_traffic_commit_what_the_backtest_gives
     assert sorted(comparable(transition_codec.decode(r.value)) for r in got_shadow) == expected_shadow
     removed = [t for t in result.transitions if t.rule == "segment_removed_from_definitions"]
     assert all(t.cause == "DEPLOYMENT" for t in removed)
+
+    # Redis: written by the sink once the checkpoint that committed the transitions to Kafka has
+    # completed, in no fixed order with the Kafka commit: waited for, not timed.
+    # v2 added long_browser (its members entered) and the rollback removed it again (their EXITs,
+    # rule segment_removed_from_definitions); v2 also removed highly_engaged, which this traffic
+    # never enters, and the rollback added it back.
+    added = "long_browser"
+    log = [Committed(r.partition, r.offset, transition_codec.decode(r.value)) for r in got]
+    entered = {c.record["segment"] for c in log if c.record["kind"] == "ENTER"}
+    removed_segments = {
+        c.record["segment"] for c in log if c.record["reason"]["rule"] == "segment_removed_from_definitions"
+    }
+    assert added in entered and added in removed_segments
+    names = set(startup.definitions.names) | {added}
+    view = RedisSegmentView(redis_url, "seg", retention_ms=0)
+    wait_until(
+        lambda: not redis_differences(log, view, names),
+        timeout_s=120,
+        interval_s=1,
+        on_timeout=lambda: "\n".join(redis_differences(log, view, names)[:10]),
+    )
+    assert view.members(added) == set()

@@ -3,10 +3,14 @@ resume, while traffic keeps coming; the committed transitions are exactly those 
 uninterrupted run (none lost, none twice) and Redis holds the memberships they imply. The privacy
 and identity state moves with the keys: an erasure's tombstone still buries the erased user's
 older events, merged anonymous ids still send their events to the known user, and an erased
-anonymous id's link stays erased."""
+anonymous id's link stays erased. So do the deployments (broadcast state and the profiles'
+versions): a v2 active and a v3 in shadow, deployed before the savepoint, give the transitions and
+the shadow transitions of `run_backtest` with the same control records at parallelism 2 and back
+at 1."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,12 +18,16 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.stack import create_topics
+from jobs.backtest import EventLog, run_backtest
 from jobs.committed_log import read_topic
 from jobs.operations import FlinkRest
 from jobs.redis_view import RedisSegmentView
 from jobs.settings import SHIPPED_DEFINITIONS
 from tests.conftest import START_MS
 from tests.e2e.conftest import job_environment, wait_until
+from tests.e2e.invariants import Committed, comparable, redis_differences
+from udfs.codec import SchemaCatalog
+from udfs.deployments import control_from_record
 from udfs.events import UserEvent
 from udfs.identity import Identify
 from udfs.profile_config import DAY_MS, HOUR_MS, MINUTE_MS
@@ -39,6 +47,16 @@ WATERMARK_LAG_MS = 12 * 3600_000
 VICTIM, ANON, ERASED_ANON, KNOWN = "ops-victim", "ops-anon", "ops-erased-anon", "ops-known"
 SYNTHETIC = {VICTIM, ANON, ERASED_ANON, KNOWN}
 ERASED_AT = START_MS + HOUR_MS  # every erasure's instant; the watermark stays before it until the sentinels
+# The deployments: v2 (the shipped definitions and a segment more) active, v3 (the shipped ones with
+# a changed threshold) in shadow.
+SHIPPED = SHIPPED_DEFINITIONS.read_text()
+ADDED = "long_browser"
+V2 = SHIPPED.replace("version: shop-7\n", "version: shop-7-ops-v2\n").replace(
+    "segments:\n", f"segments:\n  - name: {ADDED}\n    when: ms_since_last_event < 40m\n"
+)
+V3 = SHIPPED.replace("version: shop-7\n", "version: shop-7-ops-v3\n").replace(
+    "last 10 minutes\n    when: ms_since_last_event < 10m", "last 10 minutes\n    when: ms_since_last_event < 20m"
+)
 
 
 def identify_record(event_id: str, anonymous_id: str, known_id: str, ts: int) -> dict:
@@ -56,12 +74,15 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         "requests": "ops-requests",
         "audit": "ops-audit",
         "identity": "ops-identity",
+        "control": "ops-control",
+        "status": "ops-status",
+        "shadow": "ops-shadow",
     }
     create_topics(
         broker,
         {
-            **{topics[t]: PARTITIONS for t in ("events", "transitions", "requests", "identity")},
-            **{topics[t]: 1 for t in ("dlq", "audit")},
+            **{topics[t]: PARTITIONS for t in ("events", "transitions", "requests", "identity", "shadow")},
+            **{topics[t]: 1 for t in ("dlq", "audit", "control", "status")},
         },
     )
     traffic = list(generate_events(40, seed=9, start_ms=START_MS, duration_ms=10 * 3600_000))
@@ -91,6 +112,9 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         requests_topic=topics["requests"],
         audit_topic=topics["audit"],
         identity_topic=topics["identity"],
+        control_topic=topics["control"],
+        deployment_status_topic=topics["status"],
+        shadow_topic=topics["shadow"],
         transactional_id_prefix="ops",
     )
     env = job_environment(stack_root, "ops", settings)
@@ -106,9 +130,12 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
 
     transitions = catalog.codec("SegmentTransition")
 
-    def committed_records(synthetic: bool = False):
-        records = read_topic(broker, topics["transitions"]).committed
+    def committed_records(synthetic: bool = False, topic: str = topics["transitions"]):
+        records = read_topic(broker, topic).committed
         return [r for r in records if (r.key.decode() in SYNTHETIC) == synthetic]
+
+    def traffic_records(topic: str) -> list[dict]:  # the generated traffic's, decoded
+        return [transitions.decode(r.value) for r in committed_records(topic=topic)]
 
     def committed() -> int:  # the generated traffic's
         return len(committed_records())
@@ -165,6 +192,24 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     segments("forget", ERASED_ANON, "--at", str(ERASED_AT))
     wait_until(committed_of(VICTIM, "ERASURE"), timeout_s=180, interval_s=2)
     wait_until(lambda: len(read_topic(broker, topics["audit"]).committed) == 2 or None, timeout_s=180, interval_s=2)
+    # v2 active and v3 in shadow from instants after every event sent so far (so that no user's
+    # clock has passed them when the records arrive), accepted before the savepoint.
+    switch_at = thirds[0][-1].timestamp + 7
+    for name, text in (("v2", V2), ("v3", V3)):
+        (stack_root / f"{name}.yaml").write_text(text)
+    segments("deploy", str(stack_root / "v2.yaml"), "--at", str(switch_at))
+    segments("deploy", str(stack_root / "v3.yaml"), "--shadow", "--at", str(switch_at + 1))
+    statuses = SchemaCatalog().codec("DeploymentStatus")
+
+    def decided() -> list[str] | None:
+        found = [statuses.decode(r.value)["status"] for r in read_topic(broker, topics["status"]).committed]
+        return found if len(found) >= 2 else None
+
+    assert wait_until(decided, timeout_s=180, interval_s=2) == ["ACCEPTED", "ACCEPTED"]
+    controls = [
+        control_from_record(SchemaCatalog().codec("Deployment").decode(r.value))
+        for r in read_topic(broker, topics["control"]).committed
+    ]
     # A savepoint of the running job leaves it running.
     assert "savepoint of segment-users" in segments("savepoint")
     job = rest.running_job("segment-users")
@@ -189,8 +234,16 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     # sentinel before the other's tail and make that tail late (docs/limits.md).
     produce(thirds[2])
     segmentation = Segmentation.load(SHIPPED_DEFINITIONS)
-    event_caused, _ = replay_events(segmentation.engine(), traffic)  # the watermark is still before the traffic
-    wait_until(lambda: committed() >= len(event_caused) or None, timeout_s=180, interval_s=2)
+    # The watermark is still before the traffic: no timer has fired.
+    event_caused = run_backtest(
+        segmentation, EventLog("ops", traffic), watermark_lag_ms=WATERMARK_LAG_MS, deployments=controls
+    )
+    wait_until(lambda: committed() >= len(event_caused.transitions) or None, timeout_s=180, interval_s=2)
+    # At parallelism 2, restored from the savepoint: v2 decides from its instant, v3 in shadow.
+    at_two = traffic_records(topics["transitions"])
+    assert {t["definitions_version"] for t in at_two if t["event_time"] >= switch_at} == {"shop-7-ops-v2"}
+    shadow_at_two = wait_until(lambda: traffic_records(topics["shadow"]), timeout_s=180, interval_s=2)
+    assert {t["definitions_version"] for t in shadow_at_two} == {"shop-7-ops-v3"}
 
     wait_until(lambda: len(dead_letters()) == 1 or None, timeout_s=180, interval_s=2)
 
@@ -203,22 +256,36 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     for p, sentinel in enumerate(sentinels):
         produce([sentinel], partition=p)
 
-    expected, profiles = replay_events(
-        segmentation.engine(), traffic + sentinels, until_ms=last + 2 * DAY_MS - WATERMARK_LAG_MS - 1
+    result = run_backtest(
+        segmentation,
+        EventLog("ops", traffic + sentinels),
+        until_ms=last + 2 * DAY_MS - WATERMARK_LAG_MS - 1,
+        watermark_lag_ms=WATERMARK_LAG_MS,
+        deployments=controls,
     )
 
-    def all_committed():
-        records = committed_records()
-        return records if len(records) >= len(expected) else None
+    def all_committed(topic: str, count: int):
+        records = committed_records(topic=topic)
+        return records if len(records) >= count else None
 
-    records = wait_until(all_committed, timeout_s=300, interval_s=3)
-    got = sorted(
-        (t["transition_id"], t["user_id"], t["segment"], t["kind"], t["sequence"], t["event_time"])
-        for t in (transitions.decode(r.value) for r in records)
-    )
-    want = sorted((t.transition_id, t.user_id, t.segment, t.kind, t.sequence, t.event_time) for t in expected)
-    assert len({g[0] for g in got}) == len(got), "a transition was committed twice"
-    assert got == want
+    def as_compared(records: list[dict]) -> list[str]:
+        return sorted(json.dumps(comparable(r), sort_keys=True) for r in records)
+
+    main, shadow = topics["transitions"], topics["shadow"]
+    records = wait_until(lambda: all_committed(main, len(result.transitions)), timeout_s=300, interval_s=3)
+    got = [transitions.decode(r.value) for r in records]
+    assert len({t["transition_id"] for t in got}) == len(got), "a transition was committed twice"
+    assert as_compared(got) == as_compared([t.to_record(0) for t in result.transitions])
+    shadow_records = wait_until(lambda: all_committed(shadow, len(result.shadow_transitions)), 300, 3)
+    got_shadow = [transitions.decode(r.value) for r in shadow_records]
+    assert as_compared(got_shadow) == as_compared([t.to_record(0) for t in result.shadow_transitions])
+    # Back at parallelism 1: the transitions committed since keep v2 from its instant (the timers
+    # before it are shop-7's) and v3 in shadow.
+    before = {t["transition_id"] for t in at_two}
+    at_one = [t for t in got if t["transition_id"] not in before and t["event_time"] >= switch_at]
+    shadow_at_one = [t for t in got_shadow if t not in shadow_at_two]
+    assert at_one and {t["definitions_version"] for t in at_one} == {"shop-7-ops-v2"}
+    assert shadow_at_one and {t["definitions_version"] for t in shadow_at_one} == {"shop-7-ops-v3"}
 
     # The erasure's tombstone moved with its key: the victim's older events, one after each
     # rescale, are buried (dead-lettered without their payload), not a new profile's.
@@ -241,7 +308,7 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
         got = sorted(
             (t["transition_id"], t["user_id"], t["segment"], t["kind"], t["cause_event_id"])
             for t in synthetic_committed()
-            if t["user_id"] in merged_users
+            if t["user_id"] in merged_users and t["segment"] != ADDED  # the replay is of the start-up version
         )
         return got if len(got) >= len(want_merged) else None
 
@@ -258,19 +325,10 @@ def test_savepoint_rescale_one_two_one_and_resume_lose_and_repeat_nothing(
     # Redis: written by the job's sink once the checkpoint that committed the transitions to Kafka
     # has completed, in no fixed order with the Kafka commit: waited for, not timed.
     view = RedisSegmentView(redis_url, "seg", retention_ms=0)
-    wanted = {
-        user_id: {seg: (m.sequence, m.since_ms) for seg, m in profile.memberships.items() if m.member}
-        for user_id, profile in profiles.items()
-    }
-
-    def redis_differences() -> list[str]:
-        return [
-            f"{u}: Redis {view.segments_of(u)}, the core {w}" for u, w in wanted.items() if view.segments_of(u) != w
-        ]
-
+    log = [Committed(r.partition, r.offset, t) for r, t in zip(records, got, strict=True)]
     wait_until(
-        lambda: not redis_differences(),
+        lambda: not redis_differences(log, view, ()),
         timeout_s=60,
         interval_s=0.5,
-        on_timeout=lambda: "\n".join(redis_differences()[:10]),
+        on_timeout=lambda: "\n".join(redis_differences(log, view, ())[:10]),
     )

@@ -3,6 +3,7 @@ timeline, the deterministic switch, the sweep, the shadow, and the state that ke
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from collections import defaultdict
@@ -39,7 +40,7 @@ from udfs.profile_config import HOUR_MS, MINUTE_MS
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
 from udfs.shoppers import generate_events
 from udfs.state import ProfileStateCodec
-from udfs.transitions import Transition
+from udfs.transitions import SegmentEngine, Transition
 
 STARTUP = Segmentation.from_text(basic_yaml().encode(), "basic.yaml")
 # v2: active_browser's window shortened (a changed threshold), highly_engaged removed, a segment added.
@@ -529,3 +530,11 @@ def test_the_validator_refuses_with_a_status_broadcasts_the_decision_and_dead_le
     engine = keyed.rebuild(reversed(list(enumerate(v.decision for v in verdicts))))
     assert engine.timeline.entries == validator.timeline.entries
     assert engine.sweep_ms == HOUR_MS
+
+
+@pytest.mark.parametrize("name", ["step_event", "step_timer", "step_request", "step_fold_out", "step_fold_in"])
+def test_the_deployed_engine_takes_the_arguments_of_the_engines_steps(name):
+    # The keyed function calls either engine the same way: a parameter the engine gained and the
+    # deployed engine lacks fails only the job with deployments (as step_fold_in's folded_from did).
+    deployed = list(inspect.signature(getattr(DeployedEngine, name)).parameters)
+    assert deployed == list(inspect.signature(getattr(SegmentEngine, name)).parameters)
