@@ -17,7 +17,7 @@ import udfs
 from jobs.bench import PROJECT_ROOT, log, now_ms
 from jobs.bench.load import generated_events, preload
 from jobs.bench.processes import BenchStack, machine_info
-from jobs.bench.report import figures, format_report
+from jobs.bench.report import CONTROL_IDLE_RUN, figures, format_report
 from jobs.bench.runs import (
     floor_argv,
     job_argv,
@@ -76,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run the floor job without its model call and without its timer, to price each",
     )
+    p.add_argument(
+        "--control-idle",
+        action="store_true",
+        help="also run the job at parallelism 1 with a control topic connected and idle (live deployments: "
+        "docs/deployments.md), to price it",
+    )
     p.add_argument("--json", help="results file (default: bench-results/<UTC timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
 
@@ -130,6 +136,32 @@ def run(args) -> int:
                             p,
                             count,
                             {"parallelism": p},
+                            args.stall_seconds,
+                            True,
+                            interval,
+                        )
+                    )
+                )
+            if args.control_idle:
+                control = {
+                    "control_topic": "job-p1-control",
+                    "deployment_status_topic": "job-p1-control-status",
+                    "shadow_topic": "job-p1-control-shadow",
+                }
+                stack.create_topics({control["control_topic"]: 1, control["deployment_status_topic"]: 1})
+                stack.create_topics({control["shadow_topic"]: 1})
+                runs.append(
+                    asdict(
+                        measure_throughput(
+                            stack,
+                            work,
+                            CONTROL_IDLE_RUN,
+                            job_argv(args.config),
+                            1,
+                            "events-1",
+                            1,
+                            count,
+                            {"parallelism": 1, **control},
                             args.stall_seconds,
                             True,
                             interval,

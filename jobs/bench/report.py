@@ -6,6 +6,7 @@ import math
 
 STATE_TARGET_BYTES = 2048
 JOB_TARGET_PER_SLOT = 1_500
+CONTROL_IDLE_RUN = "job-p1-control-idle"  # the job at p1 with a control topic connected, no deployment
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -109,6 +110,13 @@ def figures(results: dict, checkpoint_interval_ms: int, cores: int) -> list[dict
         if job1.get("steady_events_per_s") and floor.get("steady_events_per_s"):
             ratio = job1["steady_events_per_s"] / floor["steady_events_per_s"]
             row("job (p1) / floor, second half of the run", ratio, f"{ratio:.2f}x", ">= 0.6x", ">=", 0.6)
+    idle = tp.get(CONTROL_IDLE_RUN)
+    if job1 and idle and job1["events_per_s"] and idle["events_per_s"]:
+        ratio = idle["events_per_s"] / job1["events_per_s"]
+        row("job (p1) with an idle control stream / without", ratio, f"{ratio:.2f}x", ">= 0.95x", ">=", 0.95)
+        if job1.get("cpu_s_per_million_events") and idle.get("cpu_s_per_million_events"):
+            ratio = idle["cpu_s_per_million_events"] / job1["cpu_s_per_million_events"]
+            row("  CPU per event, with it / without", ratio, f"{ratio:.2f}x", "<= 1.05x", "<=", 1.05)
     if ref:
         row(
             "reference loop (1 process): events/s",

@@ -282,6 +282,20 @@ def test_a_run_on_single_slot_taskmanagers_is_set_against_parallelism_1():
     assert rows["job-cluster-p2: CPU seconds per 1M events"]["verdict"] == ""
 
 
+def test_the_job_with_an_idle_control_stream_is_set_against_the_job_without_it_within_5_percent():
+    results = {
+        "throughput": [_throughput("job-p1", 1_000.0, 1_000.0), _throughput("job-p1-control-idle", 940.0, 940.0)]
+    }
+    rows = {r["figure"]: r for r in figures(results, checkpoint_interval_ms=5_000, cores=2)}
+    assert rows["job (p1) with an idle control stream / without"]["value"] == 0.94
+    assert rows["job (p1) with an idle control stream / without"]["verdict"] == "MISS"  # more than 5% lost
+    cpu = rows["  CPU per event, with it / without"]
+    assert cpu["value"] == pytest.approx(1_000 / 940) and cpu["verdict"] == "MISS"
+    results["throughput"][1] = _throughput("job-p1-control-idle", 990.0, 990.0)
+    rows = {r["figure"]: r for r in figures(results, checkpoint_interval_ms=5_000, cores=2)}
+    assert rows["job (p1) with an idle control stream / without"]["verdict"] == "pass"
+
+
 def test_each_part_of_the_floor_is_priced_by_the_run_without_it():
     floor, no_model = _throughput("floor-p1", 2_000.0, 2_000.0), _throughput("floor-p1-no-model", 2_500.0, 2_500.0)
     rows = {r["figure"]: r for r in figures({"throughput": [floor, no_model]}, checkpoint_interval_ms=5_000, cores=2)}
