@@ -355,7 +355,7 @@ def run_backtest(
     shadow: list[Transition] = []
     duplicates = late = applied = buried = withheld = 0
     latest = None
-    identities = IdentityReplay(engine, profiles, transitions, privacy)
+    identities = IdentityReplay(engine, profiles, transitions, privacy, shadow)
     identifies = list(reversed(log.identifies))  # popped in log order
 
     def replay_identifies(before_position: int) -> None:

@@ -42,12 +42,15 @@ class IdentityReplay:
         profiles: dict[str, UserProfile],
         transitions: list[Transition],
         privacy: dict[str, PrivacyState],
+        shadow_transitions: list[Transition] | None = None,
     ):
         self.engine = engine
         self.privacy = privacy  # the known ids' privacy records: a fold is withheld or buried as an event
         self.retention_ms = engine.config.retention_ms
         self.profiles = profiles
         self.transitions = transitions
+        # A candidate in shadow's transitions (docs/deployments.md), when the engine runs one.
+        self.shadow_transitions: list[Transition] = [] if shadow_transitions is None else shadow_transitions
         self.aliases: dict[str, Alias] = {}
         self.rejected: Counter = Counter()  # the job's dead-letter reasons for identifies and forwards
         self.erasures: list[Erasure] = []  # the job's audit records, in the order it writes them
@@ -67,6 +70,7 @@ class IdentityReplay:
                 self.profiles[anonymous] = profile
             return 1
         self.transitions.extend(fold.step.transitions)
+        self.shadow_transitions.extend(fold.step.shadow_transitions)
         self.aliases[anonymous] = Alias(identify.known_id, identify.timestamp + self.retention_ms)
         if fold.folded is None:
             return 0
@@ -86,6 +90,7 @@ class IdentityReplay:
         state = self.privacy.setdefault(target, PrivacyState())
         step = self.engine.step_fold_in(target, known, fold.folded, identify.event_id, state, source)
         self.transitions.extend(step.transitions)
+        self.shadow_transitions.extend(step.shadow_transitions)
         if step.drop_state:
             self.profiles.pop(target, None)
         return 0
@@ -117,6 +122,7 @@ class IdentityReplay:
             state = self.privacy.setdefault(user_id, PrivacyState())
             step = self.engine.step_request(user_id, profile, state, request, tombstone_ms)
             self.transitions.extend(step.transitions)
+            self.shadow_transitions.extend(step.shadow_transitions)
             if step.drop_state:
                 self.profiles.pop(user_id, None)
             if step.outcome != ERASED:

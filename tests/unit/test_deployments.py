@@ -35,6 +35,7 @@ from udfs.deployments import (
     validate,
 )
 from udfs.events import UserEvent
+from udfs.privacy import PrivacyState, UserRequest
 from udfs.profile import UserProfile
 from udfs.profile_config import HOUR_MS, MINUTE_MS
 from udfs.segmentation import DEFAULT_MODELS_DIR, Segmentation
@@ -392,6 +393,51 @@ def test_the_backtest_with_deployments_gives_the_steps_transitions_and_the_shado
 
     assert by_user(result.transitions) == records(expected[0])
     assert by_user(result.shadow_transitions) == records(expected[1])
+
+
+def test_privacy_requests_step_the_shadow_in_the_backtest_as_in_the_job():
+    """An erasure or a consent change is a step of the shadow too (its time-driven changes up to
+    the request's instant): the backtest keeps those shadow transitions as the job emits them."""
+    from jobs.backtest import EventLog, in_arrival_order, run_backtest
+
+    users = sorted({e.user_id for e in EVENTS})
+    requests = [
+        UserRequest(f"r{i}", user, "ERASE", START_MS + 3 * HOUR_MS + i * MINUTE_MS, "test")
+        if i % 2
+        else UserRequest(f"r{i}", user, "CONSENT", START_MS + 3 * HOUR_MS + i * MINUTE_MS, "test", "SCORING", False)
+        for i, user in enumerate(users[:12])
+    ]
+    log = EventLog("log", EVENTS, requests=requests)
+    until = START_MS + 8 * HOUR_MS
+    lateness = 60_000
+    result = run_backtest(STARTUP, log, until_ms=until, deployments=SCHEDULE, allowed_lateness_ms=lateness)
+
+    engine = DeployedEngine(timeline(*SCHEDULE))
+    profiles: dict[str, UserProfile] = {}
+    privacy: dict[str, PrivacyState] = defaultdict(PrivacyState)
+    shadow: list[Transition] = []
+    for record in in_arrival_order(log):  # time order here: nothing is late
+        user = record.user_id
+        profile = profiles.setdefault(user, UserProfile())
+        if isinstance(record, UserRequest):
+            step = engine.step_request(user, profile, privacy[user], record, lateness)
+        else:
+            step = engine.step_event(user, profile, record, None, privacy[user])
+        shadow.extend(step.shadow_transitions)
+        if step.drop_state:
+            profiles.pop(user)
+    for user, profile in profiles.items():
+        shadow.extend(engine.step_timer(user, profile, until, privacy[user]).shadow_transitions)
+
+    def by_user(ts: list[Transition]) -> dict:
+        grouped = defaultdict(list)
+        for t in ts:
+            grouped[t.user_id].append(t.to_record(0))
+        return dict(grouped)
+
+    assert by_user(result.shadow_transitions) == by_user(shadow)
+    requested = {r.user_id for r in requests}
+    assert any(t.user_id in requested for t in shadow)  # the requests' users had shadow transitions
 
 
 def test_deploy_output_then_backtest_deployments_round_trip_through_a_file(tmp_path, capsys):
