@@ -39,7 +39,8 @@ names = st.text(max_size=30)  # hypothesis text() never yields lone surrogates
 finite = st.floats(allow_nan=False)
 sessions = st.builds(Session, INT64, INT64, INT32)
 # What the profile can hold: counts are never negative, bucket starts are multiples of a width of
-# at least a second, in the uint32 range of start / width that the packed layout stores.
+# at least a second, in the uint32 range of start / width that the packed layout stores, and event
+# times (int64 milliseconds, as every other instant here).
 UINT32 = st.integers(0, 2**32 - 1)
 counts = st.lists(UINT32, min_size=len(EVENT_TYPES), max_size=len(EVENT_TYPES))
 spends = st.floats(allow_nan=False).filter(lambda x: x != 0.0) | st.just(0.0)
@@ -53,7 +54,11 @@ profiles = st.builds(
     last_by_type=st.dictionaries(names, INT64, max_size=4),
     buckets=st.integers(1_000, 10**10).flatmap(
         lambda width: st.dictionaries(
-            st.just(width), st.dictionaries(UINT32.map(lambda k: k * width), buckets, max_size=3), max_size=1
+            st.just(width),
+            st.dictionaries(
+                st.integers(0, min(2**32 - 1, (2**63 - 1) // width)).map(lambda k: k * width), buckets, max_size=3
+            ),
+            max_size=1,
         )
     ),
     lifetime_spend=finite,
